@@ -1,0 +1,316 @@
+//! A deterministic in-process backend for tests, the simulator's smoke runs and the server's
+//! default mode. It allocates nothing real: "loading" sleeps for a configured time (tokio time,
+//! so paused-clock tests are instant) and reports a configured size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest,
+    GenerateStream, ModelHandle, Prompt, Usage, check_type,
+};
+use crate::estimate::{NameEstimator, SizeEstimator};
+use crate::types::{ModelSpec, ModelType};
+
+/// Per-model behaviour of the fake backend.
+#[derive(Debug, Clone, Default)]
+pub struct FakeModelConfig {
+    /// Bytes the loaded model reports; `None` uses the spec's size hint, else the name estimate.
+    pub measured_bytes: Option<u64>,
+    /// Time a load takes; `None` uses the backend default.
+    pub load_time: Option<Duration>,
+    /// Number of upcoming loads that fail (decremented per failed load); `u32::MAX` fails always.
+    pub fail_loads: u32,
+}
+
+/// Deterministic fake backend. Cheap to clone the configuration into; counts loads and unloads.
+#[derive(Debug)]
+pub struct FakeBackend {
+    default_load_time: Duration,
+    token_delay: Duration,
+    embedding_dim: usize,
+    models: Mutex<HashMap<String, FakeModelConfig>>,
+    loads: AtomicU64,
+    unloads: Arc<AtomicU64>,
+}
+
+impl Default for FakeBackend {
+    fn default() -> Self {
+        FakeBackend::new()
+    }
+}
+
+impl FakeBackend {
+    /// A backend whose loads are instant and whose models report their estimated size.
+    pub fn new() -> Self {
+        FakeBackend {
+            default_load_time: Duration::ZERO,
+            token_delay: Duration::ZERO,
+            embedding_dim: 384,
+            models: Mutex::new(HashMap::new()),
+            loads: AtomicU64::new(0),
+            unloads: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Builder: every load takes `d` unless the model's own config says otherwise.
+    pub fn with_load_time(mut self, d: Duration) -> Self {
+        self.default_load_time = d;
+        self
+    }
+
+    /// Builder: generation waits `d` between tokens (tokio time).
+    pub fn with_token_delay(mut self, d: Duration) -> Self {
+        self.token_delay = d;
+        self
+    }
+
+    /// Set (replace) the behaviour of one model.
+    pub fn configure(&self, model: &str, config: FakeModelConfig) {
+        self.models
+            .lock()
+            .unwrap()
+            .insert(model.to_string(), config);
+    }
+
+    /// Make the next `n` loads of `model` fail (`u32::MAX`: all of them).
+    pub fn fail_next_loads(&self, model: &str, n: u32) {
+        self.models
+            .lock()
+            .unwrap()
+            .entry(model.to_string())
+            .or_default()
+            .fail_loads = n;
+    }
+
+    /// Loads attempted so far (successful or not).
+    pub fn load_count(&self) -> u64 {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    /// Unloads completed so far.
+    pub fn unload_count(&self) -> u64 {
+        self.unloads.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        let (load_time, fail, measured) = {
+            let mut models = self.models.lock().unwrap();
+            let cfg = models.entry(spec.id.to_string()).or_default();
+            let fail = cfg.fail_loads > 0;
+            if fail && cfg.fail_loads != u32::MAX {
+                cfg.fail_loads -= 1;
+            }
+            let measured = cfg
+                .measured_bytes
+                .or(spec.size_hint)
+                .unwrap_or_else(|| NameEstimator::default().estimate(spec).bytes);
+            (
+                cfg.load_time.unwrap_or(self.default_load_time),
+                fail,
+                measured,
+            )
+        };
+        if !load_time.is_zero() {
+            tokio::time::sleep(load_time).await;
+        }
+        if fail {
+            return Err(BackendError::Load(format!(
+                "injected failure loading '{}'",
+                spec.id
+            )));
+        }
+        Ok(Arc::new(FakeModel {
+            id: spec.id.to_string(),
+            model_type: spec.model_type,
+            bytes: measured,
+            token_delay: self.token_delay,
+            embedding_dim: self.embedding_dim,
+            loaded: AtomicBool::new(true),
+            unloads: self.unloads.clone(),
+        }))
+    }
+}
+
+struct FakeModel {
+    id: String,
+    model_type: ModelType,
+    bytes: u64,
+    token_delay: Duration,
+    embedding_dim: usize,
+    loaded: AtomicBool,
+    unloads: Arc<AtomicU64>,
+}
+
+/// FNV-1a, so fake outputs are identical on every platform and version.
+fn fnv1a(data: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const WORDS: [&str; 16] = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar", "papa",
+];
+
+fn prompt_text(p: &Prompt) -> String {
+    match p {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(msgs) => msgs
+            .iter()
+            .map(|m| format!("{}: {}\n", m.role, m.content))
+            .collect(),
+    }
+}
+
+impl FakeModel {
+    fn check_loaded(&self) -> Result<(), BackendError> {
+        if self.loaded.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(BackendError::Gone)
+        }
+    }
+}
+
+#[async_trait]
+impl ModelHandle for FakeModel {
+    fn measured_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {
+        check_type(
+            self.model_type,
+            &[ModelType::TextGen, ModelType::Vision],
+            "generation",
+        )?;
+        self.check_loaded()?;
+        let text = prompt_text(&req.prompt);
+        let prompt_tokens = text.split_whitespace().count().max(1) as u32;
+        let seed = fnv1a(self.id.as_bytes(), req.seed.unwrap_or(0));
+        let mut h = fnv1a(text.as_bytes(), seed);
+        // The fake "model" emits words chosen by a hash chain; it stops on its own after 8 words.
+        let natural_len = 8u32;
+        let n = req.max_tokens.min(natural_len);
+        let mut pieces = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            h = fnv1a(&h.to_le_bytes(), u64::from(i));
+            pieces.push(format!(" {}", WORDS[(h % WORDS.len() as u64) as usize]));
+        }
+        // Honour stop strings on the joined text, as a real backend must.
+        let mut out = String::new();
+        let mut emitted = Vec::new();
+        let mut stopped = false;
+        for p in pieces {
+            let candidate = format!("{out}{p}");
+            if let Some(pos) = req
+                .stop
+                .iter()
+                .filter_map(|s| candidate.find(s.as_str()))
+                .min()
+            {
+                let tail = &candidate[out.len()..pos.max(out.len())];
+                if !tail.is_empty() {
+                    emitted.push(tail.to_string());
+                }
+                stopped = true;
+                break;
+            }
+            out = candidate;
+            emitted.push(p);
+        }
+        let completion_tokens = emitted.len() as u32;
+        let finish_reason = if stopped || req.max_tokens >= natural_len {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        let delay = self.token_delay;
+        let usage = Usage {
+            prompt_tokens,
+            completion_tokens,
+        };
+        let stream = futures::stream::unfold(
+            (emitted.into_iter(), false),
+            move |(mut it, done)| async move {
+                if done {
+                    return None;
+                }
+                match it.next() {
+                    Some(piece) => {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Some((Ok(GenerateEvent::Delta(piece)), (it, false)))
+                    }
+                    None => Some((
+                        Ok(GenerateEvent::Done {
+                            finish_reason,
+                            usage,
+                        }),
+                        (it, true),
+                    )),
+                }
+            },
+        );
+        Ok(Box::pin(stream))
+    }
+
+    async fn embed(&self, inputs: Vec<String>) -> Result<Embeddings, BackendError> {
+        check_type(self.model_type, &[ModelType::Embeddings], "embedding")?;
+        self.check_loaded()?;
+        let mut prompt_tokens = 0u32;
+        let vectors = inputs
+            .iter()
+            .map(|s| {
+                prompt_tokens += s.split_whitespace().count().max(1) as u32;
+                let mut h = fnv1a(s.as_bytes(), 7);
+                let mut v: Vec<f32> = (0..self.embedding_dim)
+                    .map(|i| {
+                        h = fnv1a(&h.to_le_bytes(), i as u64);
+                        ((h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+                    })
+                    .collect();
+                let norm = v
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::MIN_POSITIVE);
+                v.iter_mut().for_each(|x| *x /= norm);
+                v
+            })
+            .collect();
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens,
+        })
+    }
+
+    async fn unload(&self) -> Result<u64, BackendError> {
+        if self.loaded.swap(false, Ordering::SeqCst) {
+            self.unloads.fetch_add(1, Ordering::SeqCst);
+            Ok(self.bytes)
+        } else {
+            Err(BackendError::Gone)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The seam between the pool and whatever runs models: a [`Backend`] loads a [`ModelSpec`] into
+//! a [`ModelHandle`] that serves inference and reports the bytes it really holds.
+//!
+//! Backends: [`fake::FakeBackend`] (deterministic, for tests and simulation) and, with the `mlx`
+//! feature, the MLX backend. No backend type leaks into the decision core.
+
+pub mod fake;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{ModelSpec, ModelType};
+
+/// A failure inside a backend. Cloneable so that every waiter of a shared load gets it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The weights could not be read or the model could not be built.
+    #[error("load failed: {0}")]
+    Load(String),
+    /// The model does not serve this kind of request (e.g. `embed` on a text-gen model).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The request was invalid for this model (e.g. a prompt longer than the context).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Inference failed after the model was loaded.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The model was unloaded (or its worker stopped) while the call was running.
+    #[error("model is no longer loaded")]
+    Gone,
+}
+
+/// One chat message (`role` is `system`, `user` or `assistant`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Speaker role.
+    pub role: String,
+    /// Plain-text content.
+    pub content: String,
+}
+
+/// What to generate from: raw text, or chat messages that the backend renders with the model's
+/// chat template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// A raw completion prompt.
+    Text(String),
+    /// Chat messages, rendered by the backend with the model's template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// Sampling and stopping parameters for one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Input.
+    pub prompt: Prompt,
+    /// Upper bound on new tokens.
+    pub max_tokens: u32,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Seed for sampling; same seed, same request, same output.
+    pub seed: Option<u64>,
+    /// Generation stops before any of these strings would be emitted.
+    pub stop: Vec<String>,
+}
+
+impl GenerateRequest {
+    /// Greedy generation of at most `max_tokens` tokens from `prompt`.
+    pub fn greedy(prompt: Prompt, max_tokens: u32) -> Self {
+        GenerateRequest {
+            prompt,
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached (or the context is full).
+    Length,
+}
+
+/// Token counts for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// One item of a generation stream: text pieces, then exactly one `Done`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerateEvent {
+    /// A piece of generated text (one or more tokens' worth of valid UTF-8).
+    Delta(String),
+    /// The end: why, and the token counts.
+    Done {
+        /// Why generation ended.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+}
+
+/// A stream of generation events. Dropping it cancels the generation.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, BackendError>> + Send>>;
+
+/// Embedding vectors, one per input, in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embeddings {
+    /// One vector per input.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens consumed over all inputs.
+    pub prompt_tokens: u32,
+}
+
+/// A loaded model. The pool holds one per resident model and hands clones to leases; it calls
+/// [`ModelHandle::unload`] only when no lease is live.
+#[async_trait]
+pub trait ModelHandle: Send + Sync + 'static {
+    /// Bytes this model holds, measured by the backend for this model alone (not the process).
+    /// Constant while the model is loaded.
+    fn measured_bytes(&self) -> u64;
+
+    /// Start a generation. Text-gen and vision models; others return `Unsupported`.
+    async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError>;
+
+    /// Embed every input. Embeddings models; others return `Unsupported`.
+    async fn embed(&self, inputs: Vec<String>) -> Result<Embeddings, BackendError>;
+
+    /// Free the model's memory. Returns the bytes the backend saw come back. Called once, after
+    /// the last lease dropped; later calls on this handle fail with `Gone`.
+    async fn unload(&self) -> Result<u64, BackendError>;
+}
+
+/// Loads models. Shared by the pool behind an `Arc`; loads of different models may run at once.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for logs and status (`fake`, `mlx`).
+    fn name(&self) -> &'static str;
+
+    /// Load `spec`. The returned handle's `measured_bytes` replaces the estimate in the ledger.
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError>;
+}
+
+/// Checks that a handle of type `actual` can serve a request that needs one of `wanted`.
+pub fn check_type(actual: ModelType, wanted: &[ModelType], what: &str) -> Result<(), BackendError> {
+    if wanted.contains(&actual) {
+        Ok(())
+    } else {
+        Err(BackendError::Unsupported(format!(
+            "{what} is not served by a {actual} model"
+        )))
+    }
+}

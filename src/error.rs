@@ -1,0 +1,137 @@
+//! Engine errors. The HTTP layer maps each variant to a status and body in one place.
+
+use crate::backend::BackendError;
+use crate::log::RejectCode;
+use crate::types::{ModelId, ModelType, gb};
+
+/// Why a pool operation failed. Variants carry what a client or operator needs to act.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoolError {
+    /// No model with this id is registered.
+    #[error("model '{0}' not found")]
+    ModelNotFound(String),
+
+    /// The model exists but serves another kind of request.
+    #[error("model '{model}' is a {actual} model; this endpoint needs a {expected} model")]
+    WrongModelType {
+        /// Model.
+        model: ModelId,
+        /// What the endpoint needs.
+        expected: ModelType,
+        /// What the model is.
+        actual: ModelType,
+    },
+
+    /// Not enough memory even after evicting every evictable model; nothing was evicted.
+    /// The message is the seed's, in decimal GB.
+    #[error("Insufficient memory: need {:.1}GB, only {:.1}GB available after eviction", gb(*need), gb(*available))]
+    InsufficientMemory {
+        /// Model.
+        model: ModelId,
+        /// Bytes the model needs.
+        need: u64,
+        /// Bytes obtainable by evicting every evictable model.
+        available: u64,
+        /// Seconds after which in-flight work is expected to have freed enough (>= 1).
+        retry_after_secs: u32,
+    },
+
+    /// Larger than the limit minus pinned models: no amount of waiting helps.
+    #[error(
+        "Model too large: '{model}' needs {:.1}GB but the limit minus pinned models leaves {:.1}GB",
+        gb(*need), gb(*available)
+    )]
+    ModelTooLarge {
+        /// Model.
+        model: ModelId,
+        /// Bytes the model needs.
+        need: u64,
+        /// Limit minus pinned bytes.
+        available: u64,
+    },
+
+    /// `max_models` models are loaded or loading and none can be evicted now.
+    #[error(
+        "Too many models: '{model}' cannot load while {max_models} models are loaded or loading and none can be evicted"
+    )]
+    MaxModelsReached {
+        /// Model.
+        model: ModelId,
+        /// The configured maximum.
+        max_models: usize,
+        /// Seconds after which a retry may succeed (>= 1).
+        retry_after_secs: u32,
+    },
+
+    /// The model is being unloaded and takes no new requests until it has drained.
+    #[error("model '{model}' is being unloaded; retry after it has drained")]
+    Draining {
+        /// Model.
+        model: ModelId,
+        /// Seconds after which a retry may succeed (>= 1).
+        retry_after_secs: u32,
+    },
+
+    /// The backend failed to load the model. Every waiter of that load gets this.
+    #[error("failed to load model '{model}': {source}")]
+    LoadFailed {
+        /// Model.
+        model: ModelId,
+        /// The backend's error.
+        source: BackendError,
+    },
+
+    /// Inference on a loaded model failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+
+    /// An unload or unpin was refused; `reason` says why and how to force it.
+    #[error("cannot unload '{model}': {reason}")]
+    UnloadRefused {
+        /// Model.
+        model: ModelId,
+        /// Why (pinned, in use, loading, not loaded).
+        reason: String,
+    },
+
+    /// The pool is shutting down and takes no new requests.
+    #[error("server is shutting down")]
+    ShuttingDown {
+        /// Seconds after which a restarted server may answer.
+        retry_after_secs: u32,
+    },
+
+    /// A runtime configuration change was invalid.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+impl PoolError {
+    /// The machine-readable code of an admission refusal, if this is one.
+    pub fn reject_code(&self) -> Option<RejectCode> {
+        match self {
+            PoolError::InsufficientMemory { .. } => Some(RejectCode::InsufficientMemory),
+            PoolError::ModelTooLarge { .. } => Some(RejectCode::ModelTooLarge),
+            PoolError::MaxModelsReached { .. } => Some(RejectCode::MaxModels),
+            PoolError::Draining { .. } => Some(RejectCode::Draining),
+            _ => None,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when waiting can help.
+    pub fn retry_after_secs(&self) -> Option<u32> {
+        match self {
+            PoolError::InsufficientMemory {
+                retry_after_secs, ..
+            }
+            | PoolError::MaxModelsReached {
+                retry_after_secs, ..
+            }
+            | PoolError::Draining {
+                retry_after_secs, ..
+            }
+            | PoolError::ShuttingDown { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+}

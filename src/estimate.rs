@@ -1,0 +1,398 @@
+//! Size estimators: how many bytes a model will hold once loaded, decided before loading it.
+//!
+//! Every [`Estimate`] carries its [`EstimateSource`], so status pages and decision logs can say
+//! how a number was derived. The pool replaces an estimate by the backend's measured size once
+//! the model has loaded; [`Learned`] remembers those measurements (across restarts if given a
+//! file) and corrects later estimates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{GB, ModelSpec};
+
+/// Bytes a model is expected to hold, and how that number was derived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Expected resident bytes.
+    pub bytes: u64,
+    /// Derivation.
+    pub source: EstimateSource,
+}
+
+/// How an [`Estimate`] was derived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EstimateSource {
+    /// The spec carried an explicit size.
+    SizeHint,
+    /// The seed's table (3B 2.0 GB, 7B 4.0, 8B 5.0, 13B 8.0, 70B 40.0) for a plain name.
+    SeedTable {
+        /// Billions of parameters read from the name.
+        params_b: u32,
+    },
+    /// Parameter count and bytes per parameter read from the name.
+    Params {
+        /// Parameters read from the name (experts multiplied out).
+        params: u64,
+        /// The quantization hint found, or `default-4bit`.
+        quant: String,
+        /// Bytes per parameter including runtime overhead.
+        bytes_per_param: f64,
+    },
+    /// Nothing recognisable in the name: the seed's 4.0 GB default.
+    Default,
+    /// Weight files on disk times an overhead factor.
+    Files {
+        /// Sum of the weight files' sizes.
+        bytes_on_disk: u64,
+        /// Multiplier applied.
+        factor: f64,
+    },
+    /// A size measured by a backend on an earlier load.
+    Measured,
+}
+
+impl fmt::Display for EstimateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EstimateSource::SizeHint => write!(f, "size given in the model spec"),
+            EstimateSource::SeedTable { params_b } => {
+                write!(f, "seed table for a {params_b}B model")
+            }
+            EstimateSource::Params {
+                params,
+                quant,
+                bytes_per_param,
+            } => write!(
+                f,
+                "{:.3}B parameters x {bytes_per_param:.3} bytes ({quant})",
+                *params as f64 / 1e9
+            ),
+            EstimateSource::Default => write!(f, "default 4.0 GB (no size in the name)"),
+            EstimateSource::Files {
+                bytes_on_disk,
+                factor,
+            } => {
+                write!(f, "{bytes_on_disk} bytes of weight files x {factor}")
+            }
+            EstimateSource::Measured => write!(f, "measured on an earlier load"),
+        }
+    }
+}
+
+/// Decides a model's size before it is loaded.
+///
+/// Contract: `estimate` is pure for a given spec and estimator state, and returns bytes > 0.
+/// `observe` is called by the pool after every successful load with the backend's measurement.
+pub trait SizeEstimator: Send + 'static {
+    /// Expected bytes for `spec`.
+    fn estimate(&self, spec: &ModelSpec) -> Estimate;
+
+    /// Learn from a measurement. The default ignores it.
+    fn observe(&mut self, _spec: &ModelSpec, _measured: u64) {}
+}
+
+impl SizeEstimator for Box<dyn SizeEstimator> {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        (**self).estimate(spec)
+    }
+    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+        (**self).observe(spec, measured)
+    }
+}
+
+/// The seed's default when the name says nothing: 4.0 GB.
+pub const DEFAULT_ESTIMATE: u64 = 4 * GB;
+
+/// Estimates from the model's name: a size hint wins; plain `3B/7B/8B/13B/70B` names give the
+/// seed's table; other sizes (`0.5B`, `135M`, `8x7B`) and quantization hints (`4bit`, `8bit`,
+/// `bf16`, `fp16`, `q4_k_m`, ...) give parameters x bytes per parameter; otherwise 4.0 GB.
+#[derive(Debug, Clone, Default)]
+pub struct NameEstimator;
+
+static SIZE_RE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)(?:^|[^a-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)([bm])(?:$|[^a-z0-9])").unwrap()
+});
+
+static QUANT_RE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?i)(?:^|[^a-z0-9])(q[2-8]_k(?:_[sml])?|q[4-8]_[01]|iq[1-4]_[a-z]+|[2-8][-_]?bits?|bf16|fp16|f16|fp32|f32|fp8|int[48]|mxfp4)(?:$|[^a-z0-9])",
+    )
+    .unwrap()
+});
+
+/// Runtime overhead over raw weight bytes (activations, caches, allocator slack).
+const OVERHEAD: f64 = 1.15;
+
+/// Bits per weight for a quantization hint (lowercased), as stored on disk.
+fn bits_per_weight(q: &str) -> Option<f64> {
+    let q = q.replace('-', "_");
+    Some(match q.as_str() {
+        "bf16" | "fp16" | "f16" => 16.0,
+        "fp32" | "f32" => 32.0,
+        "fp8" | "int8" => 8.0,
+        "int4" | "mxfp4" => 4.25,
+        "q4_0" => 4.5,
+        "q4_1" => 5.0,
+        "q5_0" => 5.5,
+        "q5_1" => 6.0,
+        "q8_0" => 8.5,
+        "q2_k" => 2.63,
+        "q3_k" | "q3_k_s" | "q3_k_m" | "q3_k_l" => 3.9,
+        "q4_k" | "q4_k_s" | "q4_k_m" => 4.85,
+        "q5_k" | "q5_k_s" | "q5_k_m" => 5.7,
+        "q6_k" => 6.56,
+        "q8_k" => 8.5,
+        _ if q.starts_with("iq") => 3.0,
+        _ => {
+            // "4bit", "4_bit", "8bits"
+            let digits: String = q.chars().take_while(|c| c.is_ascii_digit()).collect();
+            let bits: f64 = digits.parse().ok()?;
+            // MLX affine quantization stores a scale and a bias per 64 weights: +0.5 bit.
+            bits + 0.5
+        }
+    })
+}
+
+/// Parameter count read from a model name (`7B`, `0.5B`, `135M`, `8x7B`), if any.
+pub fn params_from_name(name: &str) -> Option<(u64, bool)> {
+    let caps = SIZE_RE.captures(name)?;
+    let experts: f64 = caps.get(1).map_or(Ok(1.0), |m| m.as_str().parse()).ok()?;
+    let n: f64 = caps[2].parse().ok()?;
+    let unit = if caps[3].eq_ignore_ascii_case("b") {
+        1e9
+    } else {
+        1e6
+    };
+    let plain_integer_b = caps.get(1).is_none() && !caps[2].contains('.') && unit == 1e9;
+    let params = (experts * n * unit).round();
+    if params <= 0.0 {
+        return None;
+    }
+    Some((params as u64, plain_integer_b))
+}
+
+impl NameEstimator {
+    fn seed_table(params_b: u64) -> Option<u64> {
+        // Exactly the seed's table, in decimal GB.
+        Some(match params_b {
+            3 => 2 * GB,
+            7 => 4 * GB,
+            8 => 5 * GB,
+            13 => 8 * GB,
+            70 => 40 * GB,
+            _ => return None,
+        })
+    }
+}
+
+impl SizeEstimator for NameEstimator {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        if let Some(bytes) = spec.size_hint {
+            return Estimate {
+                bytes: bytes.max(1),
+                source: EstimateSource::SizeHint,
+            };
+        }
+        let name: &str = &spec.id;
+        let quant = QUANT_RE.captures(name).map(|c| c[1].to_ascii_lowercase());
+        let Some((params, plain)) = params_from_name(name) else {
+            return Estimate {
+                bytes: DEFAULT_ESTIMATE,
+                source: EstimateSource::Default,
+            };
+        };
+        if plain && quant.is_none() {
+            if let Some(bytes) = Self::seed_table(params / 1_000_000_000) {
+                let params_b = (params / 1_000_000_000) as u32;
+                return Estimate {
+                    bytes,
+                    source: EstimateSource::SeedTable { params_b },
+                };
+            }
+        }
+        let (quant_name, bytes_per_param) = match quant
+            .as_deref()
+            .and_then(|q| Some((q, bits_per_weight(q)?)))
+        {
+            Some((q, bits)) => (q.to_string(), bits / 8.0 * OVERHEAD),
+            // The seed's table implies about 0.6 bytes per parameter: 4-bit weights as MLX ships.
+            None => ("default-4bit".to_string(), 0.625),
+        };
+        let bytes = ((params as f64) * bytes_per_param).round().max(1.0) as u64;
+        Estimate {
+            bytes,
+            source: EstimateSource::Params {
+                params,
+                quant: quant_name,
+                bytes_per_param,
+            },
+        }
+    }
+}
+
+/// Estimates from weight files on disk (`*.safetensors`, `*.gguf`, `*.bin`, `*.npz`, `*.pt`)
+/// times `factor`; falls back to `fallback` when the spec has no path or no weight files.
+#[derive(Debug, Clone)]
+pub struct FileEstimator<F = NameEstimator> {
+    /// Multiplier over bytes on disk (runtime overhead, or dequantization growth).
+    pub factor: f64,
+    /// Used when there is nothing on disk to measure.
+    pub fallback: F,
+}
+
+impl Default for FileEstimator<NameEstimator> {
+    fn default() -> Self {
+        FileEstimator {
+            factor: 1.25,
+            fallback: NameEstimator,
+        }
+    }
+}
+
+/// Sum of the sizes of weight files at `path` (a file, or a directory searched recursively).
+pub fn weight_bytes_on_disk(path: &Path) -> std::io::Result<u64> {
+    const EXT: [&str; 5] = ["safetensors", "gguf", "bin", "npz", "pt"];
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            total += weight_bytes_on_disk(&p)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXT.contains(&e))
+        {
+            total += std::fs::metadata(&p)?.len();
+        }
+    }
+    Ok(total)
+}
+
+impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        if spec.size_hint.is_none() {
+            if let Some(path) = &spec.path {
+                if let Ok(on_disk) = weight_bytes_on_disk(path) {
+                    if on_disk > 0 {
+                        return Estimate {
+                            bytes: ((on_disk as f64) * self.factor).round() as u64,
+                            source: EstimateSource::Files {
+                                bytes_on_disk: on_disk,
+                                factor: self.factor,
+                            },
+                        };
+                    }
+                }
+            }
+        }
+        self.fallback.estimate(spec)
+    }
+
+    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+        self.fallback.observe(spec, measured)
+    }
+}
+
+/// Remembers measured sizes per model id and returns them instead of the inner estimate.
+/// With a file, measurements are loaded at construction and written after each new one, so
+/// they survive restarts. A size hint in the spec still wins.
+#[derive(Debug)]
+pub struct Learned<E> {
+    inner: E,
+    measured: BTreeMap<String, u64>,
+    file: Option<PathBuf>,
+}
+
+/// Failure reading a [`Learned`] measurement file.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnedError {
+    /// The file exists but could not be read.
+    #[error("cannot read size file {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not a JSON object of model id to bytes.
+    #[error("size file {path} is not a JSON object of model id to bytes: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+}
+
+impl<E: SizeEstimator> Learned<E> {
+    /// Remember measurements in memory only.
+    pub fn new(inner: E) -> Self {
+        Learned {
+            inner,
+            measured: BTreeMap::new(),
+            file: None,
+        }
+    }
+
+    /// Remember measurements in `file` (created on the first measurement if missing).
+    pub fn with_file(inner: E, file: impl Into<PathBuf>) -> Result<Self, LearnedError> {
+        let file = file.into();
+        let measured = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LearnedError::Parse {
+                path: file.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => return Err(LearnedError::Io { path: file, source }),
+        };
+        Ok(Learned {
+            inner,
+            measured,
+            file: Some(file),
+        })
+    }
+
+    /// The measurements known so far.
+    pub fn measurements(&self) -> &BTreeMap<String, u64> {
+        &self.measured
+    }
+}
+
+impl<E: SizeEstimator> SizeEstimator for Learned<E> {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        match (spec.size_hint, self.measured.get(&*spec.id)) {
+            (None, Some(&bytes)) => Estimate {
+                bytes,
+                source: EstimateSource::Measured,
+            },
+            _ => self.inner.estimate(spec),
+        }
+    }
+
+    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+        self.inner.observe(spec, measured);
+        if self.measured.insert(spec.id.to_string(), measured) != Some(measured) {
+            if let Some(file) = &self.file {
+                // Best effort: a failed write loses a hint, never a request.
+                let tmp = file.with_extension("tmp");
+                let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
+                if std::fs::write(&tmp, json)
+                    .and_then(|_| std::fs::rename(&tmp, file))
+                    .is_err()
+                {
+                    tracing::warn!(file = %file.display(), "could not persist measured model sizes");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! modelpool: keeps several ML models hot in one process, evicts by a pluggable policy under a
+//! memory limit, and serves them over an OpenAI-compatible API.
+//!
+//! Layers, from the inside out:
+//! - [`PoolState`]: the synchronous decision core (ledger, admission, policy, estimator, log).
+//!   The simulator (`sim/`) drives it with virtual time.
+//! - [`ModelPool`]: the async pool over a [`backend::Backend`], with leases and single-flight
+//!   loads. No lock is held across a backend call.
+//! - `http`: the warp server (OpenAI API + admin), the only place HTTP types live.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod estimate;
+pub mod limit;
+pub mod log;
+pub mod policy;
+pub mod pool;
+pub mod state;
+pub mod types;
+
+pub use error::PoolError;
+pub use estimate::{
+    Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator,
+};
+pub use limit::{FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
+pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
+pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
+pub use pool::{Lease, ModelPool};
+pub use state::{
+    Admission, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
+    Stats,
+};
+pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

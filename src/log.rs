@@ -1,0 +1,299 @@
+//! The decision log: every admission outcome and every change of a model's state, as data.
+//! Tests snapshot it, the simulator aggregates it, `/admin/pool/events` shows it.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::estimate::EstimateSource;
+use crate::types::{ModelId, Nanos};
+
+/// Why a model left memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvictReason {
+    /// Memory was needed to load another model.
+    Capacity,
+    /// `max_models` was reached and another model had to load.
+    MaxModels,
+    /// The memory limit or `max_models` was lowered at run time.
+    LimitChanged,
+    /// A load measured more than its estimate and pushed the pool over its limit.
+    Overcommit,
+    /// Idle longer than the keep-alive time.
+    Expired,
+    /// An operator asked for it.
+    Explicit,
+    /// The pool is shutting down.
+    Shutdown,
+}
+
+impl EvictReason {
+    /// Every reason, for counters.
+    pub const ALL: [EvictReason; 7] = [
+        EvictReason::Capacity,
+        EvictReason::MaxModels,
+        EvictReason::LimitChanged,
+        EvictReason::Overcommit,
+        EvictReason::Expired,
+        EvictReason::Explicit,
+        EvictReason::Shutdown,
+    ];
+
+    /// Snake-case name, as in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Capacity => "capacity",
+            EvictReason::MaxModels => "max_models",
+            EvictReason::LimitChanged => "limit_changed",
+            EvictReason::Overcommit => "overcommit",
+            EvictReason::Expired => "expired",
+            EvictReason::Explicit => "explicit",
+            EvictReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Machine-readable reason an admission was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Would fit after in-flight work ends; retry later.
+    InsufficientMemory,
+    /// Larger than the limit minus pinned models: waiting will not help.
+    ModelTooLarge,
+    /// `max_models` models are loaded or loading and none can be evicted now.
+    MaxModels,
+    /// The model is being unloaded; retry after it has drained.
+    Draining,
+}
+
+impl RejectCode {
+    /// Every code, for counters.
+    pub const ALL: [RejectCode; 4] = [
+        RejectCode::InsufficientMemory,
+        RejectCode::ModelTooLarge,
+        RejectCode::MaxModels,
+        RejectCode::Draining,
+    ];
+
+    /// Snake-case name (the `code` of the HTTP error body).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::InsufficientMemory => "insufficient_memory",
+            RejectCode::ModelTooLarge => "model_too_large",
+            RejectCode::MaxModels => "max_models_reached",
+            RejectCode::Draining => "model_draining",
+        }
+    }
+}
+
+/// One decision or state change. `at` is the caller's clock (see [`Nanos`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A request found the model resident.
+    Hit {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+    },
+    /// A request joined a load already in progress.
+    Join {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+    },
+    /// A load was admitted with this reservation.
+    Load {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+        /// Bytes reserved.
+        estimate: u64,
+        /// How the estimate was derived.
+        source: EstimateSource,
+    },
+    /// A load finished; the ledger now counts the measured size.
+    Loaded {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+        /// Bytes measured by the backend.
+        measured: u64,
+        /// Load duration in seconds.
+        secs: f64,
+    },
+    /// A load failed; its reservation was released.
+    LoadFailed {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+        /// The backend's error.
+        error: String,
+    },
+    /// A model was chosen to leave memory.
+    Evict {
+        /// When.
+        at: Nanos,
+        /// Model evicted.
+        model: ModelId,
+        /// Why.
+        reason: EvictReason,
+        /// Bytes it held.
+        bytes: u64,
+        /// The policy's score for it, if the policy has one.
+        score: Option<f64>,
+        /// The model whose load needed the room, if any.
+        for_model: Option<ModelId>,
+    },
+    /// An admission was refused; nothing was evicted for it.
+    Reject {
+        /// When.
+        at: Nanos,
+        /// Model requested.
+        model: ModelId,
+        /// Why.
+        code: RejectCode,
+        /// Bytes it needs.
+        need: u64,
+        /// Bytes that could be made available by evicting everything evictable.
+        available: u64,
+        /// Seconds after which a retry may succeed (`None` for `model_too_large`).
+        retry_after_secs: Option<u32>,
+    },
+    /// A model's memory came back (after eviction or unload).
+    Unload {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+        /// Bytes released from the ledger.
+        bytes: u64,
+    },
+    /// A model was pinned (never evicted).
+    Pin {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+    },
+    /// A model was unpinned.
+    Unpin {
+        /// When.
+        at: Nanos,
+        /// Model.
+        model: ModelId,
+    },
+    /// The limits changed at run time.
+    LimitChanged {
+        /// When.
+        at: Nanos,
+        /// New memory limit in bytes.
+        limit: u64,
+        /// New maximum number of models.
+        max_models: usize,
+    },
+}
+
+impl Event {
+    /// The model the event is about, if any.
+    pub fn model(&self) -> Option<&ModelId> {
+        match self {
+            Event::Hit { model, .. }
+            | Event::Join { model, .. }
+            | Event::Load { model, .. }
+            | Event::Loaded { model, .. }
+            | Event::LoadFailed { model, .. }
+            | Event::Evict { model, .. }
+            | Event::Reject { model, .. }
+            | Event::Unload { model, .. }
+            | Event::Pin { model, .. }
+            | Event::Unpin { model, .. } => Some(model),
+            Event::LimitChanged { .. } => None,
+        }
+    }
+}
+
+/// How much of the log to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMode {
+    /// Keep nothing (fastest; counters in [`crate::Stats`] are still kept).
+    Off,
+    /// Keep the last N events (the server's default).
+    Ring(usize),
+    /// Keep every event (tests, small simulations).
+    Full,
+    /// Keep every event except hits and joins (long simulations that need the decisions).
+    Decisions,
+}
+
+/// The event store. Sequence numbers count every event recorded, kept or not.
+#[derive(Debug, Clone)]
+pub struct DecisionLog {
+    mode: LogMode,
+    events: VecDeque<Event>,
+    total: u64,
+}
+
+impl DecisionLog {
+    /// An empty log in `mode`.
+    pub fn new(mode: LogMode) -> Self {
+        DecisionLog {
+            mode,
+            events: VecDeque::new(),
+            total: 0,
+        }
+    }
+
+    /// Whether hit/join events are kept (callers skip building them otherwise).
+    #[inline]
+    pub fn wants_hits(&self) -> bool {
+        matches!(self.mode, LogMode::Ring(_) | LogMode::Full)
+    }
+
+    /// Record `e` according to the mode.
+    pub fn push(&mut self, e: Event) {
+        self.total += 1;
+        match self.mode {
+            LogMode::Off => {}
+            LogMode::Full | LogMode::Decisions => self.events.push_back(e),
+            LogMode::Ring(cap) => {
+                if cap == 0 {
+                    return;
+                }
+                if self.events.len() == cap {
+                    self.events.pop_front();
+                }
+                self.events.push_back(e);
+            }
+        }
+    }
+
+    /// Events kept, oldest first.
+    pub fn events(&self) -> impl DoubleEndedIterator<Item = &Event> + ExactSizeIterator {
+        self.events.iter()
+    }
+
+    /// The last `n` kept events, oldest first.
+    pub fn last(&self, n: usize) -> Vec<Event> {
+        let skip = self.events.len().saturating_sub(n);
+        self.events.iter().skip(skip).cloned().collect()
+    }
+
+    /// Remove and return every kept event.
+    pub fn drain(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    /// Events recorded since creation, including those not kept.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}

@@ -1,0 +1,165 @@
+//! Eviction policies. A policy owns only ordering data keyed by [`Slot`]; the engine owns
+//! entries, sizes, leases, pins and the ledger.
+//!
+//! Contract between the engine ([`crate::PoolState`]) and a policy:
+//! - `on_insert(slot)` is called when a model becomes resident, and only if the slot is not
+//!   already tracked; `on_remove(slot)` when it stops being resident (evicted or unloaded),
+//!   only for a tracked slot; `on_access(slot)` on every hit of a tracked slot.
+//! - `visit_victims` walks tracked slots from the best victim to the worst. The engine skips the
+//!   ones it may not evict (pinned, leased) and stops the walk once it has enough, so a policy
+//!   never causes a pinned, busy or loading model to be evicted.
+//! - Time is whatever the caller passes; policies never read a clock.
+
+mod gdsf;
+mod lfu;
+mod lru;
+
+pub use gdsf::Gdsf;
+pub use lfu::Lfu;
+pub use lru::Lru;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::Nanos;
+
+/// Dense index of a registered model inside a [`crate::PoolState`]. Stable for the state's life.
+pub type Slot = u32;
+
+/// What a policy may know about a model when it becomes resident.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyInfo {
+    /// Bytes the model holds.
+    pub bytes: u64,
+    /// Seconds a reload would cost (measured, or modelled from its size).
+    pub load_cost: f64,
+}
+
+/// Ordering of resident models for eviction. See the module docs for the contract.
+pub trait EvictionPolicy: Send + 'static {
+    /// Name used in config, CLI, logs and reports.
+    fn name(&self) -> &'static str;
+    /// `slot` became resident.
+    fn on_insert(&mut self, slot: Slot, info: PolicyInfo, now: Nanos);
+    /// `slot` was used (a hit).
+    fn on_access(&mut self, slot: Slot, now: Nanos);
+    /// `slot` left the resident set; `evicted` is true when the engine chose it as a victim.
+    fn on_remove(&mut self, slot: Slot, evicted: bool);
+    /// Call `visit` on tracked slots from best victim to worst until it returns `false`.
+    fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool);
+    /// The policy's score for `slot` (lower is evicted first), for the decision log.
+    fn score(&self, _slot: Slot) -> Option<f64> {
+        None
+    }
+}
+
+impl EvictionPolicy for Box<dyn EvictionPolicy> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn on_insert(&mut self, slot: Slot, info: PolicyInfo, now: Nanos) {
+        (**self).on_insert(slot, info, now)
+    }
+    #[inline]
+    fn on_access(&mut self, slot: Slot, now: Nanos) {
+        (**self).on_access(slot, now)
+    }
+    fn on_remove(&mut self, slot: Slot, evicted: bool) {
+        (**self).on_remove(slot, evicted)
+    }
+    fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
+        (**self).visit_victims(visit)
+    }
+    fn score(&self, slot: Slot) -> Option<f64> {
+        (**self).score(slot)
+    }
+}
+
+/// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Least recently used (default).
+    #[default]
+    Lru,
+    /// Greedy-Dual-Size-Frequency: keeps models that are used often and costly to reload per byte.
+    Gdsf,
+    /// Least frequently used, ties broken by recency.
+    Lfu,
+}
+
+impl PolicyKind {
+    /// Every built-in policy.
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::Gdsf, PolicyKind::Lfu];
+
+    /// A fresh boxed policy of this kind.
+    pub fn build(self) -> Box<dyn EvictionPolicy> {
+        match self {
+            PolicyKind::Lru => Box::new(Lru::new()),
+            PolicyKind::Gdsf => Box::new(Gdsf::new()),
+            PolicyKind::Lfu => Box::new(Lfu::new()),
+        }
+    }
+
+    /// Config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::Gdsf => "gdsf",
+            PolicyKind::Lfu => "lfu",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown policy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown eviction policy '{0}': expected one of lru, gdsf, lfu")]
+pub struct ParsePolicyError(pub String);
+
+impl FromStr for PolicyKind {
+    type Err = ParsePolicyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lru" => Ok(PolicyKind::Lru),
+            "gdsf" => Ok(PolicyKind::Gdsf),
+            "lfu" => Ok(PolicyKind::Lfu),
+            _ => Err(ParsePolicyError(s.to_string())),
+        }
+    }
+}
+
+/// A totally ordered key for non-negative finite f64 priorities (IEEE bits order like values).
+#[inline]
+pub(crate) fn prio_key(v: f64) -> u64 {
+    debug_assert!(v >= 0.0 && v.is_finite());
+    v.max(0.0).to_bits()
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    /// The full victim order, for assertions.
+    pub fn order(p: &dyn EvictionPolicy) -> Vec<Slot> {
+        let mut v = Vec::new();
+        p.visit_victims(&mut |s| {
+            v.push(s);
+            true
+        });
+        v
+    }
+
+    pub fn info(bytes: u64, load_cost: f64) -> PolicyInfo {
+        PolicyInfo { bytes, load_cost }
+    }
+}

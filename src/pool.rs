@@ -1,0 +1,733 @@
+//! The async model pool: a [`PoolState`] behind a mutex, a [`Backend`], leases and
+//! single-flight loads.
+//!
+//! Lock discipline: one `std::sync::Mutex` around the decision core and the handle table; it is
+//! never held across an `.await`. Decisions are made under it; loads and unloads run outside it,
+//! in tasks of their own, so a caller that goes away never strands other waiters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::backend::{Backend, BackendError, ModelHandle};
+use crate::error::PoolError;
+use crate::estimate::SizeEstimator;
+use crate::log::Event;
+use crate::policy::{EvictionPolicy, Slot};
+use crate::state::{Admission, Intent, Ledger, ModelStatus, PoolConfig, PoolState, Stats, Victims};
+use crate::types::{ModelId, ModelSpec, ModelType, Nanos};
+
+type LoadResult = Option<Result<(), PoolError>>;
+
+struct Core<P: EvictionPolicy, E: SizeEstimator> {
+    state: PoolState<P, E>,
+    /// Handle per slot while resident or draining.
+    handles: Vec<Option<Arc<dyn ModelHandle>>>,
+    /// Loads in progress: their outcome is broadcast to every waiter.
+    loads: HashMap<Slot, watch::Sender<LoadResult>>,
+}
+
+struct Inner<P: EvictionPolicy, E: SizeEstimator> {
+    core: Mutex<Core<P, E>>,
+    backend: Arc<dyn Backend>,
+    epoch: Instant,
+    shutting_down: AtomicBool,
+    /// Notified whenever a lease ends (shutdown waits on it).
+    lease_ended: Notify,
+    runtime: tokio::runtime::Handle,
+    /// Back-reference to the `Arc` that owns this, for tasks spawned from `&self`.
+    weak: std::sync::OnceLock<std::sync::Weak<Inner<P, E>>>,
+}
+
+/// Ends leases; implemented by the pool so that [`Lease`] needs no type parameters.
+trait LeaseOwner: Send + Sync {
+    fn release(&self, slot: Slot, acquired_at: Nanos);
+}
+
+/// A right to use a loaded model. While any lease on a model lives, the model is not unloaded;
+/// dropping the lease ends the request (the model becomes evictable when no lease remains).
+pub struct Lease {
+    slot: Slot,
+    model: ModelId,
+    model_type: ModelType,
+    handle: Arc<dyn ModelHandle>,
+    acquired_at: Nanos,
+    owner: Arc<dyn LeaseOwner>,
+}
+
+impl Lease {
+    /// The model's id.
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+    /// The model's type.
+    pub fn model_type(&self) -> ModelType {
+        self.model_type
+    }
+    /// The loaded model, for inference calls.
+    pub fn handle(&self) -> &Arc<dyn ModelHandle> {
+        &self.handle
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("model", &self.model)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.owner.release(self.slot, self.acquired_at);
+    }
+}
+
+/// The pool's state for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Policy name.
+    pub policy: &'static str,
+    /// Memory ledger and limits.
+    pub ledger: Ledger,
+    /// Whether the ledger exceeds the limit (pinned or busy models after a lowered limit).
+    pub over_limit: bool,
+    /// Counters.
+    pub stats: Stats,
+    /// Whether shutdown has begun.
+    pub shutting_down: bool,
+    /// Every registered model.
+    pub models: Vec<ModelStatus>,
+}
+
+/// The answer of a dry-run admission.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DryRun {
+    /// Model asked about.
+    pub model: ModelId,
+    /// `hit`, `join`, `load` or `reject`.
+    pub decision: &'static str,
+    /// Whether a request now would be served (possibly after a load).
+    pub fits: bool,
+    /// Bytes a load would reserve.
+    pub need: u64,
+    /// Models a load would evict, in order.
+    pub would_evict: Vec<ModelId>,
+    /// Rejection code, if it would be refused.
+    pub reject_code: Option<&'static str>,
+    /// The refusal message, if it would be refused.
+    pub message: Option<String>,
+    /// Retry hint of a refusal, seconds.
+    pub retry_after_secs: Option<u32>,
+}
+
+/// What an unload did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnloadReport {
+    /// Model.
+    pub model: ModelId,
+    /// True if memory has been returned; false if it drains after in-flight requests.
+    pub unloaded_now: bool,
+    /// Bytes the backend reported freed (when unloaded now).
+    pub freed_bytes: Option<u64>,
+}
+
+/// The async pool. Cheap to clone (an `Arc`).
+pub struct ModelPool<
+    P: EvictionPolicy = Box<dyn EvictionPolicy>,
+    E: SizeEstimator = Box<dyn SizeEstimator>,
+> {
+    inner: Arc<Inner<P, E>>,
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Clone for ModelPool<P, E> {
+    fn clone(&self) -> Self {
+        ModelPool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> LeaseOwner for Inner<P, E> {
+    fn release(&self, slot: Slot, acquired_at: Nanos) {
+        let now = self.now();
+        let unload = {
+            let mut core = self.lock();
+            if core.state.release(slot, now, acquired_at) {
+                core.handles[slot as usize].take()
+            } else {
+                None
+            }
+        };
+        if let Some(handle) = unload {
+            let inner = self.self_arc();
+            self.runtime
+                .spawn(async move { inner.unload_handle(slot, handle).await });
+        }
+        self.lease_ended.notify_waiters();
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
+    fn now(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core<P, E>> {
+        // A panic under the lock leaves the ledger unknown; surfacing it is better than guessing.
+        self.core.lock().expect("model pool lock poisoned")
+    }
+
+    fn self_arc(&self) -> Arc<Self> {
+        // Inner is only ever created inside an Arc by ModelPool::new, which sets `weak`.
+        self.weak
+            .get()
+            .and_then(|w| w.upgrade())
+            .expect("pool inner is alive")
+    }
+
+    /// Unload one model whose memory the ledger holds as draining, then return it to the ledger.
+    async fn unload_handle(&self, slot: Slot, handle: Arc<dyn ModelHandle>) {
+        let expected = self.lock().state.model_status(slot).ledger_bytes;
+        match handle.unload().await {
+            Ok(freed) => {
+                // Confirm the memory came back: a backend that frees much less than it measured
+                // at load is leaking, and the operator should know.
+                if (freed as f64) < expected as f64 * 0.9 {
+                    tracing::warn!(
+                        slot,
+                        expected,
+                        freed,
+                        "unload returned less memory than the model held"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "unload failed; counting the memory as returned")
+            }
+        }
+        let now = self.now();
+        self.lock().state.reclaimed(slot, now);
+    }
+
+    async fn unload_all(&self, victims: Vec<(Slot, Arc<dyn ModelHandle>)>) {
+        for (slot, h) in victims {
+            self.unload_handle(slot, h).await;
+        }
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
+    /// A pool over `backend` with `config`, `policy` and `estimator`. Must be called inside a
+    /// tokio runtime (background unloads are spawned on it).
+    pub fn new(config: PoolConfig, policy: P, estimator: E, backend: Arc<dyn Backend>) -> Self {
+        let inner = Arc::new(Inner {
+            core: Mutex::new(Core {
+                state: PoolState::new(config, policy, estimator),
+                handles: Vec::new(),
+                loads: HashMap::new(),
+            }),
+            backend,
+            epoch: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            lease_ended: Notify::new(),
+            runtime: tokio::runtime::Handle::current(),
+            weak: std::sync::OnceLock::new(),
+        });
+        let _ = inner.weak.set(Arc::downgrade(&inner));
+        ModelPool { inner }
+    }
+
+    /// Nanoseconds since the pool was created (tokio's clock, so paused-time tests work).
+    pub fn now(&self) -> Nanos {
+        self.inner.now()
+    }
+
+    /// Register a model (or update an absent one). Returns its slot.
+    pub fn register(&self, spec: ModelSpec) -> Slot {
+        let mut core = self.inner.lock();
+        let slot = core.state.register(spec);
+        if core.handles.len() <= slot as usize {
+            core.handles.resize(slot as usize + 1, None);
+        }
+        slot
+    }
+
+    /// Every registered model's spec.
+    pub fn models(&self) -> Vec<ModelSpec> {
+        self.inner.lock().state.specs().cloned().collect()
+    }
+
+    /// The spec of a registered model.
+    pub fn spec(&self, model: &str) -> Result<ModelSpec, PoolError> {
+        let core = self.inner.lock();
+        let slot = core
+            .state
+            .slot(model)
+            .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+        Ok(core.state.spec(slot).clone())
+    }
+
+    /// Acquire a lease on `model`, loading it if needed. Concurrent acquires of a model that is
+    /// not resident share one load; if it fails, every one of them gets its error.
+    pub async fn acquire(&self, model: &str) -> Result<Lease, PoolError> {
+        self.acquire_as(model, &[]).await
+    }
+
+    /// Like [`ModelPool::acquire`], but refuses (before loading anything) a model whose type is
+    /// not in `allowed` (an empty slice allows every type).
+    pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
+        self.check_open()?;
+        let (slot, rx) = {
+            let mut core = self.inner.lock();
+            let slot = core
+                .state
+                .slot(model)
+                .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+            let spec = core.state.spec(slot);
+            if !allowed.is_empty() && !allowed.contains(&spec.model_type) {
+                return Err(PoolError::WrongModelType {
+                    model: spec.id.clone(),
+                    expected: allowed[0],
+                    actual: spec.model_type,
+                });
+            }
+            let now = self.inner.now();
+            match core.state.admit(slot, now, Intent::Request) {
+                Admission::Hit => return Ok(self.lease(&core, slot, now)),
+                Admission::Join => (slot, core.loads[&slot].subscribe()),
+                Admission::Load(plan) => {
+                    let rx = self.start_load(&mut core, slot, plan.victims);
+                    (slot, rx)
+                }
+                Admission::Reject(r) => {
+                    let id = core.state.spec(slot).id.clone();
+                    let err = r.into_error(id, core.state.config().max_models);
+                    tracing::info!(
+                        model,
+                        code = r.code.as_str(),
+                        need = r.need,
+                        available = r.available,
+                        "admission rejected"
+                    );
+                    return Err(err);
+                }
+            }
+        };
+        let mut guard = WaitGuard {
+            pool: self,
+            slot,
+            rx,
+            finished: false,
+        };
+        let result = guard.wait().await;
+        guard.finished = true;
+        result?;
+        let core = self.inner.lock();
+        Ok(self.lease(&core, slot, self.inner.now()))
+    }
+
+    fn lease(&self, core: &Core<P, E>, slot: Slot, now: Nanos) -> Lease {
+        let spec = core.state.spec(slot);
+        Lease {
+            slot,
+            model: spec.id.clone(),
+            model_type: spec.model_type,
+            handle: core.handles[slot as usize]
+                .clone()
+                .expect("resident model has a handle"),
+            acquired_at: now,
+            owner: self.inner.clone(),
+        }
+    }
+
+    /// Start the load task for an admitted plan. Victim handles are taken now (they have no
+    /// leases); the task unloads them, then loads, then publishes the outcome.
+    fn start_load(
+        &self,
+        core: &mut Core<P, E>,
+        slot: Slot,
+        victims: Victims,
+    ) -> watch::Receiver<LoadResult> {
+        let (tx, rx) = watch::channel(None);
+        core.loads.insert(slot, tx);
+        let victims: Vec<_> = victims
+            .iter()
+            .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
+            .collect();
+        let spec = core.state.spec(slot).clone();
+        let inner = self.inner.clone();
+        tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
+        self.inner.runtime.spawn(async move {
+            inner.unload_all(victims).await;
+            let result = inner.backend.load(&spec).await;
+            let now = inner.now();
+            let (evicted, outcome) = {
+                let mut core = inner.lock();
+                let (done, outcome) = match result {
+                    Ok(handle) => {
+                        let done = core
+                            .state
+                            .load_finished(slot, now, Ok(handle.measured_bytes()));
+                        core.handles[slot as usize] = Some(handle);
+                        (done, Ok(()))
+                    }
+                    Err(e) => {
+                        let done = core.state.load_finished(slot, now, Err(&e.to_string()));
+                        (
+                            done,
+                            Err(PoolError::LoadFailed {
+                                model: spec.id.clone(),
+                                source: e,
+                            }),
+                        )
+                    }
+                };
+                let evicted: Vec<_> = done
+                    .evicted
+                    .iter()
+                    .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
+                    .collect();
+                if let Some(tx) = core.loads.remove(&slot) {
+                    tx.send_replace(Some(outcome.clone()));
+                }
+                (evicted, outcome)
+            };
+            match &outcome {
+                Ok(()) => tracing::info!(model = %spec.id, "model loaded"),
+                Err(e) => tracing::warn!(model = %spec.id, error = %e, "model load failed"),
+            }
+            inner.unload_all(evicted).await;
+        });
+        rx
+    }
+
+    /// Load `model` if needed and pin it: it is never evicted until unpinned. The pin is set in
+    /// the same critical section that makes the model resident.
+    pub async fn preload(&self, model: &str) -> Result<(), PoolError> {
+        self.check_open()?;
+        let mut rx = {
+            let mut core = self.inner.lock();
+            let slot = core
+                .state
+                .slot(model)
+                .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+            let now = self.inner.now();
+            match core.state.admit(slot, now, Intent::Preload) {
+                Admission::Hit => return Ok(()),
+                Admission::Join => core.loads[&slot].subscribe(),
+                Admission::Load(plan) => self.start_load(&mut core, slot, plan.victims),
+                Admission::Reject(r) => {
+                    let id = core.state.spec(slot).id.clone();
+                    return Err(r.into_error(id, core.state.config().max_models));
+                }
+            }
+        };
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return Err(PoolError::Backend(BackendError::Gone));
+            }
+        }
+    }
+
+    fn slot_of(core: &Core<P, E>, model: &str) -> Result<Slot, PoolError> {
+        core.state
+            .slot(model)
+            .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))
+    }
+
+    /// Pin a resident or loading model. Errors if it is not loaded.
+    pub fn pin(&self, model: &str) -> Result<(), PoolError> {
+        let mut core = self.inner.lock();
+        let slot = Self::slot_of(&core, model)?;
+        let now = self.inner.now();
+        if core.state.pin(slot, now) {
+            Ok(())
+        } else {
+            Err(PoolError::UnloadRefused {
+                model: core.state.spec(slot).id.clone(),
+                reason: "cannot pin: it is not loaded; preload it instead".into(),
+            })
+        }
+    }
+
+    /// Unpin a model. Returns whether it was pinned.
+    pub fn unpin(&self, model: &str) -> Result<bool, PoolError> {
+        let mut core = self.inner.lock();
+        let slot = Self::slot_of(&core, model)?;
+        let now = self.inner.now();
+        Ok(core.state.unpin(slot, now))
+    }
+
+    /// Unload a model. Pinned or busy models are refused unless `force`; a forced unload of a
+    /// busy model stops new requests and frees it when the in-flight ones end.
+    pub async fn unload(&self, model: &str, force: bool) -> Result<UnloadReport, PoolError> {
+        let (slot, handle, id) = {
+            let mut core = self.inner.lock();
+            let slot = Self::slot_of(&core, model)?;
+            let now = self.inner.now();
+            let now_unload = core.state.unload(slot, now, force)?;
+            let id = core.state.spec(slot).id.clone();
+            let handle = if now_unload {
+                core.handles[slot as usize].take()
+            } else {
+                None
+            };
+            (slot, handle, id)
+        };
+        let Some(handle) = handle else {
+            return Ok(UnloadReport {
+                model: id,
+                unloaded_now: false,
+                freed_bytes: None,
+            });
+        };
+        let freed = handle.unload().await.ok();
+        let now = self.inner.now();
+        self.inner.lock().state.reclaimed(slot, now);
+        Ok(UnloadReport {
+            model: id,
+            unloaded_now: true,
+            freed_bytes: freed,
+        })
+    }
+
+    /// Change the memory limit and/or `max_models` and evict down to them (idle models are
+    /// unloaded before this returns; busy ones drain). Returns the models evicted.
+    pub async fn set_limits(
+        &self,
+        limit: Option<u64>,
+        max_models: Option<usize>,
+    ) -> Result<Vec<ModelId>, PoolError> {
+        let (victims, ids) = {
+            let mut core = self.inner.lock();
+            let l = core.state.ledger();
+            let before: Vec<bool> = (0..core.state.len() as Slot)
+                .map(|s| core.state.phase(s) == crate::state::Phase::Draining)
+                .collect();
+            let now = self.inner.now();
+            let idle = core.state.set_limits(
+                limit.unwrap_or(l.limit),
+                max_models.unwrap_or(l.max_models),
+                now,
+            )?;
+            let ids: Vec<ModelId> = (0..core.state.len() as Slot)
+                .filter(|&s| {
+                    core.state.phase(s) == crate::state::Phase::Draining && !before[s as usize]
+                })
+                .map(|s| core.state.spec(s).id.clone())
+                .collect();
+            let victims: Vec<_> = idle
+                .iter()
+                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
+                .collect();
+            (victims, ids)
+        };
+        self.inner.unload_all(victims).await;
+        Ok(ids)
+    }
+
+    /// Evict models idle longer than the configured TTL; returns them after unloading.
+    pub async fn expire_idle(&self) -> Vec<ModelId> {
+        let (victims, ids) = {
+            let mut core = self.inner.lock();
+            let now = self.inner.now();
+            let expired = core.state.expire_idle(now);
+            let ids = expired
+                .iter()
+                .map(|&s| core.state.spec(s).id.clone())
+                .collect::<Vec<_>>();
+            let victims: Vec<_> = expired
+                .iter()
+                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
+                .collect();
+            (victims, ids)
+        };
+        self.inner.unload_all(victims).await;
+        ids
+    }
+
+    /// What loading `model` now would do, changing nothing.
+    pub fn dry_run(&self, model: &str) -> Result<DryRun, PoolError> {
+        let core = self.inner.lock();
+        let slot = Self::slot_of(&core, model)?;
+        let now = self.inner.now();
+        let id = core.state.spec(slot).id.clone();
+        let need = core.state.need(slot);
+        let base = DryRun {
+            model: id.clone(),
+            decision: "hit",
+            fits: true,
+            need,
+            would_evict: Vec::new(),
+            reject_code: None,
+            message: None,
+            retry_after_secs: None,
+        };
+        Ok(match core.state.preview(slot, now) {
+            Admission::Hit => base,
+            Admission::Join => DryRun {
+                decision: "join",
+                ..base
+            },
+            Admission::Load(plan) => DryRun {
+                decision: "load",
+                would_evict: plan
+                    .victims
+                    .iter()
+                    .map(|&v| core.state.spec(v).id.clone())
+                    .collect(),
+                ..base
+            },
+            Admission::Reject(r) => DryRun {
+                decision: "reject",
+                fits: false,
+                reject_code: Some(r.code.as_str()),
+                message: Some(r.into_error(id, core.state.config().max_models).to_string()),
+                retry_after_secs: r.retry_after_secs,
+                ..base
+            },
+        })
+    }
+
+    /// Status for the admin API.
+    pub fn status(&self) -> PoolStatus {
+        let core = self.inner.lock();
+        let ledger = core.state.ledger();
+        PoolStatus {
+            backend: self.inner.backend.name(),
+            policy: core.state.policy().name(),
+            ledger,
+            over_limit: ledger.used() > ledger.limit,
+            stats: core.state.stats().clone(),
+            shutting_down: self.inner.shutting_down.load(Ordering::SeqCst),
+            models: core.state.models_status(),
+        }
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> Ledger {
+        self.inner.lock().state.ledger()
+    }
+
+    /// The last `n` decision events, oldest first.
+    pub fn events(&self, n: usize) -> Vec<Event> {
+        self.inner.lock().state.log().last(n)
+    }
+
+    /// Run `f` on the decision core under the lock (tests, metrics). Keep it short.
+    pub fn with_state<R>(&self, f: impl FnOnce(&PoolState<P, E>) -> R) -> R {
+        f(&self.inner.lock().state)
+    }
+
+    fn check_open(&self) -> Result<(), PoolError> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            Err(PoolError::ShuttingDown {
+                retry_after_secs: 5,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Stop taking requests, let in-flight ones finish for at most `grace`, and unload every
+    /// model. Models still busy when `grace` ends are unloaded as their last lease drops.
+    /// Returns the number of leases still live at the end.
+    pub async fn shutdown(&self, grace: Duration) -> u32 {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let victims = {
+            let mut core = self.inner.lock();
+            let now = self.inner.now();
+            let idle = core.state.evict_all(now, true);
+            idle.iter()
+                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
+                .collect::<Vec<_>>()
+        };
+        self.inner.unload_all(victims).await;
+        let deadline = Instant::now() + grace;
+        loop {
+            let notified = self.inner.lease_ended.notified();
+            let live: u32 = {
+                let core = self.inner.lock();
+                (0..core.state.len() as Slot)
+                    .map(|s| core.state.leases(s))
+                    .sum()
+            };
+            if live == 0 || Instant::now() >= deadline {
+                return live;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+}
+
+/// Waits for a load's outcome on behalf of one request. If the request goes away first, the
+/// guard gives back what the pool set aside for it: its place among the waiters, or the lease
+/// the finished load granted it.
+struct WaitGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
+    pool: &'a ModelPool<P, E>,
+    slot: Slot,
+    rx: watch::Receiver<LoadResult>,
+    finished: bool,
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> WaitGuard<'_, P, E> {
+    async fn wait(&mut self) -> Result<(), PoolError> {
+        loop {
+            if let Some(r) = self.rx.borrow_and_update().clone() {
+                return r;
+            }
+            if self.rx.changed().await.is_err() {
+                // The sender is dropped only after publishing; treat a missing value as gone.
+                return self
+                    .rx
+                    .borrow()
+                    .clone()
+                    .unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
+            }
+        }
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let now = self.pool.inner.now();
+        let outcome = self.rx.borrow().clone();
+        match outcome {
+            None => {
+                let mut core = self.pool.inner.lock();
+                // Re-check under the lock: the load may have finished in between.
+                match self.rx.borrow().clone() {
+                    None => core.state.cancel_wait(self.slot),
+                    Some(Ok(())) => {
+                        drop(core);
+                        self.pool.inner.release(self.slot, now);
+                    }
+                    Some(Err(_)) => {}
+                }
+            }
+            Some(Ok(())) => self.pool.inner.release(self.slot, now),
+            Some(Err(_)) => {}
+        }
+    }
+}
