@@ -1,0 +1,3 @@
+//! The MLX backend (feature `mlx`).
+
+mod sys;
