@@ -142,7 +142,8 @@ mod tests {
     use super::*;
 
     fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
