@@ -79,10 +79,10 @@ impl Bert {
                 .and_then(|v| v.as_i64())
                 .ok_or_else(|| format!("config.json has no integer '{k}'"))
         };
-        if let Some(act) = config.get("hidden_act").and_then(|v| v.as_str()) {
-            if act != "gelu" {
-                return Err(format!("unsupported hidden_act '{act}' (gelu only)"));
-            }
+        if let Some(act) = config.get("hidden_act").and_then(|v| v.as_str())
+            && act != "gelu"
+        {
+            return Err(format!("unsupported hidden_act '{act}' (gelu only)"));
         }
         let cfg = BertConfig {
             hidden: int("hidden_size")? as i32,

@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         let all = run(7);
-        assert!(all.iter().any(|&t| t == 4), "full support reaches id 4");
+        assert!(all.contains(&4), "full support reaches id 4");
         // top_p 0.5 keeps the two most likely ids (0: 0.35, 1: 0.32 of the mass).
         let mut s = Sampler::new(1.0, 0.5, Some(3));
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();

@@ -106,10 +106,10 @@ impl GgufTokenizer {
         let eos = meta_u32(f, "tokenizer.ggml.eos_token_id")?;
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>"] {
-            if let Some(&id) = by_name.get(name) {
-                if !stop_ids.contains(&id) {
-                    stop_ids.push(id);
-                }
+            if let Some(&id) = by_name.get(name)
+                && !stop_ids.contains(&id)
+            {
+                stop_ids.push(id);
             }
         }
         let template = f
@@ -171,10 +171,10 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[ChatMessage]) -> String {
         let ChatTemplate::ChatMl { default_system } = self;
         let mut out = String::new();
-        if let Some(sys) = default_system {
-            if messages.first().is_none_or(|m| m.role != "system") {
-                out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-            }
+        if let Some(sys) = default_system
+            && messages.first().is_none_or(|m| m.role != "system")
+        {
+            out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
         }
         for m in messages {
             out.push_str(&format!(
