@@ -287,11 +287,7 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// An empty pool.
     pub fn new(cfg: PoolConfig, policy: P, estimator: E) -> Self {
-        let ledger = Ledger {
-            limit: cfg.limit,
-            max_models: cfg.max_models,
-            ..Ledger::default()
-        };
+        let ledger = Ledger { limit: cfg.limit, max_models: cfg.max_models, ..Ledger::default() };
         let log = DecisionLog::new(cfg.log);
         PoolState {
             cfg,
@@ -442,8 +438,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn load_cost(&self, e: &Entry, bytes: u64) -> f64 {
-        e.load_secs
-            .unwrap_or(self.cfg.load_latency_secs + bytes as f64 / self.cfg.load_bandwidth)
+        e.load_secs.unwrap_or(self.cfg.load_latency_secs + bytes as f64 / self.cfg.load_bandwidth)
     }
 
     fn track_peak(&mut self) {
@@ -492,10 +487,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 self.stats.joins += 1;
                 if self.log.wants_hits() {
-                    self.log.push(Event::Join {
-                        at: now,
-                        model: e.spec.id.clone(),
-                    });
+                    self.log.push(Event::Join { at: now, model: e.spec.id.clone() });
                 }
                 Admission::Join
             }
@@ -544,10 +536,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
-        let idx = RejectCode::ALL
-            .iter()
-            .position(|c| *c == r.code)
-            .unwrap_or(0);
+        let idx = RejectCode::ALL.iter().position(|c| *c == r.code).unwrap_or(0);
         self.stats.rejections[idx] += 1;
         let model = self.entries[slot as usize].spec.id.clone();
         self.log.push(Event::Reject {
@@ -577,10 +566,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let count_short = (l.models + 1).saturating_sub(l.max_models);
         let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
-            return Ok(LoadPlan {
-                reserve: need,
-                victims,
-            });
+            return Ok(LoadPlan { reserve: need, victims });
         }
         let mut freed = 0u64;
         self.policy.visit_victims(&mut |s| {
@@ -591,10 +577,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             freed < bytes_short || victims.len() < count_short
         });
         if freed >= bytes_short && victims.len() >= count_short {
-            return Ok(LoadPlan {
-                reserve: need,
-                victims,
-            });
+            return Ok(LoadPlan { reserve: need, victims });
         }
         // Not enough even with every evictable model gone: evict nothing.
         let available = l.limit.saturating_sub(l.used() - freed);
@@ -626,13 +609,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let mut victim_bytes = 0;
         for &v in &plan.victims {
             victim_bytes += self.entries[v as usize].bytes;
-            self.evict(
-                v,
-                now,
-                reason,
-                Some((slot, generation)),
-                Some(model.clone()),
-            );
+            self.evict(v, now, reason, Some((slot, generation)), Some(model.clone()));
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
@@ -645,21 +622,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.loads += 1;
         let (reserve, awaiting) = (e.bytes, e.awaiting);
         let source = e.estimate.source.clone();
-        let source = if e.measured.is_some() {
-            crate::estimate::EstimateSource::Measured
-        } else {
-            source
-        };
+        let source = if e.measured.is_some() { crate::estimate::EstimateSource::Measured } else { source };
         self.ledger.reserved += reserve - awaiting;
         self.ledger.models += 1;
         self.stats.loads += 1;
         self.track_peak();
-        self.log.push(Event::Load {
-            at: now,
-            model,
-            estimate: reserve,
-            source,
-        });
+        self.log.push(Event::Load { at: now, model, estimate: reserve, source });
     }
 
     /// Move a resident model to draining. `owner` is the load it makes room for.
@@ -686,14 +654,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.models -= 1;
         self.stats.evictions[reason as usize] += 1;
         let (model, bytes) = (e.spec.id.clone(), e.bytes);
-        self.log.push(Event::Evict {
-            at: now,
-            model,
-            reason,
-            bytes,
-            score,
-            for_model,
-        });
+        self.log.push(Event::Evict { at: now, model, reason, bytes, score, for_model });
     }
 
     /// A draining model's memory came back (the backend unloaded it). Returns the load it made
@@ -710,11 +671,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.bytes = 0;
         self.ledger.draining -= bytes;
         let model = e.spec.id.clone();
-        self.log.push(Event::Unload {
-            at: now,
-            model,
-            bytes,
-        });
+        self.log.push(Event::Unload { at: now, model, bytes });
         let (o, generation) = owner?;
         let oe = &mut self.entries[o as usize];
         if oe.phase != Phase::Loading || oe.load_gen != generation {
@@ -732,11 +689,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// limit, unpinned idle models are evicted (returned for the driver to unload).
     pub fn load_finished(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
         let e = &mut self.entries[slot as usize];
-        assert_eq!(
-            e.phase,
-            Phase::Loading,
-            "load_finished on a model that is not loading"
-        );
+        assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
         self.ledger.reserved -= e.bytes - e.awaiting;
         e.awaiting = 0;
         e.pending_victims = 0;
@@ -750,11 +703,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.pin_on_load = false;
                 self.ledger.models -= 1;
                 self.stats.load_failures += 1;
-                self.log.push(Event::LoadFailed {
-                    at: now,
-                    model,
-                    error: error.to_string(),
-                });
+                self.log.push(Event::LoadFailed { at: now, model, error: error.to_string() });
                 LoadDone::default()
             }
             Ok(measured) => {
@@ -769,32 +718,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.last_used = Some(now);
                 let granted = e.leases;
                 let pin = std::mem::take(&mut e.pin_on_load);
-                let info = PolicyInfo {
-                    bytes: measured,
-                    load_cost: secs.max(1e-9),
-                };
-                self.estimator
-                    .observe(&self.entries[slot as usize].spec, measured);
+                let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
+                self.estimator.observe(&self.entries[slot as usize].spec, measured);
                 self.ledger.resident += measured;
                 self.stats.loaded += 1;
                 self.stats.bytes_loaded += measured;
                 self.stats.load_secs += secs;
                 self.policy.on_insert(slot, info, now);
-                self.log.push(Event::Loaded {
-                    at: now,
-                    model,
-                    measured,
-                    secs,
-                });
+                self.log.push(Event::Loaded { at: now, model, measured, secs });
                 if pin {
                     self.pin_resident(slot, now);
                 }
                 self.track_peak();
                 let evicted = self.evict_down(now, EvictReason::Overcommit, false);
-                LoadDone {
-                    leases_granted: granted,
-                    evicted,
-                }
+                LoadDone { leases_granted: granted, evicted }
             }
         }
     }
@@ -868,24 +805,17 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Returns `Ok(true)` if the driver must unload it now, `Ok(false)` if it waits for leases.
     pub fn unload(&mut self, slot: Slot, now: Nanos, force: bool) -> Result<bool, PoolError> {
         let e = &self.entries[slot as usize];
-        let refuse = |reason: String| PoolError::UnloadRefused {
-            model: e.spec.id.clone(),
-            reason,
-        };
+        let refuse = |reason: String| PoolError::UnloadRefused { model: e.spec.id.clone(), reason };
         match e.phase {
             Phase::Absent => return Err(refuse("it is not loaded".into())),
             Phase::Loading => {
-                return Err(refuse(
-                    "it is loading; retry when the load has finished".into(),
-                ));
+                return Err(refuse("it is loading; retry when the load has finished".into()));
             }
             Phase::Draining => return Err(refuse("it is already being unloaded".into())),
             Phase::Resident => {}
         }
         if !force && e.pinned {
-            return Err(refuse(
-                "it is pinned (preloaded); unpin it first or force the unload".into(),
-            ));
+            return Err(refuse("it is pinned (preloaded); unpin it first or force the unload".into()));
         }
         if !force && e.leases > 0 {
             return Err(refuse(format!(
@@ -901,59 +831,48 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Change the limits and evict down to them: idle unpinned models first (returned for the
     /// driver to unload), then busy unpinned ones are drained. Pinned models stay even if the
     /// pool remains over the new limit (the status shows it).
-    pub fn set_limits(
-        &mut self,
-        limit: u64,
-        max_models: usize,
-        now: Nanos,
-    ) -> Result<Victims, PoolError> {
+    pub fn set_limits(&mut self, limit: u64, max_models: usize, now: Nanos) -> Result<Victims, PoolError> {
         if limit == 0 {
-            return Err(PoolError::InvalidConfig(
-                "memory limit must be greater than zero".into(),
-            ));
+            return Err(PoolError::InvalidConfig("memory limit must be greater than zero".into()));
         }
         if max_models == 0 {
-            return Err(PoolError::InvalidConfig(
-                "max_models must be at least 1".into(),
-            ));
+            return Err(PoolError::InvalidConfig("max_models must be at least 1".into()));
         }
         self.cfg.limit = limit;
         self.cfg.max_models = max_models;
         self.ledger.limit = limit;
         self.ledger.max_models = max_models;
-        self.log.push(Event::LimitChanged {
-            at: now,
-            limit,
-            max_models,
-        });
+        self.log.push(Event::LimitChanged { at: now, limit, max_models });
         Ok(self.evict_down(now, EvictReason::LimitChanged, true))
     }
 
-    fn over(&self) -> bool {
-        self.ledger.used() > self.ledger.limit || self.ledger.models > self.ledger.max_models
-    }
-
     /// Evict idle unpinned models in policy order until within limits; if `drain_busy`, then
-    /// drain busy unpinned ones too. Returns the idle victims (to unload now).
+    /// drain busy unpinned ones too. Returns the idle victims (to unload now). Memory already
+    /// draining counts as on its way back, so it is not evicted for twice.
     fn evict_down(&mut self, now: Nanos, reason: EvictReason, drain_busy: bool) -> Victims {
+        let l = self.ledger;
+        let mut excess_bytes = (l.resident + l.reserved).saturating_sub(l.limit);
+        let mut excess_count = l.models.saturating_sub(l.max_models);
         let mut out = Victims::new();
         for busy_pass in [false, true] {
             if busy_pass && !drain_busy {
                 break;
             }
-            while self.over() {
+            while excess_bytes > 0 || excess_count > 0 {
                 let mut pick = None;
                 self.policy.visit_victims(&mut |s| {
                     let e = &self.entries[s as usize];
-                    let ok =
-                        e.phase == Phase::Resident && !e.pinned && (busy_pass || e.leases == 0);
+                    let ok = e.phase == Phase::Resident && !e.pinned && (busy_pass || e.leases == 0);
                     if ok {
                         pick = Some(s);
                     }
                     !ok
                 });
                 let Some(s) = pick else { break };
-                let idle = self.entries[s as usize].leases == 0;
+                let e = &self.entries[s as usize];
+                let idle = e.leases == 0;
+                excess_bytes = excess_bytes.saturating_sub(e.bytes);
+                excess_count = excess_count.saturating_sub(1);
                 self.evict(s, now, reason, None, None);
                 if idle {
                     out.push(s);
@@ -1028,20 +947,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                     frees.push(((e.busy_since as f64 + lease).max(now as f64), e.bytes, 1));
                 }
                 Phase::Draining => {
-                    let t = if e.leases > 0 {
-                        e.busy_since as f64 + lease
-                    } else {
-                        now as f64
-                    };
+                    let t = if e.leases > 0 { e.busy_since as f64 + lease } else { now as f64 };
                     frees.push((t.max(now as f64), e.bytes, 0));
                 }
                 Phase::Loading if !e.pin_on_load => {
                     let load = self.load_cost(e, e.bytes) * NANOS_PER_SEC as f64;
-                    frees.push((
-                        (e.load_started as f64 + load).max(now as f64) + lease,
-                        e.bytes,
-                        1,
-                    ));
+                    frees.push(((e.load_started as f64 + load).max(now as f64) + lease, e.bytes, 1));
                 }
                 _ => {}
             }
@@ -1077,29 +988,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             load_secs: e.load_secs,
             hits: e.hits,
             loads: e.loads,
-            score: if e.phase == Phase::Resident {
-                self.policy.score(slot)
-            } else {
-                None
-            },
+            score: if e.phase == Phase::Resident { self.policy.score(slot) } else { None },
         }
     }
 
     /// Status of every registered model, in slot order.
     pub fn models_status(&self) -> Vec<ModelStatus> {
-        (0..self.entries.len() as Slot)
-            .map(|s| self.model_status(s))
-            .collect()
+        (0..self.entries.len() as Slot).map(|s| self.model_status(s)).collect()
     }
 
     /// Check the ledger against the entries (tests and debug builds). Returns a description of
     /// the first inconsistency.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut l = Ledger {
-            limit: self.ledger.limit,
-            max_models: self.ledger.max_models,
-            ..Ledger::default()
-        };
+        let mut l =
+            Ledger { limit: self.ledger.limit, max_models: self.ledger.max_models, ..Ledger::default() };
         for (i, e) in self.entries.iter().enumerate() {
             match e.phase {
                 Phase::Absent => {
@@ -1152,20 +1054,13 @@ impl Rejection {
                 available: self.available,
                 retry_after_secs: retry,
             },
-            RejectCode::ModelTooLarge => PoolError::ModelTooLarge {
-                model,
-                need: self.need,
-                available: self.available,
-            },
-            RejectCode::MaxModels => PoolError::MaxModelsReached {
-                model,
-                max_models,
-                retry_after_secs: retry,
-            },
-            RejectCode::Draining => PoolError::Draining {
-                model,
-                retry_after_secs: retry,
-            },
+            RejectCode::ModelTooLarge => {
+                PoolError::ModelTooLarge { model, need: self.need, available: self.available }
+            }
+            RejectCode::MaxModels => {
+                PoolError::MaxModelsReached { model, max_models, retry_after_secs: retry }
+            }
+            RejectCode::Draining => PoolError::Draining { model, retry_after_secs: retry },
         }
     }
 }

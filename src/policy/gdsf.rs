@@ -56,18 +56,9 @@ impl EvictionPolicy for Gdsf {
             self.queue.remove(&(m.key, m.seq, slot));
         }
         // Cost per gigabyte keeps priorities in a comfortable floating-point range.
-        let cost = if info.load_cost.is_finite() && info.load_cost > 0.0 {
-            info.load_cost
-        } else {
-            1e-9
-        };
+        let cost = if info.load_cost.is_finite() && info.load_cost > 0.0 { info.load_cost } else { 1e-9 };
         let per_gb = cost / (info.bytes.max(1) as f64 / 1e9);
-        self.meta[slot as usize] = Meta {
-            freq: 1,
-            cost_per_byte: per_gb,
-            tracked: true,
-            ..m
-        };
+        self.meta[slot as usize] = Meta { freq: 1, cost_per_byte: per_gb, tracked: true, ..m };
         self.requeue(slot);
     }
 
@@ -106,10 +97,7 @@ impl EvictionPolicy for Gdsf {
     }
 
     fn score(&self, slot: Slot) -> Option<f64> {
-        self.meta
-            .get(slot as usize)
-            .filter(|m| m.tracked)
-            .map(|m| f64::from_bits(m.key))
+        self.meta.get(slot as usize).filter(|m| m.tracked).map(|m| f64::from_bits(m.key))
     }
 }
 
