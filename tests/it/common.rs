@@ -3,7 +3,8 @@
 
 use modelpool::state::LoadDone;
 use modelpool::{
-    Admission, GB, Intent, LogMode, Lru, ModelSpec, NameEstimator, Nanos, PoolConfig, PoolState, Slot,
+    Admission, EvictionPolicy, GB, Intent, LogMode, Lru, ModelSpec, NameEstimator, Nanos, PoolConfig,
+    PoolState, Slot,
 };
 
 pub type State = PoolState<Lru, NameEstimator>;
@@ -15,24 +16,29 @@ pub fn s(secs: u64) -> Nanos {
 
 /// A state with `limit_gb` decimal GB, `max_models` 4, the full log.
 pub fn state(limit_gb: f64) -> State {
+    state_with(limit_gb, Lru::new())
+}
+
+/// A state with `limit_gb` decimal GB, the given policy, `max_models` 4, the full log.
+pub fn state_with<P: EvictionPolicy>(limit_gb: f64, policy: P) -> PoolState<P, NameEstimator> {
     let mut cfg = PoolConfig::with_limit((limit_gb * GB as f64) as u64);
     cfg.log = LogMode::Full;
-    PoolState::new(cfg, Lru::new(), NameEstimator)
+    PoolState::new(cfg, policy, NameEstimator)
 }
 
 /// Register a text-gen model by name.
-pub fn reg(st: &mut State, name: &str) -> Slot {
+pub fn reg<P: EvictionPolicy>(st: &mut PoolState<P, NameEstimator>, name: &str) -> Slot {
     st.register(ModelSpec::new(name))
 }
 
 /// Register a model with an explicit size in decimal GB.
-pub fn reg_sized(st: &mut State, name: &str, size_gb: f64) -> Slot {
+pub fn reg_sized<P: EvictionPolicy>(st: &mut PoolState<P, NameEstimator>, name: &str, size_gb: f64) -> Slot {
     st.register(ModelSpec::new(name).with_size((size_gb * GB as f64) as u64))
 }
 
 /// Admit a request and, if it loads, carry the plan out at once with the measured size equal
 /// to the reservation. Returns the admission. A request that gets a lease keeps it.
-pub fn request(st: &mut State, slot: Slot, now: Nanos) -> Admission {
+pub fn request<P: EvictionPolicy>(st: &mut PoolState<P, NameEstimator>, slot: Slot, now: Nanos) -> Admission {
     let a = st.admit(slot, now, Intent::Request);
     if let Admission::Load(plan) = &a {
         for &v in &plan.victims {
@@ -45,7 +51,7 @@ pub fn request(st: &mut State, slot: Slot, now: Nanos) -> Admission {
 }
 
 /// A request that ends at once: admit (loading if needed), then release its lease.
-pub fn touch(st: &mut State, slot: Slot, now: Nanos) -> Admission {
+pub fn touch<P: EvictionPolicy>(st: &mut PoolState<P, NameEstimator>, slot: Slot, now: Nanos) -> Admission {
     let a = request(st, slot, now);
     if matches!(a, Admission::Hit | Admission::Load(_)) {
         st.release(slot, now, now);
@@ -54,7 +60,7 @@ pub fn touch(st: &mut State, slot: Slot, now: Nanos) -> Admission {
 }
 
 /// Preload (load and pin) synchronously.
-pub fn preload(st: &mut State, slot: Slot, now: Nanos) -> Admission {
+pub fn preload<P: EvictionPolicy>(st: &mut PoolState<P, NameEstimator>, slot: Slot, now: Nanos) -> Admission {
     let a = st.admit(slot, now, Intent::Preload);
     if let Admission::Load(plan) = &a {
         for &v in &plan.victims {
@@ -66,7 +72,7 @@ pub fn preload(st: &mut State, slot: Slot, now: Nanos) -> Admission {
 }
 
 /// Names of a plan's victims.
-pub fn victim_names(st: &State, a: &Admission) -> Vec<String> {
+pub fn victim_names<P: EvictionPolicy>(st: &PoolState<P, NameEstimator>, a: &Admission) -> Vec<String> {
     match a {
         Admission::Load(plan) => plan.victims.iter().map(|&v| st.spec(v).id.to_string()).collect(),
         _ => Vec::new(),

@@ -201,7 +201,7 @@ fn unload_refuses_pinned_and_busy_unless_forced() {
 
 #[test]
 fn idle_models_expire_after_their_last_request_ends() {
-    let mut st = state(10.0);
+    let st = state(10.0);
     let mut cfg = st.config().clone();
     cfg.idle_ttl = Some(s(60));
     let mut st = modelpool::PoolState::new(cfg, modelpool::Lru::new(), modelpool::NameEstimator);
