@@ -188,11 +188,12 @@ impl SizeEstimator for NameEstimator {
         let Some((params, plain)) = params_from_name(name) else {
             return Estimate { bytes: DEFAULT_ESTIMATE, source: EstimateSource::Default };
         };
-        if plain && quant.is_none() {
-            if let Some(bytes) = Self::seed_table(params / 1_000_000_000) {
-                let params_b = (params / 1_000_000_000) as u32;
-                return Estimate { bytes, source: EstimateSource::SeedTable { params_b } };
-            }
+        if plain
+            && quant.is_none()
+            && let Some(bytes) = Self::seed_table(params / 1_000_000_000)
+        {
+            let params_b = (params / 1_000_000_000) as u32;
+            return Estimate { bytes, source: EstimateSource::SeedTable { params_b } };
         }
         let (quant_name, bytes_per_param) =
             match quant.as_deref().and_then(|q| Some((q, bits_per_weight(q)?))) {
@@ -242,17 +243,15 @@ pub fn weight_bytes_on_disk(path: &Path) -> std::io::Result<u64> {
 
 impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
-        if spec.size_hint.is_none() {
-            if let Some(path) = &spec.path {
-                if let Ok(on_disk) = weight_bytes_on_disk(path) {
-                    if on_disk > 0 {
-                        return Estimate {
-                            bytes: ((on_disk as f64) * self.factor).round() as u64,
-                            source: EstimateSource::Files { bytes_on_disk: on_disk, factor: self.factor },
-                        };
-                    }
-                }
-            }
+        if spec.size_hint.is_none()
+            && let Some(path) = &spec.path
+            && let Ok(on_disk) = weight_bytes_on_disk(path)
+            && on_disk > 0
+        {
+            return Estimate {
+                bytes: ((on_disk as f64) * self.factor).round() as u64,
+                source: EstimateSource::Files { bytes_on_disk: on_disk, factor: self.factor },
+            };
         }
         self.fallback.estimate(spec)
     }
@@ -327,14 +326,14 @@ impl<E: SizeEstimator> SizeEstimator for Learned<E> {
 
     fn observe(&mut self, spec: &ModelSpec, measured: u64) {
         self.inner.observe(spec, measured);
-        if self.measured.insert(spec.id.to_string(), measured) != Some(measured) {
-            if let Some(file) = &self.file {
-                // Best effort: a failed write loses a hint, never a request.
-                let tmp = file.with_extension("tmp");
-                let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
-                if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, file)).is_err() {
-                    tracing::warn!(file = %file.display(), "could not persist measured model sizes");
-                }
+        if self.measured.insert(spec.id.to_string(), measured) != Some(measured)
+            && let Some(file) = &self.file
+        {
+            // Best effort: a failed write loses a hint, never a request.
+            let tmp = file.with_extension("tmp");
+            let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
+            if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, file)).is_err() {
+                tracing::warn!(file = %file.display(), "could not persist measured model sizes");
             }
         }
     }

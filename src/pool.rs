@@ -321,8 +321,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     fn start_load(&self, core: &mut Core<P, E>, slot: Slot, victims: Victims) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
         core.loads.insert(slot, tx);
-        let victims: Vec<_> =
-            victims.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect();
+        let victims = take_handles(core, &victims);
         let spec = core.state.spec(slot).clone();
         let inner = self.inner.clone();
         tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
@@ -343,11 +342,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                         (done, Err(PoolError::LoadFailed { model: spec.id.clone(), source: e }))
                     }
                 };
-                let evicted: Vec<_> = done
-                    .evicted
-                    .iter()
-                    .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-                    .collect();
+                let evicted = take_handles(&mut core, &done.evicted);
                 if let Some(tx) = core.loads.remove(&slot) {
                     tx.send_replace(Some(outcome.clone()));
                 }
@@ -409,12 +404,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         }
     }
 
-    /// Unpin a model. Returns whether it was pinned.
-    pub fn unpin(&self, model: &str) -> Result<bool, PoolError> {
-        let mut core = self.inner.lock();
-        let slot = Self::slot_of(&core, model)?;
-        let now = self.inner.now();
-        Ok(core.state.unpin(slot, now))
+    /// Unpin a model. Returns whether it was pinned. If the pool is over its limits (after a
+    /// lowered limit), models that became evictable are unloaded before this returns.
+    pub async fn unpin(&self, model: &str) -> Result<bool, PoolError> {
+        let (was, victims) = {
+            let mut core = self.inner.lock();
+            let slot = Self::slot_of(&core, model)?;
+            let now = self.inner.now();
+            let (was, evicted) = core.state.unpin(slot, now);
+            (was, take_handles(&mut core, &evicted))
+        };
+        self.inner.unload_all(victims).await;
+        Ok(was)
     }
 
     /// Unload a model. Pinned or busy models are refused unless `force`; a forced unload of a
@@ -458,8 +459,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 .filter(|&s| core.state.phase(s) == crate::state::Phase::Draining && !before[s as usize])
                 .map(|s| core.state.spec(s).id.clone())
                 .collect();
-            let victims: Vec<_> =
-                idle.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect();
+            let victims = take_handles(&mut core, &idle);
             (victims, ids)
         };
         self.inner.unload_all(victims).await;
@@ -473,8 +473,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let now = self.inner.now();
             let expired = core.state.expire_idle(now);
             let ids = expired.iter().map(|&s| core.state.spec(s).id.clone()).collect::<Vec<_>>();
-            let victims: Vec<_> =
-                expired.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect();
+            let victims = take_handles(&mut core, &expired);
             (victims, ids)
         };
         self.inner.unload_all(victims).await;
@@ -569,7 +568,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let mut core = self.inner.lock();
             let now = self.inner.now();
             let idle = core.state.evict_all(now, true);
-            idle.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect::<Vec<_>>()
+            take_handles(&mut core, &idle)
         };
         self.inner.unload_all(victims).await;
         let deadline = Instant::now() + grace;
@@ -585,6 +584,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
+}
+
+/// Take the handles of evicted slots (they have no leases) for unloading outside the lock.
+fn take_handles<P: EvictionPolicy, E: SizeEstimator>(
+    core: &mut Core<P, E>,
+    slots: &[Slot],
+) -> Vec<(Slot, Arc<dyn ModelHandle>)> {
+    slots.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect()
 }
 
 /// Waits for a load's outcome on behalf of one request. If the request goes away first, the

@@ -143,6 +143,9 @@ pub struct Ledger {
     pub draining: u64,
     /// Bytes of pinned models (included in `resident`).
     pub pinned: u64,
+    /// Bytes of draining victims already promised to loads in progress (included in
+    /// `draining`; they move to `reserved` as the victims' memory comes back).
+    pub awaiting: u64,
     /// Models resident or loading.
     pub models: usize,
     /// Maximum models resident or loading.
@@ -154,6 +157,12 @@ impl Ledger {
     #[inline]
     pub fn used(&self) -> u64 {
         self.resident + self.reserved + self.draining
+    }
+
+    /// `resident + reserved + awaiting`: memory committed once every draining model is gone.
+    #[inline]
+    pub fn committed(&self) -> u64 {
+        self.resident + self.reserved + self.awaiting
     }
 }
 
@@ -282,6 +291,8 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     log: DecisionLog,
     /// Exponentially weighted mean of lease durations, nanoseconds.
     ewma_lease: Option<f64>,
+    /// Why the pool last went over its limits (the reason logged for evictions that follow).
+    over_reason: EvictReason,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -299,6 +310,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             stats: Stats::default(),
             log,
             ewma_lease: None,
+            over_reason: EvictReason::LimitChanged,
         }
     }
 
@@ -624,6 +636,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let source = e.estimate.source.clone();
         let source = if e.measured.is_some() { crate::estimate::EstimateSource::Measured } else { source };
         self.ledger.reserved += reserve - awaiting;
+        self.ledger.awaiting += awaiting;
         self.ledger.models += 1;
         self.stats.loads += 1;
         self.track_peak();
@@ -679,6 +692,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
         let t = bytes.min(oe.awaiting);
         oe.awaiting -= t;
+        self.ledger.awaiting -= t;
         self.ledger.reserved += t;
         oe.pending_victims = oe.pending_victims.saturating_sub(1);
         (oe.pending_victims == 0).then_some(o)
@@ -691,6 +705,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let e = &mut self.entries[slot as usize];
         assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
         self.ledger.reserved -= e.bytes - e.awaiting;
+        self.ledger.awaiting -= e.awaiting;
         e.awaiting = 0;
         e.pending_victims = 0;
         let secs = now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64;
@@ -744,8 +759,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// End one lease taken at `acquired_at`. Returns `true` when the model is draining and this
-    /// was its last lease: the driver must unload it and report [`PoolState::reclaimed`].
+    /// End one lease taken at `acquired_at`. Returns `true` when this was the model's last lease
+    /// and the model must now leave memory: the driver unloads it and reports
+    /// [`PoolState::reclaimed`]. That happens when it was draining, or when the pool is over its
+    /// limits (after a lowered limit or an overcommitting load) and it is the first model to
+    /// become evictable.
     #[inline]
     pub fn release(&mut self, slot: Slot, now: Nanos, acquired_at: Nanos) -> bool {
         let held = now.saturating_sub(acquired_at) as f64;
@@ -757,7 +775,26 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         debug_assert!(e.leases > 0, "release without a lease");
         e.leases = e.leases.saturating_sub(1);
         e.last_used = Some(now);
-        e.leases == 0 && e.phase == Phase::Draining
+        if e.leases > 0 {
+            return false;
+        }
+        let (phase, pinned) = (e.phase, e.pinned);
+        match phase {
+            Phase::Draining => true,
+            Phase::Resident if !pinned && self.over_limits() => {
+                self.evict(slot, now, self.over_reason, None, None);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether resident and reserved memory (draining memory is on its way back) or the model
+    /// count exceed the limits.
+    #[inline]
+    fn over_limits(&self) -> bool {
+        let l = &self.ledger;
+        l.committed() > l.limit || l.models > l.max_models
     }
 
     fn pin_resident(&mut self, slot: Slot, now: Nanos) {
@@ -786,18 +823,23 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// Unpin a model; it becomes evictable when idle. Returns whether it was pinned.
-    pub fn unpin(&mut self, slot: Slot, now: Nanos) -> bool {
+    /// Unpin a model; it becomes evictable when idle. Returns whether it was pinned, and the
+    /// models evicted because the pool was over its limits (possibly this one) for the driver
+    /// to unload.
+    pub fn unpin(&mut self, slot: Slot, now: Nanos) -> (bool, Victims) {
         let e = &mut self.entries[slot as usize];
         let was = e.pinned || e.pin_on_load;
         e.pin_on_load = false;
-        if e.pinned {
-            e.pinned = false;
-            self.ledger.pinned -= e.bytes;
-            let model = e.spec.id.clone();
-            self.log.push(Event::Unpin { at: now, model });
+        if !e.pinned {
+            return (was, Victims::new());
         }
-        was
+        e.pinned = false;
+        self.ledger.pinned -= e.bytes;
+        let model = e.spec.id.clone();
+        self.log.push(Event::Unpin { at: now, model });
+        let evicted =
+            if self.over_limits() { self.evict_down(now, self.over_reason, false) } else { Victims::new() };
+        (was, evicted)
     }
 
     /// Evict a resident model on request. Pinned or busy models are refused unless `force`;
@@ -850,8 +892,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// drain busy unpinned ones too. Returns the idle victims (to unload now). Memory already
     /// draining counts as on its way back, so it is not evicted for twice.
     fn evict_down(&mut self, now: Nanos, reason: EvictReason, drain_busy: bool) -> Victims {
+        self.over_reason = reason;
         let l = self.ledger;
-        let mut excess_bytes = (l.resident + l.reserved).saturating_sub(l.limit);
+        let mut excess_bytes = l.committed().saturating_sub(l.limit);
         let mut excess_count = l.models.saturating_sub(l.max_models);
         let mut out = Victims::new();
         for busy_pass in [false, true] {
@@ -1011,6 +1054,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 Phase::Loading => {
                     l.reserved += e.bytes - e.awaiting;
+                    l.awaiting += e.awaiting;
                     l.models += 1;
                     if e.leases != 0 {
                         return Err(format!("slot {i}: loading with leases"));

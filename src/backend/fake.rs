@@ -106,10 +106,8 @@ impl Backend for FakeBackend {
             if fail && cfg.fail_loads != u32::MAX {
                 cfg.fail_loads -= 1;
             }
-            let measured = cfg
-                .measured_bytes
-                .or(spec.size_hint)
-                .unwrap_or_else(|| NameEstimator::default().estimate(spec).bytes);
+            let measured =
+                cfg.measured_bytes.or(spec.size_hint).unwrap_or_else(|| NameEstimator.estimate(spec).bytes);
             (cfg.load_time.unwrap_or(self.default_load_time), fail, measured)
         };
         if !load_time.is_zero() {

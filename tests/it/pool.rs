@@ -143,7 +143,7 @@ async fn preload_pins_before_anyone_can_evict() {
     assert!(st.models.iter().find(|m| m.id.as_ref() == "p").unwrap().pinned);
     assert_eq!(st.ledger.pinned, 4 * GB);
     // Unpinned, it is an ordinary LRU victim again.
-    assert!(pool.unpin("p").unwrap());
+    assert!(pool.unpin("p").await.unwrap());
     drop(pool.acquire("a").await.unwrap());
     assert_eq!(phase(&pool, "p"), Phase::Absent);
 }
