@@ -10,8 +10,10 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod config;
 pub mod error;
 pub mod estimate;
+pub mod http;
 pub mod limit;
 pub mod log;
 pub mod policy;
