@@ -11,8 +11,10 @@
 
 pub mod backend;
 pub mod catalog;
+pub mod config;
 pub mod error;
 pub mod estimate;
+pub mod http;
 pub mod limit;
 pub mod log;
 pub mod policy;
@@ -21,15 +23,12 @@ pub mod state;
 pub mod types;
 
 pub use error::PoolError;
-pub use estimate::{
-    Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator,
-};
+pub use estimate::{Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator};
 pub use limit::{FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
 pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
 pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
-    Admission, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
-    Stats,
+    Admission, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection, Stats,
 };
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

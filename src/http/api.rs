@@ -1,0 +1,431 @@
+//! OpenAI-compatible request and response shapes, hand-written (as TGI does) so that we control
+//! exactly what is accepted and emitted. Responses are checked against `async-openai`'s types in
+//! the integration tests.
+//!
+//! Requests ignore unknown fields (clients send many we do not use), but fields that would change
+//! the answer and that we cannot honour (`n > 1`, `tools`, `logprobs`, ...) are refused with a
+//! 400 naming the field, rather than silently ignored.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{FinishReason, Usage};
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSeq {
+    /// One stop string.
+    One(String),
+    /// Several stop strings.
+    Many(Vec<String>),
+}
+
+impl StopSeq {
+    /// The stop strings as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSeq::One(s) => vec![s],
+            StopSeq::Many(v) => v,
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and empty `choices`) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// One content part of a chat message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    /// Text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// An image (vision models). Accepted by the parser, refused by validation until a backend
+    /// takes images.
+    ImageUrl {
+        /// `{ "url": ... }`.
+        image_url: serde_json::Value,
+    },
+    /// Anything else (`input_audio`, `file`, ...): refused by validation.
+    #[serde(other)]
+    Unsupported,
+}
+
+/// Message content: a string, a list of parts, or null (assistant turns with tool calls).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Content parts.
+    Parts(Vec<ContentPart>),
+}
+
+/// One input chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Content; may be null for an assistant turn.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    /// Optional participant name (ignored).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model id.
+    pub model: String,
+    /// Conversation so far.
+    pub messages: Vec<ChatMessageIn>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Upper bound on generated tokens (legacy name).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Upper bound on generated tokens (current name; wins over `max_tokens`).
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature in [0, 2].
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1].
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings (at most 4).
+    #[serde(default)]
+    pub stop: Option<StopSeq>,
+    /// Number of choices; only 1 is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Tool definitions; not supported (refused when non-empty).
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Log probabilities; not supported (refused when true).
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// `{"type": "text"}` only.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+}
+
+/// `prompt` of a completion: a string or a list of strings (token arrays are refused).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One prompt.
+    One(String),
+    /// Several prompts, answered as several choices.
+    Many(Vec<String>),
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Model id.
+    pub model: String,
+    /// Prompt(s).
+    pub prompt: PromptInput,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Upper bound on generated tokens (OpenAI's default for this endpoint is 16).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature in [0, 2].
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1].
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings (at most 4).
+    #[serde(default)]
+    pub stop: Option<StopSeq>,
+    /// Number of choices per prompt; only 1 is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Prepend the prompt to the completion.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Not supported (refused when set).
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Not supported (refused when set and non-zero).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    /// Not supported (refused when > 1).
+    #[serde(default)]
+    pub best_of: Option<u32>,
+}
+
+/// `input` of an embeddings request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    /// One text.
+    One(String),
+    /// Several texts.
+    Many(Vec<String>),
+    /// Token ids (one list or a list of lists): refused, we take text only.
+    Tokens(serde_json::Value),
+}
+
+/// `POST /v1/embeddings` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    /// Model id.
+    pub model: String,
+    /// Text(s) to embed.
+    pub input: EmbeddingInput,
+    /// `float` (default) or `base64` (little-endian f32).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Output dimensions; must equal the model's when given.
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct UsageOut {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Sum.
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        UsageOut {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// The wire name of a finish reason.
+pub fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// An assistant message in a response.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// Generated text.
+    pub content: String,
+}
+
+/// One choice of a chat completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    /// Position (always 0: `n` is 1).
+    pub index: u32,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// Always null.
+    pub logprobs: Option<()>,
+}
+
+/// A chat completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionResponse {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model id.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: UsageOut,
+}
+
+/// The `delta` of a streamed chat chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    /// `assistant` on the first chunk only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// A piece of text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a streamed chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    /// Always 0.
+    pub index: u32,
+    /// What is new.
+    pub delta: ChatDelta,
+    /// Set on the last content chunk only.
+    pub finish_reason: Option<&'static str>,
+    /// Always null.
+    pub logprobs: Option<()>,
+}
+
+/// One streamed chat chunk (`chat.completion.chunk`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same id on every chunk of a response.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds, same on every chunk.
+    pub created: u64,
+    /// Model id.
+    pub model: String,
+    /// Zero (usage chunk) or one choice.
+    pub choices: Vec<ChatChunkChoice>,
+    /// Null on every chunk but the last when `include_usage` is set; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+/// One choice of a text completion (also used for streamed chunks).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    /// Prompt position.
+    pub index: u32,
+    /// Generated text (or a piece of it when streaming).
+    pub text: String,
+    /// Always null.
+    pub logprobs: Option<()>,
+    /// `stop` or `length` on the last piece; null before.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A text completion or one streamed chunk of it (`text_completion`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model id.
+    pub model: String,
+    /// One choice per prompt.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (absent on streamed chunks unless `include_usage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+/// An embedding vector as floats or base64.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    /// `encoding_format: float`.
+    Float(Vec<f32>),
+    /// `encoding_format: base64` (little-endian f32 bytes).
+    Base64(String),
+}
+
+/// One embedding.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingData {
+    /// `embedding`.
+    pub object: &'static str,
+    /// Input position.
+    pub index: u32,
+    /// The vector.
+    pub embedding: EmbeddingVector,
+}
+
+/// Token counts of an embeddings response.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EmbeddingUsage {
+    /// Tokens over all inputs.
+    pub prompt_tokens: u32,
+    /// Same as `prompt_tokens`.
+    pub total_tokens: u32,
+}
+
+/// `POST /v1/embeddings` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingResponse {
+    /// `list`.
+    pub object: &'static str,
+    /// One per input, in input order.
+    pub data: Vec<EmbeddingData>,
+    /// Model id.
+    pub model: String,
+    /// Token counts.
+    pub usage: EmbeddingUsage,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelObject {
+    /// Model id.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds (the server's start: models are registered then).
+    pub created: u64,
+    /// `modelpool`.
+    pub owned_by: &'static str,
+    /// Extension: `text-gen`, `vision` or `embeddings`.
+    pub model_type: &'static str,
+    /// Extension: `absent`, `loading`, `resident` or `draining`.
+    pub state: &'static str,
+}
+
+/// `GET /v1/models` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// Every registered model.
+    pub data: Vec<ModelObject>,
+}
+
+/// `PUT/POST /admin/limits` body: either or both fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// `75%`, `0.75`, `16GB`, `16GiB`, `512MB`.
+    #[serde(default)]
+    pub memory_limit: Option<String>,
+    /// At least 1.
+    #[serde(default)]
+    pub max_models: Option<usize>,
+}

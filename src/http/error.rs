@@ -1,0 +1,212 @@
+//! The one mapping from engine errors to HTTP: status, OpenAI error object, `Retry-After`.
+//!
+//! [`ApiError::from`] a [`PoolError`] is the only place a status is chosen for an engine error;
+//! [`ApiError::into_response`] renders it as a reply and [`ApiError::sse_frame`] as the SSE event
+//! sent when a stream has already started.
+
+use bytes::Bytes;
+use serde::Serialize;
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use crate::backend::BackendError;
+use crate::error::PoolError;
+
+/// An error reply: status, OpenAI error object and an optional retry hint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message (the engine's text for engine errors).
+    pub message: String,
+    /// OpenAI error `type` (`invalid_request_error`, `server_error`, ...).
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// Machine-readable code (`model_not_found`, `insufficient_memory`, ...).
+    pub code: Option<&'static str>,
+    /// Seconds for the `Retry-After` header, when waiting can help.
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorObject<'a>,
+}
+
+impl ApiError {
+    /// A 400 about `param`.
+    pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// Any status with a code and no param.
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
+    /// Builder: set the code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// The JSON body `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&ErrorBody {
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+        .unwrap_or_default()
+    }
+
+    /// The reply: status, JSON body, `Retry-After` when set.
+    pub fn into_response(self) -> Response {
+        let mut res = Response::new(self.body().into());
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(
+            warp::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after {
+            h.insert(warp::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+
+    /// The SSE frame sent when the error happens after a stream started: `data: {"error":..}`.
+    /// The stream ends after it (no `[DONE]`), which OpenAI clients raise as an API error.
+    pub fn sse_frame(&self) -> Bytes {
+        let mut v = b"data: ".to_vec();
+        v.extend_from_slice(&self.body());
+        v.extend_from_slice(b"\n\n");
+        Bytes::from(v)
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        ApiError::from(PoolError::Backend(e))
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        use StatusCode as S;
+        let message = e.to_string();
+        let retry_after = e.retry_after_secs();
+        let (status, kind, code, param) = match &e {
+            PoolError::ModelNotFound(_) => (
+                S::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                Some("model"),
+            ),
+            PoolError::WrongModelType { .. } => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                "wrong_model_type",
+                Some("model"),
+            ),
+            PoolError::InsufficientMemory { .. }
+            | PoolError::ModelTooLarge { .. }
+            | PoolError::MaxModelsReached { .. }
+            | PoolError::Draining { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.reject_code().map_or("unavailable", |c| c.as_str()),
+                None,
+            ),
+            PoolError::ShuttingDown { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                None,
+            ),
+            PoolError::LoadFailed { .. } => (
+                S::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "model_load_failed",
+                None,
+            ),
+            PoolError::Backend(b) => match b {
+                BackendError::InvalidRequest(_) => (
+                    S::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_request",
+                    None,
+                ),
+                BackendError::Unsupported(_) => {
+                    (S::BAD_REQUEST, "invalid_request_error", "unsupported", None)
+                }
+                BackendError::Gone => {
+                    // The model went away under the call; a retry loads it again.
+                    return ApiError {
+                        status: S::SERVICE_UNAVAILABLE,
+                        message,
+                        kind: "server_error",
+                        param: None,
+                        code: Some("model_unloaded"),
+                        retry_after: Some(1),
+                    };
+                }
+                BackendError::Load(_) | BackendError::Inference(_) => (
+                    S::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "inference_failed",
+                    None,
+                ),
+            },
+            PoolError::UnloadRefused { .. } => {
+                (S::CONFLICT, "invalid_request_error", "unload_refused", None)
+            }
+            PoolError::InvalidConfig(_) => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_config",
+                None,
+            ),
+        };
+        ApiError {
+            status,
+            message,
+            kind,
+            param: param.map(str::to_string),
+            code: Some(code),
+            retry_after,
+        }
+    }
+}

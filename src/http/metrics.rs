@@ -1,0 +1,382 @@
+//! Prometheus metrics, rendered by hand in the text exposition format.
+//!
+//! Pool counters (hits, loads, evictions by reason, rejections by code) and ledger gauges are read
+//! from [`PoolStatus`] at scrape time, so they cannot drift from the engine. Histograms the engine
+//! does not keep are recorded here: request latency per route (by the handlers) and load seconds
+//! (by [`TimedBackend`], a wrapper around the real backend).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::backend::{Backend, BackendError, ModelHandle};
+use crate::log::{EvictReason, RejectCode};
+use crate::pool::PoolStatus;
+use crate::types::ModelSpec;
+
+/// A fixed-bucket histogram with atomic counters (lock-free to record).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One count per bound, plus the +Inf bucket (not cumulative).
+    counts: Vec<AtomicU64>,
+    /// Sum in microseconds (seconds histograms) so it fits an atomic integer.
+    sum_micros: AtomicU64,
+}
+
+/// Request latency buckets, seconds (50 us to 60 s).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Model load buckets, seconds (10 ms to 10 min).
+pub const LOAD_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending upper bounds, seconds).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Record one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cum = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cum += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cum}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cum}"
+            );
+        }
+    }
+}
+
+/// The routes metrics are kept for.
+pub const ROUTES: [&str; 7] = [
+    "chat_completions",
+    "completions",
+    "embeddings",
+    "models",
+    "admin",
+    "health",
+    "metrics",
+];
+
+/// Server-side metrics not kept by the engine.
+#[derive(Debug)]
+pub struct Metrics {
+    latency: Vec<Histogram>,
+    responses: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    load_seconds: Histogram,
+    load_failures: AtomicU64,
+    started: Instant,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Empty metrics.
+    pub fn new() -> Self {
+        Metrics {
+            latency: ROUTES
+                .iter()
+                .map(|_| Histogram::new(LATENCY_BUCKETS))
+                .collect(),
+            responses: Mutex::new(BTreeMap::new()),
+            load_seconds: Histogram::new(LOAD_BUCKETS),
+            load_failures: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Record one finished request on `route` (one of [`ROUTES`]).
+    pub fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+        if let Some(i) = ROUTES.iter().position(|r| *r == route) {
+            self.latency[i].observe(elapsed);
+        }
+        let mut m = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((route, status)).or_insert(0) += 1;
+    }
+
+    /// Requests recorded with `status` on `route`.
+    pub fn responses(&self, route: &'static str, status: u16) -> u64 {
+        let m = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(route, status)).copied().unwrap_or(0)
+    }
+
+    /// The load-seconds histogram.
+    pub fn load_seconds(&self) -> &Histogram {
+        &self.load_seconds
+    }
+
+    /// Render everything, with pool counters and gauges from `status`.
+    pub fn render(&self, status: &PoolStatus) -> String {
+        let mut o = String::with_capacity(8192);
+        let s = &status.stats;
+        let l = &status.ledger;
+        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        counter(
+            &mut o,
+            "modelpool_hits_total",
+            "Requests that found their model resident.",
+            s.hits,
+        );
+        counter(
+            &mut o,
+            "modelpool_joins_total",
+            "Requests that joined a load in progress.",
+            s.joins,
+        );
+        counter(&mut o, "modelpool_loads_total", "Loads admitted.", s.loads);
+        counter(
+            &mut o,
+            "modelpool_loads_completed_total",
+            "Loads that finished successfully.",
+            s.loaded,
+        );
+        counter(
+            &mut o,
+            "modelpool_load_failures_total",
+            "Loads that failed.",
+            s.load_failures,
+        );
+        counter(
+            &mut o,
+            "modelpool_bytes_loaded_total",
+            "Bytes measured over successful loads.",
+            s.bytes_loaded,
+        );
+
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_evictions_total Models evicted, by reason.\n# TYPE modelpool_evictions_total counter"
+        );
+        for r in EvictReason::ALL {
+            let _ = writeln!(
+                o,
+                "modelpool_evictions_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                s.evictions_for(r)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_rejections_total Admissions refused, by code.\n# TYPE modelpool_rejections_total counter"
+        );
+        for c in RejectCode::ALL {
+            let _ = writeln!(
+                o,
+                "modelpool_rejections_total{{code=\"{}\"}} {}",
+                c.as_str(),
+                s.rejections_for(c)
+            );
+        }
+
+        gauge(
+            &mut o,
+            "modelpool_memory_limit_bytes",
+            "Memory limit.",
+            l.limit as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_resident_bytes",
+            "Bytes of resident models (measured).",
+            l.resident as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_reserved_bytes",
+            "Bytes reserved by loads in progress.",
+            l.reserved as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_draining_bytes",
+            "Bytes of evicted models not yet returned.",
+            l.draining as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_pinned_bytes",
+            "Bytes of pinned models (part of resident).",
+            l.pinned as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_peak_used_bytes",
+            "Highest resident+reserved+draining seen.",
+            s.peak_used as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_models_loaded",
+            "Models resident or loading.",
+            l.models as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_max_models",
+            "Maximum models resident or loading.",
+            l.max_models as f64,
+        );
+        gauge(
+            &mut o,
+            "modelpool_shutting_down",
+            "1 while the server drains for shutdown.",
+            if status.shutting_down { 1.0 } else { 0.0 },
+        );
+        gauge(
+            &mut o,
+            "modelpool_uptime_seconds",
+            "Seconds since the server started.",
+            self.started.elapsed().as_secs_f64(),
+        );
+
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_model_leases Requests in flight per model.\n# TYPE modelpool_model_leases gauge"
+        );
+        for m in &status.models {
+            let _ = writeln!(
+                o,
+                "modelpool_model_leases{{model=\"{}\"}} {}",
+                escape(&m.id),
+                m.leases
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_model_bytes Bytes counted in the ledger per model (0 when absent).\n# TYPE modelpool_model_bytes gauge"
+        );
+        for m in &status.models {
+            let _ = writeln!(
+                o,
+                "modelpool_model_bytes{{model=\"{}\"}} {}",
+                escape(&m.id),
+                m.ledger_bytes
+            );
+        }
+
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_load_seconds Backend load duration, successful loads.\n# TYPE modelpool_load_seconds histogram"
+        );
+        self.load_seconds
+            .render(&mut o, "modelpool_load_seconds", "");
+        counter(
+            &mut o,
+            "modelpool_backend_load_errors_total",
+            "Backend load calls that returned an error.",
+            self.load_failures.load(Ordering::Relaxed),
+        );
+
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_request_duration_seconds Time from request to the end of the response body, by route.\n# TYPE modelpool_request_duration_seconds histogram"
+        );
+        for (i, r) in ROUTES.iter().enumerate() {
+            self.latency[i].render(
+                &mut o,
+                "modelpool_request_duration_seconds",
+                &format!("route=\"{r}\""),
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_http_responses_total Responses by route and status.\n# TYPE modelpool_http_responses_total counter"
+        );
+        let m = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        for ((route, status), n) in m.iter() {
+            let _ = writeln!(
+                o,
+                "modelpool_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        o
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Wraps a backend to time every load into [`Metrics::load_seconds`].
+pub struct TimedBackend {
+    inner: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+}
+
+impl TimedBackend {
+    /// Time `inner`'s loads into `metrics`.
+    pub fn new(inner: Arc<dyn Backend>, metrics: Arc<Metrics>) -> Self {
+        TimedBackend { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl Backend for TimedBackend {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        let t = Instant::now();
+        let r = self.inner.load(spec).await;
+        match &r {
+            Ok(_) => self.metrics.load_seconds.observe(t.elapsed()),
+            Err(_) => {
+                self.metrics.load_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}

@@ -1,0 +1,205 @@
+//! `modelpool`: the server binary. `modelpool serve --help` lists every flag; each is also an
+//! environment variable `MODELPOOL_*`, and may come from a TOML file given with `--config`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use modelpool::backend::Backend;
+use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
+use modelpool::config::{BackendKind, MLX_MISSING, ServeArgs, ServeConfig};
+use modelpool::http::{AppState, Metrics, TimedBackend};
+use modelpool::{
+    FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "modelpool",
+    version,
+    about = "Keeps several ML models hot in one process, evicts by policy under a memory limit, serves them over an OpenAI-compatible API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the OpenAI-compatible API and the admin API.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(args) => {
+            let cfg = match ServeConfig::resolve(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("modelpool: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(&cfg.log_level);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("modelpool: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("modelpool: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    // The filter was validated by ServeConfig::resolve.
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    match cfg.backend {
+        BackendKind::Fake => {
+            let fake = FakeBackend::new()
+                .with_load_time(cfg.fake.load_time)
+                .with_token_delay(cfg.fake.token_delay);
+            for m in &cfg.models {
+                // Scale the fake load time with size, as a real load would: base + 1 s per 10 GB.
+                let bytes = m
+                    .size_hint
+                    .unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
+                let extra = Duration::from_secs_f64(bytes as f64 / 10e9);
+                let load_time = if cfg.fake.load_time.is_zero() {
+                    Duration::ZERO
+                } else {
+                    cfg.fake.load_time + extra
+                };
+                fake.configure(
+                    &m.id,
+                    FakeModelConfig {
+                        load_time: Some(load_time),
+                        ..Default::default()
+                    },
+                );
+            }
+            Ok(Arc::new(fake))
+        }
+        // Wired when the MLX backend lands behind the `mlx` feature (ServeConfig already refuses
+        // mlx in a build without it).
+        BackendKind::Mlx => anyhow::bail!(MLX_MISSING),
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let backend: Arc<dyn Backend> =
+        Arc::new(TimedBackend::new(build_backend(&cfg)?, metrics.clone()));
+    let total = SysinfoMemory.total_bytes();
+    let limit = cfg.memory_limit.resolve(&SysinfoMemory);
+    let mut pc = PoolConfig::with_limit(limit);
+    pc.max_models = cfg.max_models;
+    pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
+    let estimator: Box<dyn SizeEstimator> = match &cfg.sizes_file {
+        Some(f) => {
+            Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?)
+        }
+        None => Box::new(Learned::new(FileEstimator::default())),
+    };
+    let pool: ModelPool = ModelPool::new(pc, cfg.policy.build(), estimator, backend);
+    for spec in &cfg.models {
+        pool.register(spec.clone());
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr().context("listener address")?;
+    tracing::info!(
+        backend = cfg.backend.as_str(),
+        policy = %cfg.policy,
+        memory_limit = %cfg.memory_limit,
+        limit_bytes = limit,
+        system_bytes = total,
+        max_models = cfg.max_models,
+        models = cfg.models.len(),
+        "modelpool starting"
+    );
+    for m in pool.status().models {
+        tracing::info!(model = %m.id, model_type = %m.model_type, estimate_bytes = m.estimate.bytes, source = %m.estimate.source, "model registered");
+    }
+    for id in &cfg.preload {
+        pool.preload(id)
+            .await
+            .with_context(|| format!("--preload {id}"))?;
+        tracing::info!(model = %id, "preloaded and pinned");
+    }
+    if let Some(ttl) = cfg.idle_ttl {
+        let pool = pool.clone();
+        let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if pool.is_shutting_down() {
+                    break;
+                }
+                for m in pool.expire_idle().await {
+                    tracing::info!(model = %m, "evicted after idle ttl");
+                }
+            }
+        });
+    }
+    let state = AppState::new(pool, metrics).with_max_body(cfg.max_body);
+    // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
+    println!("modelpool listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+    let live = modelpool::http::serve(listener, state, shutdown_signal(), cfg.shutdown_grace).await;
+    if live > 0 {
+        tracing::warn!(live, "stopped with requests still in flight");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
