@@ -37,33 +37,20 @@ pub enum CatalogError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
-    move |source| CatalogError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CatalogError::Io { path: path.to_path_buf(), source }
 }
 
 fn is_gguf(p: &Path) -> bool {
-    p.is_file()
-        && p.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// The model type a Hugging Face `config.json` describes.
 pub fn model_type_of_config(config: &serde_json::Value) -> ModelType {
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     let bert_arch = config
         .get("architectures")
         .and_then(|v| v.as_array())
-        .is_some_and(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str())
-                .any(|x| x.starts_with("Bert"))
-        });
+        .is_some_and(|a| a.iter().filter_map(|x| x.as_str()).any(|x| x.starts_with("Bert")));
     if model_type == "bert" || bert_arch {
         ModelType::Embeddings
     } else if config.get("vision_config").is_some() {
@@ -105,16 +92,9 @@ pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
         let config = path.join("config.json");
         if config.is_file() {
             let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| CatalogError::Config {
-                    path: config.clone(),
-                    source,
-                })?;
-            specs.push(
-                ModelSpec::new(name)
-                    .with_type(model_type_of_config(&value))
-                    .with_path(&path),
-            );
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|source| CatalogError::Config { path: config.clone(), source })?;
+            specs.push(ModelSpec::new(name).with_type(model_type_of_config(&value)).with_path(&path));
             continue;
         }
         let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
@@ -142,8 +122,7 @@ mod tests {
     use super::*;
 
     fn tmpdir(tag: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -161,28 +140,18 @@ mod tests {
         )
         .unwrap();
         std::fs::create_dir_all(d.join("llava")).unwrap();
-        std::fs::write(
-            d.join("llava/config.json"),
-            r#"{"model_type":"llava","vision_config":{}}"#,
-        )
-        .unwrap();
+        std::fs::write(d.join("llava/config.json"), r#"{"model_type":"llava","vision_config":{}}"#).unwrap();
         std::fs::write(d.join("tiny.gguf"), b"GGUF").unwrap();
         std::fs::write(d.join("README.txt"), b"x").unwrap();
         std::fs::create_dir_all(d.join("empty")).unwrap();
 
         let specs = scan_models_dir(&d).unwrap();
-        let got: Vec<(String, ModelType, PathBuf)> = specs
-            .iter()
-            .map(|s| (s.id.to_string(), s.model_type, s.path.clone().unwrap()))
-            .collect();
+        let got: Vec<(String, ModelType, PathBuf)> =
+            specs.iter().map(|s| (s.id.to_string(), s.model_type, s.path.clone().unwrap())).collect();
         assert_eq!(
             got,
             vec![
-                (
-                    "all-minilm-l6-v2".into(),
-                    ModelType::Embeddings,
-                    d.join("all-minilm-l6-v2")
-                ),
+                ("all-minilm-l6-v2".into(), ModelType::Embeddings, d.join("all-minilm-l6-v2")),
                 ("llava".into(), ModelType::Vision, d.join("llava")),
                 (
                     "smollm2-135m-instruct".into(),

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use modelpool::backend::mlx::{MlxBackend, MlxOptions};
 use modelpool::backend::{
-    Backend, BackendError, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, ModelHandle,
-    Prompt,
+    Backend, BackendError, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, ModelHandle, Prompt,
 };
 use modelpool::catalog::scan_models_dir;
 use modelpool::{ModelPool, ModelSpec, ModelType, NameEstimator, Phase, PolicyKind, PoolConfig};
@@ -37,16 +36,11 @@ fn spec(id: &str) -> ModelSpec {
         dir.display()
     );
     let specs = scan_models_dir(&dir).unwrap_or_else(|e| panic!("{help}: {e}"));
-    specs
-        .into_iter()
-        .find(|s| &*s.id == id)
-        .unwrap_or_else(|| panic!("{help}"))
+    specs.into_iter().find(|s| &*s.id == id).unwrap_or_else(|| panic!("{help}"))
 }
 
 fn fixture(name: &str) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -74,56 +68,34 @@ async fn collect(
                 assert!(done.is_none(), "delta after done");
                 pieces.push(p)
             }
-            GenerateEvent::Done {
-                finish_reason,
-                usage,
-            } => {
+            GenerateEvent::Done { finish_reason, usage } => {
                 assert!(done.is_none(), "two Done events");
                 done = Some((finish_reason, usage))
             }
         }
     }
     let (reason, usage) = done.expect("stream ends with Done");
-    (
-        pieces.concat(),
-        pieces,
-        reason,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-    )
+    (pieces.concat(), pieces, reason, usage.prompt_tokens, usage.completion_tokens)
 }
 
 #[tokio::test]
 async fn embeddings_match_sentence_transformers() {
     let reference = fixture("embeddings_reference.json");
     let items = reference["items"].as_array().unwrap();
-    let texts: Vec<String> = items
-        .iter()
-        .map(|i| i["text"].as_str().unwrap().to_string())
-        .collect();
+    let texts: Vec<String> = items.iter().map(|i| i["text"].as_str().unwrap().to_string()).collect();
     let h = backend().load(&spec(MINILM)).await.unwrap();
     assert!(h.measured_bytes() > 80_000_000, "{}", h.measured_bytes());
 
     // One batch (with padding) and one input at a time must both match.
     let batched = h.embed(texts.clone()).await.unwrap();
-    let expected_tokens: usize = items
-        .iter()
-        .map(|i| i["input_ids"].as_array().unwrap().len())
-        .sum();
+    let expected_tokens: usize = items.iter().map(|i| i["input_ids"].as_array().unwrap().len()).sum();
     assert_eq!(batched.prompt_tokens as usize, expected_tokens);
     assert_eq!(batched.vectors.len(), texts.len());
     for (i, item) in items.iter().enumerate() {
-        let want: Vec<f32> = item["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let want: Vec<f32> =
+            item["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let single = h.embed(vec![texts[i].clone()]).await.unwrap();
-        for (what, got) in [
-            ("batched", &batched.vectors[i]),
-            ("single", &single.vectors[0]),
-        ] {
+        for (what, got) in [("batched", &batched.vectors[i]), ("single", &single.vectors[0])] {
             assert_eq!(got.len(), 384);
             let c = cosine(got, &want);
             assert!(c >= 0.9999, "{what} sentence {i}: cosine {c}");
@@ -136,10 +108,7 @@ async fn embeddings_match_sentence_transformers() {
         let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
         let got = cosine(&batched.vectors[a], &batched.vectors[b]);
         let want = want.as_f64().unwrap();
-        assert!(
-            (got - want).abs() <= 1e-3,
-            "cos({a},{b}) = {got}, want {want}"
-        );
+        assert!((got - want).abs() <= 1e-3, "cos({a},{b}) = {got}, want {want}");
     }
 
     // Truncation at 256 tokens (not the tokenizer's 128): a long input embeds differently from
@@ -149,17 +118,10 @@ async fn embeddings_match_sentence_transformers() {
     assert_eq!(e.prompt_tokens, 256);
 
     // Embeddings models refuse generation.
-    let err = h
-        .generate(GenerateRequest::greedy(Prompt::Text("hi".into()), 1))
-        .await
-        .err()
-        .unwrap();
+    let err = h.generate(GenerateRequest::greedy(Prompt::Text("hi".into()), 1)).await.err().unwrap();
     assert!(matches!(err, BackendError::Unsupported(_)), "{err:?}");
     assert!(h.unload().await.unwrap() > 0);
-    assert_eq!(
-        h.embed(vec!["x".into()]).await.unwrap_err(),
-        BackendError::Gone
-    );
+    assert_eq!(h.embed(vec!["x".into()]).await.unwrap_err(), BackendError::Gone);
 }
 
 #[tokio::test]
@@ -174,25 +136,14 @@ async fn text_generation_matches_reference() {
     for item in reference["items"].as_array().unwrap() {
         let prompt_text = item["prompt"].as_str().unwrap();
         let prompt = if item["kind"] == "chat" {
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: prompt_text.into(),
-            }])
+            Prompt::Chat(vec![ChatMessage { role: "user".into(), content: prompt_text.into() }])
         } else {
             Prompt::Text(prompt_text.into())
         };
-        let want_ids: Vec<u32> = item["greedy_new_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let margins: Vec<f64> = item["greedy_step_margins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let want_ids: Vec<u32> =
+            item["greedy_new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let margins: Vec<f64> =
+            item["greedy_step_margins"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let n_input = item["input_ids"].as_array().unwrap().len() as u32;
 
         let probe = model
@@ -209,12 +160,8 @@ async fn text_generation_matches_reference() {
             .await
             .unwrap();
         // Tokenization (and chat rendering) is exact.
-        let want_input: Vec<u32> = item["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want_input: Vec<u32> =
+            item["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(probe.input_ids, want_input, "{prompt_text}");
         // First-step logits on the reference's top-5 ids correlate >= 0.99.
         let want_logits: Vec<f64> = item["first_step_top5"]["logits"]
@@ -224,16 +171,9 @@ async fn text_generation_matches_reference() {
             .map(|v| v.as_f64().unwrap())
             .collect();
         let r = pearson(&probe.first_logits, &want_logits);
-        assert!(
-            r >= 0.99,
-            "{prompt_text}: correlation {r} ({:?})",
-            probe.first_logits
-        );
+        assert!(r >= 0.99, "{prompt_text}: correlation {r} ({:?})", probe.first_logits);
         // Greedy tokens agree up to the first low-margin step.
-        let agree_until = margins
-            .iter()
-            .position(|&m| m <= 1.0)
-            .unwrap_or(margins.len());
+        let agree_until = margins.iter().position(|&m| m <= 1.0).unwrap_or(margins.len());
         assert_eq!(
             probe.greedy_ids[..agree_until],
             want_ids[..agree_until],
@@ -241,11 +181,8 @@ async fn text_generation_matches_reference() {
         );
 
         // The public streaming path produces the same greedy text.
-        let (text, _, reason, prompt_tokens, completion) = collect(
-            &h,
-            GenerateRequest::greedy(prompt.clone(), want_ids.len() as u32),
-        )
-        .await;
+        let (text, _, reason, prompt_tokens, completion) =
+            collect(&h, GenerateRequest::greedy(prompt.clone(), want_ids.len() as u32)).await;
         assert_eq!(prompt_tokens, n_input);
         assert!(completion >= 1 && completion <= want_ids.len() as u32);
         let decoded_prefix = &probe.greedy_text;
@@ -256,11 +193,8 @@ async fn text_generation_matches_reference() {
     }
 
     // "The capital of France is" continues with " Paris".
-    let (text, _, _, _, _) = collect(
-        &h,
-        GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 4),
-    )
-    .await;
+    let (text, _, _, _, _) =
+        collect(&h, GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 4)).await;
     assert!(text.starts_with(" Paris"), "{text:?}");
     h.unload().await.unwrap();
 }
@@ -302,11 +236,8 @@ async fn sampling_stops_limits_and_cancellation() {
     }
 
     // A stop string cuts the text before it; streaming delivers several pieces.
-    let (full, pieces, _, _, _) = collect(
-        &h,
-        GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 12),
-    )
-    .await;
+    let (full, pieces, _, _, _) =
+        collect(&h, GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 12)).await;
     assert!(pieces.len() >= 3, "{pieces:?}");
     assert!(full.contains('.'), "{full:?}");
     let mut req = GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 12);
@@ -316,73 +247,45 @@ async fn sampling_stops_limits_and_cancellation() {
     assert_eq!(cut, full[..full.find('.').unwrap()]);
 
     // max_tokens 0 generates nothing.
-    let (t, _, reason, _, n) =
-        collect(&h, GenerateRequest::greedy(Prompt::Text("Hello".into()), 0)).await;
+    let (t, _, reason, _, n) = collect(&h, GenerateRequest::greedy(Prompt::Text("Hello".into()), 0)).await;
     assert_eq!((t.as_str(), reason, n), ("", FinishReason::Length, 0));
 
     // Bad requests are refused up front, and the model keeps working.
     let mut bad = GenerateRequest::greedy(Prompt::Text("Hello".into()), 4);
     bad.top_p = 0.0;
-    assert!(matches!(
-        h.generate(bad).await.err().unwrap(),
-        BackendError::InvalidRequest(_)
-    ));
+    assert!(matches!(h.generate(bad).await.err().unwrap(), BackendError::InvalidRequest(_)));
     let empty = GenerateRequest::greedy(Prompt::Text(String::new()), 4);
-    assert!(matches!(
-        h.generate(empty).await.err().unwrap(),
-        BackendError::InvalidRequest(_)
-    ));
+    assert!(matches!(h.generate(empty).await.err().unwrap(), BackendError::InvalidRequest(_)));
     let huge = GenerateRequest::greedy(Prompt::Text("hello ".repeat(9000)), 4);
-    assert!(matches!(
-        h.generate(huge).await.err().unwrap(),
-        BackendError::InvalidRequest(_)
-    ));
-    assert!(matches!(
-        h.embed(vec!["x".into()]).await.unwrap_err(),
-        BackendError::Unsupported(_)
-    ));
+    assert!(matches!(h.generate(huge).await.err().unwrap(), BackendError::InvalidRequest(_)));
+    assert!(matches!(h.embed(vec!["x".into()]).await.unwrap_err(), BackendError::Unsupported(_)));
 
     // Dropping the stream stops the generation: the worker notices the closed channel at the
     // next token, so it samples at most a stream buffer's worth (32) ahead of the reader, not
     // the 4000 tokens asked for (nor a whole story up to its end-of-sequence).
     let before = model.generated_tokens();
-    let mut s = h
-        .generate(GenerateRequest::greedy(chat.clone(), 4000))
-        .await
-        .unwrap();
+    let mut s = h.generate(GenerateRequest::greedy(chat.clone(), 4000)).await.unwrap();
     let first = s.next().await.unwrap().unwrap();
     assert!(matches!(first, GenerateEvent::Delta(_)));
     drop(s);
     let (_, _, _, _, n) = collect(&h, GenerateRequest::greedy(Prompt::Text("Hi".into()), 2)).await;
     assert_eq!(n, 2);
     let spent = model.generated_tokens() - before;
-    assert!(
-        spent <= 2 + 32 + 4,
-        "cancelled generation kept going: {spent} tokens"
-    );
+    assert!(spent <= 2 + 32 + 4, "cancelled generation kept going: {spent} tokens");
     // Without the drop, the same request runs far longer.
     let (_, _, _, _, full) = collect(&h, GenerateRequest::greedy(chat.clone(), 100)).await;
-    assert!(
-        full > 2 + 32 + 4,
-        "the story is long enough to show cancellation: {full}"
-    );
+    assert!(full > 2 + 32 + 4, "the story is long enough to show cancellation: {full}");
     h.unload().await.unwrap();
 }
 
 #[tokio::test]
 async fn quantized_option_serves_the_same_model_in_less_memory() {
-    let q = MlxBackend::new(MlxOptions {
-        dequantize: false,
-        ..MlxOptions::default()
-    });
+    let q = MlxBackend::new(MlxOptions { dequantize: false, ..MlxOptions::default() });
     let h = q.load(&spec(SMOLLM)).await.unwrap();
     let bytes = h.measured_bytes();
     assert!((90_000_000..200_000_000).contains(&bytes), "{bytes}");
-    let (text, _, _, _, _) = collect(
-        &h,
-        GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 3),
-    )
-    .await;
+    let (text, _, _, _, _) =
+        collect(&h, GenerateRequest::greedy(Prompt::Text("The capital of France is".into()), 3)).await;
     assert!(text.starts_with(" Paris"), "{text:?}");
     h.unload().await.unwrap();
 }

@@ -74,10 +74,7 @@ impl Bert {
     pub fn load(dir: &Path) -> Res<Bert> {
         let config = read_json(&dir.join("config.json"))?;
         let int = |k: &str| -> Res<i64> {
-            config
-                .get(k)
-                .and_then(|v| v.as_i64())
-                .ok_or_else(|| format!("config.json has no integer '{k}'"))
+            config.get(k).and_then(|v| v.as_i64()).ok_or_else(|| format!("config.json has no integer '{k}'"))
         };
         if let Some(act) = config.get("hidden_act").and_then(|v| v.as_str())
             && act != "gelu"
@@ -89,10 +86,7 @@ impl Bert {
             layers: int("num_hidden_layers")? as usize,
             heads: int("num_attention_heads")? as i32,
             max_positions: int("max_position_embeddings")? as usize,
-            eps: config
-                .get("layer_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-12) as f32,
+            eps: config.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-12) as f32,
         };
         if cfg.heads <= 0 || cfg.hidden % cfg.heads != 0 {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
@@ -101,8 +95,7 @@ impl Bert {
         if !st.is_file() {
             return Err(format!("{} not found", st.display()));
         }
-        let mut t: HashMap<String, Array> =
-            Array::load_safetensors(&st).ctx("model.safetensors")?;
+        let mut t: HashMap<String, Array> = Array::load_safetensors(&st).ctx("model.safetensors")?;
         let mut names = NameTaker { map: &mut t };
         let word = names.take("embeddings.word_embeddings.weight")?;
         let position = names.take("embeddings.position_embeddings.weight")?;
@@ -129,12 +122,9 @@ impl Bert {
         }
         // Whatever is left (the pooler) is not used by sentence-transformers' mean pooling.
         drop(t);
-        let token_type0 = token_type
-            .take_axis(Array::from_int(0), 0)
-            .ctx("token type 0")?;
+        let token_type0 = token_type.take_axis(Array::from_int(0), 0).ctx("token type 0")?;
 
-        let mut tokenizer =
-            Tokenizer::from_file(dir.join("tokenizer.json")).ctx("tokenizer.json")?;
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).ctx("tokenizer.json")?;
         let max_len = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
@@ -143,34 +133,17 @@ impl Bert {
             .min(cfg.max_positions);
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .ctx("truncation")?;
 
-        let bert = Bert {
-            cfg,
-            word,
-            position,
-            token_type0,
-            emb_norm,
-            layers,
-            tokenizer,
-        };
+        let bert = Bert { cfg, word, position, token_type0, emb_norm, layers, tokenizer };
         super::llama::eval_all(bert.arrays())?;
         Ok(bert)
     }
 
     /// Every array the model holds.
     pub fn arrays(&self) -> Vec<&Array> {
-        let mut v = vec![
-            &self.word,
-            &self.position,
-            &self.token_type0,
-            &self.emb_norm.w,
-            &self.emb_norm.b,
-        ];
+        let mut v = vec![&self.word, &self.position, &self.token_type0, &self.emb_norm.w, &self.emb_norm.b];
         for l in &self.layers {
             for lin in [&l.qkv, &l.attn_out, &l.inter, &l.out] {
                 v.push(&lin.w);
@@ -186,10 +159,7 @@ impl Bert {
 
     /// Embeds `texts`: unit-length vectors in input order, and the token count.
     pub fn embed(&self, texts: &[String]) -> Res<(Vec<Vec<f32>>, u32)> {
-        let encs = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .ctx("tokenizing")?;
+        let encs = self.tokenizer.encode_batch(texts.to_vec(), true).ctx("tokenizing")?;
         let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
         let tokens = ids.iter().map(|i| i.len() as u32).sum();
         // Batch similar lengths together to waste little on padding.
@@ -269,16 +239,10 @@ impl Bert {
         // Mean over real tokens, then L2 normalise.
         let m = mask.reshape(&[b, t, 1]).ctx("mask")?;
         let summed = x.multiply(&m).ctx("pool")?.sum_axis(1, false).ctx("pool")?;
-        let count =
-            ops::maximum(m.sum_axis(1, false).ctx("pool")?, Array::from_f32(1e-9)).ctx("pool")?;
+        let count = ops::maximum(m.sum_axis(1, false).ctx("pool")?, Array::from_f32(1e-9)).ctx("pool")?;
         let mean = summed.divide(&count).ctx("pool")?;
         let norm = ops::maximum(
-            mean.square()
-                .ctx("norm")?
-                .sum_axis(-1, true)
-                .ctx("norm")?
-                .sqrt()
-                .ctx("norm")?,
+            mean.square().ctx("norm")?.sum_axis(-1, true).ctx("norm")?.sqrt().ctx("norm")?,
             Array::from_f32(1e-12),
         )
         .ctx("norm")?;
@@ -319,16 +283,10 @@ impl NameTaker<'_> {
     }
 
     fn linear(&mut self, p: &str) -> Res<Linear> {
-        Ok(Linear {
-            w: self.take(&format!("{p}.weight"))?,
-            b: self.take(&format!("{p}.bias"))?,
-        })
+        Ok(Linear { w: self.take(&format!("{p}.weight"))?, b: self.take(&format!("{p}.bias"))? })
     }
 
     fn norm(&mut self, p: &str) -> Res<Norm> {
-        Ok(Norm {
-            w: self.take(&format!("{p}.weight"))?,
-            b: self.take(&format!("{p}.bias"))?,
-        })
+        Ok(Norm { w: self.take(&format!("{p}.weight"))?, b: self.take(&format!("{p}.bias"))? })
     }
 }

@@ -61,10 +61,8 @@ fn meta_req(f: &GgufFile, key: &str) -> Res<f64> {
 
 impl LlamaConfig {
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
-        let arch = f
-            .get_metadata_string("general.architecture")
-            .ctx("general.architecture")?
-            .unwrap_or_default();
+        let arch =
+            f.get_metadata_string("general.architecture").ctx("general.architecture")?.unwrap_or_default();
         if arch != "llama" {
             return Err(format!(
                 "unsupported GGUF architecture '{arch}' (this backend runs llama-family decoders)"
@@ -98,25 +96,16 @@ impl LlamaConfig {
 /// A linear layer without bias, `y = x W^T`, dense or quantized.
 pub(super) enum Linear {
     Dense(Array),
-    Quant {
-        w: Array,
-        scales: Array,
-        biases: Array,
-        bits: i32,
-    },
+    Quant { w: Array, scales: Array, biases: Array, bits: i32 },
 }
 
 impl Linear {
     fn forward(&self, x: &Array) -> Res<Array> {
         match self {
             Linear::Dense(w) => x.matmul(w.t()).ctx("matmul"),
-            Linear::Quant {
-                w,
-                scales,
-                biases,
-                bits,
-            } => ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits)
-                .ctx("quantized_matmul"),
+            Linear::Quant { w, scales, biases, bits } => {
+                ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits).ctx("quantized_matmul")
+            }
         }
     }
 
@@ -124,12 +113,7 @@ impl Linear {
     fn rows(&self, ids: &Array) -> Res<Array> {
         match self {
             Linear::Dense(w) => w.take_axis(ids, 0).ctx("embedding lookup"),
-            Linear::Quant {
-                w,
-                scales,
-                biases,
-                bits,
-            } => {
+            Linear::Quant { w, scales, biases, bits } => {
                 let w = w.take_axis(ids, 0).ctx("embedding lookup")?;
                 let s = scales.take_axis(ids, 0).ctx("embedding lookup")?;
                 let b = biases.take_axis(ids, 0).ctx("embedding lookup")?;
@@ -148,9 +132,7 @@ impl Linear {
     fn arrays(&self) -> Vec<&Array> {
         match self {
             Linear::Dense(w) => vec![w],
-            Linear::Quant {
-                w, scales, biases, ..
-            } => vec![w, scales, biases],
+            Linear::Quant { w, scales, biases, .. } => vec![w, scales, biases],
         }
     }
 
@@ -165,9 +147,7 @@ impl Linear {
             })
             .collect();
         if dense.len() == parts.len() {
-            return Ok(Linear::Dense(
-                ops::concatenate(&dense, 0).ctx("fuse weights")?,
-            ));
+            return Ok(Linear::Dense(ops::concatenate(&dense, 0).ctx("fuse weights")?));
         }
         let mut ws = Vec::new();
         let mut ss = Vec::new();
@@ -175,12 +155,7 @@ impl Linear {
         let mut bits_all = None;
         for p in &parts {
             match p {
-                Linear::Quant {
-                    w,
-                    scales,
-                    biases,
-                    bits,
-                } if bits_all.is_none_or(|b| b == *bits) => {
+                Linear::Quant { w, scales, biases, bits } if bits_all.is_none_or(|b| b == *bits) => {
                     bits_all = Some(*bits);
                     ws.push(w);
                     ss.push(scales);
@@ -228,9 +203,7 @@ fn load_linear(f: &GgufFile, base: &str, format: WeightFormat) -> Res<Option<Lin
         (Some(scales), Some(biases)) => {
             let (ws, ss) = (w.shape(), scales.shape());
             if ws.len() != 2 || ss.len() != 2 || ss[1] == 0 || ws[1] % ss[1] != 0 {
-                return Err(format!(
-                    "{base}: unexpected quantized shapes {ws:?} / {ss:?}"
-                ));
+                return Err(format!("{base}: unexpected quantized shapes {ws:?} / {ss:?}"));
             }
             let bits = ws[1] / ss[1];
             if ![2, 3, 4, 5, 6, 8].contains(&bits) {
@@ -240,22 +213,15 @@ fn load_linear(f: &GgufFile, base: &str, format: WeightFormat) -> Res<Option<Lin
             let scales = scales.as_dtype(Dtype::Float32).ctx(base)?;
             let biases = biases.as_dtype(Dtype::Float32).ctx(base)?;
             match format {
-                WeightFormat::F32 => Linear::Dense(
-                    ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits).ctx(base)?,
-                ),
-                WeightFormat::Quantized => Linear::Quant {
-                    w,
-                    scales,
-                    biases,
-                    bits,
-                },
+                WeightFormat::F32 => {
+                    Linear::Dense(ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits).ctx(base)?)
+                }
+                WeightFormat::Quantized => Linear::Quant { w, scales, biases, bits },
             }
         }
         (None, None) => Linear::Dense(w.as_dtype(Dtype::Float32).ctx(base)?),
         _ => {
-            return Err(format!(
-                "{base}: scales without biases (unsupported quantization)"
-            ));
+            return Err(format!("{base}: scales without biases (unsupported quantization)"));
         }
     };
     Ok(Some(lin))
@@ -295,9 +261,7 @@ impl Llama {
             let v = get("attn_v")?;
             let expect_q = cfg.n_heads * cfg.head_dim;
             let expect_kv = cfg.n_kv_heads * cfg.head_dim;
-            if q.out_features() != expect_q
-                || k.out_features() != expect_kv
-                || v.out_features() != expect_kv
+            if q.out_features() != expect_q || k.out_features() != expect_kv || v.out_features() != expect_kv
             {
                 return Err(format!(
                     "blk.{i}: q/k/v sizes {}/{}/{} do not match the metadata ({expect_q}/{expect_kv})",
@@ -320,13 +284,7 @@ impl Llama {
             eval_all(layer_arrays(&layer))?;
             layers.push(layer);
         }
-        Ok(Llama {
-            cfg,
-            embed,
-            output,
-            layers,
-            norm,
-        })
+        Ok(Llama { cfg, embed, output, layers, norm })
     }
 
     /// Every array the model holds (for the byte count).
@@ -350,11 +308,7 @@ impl Llama {
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let ids = Array::from_slice(&ids, &[t]);
         let cfg = &self.cfg;
-        let mut x = self
-            .embed
-            .rows(&ids)?
-            .reshape(&[1, t, cfg.hidden])
-            .ctx("reshape")?;
+        let mut x = self.embed.rows(&ids)?.reshape(&[1, t, cfg.hidden]).ctx("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         cache.reserve(offset + t, cfg)?;
@@ -362,21 +316,13 @@ impl Llama {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).ctx("rms_norm")?;
             let qkv = l.qkv.forward(&h)?;
             let q = qkv.try_index((.., .., 0..nh * hd)).ctx("split q")?;
-            let k = qkv
-                .try_index((.., .., nh * hd..(nh + nkv) * hd))
-                .ctx("split k")?;
-            let v = qkv
-                .try_index((.., .., (nh + nkv) * hd..(nh + 2 * nkv) * hd))
-                .ctx("split v")?;
+            let k = qkv.try_index((.., .., nh * hd..(nh + nkv) * hd)).ctx("split k")?;
+            let v = qkv.try_index((.., .., (nh + nkv) * hd..(nh + 2 * nkv) * hd)).ctx("split v")?;
             let heads = |a: Array, n: i32| -> Res<Array> {
-                a.reshape(&[1, t, n, hd])
-                    .ctx("reshape")?
-                    .transpose_axes(&[0, 2, 1, 3])
-                    .ctx("transpose")
+                a.reshape(&[1, t, n, hd]).ctx("reshape")?.transpose_axes(&[0, 2, 1, 3]).ctx("transpose")
             };
-            let rope = |a: &Array| {
-                fast::rope(a, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None).ctx("rope")
-            };
+            let rope =
+                |a: &Array| fast::rope(a, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None).ctx("rope");
             let q = rope(&heads(q, nh)?)?;
             let k = rope(&heads(k, nkv)?)?;
             let v = heads(v, nkv)?;
@@ -393,19 +339,14 @@ impl Llama {
             let gu = l.gate_up.forward(&h)?;
             let g = gu.try_index((.., .., 0..l.ffn)).ctx("split gate")?;
             let u = gu.try_index((.., .., l.ffn..2 * l.ffn)).ctx("split up")?;
-            let act = mlx_rs::nn::silu(&g)
-                .ctx("silu")?
-                .multiply(&u)
-                .ctx("swiglu")?;
+            let act = mlx_rs::nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
             x = x.add(l.down.forward(&act)?).ctx("residual")?;
         }
         cache.len += t as usize;
         let last = x.try_index((.., t - 1, ..)).ctx("last position")?;
         let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).ctx("rms_norm")?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
-        head.forward(&last)?
-            .reshape(&[cfg.vocab as i32])
-            .ctx("reshape logits")
+        head.forward(&last)?.reshape(&[cfg.vocab as i32]).ctx("reshape logits")
     }
 }
 
@@ -435,12 +376,7 @@ impl KvCache {
     const STEP: i32 = 256;
 
     pub fn new(n_layers: usize) -> Self {
-        KvCache {
-            keys: vec![None; n_layers],
-            values: vec![None; n_layers],
-            capacity: 0,
-            len: 0,
-        }
+        KvCache { keys: vec![None; n_layers], values: vec![None; n_layers], capacity: 0, len: 0 }
     }
 
     /// Positions cached so far.
@@ -461,8 +397,7 @@ impl KvCache {
                 Some(old) => {
                     let old = old.try_index((.., .., 0..self.len as i32, ..)).ctx("kv")?;
                     let pad_len = new_cap - self.len as i32;
-                    let pad = Array::zeros::<f32>(&[1, cfg.n_kv_heads, pad_len, cfg.head_dim])
-                        .ctx("kv")?;
+                    let pad = Array::zeros::<f32>(&[1, cfg.n_kv_heads, pad_len, cfg.head_dim]).ctx("kv")?;
                     ops::concatenate(&[old, pad], 2).ctx("grow kv")?
                 }
             });
@@ -471,20 +406,12 @@ impl KvCache {
         Ok(())
     }
 
-    fn update(
-        &mut self,
-        layer: usize,
-        k: &Array,
-        v: &Array,
-        offset: i32,
-        t: i32,
-    ) -> Res<(Array, Array)> {
+    fn update(&mut self, layer: usize, k: &Array, v: &Array, offset: i32, t: i32) -> Res<(Array, Array)> {
         let end = offset + t;
         let mut out = Vec::with_capacity(2);
         for (buf, new) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
             let b = buf.as_mut().ok_or("kv cache not reserved")?;
-            b.try_index_mut((.., .., offset..end, ..), new)
-                .ctx("kv write")?;
+            b.try_index_mut((.., .., offset..end, ..), new).ctx("kv write")?;
             out.push(b.try_index((.., .., 0..end, ..)).ctx("kv read")?);
         }
         let v = out.pop().expect("two");

@@ -36,8 +36,8 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest,
-    GenerateStream, ModelHandle, Prompt, Usage, check_type,
+    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
+    ModelHandle, Prompt, Usage, check_type,
 };
 use crate::types::{ModelSpec, ModelType};
 
@@ -70,10 +70,7 @@ pub struct MlxOptions {
 
 impl Default for MlxOptions {
     fn default() -> Self {
-        MlxOptions {
-            dequantize: !cfg!(target_os = "macos"),
-            stream_buffer: 32,
-        }
+        MlxOptions { dequantize: !cfg!(target_os = "macos"), stream_buffer: 32 }
     }
 }
 
@@ -111,9 +108,7 @@ fn single_gguf(dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         })
         .collect();
     (found.len() == 1).then(|| found.remove(0))
@@ -144,10 +139,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         } else if let Some(g) = single_gguf(path) {
             Kind::Gguf(g)
         } else {
-            return fail(format!(
-                "{} holds neither config.json nor exactly one .gguf file",
-                path.display()
-            ));
+            return fail(format!("{} holds neither config.json nor exactly one .gguf file", path.display()));
         }
     } else {
         return fail(format!("{} does not exist", path.display()));
@@ -169,10 +161,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
 
 /// A model on its worker thread.
 enum Loaded {
-    Llama {
-        model: llama::Llama,
-        tok: text::GgufTokenizer,
-    },
+    Llama { model: llama::Llama, tok: text::GgufTokenizer },
     Bert(bert::Bert),
 }
 
@@ -182,11 +171,8 @@ impl Loaded {
             Kind::Gguf(p) => {
                 let f = mlx_rs::io::GgufFile::load(p).ctx(&p.display().to_string())?;
                 let tok = text::GgufTokenizer::from_gguf(&f)?;
-                let format = if opts.dequantize {
-                    llama::WeightFormat::F32
-                } else {
-                    llama::WeightFormat::Quantized
-                };
+                let format =
+                    if opts.dequantize { llama::WeightFormat::F32 } else { llama::WeightFormat::Quantized };
                 let model = llama::Llama::load(&f, format)?;
                 Ok(Loaded::Llama { model, tok })
             }
@@ -235,6 +221,22 @@ pub struct Probe {
     pub greedy_ids: Vec<u32>,
     /// Text of `greedy_ids` up to the first end-of-sequence id, special tokens skipped.
     pub greedy_text: String,
+    /// Where the time went.
+    pub timings: ProbeTimings,
+}
+
+/// Time spent in a [`MlxModel::probe`], seconds. Decode totals cover steps after the first.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProbeTimings {
+    /// Prompt processing: building and evaluating the prompt's forward pass and reading the
+    /// first logits.
+    pub prefill: f64,
+    /// Building the decode steps' lazy graphs in Rust (calls into mlx-rs, no compute).
+    pub decode_graph: f64,
+    /// Evaluating the decode steps in MLX and copying logits to the host.
+    pub decode_eval: f64,
+    /// Host work per decode step: argmax over the logits.
+    pub decode_host: f64,
 }
 
 fn active_memory() -> u64 {
@@ -340,19 +342,14 @@ fn worker(
     let mut model = Some(model);
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
-            Command::Generate {
-                req,
-                started,
-                events,
-            } => {
+            Command::Generate { req, started, events } => {
                 if let Some(Loaded::Llama { model, tok }) = &model {
                     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         generate(model, tok, &req, started, &events, &generated)
                     }));
                     if r.is_err() {
-                        let _ = events.blocking_send(Err(BackendError::Inference(
-                            "panic during generation".into(),
-                        )));
+                        let _ = events
+                            .blocking_send(Err(BackendError::Inference("panic during generation".into())));
                     }
                 }
             }
@@ -361,20 +358,12 @@ fn worker(
                     let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&inputs)))
                         .unwrap_or_else(|_| Err("panic during embedding".into()));
                     let _ = reply.send(
-                        r.map(|(vectors, prompt_tokens)| Embeddings {
-                            vectors,
-                            prompt_tokens,
-                        })
-                        .map_err(BackendError::Inference),
+                        r.map(|(vectors, prompt_tokens)| Embeddings { vectors, prompt_tokens })
+                            .map_err(BackendError::Inference),
                     );
                 }
             }
-            Command::Probe {
-                prompt,
-                steps,
-                logit_ids,
-                reply,
-            } => {
+            Command::Probe { prompt, steps, logit_ids, reply } => {
                 if let Some(Loaded::Llama { model, tok }) = &model {
                     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         probe(model, tok, &prompt, steps, &logit_ids)
@@ -408,8 +397,7 @@ fn render_prompt(tok: &text::GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>,
             (tok.chat.render(m), true)
         }
     };
-    tok.encode(&text, is_chat)
-        .map_err(BackendError::InvalidRequest)
+    tok.encode(&text, is_chat).map_err(BackendError::InvalidRequest)
 }
 
 fn probe(
@@ -424,37 +412,33 @@ fn probe(
         return Err("empty prompt".into());
     }
     let mut cache = llama::KvCache::new(model.cfg.n_layers);
+    let mut timings = ProbeTimings::default();
+    let t = Instant::now();
     let mut logits = model.forward(&input_ids, &mut cache)?;
-    let mut first_logits = Vec::new();
+    let mut host = logits.to_vec_exact::<f32>().ctx("reading logits")?;
+    timings.prefill = t.elapsed().as_secs_f64();
+    let first_logits =
+        logit_ids.iter().map(|&i| host.get(i as usize).copied().unwrap_or(f32::NAN) as f64).collect();
     let mut greedy_ids = Vec::with_capacity(steps);
     for step in 0..steps {
-        let host = logits.to_vec_exact::<f32>().ctx("reading logits")?;
-        if step == 0 {
-            first_logits = logit_ids
-                .iter()
-                .map(|&i| host.get(i as usize).copied().unwrap_or(f32::NAN) as f64)
-                .collect();
+        if step > 0 {
+            let t = Instant::now();
+            host = logits.to_vec_exact::<f32>().ctx("reading logits")?;
+            timings.decode_eval += t.elapsed().as_secs_f64();
         }
+        let t = Instant::now();
         let id = sampling::argmax(&host);
+        timings.decode_host += t.elapsed().as_secs_f64();
         greedy_ids.push(id);
         if step + 1 < steps {
+            let t = Instant::now();
             logits = model.forward(&[id], &mut cache)?;
+            timings.decode_graph += t.elapsed().as_secs_f64();
         }
     }
-    let end = greedy_ids
-        .iter()
-        .position(|i| tok.stop_ids.contains(i))
-        .unwrap_or(greedy_ids.len());
-    let greedy_text = tok
-        .tokenizer
-        .decode(&greedy_ids[..end], true)
-        .ctx("detokenizing")?;
-    Ok(Probe {
-        input_ids,
-        first_logits,
-        greedy_ids,
-        greedy_text,
-    })
+    let end = greedy_ids.iter().position(|i| tok.stop_ids.contains(i)).unwrap_or(greedy_ids.len());
+    let greedy_text = tok.tokenizer.decode(&greedy_ids[..end], true).ctx("detokenizing")?;
+    Ok(Probe { input_ids, first_logits, greedy_ids, greedy_text, timings })
 }
 
 /// Runs one generation on the worker thread, streaming events into `events`. Returns early,
@@ -494,15 +478,9 @@ fn generate(
         }
     };
     let send = |ev: Result<GenerateEvent, BackendError>| events.blocking_send(ev).is_ok();
-    let mut usage = Usage {
-        prompt_tokens: ids.len() as u32,
-        completion_tokens: 0,
-    };
+    let mut usage = Usage { prompt_tokens: ids.len() as u32, completion_tokens: 0 };
     if req.max_tokens == 0 {
-        send(Ok(GenerateEvent::Done {
-            finish_reason: FinishReason::Length,
-            usage,
-        }));
+        send(Ok(GenerateEvent::Done { finish_reason: FinishReason::Length, usage }));
         return;
     }
     let mut sampler = sampling::Sampler::new(req.temperature, req.top_p, req.seed);
@@ -561,10 +539,7 @@ fn generate(
             return;
         }
     }
-    send(Ok(GenerateEvent::Done {
-        finish_reason,
-        usage,
-    }));
+    send(Ok(GenerateEvent::Done { finish_reason, usage }));
 }
 
 /// The async handle of a model living on its worker thread (what [`MlxBackend::load_model`]
@@ -597,22 +572,13 @@ impl MlxModel {
     ) -> Result<Probe, BackendError> {
         check_type(self.model_type, &[ModelType::TextGen], "probing")?;
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Probe {
-            prompt,
-            steps: steps.max(1),
-            logit_ids,
-            reply,
-        })?;
+        self.send(Command::Probe { prompt, steps: steps.max(1), logit_ids, reply })?;
         rx.await.map_err(|_| BackendError::Gone)?
     }
 
     fn send(&self, cmd: Command) -> Result<(), BackendError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        guard
-            .as_ref()
-            .ok_or(BackendError::Gone)?
-            .send(cmd)
-            .map_err(|_| BackendError::Gone)
+        guard.as_ref().ok_or(BackendError::Gone)?.send(cmd).map_err(|_| BackendError::Gone)
     }
 }
 
@@ -633,15 +599,9 @@ impl ModelHandle for MlxModel {
         }
         let (started_tx, started_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(self.stream_buffer);
-        self.send(Command::Generate {
-            req,
-            started: started_tx,
-            events: events_tx,
-        })?;
+        self.send(Command::Generate { req, started: started_tx, events: events_tx })?;
         started_rx.await.map_err(|_| BackendError::Gone)??;
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
-            events_rx,
-        )))
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(events_rx)))
     }
 
     async fn embed(&self, inputs: Vec<String>) -> Result<Embeddings, BackendError> {
@@ -655,15 +615,9 @@ impl ModelHandle for MlxModel {
     }
 
     async fn unload(&self) -> Result<u64, BackendError> {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or(BackendError::Gone)?;
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or(BackendError::Gone)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Command::Unload { reply })
-            .map_err(|_| BackendError::Gone)?;
+        tx.send(Command::Unload { reply }).map_err(|_| BackendError::Gone)?;
         rx.await.map_err(|_| BackendError::Gone)
     }
 }
@@ -698,12 +652,8 @@ mod tests {
         let spec = ModelSpec::new("x");
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("no path")));
         let spec = ModelSpec::new("x").with_path("/nonexistent/model.gguf");
-        assert!(
-            matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("does not exist"))
-        );
-        let spec = ModelSpec::new("v")
-            .with_type(ModelType::Vision)
-            .with_path("/tmp");
+        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("does not exist")));
+        let spec = ModelSpec::new("v").with_type(ModelType::Vision).with_path("/tmp");
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("vision")));
     }
 

@@ -19,17 +19,11 @@ impl Sampler {
         let seed = seed.unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};
             // RandomState is seeded randomly per process and per instance.
-            std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
         });
         Sampler {
             temperature,
-            top_p: if top_p.is_finite() && top_p > 0.0 {
-                top_p.min(1.0)
-            } else {
-                1.0
-            },
+            top_p: if top_p.is_finite() && top_p > 0.0 { top_p.min(1.0) } else { 1.0 },
             rng: ChaCha8Rng::seed_from_u64(seed),
             scratch: Vec::new(),
         }
@@ -40,11 +34,7 @@ impl Sampler {
         if self.temperature <= 0.0 || !self.temperature.is_finite() {
             return argmax(logits);
         }
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|x| !x.is_nan())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
         let inv_t = 1.0 / self.temperature;
         self.scratch.clear();
         let mut total = 0.0f64;
@@ -63,8 +53,7 @@ impl Sampler {
         }
         let mut mass = total;
         if self.top_p < 1.0 {
-            self.scratch
-                .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            self.scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             let target = self.top_p as f64 * total;
             let mut acc = 0.0f64;
             let mut keep = self.scratch.len();

@@ -41,35 +41,23 @@ impl GgufTokenizer {
     /// vocabulary and merges, pre-tokenizer `Sequence[Digits(individual), ByteLevel(no prefix
     /// space, GPT-2 regex)]`, byte-level decoder, control tokens added as special tokens.
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
-        let model = f
-            .get_metadata_string("tokenizer.ggml.model")
-            .ctx("tokenizer.ggml.model")?
-            .unwrap_or_default();
+        let model =
+            f.get_metadata_string("tokenizer.ggml.model").ctx("tokenizer.ggml.model")?.unwrap_or_default();
         if model != "gpt2" {
-            return Err(format!(
-                "unsupported GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2')"
-            ));
+            return Err(format!("unsupported GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2')"));
         }
         let tokens = f
             .get_metadata_strings("tokenizer.ggml.tokens")
             .ctx("tokenizer.ggml.tokens")?
             .ok_or("GGUF has no tokenizer.ggml.tokens")?;
-        let merges = f
-            .get_metadata_strings("tokenizer.ggml.merges")
-            .ctx("tokenizer.ggml.merges")?
-            .unwrap_or_default();
-        let types: Vec<i32> = match f
-            .get_metadata_array("tokenizer.ggml.token_type")
-            .ctx("tokenizer.ggml.token_type")?
-        {
-            Some(a) => a.to_vec_cast::<i32>().ctx("token_type")?,
-            None => vec![1; tokens.len()],
-        };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let merges =
+            f.get_metadata_strings("tokenizer.ggml.merges").ctx("tokenizer.ggml.merges")?.unwrap_or_default();
+        let types: Vec<i32> =
+            match f.get_metadata_array("tokenizer.ggml.token_type").ctx("tokenizer.ggml.token_type")? {
+                Some(a) => a.to_vec_cast::<i32>().ctx("token_type")?,
+                None => vec![1; tokens.len()],
+            };
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges = merges
             .iter()
             .map(|m| {
@@ -78,10 +66,7 @@ impl GgufTokenizer {
                     .ok_or_else(|| format!("malformed merge '{m}'"))
             })
             .collect::<Res<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .ctx("building BPE")?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().ctx("building BPE")?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
             PreTokenizerWrapper::Digits(Digits::new(true)),
@@ -94,15 +79,10 @@ impl GgufTokenizer {
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
             .map(|(tok, t)| AddedToken::from(tok.clone(), *t == TOKEN_TYPE_CONTROL))
             .collect();
-        tokenizer
-            .add_special_tokens(special)
-            .ctx("adding special tokens")?;
+        tokenizer.add_special_tokens(special).ctx("adding special tokens")?;
 
-        let by_name: HashMap<&str, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.as_str(), i as u32))
-            .collect();
+        let by_name: HashMap<&str, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
         let eos = meta_u32(f, "tokenizer.ggml.eos_token_id")?;
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>"] {
@@ -112,13 +92,8 @@ impl GgufTokenizer {
                 stop_ids.push(id);
             }
         }
-        let template = f
-            .get_metadata_string("tokenizer.chat_template")
-            .ctx("tokenizer.chat_template")?;
-        let add_bos = match f
-            .get_metadata_array("tokenizer.ggml.add_bos_token")
-            .ctx("add_bos_token")?
-        {
+        let template = f.get_metadata_string("tokenizer.chat_template").ctx("tokenizer.chat_template")?;
+        let add_bos = match f.get_metadata_array("tokenizer.ggml.add_bos_token").ctx("add_bos_token")? {
             Some(a) => a.to_vec_cast::<i32>().ctx("add_bos_token")?.first() == Some(&1),
             None => false,
         };
@@ -158,9 +133,7 @@ impl ChatTemplate {
             let marker = "<|im_start|>system";
             let i = t.find(marker)? + marker.len();
             let rest = &t[i..];
-            let body = rest
-                .strip_prefix('\n')
-                .or_else(|| rest.strip_prefix("\\n"))?;
+            let body = rest.strip_prefix('\n').or_else(|| rest.strip_prefix("\\n"))?;
             let end = body.find("<|im_end|>")?;
             Some(body[..end].replace("\\n", "\n"))
         });
@@ -177,10 +150,7 @@ impl ChatTemplate {
             out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
         }
         for m in messages {
-            out.push_str(&format!(
-                "<|im_start|>{}\n{}<|im_end|>\n",
-                m.role, m.content
-            ));
+            out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
         }
         out.push_str("<|im_start|>assistant\n");
         out
@@ -199,27 +169,16 @@ pub(super) struct StreamDecoder {
 
 impl StreamDecoder {
     pub fn new() -> Self {
-        StreamDecoder {
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
+        StreamDecoder { ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// Adds one id; returns the newly completed text, possibly empty.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Res<String> {
         self.ids.push(id);
-        let before = tok
-            .decode(&self.ids[self.prefix..self.read], true)
-            .ctx("detokenizing")?;
-        let after = tok
-            .decode(&self.ids[self.prefix..], true)
-            .ctx("detokenizing")?;
+        let before = tok.decode(&self.ids[self.prefix..self.read], true).ctx("detokenizing")?;
+        let after = tok.decode(&self.ids[self.prefix..], true).ctx("detokenizing")?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
-            let piece = after
-                .get(before.len()..)
-                .map(str::to_string)
-                .unwrap_or_default();
+            let piece = after.get(before.len()..).map(str::to_string).unwrap_or_default();
             self.prefix = self.read;
             self.read = self.ids.len();
             Ok(piece)
@@ -262,11 +221,8 @@ impl StopMatcher {
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
-        let found = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p))
-            .min();
+        let found =
+            self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p)).min();
         if let Some(pos) = found {
             let out = self.text[self.sent.min(pos)..pos].to_string();
             self.sent = self.text.len();
@@ -324,24 +280,14 @@ mod tests {
         let c = ChatTemplate::from_template(Some(t));
         let real_newlines = ChatTemplate::from_template(Some(&t.replace("\\n", "\n")));
         assert_eq!(c, real_newlines);
-        let msgs = vec![ChatMessage {
-            role: "user".into(),
-            content: "What is the capital of France?".into(),
-        }];
+        let msgs =
+            vec![ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }];
         assert_eq!(
             c.render(&msgs),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         );
-        let with_sys = vec![
-            ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            msgs[0].clone(),
-        ];
-        assert!(
-            c.render(&with_sys)
-                .starts_with("<|im_start|>system\nBe brief.<|im_end|>\n")
-        );
+        let with_sys =
+            vec![ChatMessage { role: "system".into(), content: "Be brief.".into() }, msgs[0].clone()];
+        assert!(c.render(&with_sys).starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
     }
 }
