@@ -19,21 +19,14 @@ fn main() {
     if !(mlx && linux) {
         return;
     }
-    let dir = env::var_os("MODELPOOL_MLX_LIB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets this"))
-                .join("vendor/mlx-cpu/mlx/lib")
-        });
+    let dir = env::var_os("MODELPOOL_MLX_LIB_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets this"))
+            .join("vendor/mlx-cpu/mlx/lib")
+    });
     if !dir.join("libmlx.so").is_file() {
-        panic!(
-            "feature `mlx`: {} has no libmlx.so; run scripts/setup-mlx.sh first",
-            dir.display()
-        );
+        panic!("feature `mlx`: {} has no libmlx.so; run scripts/setup-mlx.sh first", dir.display());
     }
     println!("cargo:rustc-link-search=native={}", dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
-    println!(
-        "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:libopenblas.so.0,--pop-state"
-    );
+    println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:libopenblas.so.0,--pop-state");
 }
