@@ -26,7 +26,23 @@ fn main() {
     if !dir.join("libmlx.so").is_file() {
         panic!("feature `mlx`: {} has no libmlx.so; run scripts/setup-mlx.sh first", dir.display());
     }
+    // Own binaries, tests and benches: an rpath into the checkout, and OpenBLAS as a direct
+    // dependency whether or not anything references it.
     println!("cargo:rustc-link-search=native={}", dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:libopenblas.so.0,--pop-state");
+    // Other packages that link this crate with the feature (link args do not propagate):
+    // OpenBLAS through a propagating link-lib (kept because src/backend/mlx/sys.rs references
+    // cblas_sgemv), and libmlx.so through a link-search path inside the target directory,
+    // which cargo puts on LD_LIBRARY_PATH for `cargo run`/`cargo test`. The wheel is linked
+    // as a whole so that libmlx.so's own rpath ($ORIGIN/../../mlx_cpu.libs) still resolves.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libopenblas.so.0");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let link = out.join("mlx-cpu");
+    let wheel = dir.join("../..");
+    let _ = std::fs::remove_file(&link);
+    #[cfg(unix)]
+    if std::os::unix::fs::symlink(&wheel, &link).is_ok() {
+        println!("cargo:rustc-link-search=native={}", link.join("mlx/lib").display());
+    }
 }
