@@ -117,6 +117,160 @@ pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
     Ok(specs)
 }
 
+/// Bytes the MLX backend will hold for `spec` once loaded, computed from the files without
+/// loading them, or `None` when the layout is not one it serves. For a GGUF decoder this reads
+/// the tensor table from the file header: with `dequantize` every tensor is held as f32; without,
+/// Q4_0/Q4_1 stay 4-bit and Q8_0 8-bit (group 32, f32 scales and biases) and the rest f32. For a
+/// Hugging Face directory it is the safetensors size (held as f32). Use it as the spec's size
+/// hint so that the pool reserves the real size on the first load (a dequantized GGUF is about
+/// 5.5x its file).
+pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> {
+    let path = spec.path.as_ref()?;
+    let gguf = if is_gguf(path) {
+        Some(path.clone())
+    } else if path.is_dir() && !path.join("config.json").is_file() {
+        let mut g: Vec<PathBuf> = std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_gguf(p))
+            .collect();
+        (g.len() == 1).then(|| g.remove(0))
+    } else {
+        None
+    };
+    if let Some(g) = gguf {
+        let tensors = gguf_tensors(&g).ok()?;
+        return Some(
+            tensors
+                .iter()
+                .map(|t| {
+                    let bytes_per_1k = match (dequantize, t.ggml_type) {
+                        (false, GGML_Q4_0 | GGML_Q4_1) => 750,
+                        (false, GGML_Q8_0) => 1250,
+                        _ => 4000,
+                    };
+                    t.elements * bytes_per_1k / 1000
+                })
+                .sum(),
+        );
+    }
+    let st = path.join("model.safetensors");
+    std::fs::metadata(st).ok().map(|m| m.len())
+}
+
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+
+/// One entry of a GGUF file's tensor table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensorInfo {
+    /// Tensor name (`blk.0.attn_q.weight`, ...).
+    pub name: String,
+    /// Number of elements (product of the dimensions).
+    pub elements: u64,
+    /// The ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, ...).
+    pub ggml_type: u32,
+}
+
+/// Reads the tensor table of a GGUF (v2/v3) file: the header only, not the data. Metadata
+/// values are skipped. Errors on a file that is not GGUF or is truncated.
+pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
+    use std::io::{BufReader, Read};
+    let bad = |m: &str| CatalogError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string()),
+    };
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::new(file);
+    let read_u32 = |r: &mut BufReader<std::fs::File>| -> Result<u32, CatalogError> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).map_err(io_err(path))?;
+        Ok(u32::from_le_bytes(b))
+    };
+    let read_u64 = |r: &mut BufReader<std::fs::File>| -> Result<u64, CatalogError> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).map_err(io_err(path))?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).map_err(io_err(path))?;
+    if &magic != b"GGUF" {
+        return Err(bad("not a GGUF file"));
+    }
+    let version = read_u32(&mut r)?;
+    if !(2..=3).contains(&version) {
+        return Err(bad("unsupported GGUF version"));
+    }
+    let n_tensors = read_u64(&mut r)?;
+    let n_kv = read_u64(&mut r)?;
+    if n_tensors > 1_000_000 || n_kv > 1_000_000 {
+        return Err(bad("implausible GGUF header counts"));
+    }
+    fn skip(r: &mut impl Read, n: u64, path: &Path) -> Result<(), CatalogError> {
+        let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).map_err(io_err(path))?;
+        if copied == n { Ok(()) } else { Err(io_err(path)(std::io::ErrorKind::UnexpectedEof.into())) }
+    }
+    fn scalar_size(t: u32) -> Option<u64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    for _ in 0..n_kv {
+        let key_len = read_u64(&mut r)?;
+        skip(&mut r, key_len, path)?;
+        let t = read_u32(&mut r)?;
+        match t {
+            8 => {
+                let n = read_u64(&mut r)?;
+                skip(&mut r, n, path)?;
+            }
+            9 => {
+                let et = read_u32(&mut r)?;
+                let count = read_u64(&mut r)?;
+                if et == 8 {
+                    for _ in 0..count {
+                        let n = read_u64(&mut r)?;
+                        skip(&mut r, n, path)?;
+                    }
+                } else {
+                    let size = scalar_size(et).ok_or_else(|| bad("bad GGUF array type"))?;
+                    skip(&mut r, size * count, path)?;
+                }
+            }
+            _ => {
+                let size = scalar_size(t).ok_or_else(|| bad("bad GGUF value type"))?;
+                skip(&mut r, size, path)?;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name_len = read_u64(&mut r)?;
+        if name_len > 4096 {
+            return Err(bad("implausible GGUF tensor name"));
+        }
+        let mut name = vec![0u8; name_len as usize];
+        r.read_exact(&mut name).map_err(io_err(path))?;
+        let n_dims = read_u32(&mut r)?;
+        if n_dims > 8 {
+            return Err(bad("implausible GGUF tensor rank"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            elements = elements.saturating_mul(read_u64(&mut r)?);
+        }
+        let ggml_type = read_u32(&mut r)?;
+        let _offset = read_u64(&mut r)?;
+        out.push(GgufTensorInfo { name: String::from_utf8_lossy(&name).into_owned(), elements, ggml_type });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +316,59 @@ mod tests {
             ]
         );
         assert!(specs.iter().all(|s| s.size_hint.is_none()));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A hand-built GGUF v3 header: two metadata entries (a string and a string array), then
+    /// a Q4_1 tensor and an F32 tensor.
+    #[test]
+    fn gguf_header_and_resident_estimates() {
+        fn s(out: &mut Vec<u8>, v: &str) {
+            out.extend((v.len() as u64).to_le_bytes());
+            out.extend(v.as_bytes());
+        }
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes()); // tensors
+        b.extend(2u64.to_le_bytes()); // kv
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        s(&mut b, "tokenizer.ggml.tokens");
+        b.extend(9u32.to_le_bytes());
+        b.extend(8u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        s(&mut b, "a");
+        s(&mut b, "bc");
+        for (name, dims, ty) in
+            [("blk.0.attn_q.weight", [64u64, 32], 3u32), ("output_norm.weight", [64, 1], 0)]
+        {
+            s(&mut b, name);
+            b.extend(2u32.to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        let d = tmpdir("gguf");
+        let p = d.join("m.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let t = gguf_tensors(&p).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                GgufTensorInfo { name: "blk.0.attn_q.weight".into(), elements: 2048, ggml_type: 3 },
+                GgufTensorInfo { name: "output_norm.weight".into(), elements: 64, ggml_type: 0 },
+            ]
+        );
+        let spec = ModelSpec::new("m").with_path(&p);
+        assert_eq!(mlx_resident_estimate(&spec, true), Some((2048 + 64) * 4));
+        assert_eq!(mlx_resident_estimate(&spec, false), Some(2048 * 3 / 4 + 64 * 4));
+        std::fs::write(&p, &b[..b.len() - 5]).unwrap();
+        assert!(gguf_tensors(&p).is_err(), "truncated header");
+        std::fs::write(&p, b"NOPE....").unwrap();
+        assert!(gguf_tensors(&p).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
