@@ -58,12 +58,12 @@ fn drop_page_cache(path: &Path) {
     }
 }
 
-/// Best-of-3 read bandwidth over a 512 MiB buffer with `threads` threads, GB/s.
+/// Best-of-5 read bandwidth over a 512 MiB buffer with `threads` threads, GB/s.
 fn read_bandwidth(threads: usize) -> f64 {
     let n = 64 << 20; // u64s = 512 MiB
     let buf: Vec<u64> = (0..n as u64).collect();
     let mut best = f64::INFINITY;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t = Instant::now();
         let total: u64 = std::thread::scope(|s| {
             let hs: Vec<_> = buf
