@@ -281,10 +281,10 @@ async fn sampling_stops_limits_and_cancellation() {
     let (_, _, _, _, n) = collect(&h, GenerateRequest::greedy(Prompt::Text("Hi".into()), 2)).await;
     assert_eq!(n, 2);
     let spent = model.generated_tokens() - before;
-    assert!(spent <= 2 + 32 + 4, "cancelled generation kept going: {spent} tokens");
+    assert!(spent <= 2 + 32 + 8, "cancelled generation kept going: {spent} tokens");
     // Without the drop, the same request runs far longer.
     let (_, _, _, _, full) = collect(&h, GenerateRequest::greedy(chat.clone(), 100)).await;
-    assert!(full > 2 + 32 + 4, "the story is long enough to show cancellation: {full}");
+    assert!(full > 2 + 32 + 8, "the story is long enough to show cancellation: {full}");
     h.unload().await.unwrap();
 }
 
