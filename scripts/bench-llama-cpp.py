@@ -3,9 +3,11 @@
 native Q4_1 kernels, 2 threads, batch 1, greedy. Same prompt lengths and step count as the Rust
 bench (benches/mlx_decode.rs) and scripts/bench-python-mlx.py; token ids are synthetic.
 
-Setup (one-off, about 15 minutes of compiling on 2 cores; not part of CI):
+Setup (one-off, about 15 minutes of compiling on 2 cores; not part of CI). Build without AMX:
+the native build (GGML_NATIVE) segfaulted in decode on this VM, whose CPU reports AMX:
     CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_HTTPLIB=OFF" \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_HTTPLIB=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+      -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
       .venv/bin/pip install llama-cpp-python==0.3.36
 Run:
     .venv/bin/python scripts/bench-llama-cpp.py models/smollm2-135m-instruct/*.gguf
@@ -21,7 +23,7 @@ from llama_cpp import Llama
 def main():
     path = sys.argv[1]
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    llm = Llama(model_path=path, n_ctx=1024, n_batch=1024, n_threads=2, verbose=False)
     print(f"load: {time.perf_counter() - t0:.3f} s")
     print("| prompt tokens | prefill tok/s | decode tok/s |")
     print("|---:|---:|---:|")

@@ -95,14 +95,29 @@ impl LlamaConfig {
 
 /// A linear layer without bias, `y = x W^T`, dense or quantized.
 pub(super) enum Linear {
-    Dense(Array),
-    Quant { w: Array, scales: Array, biases: Array, bits: i32 },
+    /// `w` is `[out, in]`; `wt` its transposed view (no copy), kept so that a forward pass does
+    /// not build a transpose node per call.
+    Dense {
+        w: Array,
+        wt: Array,
+    },
+    Quant {
+        w: Array,
+        scales: Array,
+        biases: Array,
+        bits: i32,
+    },
 }
 
 impl Linear {
+    fn dense(w: Array) -> Res<Linear> {
+        let wt = w.transpose().ctx("transpose")?;
+        Ok(Linear::Dense { w, wt })
+    }
+
     fn forward(&self, x: &Array) -> Res<Array> {
         match self {
-            Linear::Dense(w) => x.matmul(w.t()).ctx("matmul"),
+            Linear::Dense { wt, .. } => x.matmul(wt).ctx("matmul"),
             Linear::Quant { w, scales, biases, bits } => {
                 ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits).ctx("quantized_matmul")
             }
@@ -112,7 +127,7 @@ impl Linear {
     /// Rows `ids` of the weight as f32 (an embedding lookup).
     fn rows(&self, ids: &Array) -> Res<Array> {
         match self {
-            Linear::Dense(w) => w.take_axis(ids, 0).ctx("embedding lookup"),
+            Linear::Dense { w, .. } => w.take_axis(ids, 0).ctx("embedding lookup"),
             Linear::Quant { w, scales, biases, bits } => {
                 let w = w.take_axis(ids, 0).ctx("embedding lookup")?;
                 let s = scales.take_axis(ids, 0).ctx("embedding lookup")?;
@@ -124,14 +139,14 @@ impl Linear {
 
     fn out_features(&self) -> i32 {
         match self {
-            Linear::Dense(w) => w.shape()[0],
+            Linear::Dense { w, .. } => w.shape()[0],
             Linear::Quant { w, .. } => w.shape()[0],
         }
     }
 
     fn arrays(&self) -> Vec<&Array> {
         match self {
-            Linear::Dense(w) => vec![w],
+            Linear::Dense { w, .. } => vec![w],
             Linear::Quant { w, scales, biases, .. } => vec![w, scales, biases],
         }
     }
@@ -142,12 +157,12 @@ impl Linear {
         let dense: Vec<&Array> = parts
             .iter()
             .filter_map(|p| match p {
-                Linear::Dense(w) => Some(w),
+                Linear::Dense { w, .. } => Some(w),
                 _ => None,
             })
             .collect();
         if dense.len() == parts.len() {
-            return Ok(Linear::Dense(ops::concatenate(&dense, 0).ctx("fuse weights")?));
+            return Linear::dense(ops::concatenate(&dense, 0).ctx("fuse weights")?);
         }
         let mut ws = Vec::new();
         let mut ss = Vec::new();
@@ -214,12 +229,12 @@ fn load_linear(f: &GgufFile, base: &str, format: WeightFormat) -> Res<Option<Lin
             let biases = biases.as_dtype(Dtype::Float32).ctx(base)?;
             match format {
                 WeightFormat::F32 => {
-                    Linear::Dense(ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits).ctx(base)?)
+                    Linear::dense(ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits).ctx(base)?)?
                 }
                 WeightFormat::Quantized => Linear::Quant { w, scales, biases, bits },
             }
         }
-        (None, None) => Linear::Dense(w.as_dtype(Dtype::Float32).ctx(base)?),
+        (None, None) => Linear::dense(w.as_dtype(Dtype::Float32).ctx(base)?)?,
         _ => {
             return Err(format!("{base}: scales without biases (unsupported quantization)"));
         }
@@ -336,9 +351,8 @@ impl Llama {
                 .ctx("reshape")?;
             x = x.add(l.o.forward(&attn)?).ctx("residual")?;
             let h = fast::rms_norm(&x, Some(&l.ffn_norm), cfg.eps).ctx("rms_norm")?;
-            let gu = l.gate_up.forward(&h)?;
-            let g = gu.try_index((.., .., 0..l.ffn)).ctx("split gate")?;
-            let u = gu.try_index((.., .., l.ffn..2 * l.ffn)).ctx("split up")?;
+            let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).ctx("split gate/up")?;
+            let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
             let act = mlx_rs::nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
             x = x.add(l.down.forward(&act)?).ctx("residual")?;
         }
@@ -348,6 +362,10 @@ impl Llama {
         let head = self.output.as_ref().unwrap_or(&self.embed);
         head.forward(&last)?.reshape(&[cfg.vocab as i32]).ctx("reshape logits")
     }
+}
+
+fn pop(v: &mut Vec<Array>) -> Res<Array> {
+    v.pop().ok_or_else(|| "split returned too few parts".to_string())
 }
 
 fn layer_arrays(l: &Layer) -> Vec<&Array> {
