@@ -329,18 +329,23 @@ impl Llama {
         cache.reserve(offset + t, cfg)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).ctx("rms_norm")?;
-            let qkv = l.qkv.forward(&h)?;
-            let q = qkv.try_index((.., .., 0..nh * hd)).ctx("split q")?;
-            let k = qkv.try_index((.., .., nh * hd..(nh + nkv) * hd)).ctx("split k")?;
-            let v = qkv.try_index((.., .., (nh + nkv) * hd..(nh + 2 * nkv) * hd)).ctx("split v")?;
-            let heads = |a: Array, n: i32| -> Res<Array> {
-                a.reshape(&[1, t, n, hd]).ctx("reshape")?.transpose_axes(&[0, 2, 1, 3]).ctx("transpose")
-            };
-            let rope =
-                |a: &Array| fast::rope(a, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None).ctx("rope");
-            let q = rope(&heads(q, nh)?)?;
-            let k = rope(&heads(k, nkv)?)?;
-            let v = heads(v, nkv)?;
+            // All heads at once: [1, t, nh + 2 nkv, hd] -> [1, heads, t, hd]. RoPE runs once
+            // over the q and k heads together (each `fast::rope` call costs about 10 us of
+            // graph building, several times a plain op).
+            let heads = l
+                .qkv
+                .forward(&h)?
+                .reshape(&[1, t, nh + 2 * nkv, hd])
+                .ctx("reshape")?
+                .transpose_axes(&[0, 2, 1, 3])
+                .ctx("transpose")?;
+            let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).ctx("split v")?;
+            let v = pop(&mut parts)?;
+            let qk = fast::rope(pop(&mut parts)?, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None)
+                .ctx("rope")?;
+            let mut parts = ops::split_at_indices(&qk, &[nh], 1).ctx("split q/k")?;
+            let k = pop(&mut parts)?;
+            let q = pop(&mut parts)?;
             let (keys, values) = cache.update(li, &k, &v, offset, t)?;
             let mask = (t > 1).then_some(ScaledDotProductAttentionMask::Causal);
             let attn = fast::scaled_dot_product_attention(&q, &keys, &values, scale, mask, None)
@@ -353,7 +358,9 @@ impl Llama {
             let h = fast::rms_norm(&x, Some(&l.ffn_norm), cfg.eps).ctx("rms_norm")?;
             let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).ctx("split gate/up")?;
             let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
-            let act = mlx_rs::nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
+            // silu(g) * u with plain ops: mlx-rs's nn::silu goes through `compile` on every
+            // call, which costs more to build than the three ops it fuses.
+            let act = g.multiply(ops::sigmoid(&g).ctx("sigmoid")?).ctx("silu")?.multiply(&u).ctx("swiglu")?;
             x = x.add(l.down.forward(&act)?).ctx("residual")?;
         }
         cache.len += t as usize;
