@@ -231,9 +231,7 @@ fn main() -> Result<()> {
         Cmd::Sweep(a) => sweep_cmd(a),
         Cmd::Gen(a) => gen_cmd(a),
         Cmd::Check { trace } => {
-            let bytes = std::fs::metadata(&trace)
-                .with_context(|| format!("{}", trace.display()))?
-                .len();
+            let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
             let (t, secs) = load_trace(&trace)?;
             println!(
                 "{}: {} operations ({} requests) over {} models, {:.1} s of trace",
@@ -257,20 +255,15 @@ fn main() -> Result<()> {
 
 fn replay(a: ReplayArgs) -> Result<()> {
     let limit = parse_bytes(&a.memory_limit, "--memory-limit")?;
-    let log = if a.events.is_some() {
-        LogMode::Decisions
-    } else {
-        LogMode::Off
-    };
+    let log = if a.events.is_some() { LogMode::Decisions } else { LogMode::Off };
     let cfg = sim_config(&a.sim, limit, a.policy, log)?;
     let (trace, parse_secs) = load_trace(&a.trace)?;
     let t0 = Instant::now();
     let out = run(&trace, &cfg).map_err(anyhow::Error::msg)?;
     let replay_secs = t0.elapsed().as_secs_f64();
     if let Some(path) = &a.events {
-        let mut w = BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
+        let mut w =
+            BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
         for e in &out.events {
             serde_json::to_writer(&mut w, e)?;
             w.write_all(b"\n")?;
@@ -304,8 +297,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
             auto_limits(&trace, base.max_models, 12, |i| {
                 let m = &trace.models[i];
                 m.size.unwrap_or_else(|| {
-                    est.estimate(&ModelSpec::new(m.id.clone()).with_type(m.model_type))
-                        .bytes
+                    est.estimate(&ModelSpec::new(m.id.clone()).with_type(m.model_type)).bytes
                 })
             })
         }
@@ -316,10 +308,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
     if !(a.target_p99.is_finite() && a.target_p99 >= 0.0) {
         bail!("--target-p99 must be a number of seconds >= 0");
     }
-    let target = Target {
-        max_503_rate: a.target_503_pct / 100.0,
-        max_p99_secs: a.target_p99,
-    };
+    let target = Target { max_503_rate: a.target_503_pct / 100.0, max_p99_secs: a.target_p99 };
     let total = (limits.len() * a.policies.len()) as u64;
     let pb = if std::io::stderr().is_terminal() {
         let pb = ProgressBar::new(total);
@@ -340,12 +329,8 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         std::fs::write(p, s.to_csv()).with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.svg {
-        let title = format!(
-            "{}: {} requests, {} models",
-            a.trace.display(),
-            trace.requests(),
-            trace.models.len()
-        );
+        let title =
+            format!("{}: {} requests, {} models", a.trace.display(), trace.requests(), trace.models.len());
         std::fs::write(p, s.to_svg(&title)).with_context(|| format!("writing {}", p.display()))?;
     }
     if a.json {

@@ -23,8 +23,8 @@ use std::collections::BinaryHeap;
 use hdrhistogram::Histogram;
 use modelpool::log::LogMode;
 use modelpool::{
-    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos,
-    PoolConfig, PoolState, RejectCode, Slot,
+    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PoolConfig,
+    PoolState, RejectCode, Slot,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -90,9 +90,7 @@ impl std::str::FromStr for PolicyChoice {
         PolicyChoice::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown policy '{s}' (expected lru, gdsf, lfu, belady, belady-cost)")
-            })
+            .ok_or_else(|| format!("unknown policy '{s}' (expected lru, gdsf, lfu, belady, belady-cost)"))
     }
 }
 
@@ -205,11 +203,8 @@ impl SimConfig {
 
     /// Modelled seconds to load `bytes`.
     pub fn load_secs(&self, bytes: u64) -> f64 {
-        let transfer = if self.load_bandwidth.is_infinite() {
-            0.0
-        } else {
-            bytes as f64 / self.load_bandwidth
-        };
+        let transfer =
+            if self.load_bandwidth.is_infinite() { 0.0 } else { bytes as f64 / self.load_bandwidth };
         self.load_latency_secs + transfer
     }
 }
@@ -358,15 +353,12 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             }
             let slot = st.register(spec);
             assert_eq!(slot as usize, i, "trace models are distinct");
-            let size = m.size.unwrap_or_else(|| {
-                ((st.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1)
-            });
+            let size = m
+                .size
+                .unwrap_or_else(|| ((st.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1));
             true_size.push(size);
         }
-        let load_ns = true_size
-            .iter()
-            .map(|&b| secs_to_ns(cfg.load_secs(b)))
-            .collect();
+        let load_ns = true_size.iter().map(|&b| secs_to_ns(cfg.load_secs(b))).collect();
         let n = trace.models.len();
         Runner {
             trace,
@@ -383,28 +375,19 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             pm: vec![ModelCounters::default(); n],
             t: Totals::default(),
             // Microseconds, up to 30 days, 3 significant digits.
-            hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3)
-                .expect("valid histogram bounds"),
+            hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3).expect("valid histogram bounds"),
             zero_latency: 0,
             mem_t: 0,
             mem_used: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            next_use: if P::OFFLINE {
-                next_uses(trace)
-            } else {
-                Vec::new()
-            },
+            next_use: if P::OFFLINE { next_uses(trace) } else { Vec::new() },
         }
     }
 
     #[inline]
     fn schedule(&mut self, at: Nanos, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Reverse(Timed {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.heap.push(Reverse(Timed { at, seq: self.seq, ev }));
     }
 
     /// Account memory use up to `now`, then take the ledger's new value.
@@ -469,9 +452,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn request(&mut self, idx: usize, slot: Slot, now: Nanos, first: Nanos, attempt: u32, service: Nanos) {
         if P::OFFLINE {
             let next = self.next_use[idx];
-            self.st
-                .policy_mut()
-                .set_next_use(slot, next, idx as u64);
+            self.st.policy_mut().set_next_use(slot, next, idx as u64);
         }
         match self.st.admit(slot, now, Intent::Request) {
             Admission::Hit => {
@@ -484,19 +465,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.start_service(slot, now, service);
             }
             Admission::Join => {
-                self.waiters[slot as usize].push(Waiter {
-                    first,
-                    service,
-                    started: false,
-                });
+                self.waiters[slot as usize].push(Waiter { first, service, started: false });
             }
             Admission::Load(plan) => {
                 self.t.cold_loads += 1;
-                self.waiters[slot as usize].push(Waiter {
-                    first,
-                    service,
-                    started: true,
-                });
+                self.waiters[slot as usize].push(Waiter { first, service, started: true });
                 self.start_load(slot, now, &plan);
             }
             Admission::Reject(r) => {
@@ -508,14 +481,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     Some(secs) if attempt < self.cfg.retries => {
                         self.t.retried += 1;
                         let at = now + u64::from(secs) * NS;
-                        self.schedule(
-                            at,
-                            Ev::Retry {
-                                op: idx as u32,
-                                attempt: attempt + 1,
-                                first,
-                            },
-                        );
+                        self.schedule(at, Ev::Retry { op: idx as u32, attempt: attempt + 1, first });
                     }
                     _ => {
                         self.t.dropped += 1;
@@ -531,19 +497,16 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if service == 0 {
             self.end_lease(slot, now, now);
         } else {
-            self.schedule(
-                now + service,
-                Ev::Release {
-                    slot,
-                    acquired: now,
-                },
-            );
+            self.schedule(now + service, Ev::Release { slot, acquired: now });
         }
     }
 
+    /// End a lease; the engine says whether the model must now leave memory (it was draining,
+    /// or the pool is over its limits and this model just became evictable).
     #[inline]
     fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos) {
         if self.st.release(slot, now, acquired) {
+            self.mem_sync(now);
             self.unload(slot, now);
         }
     }
@@ -587,8 +550,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     fn finish_load(&mut self, slot: Slot, now: Nanos) {
         let fail = self.cfg.load_failure_rate > 0.0
-            && ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-                < self.cfg.load_failure_rate;
+            && ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < self.cfg.load_failure_rate;
         let mut waiters = std::mem::take(&mut self.waiters[slot as usize]);
         if fail {
             self.st.load_finished(slot, now, Err("injected load failure"));
@@ -596,9 +558,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.t.failed += waiters.len() as u64;
             self.pm[slot as usize].failed += waiters.len() as u64;
         } else {
-            let done = self
-                .st
-                .load_finished(slot, now, Ok(self.true_size[slot as usize]));
+            let done = self.st.load_finished(slot, now, Ok(self.true_size[slot as usize]));
             debug_assert_eq!(done.leases_granted as usize, waiters.len());
             self.mem_sync(now);
             for &v in &done.evicted {
@@ -650,7 +610,13 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             }
             OpKind::Unpin => {
-                self.st.unpin(slot, now);
+                let (_, evicted) = self.st.unpin(slot, now);
+                if !evicted.is_empty() {
+                    self.mem_sync(now);
+                }
+                for v in evicted {
+                    self.unload(v, now);
+                }
             }
             OpKind::Unload => match self.st.unload(slot, now, false) {
                 Ok(true) => {
@@ -663,11 +629,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             OpKind::SetLimit => {
                 let l = self.st.ledger();
                 let limit = if op.arg == 0 { l.limit } else { op.arg };
-                let max = if op.model == 0 {
-                    l.max_models
-                } else {
-                    op.model as usize
-                };
+                let max = if op.model == 0 { l.max_models } else { op.model as usize };
                 match self.st.set_limits(limit, max, now) {
                     Ok(victims) => {
                         self.mem_sync(now);
@@ -711,15 +673,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             })
             .collect();
-        let report = build_report(
-            self.cfg,
-            self.trace,
-            &self.t,
-            self.st.stats(),
-            self.st.ledger(),
-            &self.hist,
-            rows,
-        );
+        let report =
+            build_report(self.cfg, self.trace, &self.t, self.st.stats(), self.st.ledger(), &self.hist, rows);
         debug_assert!(self.st.check_invariants().is_ok());
         let events = self.st.log_mut().drain();
         Outcome { report, events }
