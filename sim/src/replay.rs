@@ -304,6 +304,9 @@ pub(crate) struct Totals {
     pub preloads: u64,
     pub admin_ops: u64,
     pub admin_refused: u64,
+    /// Exact sum and maximum of added latency, ns (quantiles come from the histogram).
+    pub latency_sum: u128,
+    pub latency_max: Nanos,
     pub mem_area: u128,
     pub end: Nanos,
 }
@@ -414,6 +417,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.zero_latency += 1;
         } else {
             self.hist.saturating_record(ns.div_ceil(1000));
+            self.t.latency_sum += u128::from(ns);
+            self.t.latency_max = self.t.latency_max.max(ns);
         }
     }
 

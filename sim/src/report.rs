@@ -118,7 +118,8 @@ pub struct MissRatios {
     pub cost: f64,
 }
 
-/// Added latency quantiles in seconds (HdrHistogram, 3 significant digits, microseconds).
+/// Added latency in seconds: quantiles from an HdrHistogram (microseconds, 3 significant
+/// digits), maximum and mean exact.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Latency {
     /// Median.
@@ -258,8 +259,8 @@ pub(crate) fn build_report(
             p50: q(0.5),
             p99: q(0.99),
             p999: q(0.999),
-            max: if empty { 0.0 } else { secs(hist.max()) },
-            mean: if empty { 0.0 } else { r6(hist.mean() / 1e6) },
+            max: r6(t.latency_max as f64 / NS as f64),
+            mean: if t.served == 0 { 0.0 } else { r6(t.latency_sum as f64 / t.served as f64 / NS as f64) },
         },
         memory: Memory {
             limit_bytes: ledger.limit,

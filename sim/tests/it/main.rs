@@ -1,1 +1,7 @@
+//! Integration tests of the simulator (one binary, one link of the crate).
 
+mod behaviour;
+mod common;
+mod crosscheck;
+mod determinism;
+mod snapshots;
