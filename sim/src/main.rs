@@ -221,7 +221,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
     Ok(cfg)
 }
 
-fn load_trace(path: &PathBuf) -> Result<(Trace, f64)> {
+fn load_trace(path: &std::path::Path) -> Result<(Trace, f64)> {
     let t0 = Instant::now();
     let trace = Trace::from_path(path)?;
     Ok((trace, t0.elapsed().as_secs_f64()))

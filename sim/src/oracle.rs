@@ -109,6 +109,9 @@ impl SimPolicy for Belady {
     }
 }
 
+/// (value, farther next use first, larger first, slot): the eviction order of [`BeladyCost`].
+type Candidate = (f64, Reverse<u64>, Reverse<u64>, Slot);
+
 #[derive(Debug, Clone, Copy, Default)]
 struct CostMeta {
     next: u64,
@@ -127,7 +130,7 @@ pub struct BeladyCost {
     tracked: Vec<Slot>,
     now_idx: u64,
     /// Scratch for ordering candidates (reused, so steady state allocates nothing).
-    scratch: RefCell<Vec<(f64, Reverse<u64>, Reverse<u64>, Slot)>>,
+    scratch: RefCell<Vec<Candidate>>,
 }
 
 impl BeladyCost {

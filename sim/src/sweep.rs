@@ -211,17 +211,8 @@ impl Sweep {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "  {:>9}  {:<11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}  {}",
-            "limit",
-            "policy",
-            "obj-miss",
-            "byte",
-            "cost",
-            "503-rate",
-            "p99-added",
-            "mean-mem",
-            "gap-obj",
-            "target"
+            "  {:>9}  {:<11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}  target",
+            "limit", "policy", "obj-miss", "byte", "cost", "503-rate", "p99-added", "mean-mem", "gap-obj",
         );
         for c in &self.cells {
             let r = &c.report;
@@ -330,7 +321,8 @@ impl Sweep {
             W / 2.0,
             xml_escape(title)
         );
-        let panels: [(&str, fn(&Report) -> f64, Option<f64>); 2] = [
+        type Metric = fn(&Report) -> f64;
+        let panels: [(&str, Metric, Option<f64>); 2] = [
             ("object miss ratio", |r| r.miss_ratio.object, None),
             ("503 rate (share of requests)", |r| r.rate_503, Some(self.target.max_503_rate)),
         ];

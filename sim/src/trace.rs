@@ -44,10 +44,11 @@ pub struct ModelDef {
 }
 
 /// What an [`Op`] does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum OpKind {
     /// An inference request: holds a lease for its service time.
+    #[default]
     Request,
     /// Load (if needed) and pin the model.
     Preload,
@@ -316,12 +317,6 @@ struct Fields<'a> {
     duration: Option<Nanos>,
     limit: Option<u64>,
     max_models: Option<u32>,
-}
-
-impl Default for OpKind {
-    fn default() -> Self {
-        OpKind::Request
-    }
 }
 
 /// Interns models and checks each record's meaning (shared by the CSV and JSONL front ends).
@@ -789,7 +784,7 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
                 .or_else(|m| {
                     // Exponent notation from a float: go through f64.
                     match n.as_f64() {
-                        Some(v) if v.is_finite() && v >= 0.0 && v < 1.8e10 => Ok((v * 1e9).round() as u64),
+                        Some(v) if (0.0..1.8e10).contains(&v) => Ok((v * 1e9).round() as u64),
                         _ => Err(m),
                     }
                 })
