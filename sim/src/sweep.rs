@@ -64,7 +64,8 @@ pub struct Sweep {
     pub target: Target,
     /// One cell per (limit, policy).
     pub cells: Vec<Cell>,
-    /// Smallest limit meeting the target with an online policy, and that policy.
+    /// Smallest limit from which on an online policy meets the target (see
+    /// [`Sweep::smallest_meeting`]), and that policy.
     pub recommended: Option<(u64, PolicyChoice)>,
 }
 
@@ -195,15 +196,35 @@ pub fn sweep(
             c.gap_cost = bc.map(|b| crate::report::r6(c.report.miss_ratio.cost - b));
         }
     }
-    let recommended =
-        cells.iter().filter(|c| !c.policy.is_offline() && c.meets_target).map(|c| (c.limit, c.policy)).next();
-    Ok(Sweep { limits, policies: policies.to_vec(), target, cells, recommended })
+    let mut s = Sweep { limits, policies: policies.to_vec(), target, cells, recommended: None };
+    // The smallest stable limit over online policies; ties go to the lower object miss ratio.
+    s.recommended = s
+        .policies
+        .iter()
+        .filter(|p| !p.is_offline())
+        .filter_map(|&p| {
+            let l = s.smallest_meeting(p)?;
+            let miss = s.cells.iter().find(|c| c.policy == p && c.limit == l)?.report.miss_ratio.object;
+            Some((l, miss, p))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .map(|(l, _, p)| (l, p));
+    Ok(s)
 }
 
 impl Sweep {
     /// Smallest limit at which `policy` meets the target.
+    /// Smallest limit from which on `policy` meets the target at every larger limit of the
+    /// sweep too (a limit that meets it by luck between two that fail is not recommended).
     pub fn smallest_meeting(&self, policy: PolicyChoice) -> Option<u64> {
-        self.cells.iter().find(|c| c.policy == policy && c.meets_target).map(|c| c.limit)
+        let mut best = None;
+        for c in self.cells.iter().rev().filter(|c| c.policy == policy) {
+            if !c.meets_target {
+                break;
+            }
+            best = Some(c.limit);
+        }
+        best
     }
 
     /// The side-by-side table, the gap note and the recommendation.
@@ -307,7 +328,7 @@ impl Sweep {
     /// A two-panel SVG chart: object miss ratio and 503 rate against the memory limit, one
     /// line per policy (offline baselines dashed), the recommended limit marked.
     pub fn to_svg(&self, title: &str) -> String {
-        const W: f64 = 1000.0;
+        const W: f64 = 1400.0;
         const H: f64 = 440.0;
         let mut o = String::new();
         let _ = writeln!(
@@ -322,15 +343,16 @@ impl Sweep {
             xml_escape(title)
         );
         type Metric = fn(&Report) -> f64;
-        let panels: [(&str, Metric, Option<f64>); 2] = [
+        let panels: [(&str, Metric, Option<f64>); 3] = [
             ("object miss ratio", |r| r.miss_ratio.object, None),
             ("503 rate (share of requests)", |r| r.rate_503, Some(self.target.max_503_rate)),
+            ("p99 added latency (s)", |r| r.added_latency.p99, Some(self.target.max_p99_secs)),
         ];
         let (lo, hi) =
             (*self.limits.first().unwrap_or(&0) as f64 / 1e9, *self.limits.last().unwrap_or(&1) as f64 / 1e9);
         let hi = if hi > lo { hi } else { lo + 1.0 };
         for (pi, (label, metric, target)) in panels.iter().enumerate() {
-            let (x0, y0, pw, ph) = (70.0 + pi as f64 * 480.0, 50.0, 400.0, 300.0);
+            let (x0, y0, pw, ph) = (70.0 + pi as f64 * 460.0, 50.0, 380.0, 300.0);
             let ymax = self.cells.iter().map(|c| metric(&c.report)).fold(target.unwrap_or(0.0), f64::max);
             let ymax = nice_ceil(ymax.max(1e-6));
             let px = |gb: f64| x0 + (gb - lo) / (hi - lo) * pw;
@@ -381,11 +403,11 @@ impl Sweep {
             }
             if let Some((l, _)) = self.recommended {
                 let x = px(l as f64 / 1e9);
+                let (tx, anchor) = if x > x0 + pw / 2.0 { (x - 4.0, "end") } else { (x + 4.0, "start") };
                 let _ = writeln!(
                     o,
-                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="#2a2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}" fill="#2a2">recommended {}</text>"##,
+                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="#2a2" stroke-dasharray="6,4"/><text x="{tx:.1}" y="{:.1}" text-anchor="{anchor}" fill="#2a2">recommended {}</text>"##,
                     y0 + ph,
-                    x + 4.0,
                     y0 + 14.0,
                     fmt_bytes(l)
                 );
