@@ -758,7 +758,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                     self.pin_resident(slot, now);
                 }
                 self.track_peak();
-                let evicted = self.evict_down(now, EvictReason::Overcommit, false);
+                let evicted = if self.over_limits() {
+                    self.evict_down(now, EvictReason::Overcommit, false)
+                } else {
+                    Victims::new()
+                };
                 LoadDone { leases_granted: granted, evicted }
             }
         }
