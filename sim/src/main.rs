@@ -227,7 +227,18 @@ fn load_trace(path: &std::path::Path) -> Result<(Trace, f64)> {
     Ok((trace, t0.elapsed().as_secs_f64()))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line (with its causes), no backtrace: bad input is not a crash.
+            eprintln!("modelpool-sim: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Replay(a) => replay(a),

@@ -265,7 +265,7 @@ fn push_secs(buf: &mut String, ns: Nanos) {
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// The file could not be read.
-    #[error("{file}: {source}")]
+    #[error("cannot read {file}")]
     Io {
         /// File name.
         file: String,
