@@ -83,8 +83,9 @@ pub enum Intent {
     Preload,
 }
 
-/// Victims of a load plan (inline for up to 4).
-pub type Victims = SmallVec<[Slot; 4]>;
+/// Victims of a load plan (inline for up to 16: a plan evicting many small models for a big one
+/// allocates nothing).
+pub type Victims = SmallVec<[Slot; 16]>;
 
 /// A load that fits once `victims` are evicted.
 #[derive(Debug, Clone, PartialEq, Eq)]
