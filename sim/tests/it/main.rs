@@ -1,5 +1,6 @@
 //! Integration tests of the simulator (one binary, one link of the crate).
 
+mod alloc;
 mod behaviour;
 mod common;
 mod crosscheck;
