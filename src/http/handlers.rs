@@ -206,13 +206,13 @@ fn check_sampling(
             format!("top_p must be in (0, 1], got {p}"),
         ));
     }
-    if let Some(n) = n {
-        if n != 1 {
-            return Err(ApiError::bad_request(
-                "n",
-                format!("only n = 1 is supported, got {n}"),
-            ));
-        }
+    if let Some(n) = n
+        && n != 1
+    {
+        return Err(ApiError::bad_request(
+            "n",
+            format!("only n = 1 is supported, got {n}"),
+        ));
     }
     Ok((t, p))
 }
@@ -444,13 +444,13 @@ async fn chat_inner(
             "logprobs are not supported",
         ));
     }
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
+    if let Some(rf) = &req.response_format
+        && rf.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
+        return Err(ApiError::bad_request(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
+        ));
     }
     let messages = chat_prompt(req.messages)?;
     let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision]).await?;
@@ -722,16 +722,16 @@ async fn embeddings_inner(
     let model = lease.model().to_string();
     let out = lease.handle().embed(inputs).await?;
     drop(lease);
-    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first()) {
-        if d as usize != v.len() {
-            return Err(ApiError::bad_request(
-                "dimensions",
-                format!(
-                    "model '{model}' produces {} dimensions; dimensions={d} is not supported",
-                    v.len()
-                ),
-            ));
-        }
+    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first())
+        && d as usize != v.len()
+    {
+        return Err(ApiError::bad_request(
+            "dimensions",
+            format!(
+                "model '{model}' produces {} dimensions; dimensions={d} is not supported",
+                v.len()
+            ),
+        ));
     }
     let data = out
         .vectors

@@ -147,10 +147,10 @@ fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
             .decode_utf8_lossy()
             .into_owned()
     };
-    if let Some((id, last)) = tail.rsplit_once('/') {
-        if let Some(a) = ACTIONS.iter().find(|a| **a == last) {
-            return (decode(id), Some(a));
-        }
+    if let Some((id, last)) = tail.rsplit_once('/')
+        && let Some(a) = ACTIONS.iter().find(|a| **a == last)
+    {
+        return (decode(id), Some(a));
     }
     (decode(tail), None)
 }
