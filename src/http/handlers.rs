@@ -164,7 +164,13 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        let param = if path != "." {
+        let syntax = matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        let param = if syntax {
+            None
+        } else if path != "." {
             Some(path)
         } else {
             // "missing field `model` at line 1 column 2": name the field.
