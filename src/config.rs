@@ -91,6 +91,17 @@ fn parse_ttl(s: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// An idle time-to-live: a duration, or `off` (also `none`, `0`) for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTtl(pub Option<Duration>);
+
+impl FromStr for IdleTtl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_ttl(s).map(IdleTtl)
+    }
+}
+
 /// Bytes from `16GB`, `512MB`, `4MiB` (a percentage is refused).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     match MemoryLimit::from_str(s) {
@@ -142,8 +153,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// Evict unpinned models idle this long (10m, 1h; "off" keeps them) [default: off].
-    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION", value_parser = parse_ttl)]
-    pub idle_ttl: Option<Option<Duration>>,
+    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION")]
+    pub idle_ttl: Option<IdleTtl>,
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -413,7 +424,7 @@ impl ServeConfig {
             ));
         }
         let idle_ttl = match (args.idle_ttl, &file.idle_ttl) {
-            (Some(t), _) => t,
+            (Some(t), _) => t.0,
             (None, Some(s)) => parse_ttl(s).map_err(|e| field("idle_ttl", e))?,
             (None, None) => None,
         };
