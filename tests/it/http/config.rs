@@ -218,6 +218,9 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// argv, environment, expected text in stderr.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_modelpool"))
 }
@@ -226,7 +229,7 @@ fn bin() -> Command {
 fn binary_refuses_bad_flags_env_and_files_before_binding() {
     // A port that would be bound if validation came too late: the test binds it first and
     // checks the server never reported listening.
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec!["serve", "--memory-limit", "150%"],
             vec![],
