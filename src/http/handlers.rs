@@ -869,7 +869,22 @@ async fn admin_inner(
 ) -> Result<Response, ApiError> {
     let pool = &state.pool;
     match op {
-        AdminOp::Status => ok_json(&pool.status()),
+        AdminOp::Status => {
+            let status = pool.status();
+            let mut v = serde_json::to_value(&status).unwrap_or_default();
+            // Counters by name, next to the engine's positional arrays.
+            let evictions: BTreeMap<&str, u64> = crate::log::EvictReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), status.stats.evictions_for(*r)))
+                .collect();
+            let rejections: BTreeMap<&str, u64> = crate::log::RejectCode::ALL
+                .iter()
+                .map(|c| (c.as_str(), status.stats.rejections_for(*c)))
+                .collect();
+            v["stats"]["evictions_by_reason"] = serde_json::json!(evictions);
+            v["stats"]["rejections_by_code"] = serde_json::json!(rejections);
+            ok_json(&v)
+        }
         AdminOp::Events(q) => {
             let n = match q.get("limit") {
                 None => 100,

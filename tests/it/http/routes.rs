@@ -690,6 +690,8 @@ async fn admin_routes_change_pool_state() {
     assert_eq!(v["policy"], "lru");
     assert_eq!(v["ledger"]["limit"], 10 * GB);
     assert_eq!(v["models"].as_array().unwrap().len(), catalogue().len());
+    assert_eq!(v["stats"]["rejections_by_code"]["insufficient_memory"], 0);
+    assert_eq!(v["stats"]["evictions_by_reason"]["capacity"], 0);
 
     // Preload pins.
     let v = json(&h.req("POST", "/admin/models/chat-big/preload").await);
@@ -891,6 +893,10 @@ async fn health_metrics_and_routing_errors() {
         2.0
     );
     drop(lease);
+    let v = json(&h.req("GET", "/admin/pool").await);
+    assert_eq!(v["stats"]["rejections_by_code"]["insufficient_memory"], 1);
+    assert_eq!(v["stats"]["rejections_by_code"]["model_too_large"], 1);
+    assert_eq!(v["stats"]["evictions_by_reason"]["capacity"], 1);
 
     assert_error(&h.req("GET", "/nope").await, 404, "not_found");
     assert_error(
