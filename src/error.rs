@@ -121,15 +121,9 @@ impl PoolError {
     /// Seconds a client should wait before retrying, when waiting can help.
     pub fn retry_after_secs(&self) -> Option<u32> {
         match self {
-            PoolError::InsufficientMemory {
-                retry_after_secs, ..
-            }
-            | PoolError::MaxModelsReached {
-                retry_after_secs, ..
-            }
-            | PoolError::Draining {
-                retry_after_secs, ..
-            }
+            PoolError::InsufficientMemory { retry_after_secs, .. }
+            | PoolError::MaxModelsReached { retry_after_secs, .. }
+            | PoolError::Draining { retry_after_secs, .. }
             | PoolError::ShuttingDown { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }

@@ -64,20 +64,11 @@ impl fmt::Display for EstimateSource {
             EstimateSource::SeedTable { params_b } => {
                 write!(f, "seed table for a {params_b}B model")
             }
-            EstimateSource::Params {
-                params,
-                quant,
-                bytes_per_param,
-            } => write!(
-                f,
-                "{:.3}B parameters x {bytes_per_param:.3} bytes ({quant})",
-                *params as f64 / 1e9
-            ),
+            EstimateSource::Params { params, quant, bytes_per_param } => {
+                write!(f, "{:.3}B parameters x {bytes_per_param:.3} bytes ({quant})", *params as f64 / 1e9)
+            }
             EstimateSource::Default => write!(f, "default 4.0 GB (no size in the name)"),
-            EstimateSource::Files {
-                bytes_on_disk,
-                factor,
-            } => {
+            EstimateSource::Files { bytes_on_disk, factor } => {
                 write!(f, "{bytes_on_disk} bytes of weight files x {factor}")
             }
             EstimateSource::Measured => write!(f, "measured on an earlier load"),
@@ -164,11 +155,7 @@ pub fn params_from_name(name: &str) -> Option<(u64, bool)> {
     let caps = SIZE_RE.captures(name)?;
     let experts: f64 = caps.get(1).map_or(Ok(1.0), |m| m.as_str().parse()).ok()?;
     let n: f64 = caps[2].parse().ok()?;
-    let unit = if caps[3].eq_ignore_ascii_case("b") {
-        1e9
-    } else {
-        1e6
-    };
+    let unit = if caps[3].eq_ignore_ascii_case("b") { 1e9 } else { 1e6 };
     let plain_integer_b = caps.get(1).is_none() && !caps[2].contains('.') && unit == 1e9;
     let params = (experts * n * unit).round();
     if params <= 0.0 {
@@ -194,45 +181,28 @@ impl NameEstimator {
 impl SizeEstimator for NameEstimator {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
         if let Some(bytes) = spec.size_hint {
-            return Estimate {
-                bytes: bytes.max(1),
-                source: EstimateSource::SizeHint,
-            };
+            return Estimate { bytes: bytes.max(1), source: EstimateSource::SizeHint };
         }
         let name: &str = &spec.id;
         let quant = QUANT_RE.captures(name).map(|c| c[1].to_ascii_lowercase());
         let Some((params, plain)) = params_from_name(name) else {
-            return Estimate {
-                bytes: DEFAULT_ESTIMATE,
-                source: EstimateSource::Default,
-            };
+            return Estimate { bytes: DEFAULT_ESTIMATE, source: EstimateSource::Default };
         };
-        if plain && quant.is_none() {
-            if let Some(bytes) = Self::seed_table(params / 1_000_000_000) {
-                let params_b = (params / 1_000_000_000) as u32;
-                return Estimate {
-                    bytes,
-                    source: EstimateSource::SeedTable { params_b },
-                };
-            }
-        }
-        let (quant_name, bytes_per_param) = match quant
-            .as_deref()
-            .and_then(|q| Some((q, bits_per_weight(q)?)))
+        if plain
+            && quant.is_none()
+            && let Some(bytes) = Self::seed_table(params / 1_000_000_000)
         {
-            Some((q, bits)) => (q.to_string(), bits / 8.0 * OVERHEAD),
-            // The seed's table implies about 0.6 bytes per parameter: 4-bit weights as MLX ships.
-            None => ("default-4bit".to_string(), 0.625),
-        };
-        let bytes = ((params as f64) * bytes_per_param).round().max(1.0) as u64;
-        Estimate {
-            bytes,
-            source: EstimateSource::Params {
-                params,
-                quant: quant_name,
-                bytes_per_param,
-            },
+            let params_b = (params / 1_000_000_000) as u32;
+            return Estimate { bytes, source: EstimateSource::SeedTable { params_b } };
         }
+        let (quant_name, bytes_per_param) =
+            match quant.as_deref().and_then(|q| Some((q, bits_per_weight(q)?))) {
+                Some((q, bits)) => (q.to_string(), bits / 8.0 * OVERHEAD),
+                // The seed's table implies about 0.6 bytes per parameter: 4-bit weights as MLX ships.
+                None => ("default-4bit".to_string(), 0.625),
+            };
+        let bytes = ((params as f64) * bytes_per_param).round().max(1.0) as u64;
+        Estimate { bytes, source: EstimateSource::Params { params, quant: quant_name, bytes_per_param } }
     }
 }
 
@@ -248,10 +218,7 @@ pub struct FileEstimator<F = NameEstimator> {
 
 impl Default for FileEstimator<NameEstimator> {
     fn default() -> Self {
-        FileEstimator {
-            factor: 1.25,
-            fallback: NameEstimator,
-        }
+        FileEstimator { factor: 1.25, fallback: NameEstimator }
     }
 }
 
@@ -267,11 +234,7 @@ pub fn weight_bytes_on_disk(path: &Path) -> std::io::Result<u64> {
         let p = entry?.path();
         if p.is_dir() {
             total += weight_bytes_on_disk(&p)?;
-        } else if p
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| EXT.contains(&e))
-        {
+        } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e)) {
             total += std::fs::metadata(&p)?.len();
         }
     }
@@ -280,20 +243,15 @@ pub fn weight_bytes_on_disk(path: &Path) -> std::io::Result<u64> {
 
 impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
-        if spec.size_hint.is_none() {
-            if let Some(path) = &spec.path {
-                if let Ok(on_disk) = weight_bytes_on_disk(path) {
-                    if on_disk > 0 {
-                        return Estimate {
-                            bytes: ((on_disk as f64) * self.factor).round() as u64,
-                            source: EstimateSource::Files {
-                                bytes_on_disk: on_disk,
-                                factor: self.factor,
-                            },
-                        };
-                    }
-                }
-            }
+        if spec.size_hint.is_none()
+            && let Some(path) = &spec.path
+            && let Ok(on_disk) = weight_bytes_on_disk(path)
+            && on_disk > 0
+        {
+            return Estimate {
+                bytes: ((on_disk as f64) * self.factor).round() as u64,
+                source: EstimateSource::Files { bytes_on_disk: on_disk, factor: self.factor },
+            };
         }
         self.fallback.estimate(spec)
     }
@@ -337,29 +295,19 @@ pub enum LearnedError {
 impl<E: SizeEstimator> Learned<E> {
     /// Remember measurements in memory only.
     pub fn new(inner: E) -> Self {
-        Learned {
-            inner,
-            measured: BTreeMap::new(),
-            file: None,
-        }
+        Learned { inner, measured: BTreeMap::new(), file: None }
     }
 
     /// Remember measurements in `file` (created on the first measurement if missing).
     pub fn with_file(inner: E, file: impl Into<PathBuf>) -> Result<Self, LearnedError> {
         let file = file.into();
         let measured = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LearnedError::Parse {
-                path: file.clone(),
-                source,
-            })?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| LearnedError::Parse { path: file.clone(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(LearnedError::Io { path: file, source }),
         };
-        Ok(Learned {
-            inner,
-            measured,
-            file: Some(file),
-        })
+        Ok(Learned { inner, measured, file: Some(file) })
     }
 
     /// The measurements known so far.
@@ -371,27 +319,21 @@ impl<E: SizeEstimator> Learned<E> {
 impl<E: SizeEstimator> SizeEstimator for Learned<E> {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
         match (spec.size_hint, self.measured.get(&*spec.id)) {
-            (None, Some(&bytes)) => Estimate {
-                bytes,
-                source: EstimateSource::Measured,
-            },
+            (None, Some(&bytes)) => Estimate { bytes, source: EstimateSource::Measured },
             _ => self.inner.estimate(spec),
         }
     }
 
     fn observe(&mut self, spec: &ModelSpec, measured: u64) {
         self.inner.observe(spec, measured);
-        if self.measured.insert(spec.id.to_string(), measured) != Some(measured) {
-            if let Some(file) = &self.file {
-                // Best effort: a failed write loses a hint, never a request.
-                let tmp = file.with_extension("tmp");
-                let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
-                if std::fs::write(&tmp, json)
-                    .and_then(|_| std::fs::rename(&tmp, file))
-                    .is_err()
-                {
-                    tracing::warn!(file = %file.display(), "could not persist measured model sizes");
-                }
+        if self.measured.insert(spec.id.to_string(), measured) != Some(measured)
+            && let Some(file) = &self.file
+        {
+            // Best effort: a failed write loses a hint, never a request.
+            let tmp = file.with_extension("tmp");
+            let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
+            if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, file)).is_err() {
+                tracing::warn!(file = %file.display(), "could not persist measured model sizes");
             }
         }
     }

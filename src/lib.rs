@@ -22,15 +22,12 @@ pub mod state;
 pub mod types;
 
 pub use error::PoolError;
-pub use estimate::{
-    Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator,
-};
+pub use estimate::{Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator};
 pub use limit::{FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
 pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
 pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
-    Admission, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
-    Stats,
+    Admission, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection, Stats,
 };
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

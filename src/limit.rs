@@ -30,24 +30,17 @@ impl FromStr for MemoryLimit {
     type Err = LimitError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| LimitError {
-            input: s.to_string(),
-            reason,
-        };
+        let err = |reason| LimitError { input: s.to_string(), reason };
         let t = s.trim();
         if t.is_empty() {
             return Err(err("empty"));
         }
         if let Some(pct) = t.strip_suffix('%') {
-            let v: f64 = pct
-                .trim()
-                .parse()
-                .map_err(|_| err("not a number before '%'"))?;
+            let v: f64 = pct.trim().parse().map_err(|_| err("not a number before '%'"))?;
             return fraction(v / 100.0).map_err(err);
         }
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+'))
-            .unwrap_or(t.len());
+        let split =
+            t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let v: f64 = num.parse().map_err(|_| err("not a number"))?;
         if !v.is_finite() {
@@ -59,9 +52,7 @@ impl FromStr for MemoryLimit {
             if v <= 1.0 {
                 return fraction(v).map_err(err);
             }
-            return Err(err(
-                "a bare number must be a fraction in (0, 1]; add a unit for bytes",
-            ));
+            return Err(err("a bare number must be a fraction in (0, 1]; add a unit for bytes"));
         }
         let mult: f64 = match unit.as_str() {
             "b" => 1.0,

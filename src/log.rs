@@ -245,11 +245,7 @@ pub struct DecisionLog {
 impl DecisionLog {
     /// An empty log in `mode`.
     pub fn new(mode: LogMode) -> Self {
-        DecisionLog {
-            mode,
-            events: VecDeque::new(),
-            total: 0,
-        }
+        DecisionLog { mode, events: VecDeque::new(), total: 0 }
     }
 
     /// Whether hit/join events are kept (callers skip building them otherwise).

@@ -77,10 +77,7 @@ impl Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("model", &self.model)
-            .field("slot", &self.slot)
-            .finish()
+        f.debug_struct("Lease").field("model", &self.model).field("slot", &self.slot).finish()
     }
 }
 
@@ -142,18 +139,13 @@ pub struct UnloadReport {
 }
 
 /// The async pool. Cheap to clone (an `Arc`).
-pub struct ModelPool<
-    P: EvictionPolicy = Box<dyn EvictionPolicy>,
-    E: SizeEstimator = Box<dyn SizeEstimator>,
-> {
+pub struct ModelPool<P: EvictionPolicy = Box<dyn EvictionPolicy>, E: SizeEstimator = Box<dyn SizeEstimator>> {
     inner: Arc<Inner<P, E>>,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> Clone for ModelPool<P, E> {
     fn clone(&self) -> Self {
-        ModelPool {
-            inner: self.inner.clone(),
-        }
+        ModelPool { inner: self.inner.clone() }
     }
 }
 
@@ -162,16 +154,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> LeaseOwner for Inner<P, E> {
         let now = self.now();
         let unload = {
             let mut core = self.lock();
-            if core.state.release(slot, now, acquired_at) {
-                core.handles[slot as usize].take()
-            } else {
-                None
-            }
+            if core.state.release(slot, now, acquired_at) { core.handles[slot as usize].take() } else { None }
         };
         if let Some(handle) = unload {
             let inner = self.self_arc();
-            self.runtime
-                .spawn(async move { inner.unload_handle(slot, handle).await });
+            self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
         }
         self.lease_ended.notify_waiters();
     }
@@ -189,10 +176,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
 
     fn self_arc(&self) -> Arc<Self> {
         // Inner is only ever created inside an Arc by ModelPool::new, which sets `weak`.
-        self.weak
-            .get()
-            .and_then(|w| w.upgrade())
-            .expect("pool inner is alive")
+        self.weak.get().and_then(|w| w.upgrade()).expect("pool inner is alive")
     }
 
     /// Unload one model whose memory the ledger holds as draining, then return it to the ledger.
@@ -203,12 +187,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 // Confirm the memory came back: a backend that frees much less than it measured
                 // at load is leaking, and the operator should know.
                 if (freed as f64) < expected as f64 * 0.9 {
-                    tracing::warn!(
-                        slot,
-                        expected,
-                        freed,
-                        "unload returned less memory than the model held"
-                    );
+                    tracing::warn!(slot, expected, freed, "unload returned less memory than the model held");
                 }
             }
             Err(e) => {
@@ -270,10 +249,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// The spec of a registered model.
     pub fn spec(&self, model: &str) -> Result<ModelSpec, PoolError> {
         let core = self.inner.lock();
-        let slot = core
-            .state
-            .slot(model)
-            .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+        let slot = core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
         Ok(core.state.spec(slot).clone())
     }
 
@@ -289,10 +265,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         self.check_open()?;
         let (slot, rx) = {
             let mut core = self.inner.lock();
-            let slot = core
-                .state
-                .slot(model)
-                .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+            let slot = core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
             let spec = core.state.spec(slot);
             if !allowed.is_empty() && !allowed.contains(&spec.model_type) {
                 return Err(PoolError::WrongModelType {
@@ -323,12 +296,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 }
             }
         };
-        let mut guard = WaitGuard {
-            pool: self,
-            slot,
-            rx,
-            finished: false,
-        };
+        let mut guard = WaitGuard { pool: self, slot, rx, finished: false };
         let result = guard.wait().await;
         guard.finished = true;
         result?;
@@ -342,9 +310,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             slot,
             model: spec.id.clone(),
             model_type: spec.model_type,
-            handle: core.handles[slot as usize]
-                .clone()
-                .expect("resident model has a handle"),
+            handle: core.handles[slot as usize].clone().expect("resident model has a handle"),
             acquired_at: now,
             owner: self.inner.clone(),
         }
@@ -352,18 +318,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     /// Start the load task for an admitted plan. Victim handles are taken now (they have no
     /// leases); the task unloads them, then loads, then publishes the outcome.
-    fn start_load(
-        &self,
-        core: &mut Core<P, E>,
-        slot: Slot,
-        victims: Victims,
-    ) -> watch::Receiver<LoadResult> {
+    fn start_load(&self, core: &mut Core<P, E>, slot: Slot, victims: Victims) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
         core.loads.insert(slot, tx);
-        let victims: Vec<_> = victims
-            .iter()
-            .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-            .collect();
+        let victims = take_handles(core, &victims);
         let spec = core.state.spec(slot).clone();
         let inner = self.inner.clone();
         tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
@@ -375,28 +333,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 let mut core = inner.lock();
                 let (done, outcome) = match result {
                     Ok(handle) => {
-                        let done = core
-                            .state
-                            .load_finished(slot, now, Ok(handle.measured_bytes()));
+                        let done = core.state.load_finished(slot, now, Ok(handle.measured_bytes()));
                         core.handles[slot as usize] = Some(handle);
                         (done, Ok(()))
                     }
                     Err(e) => {
                         let done = core.state.load_finished(slot, now, Err(&e.to_string()));
-                        (
-                            done,
-                            Err(PoolError::LoadFailed {
-                                model: spec.id.clone(),
-                                source: e,
-                            }),
-                        )
+                        (done, Err(PoolError::LoadFailed { model: spec.id.clone(), source: e }))
                     }
                 };
-                let evicted: Vec<_> = done
-                    .evicted
-                    .iter()
-                    .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-                    .collect();
+                let evicted = take_handles(&mut core, &done.evicted);
                 if let Some(tx) = core.loads.remove(&slot) {
                     tx.send_replace(Some(outcome.clone()));
                 }
@@ -417,10 +363,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         self.check_open()?;
         let mut rx = {
             let mut core = self.inner.lock();
-            let slot = core
-                .state
-                .slot(model)
-                .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
+            let slot = core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
             let now = self.inner.now();
             match core.state.admit(slot, now, Intent::Preload) {
                 Admission::Hit => return Ok(()),
@@ -443,9 +386,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     fn slot_of(core: &Core<P, E>, model: &str) -> Result<Slot, PoolError> {
-        core.state
-            .slot(model)
-            .ok_or_else(|| PoolError::ModelNotFound(model.to_string()))
+        core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))
     }
 
     /// Pin a resident or loading model. Errors if it is not loaded.
@@ -463,12 +404,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         }
     }
 
-    /// Unpin a model. Returns whether it was pinned.
-    pub fn unpin(&self, model: &str) -> Result<bool, PoolError> {
-        let mut core = self.inner.lock();
-        let slot = Self::slot_of(&core, model)?;
-        let now = self.inner.now();
-        Ok(core.state.unpin(slot, now))
+    /// Unpin a model. Returns whether it was pinned. If the pool is over its limits (after a
+    /// lowered limit), models that became evictable are unloaded before this returns.
+    pub async fn unpin(&self, model: &str) -> Result<bool, PoolError> {
+        let (was, victims) = {
+            let mut core = self.inner.lock();
+            let slot = Self::slot_of(&core, model)?;
+            let now = self.inner.now();
+            let (was, evicted) = core.state.unpin(slot, now);
+            (was, take_handles(&mut core, &evicted))
+        };
+        self.inner.unload_all(victims).await;
+        Ok(was)
     }
 
     /// Unload a model. Pinned or busy models are refused unless `force`; a forced unload of a
@@ -480,28 +427,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let now = self.inner.now();
             let now_unload = core.state.unload(slot, now, force)?;
             let id = core.state.spec(slot).id.clone();
-            let handle = if now_unload {
-                core.handles[slot as usize].take()
-            } else {
-                None
-            };
+            let handle = if now_unload { core.handles[slot as usize].take() } else { None };
             (slot, handle, id)
         };
         let Some(handle) = handle else {
-            return Ok(UnloadReport {
-                model: id,
-                unloaded_now: false,
-                freed_bytes: None,
-            });
+            return Ok(UnloadReport { model: id, unloaded_now: false, freed_bytes: None });
         };
         let freed = handle.unload().await.ok();
         let now = self.inner.now();
         self.inner.lock().state.reclaimed(slot, now);
-        Ok(UnloadReport {
-            model: id,
-            unloaded_now: true,
-            freed_bytes: freed,
-        })
+        Ok(UnloadReport { model: id, unloaded_now: true, freed_bytes: freed })
     }
 
     /// Change the memory limit and/or `max_models` and evict down to them (idle models are
@@ -518,21 +453,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 .map(|s| core.state.phase(s) == crate::state::Phase::Draining)
                 .collect();
             let now = self.inner.now();
-            let idle = core.state.set_limits(
-                limit.unwrap_or(l.limit),
-                max_models.unwrap_or(l.max_models),
-                now,
-            )?;
+            let idle =
+                core.state.set_limits(limit.unwrap_or(l.limit), max_models.unwrap_or(l.max_models), now)?;
             let ids: Vec<ModelId> = (0..core.state.len() as Slot)
-                .filter(|&s| {
-                    core.state.phase(s) == crate::state::Phase::Draining && !before[s as usize]
-                })
+                .filter(|&s| core.state.phase(s) == crate::state::Phase::Draining && !before[s as usize])
                 .map(|s| core.state.spec(s).id.clone())
                 .collect();
-            let victims: Vec<_> = idle
-                .iter()
-                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-                .collect();
+            let victims = take_handles(&mut core, &idle);
             (victims, ids)
         };
         self.inner.unload_all(victims).await;
@@ -545,14 +472,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let mut core = self.inner.lock();
             let now = self.inner.now();
             let expired = core.state.expire_idle(now);
-            let ids = expired
-                .iter()
-                .map(|&s| core.state.spec(s).id.clone())
-                .collect::<Vec<_>>();
-            let victims: Vec<_> = expired
-                .iter()
-                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-                .collect();
+            let ids = expired.iter().map(|&s| core.state.spec(s).id.clone()).collect::<Vec<_>>();
+            let victims = take_handles(&mut core, &expired);
             (victims, ids)
         };
         self.inner.unload_all(victims).await;
@@ -578,17 +499,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         };
         Ok(match core.state.preview(slot, now) {
             Admission::Hit => base,
-            Admission::Join => DryRun {
-                decision: "join",
-                ..base
-            },
+            Admission::Join => DryRun { decision: "join", ..base },
             Admission::Load(plan) => DryRun {
                 decision: "load",
-                would_evict: plan
-                    .victims
-                    .iter()
-                    .map(|&v| core.state.spec(v).id.clone())
-                    .collect(),
+                would_evict: plan.victims.iter().map(|&v| core.state.spec(v).id.clone()).collect(),
                 ..base
             },
             Admission::Reject(r) => DryRun {
@@ -634,9 +548,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     fn check_open(&self) -> Result<(), PoolError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
-            Err(PoolError::ShuttingDown {
-                retry_after_secs: 5,
-            })
+            Err(PoolError::ShuttingDown { retry_after_secs: 5 })
         } else {
             Ok(())
         }
@@ -656,9 +568,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let mut core = self.inner.lock();
             let now = self.inner.now();
             let idle = core.state.evict_all(now, true);
-            idle.iter()
-                .filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h)))
-                .collect::<Vec<_>>()
+            take_handles(&mut core, &idle)
         };
         self.inner.unload_all(victims).await;
         let deadline = Instant::now() + grace;
@@ -666,9 +576,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let notified = self.inner.lease_ended.notified();
             let live: u32 = {
                 let core = self.inner.lock();
-                (0..core.state.len() as Slot)
-                    .map(|s| core.state.leases(s))
-                    .sum()
+                (0..core.state.len() as Slot).map(|s| core.state.leases(s)).sum()
             };
             if live == 0 || Instant::now() >= deadline {
                 return live;
@@ -676,6 +584,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
+}
+
+/// Take the handles of evicted slots (they have no leases) for unloading outside the lock.
+fn take_handles<P: EvictionPolicy, E: SizeEstimator>(
+    core: &mut Core<P, E>,
+    slots: &[Slot],
+) -> Vec<(Slot, Arc<dyn ModelHandle>)> {
+    slots.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect()
 }
 
 /// Waits for a load's outcome on behalf of one request. If the request goes away first, the
@@ -696,11 +612,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> WaitGuard<'_, P, E> {
             }
             if self.rx.changed().await.is_err() {
                 // The sender is dropped only after publishing; treat a missing value as gone.
-                return self
-                    .rx
-                    .borrow()
-                    .clone()
-                    .unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
+                return self.rx.borrow().clone().unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
             }
         }
     }

@@ -143,6 +143,9 @@ pub struct Ledger {
     pub draining: u64,
     /// Bytes of pinned models (included in `resident`).
     pub pinned: u64,
+    /// Bytes of draining victims already promised to loads in progress (included in
+    /// `draining`; they move to `reserved` as the victims' memory comes back).
+    pub awaiting: u64,
     /// Models resident or loading.
     pub models: usize,
     /// Maximum models resident or loading.
@@ -154,6 +157,12 @@ impl Ledger {
     #[inline]
     pub fn used(&self) -> u64 {
         self.resident + self.reserved + self.draining
+    }
+
+    /// `resident + reserved + awaiting`: memory committed once every draining model is gone.
+    #[inline]
+    pub fn committed(&self) -> u64 {
+        self.resident + self.reserved + self.awaiting
     }
 }
 
@@ -282,16 +291,14 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     log: DecisionLog,
     /// Exponentially weighted mean of lease durations, nanoseconds.
     ewma_lease: Option<f64>,
+    /// Why the pool last went over its limits (the reason logged for evictions that follow).
+    over_reason: EvictReason,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// An empty pool.
     pub fn new(cfg: PoolConfig, policy: P, estimator: E) -> Self {
-        let ledger = Ledger {
-            limit: cfg.limit,
-            max_models: cfg.max_models,
-            ..Ledger::default()
-        };
+        let ledger = Ledger { limit: cfg.limit, max_models: cfg.max_models, ..Ledger::default() };
         let log = DecisionLog::new(cfg.log);
         PoolState {
             cfg,
@@ -303,6 +310,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             stats: Stats::default(),
             log,
             ewma_lease: None,
+            over_reason: EvictReason::LimitChanged,
         }
     }
 
@@ -442,8 +450,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn load_cost(&self, e: &Entry, bytes: u64) -> f64 {
-        e.load_secs
-            .unwrap_or(self.cfg.load_latency_secs + bytes as f64 / self.cfg.load_bandwidth)
+        e.load_secs.unwrap_or(self.cfg.load_latency_secs + bytes as f64 / self.cfg.load_bandwidth)
     }
 
     fn track_peak(&mut self) {
@@ -492,10 +499,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 self.stats.joins += 1;
                 if self.log.wants_hits() {
-                    self.log.push(Event::Join {
-                        at: now,
-                        model: e.spec.id.clone(),
-                    });
+                    self.log.push(Event::Join { at: now, model: e.spec.id.clone() });
                 }
                 Admission::Join
             }
@@ -544,10 +548,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
-        let idx = RejectCode::ALL
-            .iter()
-            .position(|c| *c == r.code)
-            .unwrap_or(0);
+        let idx = RejectCode::ALL.iter().position(|c| *c == r.code).unwrap_or(0);
         self.stats.rejections[idx] += 1;
         let model = self.entries[slot as usize].spec.id.clone();
         self.log.push(Event::Reject {
@@ -577,10 +578,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let count_short = (l.models + 1).saturating_sub(l.max_models);
         let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
-            return Ok(LoadPlan {
-                reserve: need,
-                victims,
-            });
+            return Ok(LoadPlan { reserve: need, victims });
         }
         let mut freed = 0u64;
         self.policy.visit_victims(&mut |s| {
@@ -591,10 +589,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             freed < bytes_short || victims.len() < count_short
         });
         if freed >= bytes_short && victims.len() >= count_short {
-            return Ok(LoadPlan {
-                reserve: need,
-                victims,
-            });
+            return Ok(LoadPlan { reserve: need, victims });
         }
         // Not enough even with every evictable model gone: evict nothing.
         let available = l.limit.saturating_sub(l.used() - freed);
@@ -626,13 +621,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let mut victim_bytes = 0;
         for &v in &plan.victims {
             victim_bytes += self.entries[v as usize].bytes;
-            self.evict(
-                v,
-                now,
-                reason,
-                Some((slot, generation)),
-                Some(model.clone()),
-            );
+            self.evict(v, now, reason, Some((slot, generation)), Some(model.clone()));
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
@@ -645,21 +634,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.loads += 1;
         let (reserve, awaiting) = (e.bytes, e.awaiting);
         let source = e.estimate.source.clone();
-        let source = if e.measured.is_some() {
-            crate::estimate::EstimateSource::Measured
-        } else {
-            source
-        };
+        let source = if e.measured.is_some() { crate::estimate::EstimateSource::Measured } else { source };
         self.ledger.reserved += reserve - awaiting;
+        self.ledger.awaiting += awaiting;
         self.ledger.models += 1;
         self.stats.loads += 1;
         self.track_peak();
-        self.log.push(Event::Load {
-            at: now,
-            model,
-            estimate: reserve,
-            source,
-        });
+        self.log.push(Event::Load { at: now, model, estimate: reserve, source });
     }
 
     /// Move a resident model to draining. `owner` is the load it makes room for.
@@ -686,14 +667,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.models -= 1;
         self.stats.evictions[reason as usize] += 1;
         let (model, bytes) = (e.spec.id.clone(), e.bytes);
-        self.log.push(Event::Evict {
-            at: now,
-            model,
-            reason,
-            bytes,
-            score,
-            for_model,
-        });
+        self.log.push(Event::Evict { at: now, model, reason, bytes, score, for_model });
     }
 
     /// A draining model's memory came back (the backend unloaded it). Returns the load it made
@@ -710,11 +684,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.bytes = 0;
         self.ledger.draining -= bytes;
         let model = e.spec.id.clone();
-        self.log.push(Event::Unload {
-            at: now,
-            model,
-            bytes,
-        });
+        self.log.push(Event::Unload { at: now, model, bytes });
         let (o, generation) = owner?;
         let oe = &mut self.entries[o as usize];
         if oe.phase != Phase::Loading || oe.load_gen != generation {
@@ -722,6 +692,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
         let t = bytes.min(oe.awaiting);
         oe.awaiting -= t;
+        self.ledger.awaiting -= t;
         self.ledger.reserved += t;
         oe.pending_victims = oe.pending_victims.saturating_sub(1);
         (oe.pending_victims == 0).then_some(o)
@@ -732,12 +703,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// limit, unpinned idle models are evicted (returned for the driver to unload).
     pub fn load_finished(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
         let e = &mut self.entries[slot as usize];
-        assert_eq!(
-            e.phase,
-            Phase::Loading,
-            "load_finished on a model that is not loading"
-        );
+        assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
         self.ledger.reserved -= e.bytes - e.awaiting;
+        self.ledger.awaiting -= e.awaiting;
         e.awaiting = 0;
         e.pending_victims = 0;
         let secs = now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64;
@@ -750,11 +718,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.pin_on_load = false;
                 self.ledger.models -= 1;
                 self.stats.load_failures += 1;
-                self.log.push(Event::LoadFailed {
-                    at: now,
-                    model,
-                    error: error.to_string(),
-                });
+                self.log.push(Event::LoadFailed { at: now, model, error: error.to_string() });
                 LoadDone::default()
             }
             Ok(measured) => {
@@ -769,32 +733,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.last_used = Some(now);
                 let granted = e.leases;
                 let pin = std::mem::take(&mut e.pin_on_load);
-                let info = PolicyInfo {
-                    bytes: measured,
-                    load_cost: secs.max(1e-9),
-                };
-                self.estimator
-                    .observe(&self.entries[slot as usize].spec, measured);
+                let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
+                self.estimator.observe(&self.entries[slot as usize].spec, measured);
                 self.ledger.resident += measured;
                 self.stats.loaded += 1;
                 self.stats.bytes_loaded += measured;
                 self.stats.load_secs += secs;
                 self.policy.on_insert(slot, info, now);
-                self.log.push(Event::Loaded {
-                    at: now,
-                    model,
-                    measured,
-                    secs,
-                });
+                self.log.push(Event::Loaded { at: now, model, measured, secs });
                 if pin {
                     self.pin_resident(slot, now);
                 }
                 self.track_peak();
                 let evicted = self.evict_down(now, EvictReason::Overcommit, false);
-                LoadDone {
-                    leases_granted: granted,
-                    evicted,
-                }
+                LoadDone { leases_granted: granted, evicted }
             }
         }
     }
@@ -807,8 +759,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// End one lease taken at `acquired_at`. Returns `true` when the model is draining and this
-    /// was its last lease: the driver must unload it and report [`PoolState::reclaimed`].
+    /// End one lease taken at `acquired_at`. Returns `true` when this was the model's last lease
+    /// and the model must now leave memory: the driver unloads it and reports
+    /// [`PoolState::reclaimed`]. That happens when it was draining, or when the pool is over its
+    /// limits (after a lowered limit or an overcommitting load) and it is the first model to
+    /// become evictable.
     #[inline]
     pub fn release(&mut self, slot: Slot, now: Nanos, acquired_at: Nanos) -> bool {
         let held = now.saturating_sub(acquired_at) as f64;
@@ -820,7 +775,26 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         debug_assert!(e.leases > 0, "release without a lease");
         e.leases = e.leases.saturating_sub(1);
         e.last_used = Some(now);
-        e.leases == 0 && e.phase == Phase::Draining
+        if e.leases > 0 {
+            return false;
+        }
+        let (phase, pinned) = (e.phase, e.pinned);
+        match phase {
+            Phase::Draining => true,
+            Phase::Resident if !pinned && self.over_limits() => {
+                self.evict(slot, now, self.over_reason, None, None);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether resident and reserved memory (draining memory is on its way back) or the model
+    /// count exceed the limits.
+    #[inline]
+    fn over_limits(&self) -> bool {
+        let l = &self.ledger;
+        l.committed() > l.limit || l.models > l.max_models
     }
 
     fn pin_resident(&mut self, slot: Slot, now: Nanos) {
@@ -849,18 +823,23 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// Unpin a model; it becomes evictable when idle. Returns whether it was pinned.
-    pub fn unpin(&mut self, slot: Slot, now: Nanos) -> bool {
+    /// Unpin a model; it becomes evictable when idle. Returns whether it was pinned, and the
+    /// models evicted because the pool was over its limits (possibly this one) for the driver
+    /// to unload.
+    pub fn unpin(&mut self, slot: Slot, now: Nanos) -> (bool, Victims) {
         let e = &mut self.entries[slot as usize];
         let was = e.pinned || e.pin_on_load;
         e.pin_on_load = false;
-        if e.pinned {
-            e.pinned = false;
-            self.ledger.pinned -= e.bytes;
-            let model = e.spec.id.clone();
-            self.log.push(Event::Unpin { at: now, model });
+        if !e.pinned {
+            return (was, Victims::new());
         }
-        was
+        e.pinned = false;
+        self.ledger.pinned -= e.bytes;
+        let model = e.spec.id.clone();
+        self.log.push(Event::Unpin { at: now, model });
+        let evicted =
+            if self.over_limits() { self.evict_down(now, self.over_reason, false) } else { Victims::new() };
+        (was, evicted)
     }
 
     /// Evict a resident model on request. Pinned or busy models are refused unless `force`;
@@ -868,24 +847,17 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Returns `Ok(true)` if the driver must unload it now, `Ok(false)` if it waits for leases.
     pub fn unload(&mut self, slot: Slot, now: Nanos, force: bool) -> Result<bool, PoolError> {
         let e = &self.entries[slot as usize];
-        let refuse = |reason: String| PoolError::UnloadRefused {
-            model: e.spec.id.clone(),
-            reason,
-        };
+        let refuse = |reason: String| PoolError::UnloadRefused { model: e.spec.id.clone(), reason };
         match e.phase {
             Phase::Absent => return Err(refuse("it is not loaded".into())),
             Phase::Loading => {
-                return Err(refuse(
-                    "it is loading; retry when the load has finished".into(),
-                ));
+                return Err(refuse("it is loading; retry when the load has finished".into()));
             }
             Phase::Draining => return Err(refuse("it is already being unloaded".into())),
             Phase::Resident => {}
         }
         if !force && e.pinned {
-            return Err(refuse(
-                "it is pinned (preloaded); unpin it first or force the unload".into(),
-            ));
+            return Err(refuse("it is pinned (preloaded); unpin it first or force the unload".into()));
         }
         if !force && e.leases > 0 {
             return Err(refuse(format!(
@@ -901,59 +873,49 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Change the limits and evict down to them: idle unpinned models first (returned for the
     /// driver to unload), then busy unpinned ones are drained. Pinned models stay even if the
     /// pool remains over the new limit (the status shows it).
-    pub fn set_limits(
-        &mut self,
-        limit: u64,
-        max_models: usize,
-        now: Nanos,
-    ) -> Result<Victims, PoolError> {
+    pub fn set_limits(&mut self, limit: u64, max_models: usize, now: Nanos) -> Result<Victims, PoolError> {
         if limit == 0 {
-            return Err(PoolError::InvalidConfig(
-                "memory limit must be greater than zero".into(),
-            ));
+            return Err(PoolError::InvalidConfig("memory limit must be greater than zero".into()));
         }
         if max_models == 0 {
-            return Err(PoolError::InvalidConfig(
-                "max_models must be at least 1".into(),
-            ));
+            return Err(PoolError::InvalidConfig("max_models must be at least 1".into()));
         }
         self.cfg.limit = limit;
         self.cfg.max_models = max_models;
         self.ledger.limit = limit;
         self.ledger.max_models = max_models;
-        self.log.push(Event::LimitChanged {
-            at: now,
-            limit,
-            max_models,
-        });
+        self.log.push(Event::LimitChanged { at: now, limit, max_models });
         Ok(self.evict_down(now, EvictReason::LimitChanged, true))
     }
 
-    fn over(&self) -> bool {
-        self.ledger.used() > self.ledger.limit || self.ledger.models > self.ledger.max_models
-    }
-
     /// Evict idle unpinned models in policy order until within limits; if `drain_busy`, then
-    /// drain busy unpinned ones too. Returns the idle victims (to unload now).
+    /// drain busy unpinned ones too. Returns the idle victims (to unload now). Memory already
+    /// draining counts as on its way back, so it is not evicted for twice.
     fn evict_down(&mut self, now: Nanos, reason: EvictReason, drain_busy: bool) -> Victims {
+        self.over_reason = reason;
+        let l = self.ledger;
+        let mut excess_bytes = l.committed().saturating_sub(l.limit);
+        let mut excess_count = l.models.saturating_sub(l.max_models);
         let mut out = Victims::new();
         for busy_pass in [false, true] {
             if busy_pass && !drain_busy {
                 break;
             }
-            while self.over() {
+            while excess_bytes > 0 || excess_count > 0 {
                 let mut pick = None;
                 self.policy.visit_victims(&mut |s| {
                     let e = &self.entries[s as usize];
-                    let ok =
-                        e.phase == Phase::Resident && !e.pinned && (busy_pass || e.leases == 0);
+                    let ok = e.phase == Phase::Resident && !e.pinned && (busy_pass || e.leases == 0);
                     if ok {
                         pick = Some(s);
                     }
                     !ok
                 });
                 let Some(s) = pick else { break };
-                let idle = self.entries[s as usize].leases == 0;
+                let e = &self.entries[s as usize];
+                let idle = e.leases == 0;
+                excess_bytes = excess_bytes.saturating_sub(e.bytes);
+                excess_count = excess_count.saturating_sub(1);
                 self.evict(s, now, reason, None, None);
                 if idle {
                     out.push(s);
@@ -1028,20 +990,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                     frees.push(((e.busy_since as f64 + lease).max(now as f64), e.bytes, 1));
                 }
                 Phase::Draining => {
-                    let t = if e.leases > 0 {
-                        e.busy_since as f64 + lease
-                    } else {
-                        now as f64
-                    };
+                    let t = if e.leases > 0 { e.busy_since as f64 + lease } else { now as f64 };
                     frees.push((t.max(now as f64), e.bytes, 0));
                 }
                 Phase::Loading if !e.pin_on_load => {
                     let load = self.load_cost(e, e.bytes) * NANOS_PER_SEC as f64;
-                    frees.push((
-                        (e.load_started as f64 + load).max(now as f64) + lease,
-                        e.bytes,
-                        1,
-                    ));
+                    frees.push(((e.load_started as f64 + load).max(now as f64) + lease, e.bytes, 1));
                 }
                 _ => {}
             }
@@ -1077,29 +1031,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             load_secs: e.load_secs,
             hits: e.hits,
             loads: e.loads,
-            score: if e.phase == Phase::Resident {
-                self.policy.score(slot)
-            } else {
-                None
-            },
+            score: if e.phase == Phase::Resident { self.policy.score(slot) } else { None },
         }
     }
 
     /// Status of every registered model, in slot order.
     pub fn models_status(&self) -> Vec<ModelStatus> {
-        (0..self.entries.len() as Slot)
-            .map(|s| self.model_status(s))
-            .collect()
+        (0..self.entries.len() as Slot).map(|s| self.model_status(s)).collect()
     }
 
     /// Check the ledger against the entries (tests and debug builds). Returns a description of
     /// the first inconsistency.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut l = Ledger {
-            limit: self.ledger.limit,
-            max_models: self.ledger.max_models,
-            ..Ledger::default()
-        };
+        let mut l =
+            Ledger { limit: self.ledger.limit, max_models: self.ledger.max_models, ..Ledger::default() };
         for (i, e) in self.entries.iter().enumerate() {
             match e.phase {
                 Phase::Absent => {
@@ -1109,6 +1054,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 Phase::Loading => {
                     l.reserved += e.bytes - e.awaiting;
+                    l.awaiting += e.awaiting;
                     l.models += 1;
                     if e.leases != 0 {
                         return Err(format!("slot {i}: loading with leases"));
@@ -1152,20 +1098,13 @@ impl Rejection {
                 available: self.available,
                 retry_after_secs: retry,
             },
-            RejectCode::ModelTooLarge => PoolError::ModelTooLarge {
-                model,
-                need: self.need,
-                available: self.available,
-            },
-            RejectCode::MaxModels => PoolError::MaxModelsReached {
-                model,
-                max_models,
-                retry_after_secs: retry,
-            },
-            RejectCode::Draining => PoolError::Draining {
-                model,
-                retry_after_secs: retry,
-            },
+            RejectCode::ModelTooLarge => {
+                PoolError::ModelTooLarge { model, need: self.need, available: self.available }
+            }
+            RejectCode::MaxModels => {
+                PoolError::MaxModelsReached { model, max_models, retry_after_secs: retry }
+            }
+            RejectCode::Draining => PoolError::Draining { model, retry_after_secs: retry },
         }
     }
 }

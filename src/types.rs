@@ -28,9 +28,7 @@ pub fn gb(bytes: u64) -> f64 {
 }
 
 /// What kind of inference a model serves. The wire names are `text-gen`, `vision`, `embeddings`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub enum ModelType {
     /// Text generation (chat and completions). The default type of a model.
     #[default]
@@ -104,12 +102,7 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// A text-gen model with no path and no size hint.
     pub fn new(id: impl Into<ModelId>) -> Self {
-        ModelSpec {
-            id: id.into(),
-            model_type: ModelType::TextGen,
-            path: None,
-            size_hint: None,
-        }
+        ModelSpec { id: id.into(), model_type: ModelType::TextGen, path: None, size_hint: None }
     }
 
     /// Builder: set the model type.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest,
-    GenerateStream, ModelHandle, Prompt, Usage, check_type,
+    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
+    ModelHandle, Prompt, Usage, check_type,
 };
 use crate::estimate::{NameEstimator, SizeEstimator};
 use crate::types::{ModelSpec, ModelType};
@@ -72,20 +72,12 @@ impl FakeBackend {
 
     /// Set (replace) the behaviour of one model.
     pub fn configure(&self, model: &str, config: FakeModelConfig) {
-        self.models
-            .lock()
-            .unwrap()
-            .insert(model.to_string(), config);
+        self.models.lock().unwrap().insert(model.to_string(), config);
     }
 
     /// Make the next `n` loads of `model` fail (`u32::MAX`: all of them).
     pub fn fail_next_loads(&self, model: &str, n: u32) {
-        self.models
-            .lock()
-            .unwrap()
-            .entry(model.to_string())
-            .or_default()
-            .fail_loads = n;
+        self.models.lock().unwrap().entry(model.to_string()).or_default().fail_loads = n;
     }
 
     /// Loads attempted so far (successful or not).
@@ -114,24 +106,15 @@ impl Backend for FakeBackend {
             if fail && cfg.fail_loads != u32::MAX {
                 cfg.fail_loads -= 1;
             }
-            let measured = cfg
-                .measured_bytes
-                .or(spec.size_hint)
-                .unwrap_or_else(|| NameEstimator::default().estimate(spec).bytes);
-            (
-                cfg.load_time.unwrap_or(self.default_load_time),
-                fail,
-                measured,
-            )
+            let measured =
+                cfg.measured_bytes.or(spec.size_hint).unwrap_or_else(|| NameEstimator.estimate(spec).bytes);
+            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured)
         };
         if !load_time.is_zero() {
             tokio::time::sleep(load_time).await;
         }
         if fail {
-            return Err(BackendError::Load(format!(
-                "injected failure loading '{}'",
-                spec.id
-            )));
+            return Err(BackendError::Load(format!("injected failure loading '{}'", spec.id)));
         }
         Ok(Arc::new(FakeModel {
             id: spec.id.to_string(),
@@ -166,27 +149,20 @@ fn fnv1a(data: &[u8], seed: u64) -> u64 {
 }
 
 const WORDS: [&str; 16] = [
-    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
-    "kilo", "lima", "mike", "november", "oscar", "papa",
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+    "lima", "mike", "november", "oscar", "papa",
 ];
 
 fn prompt_text(p: &Prompt) -> String {
     match p {
         Prompt::Text(t) => t.clone(),
-        Prompt::Chat(msgs) => msgs
-            .iter()
-            .map(|m| format!("{}: {}\n", m.role, m.content))
-            .collect(),
+        Prompt::Chat(msgs) => msgs.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect(),
     }
 }
 
 impl FakeModel {
     fn check_loaded(&self) -> Result<(), BackendError> {
-        if self.loaded.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(BackendError::Gone)
-        }
+        if self.loaded.load(Ordering::SeqCst) { Ok(()) } else { Err(BackendError::Gone) }
     }
 }
 
@@ -197,11 +173,7 @@ impl ModelHandle for FakeModel {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {
-        check_type(
-            self.model_type,
-            &[ModelType::TextGen, ModelType::Vision],
-            "generation",
-        )?;
+        check_type(self.model_type, &[ModelType::TextGen, ModelType::Vision], "generation")?;
         self.check_loaded()?;
         let text = prompt_text(&req.prompt);
         let prompt_tokens = text.split_whitespace().count().max(1) as u32;
@@ -221,12 +193,7 @@ impl ModelHandle for FakeModel {
         let mut stopped = false;
         for p in pieces {
             let candidate = format!("{out}{p}");
-            if let Some(pos) = req
-                .stop
-                .iter()
-                .filter_map(|s| candidate.find(s.as_str()))
-                .min()
-            {
+            if let Some(pos) = req.stop.iter().filter_map(|s| candidate.find(s.as_str())).min() {
                 let tail = &candidate[out.len()..pos.max(out.len())];
                 if !tail.is_empty() {
                     emitted.push(tail.to_string());
@@ -238,19 +205,12 @@ impl ModelHandle for FakeModel {
             emitted.push(p);
         }
         let completion_tokens = emitted.len() as u32;
-        let finish_reason = if stopped || req.max_tokens >= natural_len {
-            FinishReason::Stop
-        } else {
-            FinishReason::Length
-        };
+        let finish_reason =
+            if stopped || req.max_tokens >= natural_len { FinishReason::Stop } else { FinishReason::Length };
         let delay = self.token_delay;
-        let usage = Usage {
-            prompt_tokens,
-            completion_tokens,
-        };
-        let stream = futures::stream::unfold(
-            (emitted.into_iter(), false),
-            move |(mut it, done)| async move {
+        let usage = Usage { prompt_tokens, completion_tokens };
+        let stream =
+            futures::stream::unfold((emitted.into_iter(), false), move |(mut it, done)| async move {
                 if done {
                     return None;
                 }
@@ -261,16 +221,9 @@ impl ModelHandle for FakeModel {
                         }
                         Some((Ok(GenerateEvent::Delta(piece)), (it, false)))
                     }
-                    None => Some((
-                        Ok(GenerateEvent::Done {
-                            finish_reason,
-                            usage,
-                        }),
-                        (it, true),
-                    )),
+                    None => Some((Ok(GenerateEvent::Done { finish_reason, usage }), (it, true))),
                 }
-            },
-        );
+            });
         Ok(Box::pin(stream))
     }
 
@@ -289,20 +242,12 @@ impl ModelHandle for FakeModel {
                         ((h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
                     })
                     .collect();
-                let norm = v
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::MIN_POSITIVE);
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
                 v.iter_mut().for_each(|x| *x /= norm);
                 v
             })
             .collect();
-        Ok(Embeddings {
-            vectors,
-            prompt_tokens,
-        })
+        Ok(Embeddings { vectors, prompt_tokens })
     }
 
     async fn unload(&self) -> Result<u64, BackendError> {

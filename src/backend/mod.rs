@@ -74,14 +74,7 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// Greedy generation of at most `max_tokens` tokens from `prompt`.
     pub fn greedy(prompt: Prompt, max_tokens: u32) -> Self {
-        GenerateRequest {
-            prompt,
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: Vec::new(),
-        }
+        GenerateRequest { prompt, max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop: Vec::new() }
     }
 }
 
@@ -164,8 +157,6 @@ pub fn check_type(actual: ModelType, wanted: &[ModelType], what: &str) -> Result
     if wanted.contains(&actual) {
         Ok(())
     } else {
-        Err(BackendError::Unsupported(format!(
-            "{what} is not served by a {actual} model"
-        )))
+        Err(BackendError::Unsupported(format!("{what} is not served by a {actual} model")))
     }
 }

@@ -923,7 +923,7 @@ async fn admin_inner(
         }
         AdminOp::Unpin(id) => {
             timer.model = Some(id.clone());
-            let was = pool.unpin(&id)?;
+            let was = pool.unpin(&id).await?;
             ok_json(
                 &serde_json::json!({ "model": id, "was_pinned": was, "status": model_status(state, &id)? }),
             )

@@ -56,18 +56,9 @@ impl EvictionPolicy for Gdsf {
             self.queue.remove(&(m.key, m.seq, slot));
         }
         // Cost per gigabyte keeps priorities in a comfortable floating-point range.
-        let cost = if info.load_cost.is_finite() && info.load_cost > 0.0 {
-            info.load_cost
-        } else {
-            1e-9
-        };
+        let cost = if info.load_cost.is_finite() && info.load_cost > 0.0 { info.load_cost } else { 1e-9 };
         let per_gb = cost / (info.bytes.max(1) as f64 / 1e9);
-        self.meta[slot as usize] = Meta {
-            freq: 1,
-            cost_per_byte: per_gb,
-            tracked: true,
-            ..m
-        };
+        self.meta[slot as usize] = Meta { freq: 1, cost_per_byte: per_gb, tracked: true, ..m };
         self.requeue(slot);
     }
 
@@ -106,10 +97,7 @@ impl EvictionPolicy for Gdsf {
     }
 
     fn score(&self, slot: Slot) -> Option<f64> {
-        self.meta
-            .get(slot as usize)
-            .filter(|m| m.tracked)
-            .map(|m| f64::from_bits(m.key))
+        self.meta.get(slot as usize).filter(|m| m.tracked).map(|m| f64::from_bits(m.key))
     }
 }
 
@@ -134,6 +122,7 @@ mod tests {
         p.on_remove(0, true);
         p.on_insert(3, info(4_000_000_000, 1.0), 3);
         assert_eq!(p.score(3), Some(0.5 + 0.25));
-        assert_eq!(order(&p), vec![3, 2, 1]);
+        // Slot 2 ties with it at 0.75: the tie goes to the least recently used, slot 2.
+        assert_eq!(order(&p), vec![2, 3, 1]);
     }
 }

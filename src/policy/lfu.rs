@@ -42,11 +42,7 @@ impl EvictionPolicy for Lfu {
             self.queue.remove(&(m.freq, m.seq, slot));
         }
         self.seq += 1;
-        self.meta[slot as usize] = Meta {
-            freq: 1,
-            seq: self.seq,
-            tracked: true,
-        };
+        self.meta[slot as usize] = Meta { freq: 1, seq: self.seq, tracked: true };
         self.queue.insert((1, self.seq, slot));
     }
 
@@ -59,11 +55,7 @@ impl EvictionPolicy for Lfu {
         }
         self.queue.remove(&(m.freq, m.seq, slot));
         self.seq += 1;
-        let m = Meta {
-            freq: m.freq + 1,
-            seq: self.seq,
-            tracked: true,
-        };
+        let m = Meta { freq: m.freq + 1, seq: self.seq, tracked: true };
         self.meta[slot as usize] = m;
         self.queue.insert((m.freq, m.seq, slot));
     }
@@ -87,10 +79,7 @@ impl EvictionPolicy for Lfu {
     }
 
     fn score(&self, slot: Slot) -> Option<f64> {
-        self.meta
-            .get(slot as usize)
-            .filter(|m| m.tracked)
-            .map(|m| m.freq as f64)
+        self.meta.get(slot as usize).filter(|m| m.tracked).map(|m| m.freq as f64)
     }
 }
 

@@ -13,11 +13,7 @@ struct Link {
     linked: bool,
 }
 
-const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
-    linked: false,
-};
+const UNLINKED: Link = Link { prev: NIL, next: NIL, linked: false };
 
 /// Least recently used first. The default policy.
 #[derive(Debug, Clone)]
@@ -38,11 +34,7 @@ impl Default for Lru {
 impl Lru {
     /// An empty LRU list.
     pub fn new() -> Self {
-        Lru {
-            links: Vec::new(),
-            head: NIL,
-            tail: NIL,
-        }
+        Lru { links: Vec::new(), head: NIL, tail: NIL }
     }
 
     fn unlink(&mut self, s: u32) {
@@ -61,11 +53,7 @@ impl Lru {
     }
 
     fn push_front(&mut self, s: u32) {
-        self.links[s as usize] = Link {
-            prev: NIL,
-            next: self.head,
-            linked: true,
-        };
+        self.links[s as usize] = Link { prev: NIL, next: self.head, linked: true };
         if self.head == NIL {
             self.tail = s
         } else {

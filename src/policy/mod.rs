@@ -78,9 +78,7 @@ impl EvictionPolicy for Box<dyn EvictionPolicy> {
 }
 
 /// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
     /// Least recently used (default).

@@ -1,1 +1,10 @@
+//! One integration-test binary (links the crate once). Each module is a group of behaviours.
+
+mod common;
+mod engine;
+mod estimate;
 mod http;
+mod invariants;
+mod pool;
+mod seed;
+mod snapshots;

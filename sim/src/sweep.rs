@@ -1,0 +1,554 @@
+//! Sweeps: many memory limits x several policies over one trace, side by side, with each online
+//! policy's gap to the best offline baseline, a CSV, an SVG chart, and the smallest limit that
+//! meets a target (e.g. 503 rate <= 0.1% and p99 added latency <= 2 s).
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use modelpool::MemoryLimit;
+use serde::Serialize;
+
+use crate::replay::{PolicyChoice, SimConfig, run};
+use crate::report::{Report, fmt_bytes, fmt_secs};
+use crate::trace::Trace;
+
+/// What a deployment must achieve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Target {
+    /// Highest acceptable share of requests that see a 503.
+    pub max_503_rate: f64,
+    /// Highest acceptable p99 added latency, seconds.
+    pub max_p99_secs: f64,
+}
+
+impl Default for Target {
+    /// 503 rate <= 0.1% and p99 added latency <= 2 s.
+    fn default() -> Self {
+        Target {
+            max_503_rate: 0.001,
+            max_p99_secs: 2.0,
+        }
+    }
+}
+
+impl Target {
+    /// Whether a report meets the target.
+    pub fn met_by(&self, r: &Report) -> bool {
+        r.rate_503 <= self.max_503_rate && r.added_latency.p99 <= self.max_p99_secs
+    }
+}
+
+/// One replay of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Memory limit, bytes.
+    pub limit: u64,
+    /// Policy.
+    pub policy: PolicyChoice,
+    /// The replay's report.
+    pub report: Report,
+    /// Object miss ratio minus the best offline policy's at this limit (online policies only).
+    pub gap_object: Option<f64>,
+    /// Load-cost miss ratio minus the best offline policy's at this limit (online only).
+    pub gap_cost: Option<f64>,
+    /// Whether the target is met.
+    pub meets_target: bool,
+}
+
+/// A whole sweep: cells in (limit, policy) order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sweep {
+    /// Limits, ascending.
+    pub limits: Vec<u64>,
+    /// Policies, in the order given.
+    pub policies: Vec<PolicyChoice>,
+    /// The target used for the recommendation.
+    pub target: Target,
+    /// One cell per (limit, policy).
+    pub cells: Vec<Cell>,
+    /// Smallest limit meeting the target with an online policy, and that policy.
+    pub recommended: Option<(u64, PolicyChoice)>,
+}
+
+/// Parse a list of limits: `8GB,16GB,32GB` or `8GB..64GB:8` (8 evenly spaced limits, ends
+/// included). Fractions of system memory are refused: a simulation must not depend on the host.
+pub fn parse_limits(s: &str) -> Result<Vec<u64>, String> {
+    let one = |p: &str| -> Result<u64, String> {
+        match p.trim().parse::<MemoryLimit>() {
+            Ok(MemoryLimit::Bytes(b)) => Ok(b),
+            Ok(MemoryLimit::Fraction(_)) => Err(format!(
+                "'{p}': the simulator needs absolute limits (e.g. 16GB), not fractions"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        if let Some((range, n)) = part.split_once(':') {
+            let (a, b) = range
+                .split_once("..")
+                .ok_or_else(|| format!("'{part}': expected FROM..TO:COUNT"))?;
+            let (a, b) = (one(a)?, one(b)?);
+            let n: usize = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n| (2..=1000).contains(&n))
+                .ok_or_else(|| format!("'{part}': COUNT must be an integer in 2..=1000"))?;
+            if b <= a {
+                return Err(format!("'{part}': TO must be larger than FROM"));
+            }
+            for i in 0..n {
+                out.push(a + ((b - a) as f64 * i as f64 / (n - 1) as f64).round() as u64);
+            }
+        } else {
+            out.push(one(part)?);
+        }
+    }
+    if out.is_empty() {
+        return Err("no memory limits given".into());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Limits worth sweeping for a trace: from the largest model to the sum of the `max_models`
+/// largest ones (beyond that nothing is ever evicted for memory), `n` points.
+pub fn auto_limits(trace: &Trace, max_models: usize, n: usize, size_of: impl Fn(usize) -> u64) -> Vec<u64> {
+    let mut sizes: Vec<u64> = (0..trace.models.len()).map(size_of).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let lo = sizes.first().copied().unwrap_or(1).max(1);
+    let hi = sizes.iter().take(max_models).sum::<u64>().max(lo + 1);
+    let n = n.max(2);
+    let mut v: Vec<u64> = (0..n)
+        .map(|i| {
+            let x = lo as f64 + (hi - lo) as f64 * i as f64 / (n - 1) as f64;
+            // Round to 0.1 GB for readable tables.
+            ((x / 1e8).ceil() * 1e8) as u64
+        })
+        .collect();
+    v.dedup();
+    v
+}
+
+/// Run every (limit, policy) pair on `jobs` threads. `tick` is called after each replay.
+/// The result does not depend on `jobs`.
+pub fn sweep(
+    trace: &Trace,
+    base: &SimConfig,
+    limits: &[u64],
+    policies: &[PolicyChoice],
+    target: Target,
+    jobs: usize,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Sweep, String> {
+    base.validate()?;
+    if policies.is_empty() {
+        return Err("no policies given".into());
+    }
+    let mut limits = limits.to_vec();
+    limits.sort_unstable();
+    limits.dedup();
+    let tasks: Vec<(u64, PolicyChoice)> = limits
+        .iter()
+        .flat_map(|&l| policies.iter().map(move |&p| (l, p)))
+        .collect();
+    let results: Mutex<Vec<Option<Result<Report, String>>>> = Mutex::new(vec![None; tasks.len()]);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, tasks.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(limit, policy)) = tasks.get(i) else {
+                        return;
+                    };
+                    let cfg = SimConfig {
+                        limit,
+                        policy,
+                        ..base.clone()
+                    };
+                    let r = run(trace, &cfg).map(|o| o.report);
+                    results.lock().expect("no panics while holding")[i] = Some(r);
+                    tick();
+                }
+            });
+        }
+    });
+    let reports: Vec<Report> = results
+        .into_inner()
+        .expect("no panics while holding")
+        .into_iter()
+        .map(|r| r.expect("every task ran"))
+        .collect::<Result<_, _>>()?;
+    let mut cells: Vec<Cell> = tasks
+        .iter()
+        .zip(reports)
+        .map(|(&(limit, policy), report)| Cell {
+            limit,
+            policy,
+            meets_target: target.met_by(&report),
+            report,
+            gap_object: None,
+            gap_cost: None,
+        })
+        .collect();
+    for chunk in cells.chunks_mut(policies.len()) {
+        let best = |f: fn(&Report) -> f64| {
+            chunk
+                .iter()
+                .filter(|c| c.policy.is_offline())
+                .map(|c| f(&c.report))
+                .min_by(f64::total_cmp)
+        };
+        let (bo, bc) = (
+            best(|r| r.miss_ratio.object),
+            best(|r| r.miss_ratio.cost),
+        );
+        for c in chunk.iter_mut().filter(|c| !c.policy.is_offline()) {
+            c.gap_object = bo.map(|b| crate::report::r6(c.report.miss_ratio.object - b));
+            c.gap_cost = bc.map(|b| crate::report::r6(c.report.miss_ratio.cost - b));
+        }
+    }
+    let recommended = cells
+        .iter()
+        .filter(|c| !c.policy.is_offline() && c.meets_target)
+        .map(|c| (c.limit, c.policy))
+        .next();
+    Ok(Sweep {
+        limits,
+        policies: policies.to_vec(),
+        target,
+        cells,
+        recommended,
+    })
+}
+
+impl Sweep {
+    /// Smallest limit at which `policy` meets the target.
+    pub fn smallest_meeting(&self, policy: PolicyChoice) -> Option<u64> {
+        self.cells
+            .iter()
+            .find(|c| c.policy == policy && c.meets_target)
+            .map(|c| c.limit)
+    }
+
+    /// The side-by-side table, the gap note and the recommendation.
+    pub fn to_text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "  {:>9}  {:<11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}  {}",
+            "limit",
+            "policy",
+            "obj-miss",
+            "byte",
+            "cost",
+            "503-rate",
+            "p99-added",
+            "mean-mem",
+            "gap-obj",
+            "target"
+        );
+        for c in &self.cells {
+            let r = &c.report;
+            let _ = writeln!(
+                o,
+                "  {:>9}  {:<11} {:>8.4} {:>8.4} {:>8.4} {:>7.3}% {:>9} {:>9} {:>9}  {}",
+                fmt_bytes(c.limit),
+                c.policy.as_str(),
+                r.miss_ratio.object,
+                r.miss_ratio.byte,
+                r.miss_ratio.cost,
+                r.rate_503 * 100.0,
+                fmt_secs(r.added_latency.p99),
+                fmt_bytes(r.memory.mean_bytes),
+                c.gap_object.map_or("-".into(), |g| format!("{g:+.4}")),
+                if c.meets_target { "yes" } else { "no" }
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "gap-obj: object miss ratio minus the best offline baseline's (belady, belady-cost) at the same limit"
+        );
+        let _ = writeln!(
+            o,
+            "target: 503 rate <= {}% and p99 added latency <= {}",
+            self.target.max_503_rate * 100.0,
+            fmt_secs(self.target.max_p99_secs)
+        );
+        for &p in &self.policies {
+            let _ = writeln!(
+                o,
+                "  {:<11} smallest limit meeting it: {}",
+                p.as_str(),
+                self.smallest_meeting(p)
+                    .map_or("none in the sweep".into(), fmt_bytes)
+            );
+        }
+        match self.recommended {
+            Some((l, p)) => {
+                let _ = writeln!(o, "recommendation: --memory-limit {} --policy {p}", fmt_bytes(l).replace(' ', ""));
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "recommendation: no limit in the sweep meets the target with an online policy; sweep higher"
+                );
+            }
+        }
+        o
+    }
+
+    /// One CSV row per cell.
+    pub fn to_csv(&self) -> String {
+        let mut o = String::from(
+            "limit_bytes,policy,offline,requests,hits,cold_loads,evictions,object_miss_ratio,byte_miss_ratio,cost_miss_ratio,rate_503,rejections,p50_added_secs,p99_added_secs,p999_added_secs,peak_bytes,mean_bytes,gap_object,gap_cost,meets_target\n",
+        );
+        for c in &self.cells {
+            let r = &c.report;
+            let opt = |g: Option<f64>| g.map_or(String::new(), |g| g.to_string());
+            let _ = writeln!(
+                o,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                c.limit,
+                c.policy,
+                c.policy.is_offline(),
+                r.requests,
+                r.hits,
+                r.cold_loads,
+                r.evictions_total,
+                r.miss_ratio.object,
+                r.miss_ratio.byte,
+                r.miss_ratio.cost,
+                r.rate_503,
+                r.rejections.values().sum::<u64>(),
+                r.added_latency.p50,
+                r.added_latency.p99,
+                r.added_latency.p999,
+                r.memory.peak_bytes,
+                r.memory.mean_bytes,
+                opt(c.gap_object),
+                opt(c.gap_cost),
+                c.meets_target
+            );
+        }
+        o
+    }
+
+    /// A two-panel SVG chart: object miss ratio and 503 rate against the memory limit, one
+    /// line per policy (offline baselines dashed), the recommended limit marked.
+    pub fn to_svg(&self, title: &str) -> String {
+        const W: f64 = 1000.0;
+        const H: f64 = 440.0;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(o, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+            W / 2.0,
+            xml_escape(title)
+        );
+        let panels: [(&str, fn(&Report) -> f64, Option<f64>); 2] = [
+            ("object miss ratio", |r| r.miss_ratio.object, None),
+            (
+                "503 rate (share of requests)",
+                |r| r.rate_503,
+                Some(self.target.max_503_rate),
+            ),
+        ];
+        let (lo, hi) = (
+            *self.limits.first().unwrap_or(&0) as f64 / 1e9,
+            *self.limits.last().unwrap_or(&1) as f64 / 1e9,
+        );
+        let hi = if hi > lo { hi } else { lo + 1.0 };
+        for (pi, (label, metric, target)) in panels.iter().enumerate() {
+            let (x0, y0, pw, ph) = (70.0 + pi as f64 * 480.0, 50.0, 400.0, 300.0);
+            let ymax = self
+                .cells
+                .iter()
+                .map(|c| metric(&c.report))
+                .fold(target.unwrap_or(0.0), f64::max);
+            let ymax = nice_ceil(ymax.max(1e-6));
+            let px = |gb: f64| x0 + (gb - lo) / (hi - lo) * pw;
+            let py = |v: f64| y0 + ph - v / ymax * ph;
+            let _ = writeln!(
+                o,
+                r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
+            );
+            for i in 0..=5 {
+                let v = ymax * i as f64 / 5.0;
+                let y = py(v);
+                let _ = writeln!(
+                    o,
+                    r##"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                    x0 + pw,
+                    x0 - 6.0,
+                    y + 4.0,
+                    fmt_tick(v)
+                );
+            }
+            for i in 0..=5 {
+                let gb = lo + (hi - lo) * i as f64 / 5.0;
+                let x = px(gb);
+                let _ = writeln!(
+                    o,
+                    r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#444"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{gb:.1}</text>"##,
+                    y0 + ph,
+                    y0 + ph + 5.0,
+                    y0 + ph + 18.0
+                );
+            }
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">memory limit (GB)</text>"#,
+                x0 + pw / 2.0,
+                y0 + ph + 36.0
+            );
+            let _ = writeln!(
+                o,
+                r#"<text x="{x0}" y="{:.1}">{label}</text>"#,
+                y0 - 8.0
+            );
+            if let Some(t) = target {
+                let y = py(*t);
+                let _ = writeln!(
+                    o,
+                    r##"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#c00" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#c00">target</text>"##,
+                    x0 + pw,
+                    x0 + pw - 4.0,
+                    y - 4.0
+                );
+            }
+            if let Some((l, _)) = self.recommended {
+                let x = px(l as f64 / 1e9);
+                let _ = writeln!(
+                    o,
+                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="#2a2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}" fill="#2a2">recommended {}</text>"##,
+                    y0 + ph,
+                    x + 4.0,
+                    y0 + 14.0,
+                    fmt_bytes(l)
+                );
+            }
+            for &p in &self.policies {
+                let pts: Vec<String> = self
+                    .cells
+                    .iter()
+                    .filter(|c| c.policy == p)
+                    .map(|c| format!("{:.1},{:.1}", px(c.limit as f64 / 1e9), py(metric(&c.report))))
+                    .collect();
+                let dash = if p.is_offline() {
+                    r#" stroke-dasharray="5,4""#
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    o,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
+                    pts.join(" "),
+                    color(p)
+                );
+                for pt in &pts {
+                    let (x, y) = pt.split_once(',').unwrap_or(("0", "0"));
+                    let _ = writeln!(
+                        o,
+                        r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"#,
+                        color(p)
+                    );
+                }
+            }
+        }
+        for (i, &p) in self.policies.iter().enumerate() {
+            let x = 70.0 + i as f64 * 150.0;
+            let y = H - 20.0;
+            let dash = if p.is_offline() {
+                r#" stroke-dasharray="5,4""#
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                o,
+                r#"<line x1="{x}" y1="{y}" x2="{:.1}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}{}</text>"#,
+                x + 28.0,
+                color(p),
+                x + 34.0,
+                y + 4.0,
+                p.as_str(),
+                if p.is_offline() { " (offline)" } else { "" }
+            );
+        }
+        o.push_str("</svg>\n");
+        o
+    }
+}
+
+fn color(p: PolicyChoice) -> &'static str {
+    match p {
+        PolicyChoice::Lru => "#1f77b4",
+        PolicyChoice::Gdsf => "#ff7f0e",
+        PolicyChoice::Lfu => "#2ca02c",
+        PolicyChoice::Belady => "#7f7f7f",
+        PolicyChoice::BeladyCost => "#222222",
+    }
+}
+
+/// 1, 2, 2.5 or 5 times a power of ten, at least `x`.
+fn nice_ceil(x: f64) -> f64 {
+    let p = 10f64.powf(x.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * p >= x * (1.0 - 1e-12) {
+            return m * p;
+        }
+    }
+    10.0 * p
+}
+
+fn fmt_tick(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_lists_and_ranges() {
+        assert_eq!(parse_limits("16GB,8GB").unwrap(), vec![8_000_000_000, 16_000_000_000]);
+        assert_eq!(
+            parse_limits("8GB..16GB:3").unwrap(),
+            vec![8_000_000_000, 12_000_000_000, 16_000_000_000]
+        );
+        assert!(parse_limits("50%").unwrap_err().contains("absolute"));
+        assert!(parse_limits("8GB..4GB:3").is_err());
+        assert!(parse_limits("8GB..16GB:1").is_err());
+        assert!(parse_limits("").is_err());
+    }
+
+    #[test]
+    fn nice_ceil_rounds_up() {
+        assert_eq!(nice_ceil(0.37), 0.5);
+        assert_eq!(nice_ceil(0.001), 0.001);
+        assert_eq!(nice_ceil(3.0), 5.0);
+    }
+}

@@ -1,0 +1,234 @@
+//! Decision-core behaviours beyond the seed: nothing evicted for nothing, leases, max_models,
+//! runtime limits, reservations, measured sizes, draining, idle expiry.
+
+use crate::common::*;
+use modelpool::{Admission, EvictReason, GB, Intent, Phase, RejectCode};
+
+#[test]
+fn no_eviction_when_the_load_would_fail_anyway() {
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 3.0);
+    let b = reg_sized(&mut st, "b", 3.0);
+    let c = reg_sized(&mut st, "c", 3.0);
+    let big = reg_sized(&mut st, "big", 8.0);
+    touch(&mut st, a, s(1));
+    touch(&mut st, b, s(2));
+    request(&mut st, c, s(3)); // c stays busy
+    let before = st.ledger();
+    let adm = st.admit(big, s(4), Intent::Request);
+    let Admission::Reject(r) = adm else { panic!("{adm:?}") };
+    assert_eq!(r.code, RejectCode::InsufficientMemory);
+    // 10 GB limit, 3 GB busy: 7 GB could be made available.
+    assert_eq!((r.need, r.available), (8 * GB, 7 * GB));
+    assert_eq!(st.ledger(), before, "a rejected admission changed the ledger");
+    assert_eq!(st.stats().total_evictions(), 0);
+    assert_eq!([st.phase(a), st.phase(b)], [Phase::Resident, Phase::Resident]);
+}
+
+#[test]
+fn too_large_for_limit_minus_pins_has_no_retry() {
+    let mut st = state(10.0);
+    let p = reg_sized(&mut st, "pinned", 4.0);
+    preload(&mut st, p, s(0));
+    let huge = reg_sized(&mut st, "huge", 7.0);
+    let Admission::Reject(r) = st.admit(huge, s(1), Intent::Request) else { panic!() };
+    assert_eq!(r.code, RejectCode::ModelTooLarge);
+    assert_eq!(r.retry_after_secs, None);
+    assert_eq!(r.available, 6 * GB);
+    let msg = r.into_error("huge".into(), 4).to_string();
+    assert_eq!(msg, "Model too large: 'huge' needs 7.0GB but the limit minus pinned models leaves 6.0GB");
+}
+
+#[test]
+fn a_leased_model_is_never_evicted() {
+    let mut st = state(8.0);
+    let busy = reg_sized(&mut st, "busy", 4.0);
+    let idle = reg_sized(&mut st, "idle", 4.0);
+    let next = reg_sized(&mut st, "next", 4.0);
+    request(&mut st, busy, s(1)); // oldest, but leased
+    touch(&mut st, idle, s(2));
+    let a = touch(&mut st, next, s(3));
+    assert_eq!(victim_names(&st, &a), vec!["idle"]);
+    assert_eq!(st.phase(busy), Phase::Resident);
+    assert_eq!(st.leases(busy), 1);
+}
+
+#[test]
+fn loads_in_progress_hold_their_reservation() {
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 6.0);
+    let b = reg_sized(&mut st, "b", 6.0);
+    assert!(matches!(st.admit(a, s(1), Intent::Request), Admission::Load(_)));
+    assert_eq!(st.ledger().reserved, 6 * GB);
+    // A second load of a different model cannot over-commit: the first one's bytes are taken.
+    let Admission::Reject(r) = st.admit(b, s(1), Intent::Request) else { panic!() };
+    assert_eq!(r.code, RejectCode::InsufficientMemory);
+    assert!(r.retry_after_secs.unwrap() >= 1);
+    // Joining the same model is single-flight.
+    assert_eq!(st.admit(a, s(2), Intent::Request), Admission::Join);
+    let done = st.load_finished(a, s(3), Ok(6 * GB));
+    assert_eq!(done.leases_granted, 2);
+    assert_eq!(st.ledger().reserved, 0);
+    assert_eq!(st.ledger().resident, 6 * GB);
+}
+
+#[test]
+fn a_failed_load_releases_its_reservation_and_waiters() {
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 6.0);
+    assert!(matches!(st.admit(a, s(1), Intent::Request), Admission::Load(_)));
+    assert_eq!(st.admit(a, s(1), Intent::Request), Admission::Join);
+    let done = st.load_finished(a, s(2), Err("disk on fire"));
+    assert_eq!(done.leases_granted, 0);
+    assert_eq!(st.ledger().used(), 0);
+    assert_eq!(st.ledger().models, 0);
+    assert_eq!(st.phase(a), Phase::Absent);
+    assert_eq!(st.stats().load_failures, 1);
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn max_models_is_enforced_like_memory() {
+    let mut st = state(100.0);
+    st.set_limits(100 * GB, 2, 0).unwrap();
+    let m: Vec<_> = ["a", "b", "c"].iter().map(|n| reg_sized(&mut st, n, 1.0)).collect();
+    touch(&mut st, m[0], s(1));
+    request(&mut st, m[1], s(2)); // busy
+    let a = touch(&mut st, m[2], s(3));
+    assert_eq!(victim_names(&st, &a), vec!["a"]);
+    assert_eq!(st.stats().evictions_for(EvictReason::MaxModels), 1);
+    // Now both resident models are busy or just used; make c busy too: no slot can be freed.
+    request(&mut st, m[2], s(4));
+    let Admission::Reject(r) = st.admit(m[0], s(5), Intent::Request) else { panic!() };
+    assert_eq!(r.code, RejectCode::MaxModels);
+    assert!(r.retry_after_secs.is_some());
+    assert_eq!(st.ledger().models, 2);
+}
+
+#[test]
+fn lowering_the_limit_evicts_down_to_it() {
+    let mut st = state(12.0);
+    let p = reg_sized(&mut st, "pinned", 3.0);
+    let a = reg_sized(&mut st, "a", 3.0);
+    let b = reg_sized(&mut st, "b", 3.0);
+    let busy = reg_sized(&mut st, "busy", 3.0);
+    preload(&mut st, p, s(0));
+    touch(&mut st, a, s(1));
+    touch(&mut st, b, s(2));
+    request(&mut st, busy, s(3));
+    let idle = st.set_limits(7 * GB, 4, s(4)).unwrap();
+    // 12 GB used; two idle victims bring it to 6 GB, within 7 GB: busy and pinned stay.
+    assert_eq!(idle.iter().map(|&v| st.spec(v).id.to_string()).collect::<Vec<_>>(), vec!["a", "b"]);
+    for &v in &idle {
+        st.reclaimed(v, s(4));
+    }
+    assert_eq!(st.ledger().used(), 6 * GB);
+    // Below what pinned + busy hold: the busy model drains, the pinned one stays.
+    let idle = st.set_limits(2 * GB, 4, s(5)).unwrap();
+    assert!(idle.is_empty());
+    assert_eq!(st.phase(busy), Phase::Draining);
+    assert_eq!(st.phase(p), Phase::Resident);
+    // A new request for the draining model is refused with a retry hint, not served.
+    let Admission::Reject(r) = st.admit(busy, s(5), Intent::Request) else { panic!() };
+    assert_eq!(r.code, RejectCode::Draining);
+    // Its last lease ends: the driver is told to unload it.
+    assert!(st.release(busy, s(6), s(3)));
+    st.reclaimed(busy, s(6));
+    assert_eq!(st.ledger().used(), 3 * GB);
+    assert!(st.set_limits(0, 4, s(7)).is_err());
+    assert!(st.set_limits(GB, 0, s(7)).is_err());
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn measured_size_replaces_the_estimate_and_overcommit_evicts() {
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 4.0);
+    let b = reg_sized(&mut st, "b", 4.0);
+    touch(&mut st, a, s(1));
+    // b is estimated at 4 GB but measures 7 GB: the pool is over (11 > 10) and evicts idle a.
+    let Admission::Load(plan) = st.admit(b, s(2), Intent::Request) else { panic!() };
+    assert!(plan.victims.is_empty());
+    let done = st.load_finished(b, s(3), Ok(7 * GB));
+    assert_eq!(done.evicted.len(), 1);
+    assert_eq!(st.spec(done.evicted[0]).id.as_ref(), "a");
+    st.reclaimed(done.evicted[0], s(3));
+    assert_eq!(st.ledger().resident, 7 * GB);
+    // The next admission of b reserves the measured size, not the estimate.
+    st.release(b, s(4), s(3));
+    st.unload(b, s(5), false).unwrap();
+    st.reclaimed(b, s(5));
+    assert_eq!(st.need(b), 7 * GB);
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn victims_hold_the_reservation_until_reclaimed() {
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 6.0);
+    let b = reg_sized(&mut st, "b", 6.0);
+    touch(&mut st, a, s(1));
+    let Admission::Load(plan) = st.admit(b, s(2), Intent::Request) else { panic!() };
+    assert_eq!(plan.victims.len(), 1);
+    // a's memory is not back yet: it is draining and b's reservation waits for it.
+    let l = st.ledger();
+    assert_eq!((l.draining, l.reserved, l.used()), (6 * GB, 0, 6 * GB));
+    assert_eq!(st.reclaimed(a, s(3)), Some(b), "b may start once its only victim is gone");
+    let l = st.ledger();
+    assert_eq!((l.draining, l.reserved), (0, 6 * GB));
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn unload_refuses_pinned_and_busy_unless_forced() {
+    let mut st = state(10.0);
+    let p = reg_sized(&mut st, "p", 2.0);
+    let busy = reg_sized(&mut st, "busy", 2.0);
+    preload(&mut st, p, s(0));
+    request(&mut st, busy, s(1));
+    let e = st.unload(p, s(2), false).unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+    let e = st.unload(busy, s(2), false).unwrap_err();
+    assert!(e.to_string().contains("1 request(s) in flight"), "{e}");
+    assert_eq!(st.unload(p, s(3), true), Ok(true));
+    assert_eq!(st.unload(busy, s(3), true), Ok(false), "busy: drains until its lease ends");
+    assert!(st.release(busy, s(4), s(1)));
+    st.reclaimed(p, s(4));
+    st.reclaimed(busy, s(4));
+    assert_eq!(st.ledger().used(), 0);
+    assert!(st.unload(p, s(5), true).is_err(), "not loaded");
+}
+
+#[test]
+fn idle_models_expire_after_their_last_request_ends() {
+    let st = state(10.0);
+    let mut cfg = st.config().clone();
+    cfg.idle_ttl = Some(s(60));
+    let mut st = modelpool::PoolState::new(cfg, modelpool::Lru::new(), modelpool::NameEstimator);
+    let a = reg_sized(&mut st, "a", 1.0);
+    let b = reg_sized(&mut st, "b", 1.0);
+    let p = reg_sized(&mut st, "p", 1.0);
+    preload(&mut st, p, s(0));
+    request(&mut st, a, s(0));
+    touch(&mut st, b, s(0));
+    // a's request runs for 100 s: the TTL counts from its end, not its start.
+    assert!(st.expire_idle(s(61)).iter().map(|&v| st.spec(v).id.to_string()).eq(["b"]));
+    st.release(a, s(100), s(0));
+    assert!(st.expire_idle(s(159)).is_empty());
+    assert_eq!(st.expire_idle(s(160)).len(), 1);
+    assert_eq!(st.phase(p), Phase::Resident, "pinned models never expire");
+}
+
+#[test]
+fn preview_changes_nothing() {
+    let mut st = state(8.0);
+    let a = reg_sized(&mut st, "a", 4.0);
+    let b = reg_sized(&mut st, "b", 4.0);
+    let c = reg_sized(&mut st, "c", 4.0);
+    touch(&mut st, a, s(1));
+    touch(&mut st, b, s(2));
+    let before = (st.ledger(), st.stats().clone(), st.log().total());
+    let p = st.preview(c, s(3));
+    assert_eq!(victim_names(&st, &p), vec!["a"]);
+    assert_eq!(before, (st.ledger(), st.stats().clone(), st.log().total()));
+}

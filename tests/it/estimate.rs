@@ -1,0 +1,139 @@
+//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names.
+
+use modelpool::estimate::{params_from_name, weight_bytes_on_disk};
+use modelpool::{
+    EstimateSource, FileEstimator, FixedMemory, GB, Learned, MemoryLimit, ModelSpec, ModelType,
+    NameEstimator, PolicyKind, SizeEstimator,
+};
+
+fn est(name: &str) -> modelpool::Estimate {
+    NameEstimator.estimate(&ModelSpec::new(name))
+}
+
+#[test]
+fn parameter_counts_from_names() {
+    assert_eq!(params_from_name("Qwen2.5-0.5B-Instruct"), Some((500_000_000, false)));
+    assert_eq!(params_from_name("Qwen2.5-1.5B"), Some((1_500_000_000, false)));
+    assert_eq!(params_from_name("SmolLM2-135M-Instruct"), Some((135_000_000, false)));
+    assert_eq!(params_from_name("Mixtral-8x7B-v0.1"), Some((56_000_000_000, false)));
+    assert_eq!(params_from_name("llama-3-8b"), Some((8_000_000_000, true)));
+    // Version numbers and words are not sizes.
+    assert_eq!(params_from_name("llama-3.1-instruct"), None);
+    assert_eq!(params_from_name("bert-base"), None);
+}
+
+#[test]
+fn decimal_and_million_sizes_scale_with_parameters() {
+    let half = est("qwen2.5-0.5b-instruct");
+    assert!(matches!(half.source, EstimateSource::Params { params: 500_000_000, .. }));
+    assert_eq!(half.bytes, 312_500_000); // 0.625 bytes per parameter, the seed's implied 4-bit rate
+    let small = est("SmolLM2-135M");
+    assert_eq!(small.bytes, 84_375_000);
+    // 8x7B is a 56B-parameter mixture: more than the 40 GB seed entry for 70B scaled down.
+    let moe = est("mixtral-8x7b");
+    assert_eq!(moe.bytes, 35 * GB);
+}
+
+#[test]
+fn quantization_hints_scale_bytes_per_parameter() {
+    let q4 = est("Meta-Llama-3-8B-Instruct-4bit").bytes;
+    let q8 = est("Meta-Llama-3-8B-Instruct-8bit").bytes;
+    let bf16 = est("Meta-Llama-3-8B-Instruct-bf16").bytes;
+    let gguf = est("llama-3-8b-instruct.Q4_K_M.gguf").bytes;
+    assert!(q4 < gguf && gguf < q8 && q8 < bf16, "{q4} {gguf} {q8} {bf16}");
+    // bf16: 2 bytes per parameter plus 15% overhead.
+    assert_eq!(bf16, 18_400_000_000);
+    // 4-bit with MLX group scales: 4.5 bits per weight plus overhead.
+    assert_eq!(q4, (8e9 * 4.5 / 8.0 * 1.15_f64).round() as u64);
+    // A hint overrides the seed table even for a table size.
+    assert!(matches!(est("mistral-7b-fp16").source, EstimateSource::Params { .. }));
+}
+
+#[test]
+fn every_estimate_explains_itself() {
+    for name in ["llama-3-8b", "qwen-0.5b-4bit", "mystery"] {
+        let e = est(name);
+        assert!(e.bytes > 0);
+        assert!(!e.source.to_string().is_empty());
+    }
+    let hinted = NameEstimator.estimate(&ModelSpec::new("llama-70b").with_size(123));
+    assert_eq!((hinted.bytes, hinted.source), (123, EstimateSource::SizeHint));
+}
+
+#[test]
+fn file_estimator_sums_weight_files() {
+    let dir = std::env::temp_dir().join(format!("modelpool-est-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+    std::fs::write(dir.join("sub/extra.gguf"), vec![0u8; 600]).unwrap();
+    std::fs::write(dir.join("README.md"), vec![0u8; 5000]).unwrap();
+    assert_eq!(weight_bytes_on_disk(&dir).unwrap(), 1600);
+    let fe = FileEstimator::default();
+    let e = fe.estimate(&ModelSpec::new("x-7b").with_path(&dir));
+    assert_eq!(e.bytes, 2000);
+    assert!(matches!(e.source, EstimateSource::Files { bytes_on_disk: 1600, .. }));
+    // No path, or a missing one: the name decides.
+    assert_eq!(fe.estimate(&ModelSpec::new("x-7b")).bytes, 4 * GB);
+    assert_eq!(fe.estimate(&ModelSpec::new("x-7b").with_path(dir.join("nope"))).bytes, 4 * GB);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn learned_estimator_remembers_measurements_across_restarts() {
+    let file = std::env::temp_dir().join(format!("modelpool-learned-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let spec = ModelSpec::new("llama-3-8b");
+    {
+        let mut l = Learned::with_file(NameEstimator, &file).unwrap();
+        assert_eq!(l.estimate(&spec).bytes, 5 * GB);
+        l.observe(&spec, 5_600_000_000);
+        assert_eq!(
+            l.estimate(&spec),
+            modelpool::Estimate { bytes: 5_600_000_000, source: EstimateSource::Measured }
+        );
+    }
+    let l = Learned::with_file(NameEstimator, &file).unwrap();
+    assert_eq!(l.estimate(&spec).bytes, 5_600_000_000);
+    std::fs::write(&file, "not json").unwrap();
+    let err = Learned::with_file(NameEstimator, &file).unwrap_err();
+    assert!(err.to_string().contains("not a JSON object"), "{err}");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn memory_limits_parse_and_reject_nonsense() {
+    let ok = [
+        ("75%", MemoryLimit::Fraction(0.75)),
+        ("0.75", MemoryLimit::Fraction(0.75)),
+        ("100%", MemoryLimit::Fraction(1.0)),
+        ("16GB", MemoryLimit::Bytes(16_000_000_000)),
+        ("16gb", MemoryLimit::Bytes(16_000_000_000)),
+        ("16GiB", MemoryLimit::Bytes(16 * 1024 * 1024 * 1024)),
+        ("512MB", MemoryLimit::Bytes(512_000_000)),
+        ("1.5 GB", MemoryLimit::Bytes(1_500_000_000)),
+    ];
+    for (s, want) in ok {
+        assert_eq!(s.parse::<MemoryLimit>(), Ok(want), "{s}");
+    }
+    for bad in ["-5%", "150%", "abc", "0", "0GB", "", "12", "16XB", "nan%", "-1GB"] {
+        let err = bad.parse::<MemoryLimit>().unwrap_err();
+        assert!(err.to_string().contains("invalid memory limit"), "{bad}: {err}");
+    }
+    assert_eq!(MemoryLimit::Fraction(0.25).resolve(&FixedMemory(24 * GB)), 6 * GB);
+}
+
+#[test]
+fn model_types_and_policies_by_name() {
+    for t in ModelType::ALL {
+        assert_eq!(t.as_str().parse::<ModelType>(), Ok(t));
+        assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.as_str()));
+    }
+    let err = "chat".parse::<ModelType>().unwrap_err();
+    assert_eq!(err.to_string(), "unknown model type 'chat': expected one of text-gen, vision, embeddings");
+    assert!(serde_json::from_str::<ModelType>("\"image\"").is_err());
+    for p in PolicyKind::ALL {
+        assert_eq!(p.as_str().parse::<PolicyKind>(), Ok(p));
+        assert_eq!(p.build().name(), p.as_str());
+    }
+    assert!("fifo".parse::<PolicyKind>().unwrap_err().to_string().contains("lru, gdsf, lfu"));
+}

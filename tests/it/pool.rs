@@ -1,0 +1,236 @@
+//! The async pool over the fake backend, on tokio's paused clock (load times cost no real time).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
+use modelpool::backend::{GenerateEvent, GenerateRequest, Prompt};
+use modelpool::{
+    EvictionPolicy, GB, LogMode, ModelPool, ModelSpec, ModelType, NameEstimator, Phase, PolicyKind,
+    PoolConfig, PoolError, SizeEstimator,
+};
+
+fn pool_with(limit_gb: u64, backend: Arc<FakeBackend>, models: &[(&str, u64)]) -> ModelPool {
+    let mut cfg = PoolConfig::with_limit(limit_gb * GB);
+    cfg.log = LogMode::Full;
+    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
+    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
+    let pool = ModelPool::new(cfg, policy, estimator, backend);
+    for &(name, gb) in models {
+        pool.register(ModelSpec::new(name).with_size(gb * GB));
+    }
+    pool
+}
+
+fn slow_backend(secs: u64) -> Arc<FakeBackend> {
+    Arc::new(FakeBackend::new().with_load_time(Duration::from_secs(secs)))
+}
+
+fn phase(pool: &ModelPool, model: &str) -> Phase {
+    pool.with_state(|st| st.phase(st.slot(model).unwrap()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_acquires_share_one_load() {
+    let backend = slow_backend(5);
+    let pool = pool_with(10, backend.clone(), &[("a", 4)]);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire("a").await.map(|l| l.model().to_string()) })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), "a");
+    }
+    assert_eq!(backend.load_count(), 1);
+    let stats = pool.status().stats;
+    assert_eq!((stats.loads, stats.joins + stats.hits + 1), (1, 16));
+    // All leases were dropped with their tasks.
+    assert_eq!(pool.with_state(|st| st.leases(0)), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_load_reaches_every_waiter_with_its_error() {
+    let backend = slow_backend(2);
+    backend.fail_next_loads("a", 1);
+    let pool = pool_with(10, backend.clone(), &[("a", 4)]);
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire("a").await.map(|_| ()) })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(&err, PoolError::LoadFailed { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "failed to load model 'a': load failed: injected failure loading 'a'");
+    }
+    assert_eq!(backend.load_count(), 1);
+    let l = pool.ledger();
+    assert_eq!((l.reserved, l.used(), l.models), (0, 0, 0), "no reservation left behind");
+    // The next acquire tries again and succeeds.
+    let lease = pool.acquire("a").await.unwrap();
+    assert_eq!(lease.handle().measured_bytes(), 4 * GB);
+    assert_eq!(backend.load_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_loads_of_different_models_never_exceed_the_limit() {
+    let backend = slow_backend(10);
+    let pool = pool_with(10, backend.clone(), &[("a", 6), ("b", 6), ("c", 4)]);
+    let p = pool.clone();
+    let a = tokio::spawn(async move { p.acquire("a").await.map(|_| ()) });
+    tokio::task::yield_now().await;
+    // a's 6 GB are reserved while it loads: b cannot also start.
+    let err = pool.acquire("b").await.unwrap_err();
+    assert!(
+        matches!(err, PoolError::InsufficientMemory { retry_after_secs, .. } if retry_after_secs >= 1),
+        "{err:?}"
+    );
+    // c fits beside a: both load in parallel, each holding its reservation.
+    let p = pool.clone();
+    let c = tokio::spawn(async move { p.acquire("c").await.map(|_| ()) });
+    tokio::task::yield_now().await;
+    let l = pool.ledger();
+    assert_eq!(l.reserved, 10 * GB);
+    assert!(l.used() <= l.limit);
+    a.await.unwrap().unwrap();
+    c.await.unwrap().unwrap();
+    assert_eq!(backend.load_count(), 2);
+    assert!(pool.status().stats.peak_used <= 10 * GB);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_with_a_live_lease_is_not_unloaded() {
+    let backend = slow_backend(1);
+    let pool = pool_with(8, backend.clone(), &[("a", 4), ("b", 4), ("c", 4)]);
+    let lease_a = pool.acquire("a").await.unwrap();
+    drop(pool.acquire("b").await.unwrap());
+    // c needs room: b (idle) goes although a is older.
+    drop(pool.acquire("c").await.unwrap());
+    assert_eq!(phase(&pool, "a"), Phase::Resident);
+    assert_eq!(phase(&pool, "b"), Phase::Absent);
+    // Forcing an unload of a busy model drains it: memory returns only when the lease drops.
+    let report = pool.unload("a", true).await.unwrap();
+    assert!(!report.unloaded_now);
+    assert_eq!(phase(&pool, "a"), Phase::Draining);
+    let err = pool.acquire("a").await.unwrap_err();
+    assert!(matches!(err, PoolError::Draining { .. }), "{err:?}");
+    let mut stream =
+        lease_a.handle().generate(GenerateRequest::greedy(Prompt::Text("hi".into()), 4)).await.unwrap();
+    use futures::StreamExt;
+    assert!(matches!(stream.next().await, Some(Ok(GenerateEvent::Delta(_)))), "still serving its request");
+    drop(stream);
+    drop(lease_a);
+    // The unload runs in a background task.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(phase(&pool, "a"), Phase::Absent);
+    assert_eq!(backend.unload_count(), 2);
+    assert_eq!(pool.ledger().used(), 4 * GB);
+}
+
+#[tokio::test(start_paused = true)]
+async fn preload_pins_before_anyone_can_evict() {
+    let backend = slow_backend(3);
+    let pool = pool_with(8, backend.clone(), &[("p", 4), ("a", 4), ("b", 4)]);
+    pool.preload("p").await.unwrap();
+    for m in ["a", "b", "a", "b"] {
+        drop(pool.acquire(m).await.unwrap());
+        assert_eq!(phase(&pool, "p"), Phase::Resident);
+    }
+    let st = pool.status();
+    assert!(st.models.iter().find(|m| m.id.as_ref() == "p").unwrap().pinned);
+    assert_eq!(st.ledger.pinned, 4 * GB);
+    // Unpinned, it is an ordinary LRU victim again.
+    assert!(pool.unpin("p").await.unwrap());
+    drop(pool.acquire("a").await.unwrap());
+    assert_eq!(phase(&pool, "p"), Phase::Absent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_waiter_leaves_nothing_behind() {
+    let backend = slow_backend(10);
+    let pool = pool_with(10, backend.clone(), &[("a", 4)]);
+    // The request gives up after 1 s; the load goes on for the others.
+    let r = tokio::time::timeout(Duration::from_secs(1), pool.acquire("a")).await;
+    assert!(r.is_err());
+    let lease = pool.acquire("a").await.unwrap();
+    assert_eq!(pool.with_state(|st| st.leases(0)), 1, "only the live lease counts");
+    drop(lease);
+    assert_eq!(pool.with_state(|st| st.leases(0)), 0);
+    assert_eq!(backend.load_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn measured_size_enters_the_ledger() {
+    let backend = Arc::new(FakeBackend::new());
+    backend.configure("a", FakeModelConfig { measured_bytes: Some(3 * GB), ..Default::default() });
+    let pool = pool_with(10, backend, &[("a", 4)]);
+    drop(pool.acquire("a").await.unwrap());
+    let status = pool.status();
+    let a = &status.models[0];
+    assert_eq!((a.estimate.bytes, a.measured, a.ledger_bytes), (4 * GB, Some(3 * GB), 3 * GB));
+    assert_eq!(status.ledger.resident, 3 * GB);
+}
+
+#[tokio::test(start_paused = true)]
+async fn runtime_limit_change_and_max_models() {
+    let backend = slow_backend(1);
+    let pool = pool_with(12, backend, &[("a", 4), ("b", 4), ("c", 4)]);
+    for m in ["a", "b", "c"] {
+        drop(pool.acquire(m).await.unwrap());
+    }
+    let evicted = pool.set_limits(Some(8 * GB), None).await.unwrap();
+    assert_eq!(evicted.iter().map(|m| m.to_string()).collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(pool.ledger().used(), 8 * GB);
+    let evicted = pool.set_limits(None, Some(1)).await.unwrap();
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(pool.ledger().models, 1);
+    assert!(matches!(pool.set_limits(Some(0), None).await, Err(PoolError::InvalidConfig(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_type_and_unknown_models_are_refused_before_loading() {
+    let backend = Arc::new(FakeBackend::new());
+    let pool = pool_with(10, backend.clone(), &[]);
+    pool.register(ModelSpec::new("embed").with_type(ModelType::Embeddings).with_size(GB));
+    let err = pool.acquire_as("embed", &[ModelType::TextGen, ModelType::Vision]).await.unwrap_err();
+    assert_eq!(err.to_string(), "model 'embed' is a embeddings model; this endpoint needs a text-gen model");
+    assert!(matches!(pool.acquire("nope").await, Err(PoolError::ModelNotFound(m)) if m == "nope"));
+    assert_eq!(backend.load_count(), 0);
+    let lease = pool.acquire_as("embed", &[ModelType::Embeddings]).await.unwrap();
+    let out = lease.handle().embed(vec!["hello".into(), "world".into()]).await.unwrap();
+    assert_eq!(out.vectors.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dry_run_says_what_would_happen() {
+    let pool = pool_with(8, slow_backend(1), &[("a", 4), ("b", 4), ("c", 4), ("huge", 9)]);
+    drop(pool.acquire("a").await.unwrap());
+    drop(pool.acquire("b").await.unwrap());
+    let d = pool.dry_run("c").unwrap();
+    assert_eq!((d.decision, d.fits), ("load", true));
+    assert_eq!(d.would_evict.iter().map(|m| m.to_string()).collect::<Vec<_>>(), vec!["a"]);
+    let d = pool.dry_run("huge").unwrap();
+    assert_eq!((d.decision, d.fits, d.reject_code), ("reject", false, Some("model_too_large")));
+    assert_eq!(pool.dry_run("a").unwrap().decision, "hit");
+    assert_eq!(phase(&pool, "a"), Phase::Resident, "dry runs evict nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_refuses_new_requests_and_drains() {
+    let backend = slow_backend(1);
+    let pool = pool_with(10, backend.clone(), &[("a", 2), ("b", 2)]);
+    let lease = pool.acquire("a").await.unwrap();
+    drop(pool.acquire("b").await.unwrap());
+    let p = pool.clone();
+    let shutdown = tokio::spawn(async move { p.shutdown(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(pool.acquire("b").await, Err(PoolError::ShuttingDown { .. })));
+    drop(lease);
+    assert_eq!(shutdown.await.unwrap(), 0, "every lease ended within the grace period");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(pool.ledger().used(), 0);
+    assert_eq!(backend.unload_count(), 2);
+}
