@@ -106,12 +106,10 @@ impl FromStr for IdleTtl {
 fn parse_bytes(s: &str) -> Result<u64, String> {
     match MemoryLimit::from_str(s) {
         Ok(MemoryLimit::Bytes(b)) => Ok(b),
-        Ok(MemoryLimit::Fraction(_)) => Err(format!(
-            "'{s}' must be a size such as 4MB or 5GB, not a fraction"
-        )),
-        Err(e) => Err(e
-            .to_string()
-            .replace("invalid memory limit", "invalid size")),
+        Ok(MemoryLimit::Fraction(_)) => {
+            Err(format!("'{s}' must be a size such as 4MB or 5GB, not a fraction"))
+        }
+        Err(e) => Err(e.to_string().replace("invalid memory limit", "invalid size")),
     }
 }
 
@@ -136,12 +134,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_POLICY", value_name = "POLICY")]
     pub policy: Option<PolicyKind>,
     /// Models to load and pin at start, comma-separated.
-    #[arg(
-        long,
-        env = "MODELPOOL_PRELOAD",
-        value_name = "IDS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "MODELPOOL_PRELOAD", value_name = "IDS", value_delimiter = ',')]
     pub preload: Option<Vec<String>>,
     /// Backend [default: fake].
     #[arg(long, env = "MODELPOOL_BACKEND", value_enum)]
@@ -285,9 +278,7 @@ pub fn default_fake_catalogue() -> Vec<ModelSpec> {
         ModelSpec::new("qwen2-vl-2b-instruct").with_type(ModelType::Vision),
         ModelSpec::new("qwen3-embedding-0.6b").with_type(ModelType::Embeddings),
         // nomic-embed-text-v1.5 has 137M parameters, stored in fp16 with its runtime: ~0.3 GB.
-        ModelSpec::new("nomic-embed-text-v1.5")
-            .with_type(ModelType::Embeddings)
-            .with_size(3 * GB / 10),
+        ModelSpec::new("nomic-embed-text-v1.5").with_type(ModelType::Embeddings).with_size(3 * GB / 10),
     ]
 }
 
@@ -300,17 +291,9 @@ fn infer_type(dir: &Path, id: &str) -> ModelType {
     }
     let lower = format!("{} {}", id.to_ascii_lowercase(), cfg.to_ascii_lowercase());
     if dir.join("modules.json").exists()
-        || [
-            "bertmodel",
-            "xlmroberta",
-            "nomicbert",
-            "embed",
-            "sentence-transformers",
-            "-e5-",
-            "bge-",
-        ]
-        .iter()
-        .any(|k| lower.contains(k))
+        || ["bertmodel", "xlmroberta", "nomicbert", "embed", "sentence-transformers", "-e5-", "bge-"]
+            .iter()
+            .any(|k| lower.contains(k))
     {
         return ModelType::Embeddings;
     }
@@ -328,24 +311,15 @@ fn looks_like_model(dir: &Path) -> bool {
 /// without either are searched one level deeper.
 pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
     fn entries(d: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-        let rd = std::fs::read_dir(d)
-            .map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
-        let mut v: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
+        let rd = std::fs::read_dir(d).map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
+        let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
         v.sort();
         Ok(v)
     }
     let mut out = Vec::new();
     for sub in entries(dir)? {
         let mut add = |p: &Path| {
-            let id = p
-                .strip_prefix(dir)
-                .unwrap_or(p)
-                .to_string_lossy()
-                .replace('\\', "/");
+            let id = p.strip_prefix(dir).unwrap_or(p).to_string_lossy().replace('\\', "/");
             let t = infer_type(p, &id);
             out.push(ModelSpec::new(id).with_type(t).with_path(p));
         };
@@ -368,9 +342,8 @@ impl ServeConfig {
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let (file, src) = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
                 let f: FileConfig = toml::from_str(&text)
                     .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
                 (f, path.display().to_string())
@@ -385,16 +358,16 @@ impl ServeConfig {
         let field = |name: &str, e: String| ConfigError(format!("config file {src}: {name}: {e}"));
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| field("listen", format!("invalid address '{s}': {e}")))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e| field("listen", format!("invalid address '{s}': {e}")))?
+            }
             (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
         let memory_limit = match (args.memory_limit, &file.memory_limit) {
             (Some(l), _) => l,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e: crate::limit::LimitError| field("memory_limit", e.to_string()))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e: crate::limit::LimitError| field("memory_limit", e.to_string()))?
+            }
             (None, None) => MemoryLimit::Fraction(0.75),
         };
         let max_models = match args.max_models.or(file.max_models) {
@@ -404,20 +377,16 @@ impl ServeConfig {
         };
         let policy = match (args.policy, &file.policy) {
             (Some(p), _) => p,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e: crate::policy::ParsePolicyError| field("policy", e.to_string()))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e: crate::policy::ParsePolicyError| field("policy", e.to_string()))?
+            }
             (None, None) => PolicyKind::Lru,
         };
         let backend = args.backend.or(file.backend).unwrap_or_default();
         if backend == BackendKind::Mlx && !MLX_AVAILABLE {
             return err(MLX_MISSING);
         }
-        let log_level = args
-            .log_level
-            .clone()
-            .or(file.log_level)
-            .unwrap_or_else(|| "info".into());
+        let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return err(format!(
                 "invalid log level '{log_level}': expected error, warn, info, debug, trace or a tracing directive"
@@ -439,9 +408,7 @@ impl ServeConfig {
             (None, None) => crate::http::DEFAULT_MAX_BODY,
         };
         if max_body < 1024 {
-            return err(format!(
-                "max body size {max_body} bytes is too small (at least 1KB)"
-            ));
+            return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
         }
         let fake = FakeSettings {
             load_time: match (args.fake_load_time, &file.fake.load_time) {
@@ -461,16 +428,10 @@ impl ServeConfig {
         let mut seen = BTreeSet::new();
         for (i, m) in file.models.iter().enumerate() {
             if m.id.trim().is_empty() {
-                return Err(field(
-                    &format!("models[{i}].id"),
-                    "must not be empty".into(),
-                ));
+                return Err(field(&format!("models[{i}].id"), "must not be empty".into()));
             }
             if !seen.insert(m.id.clone()) {
-                return Err(field(
-                    &format!("models[{i}].id"),
-                    format!("duplicate model id '{}'", m.id),
-                ));
+                return Err(field(&format!("models[{i}].id"), format!("duplicate model id '{}'", m.id)));
             }
             let mut spec = ModelSpec::new(m.id.as_str()).with_type(m.model_type);
             if let Some(p) = &m.path {
@@ -483,8 +444,7 @@ impl ServeConfig {
                 spec = spec.with_path(p);
             }
             if let Some(s) = &m.size {
-                spec = spec
-                    .with_size(parse_bytes(s).map_err(|e| field(&format!("models[{i}].size"), e))?);
+                spec = spec.with_size(parse_bytes(s).map_err(|e| field(&format!("models[{i}].size"), e))?);
             }
             models.push(spec);
         }
@@ -510,18 +470,12 @@ impl ServeConfig {
         }
 
         let preload = args.preload.clone().or(file.preload).unwrap_or_default();
-        let preload: Vec<String> = preload
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let preload: Vec<String> =
+            preload.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         for p in &preload {
             if !models.iter().any(|m| *m.id == **p) {
                 let known: Vec<&str> = models.iter().map(|m| &*m.id).collect();
-                return err(format!(
-                    "cannot preload '{p}': no such model (known: {})",
-                    known.join(", ")
-                ));
+                return err(format!("cannot preload '{p}': no such model (known: {})", known.join(", ")));
             }
         }
 

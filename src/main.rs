@@ -12,9 +12,7 @@ use modelpool::backend::Backend;
 use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
 use modelpool::config::{BackendKind, MLX_MISSING, ServeArgs, ServeConfig};
 use modelpool::http::{AppState, Metrics, TimedBackend};
-use modelpool::{
-    FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory,
-};
+use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,10 +43,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg.log_level);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("modelpool: cannot start the async runtime: {e}");
@@ -80,27 +75,15 @@ fn init_tracing(filter: &str) {
 fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
     match cfg.backend {
         BackendKind::Fake => {
-            let fake = FakeBackend::new()
-                .with_load_time(cfg.fake.load_time)
-                .with_token_delay(cfg.fake.token_delay);
+            let fake =
+                FakeBackend::new().with_load_time(cfg.fake.load_time).with_token_delay(cfg.fake.token_delay);
             for m in &cfg.models {
                 // Scale the fake load time with size, as a real load would: base + 1 s per 10 GB.
-                let bytes = m
-                    .size_hint
-                    .unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
+                let bytes = m.size_hint.unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
                 let extra = Duration::from_secs_f64(bytes as f64 / 10e9);
-                let load_time = if cfg.fake.load_time.is_zero() {
-                    Duration::ZERO
-                } else {
-                    cfg.fake.load_time + extra
-                };
-                fake.configure(
-                    &m.id,
-                    FakeModelConfig {
-                        load_time: Some(load_time),
-                        ..Default::default()
-                    },
-                );
+                let load_time =
+                    if cfg.fake.load_time.is_zero() { Duration::ZERO } else { cfg.fake.load_time + extra };
+                fake.configure(&m.id, FakeModelConfig { load_time: Some(load_time), ..Default::default() });
             }
             Ok(Arc::new(fake))
         }
@@ -112,17 +95,14 @@ fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let backend: Arc<dyn Backend> =
-        Arc::new(TimedBackend::new(build_backend(&cfg)?, metrics.clone()));
+    let backend: Arc<dyn Backend> = Arc::new(TimedBackend::new(build_backend(&cfg)?, metrics.clone()));
     let total = SysinfoMemory.total_bytes();
     let limit = cfg.memory_limit.resolve(&SysinfoMemory);
     let mut pc = PoolConfig::with_limit(limit);
     pc.max_models = cfg.max_models;
     pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
     let estimator: Box<dyn SizeEstimator> = match &cfg.sizes_file {
-        Some(f) => {
-            Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?)
-        }
+        Some(f) => Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?),
         None => Box::new(Learned::new(FileEstimator::default())),
     };
     let pool: ModelPool = ModelPool::new(pc, cfg.policy.build(), estimator, backend);
@@ -148,9 +128,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::info!(model = %m.id, model_type = %m.model_type, estimate_bytes = m.estimate.bytes, source = %m.estimate.source, "model registered");
     }
     for id in &cfg.preload {
-        pool.preload(id)
-            .await
-            .with_context(|| format!("--preload {id}"))?;
+        pool.preload(id).await.with_context(|| format!("--preload {id}"))?;
         tracing::info!(model = %id, "preloaded and pinned");
     }
     if let Some(ttl) = cfg.idle_ttl {

@@ -31,20 +31,10 @@ struct Watch {
 
 impl Watch {
     fn enter(&self, id: &str) {
-        *self
-            .in_use
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default() += 1;
+        *self.in_use.lock().unwrap().entry(id.to_string()).or_default() += 1;
     }
     fn exit(&self, id: &str) {
-        *self
-            .in_use
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default() -= 1;
+        *self.in_use.lock().unwrap().entry(id.to_string()).or_default() -= 1;
     }
 }
 
@@ -87,11 +77,7 @@ impl ModelHandle for CheckedHandle {
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {
         self.watch.enter(&self.id);
         match self.inner.generate(req).await {
-            Ok(s) => Ok(Box::pin(Tracked {
-                inner: s,
-                id: self.id.clone(),
-                watch: self.watch.clone(),
-            })),
+            Ok(s) => Ok(Box::pin(Tracked { inner: s, id: self.id.clone(), watch: self.watch.clone() })),
             Err(e) => {
                 self.watch.exit(&self.id);
                 Err(e)
@@ -106,14 +92,7 @@ impl ModelHandle for CheckedHandle {
         r
     }
     async fn unload(&self) -> Result<u64, BackendError> {
-        let live = self
-            .watch
-            .in_use
-            .lock()
-            .unwrap()
-            .get(&self.id)
-            .copied()
-            .unwrap_or(0);
+        let live = self.watch.in_use.lock().unwrap().get(&self.id).copied().unwrap_or(0);
         if live != 0 {
             self.watch.violations.fetch_add(1, Ordering::SeqCst);
         }
@@ -129,11 +108,7 @@ impl Backend for Checked {
     }
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
         let inner = self.inner.load(spec).await?;
-        Ok(Arc::new(CheckedHandle {
-            id: spec.id.to_string(),
-            inner,
-            watch: self.watch.clone(),
-        }))
+        Ok(Arc::new(CheckedHandle { id: spec.id.to_string(), inner, watch: self.watch.clone() }))
     }
 }
 
@@ -148,26 +123,15 @@ async fn many_clients_tight_limit_no_lost_request_no_overcommit_no_unload_under_
         ("gen-4", ModelType::TextGen, GB),
         ("emb-1", ModelType::Embeddings, GB),
     ];
-    let specs: Vec<ModelSpec> = models
-        .iter()
-        .map(|(id, t, b)| ModelSpec::new(*id).with_type(*t).with_size(*b))
-        .collect();
+    let specs: Vec<ModelSpec> =
+        models.iter().map(|(id, t, b)| ModelSpec::new(*id).with_type(*t).with_size(*b)).collect();
     let limit = 5 * GB; // at most two or three of them at once
     let watch = Arc::new(Watch::default());
     let fake = FakeBackend::new()
         .with_load_time(Duration::from_millis(3))
         .with_token_delay(Duration::from_micros(300));
-    let backend = Arc::new(Checked {
-        inner: fake,
-        watch: watch.clone(),
-    });
-    let h = Arc::new(Harness::with_dyn_backend(
-        limit,
-        3,
-        backend,
-        Arc::new(FakeBackend::new()),
-        specs,
-    ));
+    let backend = Arc::new(Checked { inner: fake, watch: watch.clone() });
+    let h = Arc::new(Harness::with_dyn_backend(limit, 3, backend, Arc::new(FakeBackend::new()), specs));
 
     // Sample the ledger continuously while the clients run.
     let stop = Arc::new(AtomicBool::new(false));
@@ -206,15 +170,9 @@ async fn many_clients_tight_limit_no_lost_request_no_overcommit_no_unload_under_
                     let pick = rng.random_range(0..5usize);
                     let stream = rng.random_bool(0.5);
                     let (path, body) = if pick == 4 {
-                        (
-                            "/v1/embeddings",
-                            json!({"model": "emb-1", "input": ["a b c", "d"]}),
-                        )
+                        ("/v1/embeddings", json!({"model": "emb-1", "input": ["a b c", "d"]}))
                     } else {
-                        (
-                            "/v1/chat/completions",
-                            chat_body(&format!("gen-{}", pick + 1), stream),
-                        )
+                        ("/v1/chat/completions", chat_body(&format!("gen-{}", pick + 1), stream))
                     };
                     let r = h.post(path, body.clone()).await;
                     let status = r.status().as_u16();
@@ -229,26 +187,15 @@ async fn many_clients_tight_limit_no_lost_request_no_overcommit_no_unload_under_
                         }
                         outcomes.push((200, None));
                     } else {
-                        let e = assert_error(
-                            &r,
-                            status,
-                            json(&r)["error"]["code"].as_str().unwrap_or("?"),
-                        );
+                        let e = assert_error(&r, status, json(&r)["error"]["code"].as_str().unwrap_or("?"));
                         let code = e["code"].as_str().unwrap().to_string();
                         assert_eq!(status, 503, "only capacity refusals expected: {e}");
                         assert!(
-                            [
-                                "insufficient_memory",
-                                "max_models_reached",
-                                "model_draining"
-                            ]
-                            .contains(&code.as_str()),
+                            ["insufficient_memory", "max_models_reached", "model_draining"]
+                                .contains(&code.as_str()),
                             "{e}"
                         );
-                        assert!(
-                            retry_after(&r).is_some_and(|s| s >= 1),
-                            "Retry-After on {code}"
-                        );
+                        assert!(retry_after(&r).is_some_and(|s| s >= 1), "Retry-After on {code}");
                         outcomes.push((status, Some(code)));
                     }
                     // Think time: gives models idle windows in which they can be evicted.
@@ -268,35 +215,18 @@ async fn many_clients_tight_limit_no_lost_request_no_overcommit_no_unload_under_
     stop.store(true, Ordering::SeqCst);
     let (samples, max_used) = sampler.await.expect("sampler");
 
-    assert_eq!(
-        total,
-        rounds * CLIENTS * REQUESTS,
-        "every request got an answer"
-    );
+    assert_eq!(total, rounds * CLIENTS * REQUESTS, "every request got an answer");
     let ok = by_outcome.get(&(200, None)).copied().unwrap_or(0);
     // How many are served depends on timing; that some are, and the rest are refused cleanly,
     // does not.
     assert!(ok > 0, "requests served: {by_outcome:?}");
     assert!(samples > 100, "the sampler ran ({samples} samples)");
     assert!(max_used <= limit);
-    assert!(
-        watch.unloads.load(Ordering::SeqCst) > 0,
-        "the limit forced evictions"
-    );
-    assert_eq!(
-        watch.violations.load(Ordering::SeqCst),
-        0,
-        "a model was unloaded under a request"
-    );
+    assert!(watch.unloads.load(Ordering::SeqCst) > 0, "the limit forced evictions");
+    assert_eq!(watch.violations.load(Ordering::SeqCst), 0, "a model was unloaded under a request");
     // Everything released at the end.
     assert!(
-        eventually(Duration::from_secs(2), || h
-            .pool
-            .status()
-            .models
-            .iter()
-            .all(|m| m.leases == 0))
-        .await
+        eventually(Duration::from_secs(2), || h.pool.status().models.iter().all(|m| m.leases == 0)).await
     );
     let s = h.pool.status().stats;
     assert!(s.total_evictions() > 0);

@@ -6,9 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use clap::Parser;
-use modelpool::config::{
-    BackendKind, ConfigError, FileConfig, ServeArgs, ServeConfig, scan_models_dir,
-};
+use modelpool::config::{BackendKind, ConfigError, FileConfig, ServeArgs, ServeConfig, scan_models_dir};
 use modelpool::{GB, MemoryLimit, ModelType, PolicyKind};
 
 #[derive(Parser)]
@@ -46,10 +44,7 @@ fn defaults_give_a_working_fake_server() {
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     // The built-in catalogue has every model type.
     for t in ModelType::ALL {
-        assert!(
-            c.models.iter().any(|m| m.model_type == t),
-            "{t} in the default catalogue"
-        );
+        assert!(c.models.iter().any(|m| m.model_type == t), "{t} in the default catalogue");
     }
     assert!(c.models.iter().any(|m| &*m.id == "llama-3-8b-instruct"));
 }
@@ -74,12 +69,8 @@ fn flags_override_the_file_which_overrides_defaults() {
         type = "embeddings"
         "#,
     );
-    let c = ServeConfig::merge(
-        &args(&["--memory-limit", "50%", "--policy", "lfu"]),
-        f.clone(),
-        "x.toml",
-    )
-    .unwrap();
+    let c = ServeConfig::merge(&args(&["--memory-limit", "50%", "--policy", "lfu"]), f.clone(), "x.toml")
+        .unwrap();
     assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
     assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5), "flag wins");
     assert_eq!(c.policy, PolicyKind::Lfu, "flag wins");
@@ -87,19 +78,10 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert_eq!(c.idle_ttl, Some(Duration::from_secs(600)));
     assert_eq!(c.fake.token_delay, Duration::from_millis(5));
     assert_eq!(c.preload, vec!["a".to_string()]);
-    assert_eq!(
-        c.models.len(),
-        2,
-        "the file's catalogue replaces the built-in one"
-    );
+    assert_eq!(c.models.len(), 2, "the file's catalogue replaces the built-in one");
     assert_eq!(c.models[0].size_hint, Some(1_500_000_000));
     assert_eq!(c.models[1].model_type, ModelType::Embeddings);
-    let c = ServeConfig::merge(
-        &args(&["--preload", "a,e", "--idle-ttl", "off"]),
-        f,
-        "x.toml",
-    )
-    .unwrap();
+    let c = ServeConfig::merge(&args(&["--preload", "a,e", "--idle-ttl", "off"]), f, "x.toml").unwrap();
     assert_eq!(c.preload, vec!["a".to_string(), "e".to_string()]);
     assert_eq!(c.idle_ttl, None);
 }
@@ -122,31 +104,21 @@ fn bad_config_values_are_clear_errors() {
     let e = merge_err(&[], "max_models = 0");
     assert!(e.contains("max_models"), "{e}");
     let e = merge_err(&["--preload", "ghost"], "");
-    assert!(
-        e.contains("ghost") && e.contains("qwen2.5-0.5b-instruct"),
-        "lists known models: {e}"
-    );
+    assert!(e.contains("ghost") && e.contains("qwen2.5-0.5b-instruct"), "lists known models: {e}");
     let e = merge_err(&[], "[[models]]\nid = \"a\"\n[[models]]\nid = \"a\"");
     assert!(e.contains("duplicate") && e.contains("models[1].id"), "{e}");
     let e = merge_err(&[], "[[models]]\nid = \"a\"\nsize = \"50%\"");
     assert!(e.contains("models[0].size"), "{e}");
     let e = merge_err(&[], "[[models]]\nid = \"a\"\npath = \"/no/such/dir\"");
-    assert!(
-        e.contains("models[0].path") && e.contains("does not exist"),
-        "{e}"
-    );
+    assert!(e.contains("models[0].path") && e.contains("does not exist"), "{e}");
     let e = merge_err(&["--log-level", "loud=[["], "");
     assert!(e.contains("log level"), "{e}");
     let e = merge_err(&["--backend", "mlx"], "");
     assert!(e.contains("built without the mlx feature"), "{e}");
     // Typos in the file are refused, not ignored.
-    let e = toml::from_str::<FileConfig>("memory_limt = \"1GB\"")
-        .unwrap_err()
-        .to_string();
+    let e = toml::from_str::<FileConfig>("memory_limt = \"1GB\"").unwrap_err().to_string();
     assert!(e.contains("memory_limt"), "{e}");
-    let e = toml::from_str::<FileConfig>("[[models]]\nid = \"a\"\ntype = \"chat\"")
-        .unwrap_err()
-        .to_string();
+    let e = toml::from_str::<FileConfig>("[[models]]\nid = \"a\"\ntype = \"chat\"").unwrap_err().to_string();
     assert!(e.contains("chat"), "{e}");
     // Flags are typed by clap.
     assert!(Cli::try_parse_from(["serve", "--memory-limit", "abc"]).is_err());
@@ -164,24 +136,9 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
             std::fs::write(p.join(f), body).unwrap();
         }
     };
-    mk(
-        "llama-3-8b",
-        &[
-            ("config.json", r#"{"model_type": "llama"}"#),
-            ("model.safetensors", "xxxx"),
-        ],
-    );
-    mk(
-        "org/qwen2-vl-2b",
-        &[("config.json", r#"{"vision_config": {}}"#)],
-    );
-    mk(
-        "bge-small",
-        &[
-            ("config.json", r#"{"architectures": ["BertModel"]}"#),
-            ("modules.json", "[]"),
-        ],
-    );
+    mk("llama-3-8b", &[("config.json", r#"{"model_type": "llama"}"#), ("model.safetensors", "xxxx")]);
+    mk("org/qwen2-vl-2b", &[("config.json", r#"{"vision_config": {}}"#)]);
+    mk("bge-small", &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("modules.json", "[]")]);
     mk("empty/nothing", &[]);
     let specs = scan_models_dir(&d).unwrap();
     let ids: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
@@ -193,11 +150,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
             ("org/qwen2-vl-2b", ModelType::Vision),
         ]
     );
-    assert!(
-        specs
-            .iter()
-            .all(|s| s.path.as_ref().is_some_and(|p| p.is_dir()))
-    );
+    assert!(specs.iter().all(|s| s.path.as_ref().is_some_and(|p| p.is_dir())));
     // A [[models]] entry with the same id wins over the scan.
     let dir = d.to_string_lossy().to_string();
     let c = ServeConfig::merge(
@@ -208,12 +161,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
     .unwrap();
     assert_eq!(c.models.len(), 3);
     assert_eq!(c.models[0].size_hint, Some(5 * GB));
-    let e = ServeConfig::merge(
-        &args(&["--models-dir", "/no/such"]),
-        FileConfig::default(),
-        "",
-    )
-    .unwrap_err();
+    let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
     assert!(e.to_string().contains("not a directory"));
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -230,54 +178,19 @@ fn binary_refuses_bad_flags_env_and_files_before_binding() {
     // A port that would be bound if validation came too late: the test binds it first and
     // checks the server never reported listening.
     let cases: Vec<Case> = vec![
-        (
-            vec!["serve", "--memory-limit", "150%"],
-            vec![],
-            "cannot exceed 100%",
-        ),
-        (
-            vec!["serve", "--policy", "fifo"],
-            vec![],
-            "unknown eviction policy",
-        ),
-        (
-            vec!["serve"],
-            vec![("MODELPOOL_MEMORY_LIMIT", "-5%")],
-            "invalid memory limit '-5%'",
-        ),
-        (
-            vec!["serve"],
-            vec![("MODELPOOL_MAX_MODELS", "zero")],
-            "max-models",
-        ),
-        (
-            vec!["serve", "--backend", "mlx"],
-            vec![],
-            "built without the mlx feature",
-        ),
-        (
-            vec!["serve", "--preload", "ghost"],
-            vec![],
-            "cannot preload 'ghost'",
-        ),
-        (
-            vec!["serve", "--config", "/no/such.toml"],
-            vec![],
-            "cannot read config file",
-        ),
+        (vec!["serve", "--memory-limit", "150%"], vec![], "cannot exceed 100%"),
+        (vec!["serve", "--policy", "fifo"], vec![], "unknown eviction policy"),
+        (vec!["serve"], vec![("MODELPOOL_MEMORY_LIMIT", "-5%")], "invalid memory limit '-5%'"),
+        (vec!["serve"], vec![("MODELPOOL_MAX_MODELS", "zero")], "max-models"),
+        (vec!["serve", "--backend", "mlx"], vec![], "built without the mlx feature"),
+        (vec!["serve", "--preload", "ghost"], vec![], "cannot preload 'ghost'"),
+        (vec!["serve", "--config", "/no/such.toml"], vec![], "cannot read config file"),
     ];
     for (argv, env, needle) in cases {
-        let out = bin()
-            .args(&argv)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
+        let out = bin().args(&argv).envs(env.iter().copied()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{argv:?} {env:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{argv:?} {env:?}: expected '{needle}' in: {stderr}"
-        );
+        assert!(stderr.contains(needle), "{argv:?} {env:?}: expected '{needle}' in: {stderr}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     }
     let d = temp_dir("badfile");
@@ -286,9 +199,6 @@ fn binary_refuses_bad_flags_env_and_files_before_binding() {
     let out = bin().args(["serve", "--config"]).arg(&f).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("memroy_limit") && stderr.contains("bad.toml"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("memroy_limit") && stderr.contains("bad.toml"), "{stderr}");
     let _ = std::fs::remove_dir_all(&d);
 }

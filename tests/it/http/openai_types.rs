@@ -12,9 +12,7 @@ use super::*;
 #[tokio::test]
 async fn chat_response_and_stream_chunks_parse_as_async_openai_types() {
     let h = Harness::new(10 * GB, 4);
-    let r = h
-        .post("/v1/chat/completions", chat_body("chat-a", false))
-        .await;
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
     let c: CreateChatCompletionResponse = serde_json::from_slice(r.body()).expect("chat response");
     assert_eq!(c.object, "chat.completion");
     assert_eq!(c.choices.len(), 1);
@@ -52,46 +50,26 @@ async fn chat_response_and_stream_chunks_parse_as_async_openai_types() {
 #[tokio::test]
 async fn completion_embeddings_and_models_parse_as_async_openai_types() {
     let h = Harness::new(10 * GB, 4);
-    let r = h
-        .post(
-            "/v1/completions",
-            json!({"model": "chat-a", "prompt": "hi", "max_tokens": 5}),
-        )
-        .await;
+    let r = h.post("/v1/completions", json!({"model": "chat-a", "prompt": "hi", "max_tokens": 5})).await;
     let c: CreateCompletionResponse = serde_json::from_slice(r.body()).expect("completion");
     assert_eq!(c.choices[0].text.split_whitespace().count(), 5);
 
-    let r = h
-        .post(
-            "/v1/completions",
-            json!({"model": "chat-a", "prompt": "hi", "stream": true}),
-        )
-        .await;
+    let r = h.post("/v1/completions", json!({"model": "chat-a", "prompt": "hi", "stream": true})).await;
     let data = sse_data(r.body());
     for d in &data[..data.len() - 1] {
         let _: CreateCompletionResponse =
             serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk {d}: {e}"));
     }
 
-    let r = h
-        .post(
-            "/v1/embeddings",
-            json!({"model": "embed", "input": ["a", "b"]}),
-        )
-        .await;
+    let r = h.post("/v1/embeddings", json!({"model": "embed", "input": ["a", "b"]})).await;
     let e: CreateEmbeddingResponse = serde_json::from_slice(r.body()).expect("embeddings");
     assert_eq!(e.data.len(), 2);
     assert_eq!(e.data[1].index, 1);
     assert_eq!(e.data[0].embedding.len(), 384);
 
-    let r = h
-        .post(
-            "/v1/embeddings",
-            json!({"model": "embed", "input": "a", "encoding_format": "base64"}),
-        )
-        .await;
-    let e: CreateBase64EmbeddingResponse =
-        serde_json::from_slice(r.body()).expect("base64 embeddings");
+    let r =
+        h.post("/v1/embeddings", json!({"model": "embed", "input": "a", "encoding_format": "base64"})).await;
+    let e: CreateBase64EmbeddingResponse = serde_json::from_slice(r.body()).expect("base64 embeddings");
     assert_eq!(e.data.len(), 1);
 
     let r = h.req("GET", "/v1/models").await;

@@ -14,13 +14,7 @@ use tokio::net::TcpStream;
 
 use super::*;
 
-async fn start(
-    h: &Harness,
-) -> (
-    SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<u32>,
-) {
+async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<u32>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -45,17 +39,11 @@ fn request(method: &str, path: &str, body: &str) -> String {
 /// One request with `connection: close`; returns (status, whole response text).
 async fn roundtrip(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request(method, path, body).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request(method, path, body).as_bytes()).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, text)
 }
 
@@ -67,9 +55,7 @@ async fn client_disconnect_mid_stream_releases_the_lease() {
     let (addr, stop, server) = start(&h).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let body = serde_json::to_string(&chat_body("chat-a", true)).unwrap();
-    s.write_all(request("POST", "/v1/chat/completions", &body).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request("POST", "/v1/chat/completions", &body).as_bytes()).await.unwrap();
     // Read until the role chunk has arrived: the request holds its lease.
     let mut buf = vec![0u8; 4096];
     let mut got = String::new();
@@ -85,19 +71,12 @@ async fn client_disconnect_mid_stream_releases_the_lease() {
         eventually(Duration::from_secs(4), || h.model("chat-a").leases == 0).await,
         "lease still held after the client left"
     );
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "released before the generation would have ended"
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "released before the generation would have ended");
     // The model is evictable again: an unforced unload succeeds.
     let (status, text) = roundtrip(addr, "POST", "/admin/models/chat-a/unload", "").await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(h.model("chat-a").phase, Phase::Absent);
-    assert_eq!(
-        h.state.metrics.responses("chat_completions", 499),
-        1,
-        "recorded as client-closed"
-    );
+    assert_eq!(h.state.metrics.responses("chat_completions", 499), 1, "recorded as client-closed");
     let _ = stop.send(());
     assert_eq!(server.await.unwrap(), 0);
 }
@@ -109,9 +88,7 @@ async fn graceful_shutdown_drains_in_flight_and_refuses_new_requests() {
     let (addr, stop, server) = start(&h).await;
     let body = serde_json::to_string(&chat_body("chat-a", true)).unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request("POST", "/v1/chat/completions", &body).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request("POST", "/v1/chat/completions", &body).as_bytes()).await.unwrap();
     let mut first = vec![0u8; 1024];
     let n = s.read(&mut first).await.unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
@@ -132,18 +109,10 @@ async fn graceful_shutdown_drains_in_flight_and_refuses_new_requests() {
     // The in-flight stream completes normally.
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&first[..n]),
-        String::from_utf8_lossy(&rest)
-    );
+    let all = format!("{}{}", String::from_utf8_lossy(&first[..n]), String::from_utf8_lossy(&rest));
     assert_eq!(all.matches("data: [DONE]").count(), 1, "{all}");
     assert_eq!(server.await.unwrap(), 0, "nothing left in flight");
-    assert_eq!(
-        h.model("chat-a").phase,
-        Phase::Absent,
-        "unloaded at shutdown"
-    );
+    assert_eq!(h.model("chat-a").phase, Phase::Absent, "unloaded at shutdown");
     assert_eq!(h.fake.unload_count(), 1);
 }
 
@@ -165,9 +134,7 @@ fn binary_serves_and_exits_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr: SocketAddr = line
         .trim()
         .strip_prefix("modelpool listening on http://")
@@ -177,17 +144,11 @@ fn binary_serves_and_exits_cleanly_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (status, text) = rt.block_on(roundtrip(addr, "GET", "/admin/pool", ""));
     assert_eq!(status, 200);
-    assert!(
-        text.contains("\"pinned\":true"),
-        "preloaded model is pinned: {text}"
-    );
+    assert!(text.contains("\"pinned\":true"), "preloaded model is pinned: {text}");
     let body = serde_json::to_string(&chat_body("qwen2.5-0.5b-instruct", false)).unwrap();
     let (status, _) = rt.block_on(roundtrip(addr, "POST", "/v1/chat/completions", &body));
     assert_eq!(status, 200);
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let t = Instant::now();
     loop {
@@ -195,10 +156,7 @@ fn binary_serves_and_exits_cleanly_on_sigterm() {
             assert!(st.success(), "exit status {st:?}");
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
