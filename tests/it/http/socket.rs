@@ -160,3 +160,37 @@ fn binary_serves_and_exits_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn binary_idle_ttl_evicts_idle_unpinned_models() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--fake-load-time", "0s", "--idle-ttl", "1s"])
+        .args(["--preload", "nomic-embed-text-v1.5"])
+        .env("MODELPOOL_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: SocketAddr = line.trim().trim_start_matches("modelpool listening on http://").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = serde_json::to_string(&chat_body("qwen2.5-0.5b-instruct", false)).unwrap();
+    assert_eq!(rt.block_on(roundtrip(addr, "POST", "/v1/chat/completions", &body)).0, 200);
+    let phase = |id: &str| -> String {
+        let (_, text) = rt.block_on(roundtrip(addr, "GET", &format!("/admin/models/{id}"), ""));
+        let json_start = text.find("\r\n\r\n").unwrap() + 4;
+        let v: serde_json::Value = serde_json::from_str(&text[json_start..]).unwrap();
+        v["phase"].as_str().unwrap().to_string()
+    };
+    assert_eq!(phase("qwen2.5-0.5b-instruct"), "resident");
+    let t = Instant::now();
+    while phase("qwen2.5-0.5b-instruct") != "absent" {
+        assert!(t.elapsed() < Duration::from_secs(6), "idle model not evicted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(t.elapsed() >= Duration::from_millis(500), "not evicted before its TTL");
+    assert_eq!(phase("nomic-embed-text-v1.5"), "resident", "pinned models do not expire");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
