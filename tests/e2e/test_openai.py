@@ -7,6 +7,7 @@ Run by scripts/e2e-openai.sh, which starts the server with the fake backend, a 6
 import os
 import sys
 import threading
+import time
 import traceback
 
 import openai
@@ -112,8 +113,17 @@ def test_503_insufficient_memory_with_retry_after():
         assert retry is not None and int(retry) >= 1, dict(e.response.headers)
     finally:
         stream.close()
-    # Once the stream is gone the lease is released and MID loads (evicting BIG).
-    r = client.chat.completions.create(model=MID, messages=MSGS, max_tokens=2)
+    # Once the stream is closed the server notices the disconnect, releases the lease, and MID
+    # loads (evicting BIG). Noticing takes a moment: retry briefly, as a client would.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            r = client.chat.completions.create(model=MID, messages=MSGS, max_tokens=2)
+            break
+        except openai.InternalServerError as e:
+            assert e.code == "insufficient_memory", e.body
+            assert time.monotonic() < deadline, "lease not released after the stream closed"
+            time.sleep(0.05)
     assert r.choices[0].finish_reason == "length"
 
 
