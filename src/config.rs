@@ -51,7 +51,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 }
 
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
-pub const MLX_AVAILABLE: bool = false;
+pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
 
 /// The error for `--backend mlx` in a build without it.
 pub const MLX_MISSING: &str = "--backend mlx: this modelpool was built without the mlx feature (rebuild with `cargo build --release --features mlx`)";

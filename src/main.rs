@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use modelpool::backend::Backend;
 use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
-use modelpool::config::{BackendKind, MLX_MISSING, ServeArgs, ServeConfig};
+use modelpool::config::{BackendKind, ServeArgs, ServeConfig};
 use modelpool::http::{AppState, Metrics, TimedBackend};
 use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
 
@@ -87,9 +87,11 @@ fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
             }
             Ok(Arc::new(fake))
         }
-        // Wired when the MLX backend lands behind the `mlx` feature (ServeConfig already refuses
-        // mlx in a build without it).
-        BackendKind::Mlx => anyhow::bail!(MLX_MISSING),
+        #[cfg(feature = "mlx")]
+        BackendKind::Mlx => Ok(Arc::new(modelpool::backend::mlx::MlxBackend::default())),
+        // ServeConfig already refuses mlx in a build without the feature.
+        #[cfg(not(feature = "mlx"))]
+        BackendKind::Mlx => anyhow::bail!(modelpool::config::MLX_MISSING),
     }
 }
 

@@ -113,8 +113,13 @@ fn bad_config_values_are_clear_errors() {
     assert!(e.contains("models[0].path") && e.contains("does not exist"), "{e}");
     let e = merge_err(&["--log-level", "loud=[["], "");
     assert!(e.contains("log level"), "{e}");
-    let e = merge_err(&["--backend", "mlx"], "");
-    assert!(e.contains("built without the mlx feature"), "{e}");
+    if !modelpool::config::MLX_AVAILABLE {
+        let e = merge_err(&["--backend", "mlx"], "");
+        assert!(e.contains("built without the mlx feature"), "{e}");
+    } else {
+        let e = merge_err(&["--backend", "mlx"], "");
+        assert!(e.contains("no models configured"), "mlx needs a catalogue: {e}");
+    }
     // Typos in the file are refused, not ignored.
     let e = toml::from_str::<FileConfig>("memory_limt = \"1GB\"").unwrap_err().to_string();
     assert!(e.contains("memory_limt"), "{e}");
@@ -193,7 +198,15 @@ fn binary_refuses_bad_flags_env_and_files_before_binding() {
         (vec!["serve", "--policy", "fifo"], vec![], "unknown eviction policy"),
         (vec!["serve"], vec![("MODELPOOL_MEMORY_LIMIT", "-5%")], "invalid memory limit '-5%'"),
         (vec!["serve"], vec![("MODELPOOL_MAX_MODELS", "zero")], "max-models"),
-        (vec!["serve", "--backend", "mlx"], vec![], "built without the mlx feature"),
+        (
+            vec!["serve", "--backend", "mlx"],
+            vec![],
+            if modelpool::config::MLX_AVAILABLE {
+                "no models configured"
+            } else {
+                "built without the mlx feature"
+            },
+        ),
         (vec!["serve", "--preload", "ghost"], vec![], "cannot preload 'ghost'"),
         (vec!["serve", "--config", "/no/such.toml"], vec![], "cannot read config file"),
     ];
