@@ -194,3 +194,34 @@ fn binary_idle_ttl_evicts_idle_unpinned_models() {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_are_read_and_capped_without_content_length() {
+    let h = Harness::new(10 * GB, 4); // 64 KiB body cap
+    let (addr, stop, server) = start(&h).await;
+    let send_chunked = |body: String| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The server may answer 413 and stop reading before the body ends: ignore write errors.
+        for piece in body.as_bytes().chunks(1000) {
+            let frame = [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+            if s.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let ok = send_chunked(serde_json::to_string(&chat_body("chat-a", false)).unwrap()).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let mut big = chat_body("chat-a", false);
+    big["messages"][0]["content"] = serde_json::json!("x".repeat(100_000));
+    let r = send_chunked(serde_json::to_string(&big).unwrap()).await;
+    assert!(r.starts_with("HTTP/1.1 413"), "{}", &r[..r.len().min(300)]);
+    assert!(r.contains("payload_too_large"));
+    let _ = stop.send(());
+    server.await.unwrap();
+}
