@@ -7,9 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use modelpool::backend::fake::FakeBackend;
-use modelpool::backend::{
-    Backend, BackendError, Embeddings, GenerateEvent, GenerateRequest, GenerateStream, ModelHandle,
-};
+use modelpool::backend::{Backend, BackendError, Embeddings, GenerateRequest, GenerateStream, ModelHandle};
 use modelpool::{GB, ModelSpec, Phase};
 use serde_json::{Value, json};
 
@@ -696,5 +694,4 @@ async fn error_after_stream_started_is_an_sse_error_event_then_the_end() {
     assert_error(&r, 500, "inference_failed");
     // And the metrics count the streamed failure as a 500.
     assert_eq!(h.state.metrics.responses("chat_completions", 500), 2);
-    let _ = GenerateEvent::Delta(String::new());
 }
