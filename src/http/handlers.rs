@@ -41,6 +41,8 @@ pub struct ReqTimer {
     start: Instant,
     model: Option<String>,
     stream: bool,
+    /// Time spent getting the model (0 for a hit, the load time for a cold start).
+    acquire_micros: u64,
     finished: bool,
 }
 
@@ -52,6 +54,7 @@ impl ReqTimer {
             start: Instant::now(),
             model: None,
             stream: false,
+            acquire_micros: 0,
             finished: false,
         }
     }
@@ -73,6 +76,7 @@ impl ReqTimer {
                 model,
                 status,
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request ended: client disconnected"
             );
@@ -83,6 +87,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -93,6 +98,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -251,8 +257,19 @@ async fn collect(mut generation: GenerateStream) -> Result<(String, FinishReason
     ))
 }
 
-async fn acquire(state: &AppState, model: &str, types: &[ModelType]) -> Result<Lease, ApiError> {
-    Ok(state.pool.acquire_as(model, types).await?)
+/// Get a lease on `model` (loading it if needed), noting in the request line how long it took.
+async fn acquire(
+    state: &AppState,
+    model: &str,
+    types: &[ModelType],
+    timer: &mut Option<ReqTimer>,
+) -> Result<Lease, ApiError> {
+    let t = Instant::now();
+    let r = state.pool.acquire_as(model, types).await;
+    if let Some(timer) = timer.as_mut() {
+        timer.acquire_micros = t.elapsed().as_micros() as u64;
+    }
+    Ok(r?)
 }
 
 // ---------------------------------------------------------------- chat
@@ -385,7 +402,7 @@ async fn chat_inner(
         ));
     }
     let messages = chat_prompt(req.messages)?;
-    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,
@@ -509,7 +526,7 @@ async fn completions_inner(
         return Err(ApiError::bad_request("prompt", "streaming takes a single prompt"));
     }
     let echo = req.echo.unwrap_or(false);
-    let lease = acquire(state, &req.model, &[ModelType::TextGen]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen], timer).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = lease.model().to_string();
@@ -607,7 +624,7 @@ async fn embeddings_inner(
     if req.dimensions == Some(0) {
         return Err(ApiError::bad_request("dimensions", "dimensions must be at least 1"));
     }
-    let lease = acquire(state, &req.model, &[ModelType::Embeddings]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::Embeddings], timer).await?;
     let model = lease.model().to_string();
     let out = lease.handle().embed(inputs).await?;
     drop(lease);
