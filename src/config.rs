@@ -51,7 +51,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 }
 
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
-pub const MLX_AVAILABLE: bool = false;
+pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
 
 /// The error for `--backend mlx` in a build without it.
 pub const MLX_MISSING: &str = "--backend mlx: this modelpool was built without the mlx feature (rebuild with `cargo build --release --features mlx`)";
@@ -91,16 +91,25 @@ fn parse_ttl(s: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// An idle time-to-live: a duration, or `off` (also `none`, `0`) for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTtl(pub Option<Duration>);
+
+impl FromStr for IdleTtl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_ttl(s).map(IdleTtl)
+    }
+}
+
 /// Bytes from `16GB`, `512MB`, `4MiB` (a percentage is refused).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     match MemoryLimit::from_str(s) {
         Ok(MemoryLimit::Bytes(b)) => Ok(b),
-        Ok(MemoryLimit::Fraction(_)) => Err(format!(
-            "'{s}' must be a size such as 4MB or 5GB, not a fraction"
-        )),
-        Err(e) => Err(e
-            .to_string()
-            .replace("invalid memory limit", "invalid size")),
+        Ok(MemoryLimit::Fraction(_)) => {
+            Err(format!("'{s}' must be a size such as 4MB or 5GB, not a fraction"))
+        }
+        Err(e) => Err(e.to_string().replace("invalid memory limit", "invalid size")),
     }
 }
 
@@ -125,12 +134,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_POLICY", value_name = "POLICY")]
     pub policy: Option<PolicyKind>,
     /// Models to load and pin at start, comma-separated.
-    #[arg(
-        long,
-        env = "MODELPOOL_PRELOAD",
-        value_name = "IDS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "MODELPOOL_PRELOAD", value_name = "IDS", value_delimiter = ',')]
     pub preload: Option<Vec<String>>,
     /// Backend [default: fake].
     #[arg(long, env = "MODELPOOL_BACKEND", value_enum)]
@@ -142,8 +146,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// Evict unpinned models idle this long (10m, 1h; "off" keeps them) [default: off].
-    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION", value_parser = parse_ttl)]
-    pub idle_ttl: Option<Option<Duration>>,
+    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION")]
+    pub idle_ttl: Option<IdleTtl>,
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -274,9 +278,7 @@ pub fn default_fake_catalogue() -> Vec<ModelSpec> {
         ModelSpec::new("qwen2-vl-2b-instruct").with_type(ModelType::Vision),
         ModelSpec::new("qwen3-embedding-0.6b").with_type(ModelType::Embeddings),
         // nomic-embed-text-v1.5 has 137M parameters, stored in fp16 with its runtime: ~0.3 GB.
-        ModelSpec::new("nomic-embed-text-v1.5")
-            .with_type(ModelType::Embeddings)
-            .with_size(3 * GB / 10),
+        ModelSpec::new("nomic-embed-text-v1.5").with_type(ModelType::Embeddings).with_size(3 * GB / 10),
     ]
 }
 
@@ -289,65 +291,68 @@ fn infer_type(dir: &Path, id: &str) -> ModelType {
     }
     let lower = format!("{} {}", id.to_ascii_lowercase(), cfg.to_ascii_lowercase());
     if dir.join("modules.json").exists()
-        || [
-            "bertmodel",
-            "xlmroberta",
-            "nomicbert",
-            "embed",
-            "sentence-transformers",
-            "-e5-",
-            "bge-",
-        ]
-        .iter()
-        .any(|k| lower.contains(k))
+        || dir.join("sentence_bert_config.json").exists()
+        || ["bertmodel", "xlmroberta", "nomicbert", "embed", "sentence-transformers", "-e5-", "bge-"]
+            .iter()
+            .any(|k| lower.contains(k))
     {
         return ModelType::Embeddings;
     }
     ModelType::TextGen
 }
 
-fn looks_like_model(dir: &Path) -> bool {
-    dir.join("config.json").is_file()
-        || crate::estimate::weight_bytes_on_disk(dir).is_ok_and(|b| b > 0)
-            && std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.path().is_file()))
+fn has_ext(p: &Path, ext: &str) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }
 
-/// Models under `dir`: each subdirectory holding `config.json` or weight files is a model whose
-/// id is its path relative to `dir` (so `org/name` layouts keep their `org/`); directories
-/// without either are searched one level deeper.
+/// A model directory: Hugging Face / MLX layout (`config.json`) or safetensors weights.
+fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        || std::fs::read_dir(dir)
+            .is_ok_and(|rd| rd.flatten().any(|e| e.path().is_file() && has_ext(&e.path(), "safetensors")))
+}
+
+/// Deepest directory level searched below the models dir.
+const SCAN_DEPTH: usize = 3;
+
+/// Models under `dir`, in path order:
+/// - a directory with `config.json` or `*.safetensors` is one model (its subdirectories are not
+///   searched);
+/// - each `*.gguf` file elsewhere is one model (id without the `.gguf` extension);
+/// - other directories are searched, down to three levels.
+///
+/// Ids are paths relative to `dir` with `/` separators, so `org/name` layouts keep their `org/`.
+/// Types: `vision_config` in config.json means vision; an encoder architecture (BERT, XLM-R,
+/// Nomic), a sentence-transformers layout or `embed` in the id means embeddings; else text-gen.
 pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    fn entries(d: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-        let rd = std::fs::read_dir(d)
-            .map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
-        let mut v: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
-        v.sort();
-        Ok(v)
-    }
-    let mut out = Vec::new();
-    for sub in entries(dir)? {
-        let mut add = |p: &Path| {
-            let id = p
-                .strip_prefix(dir)
-                .unwrap_or(p)
-                .to_string_lossy()
-                .replace('\\', "/");
-            let t = infer_type(p, &id);
-            out.push(ModelSpec::new(id).with_type(t).with_path(p));
-        };
-        if looks_like_model(&sub) {
-            add(&sub);
-        } else {
-            for inner in entries(&sub)? {
-                if looks_like_model(&inner) {
-                    add(&inner);
+    fn walk(root: &Path, d: &Path, depth: usize, out: &mut Vec<ModelSpec>) -> Result<(), ConfigError> {
+        let rd = std::fs::read_dir(d).map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
+        let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        let id_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
+        for p in paths {
+            if p.is_dir() {
+                if is_model_dir(&p) {
+                    let id = id_of(&p);
+                    let t = infer_type(&p, &id);
+                    out.push(ModelSpec::new(id).with_type(t).with_path(&p));
+                } else if depth < SCAN_DEPTH {
+                    walk(root, &p, depth + 1, out)?;
                 }
+            } else if has_ext(&p, "gguf") {
+                let id = id_of(&p.with_extension(""));
+                let t = if id.to_ascii_lowercase().contains("embed") {
+                    ModelType::Embeddings
+                } else {
+                    ModelType::TextGen
+                };
+                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
             }
         }
+        Ok(())
     }
+    let mut out = Vec::new();
+    walk(dir, dir, 1, &mut out)?;
     Ok(out)
 }
 
@@ -357,9 +362,8 @@ impl ServeConfig {
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let (file, src) = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
                 let f: FileConfig = toml::from_str(&text)
                     .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
                 (f, path.display().to_string())
@@ -374,16 +378,16 @@ impl ServeConfig {
         let field = |name: &str, e: String| ConfigError(format!("config file {src}: {name}: {e}"));
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| field("listen", format!("invalid address '{s}': {e}")))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e| field("listen", format!("invalid address '{s}': {e}")))?
+            }
             (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         };
         let memory_limit = match (args.memory_limit, &file.memory_limit) {
             (Some(l), _) => l,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e: crate::limit::LimitError| field("memory_limit", e.to_string()))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e: crate::limit::LimitError| field("memory_limit", e.to_string()))?
+            }
             (None, None) => MemoryLimit::Fraction(0.75),
         };
         let max_models = match args.max_models.or(file.max_models) {
@@ -393,27 +397,23 @@ impl ServeConfig {
         };
         let policy = match (args.policy, &file.policy) {
             (Some(p), _) => p,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e: crate::policy::ParsePolicyError| field("policy", e.to_string()))?,
+            (None, Some(s)) => {
+                s.parse().map_err(|e: crate::policy::ParsePolicyError| field("policy", e.to_string()))?
+            }
             (None, None) => PolicyKind::Lru,
         };
         let backend = args.backend.or(file.backend).unwrap_or_default();
         if backend == BackendKind::Mlx && !MLX_AVAILABLE {
             return err(MLX_MISSING);
         }
-        let log_level = args
-            .log_level
-            .clone()
-            .or(file.log_level)
-            .unwrap_or_else(|| "info".into());
+        let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return err(format!(
                 "invalid log level '{log_level}': expected error, warn, info, debug, trace or a tracing directive"
             ));
         }
         let idle_ttl = match (args.idle_ttl, &file.idle_ttl) {
-            (Some(t), _) => t,
+            (Some(t), _) => t.0,
             (None, Some(s)) => parse_ttl(s).map_err(|e| field("idle_ttl", e))?,
             (None, None) => None,
         };
@@ -428,9 +428,7 @@ impl ServeConfig {
             (None, None) => crate::http::DEFAULT_MAX_BODY,
         };
         if max_body < 1024 {
-            return err(format!(
-                "max body size {max_body} bytes is too small (at least 1KB)"
-            ));
+            return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
         }
         let fake = FakeSettings {
             load_time: match (args.fake_load_time, &file.fake.load_time) {
@@ -450,16 +448,10 @@ impl ServeConfig {
         let mut seen = BTreeSet::new();
         for (i, m) in file.models.iter().enumerate() {
             if m.id.trim().is_empty() {
-                return Err(field(
-                    &format!("models[{i}].id"),
-                    "must not be empty".into(),
-                ));
+                return Err(field(&format!("models[{i}].id"), "must not be empty".into()));
             }
             if !seen.insert(m.id.clone()) {
-                return Err(field(
-                    &format!("models[{i}].id"),
-                    format!("duplicate model id '{}'", m.id),
-                ));
+                return Err(field(&format!("models[{i}].id"), format!("duplicate model id '{}'", m.id)));
             }
             let mut spec = ModelSpec::new(m.id.as_str()).with_type(m.model_type);
             if let Some(p) = &m.path {
@@ -472,8 +464,7 @@ impl ServeConfig {
                 spec = spec.with_path(p);
             }
             if let Some(s) = &m.size {
-                spec = spec
-                    .with_size(parse_bytes(s).map_err(|e| field(&format!("models[{i}].size"), e))?);
+                spec = spec.with_size(parse_bytes(s).map_err(|e| field(&format!("models[{i}].size"), e))?);
             }
             models.push(spec);
         }
@@ -499,18 +490,12 @@ impl ServeConfig {
         }
 
         let preload = args.preload.clone().or(file.preload).unwrap_or_default();
-        let preload: Vec<String> = preload
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let preload: Vec<String> =
+            preload.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         for p in &preload {
             if !models.iter().any(|m| *m.id == **p) {
                 let known: Vec<&str> = models.iter().map(|m| &*m.id).collect();
-                return err(format!(
-                    "cannot preload '{p}': no such model (known: {})",
-                    known.join(", ")
-                ));
+                return err(format!("cannot preload '{p}': no such model (known: {})", known.join(", ")));
             }
         }
 

@@ -10,11 +10,9 @@ use clap::{Parser, Subcommand};
 
 use modelpool::backend::Backend;
 use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
-use modelpool::config::{BackendKind, MLX_MISSING, ServeArgs, ServeConfig};
+use modelpool::config::{BackendKind, ServeArgs, ServeConfig};
 use modelpool::http::{AppState, Metrics, TimedBackend};
-use modelpool::{
-    FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory,
-};
+use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,10 +43,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg.log_level);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("modelpool: cannot start the async runtime: {e}");
@@ -80,49 +75,36 @@ fn init_tracing(filter: &str) {
 fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
     match cfg.backend {
         BackendKind::Fake => {
-            let fake = FakeBackend::new()
-                .with_load_time(cfg.fake.load_time)
-                .with_token_delay(cfg.fake.token_delay);
+            let fake =
+                FakeBackend::new().with_load_time(cfg.fake.load_time).with_token_delay(cfg.fake.token_delay);
             for m in &cfg.models {
                 // Scale the fake load time with size, as a real load would: base + 1 s per 10 GB.
-                let bytes = m
-                    .size_hint
-                    .unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
+                let bytes = m.size_hint.unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
                 let extra = Duration::from_secs_f64(bytes as f64 / 10e9);
-                let load_time = if cfg.fake.load_time.is_zero() {
-                    Duration::ZERO
-                } else {
-                    cfg.fake.load_time + extra
-                };
-                fake.configure(
-                    &m.id,
-                    FakeModelConfig {
-                        load_time: Some(load_time),
-                        ..Default::default()
-                    },
-                );
+                let load_time =
+                    if cfg.fake.load_time.is_zero() { Duration::ZERO } else { cfg.fake.load_time + extra };
+                fake.configure(&m.id, FakeModelConfig { load_time: Some(load_time), ..Default::default() });
             }
             Ok(Arc::new(fake))
         }
-        // Wired when the MLX backend lands behind the `mlx` feature (ServeConfig already refuses
-        // mlx in a build without it).
-        BackendKind::Mlx => anyhow::bail!(MLX_MISSING),
+        #[cfg(feature = "mlx")]
+        BackendKind::Mlx => Ok(Arc::new(modelpool::backend::mlx::MlxBackend::default())),
+        // ServeConfig already refuses mlx in a build without the feature.
+        #[cfg(not(feature = "mlx"))]
+        BackendKind::Mlx => anyhow::bail!(modelpool::config::MLX_MISSING),
     }
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let backend: Arc<dyn Backend> =
-        Arc::new(TimedBackend::new(build_backend(&cfg)?, metrics.clone()));
+    let backend: Arc<dyn Backend> = Arc::new(TimedBackend::new(build_backend(&cfg)?, metrics.clone()));
     let total = SysinfoMemory.total_bytes();
     let limit = cfg.memory_limit.resolve(&SysinfoMemory);
     let mut pc = PoolConfig::with_limit(limit);
     pc.max_models = cfg.max_models;
     pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
     let estimator: Box<dyn SizeEstimator> = match &cfg.sizes_file {
-        Some(f) => {
-            Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?)
-        }
+        Some(f) => Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?),
         None => Box::new(Learned::new(FileEstimator::default())),
     };
     let pool: ModelPool = ModelPool::new(pc, cfg.policy.build(), estimator, backend);
@@ -148,9 +130,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::info!(model = %m.id, model_type = %m.model_type, estimate_bytes = m.estimate.bytes, source = %m.estimate.source, "model registered");
     }
     for id in &cfg.preload {
-        pool.preload(id)
-            .await
-            .with_context(|| format!("--preload {id}"))?;
+        pool.preload(id).await.with_context(|| format!("--preload {id}"))?;
         tracing::info!(model = %id, "preloaded and pinned");
     }
     if let Some(ttl) = cfg.idle_ttl {
@@ -170,10 +150,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         });
     }
     let state = AppState::new(pool, metrics).with_max_body(cfg.max_body);
+    let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
     println!("modelpool listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    let live = modelpool::http::serve(listener, state, shutdown_signal(), cfg.shutdown_grace).await;
+    let live = modelpool::http::serve(listener, state, shutdown, cfg.shutdown_grace).await;
     if live > 0 {
         tracing::warn!(live, "stopped with requests still in flight");
     }
@@ -181,25 +162,27 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// The shutdown trigger: SIGINT or SIGTERM. The handlers are installed when this is called (before
+/// the server announces itself), so a signal sent right after start is never missed.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        }
+    })
 }

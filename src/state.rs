@@ -989,12 +989,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn drain_hint(&self, e: &Entry, now: Nanos) -> u32 {
-        let t = if e.leases > 0 {
-            (e.busy_since as f64 + self.lease_nanos()).max(now as f64)
-        } else {
-            now as f64
-        };
+        let t = if e.leases > 0 { self.busy_until(e, now) } else { now as f64 };
         secs_until(t, now)
+    }
+
+    /// When a busy model's requests are expected to have ended: after the typical request time
+    /// if it has been busy for less than that; otherwise, as long again as it has been busy so
+    /// far (a request that has outlived the mean is likely a long one, e.g. a long stream).
+    fn busy_until(&self, e: &Entry, now: Nanos) -> f64 {
+        let elapsed = now.saturating_sub(e.busy_since) as f64;
+        let lease = self.lease_nanos();
+        let remaining = if elapsed < lease { lease - elapsed } else { elapsed };
+        now as f64 + remaining
     }
 
     /// Seconds until in-flight work is expected to free `bytes` and `count` models: busy models
@@ -1005,11 +1011,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         for e in &self.entries {
             match e.phase {
                 Phase::Resident if !e.pinned && e.leases > 0 => {
-                    frees.push(((e.busy_since as f64 + lease).max(now as f64), e.bytes, 1));
+                    frees.push((self.busy_until(e, now), e.bytes, 1));
                 }
                 Phase::Draining => {
-                    let t = if e.leases > 0 { e.busy_since as f64 + lease } else { now as f64 };
-                    frees.push((t.max(now as f64), e.bytes, 0));
+                    let t = if e.leases > 0 { self.busy_until(e, now) } else { now as f64 };
+                    frees.push((t, e.bytes, 0));
                 }
                 Phase::Loading if !e.pin_on_load => {
                     let load = self.load_cost(e, e.bytes) * NANOS_PER_SEC as f64;

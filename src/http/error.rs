@@ -63,14 +63,7 @@ impl ApiError {
         code: &'static str,
         message: impl Into<String>,
     ) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: Some(code),
-            retry_after: None,
-        }
+        ApiError { status, message: message.into(), kind, param: None, code: Some(code), retry_after: None }
     }
 
     /// Builder: set the code.
@@ -97,10 +90,7 @@ impl ApiError {
         let mut res = Response::new(self.body().into());
         *res.status_mut() = self.status;
         let h = res.headers_mut();
-        h.insert(
-            warp::http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             h.insert(warp::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -129,18 +119,12 @@ impl From<PoolError> for ApiError {
         let message = e.to_string();
         let retry_after = e.retry_after_secs();
         let (status, kind, code, param) = match &e {
-            PoolError::ModelNotFound(_) => (
-                S::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                Some("model"),
-            ),
-            PoolError::WrongModelType { .. } => (
-                S::BAD_REQUEST,
-                "invalid_request_error",
-                "wrong_model_type",
-                Some("model"),
-            ),
+            PoolError::ModelNotFound(_) => {
+                (S::NOT_FOUND, "invalid_request_error", "model_not_found", Some("model"))
+            }
+            PoolError::WrongModelType { .. } => {
+                (S::BAD_REQUEST, "invalid_request_error", "wrong_model_type", Some("model"))
+            }
             PoolError::InsufficientMemory { .. }
             | PoolError::ModelTooLarge { .. }
             | PoolError::MaxModelsReached { .. }
@@ -150,25 +134,14 @@ impl From<PoolError> for ApiError {
                 e.reject_code().map_or("unavailable", |c| c.as_str()),
                 None,
             ),
-            PoolError::ShuttingDown { .. } => (
-                S::SERVICE_UNAVAILABLE,
-                "server_error",
-                "shutting_down",
-                None,
-            ),
-            PoolError::LoadFailed { .. } => (
-                S::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "model_load_failed",
-                None,
-            ),
+            PoolError::ShuttingDown { .. } => (S::SERVICE_UNAVAILABLE, "server_error", "shutting_down", None),
+            PoolError::LoadFailed { .. } => {
+                (S::INTERNAL_SERVER_ERROR, "server_error", "model_load_failed", None)
+            }
             PoolError::Backend(b) => match b {
-                BackendError::InvalidRequest(_) => (
-                    S::BAD_REQUEST,
-                    "invalid_request_error",
-                    "invalid_request",
-                    None,
-                ),
+                BackendError::InvalidRequest(_) => {
+                    (S::BAD_REQUEST, "invalid_request_error", "invalid_request", None)
+                }
                 BackendError::Unsupported(_) => {
                     (S::BAD_REQUEST, "invalid_request_error", "unsupported", None)
                 }
@@ -183,30 +156,13 @@ impl From<PoolError> for ApiError {
                         retry_after: Some(1),
                     };
                 }
-                BackendError::Load(_) | BackendError::Inference(_) => (
-                    S::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "inference_failed",
-                    None,
-                ),
+                BackendError::Load(_) | BackendError::Inference(_) => {
+                    (S::INTERNAL_SERVER_ERROR, "server_error", "inference_failed", None)
+                }
             },
-            PoolError::UnloadRefused { .. } => {
-                (S::CONFLICT, "invalid_request_error", "unload_refused", None)
-            }
-            PoolError::InvalidConfig(_) => (
-                S::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_config",
-                None,
-            ),
+            PoolError::UnloadRefused { .. } => (S::CONFLICT, "invalid_request_error", "unload_refused", None),
+            PoolError::InvalidConfig(_) => (S::BAD_REQUEST, "invalid_request_error", "invalid_config", None),
         };
-        ApiError {
-            status,
-            message,
-            kind,
-            param: param.map(str::to_string),
-            code: Some(code),
-            retry_after,
-        }
+        ApiError { status, message, kind, param: param.map(str::to_string), code: Some(code), retry_after }
     }
 }

@@ -41,6 +41,8 @@ pub struct ReqTimer {
     start: Instant,
     model: Option<String>,
     stream: bool,
+    /// Time spent getting the model (0 for a hit, the load time for a cold start).
+    acquire_micros: u64,
     finished: bool,
 }
 
@@ -52,6 +54,7 @@ impl ReqTimer {
             start: Instant::now(),
             model: None,
             stream: false,
+            acquire_micros: 0,
             finished: false,
         }
     }
@@ -73,6 +76,7 @@ impl ReqTimer {
                 model,
                 status,
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request ended: client disconnected"
             );
@@ -83,6 +87,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -93,6 +98,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -126,10 +132,8 @@ fn respond(timer: Option<ReqTimer>, res: Result<Response, ApiError>) -> Response
 fn json_response<T: Serialize>(v: &T, status: StatusCode) -> Response {
     let mut r = Response::new(serde_json::to_vec(v).unwrap_or_default().into());
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut()
+        .insert(warp::http::header::CONTENT_TYPE, warp::http::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -138,9 +142,7 @@ fn ok_json<T: Serialize>(v: &T) -> Result<Response, ApiError> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -154,24 +156,24 @@ fn new_id(prefix: &str) -> String {
 /// Parse a JSON body; a failure is a 400 naming the field at fault.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "body",
-            "the request body is empty; send a JSON object",
-        ));
+        return Err(ApiError::bad_request("body", "the request body is empty; send a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        let param = if path != "." {
+        let syntax = matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        let param = if syntax {
+            None
+        } else if path != "." {
             Some(path)
         } else {
             // "missing field `model` at line 1 column 2": name the field.
-            msg.split('`')
-                .nth(1)
-                .filter(|_| msg.starts_with("missing field"))
-                .map(str::to_string)
+            msg.split('`').nth(1).filter(|_| msg.starts_with("missing field")).map(str::to_string)
         };
         let text = match (&param, inner.classify()) {
             (_, serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
@@ -180,10 +182,7 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             (Some(p), _) => format!("invalid field '{p}': {msg}"),
             (None, _) => format!("invalid request body: {msg}"),
         };
-        ApiError {
-            param: param.or_else(|| Some("body".into())),
-            ..ApiError::bad_request("", text)
-        }
+        ApiError { param: param.or_else(|| Some("body".into())), ..ApiError::bad_request("", text) }
     })
 }
 
@@ -201,18 +200,12 @@ fn check_sampling(
     }
     let p = top_p.unwrap_or(1.0);
     if !(p > 0.0 && p <= 1.0) {
-        return Err(ApiError::bad_request(
-            "top_p",
-            format!("top_p must be in (0, 1], got {p}"),
-        ));
+        return Err(ApiError::bad_request("top_p", format!("top_p must be in (0, 1], got {p}")));
     }
-    if let Some(n) = n {
-        if n != 1 {
-            return Err(ApiError::bad_request(
-                "n",
-                format!("only n = 1 is supported, got {n}"),
-            ));
-        }
+    if let Some(n) = n
+        && n != 1
+    {
+        return Err(ApiError::bad_request("n", format!("only n = 1 is supported, got {n}")));
     }
     Ok((t, p))
 }
@@ -220,35 +213,23 @@ fn check_sampling(
 fn check_stop(stop: Option<StopSeq>) -> Result<Vec<String>, ApiError> {
     let stop = stop.map(StopSeq::into_vec).unwrap_or_default();
     if stop.len() > 4 {
-        return Err(ApiError::bad_request(
-            "stop",
-            format!("at most 4 stop sequences, got {}", stop.len()),
-        ));
+        return Err(ApiError::bad_request("stop", format!("at most 4 stop sequences, got {}", stop.len())));
     }
     if stop.iter().any(String::is_empty) {
-        return Err(ApiError::bad_request(
-            "stop",
-            "stop sequences must not be empty",
-        ));
+        return Err(ApiError::bad_request("stop", "stop sequences must not be empty"));
     }
     Ok(stop)
 }
 
 fn check_max_tokens(param: &str, v: Option<u32>, default: u32) -> Result<u32, ApiError> {
     match v {
-        Some(0) => Err(ApiError::bad_request(
-            param,
-            format!("{param} must be at least 1"),
-        )),
+        Some(0) => Err(ApiError::bad_request(param, format!("{param} must be at least 1"))),
         Some(v) => Ok(v),
         None => Ok(default),
     }
 }
 
-fn check_stream(
-    stream: Option<bool>,
-    opts: &Option<StreamOptions>,
-) -> Result<(bool, bool), ApiError> {
+fn check_stream(stream: Option<bool>, opts: &Option<StreamOptions>) -> Result<(bool, bool), ApiError> {
     let stream = stream.unwrap_or(false);
     if opts.is_some() && !stream {
         return Err(ApiError::bad_request(
@@ -260,17 +241,12 @@ fn check_stream(
 }
 
 /// Run a generation to its end: text, finish reason, usage.
-async fn collect(
-    mut generation: GenerateStream,
-) -> Result<(String, FinishReason, Usage), ApiError> {
+async fn collect(mut generation: GenerateStream) -> Result<(String, FinishReason, Usage), ApiError> {
     let mut text = String::new();
     while let Some(ev) = generation.next().await {
         match ev? {
             GenerateEvent::Delta(t) => text.push_str(&t),
-            GenerateEvent::Done {
-                finish_reason,
-                usage,
-            } => return Ok((text, finish_reason, usage)),
+            GenerateEvent::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
         }
     }
     Err(ApiError::new(
@@ -281,31 +257,33 @@ async fn collect(
     ))
 }
 
-async fn acquire(state: &AppState, model: &str, types: &[ModelType]) -> Result<Lease, ApiError> {
-    Ok(state.pool.acquire_as(model, types).await?)
+/// Get a lease on `model` (loading it if needed), noting in the request line how long it took.
+async fn acquire(
+    state: &AppState,
+    model: &str,
+    types: &[ModelType],
+    timer: &mut Option<ReqTimer>,
+) -> Result<Lease, ApiError> {
+    let t = Instant::now();
+    let r = state.pool.acquire_as(model, types).await;
+    if let Some(timer) = timer.as_mut() {
+        timer.acquire_micros = t.elapsed().as_micros() as u64;
+    }
+    Ok(r?)
 }
 
 // ---------------------------------------------------------------- chat
 
 fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad_request(
-            "messages",
-            "messages must contain at least one message",
-        ));
+        return Err(ApiError::bad_request("messages", "messages must contain at least one message"));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "developer" | "user" | "assistant" | "tool"
-        ) {
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
             return Err(ApiError::bad_request(
                 format!("messages[{i}].role"),
-                format!(
-                    "unknown role '{}': expected system, developer, user, assistant or tool",
-                    m.role
-                ),
+                format!("unknown role '{}': expected system, developer, user, assistant or tool", m.role),
             ));
         }
         let content = match m.content {
@@ -333,11 +311,7 @@ fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiErro
                 texts.join("\n")
             }
         };
-        let role = if m.role == "developer" {
-            "system".to_string()
-        } else {
-            m.role
-        };
+        let role = if m.role == "developer" { "system".to_string() } else { m.role };
         out.push(ChatMessage { role, content });
     }
     Ok(out)
@@ -357,12 +331,7 @@ impl ChatFormat {
             object: "chat.completion.chunk",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![ChatChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: finish,
-                logprobs: None,
-            }],
+            choices: vec![ChatChunkChoice { index: 0, delta, finish_reason: finish, logprobs: None }],
             usage: self.include_usage.then_some(None),
         })
     }
@@ -370,22 +339,10 @@ impl ChatFormat {
 
 impl ChunkFormat for ChatFormat {
     fn start(&mut self, out: &mut VecDeque<Bytes>) {
-        out.push_back(self.chunk(
-            ChatDelta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-            },
-            None,
-        ));
+        out.push_back(self.chunk(ChatDelta { role: Some("assistant"), content: Some(String::new()) }, None));
     }
     fn delta(&mut self, text: String) -> Bytes {
-        self.chunk(
-            ChatDelta {
-                role: None,
-                content: Some(text),
-            },
-            None,
-        )
+        self.chunk(ChatDelta { role: None, content: Some(text) }, None)
     }
     fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Bytes>) {
         out.push_back(self.chunk(ChatDelta::default(), Some(finish_str(reason))));
@@ -424,36 +381,28 @@ async fn chat_inner(
         t.stream = stream;
     }
     let max_tokens = match req.max_completion_tokens {
-        Some(_) => check_max_tokens(
-            "max_completion_tokens",
-            req.max_completion_tokens,
-            DEFAULT_CHAT_MAX_TOKENS,
-        )?,
+        Some(_) => {
+            check_max_tokens("max_completion_tokens", req.max_completion_tokens, DEFAULT_CHAT_MAX_TOKENS)?
+        }
         None => check_max_tokens("max_tokens", req.max_tokens, DEFAULT_CHAT_MAX_TOKENS)?,
     };
     let stop = check_stop(req.stop)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::bad_request(
-            "tools",
-            "tool calling is not supported",
-        ));
+        return Err(ApiError::bad_request("tools", "tool calling is not supported"));
     }
     if req.logprobs == Some(true) {
+        return Err(ApiError::bad_request("logprobs", "logprobs are not supported"));
+    }
+    if let Some(rf) = &req.response_format
+        && rf.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
         return Err(ApiError::bad_request(
-            "logprobs",
-            "logprobs are not supported",
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
         ));
     }
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
     let messages = chat_prompt(req.messages)?;
-    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,
@@ -467,12 +416,7 @@ async fn chat_inner(
     let created = unix_now();
     let model = lease.model().to_string();
     if stream {
-        let fmt = ChatFormat {
-            id,
-            created,
-            model,
-            include_usage,
-        };
+        let fmt = ChatFormat { id, created, model, include_usage };
         return Ok(sse_response(generation, lease, fmt, timer.take()));
     }
     let (content, finish, usage) = collect(generation).await?;
@@ -484,10 +428,7 @@ async fn chat_inner(
         model,
         choices: vec![ChatChoice {
             index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content,
-            },
+            message: AssistantMessage { role: "assistant", content },
             finish_reason: finish_str(finish),
             logprobs: None,
         }],
@@ -512,12 +453,7 @@ impl CompletionFormat {
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: finish,
-            }],
+            choices: vec![CompletionChoice { index: 0, text, logprobs: None, finish_reason: finish }],
             usage: self.include_usage.then_some(None),
         })
     }
@@ -574,35 +510,23 @@ async fn completions_inner(
         return Err(ApiError::bad_request("suffix", "suffix is not supported"));
     }
     if req.logprobs.is_some_and(|l| l > 0) {
-        return Err(ApiError::bad_request(
-            "logprobs",
-            "logprobs are not supported",
-        ));
+        return Err(ApiError::bad_request("logprobs", "logprobs are not supported"));
     }
     if req.best_of.is_some_and(|b| b > 1) {
-        return Err(ApiError::bad_request(
-            "best_of",
-            "only best_of = 1 is supported",
-        ));
+        return Err(ApiError::bad_request("best_of", "only best_of = 1 is supported"));
     }
     let prompts = match req.prompt {
         PromptInput::One(p) => vec![p],
         PromptInput::Many(v) if v.is_empty() => {
-            return Err(ApiError::bad_request(
-                "prompt",
-                "prompt must not be an empty list",
-            ));
+            return Err(ApiError::bad_request("prompt", "prompt must not be an empty list"));
         }
         PromptInput::Many(v) => v,
     };
     if stream && prompts.len() > 1 {
-        return Err(ApiError::bad_request(
-            "prompt",
-            "streaming takes a single prompt",
-        ));
+        return Err(ApiError::bad_request("prompt", "streaming takes a single prompt"));
     }
     let echo = req.echo.unwrap_or(false);
-    let lease = acquire(state, &req.model, &[ModelType::TextGen]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen], timer).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = lease.model().to_string();
@@ -618,13 +542,7 @@ async fn completions_inner(
         let prompt = prompts.into_iter().next().unwrap_or_default();
         let echo = echo.then(|| prompt.clone());
         let generation = lease.handle().generate(make(prompt)).await?;
-        let fmt = CompletionFormat {
-            id,
-            created,
-            model,
-            include_usage,
-            echo,
-        };
+        let fmt = CompletionFormat { id, created, model, include_usage, echo };
         return Ok(sse_response(generation, lease, fmt, timer.take()));
     }
     let mut choices = Vec::with_capacity(prompts.len());
@@ -682,25 +600,16 @@ async fn embeddings_inner(
         }
     };
     if inputs.is_empty() {
-        return Err(ApiError::bad_request(
-            "input",
-            "input must not be an empty list",
-        ));
+        return Err(ApiError::bad_request("input", "input must not be an empty list"));
     }
     if inputs.len() > MAX_EMBEDDING_INPUTS {
         return Err(ApiError::bad_request(
             "input",
-            format!(
-                "at most {MAX_EMBEDDING_INPUTS} inputs per request, got {}",
-                inputs.len()
-            ),
+            format!("at most {MAX_EMBEDDING_INPUTS} inputs per request, got {}", inputs.len()),
         ));
     }
     if let Some(i) = inputs.iter().position(String::is_empty) {
-        return Err(ApiError::bad_request(
-            format!("input[{i}]"),
-            "inputs must not be empty strings",
-        ));
+        return Err(ApiError::bad_request(format!("input[{i}]"), "inputs must not be empty strings"));
     }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -713,25 +622,19 @@ async fn embeddings_inner(
         }
     };
     if req.dimensions == Some(0) {
-        return Err(ApiError::bad_request(
-            "dimensions",
-            "dimensions must be at least 1",
-        ));
+        return Err(ApiError::bad_request("dimensions", "dimensions must be at least 1"));
     }
-    let lease = acquire(state, &req.model, &[ModelType::Embeddings]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::Embeddings], timer).await?;
     let model = lease.model().to_string();
     let out = lease.handle().embed(inputs).await?;
     drop(lease);
-    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first()) {
-        if d as usize != v.len() {
-            return Err(ApiError::bad_request(
-                "dimensions",
-                format!(
-                    "model '{model}' produces {} dimensions; dimensions={d} is not supported",
-                    v.len()
-                ),
-            ));
-        }
+    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first())
+        && d as usize != v.len()
+    {
+        return Err(ApiError::bad_request(
+            "dimensions",
+            format!("model '{model}' produces {} dimensions; dimensions={d} is not supported", v.len()),
+        ));
     }
     let data = out
         .vectors
@@ -752,10 +655,7 @@ async fn embeddings_inner(
         object: "list",
         data,
         model,
-        usage: EmbeddingUsage {
-            prompt_tokens: out.prompt_tokens,
-            total_tokens: out.prompt_tokens,
-        },
+        usage: EmbeddingUsage { prompt_tokens: out.prompt_tokens, total_tokens: out.prompt_tokens },
     })
 }
 
@@ -786,18 +686,8 @@ fn phase_str(p: crate::state::Phase) -> &'static str {
 pub(crate) async fn list_models(state: AppState) -> Response {
     let timer = ReqTimer::start(&state, "models");
     let status = state.pool.status();
-    let data = status
-        .models
-        .iter()
-        .map(|m| model_object(&state, m))
-        .collect();
-    respond(
-        Some(timer),
-        ok_json(&ModelList {
-            object: "list",
-            data,
-        }),
-    )
+    let data = status.models.iter().map(|m| model_object(&state, m)).collect();
+    respond(Some(timer), ok_json(&ModelList { object: "list", data }))
 }
 
 /// `GET /v1/models/{id}`.
@@ -849,34 +739,40 @@ fn bool_query(q: &BTreeMap<String, String>, key: &str) -> Result<bool, ApiError>
     match q.get(key).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),
-        Some(v) => Err(ApiError::bad_request(
-            key,
-            format!("{key} must be true or false, got '{v}'"),
-        )),
+        Some(v) => Err(ApiError::bad_request(key, format!("{key} must be true or false, got '{v}'"))),
     }
 }
 
-async fn admin_inner(
-    state: &AppState,
-    op: AdminOp,
-    timer: &mut ReqTimer,
-) -> Result<Response, ApiError> {
+async fn admin_inner(state: &AppState, op: AdminOp, timer: &mut ReqTimer) -> Result<Response, ApiError> {
     let pool = &state.pool;
     match op {
-        AdminOp::Status => ok_json(&pool.status()),
+        AdminOp::Status => {
+            let status = pool.status();
+            let mut v = serde_json::to_value(&status).unwrap_or_default();
+            // Counters by name, next to the engine's positional arrays.
+            let evictions: BTreeMap<&str, u64> = crate::log::EvictReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), status.stats.evictions_for(*r)))
+                .collect();
+            let rejections: BTreeMap<&str, u64> = crate::log::RejectCode::ALL
+                .iter()
+                .map(|c| (c.as_str(), status.stats.rejections_for(*c)))
+                .collect();
+            v["stats"]["evictions_by_reason"] = serde_json::json!(evictions);
+            v["stats"]["rejections_by_code"] = serde_json::json!(rejections);
+            ok_json(&v)
+        }
         AdminOp::Events(q) => {
             let n = match q.get("limit") {
                 None => 100,
-                Some(v) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=100_000).contains(n))
-                    .ok_or_else(|| {
+                Some(v) => {
+                    v.parse::<usize>().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(|| {
                         ApiError::bad_request(
                             "limit",
                             format!("limit must be an integer between 1 and 100000, got '{v}'"),
                         )
-                    })?,
+                    })?
+                }
             };
             let events = pool.events(n);
             ok_json(&serde_json::json!({ "events": events }))
@@ -889,16 +785,12 @@ async fn admin_inner(
             timer.model = Some(id.clone());
             pool.preload(&id).await?;
             tracing::info!(model = %id, "preloaded and pinned");
-            ok_json(
-                &serde_json::json!({ "model": id, "pinned": true, "status": model_status(state, &id)? }),
-            )
+            ok_json(&serde_json::json!({ "model": id, "pinned": true, "status": model_status(state, &id)? }))
         }
         AdminOp::Pin(id) => {
             timer.model = Some(id.clone());
             pool.pin(&id)?;
-            ok_json(
-                &serde_json::json!({ "model": id, "pinned": true, "status": model_status(state, &id)? }),
-            )
+            ok_json(&serde_json::json!({ "model": id, "pinned": true, "status": model_status(state, &id)? }))
         }
         AdminOp::Unpin(id) => {
             timer.model = Some(id.clone());
@@ -921,10 +813,7 @@ async fn admin_inner(
         AdminOp::Limits(body) => {
             let req: LimitsRequest = parse_body(&body?)?;
             if req.memory_limit.is_none() && req.max_models.is_none() {
-                return Err(ApiError::bad_request(
-                    "body",
-                    "give memory_limit and/or max_models",
-                ));
+                return Err(ApiError::bad_request("body", "give memory_limit and/or max_models"));
             }
             let limit = match &req.memory_limit {
                 Some(s) => {
@@ -936,10 +825,7 @@ async fn admin_inner(
                 None => None,
             };
             if req.max_models == Some(0) {
-                return Err(ApiError::bad_request(
-                    "max_models",
-                    "max_models must be at least 1",
-                ));
+                return Err(ApiError::bad_request("max_models", "max_models must be at least 1"));
             }
             let evicted = pool.set_limits(limit, req.max_models).await?;
             tracing::info!(limit = ?limit, max_models = ?req.max_models, evicted = evicted.len(), "limits changed");

@@ -30,14 +30,13 @@ pub struct Histogram {
 
 /// Request latency buckets, seconds (50 us to 60 s).
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0, 60.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
 ];
 
 /// Model load buckets, seconds (10 ms to 10 min).
-pub const LOAD_BUCKETS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
+pub const LOAD_BUCKETS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 impl Histogram {
     /// An empty histogram over `bounds` (ascending upper bounds, seconds).
@@ -52,14 +51,9 @@ impl Histogram {
     /// Record one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(self.bounds.len());
+        let i = self.bounds.iter().position(|&b| secs <= b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Observations so far.
@@ -80,24 +74,14 @@ impl Histogram {
         if labels.is_empty() {
             let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cum}");
         } else {
-            let _ = writeln!(
-                out,
-                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cum}"
-            );
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cum}");
         }
     }
 }
 
 /// The routes metrics are kept for.
-pub const ROUTES: [&str; 7] = [
-    "chat_completions",
-    "completions",
-    "embeddings",
-    "models",
-    "admin",
-    "health",
-    "metrics",
-];
+pub const ROUTES: [&str; 7] =
+    ["chat_completions", "completions", "embeddings", "models", "admin", "health", "metrics"];
 
 /// Server-side metrics not kept by the engine.
 #[derive(Debug)]
@@ -119,10 +103,7 @@ impl Metrics {
     /// Empty metrics.
     pub fn new() -> Self {
         Metrics {
-            latency: ROUTES
-                .iter()
-                .map(|_| Histogram::new(LATENCY_BUCKETS))
-                .collect(),
+            latency: ROUTES.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
             responses: Mutex::new(BTreeMap::new()),
             load_seconds: Histogram::new(LOAD_BUCKETS),
             load_failures: AtomicU64::new(0),
@@ -161,31 +142,11 @@ impl Metrics {
         let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        counter(
-            &mut o,
-            "modelpool_hits_total",
-            "Requests that found their model resident.",
-            s.hits,
-        );
-        counter(
-            &mut o,
-            "modelpool_joins_total",
-            "Requests that joined a load in progress.",
-            s.joins,
-        );
+        counter(&mut o, "modelpool_hits_total", "Requests that found their model resident.", s.hits);
+        counter(&mut o, "modelpool_joins_total", "Requests that joined a load in progress.", s.joins);
         counter(&mut o, "modelpool_loads_total", "Loads admitted.", s.loads);
-        counter(
-            &mut o,
-            "modelpool_loads_completed_total",
-            "Loads that finished successfully.",
-            s.loaded,
-        );
-        counter(
-            &mut o,
-            "modelpool_load_failures_total",
-            "Loads that failed.",
-            s.load_failures,
-        );
+        counter(&mut o, "modelpool_loads_completed_total", "Loads that finished successfully.", s.loaded);
+        counter(&mut o, "modelpool_load_failures_total", "Loads that failed.", s.load_failures);
         counter(
             &mut o,
             "modelpool_bytes_loaded_total",
@@ -198,44 +159,21 @@ impl Metrics {
             "# HELP modelpool_evictions_total Models evicted, by reason.\n# TYPE modelpool_evictions_total counter"
         );
         for r in EvictReason::ALL {
-            let _ = writeln!(
-                o,
-                "modelpool_evictions_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                s.evictions_for(r)
-            );
+            let _ =
+                writeln!(o, "modelpool_evictions_total{{reason=\"{}\"}} {}", r.as_str(), s.evictions_for(r));
         }
         let _ = writeln!(
             o,
             "# HELP modelpool_rejections_total Admissions refused, by code.\n# TYPE modelpool_rejections_total counter"
         );
         for c in RejectCode::ALL {
-            let _ = writeln!(
-                o,
-                "modelpool_rejections_total{{code=\"{}\"}} {}",
-                c.as_str(),
-                s.rejections_for(c)
-            );
+            let _ =
+                writeln!(o, "modelpool_rejections_total{{code=\"{}\"}} {}", c.as_str(), s.rejections_for(c));
         }
 
-        gauge(
-            &mut o,
-            "modelpool_memory_limit_bytes",
-            "Memory limit.",
-            l.limit as f64,
-        );
-        gauge(
-            &mut o,
-            "modelpool_resident_bytes",
-            "Bytes of resident models (measured).",
-            l.resident as f64,
-        );
-        gauge(
-            &mut o,
-            "modelpool_reserved_bytes",
-            "Bytes reserved by loads in progress.",
-            l.reserved as f64,
-        );
+        gauge(&mut o, "modelpool_memory_limit_bytes", "Memory limit.", l.limit as f64);
+        gauge(&mut o, "modelpool_resident_bytes", "Bytes of resident models (measured).", l.resident as f64);
+        gauge(&mut o, "modelpool_reserved_bytes", "Bytes reserved by loads in progress.", l.reserved as f64);
         gauge(
             &mut o,
             "modelpool_draining_bytes",
@@ -254,18 +192,8 @@ impl Metrics {
             "Highest resident+reserved+draining seen.",
             s.peak_used as f64,
         );
-        gauge(
-            &mut o,
-            "modelpool_models_loaded",
-            "Models resident or loading.",
-            l.models as f64,
-        );
-        gauge(
-            &mut o,
-            "modelpool_max_models",
-            "Maximum models resident or loading.",
-            l.max_models as f64,
-        );
+        gauge(&mut o, "modelpool_models_loaded", "Models resident or loading.", l.models as f64);
+        gauge(&mut o, "modelpool_max_models", "Maximum models resident or loading.", l.max_models as f64);
         gauge(
             &mut o,
             "modelpool_shutting_down",
@@ -284,32 +212,21 @@ impl Metrics {
             "# HELP modelpool_model_leases Requests in flight per model.\n# TYPE modelpool_model_leases gauge"
         );
         for m in &status.models {
-            let _ = writeln!(
-                o,
-                "modelpool_model_leases{{model=\"{}\"}} {}",
-                escape(&m.id),
-                m.leases
-            );
+            let _ = writeln!(o, "modelpool_model_leases{{model=\"{}\"}} {}", escape(&m.id), m.leases);
         }
         let _ = writeln!(
             o,
             "# HELP modelpool_model_bytes Bytes counted in the ledger per model (0 when absent).\n# TYPE modelpool_model_bytes gauge"
         );
         for m in &status.models {
-            let _ = writeln!(
-                o,
-                "modelpool_model_bytes{{model=\"{}\"}} {}",
-                escape(&m.id),
-                m.ledger_bytes
-            );
+            let _ = writeln!(o, "modelpool_model_bytes{{model=\"{}\"}} {}", escape(&m.id), m.ledger_bytes);
         }
 
         let _ = writeln!(
             o,
             "# HELP modelpool_load_seconds Backend load duration, successful loads.\n# TYPE modelpool_load_seconds histogram"
         );
-        self.load_seconds
-            .render(&mut o, "modelpool_load_seconds", "");
+        self.load_seconds.render(&mut o, "modelpool_load_seconds", "");
         counter(
             &mut o,
             "modelpool_backend_load_errors_total",
@@ -322,11 +239,7 @@ impl Metrics {
             "# HELP modelpool_request_duration_seconds Time from request to the end of the response body, by route.\n# TYPE modelpool_request_duration_seconds histogram"
         );
         for (i, r) in ROUTES.iter().enumerate() {
-            self.latency[i].render(
-                &mut o,
-                "modelpool_request_duration_seconds",
-                &format!("route=\"{r}\""),
-            );
+            self.latency[i].render(&mut o, "modelpool_request_duration_seconds", &format!("route=\"{r}\""));
         }
         let _ = writeln!(
             o,
@@ -334,19 +247,15 @@ impl Metrics {
         );
         let m = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         for ((route, status), n) in m.iter() {
-            let _ = writeln!(
-                o,
-                "modelpool_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+            let _ =
+                writeln!(o, "modelpool_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
         o
     }
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Wraps a backend to time every load into [`Metrics::load_seconds`].

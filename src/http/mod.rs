@@ -110,9 +110,8 @@ where
     let mut buf = BytesMut::with_capacity(len.unwrap_or(0) as usize);
     let mut body = std::pin::pin!(body);
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| {
-            ApiError::bad_request("body", format!("cannot read the request body: {e}"))
-        })?;
+        let mut chunk =
+            chunk.map_err(|e| ApiError::bad_request("body", format!("cannot read the request body: {e}")))?;
         if buf.len() + chunk.remaining() > limit as usize {
             return Err(too_large());
         }
@@ -131,9 +130,7 @@ fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Inf
 }
 
 /// The request body, capped, as `Result<Bytes, ApiError>` (handlers turn the error into a reply).
-fn body(
-    limit: u64,
-) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
+fn body(limit: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
         .then(move |len, s| read_body(len, s, limit))
@@ -142,15 +139,11 @@ fn body(
 /// Split `models/<id...>/<action>` tails: the id may contain `/`, and is percent-decoded.
 fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
     const ACTIONS: [&str; 5] = ["preload", "pin", "unpin", "unload", "dry-run"];
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    if let Some((id, last)) = tail.rsplit_once('/') {
-        if let Some(a) = ACTIONS.iter().find(|a| **a == last) {
-            return (decode(id), Some(a));
-        }
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    if let Some((id, last)) = tail.rsplit_once('/')
+        && let Some(a) = ACTIONS.iter().find(|a| **a == last)
+    {
+        return (decode(id), Some(a));
     }
     (decode(tail), None)
 }
@@ -158,9 +151,7 @@ fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
 fn admin_routes(state: AppState) -> BoxedFilter<(Response,)> {
     let s = with_state(state.clone());
     let limit = state.max_body;
-    let status = warp::path!("admin" / "pool")
-        .and(warp::get())
-        .map(|| AdminOp::Status);
+    let status = warp::path!("admin" / "pool").and(warp::get()).map(|| AdminOp::Status);
     let events = warp::path!("admin" / "events")
         .or(warp::path!("admin" / "pool" / "events"))
         .unify()
@@ -171,32 +162,29 @@ fn admin_routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::put().or(warp::post()).unify())
         .and(body(limit))
         .map(AdminOp::Limits);
-    let models =
-        warp::path("admin")
-            .and(warp::path("models"))
-            .and(warp::path::tail())
-            .and(warp::method())
-            .and(warp::query::<BTreeMap<String, String>>())
-            .and_then(
-                |tail: warp::path::Tail,
-                 method: warp::http::Method,
-                 q: BTreeMap<String, String>| async move {
-                    let (id, action) = split_model_tail(tail.as_str());
-                    if id.is_empty() {
-                        return Err(warp::reject::not_found());
-                    }
-                    use warp::http::Method;
-                    Ok(match (action, method) {
-                        (None, Method::GET) => AdminOp::Model(id),
-                        (Some("dry-run"), Method::GET) => AdminOp::DryRun(id),
-                        (Some("preload"), Method::POST) => AdminOp::Preload(id),
-                        (Some("pin"), Method::POST) => AdminOp::Pin(id),
-                        (Some("unpin"), Method::POST) => AdminOp::Unpin(id),
-                        (Some("unload"), Method::POST) => AdminOp::Unload(id, q),
-                        _ => return Err(warp::reject::custom(MethodNotAllowed)),
-                    })
-                },
-            );
+    let models = warp::path("admin")
+        .and(warp::path("models"))
+        .and(warp::path::tail())
+        .and(warp::method())
+        .and(warp::query::<BTreeMap<String, String>>())
+        .and_then(
+            |tail: warp::path::Tail, method: warp::http::Method, q: BTreeMap<String, String>| async move {
+                let (id, action) = split_model_tail(tail.as_str());
+                if id.is_empty() {
+                    return Err(warp::reject::not_found());
+                }
+                use warp::http::Method;
+                Ok(match (action, method) {
+                    (None, Method::GET) => AdminOp::Model(id),
+                    (Some("dry-run"), Method::GET) => AdminOp::DryRun(id),
+                    (Some("preload"), Method::POST) => AdminOp::Preload(id),
+                    (Some("pin"), Method::POST) => AdminOp::Pin(id),
+                    (Some("unpin"), Method::POST) => AdminOp::Unpin(id),
+                    (Some("unload"), Method::POST) => AdminOp::Unload(id, q),
+                    _ => return Err(warp::reject::custom(MethodNotAllowed)),
+                })
+            },
+        );
     status
         .or(events)
         .unify()
@@ -232,40 +220,19 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and(body(limit))
         .then(handlers::embeddings);
-    let models = warp::path!("v1" / "models")
-        .and(warp::get())
-        .and(s())
-        .then(handlers::list_models);
-    let model = warp::path("v1")
-        .and(warp::path("models"))
-        .and(warp::path::tail())
-        .and(warp::get())
-        .and(s())
-        .then(|tail: warp::path::Tail, state| {
-            let id = percent_encoding::percent_decode_str(tail.as_str())
-                .decode_utf8_lossy()
-                .into_owned();
-            handlers::get_model(state, id)
-        });
-    let health = warp::path!("health")
-        .and(warp::get())
-        .and(s())
-        .then(handlers::health);
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(s())
-        .then(handlers::metrics);
+    let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(handlers::list_models);
+    let model =
+        warp::path("v1").and(warp::path("models")).and(warp::path::tail()).and(warp::get()).and(s()).then(
+            |tail: warp::path::Tail, state| {
+                let id = percent_encoding::percent_decode_str(tail.as_str()).decode_utf8_lossy().into_owned();
+                handlers::get_model(state, id)
+            },
+        );
+    let health = warp::path!("health").and(warp::get()).and(s()).then(handlers::health);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(handlers::metrics);
 
-    let openai = chat
-        .or(completions)
-        .unify()
-        .or(embeddings)
-        .unify()
-        .or(models)
-        .unify()
-        .or(model)
-        .unify()
-        .boxed();
+    let openai =
+        chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();
     openai
         .or(admin_routes(state.clone()))
         .unify()
@@ -280,15 +247,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 
 async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
     let e = if r.is_not_found() {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "not_found",
-            "no such route",
-        )
-    } else if r.find::<MethodNotAllowed>().is_some()
-        || r.find::<warp::reject::MethodNotAllowed>().is_some()
-    {
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+    } else if r.find::<MethodNotAllowed>().is_some() || r.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -301,12 +261,7 @@ async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
         ApiError::bad_request("headers", h.to_string())
     } else {
         tracing::warn!(rejection = ?r, "unhandled rejection");
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "bad_request",
-            format!("{r:?}"),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "bad_request", format!("{r:?}"))
     };
     Ok(e.into_response())
 }
@@ -340,24 +295,15 @@ pub async fn serve(
             return 0;
         }
     }
-    tracing::info!(
-        grace_secs = grace.as_secs_f64(),
-        "shutdown: refusing new requests, draining"
-    );
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutdown: refusing new requests, draining");
     let live = pool.shutdown(grace).await;
     if live > 0 {
-        tracing::warn!(
-            live,
-            "shutdown: grace period over with requests still in flight"
-        );
+        tracing::warn!(live, "shutdown: grace period over with requests still in flight");
     } else {
         tracing::info!("shutdown: drained, every model unloaded");
     }
     let _ = stop_tx.send(());
-    if tokio::time::timeout(Duration::from_secs(1), &mut server)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
         server.abort();
     }
     live

@@ -98,10 +98,7 @@ impl<F: ChunkFormat + Unpin> Stream for GenFrames<F> {
                         this.queue.push_back(b);
                     }
                 }
-                Poll::Ready(Some(Ok(GenerateEvent::Done {
-                    finish_reason,
-                    usage,
-                }))) => {
+                Poll::Ready(Some(Ok(GenerateEvent::Done { finish_reason, usage }))) => {
                     this.fmt.finish(finish_reason, usage, &mut this.queue);
                     this.queue.push_back(Bytes::from_static(DONE_FRAME));
                     this.done = true;
@@ -138,14 +135,8 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
     };
     let mut res = warp::reply::stream(sync_wrapper::SyncStream::new(frames)).into_response();
     let h = res.headers_mut();
-    h.insert(
-        warp::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        warp::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
+    h.insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(warp::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
 }
