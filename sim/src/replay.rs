@@ -221,6 +221,9 @@ pub struct Outcome {
 /// Replay `trace` under `cfg`. Deterministic: the same inputs give the same outcome.
 pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
     cfg.validate()?;
+    if u32::try_from(trace.ops.len()).is_err() {
+        return Err(format!("a trace holds at most {} operations", u32::MAX));
+    }
     Ok(match cfg.policy {
         PolicyChoice::Lru => Runner::new(trace, cfg, Lru::new()).run(),
         PolicyChoice::Gdsf => Runner::new(trace, cfg, Gdsf::new()).run(),

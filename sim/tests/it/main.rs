@@ -2,6 +2,7 @@
 
 mod alloc;
 mod behaviour;
+mod cli;
 mod common;
 mod crosscheck;
 mod determinism;
