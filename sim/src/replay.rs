@@ -224,6 +224,21 @@ pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
     if u32::try_from(trace.ops.len()).is_err() {
         return Err(format!("a trace holds at most {} operations", u32::MAX));
     }
+    let mut ids = std::collections::BTreeSet::new();
+    if let Some(m) = trace.models.iter().find(|m| !ids.insert(&*m.id)) {
+        return Err(format!("model '{}' is defined twice in the trace", m.id));
+    }
+    if let Some(op) =
+        trace.ops.iter().find(|o| o.kind != OpKind::SetLimit && o.model as usize >= trace.models.len())
+    {
+        return Err(format!(
+            "an operation at {} ns names model index {}, beyond the trace's models",
+            op.at, op.model
+        ));
+    }
+    if trace.ops.windows(2).any(|w| w[1].at < w[0].at) {
+        return Err("trace operations must be sorted by time".into());
+    }
     Ok(match cfg.policy {
         PolicyChoice::Lru => Runner::new(trace, cfg, Lru::new()).run(),
         PolicyChoice::Gdsf => Runner::new(trace, cfg, Gdsf::new()).run(),
@@ -488,7 +503,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 match r.retry_after_secs {
                     Some(secs) if attempt < self.cfg.retries => {
                         self.t.retried += 1;
-                        let at = now + u64::from(secs) * NS;
+                        let at = now.saturating_add(u64::from(secs) * NS);
                         self.schedule(at, Ev::Retry { op: idx as u32, attempt: attempt + 1, first });
                     }
                     _ => {
@@ -505,7 +520,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if service == 0 {
             self.end_lease(slot, now, now);
         } else {
-            self.schedule(now + service, Ev::Release { slot, acquired: now });
+            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now });
         }
     }
 
@@ -523,7 +538,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if self.unload_ns == 0 {
             self.reclaim(slot, now);
         } else {
-            self.schedule(now + self.unload_ns, Ev::Unloaded(slot));
+            self.schedule(now.saturating_add(self.unload_ns), Ev::Unloaded(slot));
         }
     }
 
@@ -552,7 +567,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if t == 0 {
             self.finish_load(slot, now);
         } else {
-            self.schedule(now + t, Ev::LoadDone(slot));
+            self.schedule(now.saturating_add(t), Ev::LoadDone(slot));
         }
     }
 

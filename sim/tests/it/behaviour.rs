@@ -211,3 +211,22 @@ fn random_traces_account_for_every_request() {
         }
     }
 }
+
+#[test]
+fn malformed_in_memory_traces_are_errors_not_panics() {
+    use modelpool_sim::run;
+    let t = csv("time,model,duration\n0,a,1\n1,b,1\n");
+    let mut dup = t.clone();
+    dup.models[1].id = dup.models[0].id.clone();
+    assert!(run(&dup, &cfg()).unwrap_err().contains("defined twice"));
+    let mut out_of_range = t.clone();
+    out_of_range.ops[1].model = 7;
+    assert!(run(&out_of_range, &cfg()).unwrap_err().contains("beyond the trace's models"));
+    let mut unsorted = t.clone();
+    unsorted.ops.swap(0, 1);
+    assert!(run(&unsorted, &cfg()).unwrap_err().contains("sorted"));
+    // Times and durations near the end of u64 saturate instead of overflowing.
+    let far = csv("time,model,size_bytes,duration\n18000000000,a,1000,9000000000\n18000000001,a,,1\n");
+    let o = replay(&far, &cfg());
+    assert_accounted(&o);
+}
