@@ -620,8 +620,11 @@ fn parse_header(line: &[u8], file: &str, line_no: usize) -> Result<Vec<Col>, Tra
     };
     let text = std::str::from_utf8(line).map_err(|_| err("header", "header is not valid UTF-8".into()))?;
     let mut cols = Vec::new();
-    for name in text.split(',') {
+    for (i, name) in text.split(',').enumerate() {
         let name = name.trim();
+        if name.is_empty() {
+            return Err(err(&format!("#{}", i + 1), "empty column name in the header".into()));
+        }
         let Some(&(_, c)) = COLUMNS.iter().find(|(n, _)| *n == name) else {
             let known: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
             return Err(err(name, format!("unknown column (known: {})", known.join(", "))));
@@ -774,8 +777,12 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
         let rec: JsonRecord = serde_json::from_slice(raw).map_err(|e| {
             let msg = e.to_string();
             // serde names unknown or mistyped keys in its message; point at them if it does.
-            let field =
-                msg.split('`').nth(1).filter(|_| msg.contains("field")).unwrap_or("record").to_string();
+            let field = msg
+                .split('`')
+                .nth(1)
+                .filter(|f| !f.is_empty() && msg.contains("field"))
+                .unwrap_or("record")
+                .to_string();
             err(line_no, &field, msg)
         })?;
         let secs = |n: &serde_json::Number, field: &str| -> Result<Nanos, TraceError> {
