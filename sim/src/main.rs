@@ -79,6 +79,9 @@ struct SimArgs {
     /// Seed of the replay's RNG (injected failures).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep-alive: evict unpinned models idle this many seconds after their last request.
+    #[arg(long, env = "MODELPOOL_SIM_IDLE_TTL")]
+    idle_ttl: Option<f64>,
 }
 
 #[derive(Args)]
@@ -204,6 +207,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         retries: a.retries,
         load_failure_rate: a.load_failure_rate,
         seed: a.seed,
+        idle_ttl_secs: a.idle_ttl,
         log,
     };
     if a.instant {
@@ -211,6 +215,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
             retries: cfg.retries,
             load_failure_rate: cfg.load_failure_rate,
             seed: cfg.seed,
+            idle_ttl_secs: cfg.idle_ttl_secs,
             estimate_from_names: cfg.estimate_from_names,
             measured_factor: cfg.measured_factor,
             log,

@@ -124,6 +124,9 @@ pub struct SimConfig {
     pub load_failure_rate: f64,
     /// Seed of the replay's RNG.
     pub seed: u64,
+    /// Keep-alive: unpinned models idle this long (seconds after their last request ended) are
+    /// evicted. Checked every `ttl / 4` (between 1 and 60 s of virtual time), as the server does.
+    pub idle_ttl_secs: Option<f64>,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -148,6 +151,7 @@ impl Default for SimConfig {
             retries: 0,
             load_failure_rate: 0.0,
             seed: 1,
+            idle_ttl_secs: None,
             log: LogMode::Off,
         }
     }
@@ -194,6 +198,12 @@ impl SimConfig {
         }
         if !(self.measured_factor.is_finite() && self.measured_factor > 0.0) {
             return Err("measured factor must be > 0".into());
+        }
+        if let Some(t) = self.idle_ttl_secs {
+            nonneg(t, "idle ttl")?;
+            if t == 0.0 {
+                return Err("idle ttl must be greater than zero".into());
+            }
         }
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
@@ -261,9 +271,18 @@ struct Waiter {
 #[derive(Debug, Clone, Copy)]
 enum Ev {
     LoadDone(Slot),
-    Release { slot: Slot, acquired: Nanos },
+    Release {
+        slot: Slot,
+        acquired: Nanos,
+    },
     Unloaded(Slot),
-    Retry { op: u32, attempt: u32, first: Nanos },
+    Retry {
+        op: u32,
+        attempt: u32,
+        first: Nanos,
+    },
+    /// The periodic keep-alive check.
+    Expire,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,6 +368,10 @@ struct Runner<'t, P: SimPolicy> {
     mem_used: u64,
     rng: ChaCha8Rng,
     next_use: Vec<u64>,
+    /// Index of the next trace operation.
+    next_op: usize,
+    /// Period of the keep-alive check, if a TTL is set.
+    expire_every: Option<Nanos>,
 }
 
 fn secs_to_ns(s: f64) -> u64 {
@@ -361,7 +384,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             limit: cfg.limit,
             max_models: cfg.max_models,
             log: cfg.log,
-            idle_ttl: None,
+            idle_ttl: cfg.idle_ttl_secs.map(secs_to_ns),
             load_latency_secs: cfg.load_latency_secs,
             load_bandwidth: cfg.load_bandwidth,
         };
@@ -402,6 +425,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             mem_used: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             next_use: if P::OFFLINE { next_uses(trace) } else { Vec::new() },
+            next_op: 0,
+            // The server's period: a quarter of the TTL, between 1 and 60 seconds.
+            expire_every: cfg.idle_ttl_secs.map(|t| secs_to_ns(t / 4.0).clamp(NS, 60 * NS)),
         }
     }
 
@@ -443,6 +469,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn run(mut self) -> Outcome {
         let ops = &self.trace.ops;
         let mut i = 0usize;
+        if let Some(every) = self.expire_every {
+            self.schedule(every, Ev::Expire);
+        }
         loop {
             let take_op = match (ops.get(i), self.heap.peek()) {
                 (Some(op), Some(Reverse(ev))) => op.at < ev.at,
@@ -461,6 +490,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     self.admin(i, op.at);
                 }
                 i += 1;
+                self.next_op = i;
             } else {
                 let Some(Reverse(Timed { at, ev, .. })) = self.heap.pop() else {
                     break;
@@ -609,6 +639,23 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 let o = self.trace.ops[op as usize];
                 let service = self.service_ns(o.service());
                 self.request(op as usize, o.model, now, first, attempt, service);
+            }
+            Ev::Expire => {
+                let expired = self.st.expire_idle(now);
+                if !expired.is_empty() {
+                    self.mem_sync(now);
+                }
+                for v in expired {
+                    self.unload(v, now);
+                }
+                // Keep ticking while anything is left to happen, including expiries themselves.
+                let expirable = (0..self.trace.models.len() as Slot)
+                    .any(|s| self.st.phase(s) == modelpool::Phase::Resident && !self.st.is_pinned(s));
+                if let Some(every) = self.expire_every
+                    && (self.next_op < self.trace.ops.len() || !self.heap.is_empty() || expirable)
+                {
+                    self.schedule(now.saturating_add(every), Ev::Expire);
+                }
             }
         }
     }

@@ -94,6 +94,8 @@ pub struct ConfigSummary {
     pub estimate_from_names: bool,
     /// RNG seed.
     pub seed: u64,
+    /// Keep-alive TTL, seconds (`null`: none).
+    pub idle_ttl_secs: Option<f64>,
 }
 
 /// The trace's shape.
@@ -225,6 +227,7 @@ pub(crate) fn build_report(
             load_failure_rate: cfg.load_failure_rate,
             estimate_from_names: cfg.estimate_from_names,
             seed: cfg.seed,
+            idle_ttl_secs: cfg.idle_ttl_secs,
         },
         trace: TraceSummary {
             models: trace.models.len(),
@@ -313,6 +316,9 @@ impl Report {
             bw,
             fmt_secs(c.unload_secs)
         );
+        if let Some(ttl) = c.idle_ttl_secs {
+            let _ = writeln!(o, "keep-alive: unpinned models idle {} are evicted", fmt_secs(ttl));
+        }
         let _ = writeln!(
             o,
             "trace: {} requests, {} admin ops, {} models, {:.1} s simulated",

@@ -153,7 +153,7 @@ fn failed_loads_fail_their_waiters() {
 }
 
 /// Random traces with every feature on: pins, unpins, unloads, limit changes, retries, load
-/// failures, unload times, estimates that are wrong. Every request ends in exactly one outcome,
+/// failures, unload times, estimates that are wrong, keep-alive expiry. Every request ends in exactly one outcome,
 /// the engine's ledger stays consistent (checked at the end of every replay in debug builds),
 /// and memory stays within the limit whenever estimates are not below the truth.
 #[test]
@@ -197,6 +197,7 @@ fn random_traces_account_for_every_request() {
                 load_failure_rate: 0.05,
                 unload_secs: 0.3,
                 estimate_from_names: names,
+                idle_ttl_secs: (seed % 2 == 0).then_some(30.0),
                 seed,
                 ..cfg()
             };
@@ -277,4 +278,28 @@ fn mutated_traces_parse_or_fail_cleanly() {
     }
     // Both outcomes happen: the mutations are neither all harmless nor all fatal.
     assert!(ok > 100 && err > 100, "ok {ok}, err {err}");
+}
+
+#[test]
+fn idle_ttl_evicts_after_the_last_request_ends_at_the_servers_check_cadence() {
+    // Load 0.5 s + 1 GB at 3.2 GB/s = 0.8125 s; served until 1.8125 s; a hit at 5 s ends at 6 s.
+    let t = csv("time,model,size_bytes,duration\n0,a,1000000000,1\n5,a,,1\n40,a,,1\n");
+    let without = replay(&t, &cfg());
+    assert_eq!((without.report.hits, without.report.cold_loads), (2, 1));
+    let o = replay(&t, &SimConfig { idle_ttl_secs: Some(10.0), ..cfg() });
+    assert_accounted(&o);
+    // Idle from 6 s (end of the request, not its start): expirable from 16 s; the check runs
+    // every ttl/4 = 2.5 s, so at 17.5 s. The request at 40 s loads it again; it ends at
+    // 41.8125 s and the model expires again at the 52.5 s check (checks go on until nothing
+    // is left to expire).
+    assert_eq!((o.report.hits, o.report.cold_loads), (1, 2));
+    assert_eq!(o.report.evictions["expired"], 2);
+    assert_eq!(evictions(&o), vec![(17_500_000_000, "a".to_string()), (52_500_000_000, "a".to_string())]);
+    // A model in use is never expired, however long its request.
+    let long = csv("time,model,size_bytes,duration\n0,a,1000000000,100\n50,b,1000000000,1\n");
+    let o = replay(&long, &SimConfig { idle_ttl_secs: Some(10.0), ..cfg() });
+    let a_evicted: Vec<u64> = evictions(&o).into_iter().filter(|(_, m)| m == "a").map(|(at, _)| at).collect();
+    assert_eq!(a_evicted.len(), 1);
+    assert!(a_evicted[0] >= 110_812_500_000, "a expired at {} while busy until 100.8 s", a_evicted[0]);
+    assert!(SimConfig { idle_ttl_secs: Some(0.0), ..cfg() }.validate().is_err());
 }
