@@ -6,3 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
+
+# Server: wrk (benchmark) and a venv with the official `openai` client (end-to-end test).
+scripts/setup-server.sh

@@ -13,3 +13,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== end-to-end: official openai client against modelpool serve"
+scripts/e2e-openai.sh

@@ -51,7 +51,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 }
 
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
-pub const MLX_AVAILABLE: bool = false;
+pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
 
 /// The error for `--backend mlx` in a build without it.
 pub const MLX_MISSING: &str = "--backend mlx: this modelpool was built without the mlx feature (rebuild with `cargo build --release --features mlx`)";
@@ -88,6 +88,17 @@ fn parse_ttl(s: &str) -> Result<Option<Duration>, String> {
     match s.trim() {
         "off" | "none" | "0" | "" => Ok(None),
         t => parse_duration(t).map(|d| (!d.is_zero()).then_some(d)),
+    }
+}
+
+/// An idle time-to-live: a duration, or `off` (also `none`, `0`) for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTtl(pub Option<Duration>);
+
+impl FromStr for IdleTtl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_ttl(s).map(IdleTtl)
     }
 }
 
@@ -135,8 +146,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// Evict unpinned models idle this long (10m, 1h; "off" keeps them) [default: off].
-    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION", value_parser = parse_ttl)]
-    pub idle_ttl: Option<Option<Duration>>,
+    #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION")]
+    pub idle_ttl: Option<IdleTtl>,
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -280,6 +291,7 @@ fn infer_type(dir: &Path, id: &str) -> ModelType {
     }
     let lower = format!("{} {}", id.to_ascii_lowercase(), cfg.to_ascii_lowercase());
     if dir.join("modules.json").exists()
+        || dir.join("sentence_bert_config.json").exists()
         || ["bertmodel", "xlmroberta", "nomicbert", "embed", "sentence-transformers", "-e5-", "bge-"]
             .iter()
             .any(|k| lower.contains(k))
@@ -289,39 +301,58 @@ fn infer_type(dir: &Path, id: &str) -> ModelType {
     ModelType::TextGen
 }
 
-fn looks_like_model(dir: &Path) -> bool {
-    dir.join("config.json").is_file()
-        || crate::estimate::weight_bytes_on_disk(dir).is_ok_and(|b| b > 0)
-            && std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.path().is_file()))
+fn has_ext(p: &Path, ext: &str) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }
 
-/// Models under `dir`: each subdirectory holding `config.json` or weight files is a model whose
-/// id is its path relative to `dir` (so `org/name` layouts keep their `org/`); directories
-/// without either are searched one level deeper.
+/// A model directory: Hugging Face / MLX layout (`config.json`) or safetensors weights.
+fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        || std::fs::read_dir(dir)
+            .is_ok_and(|rd| rd.flatten().any(|e| e.path().is_file() && has_ext(&e.path(), "safetensors")))
+}
+
+/// Deepest directory level searched below the models dir.
+const SCAN_DEPTH: usize = 3;
+
+/// Models under `dir`, in path order:
+/// - a directory with `config.json` or `*.safetensors` is one model (its subdirectories are not
+///   searched);
+/// - each `*.gguf` file elsewhere is one model (id without the `.gguf` extension);
+/// - other directories are searched, down to three levels.
+///
+/// Ids are paths relative to `dir` with `/` separators, so `org/name` layouts keep their `org/`.
+/// Types: `vision_config` in config.json means vision; an encoder architecture (BERT, XLM-R,
+/// Nomic), a sentence-transformers layout or `embed` in the id means embeddings; else text-gen.
 pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    fn entries(d: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    fn walk(root: &Path, d: &Path, depth: usize, out: &mut Vec<ModelSpec>) -> Result<(), ConfigError> {
         let rd = std::fs::read_dir(d).map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
-        let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
-        v.sort();
-        Ok(v)
-    }
-    let mut out = Vec::new();
-    for sub in entries(dir)? {
-        let mut add = |p: &Path| {
-            let id = p.strip_prefix(dir).unwrap_or(p).to_string_lossy().replace('\\', "/");
-            let t = infer_type(p, &id);
-            out.push(ModelSpec::new(id).with_type(t).with_path(p));
-        };
-        if looks_like_model(&sub) {
-            add(&sub);
-        } else {
-            for inner in entries(&sub)? {
-                if looks_like_model(&inner) {
-                    add(&inner);
+        let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        let id_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
+        for p in paths {
+            if p.is_dir() {
+                if is_model_dir(&p) {
+                    let id = id_of(&p);
+                    let t = infer_type(&p, &id);
+                    out.push(ModelSpec::new(id).with_type(t).with_path(&p));
+                } else if depth < SCAN_DEPTH {
+                    walk(root, &p, depth + 1, out)?;
                 }
+            } else if has_ext(&p, "gguf") {
+                let id = id_of(&p.with_extension(""));
+                let t = if id.to_ascii_lowercase().contains("embed") {
+                    ModelType::Embeddings
+                } else {
+                    ModelType::TextGen
+                };
+                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
             }
         }
+        Ok(())
     }
+    let mut out = Vec::new();
+    walk(dir, dir, 1, &mut out)?;
     Ok(out)
 }
 
@@ -382,7 +413,7 @@ impl ServeConfig {
             ));
         }
         let idle_ttl = match (args.idle_ttl, &file.idle_ttl) {
-            (Some(t), _) => t,
+            (Some(t), _) => t.0,
             (None, Some(s)) => parse_ttl(s).map_err(|e| field("idle_ttl", e))?,
             (None, None) => None,
         };

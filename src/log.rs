@@ -254,6 +254,24 @@ impl DecisionLog {
         matches!(self.mode, LogMode::Ring(_) | LogMode::Full)
     }
 
+    /// Whether decisions (anything but hits and joins) are kept: when not, callers may skip
+    /// work done only for the log.
+    #[inline]
+    pub fn keeps_decisions(&self) -> bool {
+        self.mode != LogMode::Off
+    }
+
+    /// Record the event `make` builds, building it only if the mode keeps events (so a pool
+    /// running with [`LogMode::Off`] pays nothing for its log). Counts it either way.
+    #[inline]
+    pub fn push_with(&mut self, make: impl FnOnce() -> Event) {
+        if self.mode == LogMode::Off {
+            self.total += 1;
+        } else {
+            self.push(make());
+        }
+    }
+
     /// Record `e` according to the mode.
     pub fn push(&mut self, e: Event) {
         self.total += 1;

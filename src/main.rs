@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use modelpool::backend::Backend;
 use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
-use modelpool::config::{BackendKind, MLX_MISSING, ServeArgs, ServeConfig};
+use modelpool::config::{BackendKind, ServeArgs, ServeConfig};
 use modelpool::http::{AppState, Metrics, TimedBackend};
 use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
 
@@ -87,9 +87,11 @@ fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
             }
             Ok(Arc::new(fake))
         }
-        // Wired when the MLX backend lands behind the `mlx` feature (ServeConfig already refuses
-        // mlx in a build without it).
-        BackendKind::Mlx => anyhow::bail!(MLX_MISSING),
+        #[cfg(feature = "mlx")]
+        BackendKind::Mlx => Ok(Arc::new(modelpool::backend::mlx::MlxBackend::default())),
+        // ServeConfig already refuses mlx in a build without the feature.
+        #[cfg(not(feature = "mlx"))]
+        BackendKind::Mlx => anyhow::bail!(modelpool::config::MLX_MISSING),
     }
 }
 
@@ -148,10 +150,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         });
     }
     let state = AppState::new(pool, metrics).with_max_body(cfg.max_body);
+    let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
     println!("modelpool listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    let live = modelpool::http::serve(listener, state, shutdown_signal(), cfg.shutdown_grace).await;
+    let live = modelpool::http::serve(listener, state, shutdown, cfg.shutdown_grace).await;
     if live > 0 {
         tracing::warn!(live, "stopped with requests still in flight");
     }
@@ -159,25 +162,27 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// The shutdown trigger: SIGINT or SIGTERM. The handlers are installed when this is called (before
+/// the server announces itself), so a signal sent right after start is never missed.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        }
+    })
 }

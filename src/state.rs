@@ -83,8 +83,9 @@ pub enum Intent {
     Preload,
 }
 
-/// Victims of a load plan (inline for up to 4).
-pub type Victims = SmallVec<[Slot; 4]>;
+/// Victims of a load plan (inline for up to 16: a plan evicting many small models for a big one
+/// allocates nothing).
+pub type Victims = SmallVec<[Slot; 16]>;
 
 /// A load that fits once `victims` are evicted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -550,10 +551,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
         let idx = RejectCode::ALL.iter().position(|c| *c == r.code).unwrap_or(0);
         self.stats.rejections[idx] += 1;
-        let model = self.entries[slot as usize].spec.id.clone();
-        self.log.push(Event::Reject {
+        self.log.push_with(|| Event::Reject {
             at: now,
-            model,
+            model: self.entries[slot as usize].spec.id.clone(),
             code: r.code,
             need: r.need,
             available: r.available,
@@ -607,10 +607,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn commit_load(&mut self, slot: Slot, now: Nanos, intent: Intent, plan: &LoadPlan) {
-        let (generation, model) = {
+        let generation = {
             let e = &mut self.entries[slot as usize];
             e.load_gen = e.load_gen.wrapping_add(1);
-            (e.load_gen, e.spec.id.clone())
+            e.load_gen
         };
         // Victims freed bytes if memory was short, otherwise they only made a model slot free.
         let reason = if self.ledger.used() + plan.reserve > self.ledger.limit {
@@ -621,7 +621,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let mut victim_bytes = 0;
         for &v in &plan.victims {
             victim_bytes += self.entries[v as usize].bytes;
-            self.evict(v, now, reason, Some((slot, generation)), Some(model.clone()));
+            self.evict(v, now, reason, Some((slot, generation)));
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
@@ -633,26 +633,27 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.load_started = now;
         e.loads += 1;
         let (reserve, awaiting) = (e.bytes, e.awaiting);
-        let source = e.estimate.source.clone();
-        let source = if e.measured.is_some() { crate::estimate::EstimateSource::Measured } else { source };
         self.ledger.reserved += reserve - awaiting;
         self.ledger.awaiting += awaiting;
         self.ledger.models += 1;
         self.stats.loads += 1;
         self.track_peak();
-        self.log.push(Event::Load { at: now, model, estimate: reserve, source });
+        let e = &self.entries[slot as usize];
+        self.log.push_with(|| Event::Load {
+            at: now,
+            model: e.spec.id.clone(),
+            estimate: reserve,
+            source: if e.measured.is_some() {
+                crate::estimate::EstimateSource::Measured
+            } else {
+                e.estimate.source.clone()
+            },
+        });
     }
 
     /// Move a resident model to draining. `owner` is the load it makes room for.
-    fn evict(
-        &mut self,
-        slot: Slot,
-        now: Nanos,
-        reason: EvictReason,
-        owner: Option<(Slot, u32)>,
-        for_model: Option<ModelId>,
-    ) {
-        let score = self.policy.score(slot);
+    fn evict(&mut self, slot: Slot, now: Nanos, reason: EvictReason, owner: Option<(Slot, u32)>) {
+        let score = if self.log.keeps_decisions() { self.policy.score(slot) } else { None };
         self.policy.on_remove(slot, reason != EvictReason::Explicit);
         let e = &mut self.entries[slot as usize];
         debug_assert_eq!(e.phase, Phase::Resident);
@@ -666,8 +667,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.draining += e.bytes;
         self.ledger.models -= 1;
         self.stats.evictions[reason as usize] += 1;
-        let (model, bytes) = (e.spec.id.clone(), e.bytes);
-        self.log.push(Event::Evict { at: now, model, reason, bytes, score, for_model });
+        let bytes = e.bytes;
+        let entries = &self.entries;
+        self.log.push_with(|| Event::Evict {
+            at: now,
+            model: entries[slot as usize].spec.id.clone(),
+            reason,
+            bytes,
+            score,
+            for_model: owner.map(|(o, _)| entries[o as usize].spec.id.clone()),
+        });
     }
 
     /// A draining model's memory came back (the backend unloaded it). Returns the load it made
@@ -683,8 +692,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.phase = Phase::Absent;
         e.bytes = 0;
         self.ledger.draining -= bytes;
-        let model = e.spec.id.clone();
-        self.log.push(Event::Unload { at: now, model, bytes });
+        let model = &e.spec.id;
+        self.log.push_with(|| Event::Unload { at: now, model: model.clone(), bytes });
         let (o, generation) = owner?;
         let oe = &mut self.entries[o as usize];
         if oe.phase != Phase::Loading || oe.load_gen != generation {
@@ -709,7 +718,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.awaiting = 0;
         e.pending_victims = 0;
         let secs = now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64;
-        let model = e.spec.id.clone();
         match result {
             Err(error) => {
                 e.phase = Phase::Absent;
@@ -718,7 +726,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.pin_on_load = false;
                 self.ledger.models -= 1;
                 self.stats.load_failures += 1;
-                self.log.push(Event::LoadFailed { at: now, model, error: error.to_string() });
+                let model = &e.spec.id;
+                self.log.push_with(|| Event::LoadFailed {
+                    at: now,
+                    model: model.clone(),
+                    error: error.to_string(),
+                });
                 LoadDone::default()
             }
             Ok(measured) => {
@@ -740,12 +753,17 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 self.stats.bytes_loaded += measured;
                 self.stats.load_secs += secs;
                 self.policy.on_insert(slot, info, now);
-                self.log.push(Event::Loaded { at: now, model, measured, secs });
+                let model = &self.entries[slot as usize].spec.id;
+                self.log.push_with(|| Event::Loaded { at: now, model: model.clone(), measured, secs });
                 if pin {
                     self.pin_resident(slot, now);
                 }
                 self.track_peak();
-                let evicted = self.evict_down(now, EvictReason::Overcommit, false);
+                let evicted = if self.over_limits() {
+                    self.evict_down(now, EvictReason::Overcommit, false)
+                } else {
+                    Victims::new()
+                };
                 LoadDone { leases_granted: granted, evicted }
             }
         }
@@ -782,7 +800,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         match phase {
             Phase::Draining => true,
             Phase::Resident if !pinned && self.over_limits() => {
-                self.evict(slot, now, self.over_reason, None, None);
+                self.evict(slot, now, self.over_reason, None);
                 true
             }
             _ => false,
@@ -866,7 +884,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             )));
         }
         let leases = e.leases;
-        self.evict(slot, now, EvictReason::Explicit, None, None);
+        self.evict(slot, now, EvictReason::Explicit, None);
         Ok(leases == 0)
     }
 
@@ -916,7 +934,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 let idle = e.leases == 0;
                 excess_bytes = excess_bytes.saturating_sub(e.bytes);
                 excess_count = excess_count.saturating_sub(1);
-                self.evict(s, now, reason, None, None);
+                self.evict(s, now, reason, None);
                 if idle {
                     out.push(s);
                 }
@@ -944,7 +962,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             true
         });
         for &s in &expired {
-            self.evict(s, now, EvictReason::Expired, None, None);
+            self.evict(s, now, EvictReason::Expired, None);
         }
         expired
     }
@@ -958,7 +976,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 continue;
             }
             let idle = e.leases == 0;
-            self.evict(slot, now, EvictReason::Shutdown, None, None);
+            self.evict(slot, now, EvictReason::Shutdown, None);
             if idle {
                 out.push(slot);
             }
@@ -971,12 +989,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn drain_hint(&self, e: &Entry, now: Nanos) -> u32 {
-        let t = if e.leases > 0 {
-            (e.busy_since as f64 + self.lease_nanos()).max(now as f64)
-        } else {
-            now as f64
-        };
+        let t = if e.leases > 0 { self.busy_until(e, now) } else { now as f64 };
         secs_until(t, now)
+    }
+
+    /// When a busy model's requests are expected to have ended: after the typical request time
+    /// if it has been busy for less than that; otherwise, as long again as it has been busy so
+    /// far (a request that has outlived the mean is likely a long one, e.g. a long stream).
+    fn busy_until(&self, e: &Entry, now: Nanos) -> f64 {
+        let elapsed = now.saturating_sub(e.busy_since) as f64;
+        let lease = self.lease_nanos();
+        let remaining = if elapsed < lease { lease - elapsed } else { elapsed };
+        now as f64 + remaining
     }
 
     /// Seconds until in-flight work is expected to free `bytes` and `count` models: busy models
@@ -987,11 +1011,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         for e in &self.entries {
             match e.phase {
                 Phase::Resident if !e.pinned && e.leases > 0 => {
-                    frees.push(((e.busy_since as f64 + lease).max(now as f64), e.bytes, 1));
+                    frees.push((self.busy_until(e, now), e.bytes, 1));
                 }
                 Phase::Draining => {
-                    let t = if e.leases > 0 { e.busy_since as f64 + lease } else { now as f64 };
-                    frees.push((t.max(now as f64), e.bytes, 0));
+                    let t = if e.leases > 0 { self.busy_until(e, now) } else { now as f64 };
+                    frees.push((t, e.bytes, 0));
                 }
                 Phase::Loading if !e.pin_on_load => {
                     let load = self.load_cost(e, e.bytes) * NANOS_PER_SEC as f64;

@@ -22,27 +22,15 @@ struct Entry {
 }
 
 const fn text(name: &'static str) -> Entry {
-    Entry {
-        name,
-        model_type: ModelType::TextGen,
-        size: None,
-    }
+    Entry { name, model_type: ModelType::TextGen, size: None }
 }
 
 const fn vision(name: &'static str) -> Entry {
-    Entry {
-        name,
-        model_type: ModelType::Vision,
-        size: None,
-    }
+    Entry { name, model_type: ModelType::Vision, size: None }
 }
 
 const fn embed(name: &'static str, bytes: u64) -> Entry {
-    Entry {
-        name,
-        model_type: ModelType::Embeddings,
-        size: Some(bytes),
-    }
+    Entry { name, model_type: ModelType::Embeddings, size: Some(bytes) }
 }
 
 /// Models people serve from one box, small to large. Sizes come from [`NameEstimator`] (name
@@ -114,10 +102,7 @@ impl FromStr for Arrivals {
         match parts.as_slice() {
             ["poisson"] => Ok(Arrivals::Poisson),
             ["gamma", k] => Ok(Arrivals::Gamma(num(k)?)),
-            ["onoff", on, off] => Ok(Arrivals::OnOff {
-                on: num(on)?,
-                off: num(off)?,
-            }),
+            ["onoff", on, off] => Ok(Arrivals::OnOff { on: num(on)?, off: num(off)? }),
             _ => Err(format!(
                 "unknown arrival process '{s}' (expected poisson, gamma:SHAPE or onoff:ON_SECS:OFF_SECS)"
             )),
@@ -185,9 +170,7 @@ pub struct Sampler {
 impl Sampler {
     /// A stream for `seed`.
     pub fn new(seed: u64) -> Self {
-        Sampler {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Sampler { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     /// Uniform in (0, 1), never 0 or 1.
@@ -265,15 +248,10 @@ pub fn catalogue(n: usize) -> Vec<ModelDef> {
             } else {
                 Arc::from(format!("{}-ft{:02}", e.name, i / CATALOGUE.len()))
             };
-            let size = e.size.unwrap_or_else(|| {
-                est.estimate(&ModelSpec::new(id.clone()).with_type(e.model_type))
-                    .bytes
-            });
-            ModelDef {
-                id,
-                model_type: e.model_type,
-                size: Some(size),
-            }
+            let size = e
+                .size
+                .unwrap_or_else(|| est.estimate(&ModelSpec::new(id.clone()).with_type(e.model_type)).bytes);
+            ModelDef { id, model_type: e.model_type, size: Some(size) }
         })
         .collect()
 }
@@ -319,12 +297,7 @@ pub fn generate(cfg: &GenConfig) -> Result<Trace, GenError> {
             .iter()
             .position(|m| &*m.id == p.as_str())
             .ok_or_else(|| bad("pin", format!("'{p}' is not among the generated models")))?;
-        ops.push(Op {
-            at: 0,
-            arg: 0,
-            model: m as u32,
-            kind: OpKind::Preload,
-        });
+        ops.push(Op { at: 0, arg: 0, model: m as u32, kind: OpKind::Preload });
     }
     let mut t = 0.0f64;
     let mut on_until = match cfg.arrivals {
@@ -363,10 +336,7 @@ pub fn generate(cfg: &GenConfig) -> Result<Trace, GenError> {
                 input: 576 + s.lognormal(120.0, 0.8, 1, 8192),
                 output: s.lognormal(120.0, 0.8, 1, 2048),
             },
-            ModelType::Embeddings => Service::Tokens {
-                input: s.lognormal(60.0, 1.0, 1, 8192),
-                output: 0,
-            },
+            ModelType::Embeddings => Service::Tokens { input: s.lognormal(60.0, 1.0, 1, 8192), output: 0 },
         };
         // Microsecond resolution keeps the CSV short.
         let at = ((t * 1e6).round() as u64).saturating_mul(NS / 1_000_000);
@@ -399,13 +369,8 @@ mod tests {
 
     #[test]
     fn zipf_head_dominates() {
-        let t = generate(&GenConfig {
-            requests: 20_000,
-            models: 20,
-            zipf: 1.2,
-            ..GenConfig::default()
-        })
-        .unwrap();
+        let t =
+            generate(&GenConfig { requests: 20_000, models: 20, zipf: 1.2, ..GenConfig::default() }).unwrap();
         let mut counts = vec![0u64; 20];
         for o in &t.ops {
             counts[o.model as usize] += 1;
@@ -442,11 +407,7 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let e = generate(&GenConfig {
-            rate: 0.0,
-            ..GenConfig::default()
-        })
-        .unwrap_err();
+        let e = generate(&GenConfig { rate: 0.0, ..GenConfig::default() }).unwrap_err();
         assert_eq!(e.field, "rate");
         assert!("gamma:x".parse::<Arrivals>().is_err());
         assert_eq!("onoff:5:10".parse::<Arrivals>(), Ok(Arrivals::OnOff { on: 5.0, off: 10.0 }));

@@ -79,6 +79,9 @@ struct SimArgs {
     /// Seed of the replay's RNG (injected failures).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep-alive: evict unpinned models idle this many seconds after their last request.
+    #[arg(long, env = "MODELPOOL_SIM_IDLE_TTL")]
+    idle_ttl: Option<f64>,
 }
 
 #[derive(Args)]
@@ -99,6 +102,9 @@ struct ReplayArgs {
     /// Write every decision (loads, evictions, rejections...) as JSON lines to this file.
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Replay this many times and report the fastest (for the timing line; results are identical).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
 }
 
 #[derive(Args)]
@@ -201,6 +207,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         retries: a.retries,
         load_failure_rate: a.load_failure_rate,
         seed: a.seed,
+        idle_ttl_secs: a.idle_ttl,
         log,
     };
     if a.instant {
@@ -208,6 +215,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
             retries: cfg.retries,
             load_failure_rate: cfg.load_failure_rate,
             seed: cfg.seed,
+            idle_ttl_secs: cfg.idle_ttl_secs,
             estimate_from_names: cfg.estimate_from_names,
             measured_factor: cfg.measured_factor,
             log,
@@ -218,22 +226,31 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
     Ok(cfg)
 }
 
-fn load_trace(path: &PathBuf) -> Result<(Trace, f64)> {
+fn load_trace(path: &std::path::Path) -> Result<(Trace, f64)> {
     let t0 = Instant::now();
     let trace = Trace::from_path(path)?;
     Ok((trace, t0.elapsed().as_secs_f64()))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line (with its causes), no backtrace: bad input is not a crash.
+            eprintln!("modelpool-sim: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Replay(a) => replay(a),
         Cmd::Sweep(a) => sweep_cmd(a),
         Cmd::Gen(a) => gen_cmd(a),
         Cmd::Check { trace } => {
-            let bytes = std::fs::metadata(&trace)
-                .with_context(|| format!("{}", trace.display()))?
-                .len();
+            let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
             let (t, secs) = load_trace(&trace)?;
             println!(
                 "{}: {} operations ({} requests) over {} models, {:.1} s of trace",
@@ -257,20 +274,21 @@ fn main() -> Result<()> {
 
 fn replay(a: ReplayArgs) -> Result<()> {
     let limit = parse_bytes(&a.memory_limit, "--memory-limit")?;
-    let log = if a.events.is_some() {
-        LogMode::Decisions
-    } else {
-        LogMode::Off
-    };
+    let log = if a.events.is_some() { LogMode::Decisions } else { LogMode::Off };
     let cfg = sim_config(&a.sim, limit, a.policy, log)?;
     let (trace, parse_secs) = load_trace(&a.trace)?;
-    let t0 = Instant::now();
-    let out = run(&trace, &cfg).map_err(anyhow::Error::msg)?;
-    let replay_secs = t0.elapsed().as_secs_f64();
+    let mut replay_secs = f64::INFINITY;
+    let mut out = None;
+    for _ in 0..a.repeat {
+        let t0 = Instant::now();
+        let o = run(&trace, &cfg).map_err(anyhow::Error::msg)?;
+        replay_secs = replay_secs.min(t0.elapsed().as_secs_f64());
+        out = Some(o);
+    }
+    let out = out.expect("at least one replay");
     if let Some(path) = &a.events {
-        let mut w = BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
+        let mut w =
+            BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
         for e in &out.events {
             serde_json::to_writer(&mut w, e)?;
             w.write_all(b"\n")?;
@@ -285,11 +303,12 @@ fn replay(a: ReplayArgs) -> Result<()> {
     print!("{}", out.report.to_text());
     println!();
     println!(
-        "timing: parsed in {:.3} s; replayed {} requests in {:.3} s ({:.2} M requests/s)",
+        "timing: parsed in {:.3} s; replayed {} requests in {:.3} s ({:.2} M requests/s{})",
         parse_secs,
         out.report.requests,
         replay_secs,
-        out.report.requests as f64 / replay_secs.max(1e-9) / 1e6
+        out.report.requests as f64 / replay_secs.max(1e-9) / 1e6,
+        if a.repeat > 1 { format!(", fastest of {}", a.repeat) } else { String::new() }
     );
     Ok(())
 }
@@ -304,8 +323,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
             auto_limits(&trace, base.max_models, 12, |i| {
                 let m = &trace.models[i];
                 m.size.unwrap_or_else(|| {
-                    est.estimate(&ModelSpec::new(m.id.clone()).with_type(m.model_type))
-                        .bytes
+                    est.estimate(&ModelSpec::new(m.id.clone()).with_type(m.model_type)).bytes
                 })
             })
         }
@@ -316,10 +334,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
     if !(a.target_p99.is_finite() && a.target_p99 >= 0.0) {
         bail!("--target-p99 must be a number of seconds >= 0");
     }
-    let target = Target {
-        max_503_rate: a.target_503_pct / 100.0,
-        max_p99_secs: a.target_p99,
-    };
+    let target = Target { max_503_rate: a.target_503_pct / 100.0, max_p99_secs: a.target_p99 };
     let total = (limits.len() * a.policies.len()) as u64;
     let pb = if std::io::stderr().is_terminal() {
         let pb = ProgressBar::new(total);
@@ -340,12 +355,8 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         std::fs::write(p, s.to_csv()).with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.svg {
-        let title = format!(
-            "{}: {} requests, {} models",
-            a.trace.display(),
-            trace.requests(),
-            trace.models.len()
-        );
+        let title =
+            format!("{}: {} requests, {} models", a.trace.display(), trace.requests(), trace.models.len());
         std::fs::write(p, s.to_svg(&title)).with_context(|| format!("writing {}", p.display()))?;
     }
     if a.json {

@@ -10,8 +10,8 @@
 //! strong practical bounds to measure online policies against.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
 use std::cmp::Reverse;
+use std::collections::BTreeSet;
 
 use modelpool::policy::PolicyInfo;
 use modelpool::{EvictionPolicy, Gdsf, Lfu, Lru, Nanos, Slot};
@@ -109,6 +109,9 @@ impl SimPolicy for Belady {
     }
 }
 
+/// (value, farther next use first, larger first, slot): the eviction order of [`BeladyCost`].
+type Candidate = (f64, Reverse<u64>, Reverse<u64>, Slot);
+
 #[derive(Debug, Clone, Copy, Default)]
 struct CostMeta {
     next: u64,
@@ -127,7 +130,7 @@ pub struct BeladyCost {
     tracked: Vec<Slot>,
     now_idx: u64,
     /// Scratch for ordering candidates (reused, so steady state allocates nothing).
-    scratch: RefCell<Vec<(f64, Reverse<u64>, Reverse<u64>, Slot)>>,
+    scratch: RefCell<Vec<Candidate>>,
 }
 
 impl BeladyCost {
@@ -151,21 +154,10 @@ impl EvictionPolicy for BeladyCost {
     }
 
     fn on_insert(&mut self, slot: Slot, info: PolicyInfo, _now: Nanos) {
-        grow(
-            &mut self.meta,
-            slot,
-            CostMeta {
-                next: NEVER,
-                ..CostMeta::default()
-            },
-        );
+        grow(&mut self.meta, slot, CostMeta { next: NEVER, ..CostMeta::default() });
         let m = &mut self.meta[slot as usize];
         m.bytes = info.bytes;
-        m.cost = if info.load_cost.is_finite() && info.load_cost > 0.0 {
-            info.load_cost
-        } else {
-            1e-9
-        };
+        m.cost = if info.load_cost.is_finite() && info.load_cost > 0.0 { info.load_cost } else { 1e-9 };
         if !m.tracked {
             m.tracked = true;
             self.tracked.push(slot);
@@ -191,10 +183,7 @@ impl EvictionPolicy for BeladyCost {
             cands.push((self.value(m), Reverse(m.next), Reverse(m.bytes), s));
         }
         cands.sort_unstable_by(|a, b| {
-            a.0.total_cmp(&b.0)
-                .then(a.1.cmp(&b.1))
-                .then(a.2.cmp(&b.2))
-                .then(a.3.cmp(&b.3))
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3))
         });
         for &(_, _, _, s) in cands.iter() {
             if !visit(s) {
@@ -204,10 +193,7 @@ impl EvictionPolicy for BeladyCost {
     }
 
     fn score(&self, slot: Slot) -> Option<f64> {
-        self.meta
-            .get(slot as usize)
-            .filter(|m| m.tracked)
-            .map(|m| self.value(m))
+        self.meta.get(slot as usize).filter(|m| m.tracked).map(|m| self.value(m))
     }
 }
 
@@ -216,14 +202,7 @@ impl SimPolicy for BeladyCost {
 
     #[inline]
     fn set_next_use(&mut self, slot: Slot, next: u64, now_idx: u64) {
-        grow(
-            &mut self.meta,
-            slot,
-            CostMeta {
-                next: NEVER,
-                ..CostMeta::default()
-            },
-        );
+        grow(&mut self.meta, slot, CostMeta { next: NEVER, ..CostMeta::default() });
         self.meta[slot as usize].next = next;
         self.now_idx = now_idx;
     }
@@ -300,17 +279,10 @@ mod tests {
     fn next_uses_point_forward() {
         use crate::trace::{Op, Service, Trace};
         let r = |m| Op::request(0, m, Service::Duration(0));
-        let t = Trace {
-            models: Vec::new(),
-            ops: vec![r(0), r(1), r(0), r(0), r(1)],
-        };
+        let t = Trace { models: Vec::new(), ops: vec![r(0), r(1), r(0), r(0), r(1)] };
         let t = Trace {
             models: vec![
-                crate::trace::ModelDef {
-                    id: "a".into(),
-                    model_type: Default::default(),
-                    size: None
-                };
+                crate::trace::ModelDef { id: "a".into(), model_type: Default::default(), size: None };
                 2
             ],
             ..t

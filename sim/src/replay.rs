@@ -23,8 +23,8 @@ use std::collections::BinaryHeap;
 use hdrhistogram::Histogram;
 use modelpool::log::LogMode;
 use modelpool::{
-    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos,
-    PoolConfig, PoolState, RejectCode, Slot,
+    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PoolConfig,
+    PoolState, RejectCode, Slot,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -90,9 +90,7 @@ impl std::str::FromStr for PolicyChoice {
         PolicyChoice::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown policy '{s}' (expected lru, gdsf, lfu, belady, belady-cost)")
-            })
+            .ok_or_else(|| format!("unknown policy '{s}' (expected lru, gdsf, lfu, belady, belady-cost)"))
     }
 }
 
@@ -126,6 +124,9 @@ pub struct SimConfig {
     pub load_failure_rate: f64,
     /// Seed of the replay's RNG.
     pub seed: u64,
+    /// Keep-alive: unpinned models idle this long (seconds after their last request ended) are
+    /// evicted. Checked every `ttl / 4` (between 1 and 60 s of virtual time), as the server does.
+    pub idle_ttl_secs: Option<f64>,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -150,6 +151,7 @@ impl Default for SimConfig {
             retries: 0,
             load_failure_rate: 0.0,
             seed: 1,
+            idle_ttl_secs: None,
             log: LogMode::Off,
         }
     }
@@ -197,6 +199,12 @@ impl SimConfig {
         if !(self.measured_factor.is_finite() && self.measured_factor > 0.0) {
             return Err("measured factor must be > 0".into());
         }
+        if let Some(t) = self.idle_ttl_secs {
+            nonneg(t, "idle ttl")?;
+            if t == 0.0 {
+                return Err("idle ttl must be greater than zero".into());
+            }
+        }
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
         }
@@ -205,11 +213,8 @@ impl SimConfig {
 
     /// Modelled seconds to load `bytes`.
     pub fn load_secs(&self, bytes: u64) -> f64 {
-        let transfer = if self.load_bandwidth.is_infinite() {
-            0.0
-        } else {
-            bytes as f64 / self.load_bandwidth
-        };
+        let transfer =
+            if self.load_bandwidth.is_infinite() { 0.0 } else { bytes as f64 / self.load_bandwidth };
         self.load_latency_secs + transfer
     }
 }
@@ -226,6 +231,24 @@ pub struct Outcome {
 /// Replay `trace` under `cfg`. Deterministic: the same inputs give the same outcome.
 pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
     cfg.validate()?;
+    if u32::try_from(trace.ops.len()).is_err() {
+        return Err(format!("a trace holds at most {} operations", u32::MAX));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    if let Some(m) = trace.models.iter().find(|m| !ids.insert(&*m.id)) {
+        return Err(format!("model '{}' is defined twice in the trace", m.id));
+    }
+    if let Some(op) =
+        trace.ops.iter().find(|o| o.kind != OpKind::SetLimit && o.model as usize >= trace.models.len())
+    {
+        return Err(format!(
+            "an operation at {} ns names model index {}, beyond the trace's models",
+            op.at, op.model
+        ));
+    }
+    if trace.ops.windows(2).any(|w| w[1].at < w[0].at) {
+        return Err("trace operations must be sorted by time".into());
+    }
     Ok(match cfg.policy {
         PolicyChoice::Lru => Runner::new(trace, cfg, Lru::new()).run(),
         PolicyChoice::Gdsf => Runner::new(trace, cfg, Gdsf::new()).run(),
@@ -248,9 +271,18 @@ struct Waiter {
 #[derive(Debug, Clone, Copy)]
 enum Ev {
     LoadDone(Slot),
-    Release { slot: Slot, acquired: Nanos },
+    Release {
+        slot: Slot,
+        acquired: Nanos,
+    },
     Unloaded(Slot),
-    Retry { op: u32, attempt: u32, first: Nanos },
+    Retry {
+        op: u32,
+        attempt: u32,
+        first: Nanos,
+    },
+    /// The periodic keep-alive check.
+    Expire,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -309,6 +341,9 @@ pub(crate) struct Totals {
     pub preloads: u64,
     pub admin_ops: u64,
     pub admin_refused: u64,
+    /// Exact sum and maximum of added latency, ns (quantiles come from the histogram).
+    pub latency_sum: u128,
+    pub latency_max: Nanos,
     pub mem_area: u128,
     pub end: Nanos,
 }
@@ -333,6 +368,10 @@ struct Runner<'t, P: SimPolicy> {
     mem_used: u64,
     rng: ChaCha8Rng,
     next_use: Vec<u64>,
+    /// Index of the next trace operation.
+    next_op: usize,
+    /// Period of the keep-alive check, if a TTL is set.
+    expire_every: Option<Nanos>,
 }
 
 fn secs_to_ns(s: f64) -> u64 {
@@ -345,7 +384,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             limit: cfg.limit,
             max_models: cfg.max_models,
             log: cfg.log,
-            idle_ttl: None,
+            idle_ttl: cfg.idle_ttl_secs.map(secs_to_ns),
             load_latency_secs: cfg.load_latency_secs,
             load_bandwidth: cfg.load_bandwidth,
         };
@@ -358,15 +397,12 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             }
             let slot = st.register(spec);
             assert_eq!(slot as usize, i, "trace models are distinct");
-            let size = m.size.unwrap_or_else(|| {
-                ((st.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1)
-            });
+            let size = m
+                .size
+                .unwrap_or_else(|| ((st.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1));
             true_size.push(size);
         }
-        let load_ns = true_size
-            .iter()
-            .map(|&b| secs_to_ns(cfg.load_secs(b)))
-            .collect();
+        let load_ns = true_size.iter().map(|&b| secs_to_ns(cfg.load_secs(b))).collect();
         let n = trace.models.len();
         Runner {
             trace,
@@ -383,28 +419,22 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             pm: vec![ModelCounters::default(); n],
             t: Totals::default(),
             // Microseconds, up to 30 days, 3 significant digits.
-            hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3)
-                .expect("valid histogram bounds"),
+            hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3).expect("valid histogram bounds"),
             zero_latency: 0,
             mem_t: 0,
             mem_used: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            next_use: if P::OFFLINE {
-                next_uses(trace)
-            } else {
-                Vec::new()
-            },
+            next_use: if P::OFFLINE { next_uses(trace) } else { Vec::new() },
+            next_op: 0,
+            // The server's period: a quarter of the TTL, between 1 and 60 seconds.
+            expire_every: cfg.idle_ttl_secs.map(|t| secs_to_ns(t / 4.0).clamp(NS, 60 * NS)),
         }
     }
 
     #[inline]
     fn schedule(&mut self, at: Nanos, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Reverse(Timed {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.heap.push(Reverse(Timed { at, seq: self.seq, ev }));
     }
 
     /// Account memory use up to `now`, then take the ledger's new value.
@@ -431,12 +461,17 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.zero_latency += 1;
         } else {
             self.hist.saturating_record(ns.div_ceil(1000));
+            self.t.latency_sum += u128::from(ns);
+            self.t.latency_max = self.t.latency_max.max(ns);
         }
     }
 
     fn run(mut self) -> Outcome {
         let ops = &self.trace.ops;
         let mut i = 0usize;
+        if let Some(every) = self.expire_every {
+            self.schedule(every, Ev::Expire);
+        }
         loop {
             let take_op = match (ops.get(i), self.heap.peek()) {
                 (Some(op), Some(Reverse(ev))) => op.at < ev.at,
@@ -455,6 +490,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     self.admin(i, op.at);
                 }
                 i += 1;
+                self.next_op = i;
             } else {
                 let Some(Reverse(Timed { at, ev, .. })) = self.heap.pop() else {
                     break;
@@ -469,9 +505,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn request(&mut self, idx: usize, slot: Slot, now: Nanos, first: Nanos, attempt: u32, service: Nanos) {
         if P::OFFLINE {
             let next = self.next_use[idx];
-            self.st
-                .policy_mut()
-                .set_next_use(slot, next, idx as u64);
+            self.st.policy_mut().set_next_use(slot, next, idx as u64);
         }
         match self.st.admit(slot, now, Intent::Request) {
             Admission::Hit => {
@@ -484,19 +518,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.start_service(slot, now, service);
             }
             Admission::Join => {
-                self.waiters[slot as usize].push(Waiter {
-                    first,
-                    service,
-                    started: false,
-                });
+                self.waiters[slot as usize].push(Waiter { first, service, started: false });
             }
             Admission::Load(plan) => {
                 self.t.cold_loads += 1;
-                self.waiters[slot as usize].push(Waiter {
-                    first,
-                    service,
-                    started: true,
-                });
+                self.waiters[slot as usize].push(Waiter { first, service, started: true });
                 self.start_load(slot, now, &plan);
             }
             Admission::Reject(r) => {
@@ -507,15 +533,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 match r.retry_after_secs {
                     Some(secs) if attempt < self.cfg.retries => {
                         self.t.retried += 1;
-                        let at = now + u64::from(secs) * NS;
-                        self.schedule(
-                            at,
-                            Ev::Retry {
-                                op: idx as u32,
-                                attempt: attempt + 1,
-                                first,
-                            },
-                        );
+                        let at = now.saturating_add(u64::from(secs) * NS);
+                        self.schedule(at, Ev::Retry { op: idx as u32, attempt: attempt + 1, first });
                     }
                     _ => {
                         self.t.dropped += 1;
@@ -531,19 +550,16 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if service == 0 {
             self.end_lease(slot, now, now);
         } else {
-            self.schedule(
-                now + service,
-                Ev::Release {
-                    slot,
-                    acquired: now,
-                },
-            );
+            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now });
         }
     }
 
+    /// End a lease; the engine says whether the model must now leave memory (it was draining,
+    /// or the pool is over its limits and this model just became evictable).
     #[inline]
     fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos) {
         if self.st.release(slot, now, acquired) {
+            self.mem_sync(now);
             self.unload(slot, now);
         }
     }
@@ -552,7 +568,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if self.unload_ns == 0 {
             self.reclaim(slot, now);
         } else {
-            self.schedule(now + self.unload_ns, Ev::Unloaded(slot));
+            self.schedule(now.saturating_add(self.unload_ns), Ev::Unloaded(slot));
         }
     }
 
@@ -581,14 +597,13 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if t == 0 {
             self.finish_load(slot, now);
         } else {
-            self.schedule(now + t, Ev::LoadDone(slot));
+            self.schedule(now.saturating_add(t), Ev::LoadDone(slot));
         }
     }
 
     fn finish_load(&mut self, slot: Slot, now: Nanos) {
         let fail = self.cfg.load_failure_rate > 0.0
-            && ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-                < self.cfg.load_failure_rate;
+            && ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < self.cfg.load_failure_rate;
         let mut waiters = std::mem::take(&mut self.waiters[slot as usize]);
         if fail {
             self.st.load_finished(slot, now, Err("injected load failure"));
@@ -596,9 +611,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.t.failed += waiters.len() as u64;
             self.pm[slot as usize].failed += waiters.len() as u64;
         } else {
-            let done = self
-                .st
-                .load_finished(slot, now, Ok(self.true_size[slot as usize]));
+            let done = self.st.load_finished(slot, now, Ok(self.true_size[slot as usize]));
             debug_assert_eq!(done.leases_granted as usize, waiters.len());
             self.mem_sync(now);
             for &v in &done.evicted {
@@ -627,6 +640,23 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 let service = self.service_ns(o.service());
                 self.request(op as usize, o.model, now, first, attempt, service);
             }
+            Ev::Expire => {
+                let expired = self.st.expire_idle(now);
+                if !expired.is_empty() {
+                    self.mem_sync(now);
+                }
+                for v in expired {
+                    self.unload(v, now);
+                }
+                // Keep ticking while anything is left to happen, including expiries themselves.
+                let expirable = (0..self.trace.models.len() as Slot)
+                    .any(|s| self.st.phase(s) == modelpool::Phase::Resident && !self.st.is_pinned(s));
+                if let Some(every) = self.expire_every
+                    && (self.next_op < self.trace.ops.len() || !self.heap.is_empty() || expirable)
+                {
+                    self.schedule(now.saturating_add(every), Ev::Expire);
+                }
+            }
         }
     }
 
@@ -650,7 +680,13 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             }
             OpKind::Unpin => {
-                self.st.unpin(slot, now);
+                let (_, evicted) = self.st.unpin(slot, now);
+                if !evicted.is_empty() {
+                    self.mem_sync(now);
+                }
+                for v in evicted {
+                    self.unload(v, now);
+                }
             }
             OpKind::Unload => match self.st.unload(slot, now, false) {
                 Ok(true) => {
@@ -663,11 +699,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             OpKind::SetLimit => {
                 let l = self.st.ledger();
                 let limit = if op.arg == 0 { l.limit } else { op.arg };
-                let max = if op.model == 0 {
-                    l.max_models
-                } else {
-                    op.model as usize
-                };
+                let max = if op.model == 0 { l.max_models } else { op.model as usize };
                 match self.st.set_limits(limit, max, now) {
                     Ok(victims) => {
                         self.mem_sync(now);
@@ -711,15 +743,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             })
             .collect();
-        let report = build_report(
-            self.cfg,
-            self.trace,
-            &self.t,
-            self.st.stats(),
-            self.st.ledger(),
-            &self.hist,
-            rows,
-        );
+        let report =
+            build_report(self.cfg, self.trace, &self.t, self.st.stats(), self.st.ledger(), &self.hist, rows);
         debug_assert!(self.st.check_invariants().is_ok());
         let events = self.st.log_mut().drain();
         Outcome { report, events }

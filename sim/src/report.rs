@@ -15,11 +15,7 @@ use crate::trace::{NS, Trace};
 
 /// Round to 6 decimals.
 pub fn r6(x: f64) -> f64 {
-    if x.is_finite() {
-        (x * 1e6).round() / 1e6
-    } else {
-        x
-    }
+    if x.is_finite() { (x * 1e6).round() / 1e6 } else { x }
 }
 
 /// Everything a replay measured. See `docs/sim.md` for each field's definition.
@@ -98,6 +94,8 @@ pub struct ConfigSummary {
     pub estimate_from_names: bool,
     /// RNG seed.
     pub seed: u64,
+    /// Keep-alive TTL, seconds (`null`: none).
+    pub idle_ttl_secs: Option<f64>,
 }
 
 /// The trace's shape.
@@ -122,7 +120,8 @@ pub struct MissRatios {
     pub cost: f64,
 }
 
-/// Added latency quantiles in seconds (HdrHistogram, 3 significant digits, microseconds).
+/// Added latency in seconds: quantiles from an HdrHistogram (microseconds, 3 significant
+/// digits), maximum and mean exact.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Latency {
     /// Median.
@@ -228,6 +227,7 @@ pub(crate) fn build_report(
             load_failure_rate: cfg.load_failure_rate,
             estimate_from_names: cfg.estimate_from_names,
             seed: cfg.seed,
+            idle_ttl_secs: cfg.idle_ttl_secs,
         },
         trace: TraceSummary {
             models: trace.models.len(),
@@ -241,11 +241,7 @@ pub(crate) fn build_report(
         served: t.served,
         dropped: t.dropped,
         failed: t.failed,
-        rejections: RejectCode::ALL
-            .iter()
-            .zip(t.rejections)
-            .map(|(c, n)| (c.as_str(), n))
-            .collect(),
+        rejections: RejectCode::ALL.iter().zip(t.rejections).map(|(c, n)| (c.as_str(), n)).collect(),
         retried: t.retried,
         rate_503: ratio(t.first_503 as f64, t.requests as f64),
         evictions: EvictReason::ALL
@@ -266,34 +262,22 @@ pub(crate) fn build_report(
             p50: q(0.5),
             p99: q(0.99),
             p999: q(0.999),
-            max: if empty { 0.0 } else { secs(hist.max()) },
-            mean: if empty { 0.0 } else { r6(hist.mean() / 1e6) },
+            max: r6(t.latency_max as f64 / NS as f64),
+            mean: if t.served == 0 { 0.0 } else { r6(t.latency_sum as f64 / t.served as f64 / NS as f64) },
         },
         memory: Memory {
             limit_bytes: ledger.limit,
             peak_bytes: stats.peak_used,
-            mean_bytes: if t.end == 0 {
-                0
-            } else {
-                (t.mem_area / u128::from(t.end)) as u64
-            },
+            mean_bytes: if t.end == 0 { 0 } else { (t.mem_area / u128::from(t.end)) as u64 },
         },
-        admin: Admin {
-            ops: t.admin_ops,
-            preloads: t.preloads,
-            refused: t.admin_refused,
-        },
+        admin: Admin { ops: t.admin_ops, preloads: t.preloads, refused: t.admin_refused },
         models,
     }
 }
 
 /// Bytes as decimal GB with one decimal (`24.0 GB`), or MB below 1 GB.
 pub fn fmt_bytes(b: u64) -> String {
-    if b >= 1_000_000_000 {
-        format!("{:.1} GB", b as f64 / 1e9)
-    } else {
-        format!("{:.0} MB", b as f64 / 1e6)
-    }
+    if b >= 1_000_000_000 { format!("{:.1} GB", b as f64 / 1e9) } else { format!("{:.0} MB", b as f64 / 1e6) }
 }
 
 /// Seconds, compact (`0`, `850 ms`, `2.41 s`).
@@ -314,20 +298,14 @@ fn pct(x: f64) -> String {
 impl Report {
     /// Requests refused with 503 over all requests... as a percentage string.
     fn share(&self, n: u64) -> String {
-        if self.requests == 0 {
-            "-".into()
-        } else {
-            pct(n as f64 / self.requests as f64)
-        }
+        if self.requests == 0 { "-".into() } else { pct(n as f64 / self.requests as f64) }
     }
 
     /// The human report (text tables). Deterministic; no wall-clock numbers.
     pub fn to_text(&self) -> String {
         let c = &self.config;
         let mut o = String::new();
-        let bw = c
-            .load_bandwidth
-            .map_or("instant".to_string(), |b| format!("{:.1} GB/s", b / 1e9));
+        let bw = c.load_bandwidth.map_or("instant".to_string(), |b| format!("{:.1} GB/s", b / 1e9));
         let _ = writeln!(
             o,
             "policy {}, memory limit {}, max models {}, loads {} + bytes at {}, unload {}",
@@ -338,6 +316,9 @@ impl Report {
             bw,
             fmt_secs(c.unload_secs)
         );
+        if let Some(ttl) = c.idle_ttl_secs {
+            let _ = writeln!(o, "keep-alive: unpinned models idle {} are evicted", fmt_secs(ttl));
+        }
         let _ = writeln!(
             o,
             "trace: {} requests, {} admin ops, {} models, {:.1} s simulated",
@@ -348,36 +329,17 @@ impl Report {
             let _ = writeln!(o, "  {k:<16} {v}");
         };
         kv(&mut o, "requests", self.requests.to_string());
-        kv(
-            &mut o,
-            "hits",
-            format!("{} ({})", self.hits, self.share(self.hits)),
-        );
-        kv(
-            &mut o,
-            "cold loads",
-            format!(
-                "{} (+{} joined a load in progress)",
-                self.cold_loads, self.joined
-            ),
-        );
-        let codes: Vec<String> = self
-            .rejections
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
+        kv(&mut o, "hits", format!("{} ({})", self.hits, self.share(self.hits)));
+        kv(&mut o, "cold loads", format!("{} (+{} joined a load in progress)", self.cold_loads, self.joined));
+        let codes: Vec<String> =
+            self.rejections.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
         kv(
             &mut o,
             "503s",
             format!(
                 "{} responses{}; {} requests dropped, 503 rate {}",
                 self.rejections.values().sum::<u64>(),
-                if codes.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", codes.join(", "))
-                },
+                if codes.is_empty() { String::new() } else { format!(" ({})", codes.join(", ")) },
                 self.dropped,
                 pct(self.rate_503)
             ),
@@ -388,22 +350,14 @@ impl Report {
         if self.failed > 0 {
             kv(&mut o, "load failures", format!("{} requests failed", self.failed));
         }
-        let ev: Vec<String> = self
-            .evictions
-            .iter()
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
+        let ev: Vec<String> = self.evictions.iter().map(|(k, n)| format!("{k} {n}")).collect();
         kv(
             &mut o,
             "evictions",
             format!(
                 "{}{}",
                 self.evictions_total,
-                if ev.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", ev.join(", "))
-                }
+                if ev.is_empty() { String::new() } else { format!(" ({})", ev.join(", ")) }
             ),
         );
         kv(
@@ -459,13 +413,7 @@ impl Report {
             );
         }
         let _ = writeln!(o);
-        let w = self
-            .models
-            .iter()
-            .map(|r| r.model.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
+        let w = self.models.iter().map(|r| r.model.len()).max().unwrap_or(5).max(5);
         let _ = writeln!(
             o,
             "  {:<w$}  {:<10} {:>9} {:>8} {:>8} {:>7} {:>6} {:>7} {:>6}",

@@ -25,10 +25,7 @@ pub struct Target {
 impl Default for Target {
     /// 503 rate <= 0.1% and p99 added latency <= 2 s.
     fn default() -> Self {
-        Target {
-            max_503_rate: 0.001,
-            max_p99_secs: 2.0,
-        }
+        Target { max_503_rate: 0.001, max_p99_secs: 2.0 }
     }
 }
 
@@ -67,7 +64,8 @@ pub struct Sweep {
     pub target: Target,
     /// One cell per (limit, policy).
     pub cells: Vec<Cell>,
-    /// Smallest limit meeting the target with an online policy, and that policy.
+    /// Smallest limit from which on an online policy meets the target (see
+    /// [`Sweep::smallest_meeting`]), and that policy.
     pub recommended: Option<(u64, PolicyChoice)>,
 }
 
@@ -77,18 +75,17 @@ pub fn parse_limits(s: &str) -> Result<Vec<u64>, String> {
     let one = |p: &str| -> Result<u64, String> {
         match p.trim().parse::<MemoryLimit>() {
             Ok(MemoryLimit::Bytes(b)) => Ok(b),
-            Ok(MemoryLimit::Fraction(_)) => Err(format!(
-                "'{p}': the simulator needs absolute limits (e.g. 16GB), not fractions"
-            )),
+            Ok(MemoryLimit::Fraction(_)) => {
+                Err(format!("'{p}': the simulator needs absolute limits (e.g. 16GB), not fractions"))
+            }
             Err(e) => Err(e.to_string()),
         }
     };
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
         if let Some((range, n)) = part.split_once(':') {
-            let (a, b) = range
-                .split_once("..")
-                .ok_or_else(|| format!("'{part}': expected FROM..TO:COUNT"))?;
+            let (a, b) =
+                range.split_once("..").ok_or_else(|| format!("'{part}': expected FROM..TO:COUNT"))?;
             let (a, b) = (one(a)?, one(b)?);
             let n: usize = n
                 .trim()
@@ -151,10 +148,8 @@ pub fn sweep(
     let mut limits = limits.to_vec();
     limits.sort_unstable();
     limits.dedup();
-    let tasks: Vec<(u64, PolicyChoice)> = limits
-        .iter()
-        .flat_map(|&l| policies.iter().map(move |&p| (l, p)))
-        .collect();
+    let tasks: Vec<(u64, PolicyChoice)> =
+        limits.iter().flat_map(|&l| policies.iter().map(move |&p| (l, p))).collect();
     let results: Mutex<Vec<Option<Result<Report, String>>>> = Mutex::new(vec![None; tasks.len()]);
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -165,11 +160,7 @@ pub fn sweep(
                     let Some(&(limit, policy)) = tasks.get(i) else {
                         return;
                     };
-                    let cfg = SimConfig {
-                        limit,
-                        policy,
-                        ..base.clone()
-                    };
+                    let cfg = SimConfig { limit, policy, ..base.clone() };
                     let r = run(trace, &cfg).map(|o| o.report);
                     results.lock().expect("no panics while holding")[i] = Some(r);
                     tick();
@@ -197,42 +188,43 @@ pub fn sweep(
         .collect();
     for chunk in cells.chunks_mut(policies.len()) {
         let best = |f: fn(&Report) -> f64| {
-            chunk
-                .iter()
-                .filter(|c| c.policy.is_offline())
-                .map(|c| f(&c.report))
-                .min_by(f64::total_cmp)
+            chunk.iter().filter(|c| c.policy.is_offline()).map(|c| f(&c.report)).min_by(f64::total_cmp)
         };
-        let (bo, bc) = (
-            best(|r| r.miss_ratio.object),
-            best(|r| r.miss_ratio.cost),
-        );
+        let (bo, bc) = (best(|r| r.miss_ratio.object), best(|r| r.miss_ratio.cost));
         for c in chunk.iter_mut().filter(|c| !c.policy.is_offline()) {
             c.gap_object = bo.map(|b| crate::report::r6(c.report.miss_ratio.object - b));
             c.gap_cost = bc.map(|b| crate::report::r6(c.report.miss_ratio.cost - b));
         }
     }
-    let recommended = cells
+    let mut s = Sweep { limits, policies: policies.to_vec(), target, cells, recommended: None };
+    // The smallest stable limit over online policies; ties go to the lower object miss ratio.
+    s.recommended = s
+        .policies
         .iter()
-        .filter(|c| !c.policy.is_offline() && c.meets_target)
-        .map(|c| (c.limit, c.policy))
-        .next();
-    Ok(Sweep {
-        limits,
-        policies: policies.to_vec(),
-        target,
-        cells,
-        recommended,
-    })
+        .filter(|p| !p.is_offline())
+        .filter_map(|&p| {
+            let l = s.smallest_meeting(p)?;
+            let miss = s.cells.iter().find(|c| c.policy == p && c.limit == l)?.report.miss_ratio.object;
+            Some((l, miss, p))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .map(|(l, _, p)| (l, p));
+    Ok(s)
 }
 
 impl Sweep {
     /// Smallest limit at which `policy` meets the target.
+    /// Smallest limit from which on `policy` meets the target at every larger limit of the
+    /// sweep too (a limit that meets it by luck between two that fail is not recommended).
     pub fn smallest_meeting(&self, policy: PolicyChoice) -> Option<u64> {
-        self.cells
-            .iter()
-            .find(|c| c.policy == policy && c.meets_target)
-            .map(|c| c.limit)
+        let mut best = None;
+        for c in self.cells.iter().rev().filter(|c| c.policy == policy) {
+            if !c.meets_target {
+                break;
+            }
+            best = Some(c.limit);
+        }
+        best
     }
 
     /// The side-by-side table, the gap note and the recommendation.
@@ -240,17 +232,8 @@ impl Sweep {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "  {:>9}  {:<11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}  {}",
-            "limit",
-            "policy",
-            "obj-miss",
-            "byte",
-            "cost",
-            "503-rate",
-            "p99-added",
-            "mean-mem",
-            "gap-obj",
-            "target"
+            "  {:>9}  {:<11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}  target",
+            "limit", "policy", "obj-miss", "byte", "cost", "503-rate", "p99-added", "mean-mem", "gap-obj",
         );
         for c in &self.cells {
             let r = &c.report;
@@ -285,13 +268,16 @@ impl Sweep {
                 o,
                 "  {:<11} smallest limit meeting it: {}",
                 p.as_str(),
-                self.smallest_meeting(p)
-                    .map_or("none in the sweep".into(), fmt_bytes)
+                self.smallest_meeting(p).map_or("none in the sweep".into(), fmt_bytes)
             );
         }
         match self.recommended {
             Some((l, p)) => {
-                let _ = writeln!(o, "recommendation: --memory-limit {} --policy {p}", fmt_bytes(l).replace(' ', ""));
+                let _ = writeln!(
+                    o,
+                    "recommendation: --memory-limit {} --policy {p}",
+                    fmt_bytes(l).replace(' ', "")
+                );
             }
             None => {
                 let _ = writeln!(
@@ -342,7 +328,7 @@ impl Sweep {
     /// A two-panel SVG chart: object miss ratio and 503 rate against the memory limit, one
     /// line per policy (offline baselines dashed), the recommended limit marked.
     pub fn to_svg(&self, title: &str) -> String {
-        const W: f64 = 1000.0;
+        const W: f64 = 1400.0;
         const H: f64 = 440.0;
         let mut o = String::new();
         let _ = writeln!(
@@ -356,26 +342,18 @@ impl Sweep {
             W / 2.0,
             xml_escape(title)
         );
-        let panels: [(&str, fn(&Report) -> f64, Option<f64>); 2] = [
+        type Metric = fn(&Report) -> f64;
+        let panels: [(&str, Metric, Option<f64>); 3] = [
             ("object miss ratio", |r| r.miss_ratio.object, None),
-            (
-                "503 rate (share of requests)",
-                |r| r.rate_503,
-                Some(self.target.max_503_rate),
-            ),
+            ("503 rate (share of requests)", |r| r.rate_503, Some(self.target.max_503_rate)),
+            ("p99 added latency (s)", |r| r.added_latency.p99, Some(self.target.max_p99_secs)),
         ];
-        let (lo, hi) = (
-            *self.limits.first().unwrap_or(&0) as f64 / 1e9,
-            *self.limits.last().unwrap_or(&1) as f64 / 1e9,
-        );
+        let (lo, hi) =
+            (*self.limits.first().unwrap_or(&0) as f64 / 1e9, *self.limits.last().unwrap_or(&1) as f64 / 1e9);
         let hi = if hi > lo { hi } else { lo + 1.0 };
         for (pi, (label, metric, target)) in panels.iter().enumerate() {
-            let (x0, y0, pw, ph) = (70.0 + pi as f64 * 480.0, 50.0, 400.0, 300.0);
-            let ymax = self
-                .cells
-                .iter()
-                .map(|c| metric(&c.report))
-                .fold(target.unwrap_or(0.0), f64::max);
+            let (x0, y0, pw, ph) = (70.0 + pi as f64 * 460.0, 50.0, 380.0, 300.0);
+            let ymax = self.cells.iter().map(|c| metric(&c.report)).fold(target.unwrap_or(0.0), f64::max);
             let ymax = nice_ceil(ymax.max(1e-6));
             let px = |gb: f64| x0 + (gb - lo) / (hi - lo) * pw;
             let py = |v: f64| y0 + ph - v / ymax * ph;
@@ -412,11 +390,7 @@ impl Sweep {
                 x0 + pw / 2.0,
                 y0 + ph + 36.0
             );
-            let _ = writeln!(
-                o,
-                r#"<text x="{x0}" y="{:.1}">{label}</text>"#,
-                y0 - 8.0
-            );
+            let _ = writeln!(o, r#"<text x="{x0}" y="{:.1}">{label}</text>"#, y0 - 8.0);
             if let Some(t) = target {
                 let y = py(*t);
                 let _ = writeln!(
@@ -429,11 +403,11 @@ impl Sweep {
             }
             if let Some((l, _)) = self.recommended {
                 let x = px(l as f64 / 1e9);
+                let (tx, anchor) = if x > x0 + pw / 2.0 { (x - 4.0, "end") } else { (x + 4.0, "start") };
                 let _ = writeln!(
                     o,
-                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="#2a2" stroke-dasharray="6,4"/><text x="{:.1}" y="{:.1}" fill="#2a2">recommended {}</text>"##,
+                    r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="#2a2" stroke-dasharray="6,4"/><text x="{tx:.1}" y="{:.1}" text-anchor="{anchor}" fill="#2a2">recommended {}</text>"##,
                     y0 + ph,
-                    x + 4.0,
                     y0 + 14.0,
                     fmt_bytes(l)
                 );
@@ -445,11 +419,7 @@ impl Sweep {
                     .filter(|c| c.policy == p)
                     .map(|c| format!("{:.1},{:.1}", px(c.limit as f64 / 1e9), py(metric(&c.report))))
                     .collect();
-                let dash = if p.is_offline() {
-                    r#" stroke-dasharray="5,4""#
-                } else {
-                    ""
-                };
+                let dash = if p.is_offline() { r#" stroke-dasharray="5,4""# } else { "" };
                 let _ = writeln!(
                     o,
                     r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
@@ -458,22 +428,14 @@ impl Sweep {
                 );
                 for pt in &pts {
                     let (x, y) = pt.split_once(',').unwrap_or(("0", "0"));
-                    let _ = writeln!(
-                        o,
-                        r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"#,
-                        color(p)
-                    );
+                    let _ = writeln!(o, r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"#, color(p));
                 }
             }
         }
         for (i, &p) in self.policies.iter().enumerate() {
             let x = 70.0 + i as f64 * 150.0;
             let y = H - 20.0;
-            let dash = if p.is_offline() {
-                r#" stroke-dasharray="5,4""#
-            } else {
-                ""
-            };
+            let dash = if p.is_offline() { r#" stroke-dasharray="5,4""# } else { "" };
             let _ = writeln!(
                 o,
                 r#"<line x1="{x}" y1="{y}" x2="{:.1}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}{}</text>"#,
@@ -522,10 +484,7 @@ fn fmt_tick(v: f64) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -535,10 +494,7 @@ mod tests {
     #[test]
     fn limits_parse_lists_and_ranges() {
         assert_eq!(parse_limits("16GB,8GB").unwrap(), vec![8_000_000_000, 16_000_000_000]);
-        assert_eq!(
-            parse_limits("8GB..16GB:3").unwrap(),
-            vec![8_000_000_000, 12_000_000_000, 16_000_000_000]
-        );
+        assert_eq!(parse_limits("8GB..16GB:3").unwrap(), vec![8_000_000_000, 12_000_000_000, 16_000_000_000]);
         assert!(parse_limits("50%").unwrap_err().contains("absolute"));
         assert!(parse_limits("8GB..4GB:3").is_err());
         assert!(parse_limits("8GB..16GB:1").is_err());

@@ -44,10 +44,11 @@ pub struct ModelDef {
 }
 
 /// What an [`Op`] does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum OpKind {
     /// An inference request: holds a lease for its service time.
+    #[default]
     Request,
     /// Load (if needed) and pin the model.
     Preload,
@@ -126,12 +127,7 @@ impl Op {
             Service::Tokens { input, output } => (u64::from(input) << 32) | u64::from(output),
             Service::Duration(ns) => DURATION_FLAG | ns.min(DURATION_FLAG - 1),
         };
-        Op {
-            at,
-            arg,
-            model,
-            kind: OpKind::Request,
-        }
+        Op { at, arg, model, kind: OpKind::Request }
     }
 
     /// The service of a request (meaningless for other kinds).
@@ -140,10 +136,7 @@ impl Op {
         if self.arg & DURATION_FLAG != 0 {
             Service::Duration(self.arg & !DURATION_FLAG)
         } else {
-            Service::Tokens {
-                input: (self.arg >> 32) as u32,
-                output: self.arg as u32,
-            }
+            Service::Tokens { input: (self.arg >> 32) as u32, output: self.arg as u32 }
         }
     }
 }
@@ -160,10 +153,7 @@ pub struct Trace {
 impl Trace {
     /// Number of request operations.
     pub fn requests(&self) -> u64 {
-        self.ops
-            .iter()
-            .filter(|o| o.kind == OpKind::Request)
-            .count() as u64
+        self.ops.iter().filter(|o| o.kind == OpKind::Request).count() as u64
     }
 
     /// Time of the last operation.
@@ -175,20 +165,9 @@ impl Trace {
     /// anything else CSV.
     pub fn from_path(path: &Path) -> Result<Trace, TraceError> {
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| TraceError::Io {
-            file: name.clone(),
-            source: e,
-        })?;
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let first = bytes
-            .iter()
-            .copied()
-            .find(|b| !b.is_ascii_whitespace())
-            .unwrap_or(b'#');
+        let bytes = std::fs::read(path).map_err(|e| TraceError::Io { file: name.clone(), source: e })?;
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace()).unwrap_or(b'#');
         if ext == "jsonl" || ext == "ndjson" || first == b'{' {
             parse_jsonl(&bytes, &name)
         } else {
@@ -203,10 +182,7 @@ impl Trace {
                 writeln!(w, "# {line}")?;
             }
         }
-        writeln!(
-            w,
-            "time,model,op,type,size_bytes,input_tokens,output_tokens,duration,limit,max_models"
-        )?;
+        writeln!(w, "time,model,op,type,size_bytes,input_tokens,output_tokens,duration,limit,max_models")?;
         let mut defined = vec![false; self.models.len()];
         let mut buf = String::with_capacity(128);
         for op in &self.ops {
@@ -289,7 +265,7 @@ fn push_secs(buf: &mut String, ns: Nanos) {
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// The file could not be read.
-    #[error("{file}: {source}")]
+    #[error("cannot read {file}")]
     Io {
         /// File name.
         file: String,
@@ -319,11 +295,7 @@ impl Hasher for Fnv {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
         for &b in bytes {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
@@ -345,12 +317,6 @@ struct Fields<'a> {
     duration: Option<Nanos>,
     limit: Option<u64>,
     max_models: Option<u32>,
-}
-
-impl Default for OpKind {
-    fn default() -> Self {
-        OpKind::Request
-    }
 }
 
 /// Interns models and checks each record's meaning (shared by the CSV and JSONL front ends).
@@ -387,9 +353,7 @@ impl<'f> Builder<'f> {
 
     #[inline]
     fn intern(&mut self, id: &str, line: usize) -> Result<u32, TraceError> {
-        if self.last_model != u32::MAX
-            && *self.trace.models[self.last_model as usize].id == *id
-        {
+        if self.last_model != u32::MAX && *self.trace.models[self.last_model as usize].id == *id {
             return Ok(self.last_model);
         }
         let m = match self.index.get(id) {
@@ -421,9 +385,7 @@ impl<'f> Builder<'f> {
     }
 
     fn push(&mut self, line: usize, f: Fields<'_>) -> Result<(), TraceError> {
-        let at = f
-            .time
-            .ok_or_else(|| self.err(line, "time", "missing (every record needs a time)"))?;
+        let at = f.time.ok_or_else(|| self.err(line, "time", "missing (every record needs a time)"))?;
         if let Some(last) = self.trace.ops.last()
             && at < last.at
         {
@@ -450,9 +412,7 @@ impl<'f> Builder<'f> {
         if f.max_models.is_some() {
             return Err(self.err(line, "max_models", "only allowed with op set_limit"));
         }
-        let id = f
-            .model
-            .ok_or_else(|| self.err(line, "model", "missing (every request names a model)"))?;
+        let id = f.model.ok_or_else(|| self.err(line, "model", "missing (every request names a model)"))?;
         let m = self.intern(id, line)?;
         if let Some(t) = f.model_type {
             let (type_line, _) = self.defined_at[m as usize];
@@ -491,21 +451,12 @@ impl<'f> Builder<'f> {
             if f.duration.is_some() {
                 return Err(self.err(line, "duration", "only allowed on requests"));
             }
-            self.trace.ops.push(Op {
-                at,
-                arg: 0,
-                model: m,
-                kind: f.op,
-            });
+            self.trace.ops.push(Op { at, arg: 0, model: m, kind: f.op });
             return Ok(());
         }
         let service = match (has_tokens, f.duration) {
             (true, Some(_)) => {
-                return Err(self.err(
-                    line,
-                    "duration",
-                    "give tokens or a duration, not both",
-                ));
+                return Err(self.err(line, "duration", "give tokens or a duration, not both"));
             }
             (false, Some(d)) => {
                 if d >= DURATION_FLAG {
@@ -513,10 +464,9 @@ impl<'f> Builder<'f> {
                 }
                 Service::Duration(d)
             }
-            (_, None) => Service::Tokens {
-                input: f.input_tokens.unwrap_or(0),
-                output: f.output_tokens.unwrap_or(0),
-            },
+            (_, None) => {
+                Service::Tokens { input: f.input_tokens.unwrap_or(0), output: f.output_tokens.unwrap_or(0) }
+            }
         };
         self.trace.ops.push(Op::request(at, m, service));
         Ok(())
@@ -548,10 +498,7 @@ fn parse_secs(s: &[u8]) -> Result<Nanos, &'static str> {
         if d > 9 {
             return Err("not a non-negative decimal number of seconds");
         }
-        secs = secs
-            .checked_mul(10)
-            .and_then(|v| v.checked_add(u64::from(d)))
-            .ok_or("too large")?;
+        secs = secs.checked_mul(10).and_then(|v| v.checked_add(u64::from(d))).ok_or("too large")?;
     }
     let mut ns: u64 = 0;
     let mut scale = NS;
@@ -565,9 +512,7 @@ fn parse_secs(s: &[u8]) -> Result<Nanos, &'static str> {
             ns += u64::from(d) * scale;
         }
     }
-    secs.checked_mul(NS)
-        .and_then(|v| v.checked_add(ns))
-        .ok_or("too large")
+    secs.checked_mul(NS).and_then(|v| v.checked_add(ns)).ok_or("too large")
 }
 
 fn parse_uint(s: &[u8]) -> Result<u64, &'static str> {
@@ -580,21 +525,14 @@ fn parse_uint(s: &[u8]) -> Result<u64, &'static str> {
         if d > 9 {
             return Err("not a non-negative integer");
         }
-        v = v
-            .checked_mul(10)
-            .and_then(|v| v.checked_add(u64::from(d)))
-            .ok_or("too large")?;
+        v = v.checked_mul(10).and_then(|v| v.checked_add(u64::from(d))).ok_or("too large")?;
     }
     Ok(v)
 }
 
 fn parse_limit(s: &str) -> Result<u64, String> {
     if let Ok(b) = parse_uint(s.as_bytes()) {
-        return if b == 0 {
-            Err("must be greater than zero".into())
-        } else {
-            Ok(b)
-        };
+        return if b == 0 { Err("must be greater than zero".into()) } else { Ok(b) };
     }
     match s.parse::<MemoryLimit>() {
         Ok(MemoryLimit::Bytes(b)) => Ok(b),
@@ -667,8 +605,7 @@ pub fn parse_csv(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
             file: file.to_string(),
             line: line_no.max(1),
             field: "header".into(),
-            message: "no header line (expected e.g. `time,model,input_tokens,output_tokens`)"
-                .into(),
+            message: "no header line (expected e.g. `time,model,input_tokens,output_tokens`)".into(),
         });
     }
     Ok(b.finish())
@@ -681,17 +618,16 @@ fn parse_header(line: &[u8], file: &str, line_no: usize) -> Result<Vec<Col>, Tra
         field: field.to_string(),
         message,
     };
-    let text = std::str::from_utf8(line)
-        .map_err(|_| err("header", "header is not valid UTF-8".into()))?;
+    let text = std::str::from_utf8(line).map_err(|_| err("header", "header is not valid UTF-8".into()))?;
     let mut cols = Vec::new();
-    for name in text.split(',') {
+    for (i, name) in text.split(',').enumerate() {
         let name = name.trim();
+        if name.is_empty() {
+            return Err(err(&format!("#{}", i + 1), "empty column name in the header".into()));
+        }
         let Some(&(_, c)) = COLUMNS.iter().find(|(n, _)| *n == name) else {
             let known: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-            return Err(err(
-                name,
-                format!("unknown column (known: {})", known.join(", ")),
-            ));
+            return Err(err(name, format!("unknown column (known: {})", known.join(", "))));
         };
         if cols.contains(&c) {
             return Err(err(name, "column given twice".into()));
@@ -743,10 +679,7 @@ fn parse_csv_line<'a>(
             let show = |field: &[u8]| String::from_utf8_lossy(field).into_owned();
             match c {
                 Col::Time => {
-                    f.time = Some(
-                        parse_secs(field)
-                            .map_err(|m| err(c, format!("'{}': {m}", show(field))))?,
-                    )
+                    f.time = Some(parse_secs(field).map_err(|m| err(c, format!("'{}': {m}", show(field))))?)
                 }
                 Col::Model => {
                     let t = text(field)?;
@@ -770,24 +703,19 @@ fn parse_csv_line<'a>(
                     f.model_type = Some(
                         text(field)?
                             .parse()
-                            .map_err(|e: modelpool::types::ParseModelTypeError| {
-                                err(c, e.to_string())
-                            })?,
+                            .map_err(|e: modelpool::types::ParseModelTypeError| err(c, e.to_string()))?,
                     )
                 }
                 Col::Size => {
-                    let v = parse_uint(field)
-                        .map_err(|m| err(c, format!("'{}': {m}", show(field))))?;
+                    let v = parse_uint(field).map_err(|m| err(c, format!("'{}': {m}", show(field))))?;
                     if v == 0 {
                         return Err(err(c, "must be greater than zero".into()));
                     }
                     f.size = Some(v)
                 }
                 Col::Input | Col::Output | Col::MaxModels => {
-                    let v = parse_uint(field)
-                        .map_err(|m| err(c, format!("'{}': {m}", show(field))))?;
-                    let v = u32::try_from(v)
-                        .map_err(|_| err(c, format!("'{}': too large", show(field))))?;
+                    let v = parse_uint(field).map_err(|m| err(c, format!("'{}': {m}", show(field))))?;
+                    let v = u32::try_from(v).map_err(|_| err(c, format!("'{}': too large", show(field))))?;
                     match c {
                         Col::Input => f.input_tokens = Some(v),
                         Col::Output => f.output_tokens = Some(v),
@@ -795,10 +723,8 @@ fn parse_csv_line<'a>(
                     }
                 }
                 Col::Duration => {
-                    f.duration = Some(
-                        parse_secs(field)
-                            .map_err(|m| err(c, format!("'{}': {m}", show(field))))?,
-                    )
+                    f.duration =
+                        Some(parse_secs(field).map_err(|m| err(c, format!("'{}': {m}", show(field))))?)
                 }
                 Col::Limit => {
                     f.limit = Some(
@@ -854,7 +780,7 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
             let field = msg
                 .split('`')
                 .nth(1)
-                .filter(|_| msg.contains("field"))
+                .filter(|f| !f.is_empty() && msg.contains("field"))
                 .unwrap_or("record")
                 .to_string();
             err(line_no, &field, msg)
@@ -865,9 +791,7 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
                 .or_else(|m| {
                     // Exponent notation from a float: go through f64.
                     match n.as_f64() {
-                        Some(v) if v.is_finite() && v >= 0.0 && v < 1.8e10 => {
-                            Ok((v * 1e9).round() as u64)
-                        }
+                        Some(v) if (0.0..1.8e10).contains(&v) => Ok((v * 1e9).round() as u64),
                         _ => Err(m),
                     }
                 })
@@ -891,16 +815,15 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
                 err(
                     line_no,
                     "op",
-                    format!(
-                        "unknown op '{op}' (expected request, preload, pin, unpin, unload, set_limit)"
-                    ),
+                    format!("unknown op '{op}' (expected request, preload, pin, unpin, unload, set_limit)"),
                 )
             })?;
         }
         if let Some(t) = &rec.model_type {
-            f.model_type = Some(t.parse().map_err(
-                |e: modelpool::types::ParseModelTypeError| err(line_no, "type", e.to_string()),
-            )?);
+            f.model_type =
+                Some(t.parse().map_err(|e: modelpool::types::ParseModelTypeError| {
+                    err(line_no, "type", e.to_string())
+                })?);
         }
         if let Some(l) = &rec.limit {
             let s = match l {
@@ -910,9 +833,7 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Trace, TraceError> {
                     return Err(err(line_no, "limit", format!("expected a string or number, got {other}")));
                 }
             };
-            f.limit = Some(
-                parse_limit(s.trim()).map_err(|m| err(line_no, "limit", format!("'{s}': {m}")))?,
-            );
+            f.limit = Some(parse_limit(s.trim()).map_err(|m| err(line_no, "limit", format!("'{s}': {m}")))?);
         }
         b.push(line_no, f)?;
     }
@@ -1010,13 +931,9 @@ mod tests {
                      0,a-7b,,,10,20,,,\n0.5,e,embeddings,1000,,,0.25,,\n2,,,,,,,set_limit,16GB\n")
         .unwrap();
         assert_eq!(j, c);
-        let e = parse_jsonl(b"{\"time\": 1, \"modle\": \"a\"}\n", "t.jsonl")
-            .unwrap_err()
-            .to_string();
+        let e = parse_jsonl(b"{\"time\": 1, \"modle\": \"a\"}\n", "t.jsonl").unwrap_err().to_string();
         assert!(e.starts_with("t.jsonl:1: field `modle`"), "{e}");
-        let e = parse_jsonl(b"{\"time\": -1, \"model\": \"a\"}\n", "t.jsonl")
-            .unwrap_err()
-            .to_string();
+        let e = parse_jsonl(b"{\"time\": -1, \"model\": \"a\"}\n", "t.jsonl").unwrap_err().to_string();
         assert!(e.starts_with("t.jsonl:1: field `time`"), "{e}");
     }
 }

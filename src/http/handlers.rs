@@ -41,6 +41,8 @@ pub struct ReqTimer {
     start: Instant,
     model: Option<String>,
     stream: bool,
+    /// Time spent getting the model (0 for a hit, the load time for a cold start).
+    acquire_micros: u64,
     finished: bool,
 }
 
@@ -52,6 +54,7 @@ impl ReqTimer {
             start: Instant::now(),
             model: None,
             stream: false,
+            acquire_micros: 0,
             finished: false,
         }
     }
@@ -73,6 +76,7 @@ impl ReqTimer {
                 model,
                 status,
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request ended: client disconnected"
             );
@@ -83,6 +87,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -93,6 +98,7 @@ impl ReqTimer {
                 status,
                 code = code.unwrap_or("-"),
                 micros,
+                acquire_micros = self.acquire_micros,
                 stream = self.stream,
                 "request"
             );
@@ -157,7 +163,13 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        let param = if path != "." {
+        let syntax = matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        let param = if syntax {
+            None
+        } else if path != "." {
             Some(path)
         } else {
             // "missing field `model` at line 1 column 2": name the field.
@@ -190,10 +202,10 @@ fn check_sampling(
     if !(p > 0.0 && p <= 1.0) {
         return Err(ApiError::bad_request("top_p", format!("top_p must be in (0, 1], got {p}")));
     }
-    if let Some(n) = n {
-        if n != 1 {
-            return Err(ApiError::bad_request("n", format!("only n = 1 is supported, got {n}")));
-        }
+    if let Some(n) = n
+        && n != 1
+    {
+        return Err(ApiError::bad_request("n", format!("only n = 1 is supported, got {n}")));
     }
     Ok((t, p))
 }
@@ -245,8 +257,19 @@ async fn collect(mut generation: GenerateStream) -> Result<(String, FinishReason
     ))
 }
 
-async fn acquire(state: &AppState, model: &str, types: &[ModelType]) -> Result<Lease, ApiError> {
-    Ok(state.pool.acquire_as(model, types).await?)
+/// Get a lease on `model` (loading it if needed), noting in the request line how long it took.
+async fn acquire(
+    state: &AppState,
+    model: &str,
+    types: &[ModelType],
+    timer: &mut Option<ReqTimer>,
+) -> Result<Lease, ApiError> {
+    let t = Instant::now();
+    let r = state.pool.acquire_as(model, types).await;
+    if let Some(timer) = timer.as_mut() {
+        timer.acquire_micros = t.elapsed().as_micros() as u64;
+    }
+    Ok(r?)
 }
 
 // ---------------------------------------------------------------- chat
@@ -370,16 +393,16 @@ async fn chat_inner(
     if req.logprobs == Some(true) {
         return Err(ApiError::bad_request("logprobs", "logprobs are not supported"));
     }
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
+    if let Some(rf) = &req.response_format
+        && rf.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
+        return Err(ApiError::bad_request(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
+        ));
     }
     let messages = chat_prompt(req.messages)?;
-    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,
@@ -503,7 +526,7 @@ async fn completions_inner(
         return Err(ApiError::bad_request("prompt", "streaming takes a single prompt"));
     }
     let echo = req.echo.unwrap_or(false);
-    let lease = acquire(state, &req.model, &[ModelType::TextGen]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen], timer).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = lease.model().to_string();
@@ -601,17 +624,17 @@ async fn embeddings_inner(
     if req.dimensions == Some(0) {
         return Err(ApiError::bad_request("dimensions", "dimensions must be at least 1"));
     }
-    let lease = acquire(state, &req.model, &[ModelType::Embeddings]).await?;
+    let lease = acquire(state, &req.model, &[ModelType::Embeddings], timer).await?;
     let model = lease.model().to_string();
     let out = lease.handle().embed(inputs).await?;
     drop(lease);
-    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first()) {
-        if d as usize != v.len() {
-            return Err(ApiError::bad_request(
-                "dimensions",
-                format!("model '{model}' produces {} dimensions; dimensions={d} is not supported", v.len()),
-            ));
-        }
+    if let (Some(d), Some(v)) = (req.dimensions, out.vectors.first())
+        && d as usize != v.len()
+    {
+        return Err(ApiError::bad_request(
+            "dimensions",
+            format!("model '{model}' produces {} dimensions; dimensions={d} is not supported", v.len()),
+        ));
     }
     let data = out
         .vectors
@@ -723,7 +746,22 @@ fn bool_query(q: &BTreeMap<String, String>, key: &str) -> Result<bool, ApiError>
 async fn admin_inner(state: &AppState, op: AdminOp, timer: &mut ReqTimer) -> Result<Response, ApiError> {
     let pool = &state.pool;
     match op {
-        AdminOp::Status => ok_json(&pool.status()),
+        AdminOp::Status => {
+            let status = pool.status();
+            let mut v = serde_json::to_value(&status).unwrap_or_default();
+            // Counters by name, next to the engine's positional arrays.
+            let evictions: BTreeMap<&str, u64> = crate::log::EvictReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), status.stats.evictions_for(*r)))
+                .collect();
+            let rejections: BTreeMap<&str, u64> = crate::log::RejectCode::ALL
+                .iter()
+                .map(|c| (c.as_str(), status.stats.rejections_for(*c)))
+                .collect();
+            v["stats"]["evictions_by_reason"] = serde_json::json!(evictions);
+            v["stats"]["rejections_by_code"] = serde_json::json!(rejections);
+            ok_json(&v)
+        }
         AdminOp::Events(q) => {
             let n = match q.get("limit") {
                 None => 100,

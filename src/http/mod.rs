@@ -140,10 +140,10 @@ fn body(limit: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error =
 fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
     const ACTIONS: [&str; 5] = ["preload", "pin", "unpin", "unload", "dry-run"];
     let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    if let Some((id, last)) = tail.rsplit_once('/') {
-        if let Some(a) = ACTIONS.iter().find(|a| **a == last) {
-            return (decode(id), Some(a));
-        }
+    if let Some((id, last)) = tail.rsplit_once('/')
+        && let Some(a) = ACTIONS.iter().find(|a| **a == last)
+    {
+        return (decode(id), Some(a));
     }
     (decode(tail), None)
 }

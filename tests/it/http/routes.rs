@@ -1,0 +1,697 @@
+//! Route tests through `warp::test` with the fake backend: every route, every error code, SSE
+//! framing, `Retry-After`, the admin routes and the pool state after each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use modelpool::backend::fake::FakeBackend;
+use modelpool::backend::{Backend, BackendError, Embeddings, GenerateRequest, GenerateStream, ModelHandle};
+use modelpool::{GB, ModelSpec, Phase};
+use serde_json::{Value, json};
+
+use super::*;
+
+#[tokio::test]
+async fn chat_completion_loads_model_and_answers_in_openai_shape() {
+    let h = Harness::new(10 * GB, 4);
+    assert_eq!(h.model("chat-a").phase, Phase::Absent);
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_eq!(r.status(), 200, "{:?}", r.body());
+    let v = json(&r);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "chat-a");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap();
+    // The fake model emits 8 words unless limited.
+    assert_eq!(content.split_whitespace().count(), 8, "{content}");
+    assert_eq!(choice["finish_reason"], "stop");
+    let u = &v["usage"];
+    assert_eq!(u["completion_tokens"], 8);
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + 8);
+    // Pool state: resident, no lease left, one load, one hit-free request.
+    let m = h.model("chat-a");
+    assert_eq!(m.phase, Phase::Resident);
+    assert_eq!(m.leases, 0);
+    assert_eq!(h.pool.status().stats.loads, 1);
+    assert_eq!(h.fake.load_count(), 1);
+
+    // Same request again: a hit, same deterministic answer, no new load.
+    let r2 = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_eq!(json(&r2)["choices"][0]["message"]["content"], content);
+    assert_eq!(h.pool.status().stats.hits, 1);
+    assert_eq!(h.fake.load_count(), 1);
+    h.check_invariants();
+}
+
+#[tokio::test]
+async fn max_tokens_limits_and_reports_length() {
+    let h = Harness::new(10 * GB, 4);
+    let mut b = chat_body("chat-a", false);
+    b["max_tokens"] = json!(3);
+    let v = json(&h.post("/v1/chat/completions", b).await);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let mut b = chat_body("chat-a", false);
+    b["max_completion_tokens"] = json!(2);
+    b["max_tokens"] = json!(5);
+    let v = json(&h.post("/v1/chat/completions", b).await);
+    assert_eq!(v["usage"]["completion_tokens"], 2, "max_completion_tokens wins");
+}
+
+/// Parse a chat SSE body; checks the framing and returns (chunks as JSON, content).
+fn chat_stream(body: &[u8]) -> (Vec<Value>, String) {
+    let data = sse_data(body);
+    let done = data.iter().filter(|d| *d == "[DONE]").count();
+    assert_eq!(done, 1, "exactly one [DONE]: {data:?}");
+    assert_eq!(data.last().unwrap(), "[DONE]", "[DONE] is last");
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let id = chunks[0]["id"].clone();
+    let mut content = String::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], id, "one id per stream");
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(t);
+        }
+    }
+    (chunks, content)
+}
+
+#[tokio::test]
+async fn streaming_chat_has_role_chunk_content_chunks_finish_and_one_done() {
+    let h = Harness::new(10 * GB, 4);
+    let plain = json(&h.post("/v1/chat/completions", chat_body("chat-a", false)).await);
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", true)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let (chunks, content) = chat_stream(r.body());
+    // First: the role; then 8 content chunks; last: empty delta with finish_reason.
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks.len(), 1 + 8 + 1);
+    for c in &chunks[..chunks.len() - 1] {
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        assert!(c.get("usage").is_none(), "no usage key unless asked");
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    assert_eq!(content, plain["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(h.model("chat-a").leases, 0, "lease released at stream end");
+}
+
+#[tokio::test]
+async fn streaming_chat_with_include_usage_ends_with_usage_chunk() {
+    let h = Harness::new(10 * GB, 4);
+    let mut b = chat_body("chat-a", true);
+    b["stream_options"] = json!({"include_usage": true});
+    let r = h.post("/v1/chat/completions", b).await;
+    let (chunks, _) = chat_stream(r.body());
+    let (usage_chunk, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 8);
+    for c in rest {
+        assert!(c["usage"].is_null() && c.get("usage").is_some(), "usage: null before the last: {c}");
+    }
+    assert_eq!(rest.last().unwrap()["choices"][0]["finish_reason"], "stop");
+
+    // stream_options without stream is refused, naming the field.
+    let mut b = chat_body("chat-a", false);
+    b["stream_options"] = json!({"include_usage": true});
+    assert_bad_request(&h.post("/v1/chat/completions", b).await, "stream_options");
+}
+
+#[tokio::test]
+async fn completions_plain_batch_echo_and_stream() {
+    let h = Harness::new(10 * GB, 4);
+    let v = json(&h.post("/v1/completions", json!({"model": "chat-a", "prompt": "once upon"})).await);
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(text.split_whitespace().count(), 8);
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    // Two prompts: two choices, indexed, usage summed.
+    let v = json(
+        &h.post(
+            "/v1/completions",
+            json!({"model": "chat-a", "prompt": ["once upon", "a time"], "max_tokens": 4}),
+        )
+        .await,
+    );
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    // echo prepends the prompt.
+    let v = json(
+        &h.post("/v1/completions", json!({"model": "chat-a", "prompt": "once upon", "echo": true})).await,
+    );
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), format!("once upon{text}"));
+
+    // Streaming: text chunks, a finish chunk, usage chunk, one [DONE]; same text.
+    let r = h
+        .post(
+            "/v1/completions",
+            json!({"model": "chat-a", "prompt": "once upon", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let data = sse_data(r.body());
+    assert_eq!(data.iter().filter(|d| *d == "[DONE]").count(), 1);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, text);
+    let n = chunks.len();
+    assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[n - 1]["choices"], json!([]));
+    assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 8);
+
+    // A batch cannot stream.
+    let r = h.post("/v1/completions", json!({"model": "chat-a", "prompt": ["a", "b"], "stream": true})).await;
+    assert_bad_request(&r, "prompt");
+    // Completions need a text-gen model: vision is refused.
+    let r = h.post("/v1/completions", json!({"model": "vis", "prompt": "x"})).await;
+    assert_error(&r, 400, "wrong_model_type");
+}
+
+#[tokio::test]
+async fn embeddings_string_list_and_base64() {
+    let h = Harness::new(10 * GB, 4);
+    let v = json(&h.post("/v1/embeddings", json!({"model": "embed", "input": "hello"})).await);
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "embed");
+    let one: Vec<f32> = serde_json::from_value(v["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(one.len(), 384);
+    let norm: f32 = one.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "unit vector, got norm {norm}");
+
+    let v = json(&h.post("/v1/embeddings", json!({"model": "embed", "input": ["hello", "world"]})).await);
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["object"], "embedding");
+    let first: Vec<f32> = serde_json::from_value(data[0]["embedding"].clone()).unwrap();
+    assert_eq!(first, one, "same text, same vector");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 2);
+
+    let v = json(
+        &h.post("/v1/embeddings", json!({"model": "embed", "input": "hello", "encoding_format": "base64"}))
+            .await,
+    );
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(decoded, one);
+
+    assert_bad_request(
+        &h.post("/v1/embeddings", json!({"model": "embed", "input": [1, 2, 3]})).await,
+        "input",
+    );
+    assert_bad_request(&h.post("/v1/embeddings", json!({"model": "embed", "input": []})).await, "input");
+    assert_bad_request(
+        &h.post("/v1/embeddings", json!({"model": "embed", "input": ["a", ""]})).await,
+        "input[1]",
+    );
+    assert_bad_request(
+        &h.post("/v1/embeddings", json!({"model": "embed", "input": "a", "encoding_format": "hex"})).await,
+        "encoding_format",
+    );
+    assert_bad_request(
+        &h.post("/v1/embeddings", json!({"model": "embed", "input": "a", "dimensions": 12})).await,
+        "dimensions",
+    );
+    // A chat model cannot embed; nothing is loaded for the refused request.
+    let r = h.post("/v1/embeddings", json!({"model": "chat-a", "input": "x"})).await;
+    let e = assert_error(&r, 400, "wrong_model_type");
+    assert_eq!(e["param"], "model");
+    assert_eq!(h.model("chat-a").phase, Phase::Absent);
+}
+
+#[tokio::test]
+async fn models_list_and_get() {
+    let h = Harness::new(10 * GB, 4);
+    let v = json(&h.req("GET", "/v1/models").await);
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), catalogue().len());
+    assert!(ids.contains(&"embed"));
+    let m = &v["data"][0];
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["owned_by"], "modelpool");
+    assert_eq!(m["state"], "absent");
+
+    h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    let v = json(&h.req("GET", "/v1/models/chat-a").await);
+    assert_eq!(v["id"], "chat-a");
+    assert_eq!(v["state"], "resident");
+    assert_eq!(v["model_type"], "text-gen");
+    // Ids with slashes work, raw or percent-encoded.
+    let v = json(&h.req("GET", "/v1/models/mlx-community/Llama-3.2-3B-Instruct-4bit").await);
+    assert_eq!(v["id"], "mlx-community/Llama-3.2-3B-Instruct-4bit");
+    let v = json(&h.req("GET", "/v1/models/mlx-community%2FLlama-3.2-3B-Instruct-4bit").await);
+    assert_eq!(v["id"], "mlx-community/Llama-3.2-3B-Instruct-4bit");
+    assert_error(&h.req("GET", "/v1/models/nope").await, 404, "model_not_found");
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_model_not_found() {
+    let h = Harness::new(10 * GB, 4);
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body("nope", false)),
+        ("/v1/chat/completions", chat_body("nope", true)),
+        ("/v1/completions", json!({"model": "nope", "prompt": "x"})),
+        ("/v1/embeddings", json!({"model": "nope", "input": "x"})),
+    ] {
+        let e = assert_error(&h.post(path, body).await, 404, "model_not_found");
+        assert_eq!(e["param"], "model");
+        assert!(e["message"].as_str().unwrap().contains("nope"));
+    }
+    assert_eq!(h.pool.status().stats.loads, 0);
+}
+
+#[tokio::test]
+async fn wrong_model_type_is_400_and_loads_nothing() {
+    let h = Harness::new(10 * GB, 4);
+    let e = assert_error(
+        &h.post("/v1/chat/completions", chat_body("embed", false)).await,
+        400,
+        "wrong_model_type",
+    );
+    assert!(e["message"].as_str().unwrap().contains("embeddings"), "{e}");
+    assert_eq!(h.model("embed").phase, Phase::Absent);
+    // A vision model serves chat.
+    let r = h.post("/v1/chat/completions", chat_body("vis", false)).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn malformed_json_and_bad_fields_name_the_field() {
+    let h = Harness::new(10 * GB, 4);
+    let e = assert_bad_request(&h.post_raw("/v1/chat/completions", b"{not json").await, "body");
+    assert!(e["message"].as_str().unwrap().contains("malformed JSON"), "{e}");
+    assert_bad_request(&h.post_raw("/v1/chat/completions", b"").await, "body");
+    let e = assert_bad_request(&h.post("/v1/chat/completions", json!({"model": "chat-a"})).await, "messages");
+    assert!(e["message"].as_str().unwrap().contains("messages"), "{e}");
+    assert_bad_request(&h.post("/v1/chat/completions", json!({"messages": []})).await, "model");
+    let cases = [
+        (json!({"max_tokens": "many"}), "max_tokens"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"temperature": 5}), "temperature"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"n": 2}), "n"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"tools": [{"type": "function"}]}), "tools"),
+        (json!({"logprobs": true}), "logprobs"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
+        (json!({"messages": [{"role": "user", "content": 7}]}), "messages[0].content"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "messages[0].content[0]",
+        ),
+    ];
+    for (patch, param) in cases {
+        let mut b = chat_body("chat-a", false);
+        for (k, v) in patch.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        assert_bad_request(&h.post("/v1/chat/completions", b).await, param);
+    }
+    // Text content parts are joined and accepted.
+    let mut b = chat_body("chat-a", false);
+    b["messages"] =
+        json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]);
+    assert_eq!(h.post("/v1/chat/completions", b).await.status(), 200);
+    assert_bad_request(
+        &h.post("/v1/completions", json!({"model": "chat-a", "prompt": "x", "suffix": "y"})).await,
+        "suffix",
+    );
+    // Nothing was loaded for a refused request except the one that passed.
+    assert_eq!(h.pool.status().stats.loads, 1);
+}
+
+#[tokio::test]
+async fn oversized_body_is_413() {
+    let h = Harness::new(10 * GB, 4); // 64 KiB cap
+    let mut b = chat_body("chat-a", false);
+    b["messages"][0]["content"] = json!("x".repeat(100_000));
+    let e = assert_error(&h.post("/v1/chat/completions", b).await, 413, "payload_too_large");
+    assert!(e["message"].as_str().unwrap().contains("65536"));
+    assert_eq!(h.pool.status().stats.loads, 0);
+}
+
+#[tokio::test]
+async fn insufficient_memory_is_503_with_retry_after_and_evicts_nothing() {
+    // 6 GB: chat-big (5 GB) busy, chat-a (2 GB) cannot fit until it is released.
+    let h = Harness::new(6 * GB, 4);
+    let lease = h.pool.acquire("chat-big").await.unwrap();
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    let e = assert_error(&r, 503, "insufficient_memory");
+    assert_eq!(e["message"], "Insufficient memory: need 2.0GB, only 1.0GB available after eviction");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1), "Retry-After present");
+    // Nothing was evicted for the refused request.
+    assert_eq!(h.model("chat-big").phase, Phase::Resident);
+    assert_eq!(h.model("chat-a").phase, Phase::Absent);
+    assert_eq!(h.pool.status().stats.total_evictions(), 0);
+    // Streaming requests get the same error as a plain reply (nothing was streamed yet).
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", true)).await;
+    assert_error(&r, 503, "insufficient_memory");
+    drop(lease);
+    // Once released, chat-big is evicted for chat-a.
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.model("chat-big").phase, Phase::Absent);
+    h.check_invariants();
+}
+
+#[tokio::test]
+async fn model_too_large_is_503_without_retry_after() {
+    let h = Harness::new(10 * GB, 4);
+    let r = h.post("/v1/chat/completions", chat_body("huge", false)).await;
+    let e = assert_error(&r, 503, "model_too_large");
+    assert!(e["message"].as_str().unwrap().contains("50.0GB"), "{e}");
+    assert_eq!(retry_after(&r), None, "waiting cannot help");
+}
+
+#[tokio::test]
+async fn max_models_reached_is_503_with_retry_after() {
+    let h = Harness::new(10 * GB, 1);
+    let lease = h.pool.acquire("chat-a").await.unwrap();
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    assert_error(&r, 503, "max_models_reached");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1));
+    assert_eq!(h.model("chat-a").phase, Phase::Resident);
+    drop(lease);
+    assert_eq!(h.post("/v1/chat/completions", chat_body("chat-b", false)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn draining_model_is_503_with_retry_after() {
+    let h = Harness::new(10 * GB, 4);
+    let lease = h.pool.acquire("chat-a").await.unwrap();
+    let r = h.req("POST", "/admin/models/chat-a/unload?force=true").await;
+    assert_eq!(r.status(), 200);
+    let v = json(&r);
+    assert_eq!(v["report"]["unloaded_now"], false, "busy: drains instead");
+    assert_eq!(h.model("chat-a").phase, Phase::Draining);
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_error(&r, 503, "model_draining");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1));
+    drop(lease);
+    assert!(eventually(Duration::from_secs(2), || h.model("chat-a").phase == Phase::Absent).await);
+    assert_eq!(h.fake.unload_count(), 1);
+}
+
+#[tokio::test]
+async fn load_failure_is_500_with_the_cause() {
+    let h = Harness::new(10 * GB, 4);
+    h.fake.fail_next_loads("chat-a", 1);
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    let e = assert_error(&r, 500, "model_load_failed");
+    assert!(e["message"].as_str().unwrap().contains("injected failure"), "{e}");
+    assert_eq!(retry_after(&r), None);
+    assert_eq!(h.model("chat-a").phase, Phase::Absent);
+    assert_eq!(h.pool.ledger().reserved, 0, "reservation returned");
+    // The next try loads.
+    assert_eq!(h.post("/v1/chat/completions", chat_body("chat-a", false)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn shutting_down_is_503_with_retry_after_and_health_says_so() {
+    let h = Harness::new(10 * GB, 4);
+    assert_eq!(h.req("GET", "/health").await.status(), 200);
+    h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    let live = h.pool.shutdown(Duration::from_millis(10)).await;
+    assert_eq!(live, 0);
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_error(&r, 503, "shutting_down");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1));
+    let r = h.req("GET", "/health").await;
+    assert_error(&r, 503, "shutting_down");
+    assert!(retry_after(&r).is_some());
+    assert_error(&h.req("POST", "/admin/models/chat-b/preload").await, 503, "shutting_down");
+    assert_eq!(h.model("chat-a").phase, Phase::Absent, "unloaded at shutdown");
+}
+
+#[tokio::test]
+async fn unload_refused_is_409_unless_forced() {
+    let h = Harness::new(10 * GB, 4);
+    let r = h.req("POST", "/admin/models/chat-a/preload").await;
+    assert_eq!(r.status(), 200);
+    let e = assert_error(&h.req("POST", "/admin/models/chat-a/unload").await, 409, "unload_refused");
+    assert!(e["message"].as_str().unwrap().contains("pinned"), "says why: {e}");
+    assert_eq!(h.model("chat-a").phase, Phase::Resident);
+    // Busy (not pinned) is refused too.
+    let lease = h.pool.acquire("chat-b").await.unwrap();
+    let e = assert_error(&h.req("POST", "/admin/models/chat-b/unload").await, 409, "unload_refused");
+    assert!(e["message"].as_str().unwrap().contains("in flight"), "{e}");
+    drop(lease);
+    // Forced: unloaded now, memory returned.
+    let v = json(&h.req("POST", "/admin/models/chat-a/unload?force=true").await);
+    assert_eq!(v["report"]["unloaded_now"], true);
+    assert_eq!(v["status"]["phase"], "absent");
+    assert_eq!(h.pool.ledger().pinned, 0);
+    assert_bad_request(&h.req("POST", "/admin/models/chat-b/unload?force=maybe").await, "force");
+    assert_error(&h.req("POST", "/admin/models/nope/unload").await, 404, "model_not_found");
+}
+
+#[tokio::test]
+async fn admin_routes_change_pool_state() {
+    let h = Harness::new(10 * GB, 4);
+    // Status.
+    let v = json(&h.req("GET", "/admin/pool").await);
+    assert_eq!(v["backend"], "fake");
+    assert_eq!(v["policy"], "lru");
+    assert_eq!(v["ledger"]["limit"], 10 * GB);
+    assert_eq!(v["models"].as_array().unwrap().len(), catalogue().len());
+    assert_eq!(v["stats"]["rejections_by_code"]["insufficient_memory"], 0);
+    assert_eq!(v["stats"]["evictions_by_reason"]["capacity"], 0);
+
+    // Preload pins.
+    let v = json(&h.req("POST", "/admin/models/chat-big/preload").await);
+    assert_eq!(v["pinned"], true);
+    assert_eq!(v["status"]["phase"], "resident");
+    let m = h.model("chat-big");
+    assert!(m.pinned);
+    assert_eq!(h.pool.ledger().pinned, 5 * GB);
+    // Preload with a slash in the id.
+    let r = h.req("POST", "/admin/models/mlx-community/Llama-3.2-3B-Instruct-4bit/preload").await;
+    assert_eq!(r.status(), 200, "{:?}", r.body());
+    assert!(h.model("mlx-community/Llama-3.2-3B-Instruct-4bit").pinned);
+
+    // Model status.
+    let v = json(&h.req("GET", "/admin/models/chat-big").await);
+    assert_eq!(v["pinned"], true);
+    assert_eq!(v["measured"], 5 * GB);
+
+    // Dry run: chat-a fits now; with a 8 GB limit it must evict the unpinned model.
+    let v = json(&h.req("GET", "/admin/models/chat-a/dry-run").await);
+    assert_eq!(v["decision"], "load");
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["would_evict"], json!([]));
+    h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    let r = h.req("PUT", "/admin/limits").await; // no body
+    assert_bad_request(&r, "body");
+    let r = warp::test::request()
+        .method("PUT")
+        .path("/admin/limits")
+        .json(&json!({"memory_limit": "8GB"}))
+        .reply(&h.routes)
+        .await;
+    assert_eq!(r.status(), 200, "{:?}", r.body());
+    let v = json(&r);
+    assert_eq!(v["ledger"]["limit"], 8 * GB);
+    assert_eq!(v["evicted"], json!([]), "6 GB + 2 GB still fit in 8 GB");
+    let v = json(&h.req("GET", "/admin/models/chat-a/dry-run").await);
+    assert_eq!(v["decision"], "load");
+    assert_eq!(v["would_evict"], json!(["chat-b"]));
+    assert_eq!(h.model("chat-b").phase, Phase::Resident, "dry run changes nothing");
+    let v = json(&h.req("GET", "/admin/models/huge/dry-run").await);
+    assert_eq!(v["fits"], false);
+    assert_eq!(v["reject_code"], "model_too_large");
+
+    // Lowering the limit evicts the unpinned model at once; a percentage is of system memory
+    // (16 GB fixed in the harness).
+    let r = warp::test::request()
+        .method("POST")
+        .path("/admin/limits")
+        .json(&json!({"memory_limit": "40%", "max_models": 3}))
+        .reply(&h.routes)
+        .await;
+    let v = json(&r);
+    assert_eq!(v["ledger"]["limit"], 6_400_000_000u64);
+    assert_eq!(v["ledger"]["max_models"], 3);
+    assert_eq!(v["evicted"], json!(["chat-b"]));
+    assert_eq!(h.model("chat-b").phase, Phase::Absent);
+    assert_eq!(h.pool.ledger().used(), 6 * GB);
+    for (body, param) in [
+        (json!({"memory_limit": "150%"}), "memory_limit"),
+        (json!({"memory_limit": "lots"}), "memory_limit"),
+        (json!({"max_models": 0}), "max_models"),
+        (json!({"max_models": -1}), "max_models"),
+        (json!({"limit": "1GB"}), "limit"),
+    ] {
+        let r = warp::test::request().method("PUT").path("/admin/limits").json(&body).reply(&h.routes).await;
+        let e = assert_bad_request(&r, param);
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(h.pool.ledger().limit, 6_400_000_000, "refused changes change nothing");
+
+    // Unpin.
+    let v = json(&h.req("POST", "/admin/models/chat-big/unpin").await);
+    assert_eq!(v["was_pinned"], true);
+    assert!(!h.model("chat-big").pinned);
+    let v = json(&h.req("POST", "/admin/models/chat-big/unpin").await);
+    assert_eq!(v["was_pinned"], false);
+    // Pin a resident model again.
+    let v = json(&h.req("POST", "/admin/models/chat-big/pin").await);
+    assert_eq!(v["pinned"], true);
+    assert!(h.model("chat-big").pinned);
+    assert_error(&h.req("POST", "/admin/models/chat-a/pin").await, 409, "unload_refused");
+
+    // Preload that cannot fit: 503 with the engine's code, not 500.
+    let r = h.req("POST", "/admin/models/huge/preload").await;
+    assert_error(&r, 503, "model_too_large");
+
+    // Events.
+    let v = json(&h.req("GET", "/admin/events?limit=3").await);
+    let ev = v["events"].as_array().unwrap();
+    assert_eq!(ev.len(), 3);
+    let v = json(&h.req("GET", "/admin/pool/events").await);
+    let all = v["events"].as_array().unwrap();
+    assert!(all.len() > 3);
+    assert!(all.iter().any(|e| e["event"] == "evict" && e["model"] == "chat-b"), "{all:?}");
+    assert!(all.iter().any(|e| e["event"] == "pin"), "{all:?}");
+    assert_bad_request(&h.req("GET", "/admin/events?limit=abc").await, "limit");
+    assert_bad_request(&h.req("GET", "/admin/events?limit=0").await, "limit");
+    // Wrong method on an admin action.
+    assert_error(&h.req("GET", "/admin/models/chat-a/preload").await, 405, "method_not_allowed");
+    h.check_invariants();
+}
+
+#[tokio::test]
+async fn health_metrics_and_routing_errors() {
+    let h = Harness::new(6 * GB, 4);
+    let v = json(&h.req("GET", "/health").await);
+    assert_eq!(v["status"], "ok");
+    h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    h.post("/v1/chat/completions", chat_body("huge", false)).await;
+    let lease = h.pool.acquire("chat-big").await; // 2 + 5 > 6: evicts chat-a
+    assert!(lease.is_ok());
+    h.post("/v1/chat/completions", chat_body("chat-b", false)).await; // insufficient memory
+    let r = h.req("GET", "/metrics").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(r.body().to_vec()).unwrap();
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metric("modelpool_hits_total"), 1.0);
+    assert_eq!(metric("modelpool_loads_total"), 2.0);
+    assert_eq!(metric("modelpool_evictions_total{reason=\"capacity\"}"), 1.0);
+    assert_eq!(metric("modelpool_rejections_total{code=\"model_too_large\"}"), 1.0);
+    assert_eq!(metric("modelpool_rejections_total{code=\"insufficient_memory\"}"), 1.0);
+    assert_eq!(metric("modelpool_load_seconds_count"), 2.0);
+    assert_eq!(metric("modelpool_resident_bytes"), (5 * GB) as f64);
+    assert_eq!(metric("modelpool_reserved_bytes"), 0.0);
+    assert_eq!(metric("modelpool_pinned_bytes"), 0.0);
+    assert_eq!(metric("modelpool_memory_limit_bytes"), (6 * GB) as f64);
+    assert_eq!(metric("modelpool_model_leases{model=\"chat-big\"}"), 1.0);
+    assert_eq!(metric("modelpool_request_duration_seconds_count{route=\"chat_completions\"}"), 4.0);
+    assert_eq!(metric("modelpool_http_responses_total{route=\"chat_completions\",status=\"200\"}"), 2.0);
+    assert_eq!(metric("modelpool_http_responses_total{route=\"chat_completions\",status=\"503\"}"), 2.0);
+    drop(lease);
+    let v = json(&h.req("GET", "/admin/pool").await);
+    assert_eq!(v["stats"]["rejections_by_code"]["insufficient_memory"], 1);
+    assert_eq!(v["stats"]["rejections_by_code"]["model_too_large"], 1);
+    assert_eq!(v["stats"]["evictions_by_reason"]["capacity"], 1);
+
+    assert_error(&h.req("GET", "/nope").await, 404, "not_found");
+    assert_error(&h.req("GET", "/v1/chat/completions").await, 405, "method_not_allowed");
+    assert_error(&h.req("DELETE", "/v1/models").await, 405, "method_not_allowed");
+}
+
+/// A backend whose generations fail after two pieces: for the mid-stream error path.
+struct BreaksMidStream {
+    inner: FakeBackend,
+}
+
+struct BreakingHandle(Arc<dyn ModelHandle>);
+
+#[async_trait]
+impl ModelHandle for BreakingHandle {
+    fn measured_bytes(&self) -> u64 {
+        self.0.measured_bytes()
+    }
+    async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {
+        let s = self.0.generate(req).await?;
+        let broken = futures::StreamExt::take(s, 2)
+            .chain(futures::stream::iter([Err(BackendError::Inference("device lost".into()))]));
+        Ok(Box::pin(broken))
+    }
+    async fn embed(&self, inputs: Vec<String>) -> Result<Embeddings, BackendError> {
+        self.0.embed(inputs).await
+    }
+    async fn unload(&self) -> Result<u64, BackendError> {
+        self.0.unload().await
+    }
+}
+
+use futures::StreamExt as _;
+
+#[async_trait]
+impl Backend for BreaksMidStream {
+    fn name(&self) -> &'static str {
+        "breaks"
+    }
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        Ok(Arc::new(BreakingHandle(self.inner.load(spec).await?)))
+    }
+}
+
+#[tokio::test]
+async fn error_after_stream_started_is_an_sse_error_event_then_the_end() {
+    let fake = Arc::new(FakeBackend::new());
+    let h = Harness::with_dyn_backend(
+        10 * GB,
+        4,
+        Arc::new(BreaksMidStream { inner: FakeBackend::new() }),
+        fake,
+        catalogue(),
+    );
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", true)).await;
+    assert_eq!(r.status(), 200, "headers were sent before the failure");
+    let data = sse_data(r.body());
+    assert!(!data.iter().any(|d| d == "[DONE]"), "no [DONE] after an error: {data:?}");
+    // role chunk, two pieces, then the error.
+    assert_eq!(data.len(), 4, "{data:?}");
+    let err: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "inference_failed");
+    assert!(err["error"]["message"].as_str().unwrap().contains("device lost"));
+    assert_eq!(h.model("chat-a").leases, 0, "lease released");
+    // The same failure without streaming is a 500 reply.
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_error(&r, 500, "inference_failed");
+    // And the metrics count the streamed failure as a 500.
+    assert_eq!(h.state.metrics.responses("chat_completions", 500), 2);
+}
