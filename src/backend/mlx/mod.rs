@@ -134,7 +134,20 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         }
         Kind::Gguf(path.clone())
     } else if path.is_dir() {
-        if path.join("config.json").is_file() {
+        let config = path.join("config.json");
+        if config.is_file() {
+            let parsed: Option<serde_json::Value> =
+                std::fs::read_to_string(&config).ok().and_then(|t| serde_json::from_str(&t).ok());
+            match parsed {
+                Some(v) if crate::catalog::model_type_of_config(&v) == ModelType::Embeddings => {}
+                Some(_) => {
+                    return fail(format!(
+                        "{}: only BERT encoders are served from Hugging Face directories (text-gen models load from .gguf files)",
+                        config.display()
+                    ));
+                }
+                None => return fail(format!("{} is not valid JSON", config.display())),
+            }
             Kind::Bert(path.clone())
         } else if let Some(g) = single_gguf(path) {
             Kind::Gguf(g)
@@ -655,6 +668,21 @@ mod tests {
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("does not exist")));
         let spec = ModelSpec::new("v").with_type(ModelType::Vision).with_path("/tmp");
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("vision")));
+    }
+
+    #[test]
+    fn hf_directories_must_hold_a_bert_config() {
+        let d = std::env::temp_dir().join(format!("modelpool-kind-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
+        let spec = ModelSpec::new("l").with_path(&d);
+        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("only BERT")));
+        std::fs::write(d.join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
+        let spec = ModelSpec::new("b").with_type(ModelType::Embeddings).with_path(&d);
+        assert_eq!(detect_kind(&spec).unwrap(), Kind::Bert(d.clone()));
+        let spec = ModelSpec::new("b").with_path(&d);
+        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("declared text-gen")));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
