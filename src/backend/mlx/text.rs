@@ -274,6 +274,37 @@ mod tests {
         assert_eq!(m.push("!x"), StopCheck::Stop(String::new()));
     }
 
+    /// A byte-level BPE without merges: every UTF-8 byte is its own token, so multi-byte
+    /// characters arrive in pieces.
+    fn byte_tokenizer() -> Tokenizer {
+        let mut chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        chars.sort();
+        let vocab: Vocab = chars.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap();
+        let mut t = Tokenizer::new(bpe);
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        t
+    }
+
+    #[test]
+    fn stream_decoder_never_splits_a_character() {
+        let tok = byte_tokenizer();
+        let text = "a é 🐉!";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids.len(), text.len(), "one token per byte");
+        let mut d = StreamDecoder::new();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id).unwrap()).collect();
+        assert_eq!(pieces.concat(), text);
+        for p in &pieces {
+            assert!(!p.contains('\u{FFFD}'), "{pieces:?}");
+        }
+        // The dragon's 4 bytes yield nothing until the last one.
+        let dragon = text.find('🐉').unwrap();
+        assert_eq!(pieces[dragon..dragon + 3], ["", "", ""]);
+        assert_eq!(pieces[dragon + 3], "🐉");
+    }
+
     #[test]
     fn chatml_default_system_prompt_from_template() {
         let t = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}";
