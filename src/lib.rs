@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod estimate;

@@ -5,6 +5,8 @@
 //! feature, the MLX backend. No backend type leaks into the decision core.
 
 pub mod fake;
+#[cfg(feature = "mlx")]
+pub mod mlx;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,263 @@
+//! MLX backend benchmark (feature `mlx`): prints markdown tables.
+//!
+//! `cargo bench --features mlx --bench mlx_decode` (models from `scripts/fetch-models.sh`, in
+//! `$MODELPOOL_MODELS_DIR` or `<repo>/models`).
+//!
+//! Measures, on this machine:
+//! - which BLAS MLX calls (mapped libraries, and a 1024^3 sgemm in GFLOP/s);
+//! - memory read bandwidth, and from it the decode floor: weight bytes read per token / bandwidth;
+//! - load time of each model, cold (file pages dropped with `posix_fadvise(DONTNEED)`) and warm;
+//! - SmolLM2-135M decode and prefill tokens/s at batch 1, f32 (dequantized) and quantized
+//!   weights, with the split of decode time between graph building in Rust, MLX evaluation and
+//!   host-side token selection; and the same decode through the streaming `generate` API;
+//! - all-MiniLM-L6-v2 sentences/s at batch 1 and 32.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use modelpool::backend::mlx::{MlxBackend, MlxModel, MlxOptions, sgemm_gflops};
+use modelpool::backend::{GenerateEvent, GenerateRequest, ModelHandle, Prompt};
+use modelpool::catalog::scan_models_dir;
+use modelpool::estimate::weight_bytes_on_disk;
+use modelpool::types::ModelSpec;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("MODELPOOL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+fn spec(id: &str) -> ModelSpec {
+    let dir = models_dir();
+    scan_models_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", dir.display()))
+        .into_iter()
+        .find(|s| &*s.id == id)
+        .unwrap_or_else(|| panic!("{id} not in {} (run scripts/fetch-models.sh)", dir.display()))
+}
+
+/// Drops `path`'s pages (files under it) from the page cache, so the next read is cold.
+fn drop_page_cache(path: &Path) {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&f).unwrap();
+        // SAFETY: a valid open descriptor; advice only affects caching.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "posix_fadvise failed on {}", f.display());
+    }
+}
+
+/// Best-of-5 read bandwidth over a 512 MiB buffer with `threads` threads, GB/s.
+fn read_bandwidth(threads: usize) -> f64 {
+    let n = 64 << 20; // u64s = 512 MiB
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(n / threads)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        std::hint::black_box(total);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 8) as f64 / best / 1e9
+}
+
+fn blas_libraries() -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut libs: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains("blas") || p.contains("lapack"))
+        .map(|p| p.rsplit('/').next().unwrap_or(p))
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs.join(", ")
+}
+
+async fn load_secs(b: &MlxBackend, spec: &ModelSpec, cold: bool) -> (f64, Arc<MlxModel>) {
+    if cold {
+        drop_page_cache(spec.path.as_ref().unwrap());
+    }
+    let t = Instant::now();
+    let h = b.load_model(spec).await.unwrap();
+    (t.elapsed().as_secs_f64(), h)
+}
+
+fn story_prompt(words: usize) -> String {
+    let base = "The old lighthouse keeper climbed the spiral stairs every evening, counting the \
+                steps and listening to the waves break against the rocks below. ";
+    let mut s = String::new();
+    while s.split_whitespace().count() < words {
+        s.push_str(base);
+    }
+    s
+}
+
+struct Decode {
+    prompt_tokens: usize,
+    prefill_tps: f64,
+    decode_tps: f64,
+    graph_pct: f64,
+    host_pct: f64,
+}
+
+async fn decode_probe(h: &MlxModel, words: usize, steps: usize) -> Decode {
+    // One warm-up run so that allocation caches are primed.
+    let _ = h.probe(Prompt::Text(story_prompt(words)), 4, vec![]).await.unwrap();
+    let p = h.probe(Prompt::Text(story_prompt(words)), steps + 1, vec![]).await.unwrap();
+    let t = p.timings;
+    let decode = t.decode_graph + t.decode_eval + t.decode_host;
+    Decode {
+        prompt_tokens: p.input_ids.len(),
+        prefill_tps: p.input_ids.len() as f64 / t.prefill,
+        decode_tps: steps as f64 / decode,
+        graph_pct: 100.0 * t.decode_graph / decode,
+        host_pct: 100.0 * t.decode_host / decode,
+    }
+}
+
+/// Decode through the public streaming API: (time to first piece, decode tokens/s, tokens).
+async fn decode_stream(h: &Arc<dyn ModelHandle>, words: usize, max_tokens: u32) -> (f64, f64, u32) {
+    let t0 = Instant::now();
+    let mut s =
+        h.generate(GenerateRequest::greedy(Prompt::Text(story_prompt(words)), max_tokens)).await.unwrap();
+    let mut first = None;
+    let mut n = 0;
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            GenerateEvent::Delta(_) => {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            }
+            GenerateEvent::Done { usage, .. } => n = usage.completion_tokens,
+        }
+    }
+    let total = t0.elapsed().as_secs_f64();
+    let first = first.unwrap_or(total);
+    (first, (n.saturating_sub(1)) as f64 / (total - first), n)
+}
+
+fn sentences(n: usize) -> Vec<String> {
+    let subjects = ["A man", "The cat", "Our team", "A small robot", "My neighbour"];
+    let verbs = ["is eating", "repairs", "paints", "is reading about", "dreams of"];
+    let objects = [
+        "a piece of bread.",
+        "the old bicycle.",
+        "a quiet harbour at dawn.",
+        "quantum computers.",
+        "the mountains in winter.",
+    ];
+    (0..n)
+        .map(|i| format!("{} {} {}", subjects[i % 5], verbs[(i / 5) % 5], objects[(i / 25 + i) % 5]))
+        .collect()
+}
+
+async fn run() {
+    println!("# modelpool MLX backend benchmark\n");
+    println!("host: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let gflops = sgemm_gflops(1024).unwrap();
+    println!("BLAS libraries mapped: {}", blas_libraries());
+    println!("MLX sgemm 1024^3: {gflops:.1} GFLOP/s (reference BLAS: ~5; OpenBLAS: >50)\n");
+    let bw1 = read_bandwidth(1);
+    let bw2 = read_bandwidth(2);
+    println!("memory read bandwidth: {bw1:.1} GB/s (1 thread), {bw2:.1} GB/s (2 threads)\n");
+
+    let f32b = MlxBackend::new(MlxOptions { dequantize: true, ..MlxOptions::default() });
+    let qb = MlxBackend::new(MlxOptions { dequantize: false, ..MlxOptions::default() });
+    let smol = spec("smollm2-135m-instruct");
+    let mini = spec("all-minilm-l6-v2");
+
+    println!("## Load time\n");
+    println!("| model | weights | file MB | resident MB | cold s | cold GB/s | warm s | warm GB/s |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut handles = Vec::new();
+    for (label, b, s) in
+        [("f32 (dequantized)", &f32b, &smol), ("quantized", &qb, &smol), ("f32", &f32b, &mini)]
+    {
+        let file = weight_bytes_on_disk(s.path.as_ref().unwrap()).unwrap() as f64;
+        let (cold, h) = load_secs(b, s, true).await;
+        h.unload().await.unwrap();
+        let (warm, h) = load_secs(b, s, false).await;
+        println!(
+            "| {} | {label} | {:.1} | {:.1} | {cold:.3} | {:.2} | {warm:.3} | {:.2} |",
+            s.id,
+            file / 1e6,
+            h.measured_bytes() as f64 / 1e6,
+            file / cold / 1e9,
+            file / warm / 1e9
+        );
+        handles.push(h);
+    }
+    let mini_h = handles.pop().unwrap();
+    let q_h = handles.pop().unwrap();
+    let f_h = handles.pop().unwrap();
+
+    println!("\n## SmolLM2-135M-Instruct, batch 1 (greedy)\n");
+    println!(
+        "Decode: 128 new tokens after a ~128-token prompt. Split of decode time: graph = building the lazy graph in Rust, host = argmax over logits; the rest is MLX evaluation.\n"
+    );
+    println!(
+        "| weights | prompt tokens | prefill tok/s | decode tok/s | graph % | host % | floor tok/s (bytes/token / 2-thread bandwidth) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (label, h) in [("f32", &f_h), ("quantized", &q_h)] {
+        let floor = bw2 * 1e9 / h.measured_bytes() as f64;
+        for words in [100, 400] {
+            let d = decode_probe(h, words, 128).await;
+            println!(
+                "| {label} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {floor:.1} |",
+                d.prompt_tokens, d.prefill_tps, d.decode_tps, d.graph_pct, d.host_pct
+            );
+        }
+    }
+    let fh: Arc<dyn ModelHandle> = f_h.clone();
+    let (ttft, tps, n) = decode_stream(&fh, 100, 128).await;
+    println!(
+        "\nStreaming API (f32, `generate`, detokenization and channel included): first piece after {:.0} ms, decode {tps:.1} tok/s over {n} tokens",
+        ttft * 1e3
+    );
+    f_h.unload().await.unwrap();
+    q_h.unload().await.unwrap();
+
+    println!("\n## all-MiniLM-L6-v2 embeddings\n");
+    println!("| batch | sentences | seconds | sentences/s |");
+    println!("|---:|---:|---:|---:|");
+    let texts = sentences(128);
+    let mh: Arc<dyn ModelHandle> = mini_h.clone();
+    let _ = mh.embed(texts[..8].to_vec()).await.unwrap();
+    for batch in [1usize, 32] {
+        let n = if batch == 1 { 64 } else { 128 };
+        let t = Instant::now();
+        for chunk in texts[..n].chunks(batch) {
+            mh.embed(chunk.to_vec()).await.unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("| {batch} | {n} | {secs:.3} | {:.1} |", n as f64 / secs);
+    }
+    mini_h.unload().await.unwrap();
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}

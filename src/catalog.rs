@@ -1,0 +1,386 @@
+//! A model catalogue built from a models directory (what `scripts/fetch-models.sh` fills).
+//!
+//! Layout, one model per entry of the directory, sorted by name:
+//! - `<id>.gguf`: a text-gen model in one GGUF file;
+//! - `<id>/` holding exactly one `*.gguf`: a text-gen model (the spec's path is that file);
+//! - `<id>/config.json` (+ `model.safetensors`, `tokenizer.json`): a Hugging Face directory.
+//!   BERT-family configs (`model_type` `bert`, or a `Bert*` architecture) are `embeddings`
+//!   models, configs with a `vision_config` are `vision` models, anything else `text-gen`.
+//!
+//! Entries that match none of these (other files, empty directories) are skipped with a log
+//! line. This module reads only file names and `config.json`; it never loads weights and works
+//! without the `mlx` feature.
+
+use std::path::{Path, PathBuf};
+
+use crate::types::{ModelSpec, ModelType};
+
+/// Why a models directory could not be scanned.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The directory (or an entry in it) could not be read.
+    #[error("cannot read models directory {path}: {source}")]
+    Io {
+        /// The path that failed.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A model's `config.json` is not valid JSON.
+    #[error("invalid {path}: {source}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
+    move |source| CatalogError::Io { path: path.to_path_buf(), source }
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The model type a Hugging Face `config.json` describes.
+pub fn model_type_of_config(config: &serde_json::Value) -> ModelType {
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let bert_arch = config
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().filter_map(|x| x.as_str()).any(|x| x.starts_with("Bert")));
+    if model_type == "bert" || bert_arch {
+        ModelType::Embeddings
+    } else if config.get("vision_config").is_some() {
+        ModelType::Vision
+    } else {
+        ModelType::TextGen
+    }
+}
+
+/// Scans `dir` and returns one spec per model found, sorted by id. Ids are the entry names
+/// (for a bare `.gguf` file, its stem). Specs carry no size hint: the pool's estimator measures
+/// the files, and a load replaces the estimate with measured bytes.
+///
+/// Errors only when `dir` itself or a `config.json` cannot be read; unrecognised entries are
+/// skipped.
+pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(dir))?;
+    entries.sort();
+    let mut specs = Vec::new();
+    for path in entries {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if is_gguf(&path) {
+            let id = path.file_stem().and_then(|s| s.to_str()).unwrap_or(name);
+            specs.push(ModelSpec::new(id).with_path(&path));
+            continue;
+        }
+        if !path.is_dir() {
+            continue;
+        }
+        let config = path.join("config.json");
+        if config.is_file() {
+            let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|source| CatalogError::Config { path: config.clone(), source })?;
+            specs.push(ModelSpec::new(name).with_type(model_type_of_config(&value)).with_path(&path));
+            continue;
+        }
+        let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
+            .map_err(io_err(&path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_gguf(p))
+            .collect();
+        ggufs.sort();
+        match ggufs.len() {
+            1 => specs.push(ModelSpec::new(name).with_path(ggufs.remove(0))),
+            0 => tracing::info!(path = %path.display(), "no model files; skipped"),
+            n => tracing::warn!(
+                path = %path.display(),
+                files = n,
+                "several .gguf files in one model directory; skipped (keep one per directory)"
+            ),
+        }
+    }
+    specs.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(specs)
+}
+
+/// Bytes the MLX backend will hold for `spec` once loaded, computed from the files without
+/// loading them, or `None` when the layout is not one it serves. For a GGUF decoder this reads
+/// the tensor table from the file header: with `dequantize` every tensor is held as f32; without,
+/// Q4_0/Q4_1 stay 4-bit and Q8_0 8-bit (group 32, f32 scales and biases) and the rest f32. For a
+/// Hugging Face directory it is the safetensors size (held as f32). Use it as the spec's size
+/// hint so that the pool reserves the real size on the first load (a dequantized GGUF is about
+/// 5.5x its file).
+pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> {
+    let path = spec.path.as_ref()?;
+    let gguf = if is_gguf(path) {
+        Some(path.clone())
+    } else if path.is_dir() && !path.join("config.json").is_file() {
+        let mut g: Vec<PathBuf> = std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_gguf(p))
+            .collect();
+        (g.len() == 1).then(|| g.remove(0))
+    } else {
+        None
+    };
+    if let Some(g) = gguf {
+        let tensors = gguf_tensors(&g).ok()?;
+        return Some(
+            tensors
+                .iter()
+                .map(|t| {
+                    let bytes_per_1k = match (dequantize, t.ggml_type) {
+                        (false, GGML_Q4_0 | GGML_Q4_1) => 750,
+                        (false, GGML_Q8_0) => 1250,
+                        _ => 4000,
+                    };
+                    t.elements * bytes_per_1k / 1000
+                })
+                .sum(),
+        );
+    }
+    let st = path.join("model.safetensors");
+    std::fs::metadata(st).ok().map(|m| m.len())
+}
+
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+
+/// One entry of a GGUF file's tensor table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensorInfo {
+    /// Tensor name (`blk.0.attn_q.weight`, ...).
+    pub name: String,
+    /// Number of elements (product of the dimensions).
+    pub elements: u64,
+    /// The ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, ...).
+    pub ggml_type: u32,
+}
+
+/// Reads the tensor table of a GGUF (v2/v3) file: the header only, not the data. Metadata
+/// values are skipped. Errors on a file that is not GGUF or is truncated.
+pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
+    use std::io::{BufReader, Read};
+    let bad = |m: &str| CatalogError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string()),
+    };
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::new(file);
+    let read_u32 = |r: &mut BufReader<std::fs::File>| -> Result<u32, CatalogError> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).map_err(io_err(path))?;
+        Ok(u32::from_le_bytes(b))
+    };
+    let read_u64 = |r: &mut BufReader<std::fs::File>| -> Result<u64, CatalogError> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).map_err(io_err(path))?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).map_err(io_err(path))?;
+    if &magic != b"GGUF" {
+        return Err(bad("not a GGUF file"));
+    }
+    let version = read_u32(&mut r)?;
+    if !(2..=3).contains(&version) {
+        return Err(bad("unsupported GGUF version"));
+    }
+    let n_tensors = read_u64(&mut r)?;
+    let n_kv = read_u64(&mut r)?;
+    if n_tensors > 1_000_000 || n_kv > 1_000_000 {
+        return Err(bad("implausible GGUF header counts"));
+    }
+    fn skip(r: &mut impl Read, n: u64, path: &Path) -> Result<(), CatalogError> {
+        let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).map_err(io_err(path))?;
+        if copied == n { Ok(()) } else { Err(io_err(path)(std::io::ErrorKind::UnexpectedEof.into())) }
+    }
+    fn scalar_size(t: u32) -> Option<u64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    for _ in 0..n_kv {
+        let key_len = read_u64(&mut r)?;
+        skip(&mut r, key_len, path)?;
+        let t = read_u32(&mut r)?;
+        match t {
+            8 => {
+                let n = read_u64(&mut r)?;
+                skip(&mut r, n, path)?;
+            }
+            9 => {
+                let et = read_u32(&mut r)?;
+                let count = read_u64(&mut r)?;
+                if et == 8 {
+                    for _ in 0..count {
+                        let n = read_u64(&mut r)?;
+                        skip(&mut r, n, path)?;
+                    }
+                } else {
+                    let size = scalar_size(et).ok_or_else(|| bad("bad GGUF array type"))?;
+                    skip(&mut r, size * count, path)?;
+                }
+            }
+            _ => {
+                let size = scalar_size(t).ok_or_else(|| bad("bad GGUF value type"))?;
+                skip(&mut r, size, path)?;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name_len = read_u64(&mut r)?;
+        if name_len > 4096 {
+            return Err(bad("implausible GGUF tensor name"));
+        }
+        let mut name = vec![0u8; name_len as usize];
+        r.read_exact(&mut name).map_err(io_err(path))?;
+        let n_dims = read_u32(&mut r)?;
+        if n_dims > 8 {
+            return Err(bad("implausible GGUF tensor rank"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            elements = elements.saturating_mul(read_u64(&mut r)?);
+        }
+        let ggml_type = read_u32(&mut r)?;
+        let _offset = read_u64(&mut r)?;
+        out.push(GgufTensorInfo { name: String::from_utf8_lossy(&name).into_owned(), elements, ggml_type });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn scans_gguf_dirs_files_and_hf_configs() {
+        let d = tmpdir("scan");
+        std::fs::create_dir_all(d.join("smollm2-135m-instruct")).unwrap();
+        std::fs::write(d.join("smollm2-135m-instruct/SmolLM2.Q4_1.gguf"), b"GGUF").unwrap();
+        std::fs::create_dir_all(d.join("all-minilm-l6-v2")).unwrap();
+        std::fs::write(
+            d.join("all-minilm-l6-v2/config.json"),
+            r#"{"architectures":["BertModel"],"model_type":"bert"}"#,
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.join("llava")).unwrap();
+        std::fs::write(d.join("llava/config.json"), r#"{"model_type":"llava","vision_config":{}}"#).unwrap();
+        std::fs::write(d.join("tiny.gguf"), b"GGUF").unwrap();
+        std::fs::write(d.join("README.txt"), b"x").unwrap();
+        std::fs::create_dir_all(d.join("empty")).unwrap();
+
+        let specs = scan_models_dir(&d).unwrap();
+        let got: Vec<(String, ModelType, PathBuf)> =
+            specs.iter().map(|s| (s.id.to_string(), s.model_type, s.path.clone().unwrap())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("all-minilm-l6-v2".into(), ModelType::Embeddings, d.join("all-minilm-l6-v2")),
+                ("llava".into(), ModelType::Vision, d.join("llava")),
+                (
+                    "smollm2-135m-instruct".into(),
+                    ModelType::TextGen,
+                    d.join("smollm2-135m-instruct/SmolLM2.Q4_1.gguf")
+                ),
+                ("tiny".into(), ModelType::TextGen, d.join("tiny.gguf")),
+            ]
+        );
+        assert!(specs.iter().all(|s| s.size_hint.is_none()));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A hand-built GGUF v3 header: two metadata entries (a string and a string array), then
+    /// a Q4_1 tensor and an F32 tensor.
+    #[test]
+    fn gguf_header_and_resident_estimates() {
+        fn s(out: &mut Vec<u8>, v: &str) {
+            out.extend((v.len() as u64).to_le_bytes());
+            out.extend(v.as_bytes());
+        }
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes()); // tensors
+        b.extend(2u64.to_le_bytes()); // kv
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        s(&mut b, "tokenizer.ggml.tokens");
+        b.extend(9u32.to_le_bytes());
+        b.extend(8u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        s(&mut b, "a");
+        s(&mut b, "bc");
+        for (name, dims, ty) in
+            [("blk.0.attn_q.weight", [64u64, 32], 3u32), ("output_norm.weight", [64, 1], 0)]
+        {
+            s(&mut b, name);
+            b.extend(2u32.to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        let d = tmpdir("gguf");
+        let p = d.join("m.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let t = gguf_tensors(&p).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                GgufTensorInfo { name: "blk.0.attn_q.weight".into(), elements: 2048, ggml_type: 3 },
+                GgufTensorInfo { name: "output_norm.weight".into(), elements: 64, ggml_type: 0 },
+            ]
+        );
+        let spec = ModelSpec::new("m").with_path(&p);
+        assert_eq!(mlx_resident_estimate(&spec, true), Some((2048 + 64) * 4));
+        assert_eq!(mlx_resident_estimate(&spec, false), Some(2048 * 3 / 4 + 64 * 4));
+        std::fs::write(&p, &b[..b.len() - 5]).unwrap();
+        assert!(gguf_tensors(&p).is_err(), "truncated header");
+        std::fs::write(&p, b"NOPE....").unwrap();
+        assert!(gguf_tensors(&p).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn missing_dir_and_bad_config_are_errors() {
+        let d = tmpdir("bad");
+        let err = scan_models_dir(&d.join("nope")).unwrap_err();
+        assert!(matches!(err, CatalogError::Io { .. }), "{err}");
+        std::fs::create_dir_all(d.join("m")).unwrap();
+        std::fs::write(d.join("m/config.json"), b"{not json").unwrap();
+        let err = scan_models_dir(&d).unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
