@@ -450,6 +450,16 @@ mod tests {
         let spec = ModelSpec::new("m").with_path(&p);
         assert_eq!(mlx_resident_estimate(&spec, true), Some((2048 + 64) * 4));
         assert_eq!(mlx_resident_estimate(&spec, false), Some(2048 * 3 / 4 + 64 * 4));
+        // The server's estimator for the MLX backend: tensor-table bytes, explained as files x factor.
+        let e = MlxFileEstimator::new(true).estimate(&spec);
+        let on_disk = b.len() as u64;
+        assert_eq!(e.bytes, (2048 + 64) * 4);
+        let factor = ((2048.0 + 64.0) * 4.0 / on_disk as f64 * 1000.0).round() / 1000.0;
+        assert_eq!(e.source, EstimateSource::Files { bytes_on_disk: on_disk, factor });
+        // A size hint wins; an unreadable layout falls back to the name.
+        assert_eq!(MlxFileEstimator::new(true).estimate(&spec.clone().with_size(7)).bytes, 7);
+        let nothing = ModelSpec::new("llama-3-8b").with_path(d.join("missing.gguf"));
+        assert_eq!(MlxFileEstimator::new(true).estimate(&nothing).bytes, 5 * crate::types::GB);
         std::fs::write(&p, &b[..b.len() - 5]).unwrap();
         assert!(gguf_tensors(&p).is_err(), "truncated header");
         std::fs::write(&p, b"NOPE....").unwrap();
