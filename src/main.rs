@@ -103,9 +103,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut pc = PoolConfig::with_limit(limit);
     pc.max_models = cfg.max_models;
     pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
+    // The MLX backend holds GGUF weights dequantized (about 5.5x the file on CPU): size its
+    // models from their tensor tables, not from file sizes.
+    let files: Box<dyn SizeEstimator> = match cfg.backend {
+        #[cfg(feature = "mlx")]
+        BackendKind::Mlx => Box::new(modelpool::catalog::MlxFileEstimator::new(
+            modelpool::backend::mlx::MlxOptions::default().dequantize,
+        )),
+        _ => Box::new(FileEstimator::default()),
+    };
     let estimator: Box<dyn SizeEstimator> = match &cfg.sizes_file {
-        Some(f) => Box::new(Learned::with_file(FileEstimator::default(), f).context("--sizes-file")?),
-        None => Box::new(Learned::new(FileEstimator::default())),
+        Some(f) => Box::new(Learned::with_file(files, f).context("--sizes-file")?),
+        None => Box::new(Learned::new(files)),
     };
     let pool: ModelPool = ModelPool::new(pc, cfg.policy.build(), estimator, backend);
     for spec in &cfg.models {

