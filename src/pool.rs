@@ -6,10 +6,12 @@
 //! in tasks of their own, so a caller that goes away never strands other waiters.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -182,7 +184,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     /// Unload one model whose memory the ledger holds as draining, then return it to the ledger.
     async fn unload_handle(&self, slot: Slot, handle: Arc<dyn ModelHandle>) {
         let expected = self.lock().state.model_status(slot).ledger_bytes;
-        match handle.unload().await {
+        match guarded_unload(&handle).await {
             Ok(freed) => {
                 // Confirm the memory came back: a backend that frees much less than it measured
                 // at load is leaking, and the operator should know.
@@ -327,7 +329,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
         self.inner.runtime.spawn(async move {
             inner.unload_all(victims).await;
-            let result = inner.backend.load(&spec).await;
+            // A backend that panics must not leave the model loading forever with its
+            // reservation held: the panic becomes a load failure every waiter sees.
+            let result = AssertUnwindSafe(inner.backend.load(&spec))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(BackendError::Load("the backend panicked while loading".into())));
             let now = inner.now();
             let (evicted, outcome) = {
                 let mut core = inner.lock();
@@ -433,7 +440,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let Some(handle) = handle else {
             return Ok(UnloadReport { model: id, unloaded_now: false, freed_bytes: None });
         };
-        let freed = handle.unload().await.ok();
+        let freed = guarded_unload(&handle).await.ok();
         let now = self.inner.now();
         self.inner.lock().state.reclaimed(slot, now);
         Ok(UnloadReport { model: id, unloaded_now: true, freed_bytes: freed })
@@ -584,6 +591,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
+}
+
+/// `handle.unload()`, with a panic turned into an error so the ledger still gets the memory back.
+async fn guarded_unload(handle: &Arc<dyn ModelHandle>) -> Result<u64, BackendError> {
+    AssertUnwindSafe(handle.unload())
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(BackendError::Inference("the backend panicked while unloading".into())))
 }
 
 /// Take the handles of evicted slots (they have no leases) for unloading outside the lock.

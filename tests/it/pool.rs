@@ -234,3 +234,38 @@ async fn shutdown_refuses_new_requests_and_drains() {
     assert_eq!(pool.ledger().used(), 0);
     assert_eq!(backend.unload_count(), 2);
 }
+
+/// A backend whose loads panic (a bug in a backend must not wedge the pool).
+struct PanickingBackend;
+
+#[async_trait::async_trait]
+impl modelpool::backend::Backend for PanickingBackend {
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+    async fn load(
+        &self,
+        spec: &ModelSpec,
+    ) -> Result<Arc<dyn modelpool::backend::ModelHandle>, modelpool::backend::BackendError> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        panic!("backend bug while loading {}", spec.id);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_backend_fails_the_load_and_frees_the_reservation() {
+    let mut cfg = PoolConfig::with_limit(10 * GB);
+    cfg.log = LogMode::Full;
+    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
+    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
+    let pool = ModelPool::new(cfg, policy, estimator, Arc::new(PanickingBackend));
+    pool.register(ModelSpec::new("a").with_size(4 * GB));
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move { p.acquire("a").await.map(|_| ()) });
+    let err = pool.acquire("a").await.unwrap_err();
+    assert_eq!(err.to_string(), "failed to load model 'a': load failed: the backend panicked while loading");
+    assert!(matches!(waiter.await.unwrap(), Err(PoolError::LoadFailed { .. })));
+    let l = pool.ledger();
+    assert_eq!((l.reserved, l.models), (0, 0));
+    assert_eq!(phase(&pool, "a"), Phase::Absent);
+}
