@@ -205,6 +205,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
             self.unload_handle(slot, h).await;
         }
     }
+
+    /// [`Inner::unload_all`] in a task of its own, awaited: the caller still returns after the
+    /// memory is back, but a caller that goes away mid-unload (an admin HTTP client that
+    /// disconnects, a timeout) no longer strands the victims draining with their handles taken.
+    async fn unload_all_detached(&self, victims: Vec<(Slot, Arc<dyn ModelHandle>)>) {
+        if victims.is_empty() {
+            return;
+        }
+        let inner = self.self_arc();
+        // A panic in the task is already caught around the backend call; a JoinError here can
+        // only be the runtime shutting down, when nothing is left to wait for.
+        let _ = self.runtime.spawn(async move { inner.unload_all(victims).await }).await;
+    }
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
@@ -421,7 +434,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let (was, evicted) = core.state.unpin(slot, now);
             (was, take_handles(&mut core, &evicted))
         };
-        self.inner.unload_all(victims).await;
+        self.inner.unload_all_detached(victims).await;
         Ok(was)
     }
 
@@ -440,9 +453,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let Some(handle) = handle else {
             return Ok(UnloadReport { model: id, unloaded_now: false, freed_bytes: None });
         };
-        let freed = guarded_unload(&handle).await.ok();
-        let now = self.inner.now();
-        self.inner.lock().state.reclaimed(slot, now);
+        // In a task of its own: if the caller goes away mid-unload, the memory still comes back.
+        let inner = self.inner.clone();
+        let freed = self
+            .inner
+            .runtime
+            .spawn(async move {
+                let freed = guarded_unload(&handle).await.ok();
+                let now = inner.now();
+                inner.lock().state.reclaimed(slot, now);
+                freed
+            })
+            .await
+            .ok()
+            .flatten();
         Ok(UnloadReport { model: id, unloaded_now: true, freed_bytes: freed })
     }
 
@@ -469,7 +493,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let victims = take_handles(&mut core, &idle);
             (victims, ids)
         };
-        self.inner.unload_all(victims).await;
+        self.inner.unload_all_detached(victims).await;
         Ok(ids)
     }
 
@@ -483,7 +507,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let victims = take_handles(&mut core, &expired);
             (victims, ids)
         };
-        self.inner.unload_all(victims).await;
+        self.inner.unload_all_detached(victims).await;
         ids
     }
 
@@ -577,7 +601,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let idle = core.state.evict_all(now, true);
             take_handles(&mut core, &idle)
         };
-        self.inner.unload_all(victims).await;
+        self.inner.unload_all_detached(victims).await;
         let deadline = Instant::now() + grace;
         loop {
             let notified = self.inner.lease_ended.notified();

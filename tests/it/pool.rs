@@ -269,3 +269,90 @@ async fn a_panicking_backend_fails_the_load_and_frees_the_reservation() {
     assert_eq!((l.reserved, l.models), (0, 0));
     assert_eq!(phase(&pool, "a"), Phase::Absent);
 }
+
+/// The fake backend, with unloads that take `unload_time` (tokio time): a real backend frees
+/// gigabytes, which is not instant, so a caller can go away while it runs.
+struct SlowUnloadBackend {
+    inner: Arc<FakeBackend>,
+    unload_time: Duration,
+}
+
+struct SlowUnloadHandle {
+    inner: Arc<dyn modelpool::backend::ModelHandle>,
+    unload_time: Duration,
+}
+
+#[async_trait::async_trait]
+impl modelpool::backend::ModelHandle for SlowUnloadHandle {
+    fn measured_bytes(&self) -> u64 {
+        self.inner.measured_bytes()
+    }
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<modelpool::backend::GenerateStream, modelpool::backend::BackendError> {
+        self.inner.generate(req).await
+    }
+    async fn embed(
+        &self,
+        inputs: Vec<String>,
+    ) -> Result<modelpool::backend::Embeddings, modelpool::backend::BackendError> {
+        self.inner.embed(inputs).await
+    }
+    async fn unload(&self) -> Result<u64, modelpool::backend::BackendError> {
+        tokio::time::sleep(self.unload_time).await;
+        self.inner.unload().await
+    }
+}
+
+#[async_trait::async_trait]
+impl modelpool::backend::Backend for SlowUnloadBackend {
+    fn name(&self) -> &'static str {
+        "slow-unload"
+    }
+    async fn load(
+        &self,
+        spec: &ModelSpec,
+    ) -> Result<Arc<dyn modelpool::backend::ModelHandle>, modelpool::backend::BackendError> {
+        let inner = self.inner.load(spec).await?;
+        Ok(Arc::new(SlowUnloadHandle { inner, unload_time: self.unload_time }))
+    }
+}
+
+fn slow_unload_pool(limit_gb: u64, models: &[(&str, u64)]) -> (ModelPool, Arc<FakeBackend>) {
+    let fake = Arc::new(FakeBackend::new());
+    let backend = Arc::new(SlowUnloadBackend { inner: fake.clone(), unload_time: Duration::from_secs(5) });
+    let mut cfg = PoolConfig::with_limit(limit_gb * GB);
+    cfg.log = LogMode::Full;
+    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
+    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
+    let pool = ModelPool::new(cfg, policy, estimator, backend);
+    for &(name, gb) in models {
+        pool.register(ModelSpec::new(name).with_size(gb * GB));
+    }
+    (pool, fake)
+}
+
+/// An admin call (unload, set_limits, unpin, expire) whose caller goes away while the backend
+/// is freeing memory (an HTTP client that disconnects) must still finish the unload: otherwise
+/// the model stays draining forever, its bytes never return to the ledger and every later
+/// request for it is refused as `model_draining`.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_admin_unload_still_returns_the_memory() {
+    let (pool, fake) = slow_unload_pool(10, &[("a", 4), ("b", 4)]);
+    drop(pool.acquire("a").await.unwrap());
+    drop(pool.acquire("b").await.unwrap());
+    // The caller of unload gives up after 1 s, while the backend is still freeing 'a'.
+    assert!(tokio::time::timeout(Duration::from_secs(1), pool.unload("a", false)).await.is_err());
+    // The caller of set_limits gives up too, while 'b' is being freed.
+    assert!(tokio::time::timeout(Duration::from_secs(1), pool.set_limits(Some(GB), None)).await.is_err());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!((phase(&pool, "a"), phase(&pool, "b")), (Phase::Absent, Phase::Absent));
+    assert_eq!(fake.unload_count(), 2);
+    let l = pool.ledger();
+    assert_eq!((l.draining, l.used()), (0, 0), "no memory left draining: {l:?}");
+    pool.with_state(|st| st.check_invariants()).unwrap();
+    // 'a' loads again.
+    pool.set_limits(Some(10 * GB), None).await.unwrap();
+    drop(pool.acquire("a").await.unwrap());
+}
