@@ -574,7 +574,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 retry_after_secs: None,
             });
         }
-        let bytes_short = (l.used() + need).saturating_sub(l.limit);
+        let bytes_short = l.used().saturating_add(need).saturating_sub(l.limit);
         let count_short = (l.models + 1).saturating_sub(l.max_models);
         let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
@@ -613,7 +613,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             e.load_gen
         };
         // Victims freed bytes if memory was short, otherwise they only made a model slot free.
-        let reason = if self.ledger.used() + plan.reserve > self.ledger.limit {
+        let reason = if self.ledger.used().saturating_add(plan.reserve) > self.ledger.limit {
             EvictReason::Capacity
         } else {
             EvictReason::MaxModels
@@ -1028,7 +1028,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let (mut b, mut c) = (0u64, 0usize);
         let mut when = now as f64 + lease;
         for (t, fb, fc) in frees {
-            b += fb;
+            b = b.saturating_add(fb);
             c += fc;
             when = t;
             if b >= bytes && c >= count {

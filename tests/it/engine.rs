@@ -253,3 +253,20 @@ fn retry_hints_follow_how_long_requests_run() {
     // Thirty seconds in, it is a long one: expect as long again, not a useless 1 s.
     assert_eq!(hint(&mut st, s(130)), 30);
 }
+
+#[test]
+fn limits_and_sizes_near_u64_max_plan_without_overflow() {
+    // The largest limit `--memory-limit` accepts is just under 2^64 bytes; a model may be
+    // registered at any size up to it. Admission must still plan (evict 'a'), not wrap around.
+    const EB: u64 = 1_000_000_000_000_000_000;
+    let mut st = state(1.0);
+    st.set_limits(18 * EB, 4, 0).unwrap();
+    let a = st.register(modelpool::ModelSpec::new("a").with_size(10 * EB));
+    let b = st.register(modelpool::ModelSpec::new("b").with_size(10 * EB));
+    touch(&mut st, a, s(1));
+    let Admission::Load(plan) = st.admit(b, s(2), Intent::Request) else { panic!("b should load") };
+    assert_eq!(plan.victims.as_slice(), &[a], "b fits only once a is evicted");
+    assert_eq!(st.stats().evictions_for(EvictReason::Capacity), 1);
+    st.check_invariants().unwrap();
+    assert!(st.ledger().used() <= st.ledger().limit);
+}
