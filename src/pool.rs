@@ -39,7 +39,7 @@ struct Inner<P: EvictionPolicy, E: SizeEstimator> {
     backend: Arc<dyn Backend>,
     epoch: Instant,
     shutting_down: AtomicBool,
-    /// Notified whenever a lease ends (shutdown waits on it).
+    /// Notified whenever a lease ends, a load ends or a waiter gives up (shutdown waits on it).
     lease_ended: Notify,
     runtime: tokio::runtime::Handle,
     /// Back-reference to the `Arc` that owns this, for tasks spawned from `&self`.
@@ -362,12 +362,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                         (done, Err(PoolError::LoadFailed { model: spec.id.clone(), source: e }))
                     }
                 };
-                let evicted = take_handles(&mut core, &done.evicted);
+                let mut evicted = take_handles(&mut core, &done.evicted);
+                if outcome.is_ok() && inner.shutting_down.load(Ordering::SeqCst) {
+                    // Shutdown evicted everything resident before this load landed: evict it
+                    // too (its waiters' leases drain it; an idle one is unloaded below).
+                    let idle = core.state.evict_all(now, true);
+                    evicted.extend(take_handles(&mut core, &idle));
+                }
                 if let Some(tx) = core.loads.remove(&slot) {
                     tx.send_replace(Some(outcome.clone()));
                 }
                 (evicted, outcome)
             };
+            inner.lease_ended.notify_waiters();
             match &outcome {
                 Ok(()) => tracing::info!(model = %spec.id, "model loaded"),
                 Err(e) => tracing::warn!(model = %spec.id, error = %e, "model load failed"),
@@ -591,8 +598,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     /// Stop taking requests, let in-flight ones finish for at most `grace`, and unload every
-    /// model. Models still busy when `grace` ends are unloaded as their last lease drops.
-    /// Returns the number of leases still live at the end.
+    /// model. Requests waiting for a load in progress are in flight too; the model they load is
+    /// evicted as it lands. Models still busy when `grace` ends are unloaded as their last lease
+    /// drops. Returns the number of requests still in flight (leases plus waiters) at the end.
     pub async fn shutdown(&self, grace: Duration) -> u32 {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let victims = {
@@ -607,7 +615,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let notified = self.inner.lease_ended.notified();
             let live: u32 = {
                 let core = self.inner.lock();
-                (0..core.state.len() as Slot).map(|s| core.state.leases(s)).sum()
+                core.state.models_status().iter().map(|m| m.leases + m.waiters).sum()
             };
             if live == 0 || Instant::now() >= deadline {
                 return live;
@@ -669,7 +677,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
                 let mut core = self.pool.inner.lock();
                 // Re-check under the lock: the load may have finished in between.
                 match self.rx.borrow().clone() {
-                    None => core.state.cancel_wait(self.slot),
+                    None => {
+                        core.state.cancel_wait(self.slot);
+                        drop(core);
+                        self.pool.inner.lease_ended.notify_waiters();
+                    }
                     Some(Ok(())) => {
                         drop(core);
                         self.pool.inner.release(self.slot, now);

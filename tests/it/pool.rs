@@ -356,3 +356,29 @@ async fn a_cancelled_admin_unload_still_returns_the_memory() {
     pool.set_limits(Some(10 * GB), None).await.unwrap();
     drop(pool.acquire("a").await.unwrap());
 }
+
+/// A request waiting for a load when shutdown begins is in flight: shutdown waits for it (within
+/// the grace period), and the model it loaded is unloaded like every other, not left resident.
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_load_waits_for_its_request_and_unloads_the_model() {
+    let backend = slow_backend(10);
+    let pool = pool_with(10, backend.clone(), &[("a", 4)]);
+    let p = pool.clone();
+    let request = tokio::spawn(async move {
+        let lease = p.acquire("a").await?;
+        tokio::time::sleep(Duration::from_secs(2)).await; // the request runs for 2 s
+        drop(lease);
+        Ok::<_, PoolError>(())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(phase(&pool, "a"), Phase::Loading);
+    let started = tokio::time::Instant::now();
+    let live = pool.shutdown(Duration::from_secs(30)).await;
+    // The load ends at 10 s and the request 2 s later: shutdown waited for both.
+    assert_eq!((live, started.elapsed()), (0, Duration::from_secs(11)));
+    request.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(phase(&pool, "a"), Phase::Absent);
+    assert_eq!(pool.ledger().used(), 0);
+    assert_eq!(backend.unload_count(), 1);
+}
