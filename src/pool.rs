@@ -153,10 +153,23 @@ impl<P: EvictionPolicy, E: SizeEstimator> Clone for ModelPool<P, E> {
 
 impl<P: EvictionPolicy, E: SizeEstimator> LeaseOwner for Inner<P, E> {
     fn release(&self, slot: Slot, acquired_at: Nanos) {
+        self.end_lease(slot, Some(acquired_at));
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
+    /// End a lease taken at `acquired_at`, or (`None`) one granted to a waiter that went away
+    /// before using it; unload the model in the background if that was its last lease and it
+    /// must leave memory.
+    fn end_lease(&self, slot: Slot, acquired_at: Option<Nanos>) {
         let now = self.now();
         let unload = {
             let mut core = self.lock();
-            if core.state.release(slot, now, acquired_at) { core.handles[slot as usize].take() } else { None }
+            let must_unload = match acquired_at {
+                Some(at) => core.state.release(slot, now, at),
+                None => core.state.release_unused(slot, now),
+            };
+            if must_unload { core.handles[slot as usize].take() } else { None }
         };
         if let Some(handle) = unload {
             let inner = self.self_arc();
@@ -164,9 +177,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> LeaseOwner for Inner<P, E> {
         }
         self.lease_ended.notify_waiters();
     }
-}
 
-impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     fn now(&self) -> Nanos {
         self.epoch.elapsed().as_nanos() as Nanos
     }
@@ -670,7 +681,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
         if self.finished {
             return;
         }
-        let now = self.pool.inner.now();
         let outcome = self.rx.borrow().clone();
         match outcome {
             None => {
@@ -684,12 +694,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
                     }
                     Some(Ok(())) => {
                         drop(core);
-                        self.pool.inner.release(self.slot, now);
+                        self.pool.inner.end_lease(self.slot, None);
                     }
                     Some(Err(_)) => {}
                 }
             }
-            Some(Ok(())) => self.pool.inner.release(self.slot, now),
+            Some(Ok(())) => self.pool.inner.end_lease(self.slot, None),
             Some(Err(_)) => {}
         }
     }

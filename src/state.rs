@@ -789,6 +789,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             None => held,
             Some(m) => m + 0.125 * (held - m),
         });
+        self.end_lease(slot, now)
+    }
+
+    /// End a lease that a finished load granted to a request which went away before using it
+    /// (it stopped waiting after the load landed). Like [`PoolState::release`], with the same
+    /// return value, except that the unused lease is not counted as a request duration in the
+    /// retry hints.
+    pub fn release_unused(&mut self, slot: Slot, now: Nanos) -> bool {
+        self.end_lease(slot, now)
+    }
+
+    #[inline]
+    fn end_lease(&mut self, slot: Slot, now: Nanos) -> bool {
         let e = &mut self.entries[slot as usize];
         debug_assert!(e.leases > 0, "release without a lease");
         e.leases = e.leases.saturating_sub(1);

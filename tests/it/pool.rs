@@ -382,3 +382,29 @@ async fn shutdown_during_a_load_waits_for_its_request_and_unloads_the_model() {
     assert_eq!(pool.ledger().used(), 0);
     assert_eq!(backend.unload_count(), 1);
 }
+
+/// Requests that give up while a load is in flight, but only after it has landed (their lease
+/// granted, never used), did not run for zero seconds: they must not drag the typical request
+/// time, and with it every `Retry-After`, towards zero.
+#[tokio::test(start_paused = true)]
+async fn waiters_dropped_after_their_load_landed_do_not_shorten_retry_hints() {
+    let pool = pool_with(10, slow_backend(5), &[("a", 6), ("b", 6)]);
+    // One real request of 10 s sets the typical request time.
+    let lease = pool.acquire("a").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    drop(lease);
+    // 20 requests wait for b's load and go away once it has landed, before being polled again.
+    let mut waiters: Vec<_> = (0..20).map(|_| Box::pin(pool.acquire("b"))).collect();
+    for w in &mut waiters {
+        assert!(futures::poll!(w.as_mut()).is_pending());
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(phase(&pool, "b"), Phase::Resident);
+    drop(waiters);
+    assert_eq!(pool.with_state(|st| st.leases(st.slot("b").unwrap())), 0);
+    // b is busy with a fresh request: a must wait for it, about one typical request time.
+    let _b = pool.acquire("b").await.unwrap();
+    let err = pool.acquire("a").await.unwrap_err();
+    assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err:?}");
+    assert_eq!(err.retry_after_secs(), Some(10));
+}
