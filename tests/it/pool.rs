@@ -408,3 +408,80 @@ async fn waiters_dropped_after_their_load_landed_do_not_shorten_retry_hints() {
     assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err:?}");
     assert_eq!(err.retry_after_secs(), Some(10));
 }
+
+/// Many requests, preloads, unpins, forced unloads and limit changes at once, with callers that
+/// give up at random points (timeouts): once everything has settled, no lease, waiter,
+/// reservation or draining byte is left and the ledger matches the models.
+#[tokio::test(start_paused = true)]
+async fn cancelled_callers_under_churn_leave_a_consistent_pool() {
+    for seed in 0..SEEDS {
+        churn_with_cancellations(seed).await;
+    }
+}
+
+const SEEDS: u64 = 16;
+
+async fn churn_with_cancellations(seed: u64) {
+    use rand::{RngExt, SeedableRng};
+    let fake = Arc::new(FakeBackend::new().with_load_time(Duration::from_secs(3)));
+    let backend = Arc::new(SlowUnloadBackend { inner: fake.clone(), unload_time: Duration::from_secs(2) });
+    let mut cfg = PoolConfig::with_limit(12 * GB);
+    cfg.max_models = 3;
+    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
+    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
+    let pool = ModelPool::new(cfg, policy, estimator, backend);
+    for i in 0..6u64 {
+        pool.register(ModelSpec::new(format!("m{i}")).with_size((2 + i % 3) * GB));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut tasks = Vec::new();
+    for _ in 0..400 {
+        let pool = pool.clone();
+        let model = format!("m{}", rng.random_range(0..6u32));
+        let op = rng.random_range(0..10u32);
+        let start = Duration::from_millis(rng.random_range(0..60_000));
+        let give_up = Duration::from_millis(rng.random_range(1..8_000));
+        let hold = Duration::from_millis(rng.random_range(0..4_000));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(start).await;
+            let work = async {
+                match op {
+                    0 => drop(pool.preload(&model).await),
+                    1 => drop(pool.unpin(&model).await),
+                    2 => drop(pool.unload(&model, true).await),
+                    3 => {
+                        let limit = if hold.as_millis() % 2 == 0 { 6 * GB } else { 12 * GB };
+                        drop(pool.set_limits(Some(limit), None).await)
+                    }
+                    _ => {
+                        if let Ok(lease) = pool.acquire(&model).await {
+                            tokio::time::sleep(hold).await;
+                            drop(lease);
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(give_up, work).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    pool.with_state(|st| st.check_invariants()).unwrap();
+    let status = pool.status();
+    let l = status.ledger;
+    assert_eq!((l.reserved, l.draining, l.awaiting), (0, 0, 0), "seed {seed}: {l:?}");
+    for m in &status.models {
+        assert_eq!((m.leases, m.waiters), (0, 0), "seed {seed}: {}", m.id);
+        assert!(matches!(m.phase, Phase::Absent | Phase::Resident), "seed {seed}: {} {:?}", m.id, m.phase);
+    }
+    // Every model can still be served.
+    pool.set_limits(Some(12 * GB), None).await.unwrap();
+    for i in 0..6 {
+        drop(pool.unpin(&format!("m{i}")).await);
+    }
+    for i in 0..6 {
+        drop(pool.acquire(&format!("m{i}")).await.unwrap());
+    }
+}
