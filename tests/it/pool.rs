@@ -450,7 +450,7 @@ async fn churn_with_cancellations(seed: u64) {
                     1 => drop(pool.unpin(&model).await),
                     2 => drop(pool.unload(&model, true).await),
                     3 => {
-                        let limit = if hold.as_millis() % 2 == 0 { 6 * GB } else { 12 * GB };
+                        let limit = if hold.as_millis().is_multiple_of(2) { 6 * GB } else { 12 * GB };
                         drop(pool.set_limits(Some(limit), None).await)
                     }
                     _ => {
