@@ -10,8 +10,12 @@ use modelpool::{
     PoolConfig, PoolError, SizeEstimator,
 };
 
-fn pool_with(limit_gb: u64, backend: Arc<FakeBackend>, models: &[(&str, u64)]) -> ModelPool {
-    let mut cfg = PoolConfig::with_limit(limit_gb * GB);
+/// An LRU pool over any backend with `cfg` (the full log kept), and `models` of the given sizes.
+fn pool_over(
+    mut cfg: PoolConfig,
+    backend: Arc<dyn modelpool::backend::Backend>,
+    models: &[(&str, u64)],
+) -> ModelPool {
     cfg.log = LogMode::Full;
     let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
     let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
@@ -20,6 +24,10 @@ fn pool_with(limit_gb: u64, backend: Arc<FakeBackend>, models: &[(&str, u64)]) -
         pool.register(ModelSpec::new(name).with_size(gb * GB));
     }
     pool
+}
+
+fn pool_with(limit_gb: u64, backend: Arc<FakeBackend>, models: &[(&str, u64)]) -> ModelPool {
+    pool_over(PoolConfig::with_limit(limit_gb * GB), backend, models)
 }
 
 fn slow_backend(secs: u64) -> Arc<FakeBackend> {
@@ -254,12 +262,7 @@ impl modelpool::backend::Backend for PanickingBackend {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_backend_fails_the_load_and_frees_the_reservation() {
-    let mut cfg = PoolConfig::with_limit(10 * GB);
-    cfg.log = LogMode::Full;
-    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
-    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
-    let pool = ModelPool::new(cfg, policy, estimator, Arc::new(PanickingBackend));
-    pool.register(ModelSpec::new("a").with_size(4 * GB));
+    let pool = pool_over(PoolConfig::with_limit(10 * GB), Arc::new(PanickingBackend), &[("a", 4)]);
     let p = pool.clone();
     let waiter = tokio::spawn(async move { p.acquire("a").await.map(|_| ()) });
     let err = pool.acquire("a").await.unwrap_err();
@@ -322,15 +325,7 @@ impl modelpool::backend::Backend for SlowUnloadBackend {
 fn slow_unload_pool(limit_gb: u64, models: &[(&str, u64)]) -> (ModelPool, Arc<FakeBackend>) {
     let fake = Arc::new(FakeBackend::new());
     let backend = Arc::new(SlowUnloadBackend { inner: fake.clone(), unload_time: Duration::from_secs(5) });
-    let mut cfg = PoolConfig::with_limit(limit_gb * GB);
-    cfg.log = LogMode::Full;
-    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
-    let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
-    let pool = ModelPool::new(cfg, policy, estimator, backend);
-    for &(name, gb) in models {
-        pool.register(ModelSpec::new(name).with_size(gb * GB));
-    }
-    (pool, fake)
+    (pool_over(PoolConfig::with_limit(limit_gb * GB), backend, models), fake)
 }
 
 /// An admin call (unload, set_limits, unpin, expire) whose caller goes away while the backend
