@@ -229,6 +229,36 @@ fn check_max_tokens(param: &str, v: Option<u32>, default: u32) -> Result<u32, Ap
     }
 }
 
+/// Sampling and streaming settings shared by chat and text completions.
+struct Generation {
+    temperature: f32,
+    top_p: f32,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// The checks chat and text completions share: sampling and streaming fields, recorded on the
+/// request's timer (model and stream) for its log line and metrics.
+fn check_generation(
+    timer: &mut Option<ReqTimer>,
+    model: &str,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<u32>,
+    stream: Option<bool>,
+    stream_options: &Option<StreamOptions>,
+) -> Result<Generation, ApiError> {
+    if let Some(t) = timer.as_mut() {
+        t.model = Some(model.to_string());
+    }
+    let (temperature, top_p) = check_sampling(temperature, top_p, n)?;
+    let (stream, include_usage) = check_stream(stream, stream_options)?;
+    if let Some(t) = timer.as_mut() {
+        t.stream = stream;
+    }
+    Ok(Generation { temperature, top_p, stream, include_usage })
+}
+
 fn check_stream(stream: Option<bool>, opts: &Option<StreamOptions>) -> Result<(bool, bool), ApiError> {
     let stream = stream.unwrap_or(false);
     if opts.is_some() && !stream {
@@ -372,14 +402,15 @@ async fn chat_inner(
     timer: &mut Option<ReqTimer>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse_body(&body?)?;
-    if let Some(t) = timer.as_mut() {
-        t.model = Some(req.model.clone());
-    }
-    let (temperature, top_p) = check_sampling(req.temperature, req.top_p, req.n)?;
-    let (stream, include_usage) = check_stream(req.stream, &req.stream_options)?;
-    if let Some(t) = timer.as_mut() {
-        t.stream = stream;
-    }
+    let Generation { temperature, top_p, stream, include_usage } = check_generation(
+        timer,
+        &req.model,
+        req.temperature,
+        req.top_p,
+        req.n,
+        req.stream,
+        &req.stream_options,
+    )?;
     let max_tokens = match req.max_completion_tokens {
         Some(_) => {
             check_max_tokens("max_completion_tokens", req.max_completion_tokens, DEFAULT_CHAT_MAX_TOKENS)?
@@ -496,14 +527,15 @@ async fn completions_inner(
     timer: &mut Option<ReqTimer>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(&body?)?;
-    if let Some(t) = timer.as_mut() {
-        t.model = Some(req.model.clone());
-    }
-    let (temperature, top_p) = check_sampling(req.temperature, req.top_p, req.n)?;
-    let (stream, include_usage) = check_stream(req.stream, &req.stream_options)?;
-    if let Some(t) = timer.as_mut() {
-        t.stream = stream;
-    }
+    let Generation { temperature, top_p, stream, include_usage } = check_generation(
+        timer,
+        &req.model,
+        req.temperature,
+        req.top_p,
+        req.n,
+        req.stream,
+        &req.stream_options,
+    )?;
     let max_tokens = check_max_tokens("max_tokens", req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS)?;
     let stop = check_stop(req.stop)?;
     if req.suffix.is_some() {
