@@ -50,17 +50,17 @@ pub enum PoolError {
         available: u64,
     },
 
-    /// `max_models` models are loaded or loading and none can be evicted now.
-    #[error(
-        "Too many models: '{model}' cannot load while {max_models} models are loaded or loading and none can be evicted"
-    )]
+    /// `max_models` models are loaded or loading and none can be evicted now. Without a retry
+    /// hint, every slot is held by a pinned model: no eviction can free one, so waiting cannot
+    /// help until an operator unpins a model or raises `max_models`.
+    #[error("{}", max_models_message(model, *max_models, retry_after_secs.is_none()))]
     MaxModelsReached {
         /// Model.
         model: ModelId,
         /// The configured maximum.
         max_models: usize,
-        /// Seconds after which a retry may succeed (>= 1).
-        retry_after_secs: u32,
+        /// Seconds after which a retry may succeed (>= 1); `None` when waiting cannot help.
+        retry_after_secs: Option<u32>,
     },
 
     /// The model is being unloaded and takes no new requests until it has drained.
@@ -121,11 +121,23 @@ impl PoolError {
     /// Seconds a client should wait before retrying, when waiting can help.
     pub fn retry_after_secs(&self) -> Option<u32> {
         match self {
+            PoolError::MaxModelsReached { retry_after_secs, .. } => *retry_after_secs,
             PoolError::InsufficientMemory { retry_after_secs, .. }
-            | PoolError::MaxModelsReached { retry_after_secs, .. }
             | PoolError::Draining { retry_after_secs, .. }
             | PoolError::ShuttingDown { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
+    }
+}
+
+fn max_models_message(model: &str, max_models: usize, all_pinned: bool) -> String {
+    if all_pinned {
+        format!(
+            "Too many models: '{model}' cannot load while all {max_models} model slots are held by pinned models; unpin one or raise max_models"
+        )
+    } else {
+        format!(
+            "Too many models: '{model}' cannot load while {max_models} models are loaded or loading and none can be evicted"
+        )
     }
 }

@@ -26,6 +26,11 @@ use crate::types::{ModelId, ModelSpec, ModelType, Nanos};
 
 type LoadResult = Option<Result<(), PoolError>>;
 
+/// Longest a request waits for its model's own unload to finish before it is refused with
+/// `model_draining` (an unload normally takes milliseconds to a second; this bounds a backend
+/// whose unload hangs).
+pub const UNLOAD_WAIT_MAX: Duration = Duration::from_secs(30);
+
 struct Core<P: EvictionPolicy, E: SizeEstimator> {
     state: PoolState<P, E>,
     /// Handle per slot while resident or draining.
@@ -41,6 +46,8 @@ struct Inner<P: EvictionPolicy, E: SizeEstimator> {
     shutting_down: AtomicBool,
     /// Notified whenever a lease ends, a load ends or a waiter gives up (shutdown waits on it).
     lease_ended: Notify,
+    /// Notified after every [`PoolState::reclaimed`] (requests awaiting a model's unload).
+    reclaimed: Notify,
     runtime: tokio::runtime::Handle,
     /// Back-reference to the `Arc` that owns this, for tasks spawned from `&self`.
     weak: std::sync::OnceLock<std::sync::Weak<Inner<P, E>>>,
@@ -113,7 +120,8 @@ pub struct PoolStatus {
 pub struct DryRun {
     /// Model asked about.
     pub model: ModelId,
-    /// `hit`, `join`, `load` or `reject`.
+    /// `hit`, `join`, `load`, `await_unload` (the model's own unload is running; a request
+    /// waits for it, then loads) or `reject`.
     pub decision: &'static str,
     /// Whether a request now would be served (possibly after a load).
     pub fits: bool,
@@ -207,8 +215,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 tracing::warn!(slot, error = %e, "unload failed; counting the memory as returned")
             }
         }
+        self.reclaim(slot);
+    }
+
+    /// Report a draining model's memory as returned and wake the requests awaiting its unload.
+    fn reclaim(&self, slot: Slot) {
         let now = self.now();
         self.lock().state.reclaimed(slot, now);
+        self.reclaimed.notify_waiters();
     }
 
     async fn unload_all(&self, victims: Vec<(Slot, Arc<dyn ModelHandle>)>) {
@@ -245,6 +259,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             epoch: Instant::now(),
             shutting_down: AtomicBool::new(false),
             lease_ended: Notify::new(),
+            reclaimed: Notify::new(),
             runtime: tokio::runtime::Handle::current(),
             weak: std::sync::OnceLock::new(),
         });
@@ -289,38 +304,41 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// not in `allowed` (an empty slice allows every type).
     pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
         self.check_open()?;
-        let (slot, rx) = {
-            let mut core = self.inner.lock();
-            let slot = core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
-            let spec = core.state.spec(slot);
-            if !allowed.is_empty() && !allowed.contains(&spec.model_type) {
-                return Err(PoolError::WrongModelType {
-                    model: spec.id.clone(),
-                    expected: allowed[0],
-                    actual: spec.model_type,
-                });
-            }
-            let now = self.inner.now();
-            match core.state.admit(slot, now, Intent::Request) {
-                Admission::Hit => return Ok(self.lease(&core, slot, now)),
-                Admission::Join => (slot, core.loads[&slot].subscribe()),
-                Admission::Load(plan) => {
-                    let rx = self.start_load(&mut core, slot, plan.victims);
-                    (slot, rx)
+        let deadline = Instant::now() + UNLOAD_WAIT_MAX;
+        let (slot, rx) = loop {
+            let reclaimed = {
+                let mut core = self.inner.lock();
+                let slot = Self::slot_of(&core, model)?;
+                let spec = core.state.spec(slot);
+                if !allowed.is_empty() && !allowed.contains(&spec.model_type) {
+                    return Err(PoolError::WrongModelType {
+                        model: spec.id.clone(),
+                        expected: allowed[0],
+                        actual: spec.model_type,
+                    });
                 }
-                Admission::Reject(r) => {
-                    let id = core.state.spec(slot).id.clone();
-                    let err = r.into_error(id, core.state.config().max_models);
-                    tracing::info!(
-                        model,
-                        code = r.code.as_str(),
-                        need = r.need,
-                        available = r.available,
-                        "admission rejected"
-                    );
-                    return Err(err);
+                let now = self.inner.now();
+                match core.state.admit(slot, now, Intent::Request) {
+                    Admission::Hit => return Ok(self.lease(&core, slot, now)),
+                    Admission::Join => break (slot, core.loads[&slot].subscribe()),
+                    Admission::Load(plan) => break (slot, self.start_load(&mut core, slot, plan.victims)),
+                    Admission::AwaitUnload => self.await_reclaim(&core, slot, deadline)?,
+                    Admission::Reject(r) => {
+                        let id = core.state.spec(slot).id.clone();
+                        let err = r.into_error(id, core.state.config().max_models);
+                        tracing::info!(
+                            model,
+                            code = r.code.as_str(),
+                            need = r.need,
+                            available = r.available,
+                            "admission rejected"
+                        );
+                        return Err(err);
+                    }
                 }
-            }
+            };
+            reclaimed.await;
+            self.check_open()?;
         };
         let mut guard = WaitGuard { pool: self, slot, rx, finished: false };
         let result = guard.wait().await;
@@ -328,6 +346,30 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         result?;
         let core = self.inner.lock();
         Ok(self.lease(&core, slot, self.inner.now()))
+    }
+
+    /// Called under the lock when an admission answered [`Admission::AwaitUnload`]: a future
+    /// that ends when the next unload is reported (or at `deadline`), registered before the lock
+    /// is released so the wake-up cannot be missed. Past `deadline` (an unload that never
+    /// ends), the request is refused with `model_draining` instead.
+    fn await_reclaim<'s>(
+        &'s self,
+        core: &Core<P, E>,
+        slot: Slot,
+        deadline: Instant,
+    ) -> Result<impl Future<Output = ()> + use<'s, P, E>, PoolError> {
+        if Instant::now() >= deadline {
+            let secs = UNLOAD_WAIT_MAX.as_secs() as u32;
+            return Err(PoolError::Draining {
+                model: core.state.spec(slot).id.clone(),
+                retry_after_secs: secs,
+            });
+        }
+        let mut notified = Box::pin(self.inner.reclaimed.notified());
+        notified.as_mut().enable();
+        Ok(async move {
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        })
     }
 
     fn lease(&self, core: &Core<P, E>, slot: Slot, now: Nanos) -> Lease {
@@ -399,19 +441,25 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// the same critical section that makes the model resident.
     pub async fn preload(&self, model: &str) -> Result<(), PoolError> {
         self.check_open()?;
-        let mut rx = {
-            let mut core = self.inner.lock();
-            let slot = core.state.slot(model).ok_or_else(|| PoolError::ModelNotFound(model.to_string()))?;
-            let now = self.inner.now();
-            match core.state.admit(slot, now, Intent::Preload) {
-                Admission::Hit => return Ok(()),
-                Admission::Join => core.loads[&slot].subscribe(),
-                Admission::Load(plan) => self.start_load(&mut core, slot, plan.victims),
-                Admission::Reject(r) => {
-                    let id = core.state.spec(slot).id.clone();
-                    return Err(r.into_error(id, core.state.config().max_models));
+        let deadline = Instant::now() + UNLOAD_WAIT_MAX;
+        let mut rx = loop {
+            let reclaimed = {
+                let mut core = self.inner.lock();
+                let slot = Self::slot_of(&core, model)?;
+                let now = self.inner.now();
+                match core.state.admit(slot, now, Intent::Preload) {
+                    Admission::Hit => return Ok(()),
+                    Admission::Join => break core.loads[&slot].subscribe(),
+                    Admission::Load(plan) => break self.start_load(&mut core, slot, plan.victims),
+                    Admission::AwaitUnload => self.await_reclaim(&core, slot, deadline)?,
+                    Admission::Reject(r) => {
+                        let id = core.state.spec(slot).id.clone();
+                        return Err(r.into_error(id, core.state.config().max_models));
+                    }
                 }
-            }
+            };
+            reclaimed.await;
+            self.check_open()?;
         };
         loop {
             if let Some(r) = rx.borrow_and_update().clone() {
@@ -478,8 +526,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             .runtime
             .spawn(async move {
                 let freed = guarded_unload(&handle).await.ok();
-                let now = inner.now();
-                inner.lock().state.reclaimed(slot, now);
+                inner.reclaim(slot);
                 freed
             })
             .await
@@ -549,6 +596,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         Ok(match core.state.preview(slot, now) {
             Admission::Hit => base,
             Admission::Join => DryRun { decision: "join", ..base },
+            Admission::AwaitUnload => DryRun { decision: "await_unload", ..base },
             Admission::Load(plan) => DryRun {
                 decision: "load",
                 would_evict: plan.victims.iter().map(|&v| core.state.spec(v).id.clone()).collect(),

@@ -118,6 +118,13 @@ pub enum Admission {
     Join,
     /// A load was admitted: victims are evicted, the reservation is held; the caller loads.
     Load(LoadPlan),
+    /// The model is leaving memory with no request left on it: its own unload is in progress.
+    /// Nothing changed. The caller waits until the driver reports [`PoolState::reclaimed`] for
+    /// this slot and then admits again (the model loads anew, or the new admission decides
+    /// otherwise). Waiting is always worth it: the unload is already under way and ends without
+    /// any request having to finish first. A model drained with requests still in flight (a
+    /// forced unload, a lowered limit, shutdown) is refused with `model_draining` instead.
+    AwaitUnload,
     /// Refused.
     Reject(Rejection),
 }
@@ -180,7 +187,7 @@ pub struct Stats {
     pub loaded: u64,
     /// Loads that failed.
     pub load_failures: u64,
-    /// Bytes measured over successful loads.
+    /// Bytes measured over successful loads (saturates at `u64::MAX`).
     pub bytes_loaded: u64,
     /// Seconds spent in successful loads.
     pub load_secs: f64,
@@ -294,6 +301,8 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     ewma_lease: Option<f64>,
     /// Why the pool last went over its limits (the reason logged for evictions that follow).
     over_reason: EvictReason,
+    /// Resident pinned models: model slots that no eviction can free.
+    pinned_models: usize,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -312,6 +321,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             log,
             ewma_lease: None,
             over_reason: EvictReason::LimitChanged,
+            pinned_models: 0,
         }
     }
 
@@ -504,6 +514,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 Admission::Join
             }
+            Phase::Draining if self.entries[slot as usize].leases == 0 => Admission::AwaitUnload,
             Phase::Draining => {
                 let e = &self.entries[slot as usize];
                 let r = Rejection {
@@ -535,6 +546,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         match e.phase {
             Phase::Resident => Admission::Hit,
             Phase::Loading => Admission::Join,
+            Phase::Draining if e.leases == 0 => Admission::AwaitUnload,
             Phase::Draining => Admission::Reject(Rejection {
                 code: RejectCode::Draining,
                 need: e.need(),
@@ -562,6 +574,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     /// Plan a load of an absent model without changing anything.
+    ///
+    /// The arithmetic is done in `u128`: `used + need` can exceed `u64::MAX` for sizes near
+    /// 2^64 bytes, and a saturated sum would understate the shortfall and overcommit.
     fn plan_load(&self, slot: Slot, now: Nanos) -> Result<LoadPlan, Rejection> {
         let need = self.entries[slot as usize].need();
         let l = self.ledger;
@@ -574,27 +589,40 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 retry_after_secs: None,
             });
         }
-        let bytes_short = l.used().saturating_add(need).saturating_sub(l.limit);
+        if self.pinned_models >= l.max_models {
+            // Every model slot is held by a pinned model, which no eviction frees: waiting
+            // cannot help (the model-count analogue of `model_too_large`).
+            return Err(Rejection {
+                code: RejectCode::MaxModels,
+                need,
+                available: 0,
+                retry_after_secs: None,
+            });
+        }
+        let used = u128::from(l.used());
+        let bytes_short = (used + u128::from(need)).saturating_sub(u128::from(l.limit));
         let count_short = (l.models + 1).saturating_sub(l.max_models);
         let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
             return Ok(LoadPlan { reserve: need, victims });
         }
-        let mut freed = 0u64;
+        let mut freed = 0u128;
         self.policy.visit_victims(&mut |s| {
             if self.evictable(s) {
                 victims.push(s);
-                freed += self.entries[s as usize].bytes;
+                freed += u128::from(self.entries[s as usize].bytes);
             }
             freed < bytes_short || victims.len() < count_short
         });
         if freed >= bytes_short && victims.len() >= count_short {
             return Ok(LoadPlan { reserve: need, victims });
         }
-        // Not enough even with every evictable model gone: evict nothing.
-        let available = l.limit.saturating_sub(l.used() - freed);
+        // Not enough even with every evictable model gone: evict nothing. `freed <= used`, and
+        // the result is at most `limit`, so it fits in u64.
+        let available = u64::try_from(u128::from(l.limit).saturating_sub(used - freed)).unwrap_or(u64::MAX);
         let (code, short_bytes, short_count) = if freed < bytes_short {
-            (RejectCode::InsufficientMemory, bytes_short - freed, 0)
+            let short = u64::try_from(bytes_short - freed).unwrap_or(u64::MAX);
+            (RejectCode::InsufficientMemory, short, 0)
         } else {
             (RejectCode::MaxModels, 0, count_short - victims.len())
         };
@@ -660,6 +688,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if e.pinned {
             e.pinned = false;
             self.ledger.pinned -= e.bytes;
+            self.pinned_models -= 1;
         }
         e.phase = Phase::Draining;
         e.owner = owner;
@@ -735,7 +764,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 LoadDone::default()
             }
             Ok(measured) => {
-                let measured = measured.max(1);
+                // The ledger's columns sum to at most u64::MAX bytes: admission keeps them under
+                // the limit, and a measurement (the one input that can exceed it) is clamped to
+                // what still fits. Over 16 EiB cannot be a real measurement anyway.
+                let headroom = u64::MAX - self.ledger.used();
+                let measured = measured.max(1).min(headroom);
                 e.phase = Phase::Resident;
                 e.bytes = measured;
                 e.measured = Some(measured);
@@ -750,7 +783,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 self.estimator.observe(&self.entries[slot as usize].spec, measured);
                 self.ledger.resident += measured;
                 self.stats.loaded += 1;
-                self.stats.bytes_loaded += measured;
+                self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(measured);
                 self.stats.load_secs += secs;
                 self.policy.on_insert(slot, info, now);
                 let model = &self.entries[slot as usize].spec.id;
@@ -833,6 +866,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if !e.pinned {
             e.pinned = true;
             self.ledger.pinned += e.bytes;
+            self.pinned_models += 1;
             let model = e.spec.id.clone();
             self.log.push(Event::Pin { at: now, model });
         }
@@ -866,6 +900,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
         e.pinned = false;
         self.ledger.pinned -= e.bytes;
+        self.pinned_models -= 1;
         let model = e.spec.id.clone();
         self.log.push(Event::Unpin { at: now, model });
         let evicted =
@@ -1115,6 +1150,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if l != self.ledger {
             return Err(format!("ledger {:?} != recomputed {:?}", self.ledger, l));
         }
+        let pinned = self.entries.iter().filter(|e| e.pinned).count();
+        if pinned != self.pinned_models {
+            return Err(format!("{} pinned models counted, {pinned} pinned entries", self.pinned_models));
+        }
         Ok(())
     }
 }
@@ -1139,7 +1178,7 @@ impl Rejection {
                 PoolError::ModelTooLarge { model, need: self.need, available: self.available }
             }
             RejectCode::MaxModels => {
-                PoolError::MaxModelsReached { model, max_models, retry_after_secs: retry }
+                PoolError::MaxModelsReached { model, max_models, retry_after_secs: self.retry_after_secs }
             }
             RejectCode::Draining => PoolError::Draining { model, retry_after_secs: retry },
         }

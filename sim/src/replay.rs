@@ -12,6 +12,8 @@
 //! progress. `Load(plan)`: every victim is unloaded (instantly, or after the modelled unload
 //! time) and reported with `reclaimed`; when the last one is back the load starts and takes
 //! `latency + bytes / bandwidth`; then `load_finished` grants the waiters their leases.
+//! `AwaitUnload`: the model's own unload is under way; the request (or preload) is parked and
+//! admitted again the moment that unload is reported, as the server's requests wait for it.
 //! `Reject`: a 503, counted by code; the request is dropped, or retried after the engine's
 //! `retry_after_secs` if retries are enabled. A draining model whose last lease ends is unloaded.
 //!
@@ -259,6 +261,16 @@ pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
 }
 
 /// A request waiting for a load.
+/// A request or preload parked until its model's own unload ends ([`Admission::AwaitUnload`]).
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    /// Index of its trace operation.
+    op: u32,
+    first: Nanos,
+    attempt: u32,
+    service: Nanos,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
     /// Arrival of its first attempt (latency is measured from there).
@@ -355,6 +367,8 @@ struct Runner<'t, P: SimPolicy> {
     heap: BinaryHeap<Reverse<Timed>>,
     seq: u64,
     waiters: Vec<Vec<Waiter>>,
+    /// Per model: requests and preloads awaiting its unload.
+    parked: Vec<Vec<Parked>>,
     true_size: Vec<u64>,
     load_ns: Vec<u64>,
     unload_ns: u64,
@@ -411,6 +425,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             heap: BinaryHeap::with_capacity(1024),
             seq: 0,
             waiters: vec![Vec::new(); n],
+            parked: vec![Vec::new(); n],
             true_size,
             load_ns,
             unload_ns: secs_to_ns(cfg.unload_secs),
@@ -525,6 +540,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.waiters[slot as usize].push(Waiter { first, service, started: true });
                 self.start_load(slot, now, &plan);
             }
+            Admission::AwaitUnload => {
+                self.parked[slot as usize].push(Parked { op: idx as u32, first, attempt, service });
+            }
             Admission::Reject(r) => {
                 self.t.rejections[code_index(r.code)] += 1;
                 if attempt == 0 {
@@ -578,6 +596,38 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         self.mem_sync(now);
         if let Some(o) = owner {
             self.begin_load(o, now);
+        }
+        if !self.parked[slot as usize].is_empty() {
+            let mut parked = std::mem::take(&mut self.parked[slot as usize]);
+            for p in &parked {
+                let op = self.trace.ops[p.op as usize];
+                if op.kind == OpKind::Request {
+                    self.request(p.op as usize, slot, now, p.first, p.attempt, p.service);
+                } else {
+                    self.preload(p.op as usize, slot, now);
+                }
+            }
+            parked.clear();
+            if self.parked[slot as usize].is_empty() {
+                self.parked[slot as usize] = parked;
+            }
+        }
+    }
+
+    /// Admit a preload (trace operation `idx`) of `slot`.
+    fn preload(&mut self, idx: usize, slot: Slot, now: Nanos) {
+        match self.st.admit(slot, now, Intent::Preload) {
+            Admission::Hit | Admission::Join => {}
+            Admission::Load(plan) => self.start_load(slot, now, &plan),
+            Admission::AwaitUnload => {
+                self.parked[slot as usize].push(Parked {
+                    op: idx as u32,
+                    first: now,
+                    attempt: 0,
+                    service: 0,
+                });
+            }
+            Admission::Reject(_) => self.t.admin_refused += 1,
         }
     }
 
@@ -668,11 +718,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             OpKind::Request => unreachable!("requests are handled by the caller"),
             OpKind::Preload => {
                 self.t.preloads += 1;
-                match self.st.admit(slot, now, Intent::Preload) {
-                    Admission::Hit | Admission::Join => {}
-                    Admission::Load(plan) => self.start_load(slot, now, &plan),
-                    Admission::Reject(_) => self.t.admin_refused += 1,
-                }
+                self.preload(idx, slot, now);
             }
             OpKind::Pin => {
                 if !self.st.pin(slot, now) {

@@ -10,6 +10,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{FinishReason, Usage};
 
+/// Reads `seed` as any JSON integer from `i64::MIN` to `u64::MAX`. OpenAI types it as a signed
+/// 64-bit integer and some clients send `-1`; a negative seed maps to the sampler's `u64` seed
+/// by two's complement (`-1` -> `u64::MAX`), so each integer names one fixed sampling stream
+/// and non-negative seeds keep their value.
+pub fn de_seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct SeedVisitor;
+    impl serde::de::Visitor<'_> for SeedVisitor {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer seed (from -2^63 to 2^64 - 1) or null")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v as u64))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(SeedVisitor)
+}
+
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -106,8 +133,9 @@ pub struct ChatCompletionRequest {
     /// Nucleus sampling mass in (0, 1].
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// Sampling seed.
-    #[serde(default)]
+    /// Sampling seed: any integer OpenAI accepts (a signed 64-bit integer, so `-1` too) or an
+    /// unsigned 64-bit one; see [`de_seed`] for how it maps to the sampler's seed.
+    #[serde(default, deserialize_with = "de_seed")]
     pub seed: Option<u64>,
     /// Stop strings (at most 4).
     #[serde(default)]
@@ -158,8 +186,9 @@ pub struct CompletionRequest {
     /// Nucleus sampling mass in (0, 1].
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// Sampling seed.
-    #[serde(default)]
+    /// Sampling seed: any integer OpenAI accepts (a signed 64-bit integer, so `-1` too) or an
+    /// unsigned 64-bit one; see [`de_seed`] for how it maps to the sampler's seed.
+    #[serde(default, deserialize_with = "de_seed")]
     pub seed: Option<u64>,
     /// Stop strings (at most 4).
     #[serde(default)]

@@ -270,3 +270,118 @@ fn limits_and_sizes_near_u64_max_plan_without_overflow() {
     st.check_invariants().unwrap();
     assert!(st.ledger().used() <= st.ledger().limit);
 }
+
+#[test]
+fn admission_does_not_overcommit_when_used_plus_need_passes_u64_max() {
+    // Issue 14.1: `used + need` above 2^64 must not saturate into a too-small shortfall.
+    let mut st = state(1.0);
+    st.set_limits(u64::MAX - 2047, 4, 0).unwrap();
+    let a = st.register(modelpool::ModelSpec::new("a").with_size(1 << 63));
+    let b = st.register(modelpool::ModelSpec::new("b").with_size(4096));
+    let c = st.register(modelpool::ModelSpec::new("c").with_size(1 << 63));
+    request(&mut st, a, s(1)); // loaded and leased
+    touch(&mut st, b, s(2)); // loaded and released
+    let before = st.ledger();
+    let adm = st.admit(c, s(3), Intent::Request);
+    let Admission::Reject(r) = adm else { panic!("c must be refused, got {adm:?}") };
+    assert_eq!(r.code, RejectCode::InsufficientMemory);
+    assert_eq!(st.ledger(), before, "nothing evicted for nothing");
+    assert_eq!(st.phase(b), Phase::Resident);
+    // Evicting b (4096 bytes) leaves limit - 2^63 = 2^63 - 2048 bytes: 2048 short.
+    assert_eq!(r.available, (1 << 63) - 2048);
+    st.check_invariants().unwrap();
+
+    // With a limit of u64::MAX and no victim at all, the same.
+    let mut st = state(1.0);
+    st.set_limits(u64::MAX, 4, 0).unwrap();
+    let a = st.register(modelpool::ModelSpec::new("a").with_size(1 << 63));
+    let c = st.register(modelpool::ModelSpec::new("c").with_size(1 << 63));
+    request(&mut st, a, s(1));
+    let Admission::Reject(r) = st.admit(c, s(2), Intent::Request) else { panic!("c must be refused") };
+    assert_eq!((r.code, r.available), (RejectCode::InsufficientMemory, (1 << 63) - 1));
+}
+
+#[test]
+fn a_measured_size_near_u64_max_cannot_wrap_the_ledger() {
+    // Issue 14.1: `resident += measured` for a load that measures far above its estimate.
+    let mut st = state(1.0);
+    st.set_limits(u64::MAX, 4, 0).unwrap();
+    let a = st.register(modelpool::ModelSpec::new("a").with_size(1 << 63));
+    let b = st.register(modelpool::ModelSpec::new("b").with_size(1 << 62));
+    request(&mut st, a, s(1));
+    let Admission::Load(_) = st.admit(b, s(2), Intent::Request) else { panic!("b fits") };
+    st.load_finished(b, s(3), Ok(u64::MAX));
+    st.check_invariants().unwrap();
+    let l = st.ledger();
+    assert_eq!(l.used(), u64::MAX, "the measurement is clamped to what the ledger can count: {l:?}");
+    assert_eq!(st.stats().bytes_loaded, u64::MAX, "the byte counter saturates");
+}
+
+#[test]
+fn every_slot_pinned_is_max_models_reached_without_retry() {
+    // Issue 14.2: pinned models are never evicted, so a retry hint would loop clients forever.
+    let mut st = state(10.0);
+    st.set_limits(10 * GB, 1, 0).unwrap();
+    let p = reg_sized(&mut st, "pinned", 1.0);
+    let other = reg_sized(&mut st, "other", 1.0);
+    preload(&mut st, p, s(0));
+    let before = st.ledger();
+    let Admission::Reject(r) = st.admit(other, s(1), Intent::Request) else { panic!("no slot") };
+    assert_eq!((r.code, r.retry_after_secs), (RejectCode::MaxModels, None));
+    assert_eq!(st.ledger(), before);
+    let err = r.into_error("other".into(), 1);
+    assert_eq!(err.retry_after_secs(), None);
+    assert_eq!(
+        err.to_string(),
+        "Too many models: 'other' cannot load while all 1 model slots are held by pinned models; unpin one or raise max_models"
+    );
+    // A busy (not pinned) slot is temporary: it keeps its retry hint.
+    let mut st = state(10.0);
+    st.set_limits(10 * GB, 1, 0).unwrap();
+    let busy = reg_sized(&mut st, "busy", 1.0);
+    let other = reg_sized(&mut st, "other", 1.0);
+    request(&mut st, busy, s(0));
+    let Admission::Reject(r) = st.admit(other, s(1), Intent::Request) else { panic!("no slot") };
+    assert_eq!(r.code, RejectCode::MaxModels);
+    assert!(r.retry_after_secs.is_some_and(|s| s >= 1));
+    // Unpinning frees the slot for the next admission.
+    let mut st = state(10.0);
+    st.set_limits(10 * GB, 1, 0).unwrap();
+    let p = reg_sized(&mut st, "pinned", 1.0);
+    let other = reg_sized(&mut st, "other", 1.0);
+    preload(&mut st, p, s(0));
+    st.unpin(p, s(1));
+    assert!(matches!(st.admit(other, s(2), Intent::Request), Admission::Load(_)));
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn a_request_for_a_model_whose_unload_runs_awaits_it_then_loads() {
+    // Issue 14.3: an idle victim is being unloaded; a request for it waits, it is not refused.
+    let mut st = state(6.0);
+    let a = reg_sized(&mut st, "a", 4.0);
+    let b = reg_sized(&mut st, "b", 4.0);
+    touch(&mut st, a, s(1));
+    let Admission::Load(plan) = st.admit(b, s(2), Intent::Request) else { panic!("b loads") };
+    assert_eq!(plan.victims.as_slice(), &[a]);
+    // a's unload is under way (not yet reclaimed).
+    let before = st.ledger();
+    assert_eq!(st.preview(a, s(2)), Admission::AwaitUnload);
+    assert_eq!(st.admit(a, s(2), Intent::Request), Admission::AwaitUnload);
+    assert_eq!(st.ledger(), before, "awaiting changes nothing");
+    assert_eq!(st.stats().total_rejections(), 0, "no 503");
+    // The unload ends; the waiting request is admitted again: a loads once b is done with.
+    st.reclaimed(a, s(3));
+    st.load_finished(b, s(3), Ok(4 * GB));
+    st.release(b, s(4), s(3));
+    let Admission::Load(plan) = st.admit(a, s(4), Intent::Request) else { panic!("a loads again") };
+    assert_eq!(plan.victims.as_slice(), &[b]);
+    st.check_invariants().unwrap();
+    // A model drained while requests are still on it (a forced unload) stays refused.
+    let mut st = state(10.0);
+    let a = reg_sized(&mut st, "a", 4.0);
+    request(&mut st, a, s(1));
+    assert_eq!(st.unload(a, s(2), true), Ok(false));
+    let Admission::Reject(r) = st.admit(a, s(3), Intent::Request) else { panic!("refused") };
+    assert_eq!(r.code, RejectCode::Draining);
+}

@@ -7,6 +7,9 @@
 //! memory stays within the limit except where pinned or busy models are allowed to keep it over
 //! (a lowered limit, a load that measured above its estimate); and every request ends in exactly
 //! one outcome.
+//!
+//! The extreme-size runs use limits and model sizes near 2^64 bytes (and sizes of 0 and 1
+//! byte), where any wrapping or saturating arithmetic in admission would overcommit or panic.
 
 use std::collections::BTreeSet;
 
@@ -31,11 +34,48 @@ struct Outcomes {
     granted: u64,
     failed: u64,
     cancelled: u64,
+    /// Requests that found their model's own unload under way (they would wait and retry).
+    awaiting_unload: u64,
 }
 
-fn run(seed: u64, kind: PolicyKind, steps: usize) {
+/// Sizes and limits for a run: ordinary gigabytes, or the extremes of `u64`.
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Gigabytes,
+    Extreme,
+}
+
+impl Scale {
+    fn model_size(self, rng: &mut ChaCha8Rng) -> u64 {
+        match self {
+            Scale::Gigabytes => rng.random_range(500_000_000..6 * GB),
+            Scale::Extreme => match rng.random_range(0..6) {
+                0 => rng.random_range(0..=1),
+                1 => rng.random_range(2..=1 << 20),
+                2 => 1 << 63,
+                3 => u64::MAX - rng.random_range(0..=1 << 12),
+                _ => rng.random_range(1 << 60..=1 << 63),
+            },
+        }
+    }
+
+    fn limit(self, rng: &mut ChaCha8Rng) -> u64 {
+        match self {
+            Scale::Gigabytes => rng.random_range(8..=24) * GB,
+            Scale::Extreme => match rng.random_range(0..4) {
+                0 => u64::MAX,
+                1 => u64::MAX - rng.random_range(1..=2047),
+                2 => 1 << 63,
+                _ => rng.random_range(1 << 62..=u64::MAX),
+            },
+        }
+    }
+}
+
+fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut cfg = PoolConfig::with_limit(16 * GB);
+    let first_limit = if scale == Scale::Extreme { scale.limit(&mut rng) } else { 16 * GB };
+    let mut cfg = PoolConfig::with_limit(first_limit);
     cfg.log = LogMode::Full;
     cfg.max_models = rng.random_range(2..=6);
     cfg.idle_ttl = Some(30_000_000_000);
@@ -43,7 +83,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize) {
         PoolState::new(cfg, kind.build(), NameEstimator);
     let n_models = 12;
     for i in 0..n_models {
-        let size = rng.random_range(500_000_000..6 * GB);
+        let size = scale.model_size(&mut rng);
         st.register(ModelSpec::new(format!("m{i}")).with_size(size));
     }
     let mut pending: Vec<PendingLoad> = Vec::new();
@@ -84,8 +124,23 @@ fn run(seed: u64, kind: PolicyKind, steps: usize) {
                         assert!(used <= before.limit.max(before.used()), "{ctx}: admission over-committed");
                         pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: 1 });
                     }
+                    Admission::AwaitUnload => {
+                        out.awaiting_unload += 1;
+                        assert_eq!(
+                            st.phase(slot),
+                            Phase::Draining,
+                            "{ctx}: awaits an unload that is not running"
+                        );
+                        assert_eq!(st.leases(slot), 0, "{ctx}: awaits the unload of a busy model");
+                        assert_eq!(st.ledger(), before, "{ctx}: awaiting an unload changed the ledger");
+                    }
                     Admission::Reject(r) => {
                         out.rejected += 1;
+                        assert_ne!(
+                            (st.phase(slot), st.leases(slot)),
+                            (Phase::Draining, 0),
+                            "{ctx}: refused a model whose unload is running"
+                        );
                         assert_eq!(st.ledger(), before, "{ctx}: a rejection changed the ledger");
                         assert!(
                             r.code != modelpool::RejectCode::ModelTooLarge || r.retry_after_secs.is_none()
@@ -169,7 +224,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize) {
                 }
             }
             _ => {
-                let limit = rng.random_range(8..=24) * GB;
+                let limit = scale.limit(&mut rng);
                 let max = rng.random_range(2..=6);
                 let victims = st.set_limits(limit, max, now).unwrap();
                 to_reclaim.extend(victims.iter().copied());
@@ -245,7 +300,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize) {
     // Every request ended exactly once: hit, rejected, granted after a load, failed, or gave up.
     assert_eq!(
         out.requests,
-        out.hits + out.rejected + out.granted + out.failed + out.cancelled,
+        out.hits + out.rejected + out.granted + out.failed + out.cancelled + out.awaiting_unload,
         "seed {seed} {kind}: requests and outcomes differ"
     );
     assert!(
@@ -258,7 +313,16 @@ fn run(seed: u64, kind: PolicyKind, steps: usize) {
 fn randomized_invariants_hold_for_every_policy() {
     for kind in PolicyKind::ALL {
         for seed in 0..12 {
-            run(seed, kind, 3000);
+            run(seed, kind, 3000, Scale::Gigabytes);
+        }
+    }
+}
+
+#[test]
+fn randomized_invariants_hold_at_extreme_sizes() {
+    for kind in PolicyKind::ALL {
+        for seed in 0..12 {
+            run(1000 + seed, kind, 3000, Scale::Extreme);
         }
     }
 }

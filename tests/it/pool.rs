@@ -480,3 +480,29 @@ async fn churn_with_cancellations(seed: u64) {
         drop(pool.acquire(&format!("m{i}")).await.unwrap());
     }
 }
+
+/// Issue 14.3: an idle model evicted for another one is unloaded in the background; a request
+/// for it during that unload waits for it and then loads the model again, instead of a 503
+/// `model_draining`.
+#[tokio::test(start_paused = true)]
+async fn a_request_during_its_models_unload_waits_and_loads_it_again() {
+    let (pool, fake) = slow_unload_pool(6, &[("a", 4), ("b", 4)]);
+    drop(pool.acquire("a").await.unwrap());
+    // b evicts a; a's unload takes 5 s.
+    let b = {
+        let pool = pool.clone();
+        tokio::spawn(async move { drop(pool.acquire("b").await.unwrap()) })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(phase(&pool, "a"), Phase::Draining);
+    assert_eq!(pool.dry_run("a").unwrap().decision, "await_unload");
+    let started = tokio::time::Instant::now();
+    let lease = pool.acquire("a").await.expect("waits for the unload instead of model_draining");
+    assert!(started.elapsed() >= Duration::from_secs(4), "it waited for the unload");
+    b.await.unwrap();
+    assert_eq!(phase(&pool, "a"), Phase::Resident);
+    drop(lease);
+    assert_eq!(fake.load_count(), 3, "a, b, a again");
+    assert_eq!(pool.status().stats.total_rejections(), 0);
+    pool.with_state(|st| st.check_invariants()).unwrap();
+}

@@ -303,3 +303,34 @@ fn idle_ttl_evicts_after_the_last_request_ends_at_the_servers_check_cadence() {
     assert!(a_evicted[0] >= 110_812_500_000, "a expired at {} while busy until 100.8 s", a_evicted[0]);
     assert!(SimConfig { idle_ttl_secs: Some(0.0), ..cfg() }.validate().is_err());
 }
+
+/// Issue 14.3, as the server now behaves: a request for a model whose own unload is under way
+/// waits for the unload and loads the model again; it is never refused as `model_draining`.
+#[test]
+fn a_request_during_its_models_unload_waits_for_it_and_loads_again() {
+    // a is unloaded (idle) at t=10; the unload takes 2 s; a is asked for again at t=11, inside
+    // that window, and a preload of it at t=11.5.
+    let t = csv("time,model,op,size_bytes,duration\n\
+                 0,a,,8000000000,1\n\
+                 10,a,unload,,\n\
+                 11,a,,,1\n\
+                 11.5,a,preload,,\n");
+    for retries in [0, 3] {
+        let o = replay(&t, &SimConfig { limit: 10 * GB, unload_secs: 2.0, retries, ..cfg() });
+        assert_accounted(&o);
+        assert!(rejects(&o).is_empty(), "no 503: {:?}", rejects(&o));
+        assert_eq!((o.report.served, o.report.dropped, o.report.admin.refused), (2, 0, 0));
+        let a = &o.report.models[0];
+        assert_eq!((a.loads, a.unloads), (2, 1), "a loads again after its unload");
+        let loads: Vec<u64> = o
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Load { at, .. } => Some(*at),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(loads, vec![0, 12 * GB], "the second load starts as the unload ends");
+        assert!(o.events.iter().any(|e| matches!(e, Event::Pin { .. })), "the parked preload pinned it");
+    }
+}

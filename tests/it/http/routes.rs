@@ -397,6 +397,54 @@ async fn max_models_reached_is_503_with_retry_after() {
     assert_eq!(h.post("/v1/chat/completions", chat_body("chat-b", false)).await.status(), 200);
 }
 
+/// Issue 14.2: with every model slot held by a pinned model, no eviction can free one: the
+/// refusal says so and carries no `Retry-After` (clients would retry forever).
+#[tokio::test]
+async fn max_models_reached_with_every_slot_pinned_has_no_retry_after() {
+    let h = Harness::new(10 * GB, 1);
+    assert_eq!(h.req("POST", "/admin/models/chat-a/preload").await.status(), 200);
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    let e = assert_error(&r, 503, "max_models_reached");
+    assert!(e["message"].as_str().unwrap().contains("pinned"), "{e}");
+    assert_eq!(retry_after(&r), None, "waiting cannot help");
+    assert_eq!(h.model("chat-a").phase, Phase::Resident);
+}
+
+/// Issue 14.4: OpenAI's `seed` is a signed 64-bit integer; `-1` is accepted and, like any
+/// seed, gives the same answer every time.
+#[tokio::test]
+async fn negative_seed_is_accepted_and_deterministic() {
+    let h = Harness::new(10 * GB, 4);
+    let ask = |path: &str, seed: Value| {
+        let mut b = if path.ends_with("chat/completions") {
+            chat_body("chat-a", false)
+        } else {
+            json!({"model": "chat-a", "prompt": "hello"})
+        };
+        b["seed"] = seed;
+        b["temperature"] = json!(1.0);
+        b["max_tokens"] = json!(8);
+        (path.to_string(), b)
+    };
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let (p, body) = ask(path, json!(-1));
+        let r1 = h.post(&p, body.clone()).await;
+        assert_eq!(r1.status(), 200, "{path}: {}", String::from_utf8_lossy(r1.body()));
+        let r2 = h.post(&p, body).await;
+        let text = |r: &warp::http::Response<Bytes>| json(r)["choices"][0].clone();
+        assert_eq!(text(&r1)["finish_reason"], text(&r2)["finish_reason"]);
+        assert_eq!(json(&r1)["choices"], json(&r2)["choices"], "{path}: same seed, same answer");
+        for seed in [json!(i64::MIN), json!(u64::MAX), json!(null)] {
+            let (p, body) = ask(path, seed.clone());
+            assert_eq!(h.post(&p, body).await.status(), 200, "{path}: seed {seed}");
+        }
+        for seed in [json!(1.5), json!("7")] {
+            let (p, body) = ask(path, seed.clone());
+            assert_bad_request(&h.post(&p, body).await, "seed");
+        }
+    }
+}
+
 #[tokio::test]
 async fn draining_model_is_503_with_retry_after() {
     let h = Harness::new(10 * GB, 4);
