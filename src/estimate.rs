@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -78,21 +78,35 @@ impl fmt::Display for EstimateSource {
 
 /// Decides a model's size before it is loaded.
 ///
-/// Contract: `estimate` is pure for a given spec and estimator state, and returns bytes > 0.
-/// `observe` is called by the pool after every successful load with the backend's measurement.
-pub trait SizeEstimator: Send + 'static {
-    /// Expected bytes for `spec`.
+/// Shared between threads (`&self` everywhere): an estimator that learns keeps its state behind
+/// its own lock. Estimators may do I/O (read weight files, GGUF headers, a measurement file):
+/// drivers call them **outside** the decision core. [`crate::ModelPool`] estimates a model in
+/// `register` before taking the pool lock and reports measurements after releasing it; only
+/// [`crate::PoolState::register`] calls `estimate` directly, for drivers (the simulator, tests)
+/// whose estimators are pure.
+pub trait SizeEstimator: Send + Sync + 'static {
+    /// Expected bytes for `spec`: deterministic for a given spec and estimator state, and > 0.
     fn estimate(&self, spec: &ModelSpec) -> Estimate;
 
-    /// Learn from a measurement. The default ignores it.
-    fn observe(&mut self, _spec: &ModelSpec, _measured: u64) {}
+    /// Learn from a measurement: the backend measured `measured` bytes for `spec` after a
+    /// successful load. Called once per load, never under the pool lock. The default ignores it.
+    fn observe(&self, _spec: &ModelSpec, _measured: u64) {}
 }
 
 impl SizeEstimator for Box<dyn SizeEstimator> {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
         (**self).estimate(spec)
     }
-    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+    fn observe(&self, spec: &ModelSpec, measured: u64) {
+        (**self).observe(spec, measured)
+    }
+}
+
+impl<E: SizeEstimator> SizeEstimator for std::sync::Arc<E> {
+    fn estimate(&self, spec: &ModelSpec) -> Estimate {
+        (**self).estimate(spec)
+    }
+    fn observe(&self, spec: &ModelSpec, measured: u64) {
         (**self).observe(spec, measured)
     }
 }
@@ -256,7 +270,7 @@ impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
         self.fallback.estimate(spec)
     }
 
-    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+    fn observe(&self, spec: &ModelSpec, measured: u64) {
         self.fallback.observe(spec, measured)
     }
 }
@@ -264,10 +278,13 @@ impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
 /// Remembers measured sizes per model id and returns them instead of the inner estimate.
 /// With a file, measurements are loaded at construction and written after each new one, so
 /// they survive restarts. A size hint in the spec still wins.
+///
+/// The measurements sit behind a mutex of their own (never the pool's); the file is written
+/// under it, so concurrent observations are persisted in order and the last write holds them all.
 #[derive(Debug)]
 pub struct Learned<E> {
     inner: E,
-    measured: BTreeMap<String, u64>,
+    measured: Mutex<BTreeMap<String, u64>>,
     file: Option<PathBuf>,
 }
 
@@ -295,7 +312,7 @@ pub enum LearnedError {
 impl<E: SizeEstimator> Learned<E> {
     /// Remember measurements in memory only.
     pub fn new(inner: E) -> Self {
-        Learned { inner, measured: BTreeMap::new(), file: None }
+        Learned { inner, measured: Mutex::new(BTreeMap::new()), file: None }
     }
 
     /// Remember measurements in `file` (created on the first measurement if missing).
@@ -307,31 +324,38 @@ impl<E: SizeEstimator> Learned<E> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(LearnedError::Io { path: file, source }),
         };
-        Ok(Learned { inner, measured, file: Some(file) })
+        Ok(Learned { inner, measured: Mutex::new(measured), file: Some(file) })
     }
 
-    /// The measurements known so far.
-    pub fn measurements(&self) -> &BTreeMap<String, u64> {
-        &self.measured
+    /// A copy of the measurements known so far.
+    pub fn measurements(&self) -> BTreeMap<String, u64> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        // The map is consistent after any panic (single inserts), so a poisoned lock is usable.
+        self.measured.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl<E: SizeEstimator> SizeEstimator for Learned<E> {
     fn estimate(&self, spec: &ModelSpec) -> Estimate {
-        match (spec.size_hint, self.measured.get(&*spec.id)) {
-            (None, Some(&bytes)) => Estimate { bytes, source: EstimateSource::Measured },
-            _ => self.inner.estimate(spec),
+        let known = if spec.size_hint.is_none() { self.lock().get(&*spec.id).copied() } else { None };
+        match known {
+            Some(bytes) => Estimate { bytes, source: EstimateSource::Measured },
+            None => self.inner.estimate(spec),
         }
     }
 
-    fn observe(&mut self, spec: &ModelSpec, measured: u64) {
+    fn observe(&self, spec: &ModelSpec, measured: u64) {
         self.inner.observe(spec, measured);
-        if self.measured.insert(spec.id.to_string(), measured) != Some(measured)
+        let mut map = self.lock();
+        if map.insert(spec.id.to_string(), measured) != Some(measured)
             && let Some(file) = &self.file
         {
             // Best effort: a failed write loses a hint, never a request.
             let tmp = file.with_extension("tmp");
-            let json = serde_json::to_vec_pretty(&self.measured).unwrap_or_default();
+            let json = serde_json::to_vec_pretty(&*map).unwrap_or_default();
             if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, file)).is_err() {
                 tracing::warn!(file = %file.display(), "could not persist measured model sizes");
             }

@@ -32,7 +32,9 @@ type LoadResult = Option<Result<(), PoolError>>;
 pub const UNLOAD_WAIT_MAX: Duration = Duration::from_secs(30);
 
 struct Core<P: EvictionPolicy, E: SizeEstimator> {
-    state: PoolState<P, E>,
+    /// The decision core. It shares the estimator with [`Inner::estimator`] but never calls it:
+    /// estimates are made before the lock is taken and measurements reported after it is released.
+    state: PoolState<P, Arc<E>>,
     /// Handle per slot while resident or draining.
     handles: Vec<Option<Arc<dyn ModelHandle>>>,
     /// Loads in progress: their outcome is broadcast to every waiter.
@@ -41,6 +43,8 @@ struct Core<P: EvictionPolicy, E: SizeEstimator> {
 
 struct Inner<P: EvictionPolicy, E: SizeEstimator> {
     core: Mutex<Core<P, E>>,
+    /// Called outside `core`'s lock only (estimators may read files or write them).
+    estimator: Arc<E>,
     backend: Arc<dyn Backend>,
     epoch: Instant,
     shutting_down: AtomicBool,
@@ -249,12 +253,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// A pool over `backend` with `config`, `policy` and `estimator`. Must be called inside a
     /// tokio runtime (background unloads are spawned on it).
     pub fn new(config: PoolConfig, policy: P, estimator: E, backend: Arc<dyn Backend>) -> Self {
+        let estimator = Arc::new(estimator);
         let inner = Arc::new(Inner {
             core: Mutex::new(Core {
-                state: PoolState::new(config, policy, estimator),
+                state: PoolState::new(config, policy, estimator.clone()),
                 handles: Vec::new(),
                 loads: HashMap::new(),
             }),
+            estimator,
             backend,
             epoch: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -272,10 +278,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         self.inner.now()
     }
 
-    /// Register a model (or update an absent one). Returns its slot.
+    /// Register a model (or update an absent one). Returns its slot. The size estimate is made
+    /// here, before the pool lock is taken (an estimator may read weight files), so a slow disk
+    /// never stalls admissions.
     pub fn register(&self, spec: ModelSpec) -> Slot {
+        let estimate = self.inner.estimator.estimate(&spec);
         let mut core = self.inner.lock();
-        let slot = core.state.register(spec);
+        let slot = core.state.register_estimated(spec, estimate);
         if core.handles.len() <= slot as usize {
             core.handles.resize(slot as usize + 1, None);
         }
@@ -402,6 +411,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 .await
                 .unwrap_or_else(|_| Err(BackendError::Load("the backend panicked while loading".into())));
             let now = inner.now();
+            let measured = result.as_ref().ok().map(|h| h.measured_bytes());
             let (evicted, outcome) = {
                 let mut core = inner.lock();
                 let (done, outcome) = match result {
@@ -428,6 +438,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 (evicted, outcome)
             };
             inner.lease_ended.notify_waiters();
+            if let Some(measured) = measured {
+                // After the lock: a learning estimator may persist the measurement to a file.
+                let (estimator, spec) = (inner.estimator.clone(), spec.clone());
+                let _ = tokio::task::spawn_blocking(move || estimator.observe(&spec, measured)).await;
+            }
             match &outcome {
                 Ok(()) => tracing::info!(model = %spec.id, "model loaded"),
                 Err(e) => tracing::warn!(model = %spec.id, error = %e, "model load failed"),
@@ -639,7 +654,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     /// Run `f` on the decision core under the lock (tests, metrics). Keep it short.
-    pub fn with_state<R>(&self, f: impl FnOnce(&PoolState<P, E>) -> R) -> R {
+    pub fn with_state<R>(&self, f: impl FnOnce(&PoolState<P, Arc<E>>) -> R) -> R {
         f(&self.inner.lock().state)
     }
 

@@ -325,13 +325,27 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// Register `spec` (or update it while the model is absent) and return its slot.
-    /// The estimate is taken now; a model's own measured size later replaces it.
+    /// Register `spec` (or update it while the model is absent) and return its slot, estimating
+    /// its size with this state's estimator now. For pure estimators only (the simulator's,
+    /// tests'): an estimator that does I/O belongs outside the core, with
+    /// [`PoolState::register_estimated`]. A model's own measured size later replaces the estimate.
     pub fn register(&mut self, spec: ModelSpec) -> Slot {
+        let estimate = self.estimator.estimate(&spec);
+        self.register_estimated(spec, estimate)
+    }
+
+    /// Register `spec` with an `estimate` the driver computed beforehand (outside any lock), or
+    /// update an absent model whose spec changed; returns its slot. A model that is loading,
+    /// resident or draining keeps its spec and estimate until it is absent again. Changing the
+    /// size hint or the path forgets the model's measured size.
+    ///
+    /// # Panics
+    /// If 2^32 models are registered.
+    pub fn register_estimated(&mut self, spec: ModelSpec, estimate: Estimate) -> Slot {
         if let Some(&slot) = self.index.get(&spec.id) {
             let e = &mut self.entries[slot as usize];
             if e.phase == Phase::Absent && e.spec != spec {
-                e.estimate = self.estimator.estimate(&spec);
+                e.estimate = estimate;
                 if e.spec.size_hint != spec.size_hint || e.spec.path != spec.path {
                     e.measured = None;
                 }
@@ -340,7 +354,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             return slot;
         }
         let slot = Slot::try_from(self.entries.len()).expect("fewer than 2^32 models");
-        let estimate = self.estimator.estimate(&spec);
         self.index.insert(spec.id.clone(), slot);
         self.entries.push(Entry {
             spec,
@@ -780,7 +793,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 let granted = e.leases;
                 let pin = std::mem::take(&mut e.pin_on_load);
                 let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
-                self.estimator.observe(&self.entries[slot as usize].spec, measured);
                 self.ledger.resident += measured;
                 self.stats.loaded += 1;
                 self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(measured);

@@ -84,7 +84,7 @@ fn learned_estimator_remembers_measurements_across_restarts() {
     let _ = std::fs::remove_file(&file);
     let spec = ModelSpec::new("llama-3-8b");
     {
-        let mut l = Learned::with_file(NameEstimator, &file).unwrap();
+        let l = Learned::with_file(NameEstimator, &file).unwrap();
         assert_eq!(l.estimate(&spec).bytes, 5 * GB);
         l.observe(&spec, 5_600_000_000);
         assert_eq!(

@@ -506,3 +506,51 @@ async fn a_request_during_its_models_unload_waits_and_loads_it_again() {
     assert_eq!(pool.status().stats.total_rejections(), 0);
     pool.with_state(|st| st.check_invariants()).unwrap();
 }
+
+/// An estimator that checks, each time it is called, whether the pool's lock is free: another
+/// thread must be able to read the ledger while `estimate` or `observe` runs.
+struct LockProbe {
+    pool: std::sync::OnceLock<ModelPool<Box<dyn EvictionPolicy>, LockProbe>>,
+    /// One entry per call: (which call, whether the pool lock was free during it).
+    calls: std::sync::Mutex<Vec<(&'static str, bool)>>,
+}
+
+impl LockProbe {
+    fn probe(&self, call: &'static str) {
+        let Some(pool) = self.pool.get() else { return };
+        let pool = pool.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = pool.ledger();
+            let _ = tx.send(());
+        });
+        let free = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+        self.calls.lock().unwrap().push((call, free));
+    }
+}
+
+impl SizeEstimator for LockProbe {
+    fn estimate(&self, spec: &ModelSpec) -> modelpool::Estimate {
+        self.probe("estimate");
+        NameEstimator.estimate(spec)
+    }
+    fn observe(&self, _spec: &ModelSpec, _measured: u64) {
+        self.probe("observe");
+    }
+}
+
+/// Estimators may do I/O (weight files, GGUF headers, a measurement file): the pool calls them
+/// before taking its lock (register) and after releasing it (a load's measurement), so the
+/// decision core never waits on a disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimators_run_outside_the_pool_lock() {
+    let probe = LockProbe { pool: std::sync::OnceLock::new(), calls: Default::default() };
+    let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
+    let pool = ModelPool::new(PoolConfig::with_limit(10 * GB), policy, probe, Arc::new(FakeBackend::new()));
+    pool.with_state(|st| st.estimator().pool.set(pool.clone()).ok().expect("set once"));
+    pool.register(ModelSpec::new("m-1b").with_size(GB));
+    drop(pool.acquire("m-1b").await.unwrap());
+    let calls = || pool.with_state(|st| st.estimator().calls.lock().unwrap().clone());
+    assert!(crate::http::eventually(Duration::from_secs(10), || calls().len() == 2).await, "{:?}", calls());
+    assert_eq!(calls(), vec![("estimate", true), ("observe", true)]);
+}
