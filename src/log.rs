@@ -6,87 +6,8 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::estimate::EstimateSource;
+pub use crate::types::{EvictReason, RejectCode};
 use crate::types::{ModelId, Nanos};
-
-/// Why a model left memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EvictReason {
-    /// Memory was needed to load another model.
-    Capacity,
-    /// `max_models` was reached and another model had to load.
-    MaxModels,
-    /// The memory limit or `max_models` was lowered at run time.
-    LimitChanged,
-    /// A load measured more than its estimate and pushed the pool over its limit.
-    Overcommit,
-    /// Idle longer than the keep-alive time.
-    Expired,
-    /// An operator asked for it.
-    Explicit,
-    /// The pool is shutting down.
-    Shutdown,
-}
-
-impl EvictReason {
-    /// Every reason, for counters.
-    pub const ALL: [EvictReason; 7] = [
-        EvictReason::Capacity,
-        EvictReason::MaxModels,
-        EvictReason::LimitChanged,
-        EvictReason::Overcommit,
-        EvictReason::Expired,
-        EvictReason::Explicit,
-        EvictReason::Shutdown,
-    ];
-
-    /// Snake-case name, as in metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EvictReason::Capacity => "capacity",
-            EvictReason::MaxModels => "max_models",
-            EvictReason::LimitChanged => "limit_changed",
-            EvictReason::Overcommit => "overcommit",
-            EvictReason::Expired => "expired",
-            EvictReason::Explicit => "explicit",
-            EvictReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Machine-readable reason an admission was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RejectCode {
-    /// Would fit after in-flight work ends; retry later.
-    InsufficientMemory,
-    /// Larger than the limit minus pinned models: waiting will not help.
-    ModelTooLarge,
-    /// `max_models` models are loaded or loading and none can be evicted now.
-    MaxModels,
-    /// The model is being unloaded; retry after it has drained.
-    Draining,
-}
-
-impl RejectCode {
-    /// Every code, for counters.
-    pub const ALL: [RejectCode; 4] = [
-        RejectCode::InsufficientMemory,
-        RejectCode::ModelTooLarge,
-        RejectCode::MaxModels,
-        RejectCode::Draining,
-    ];
-
-    /// Snake-case name (the `code` of the HTTP error body).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectCode::InsufficientMemory => "insufficient_memory",
-            RejectCode::ModelTooLarge => "model_too_large",
-            RejectCode::MaxModels => "max_models_reached",
-            RejectCode::Draining => "model_draining",
-        }
-    }
-}
 
 /// One decision or state change. `at` is the caller's clock (see [`Nanos`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

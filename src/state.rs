@@ -191,10 +191,10 @@ pub struct Stats {
     pub bytes_loaded: u64,
     /// Seconds spent in successful loads.
     pub load_secs: f64,
-    /// Evictions by [`EvictReason`] (index = position in `EvictReason::ALL`).
-    pub evictions: [u64; 7],
-    /// Rejections by [`RejectCode`] (index = position in `RejectCode::ALL`).
-    pub rejections: [u64; 4],
+    /// Evictions by [`EvictReason`], indexed by `reason as usize`.
+    pub evictions: [u64; <EvictReason as strum::EnumCount>::COUNT],
+    /// Rejections by [`RejectCode`], indexed by `code as usize`.
+    pub rejections: [u64; <RejectCode as strum::EnumCount>::COUNT],
     /// Highest `used()` seen.
     pub peak_used: u64,
 }
@@ -574,8 +574,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
-        let idx = RejectCode::ALL.iter().position(|c| *c == r.code).unwrap_or(0);
-        self.stats.rejections[idx] += 1;
+        self.stats.rejections[r.code as usize] += 1;
         self.log.push_with(|| Event::Reject {
             at: now,
             model: self.entries[slot as usize].spec.id.clone(),

@@ -27,32 +27,72 @@ pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / GB as f64
 }
 
+/// Parse `s` (trimmed) as one of `T`'s names, as strum derives them from the variant list.
+/// The one name table of each vocabulary enum is its strum attributes; this, serde (through
+/// [`impl_serde_by_name`]) and `Display` all read it.
+pub(crate) fn parse_by_name<T>(s: &str) -> Option<T>
+where
+    T: strum::VariantArray + Copy + Into<&'static str>,
+{
+    let s = s.trim();
+    T::VARIANTS.iter().copied().find(|v| (*v).into() == s)
+}
+
+/// `Serialize` as the name and `Deserialize` through `FromStr`, so the wire names are the strum
+/// names and are written once.
+macro_rules! impl_serde_by_name {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+pub(crate) use impl_serde_by_name;
+
 /// What kind of inference a model serves. The wire names are `text-gen`, `vision`, `embeddings`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumCount,
+)]
 pub enum ModelType {
     /// Text generation (chat and completions). The default type of a model.
     #[default]
-    #[serde(rename = "text-gen")]
+    #[strum(serialize = "text-gen")]
     TextGen,
     /// Vision-language generation (chat with images).
-    #[serde(rename = "vision")]
+    #[strum(serialize = "vision")]
     Vision,
     /// Sentence embeddings.
-    #[serde(rename = "embeddings")]
+    #[strum(serialize = "embeddings")]
     Embeddings,
 }
 
 impl ModelType {
     /// Every model type, in wire-name order.
-    pub const ALL: [ModelType; 3] = [ModelType::TextGen, ModelType::Vision, ModelType::Embeddings];
+    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
+        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
 
     /// The wire name (`text-gen`, `vision`, `embeddings`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ModelType::TextGen => "text-gen",
-            ModelType::Vision => "vision",
-            ModelType::Embeddings => "embeddings",
-        }
+        self.into()
     }
 }
 
@@ -71,14 +111,122 @@ impl FromStr for ModelType {
     type Err = ParseModelTypeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "text-gen" => Ok(ModelType::TextGen),
-            "vision" => Ok(ModelType::Vision),
-            "embeddings" => Ok(ModelType::Embeddings),
-            other => Err(ParseModelTypeError(other.to_string())),
-        }
+        parse_by_name(s).ok_or_else(|| ParseModelTypeError(s.trim().to_string()))
     }
 }
+
+impl_serde_by_name!(ModelType);
+
+/// Why a model left memory. Names (snake case) are the decision log's and the metrics' labels.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumCount,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum EvictReason {
+    /// Memory was needed to load another model.
+    Capacity,
+    /// `max_models` was reached and another model had to load.
+    MaxModels,
+    /// The memory limit or `max_models` was lowered at run time.
+    LimitChanged,
+    /// A load measured more than its estimate and pushed the pool over its limit.
+    Overcommit,
+    /// Idle longer than the keep-alive time.
+    Expired,
+    /// An operator asked for it.
+    Explicit,
+    /// The pool is shutting down.
+    Shutdown,
+}
+
+impl EvictReason {
+    /// Every reason, in declaration order: counters are indexed by `reason as usize`.
+    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
+        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
+
+    /// Snake-case name, as in the decision log and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// An unknown eviction reason name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown eviction reason '{0}'")]
+pub struct ParseEvictReasonError(pub String);
+
+impl FromStr for EvictReason {
+    type Err = ParseEvictReasonError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_by_name(s).ok_or_else(|| ParseEvictReasonError(s.trim().to_string()))
+    }
+}
+
+impl_serde_by_name!(EvictReason);
+
+/// Machine-readable reason an admission was refused: the `code` of the HTTP error body.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumCount,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum RejectCode {
+    /// Would fit after in-flight work ends; retry later.
+    InsufficientMemory,
+    /// Larger than the limit minus pinned models: waiting will not help.
+    ModelTooLarge,
+    /// `max_models` models are loaded or loading and none can be evicted now (or, without a
+    /// retry hint, every slot is held by a pinned model).
+    #[strum(serialize = "max_models_reached")]
+    MaxModels,
+    /// The model was drained with requests still on it; retry after it has unloaded.
+    #[strum(serialize = "model_draining")]
+    Draining,
+}
+
+impl RejectCode {
+    /// Every code, in declaration order: counters are indexed by `code as usize`.
+    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
+        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
+
+    /// Snake-case name (the `code` of the HTTP error body).
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// An unknown rejection code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown rejection code '{0}'")]
+pub struct ParseRejectCodeError(pub String);
+
+impl FromStr for RejectCode {
+    type Err = ParseRejectCodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_by_name(s).ok_or_else(|| ParseRejectCodeError(s.trim().to_string()))
+    }
+}
+
+impl_serde_by_name!(RejectCode);
 
 /// Everything the engine knows about a model before it is loaded.
 ///

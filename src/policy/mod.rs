@@ -21,8 +21,6 @@ pub use lru::Lru;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
 use crate::types::Nanos;
 
 /// Dense index of a registered model inside a [`crate::PoolState`]. Stable for the state's life.
@@ -77,9 +75,22 @@ impl EvictionPolicy for Box<dyn EvictionPolicy> {
     }
 }
 
-/// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`; case-insensitive).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::EnumCount,
+)]
+#[strum(serialize_all = "lowercase")]
 pub enum PolicyKind {
     /// Least recently used (default).
     #[default]
@@ -92,7 +103,8 @@ pub enum PolicyKind {
 
 impl PolicyKind {
     /// Every built-in policy.
-    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::Gdsf, PolicyKind::Lfu];
+    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
+        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
 
     /// A fresh boxed policy of this kind.
     pub fn build(self) -> Box<dyn EvictionPolicy> {
@@ -103,13 +115,9 @@ impl PolicyKind {
         }
     }
 
-    /// Config name.
+    /// The name in configs, flags and status (`lru`, `gdsf`, `lfu`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyKind::Lru => "lru",
-            PolicyKind::Gdsf => "gdsf",
-            PolicyKind::Lfu => "lfu",
-        }
+        self.into()
     }
 }
 
@@ -127,14 +135,12 @@ pub struct ParsePolicyError(pub String);
 impl FromStr for PolicyKind {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "lru" => Ok(PolicyKind::Lru),
-            "gdsf" => Ok(PolicyKind::Gdsf),
-            "lfu" => Ok(PolicyKind::Lfu),
-            _ => Err(ParsePolicyError(s.to_string())),
-        }
+        crate::types::parse_by_name(&s.trim().to_ascii_lowercase())
+            .ok_or_else(|| ParsePolicyError(s.to_string()))
     }
 }
+
+crate::types::impl_serde_by_name!(PolicyKind);
 
 /// A totally ordered key for non-negative finite f64 priorities (IEEE bits order like values).
 #[inline]
