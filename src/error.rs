@@ -4,8 +4,11 @@ use crate::backend::BackendError;
 use crate::log::RejectCode;
 use crate::types::{ModelId, ModelType, gb};
 
-/// Why a pool operation failed. Variants carry what a client or operator needs to act.
+/// Why a pool operation failed. Variants carry what a client or operator needs to act; `model`
+/// is always the id of the model concerned. `src/http/error.rs` maps each variant to one HTTP
+/// status and OpenAI error `code` (the only such mapping).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)] // `model` is documented once, above.
 pub enum PoolError {
     /// No model with this id is registered.
     #[error("model '{0}' not found")]
@@ -14,7 +17,6 @@ pub enum PoolError {
     /// The model exists but serves another kind of request.
     #[error("model '{model}' is a {actual} model; this endpoint needs a {expected} model")]
     WrongModelType {
-        /// Model.
         model: ModelId,
         /// What the endpoint needs.
         expected: ModelType,
@@ -23,10 +25,9 @@ pub enum PoolError {
     },
 
     /// Not enough memory even after evicting every evictable model; nothing was evicted.
-    /// The message is the seed's, in decimal GB.
+    /// The message is the classic 503 text, in decimal GB.
     #[error("Insufficient memory: need {:.1}GB, only {:.1}GB available after eviction", gb(*need), gb(*available))]
     InsufficientMemory {
-        /// Model.
         model: ModelId,
         /// Bytes the model needs.
         need: u64,
@@ -42,7 +43,6 @@ pub enum PoolError {
         gb(*need), gb(*available)
     )]
     ModelTooLarge {
-        /// Model.
         model: ModelId,
         /// Bytes the model needs.
         need: u64,
@@ -55,7 +55,6 @@ pub enum PoolError {
     /// help until an operator unpins a model or raises `max_models`.
     #[error("{}", max_models_message(model, *max_models, retry_after_secs.is_none()))]
     MaxModelsReached {
-        /// Model.
         model: ModelId,
         /// The configured maximum.
         max_models: usize,
@@ -66,7 +65,6 @@ pub enum PoolError {
     /// The model is being unloaded and takes no new requests until it has drained.
     #[error("model '{model}' is being unloaded; retry after it has drained")]
     Draining {
-        /// Model.
         model: ModelId,
         /// Seconds after which a retry may succeed (>= 1).
         retry_after_secs: u32,
@@ -75,7 +73,6 @@ pub enum PoolError {
     /// The backend failed to load the model. Every waiter of that load gets this.
     #[error("failed to load model '{model}': {source}")]
     LoadFailed {
-        /// Model.
         model: ModelId,
         /// The backend's error.
         source: BackendError,
@@ -88,7 +85,6 @@ pub enum PoolError {
     /// An unload or unpin was refused; `reason` says why and how to force it.
     #[error("cannot unload '{model}': {reason}")]
     UnloadRefused {
-        /// Model.
         model: ModelId,
         /// Why (pinned, in use, loading, not loaded).
         reason: String,

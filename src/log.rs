@@ -9,29 +9,23 @@ use crate::estimate::EstimateSource;
 pub use crate::types::{EvictReason, RejectCode};
 use crate::types::{ModelId, Nanos};
 
-/// One decision or state change. `at` is the caller's clock (see [`Nanos`]).
+/// One decision or state change, as data.
+///
+/// Every variant carries `at`, the driver's clock when it happened (see [`Nanos`]), and all but
+/// `LimitChanged` carry `model`, the model it concerns; the other fields are documented on the
+/// variant. Wire form: a JSON object tagged by `"event"` (snake case), as the admin API and
+/// snapshots show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)] // `at` and `model` are documented once, above.
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A request found the model resident.
-    Hit {
-        /// When.
-        at: Nanos,
-        /// Model.
-        model: ModelId,
-    },
+    Hit { at: Nanos, model: ModelId },
     /// A request joined a load already in progress.
-    Join {
-        /// When.
-        at: Nanos,
-        /// Model.
-        model: ModelId,
-    },
+    Join { at: Nanos, model: ModelId },
     /// A load was admitted with this reservation.
     Load {
-        /// When.
         at: Nanos,
-        /// Model.
         model: ModelId,
         /// Bytes reserved.
         estimate: u64,
@@ -40,9 +34,7 @@ pub enum Event {
     },
     /// A load finished; the ledger now counts the measured size.
     Loaded {
-        /// When.
         at: Nanos,
-        /// Model.
         model: ModelId,
         /// Bytes measured by the backend.
         measured: u64,
@@ -51,20 +43,16 @@ pub enum Event {
     },
     /// A load failed; its reservation was released.
     LoadFailed {
-        /// When.
         at: Nanos,
-        /// Model.
         model: ModelId,
         /// The backend's error.
         error: String,
     },
     /// A model was chosen to leave memory.
     Evict {
-        /// When.
         at: Nanos,
-        /// Model evicted.
         model: ModelId,
-        /// Why.
+        /// Why it had to leave.
         reason: EvictReason,
         /// Bytes it held.
         bytes: u64,
@@ -75,45 +63,31 @@ pub enum Event {
     },
     /// An admission was refused; nothing was evicted for it.
     Reject {
-        /// When.
         at: Nanos,
-        /// Model requested.
         model: ModelId,
-        /// Why.
+        /// Why it was refused (the HTTP error `code`).
         code: RejectCode,
         /// Bytes it needs.
         need: u64,
         /// Bytes that could be made available by evicting everything evictable.
         available: u64,
-        /// Seconds after which a retry may succeed (`None` for `model_too_large`).
+        /// Seconds after which a retry may succeed; `None` when waiting cannot help
+        /// (`model_too_large`, every model slot pinned).
         retry_after_secs: Option<u32>,
     },
     /// A model's memory came back (after eviction or unload).
     Unload {
-        /// When.
         at: Nanos,
-        /// Model.
         model: ModelId,
         /// Bytes released from the ledger.
         bytes: u64,
     },
     /// A model was pinned (never evicted).
-    Pin {
-        /// When.
-        at: Nanos,
-        /// Model.
-        model: ModelId,
-    },
+    Pin { at: Nanos, model: ModelId },
     /// A model was unpinned.
-    Unpin {
-        /// When.
-        at: Nanos,
-        /// Model.
-        model: ModelId,
-    },
+    Unpin { at: Nanos, model: ModelId },
     /// The limits changed at run time.
     LimitChanged {
-        /// When.
         at: Nanos,
         /// New memory limit in bytes.
         limit: u64,

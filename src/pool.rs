@@ -111,7 +111,7 @@ pub struct PoolStatus {
     pub ledger: Ledger,
     /// Whether the ledger exceeds the limit (pinned or busy models after a lowered limit).
     pub over_limit: bool,
-    /// Counters.
+    /// The decision core's counters since the pool started.
     pub stats: Stats,
     /// Whether shutdown has begun.
     pub shutting_down: bool,
@@ -144,7 +144,7 @@ pub struct DryRun {
 /// What an unload did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnloadReport {
-    /// Model.
+    /// The model unloaded (or draining).
     pub model: ModelId,
     /// True if memory has been returned; false if it drains after in-flight requests.
     pub unloaded_now: bool,
@@ -152,7 +152,13 @@ pub struct UnloadReport {
     pub freed_bytes: Option<u64>,
 }
 
-/// The async pool. Cheap to clone (an `Arc`).
+/// The async pool: a [`PoolState`] behind one mutex, a [`Backend`], leases and single-flight
+/// loads. Cheap to clone (an `Arc`); every clone is the same pool.
+///
+/// Guarantees: the lock is never held across an `.await` or a backend call; a model with a live
+/// [`Lease`] is never unloaded; concurrent acquires of one absent model share one load; every
+/// caller that goes away mid-call (a dropped future) leaves the ledger as if it had never come
+/// (see `# Cancel safety` on each async method).
 pub struct ModelPool<P: EvictionPolicy = Box<dyn EvictionPolicy>, E: SizeEstimator = Box<dyn SizeEstimator>> {
     inner: Arc<Inner<P, E>>,
 }
@@ -250,8 +256,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
-    /// A pool over `backend` with `config`, `policy` and `estimator`. Must be called inside a
-    /// tokio runtime (background unloads are spawned on it).
+    /// A pool over `backend` with `config`, `policy` and `estimator`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (loads and background unloads are spawned on the current one).
     pub fn new(config: PoolConfig, policy: P, estimator: E, backend: Arc<dyn Backend>) -> Self {
         let estimator = Arc::new(estimator);
         let inner = Arc::new(Inner {
@@ -304,13 +312,26 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     /// Acquire a lease on `model`, loading it if needed. Concurrent acquires of a model that is
-    /// not resident share one load; if it fails, every one of them gets its error.
+    /// not resident share one load; if it fails, every one of them gets its error. A model whose
+    /// own unload is running is waited for (at most [`UNLOAD_WAIT_MAX`]) and loaded again.
+    ///
+    /// # Errors
+    /// `ModelNotFound`, `ShuttingDown`, the admission refusals (`InsufficientMemory`,
+    /// `ModelTooLarge`, `MaxModelsReached`, `Draining`), or `LoadFailed` with the backend's error.
+    ///
+    /// # Cancel safety
+    /// Cancel safe. Dropping the future while it waits for a load gives its place back (the load
+    /// goes on for the other waiters and stays resident); dropping it after the load landed ends
+    /// the lease it was granted. A load it started is never abandoned.
     pub async fn acquire(&self, model: &str) -> Result<Lease, PoolError> {
         self.acquire_as(model, &[]).await
     }
 
     /// Like [`ModelPool::acquire`], but refuses (before loading anything) a model whose type is
-    /// not in `allowed` (an empty slice allows every type).
+    /// not in `allowed` (an empty slice allows every type) with `WrongModelType`.
+    ///
+    /// # Cancel safety
+    /// As [`ModelPool::acquire`].
     pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
         self.check_open()?;
         let deadline = Instant::now() + UNLOAD_WAIT_MAX;
@@ -454,6 +475,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     /// Load `model` if needed and pin it: it is never evicted until unpinned. The pin is set in
     /// the same critical section that makes the model resident.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: once admitted, the load and the pin happen whether or not the caller still
+    /// waits.
     pub async fn preload(&self, model: &str) -> Result<(), PoolError> {
         self.check_open()?;
         let deadline = Instant::now() + UNLOAD_WAIT_MAX;
@@ -507,6 +532,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     /// Unpin a model. Returns whether it was pinned. If the pool is over its limits (after a
     /// lowered limit), models that became evictable are unloaded before this returns.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the unpin is done before the first `.await`, and the unloads run in a task
+    /// of their own, so the memory comes back even if the caller goes away.
     pub async fn unpin(&self, model: &str) -> Result<bool, PoolError> {
         let (was, victims) = {
             let mut core = self.inner.lock();
@@ -521,6 +550,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     /// Unload a model. Pinned or busy models are refused unless `force`; a forced unload of a
     /// busy model stops new requests and frees it when the in-flight ones end.
+    ///
+    /// # Errors
+    /// `ModelNotFound`, or `UnloadRefused` saying why and how to force it.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the backend unload runs in a task of its own and reports the memory back to
+    /// the ledger whether or not the caller still waits.
     pub async fn unload(&self, model: &str, force: bool) -> Result<UnloadReport, PoolError> {
         let (slot, handle, id) = {
             let mut core = self.inner.lock();
@@ -552,6 +588,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
 
     /// Change the memory limit and/or `max_models` and evict down to them (idle models are
     /// unloaded before this returns; busy ones drain). Returns the models evicted.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a zero limit or `max_models`; nothing changes then.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`ModelPool::unpin`].
     pub async fn set_limits(
         &self,
         limit: Option<u64>,
@@ -578,6 +620,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     /// Evict models idle longer than the configured TTL; returns them after unloading.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`ModelPool::unpin`].
     pub async fn expire_idle(&self) -> Vec<ModelId> {
         let (victims, ids) = {
             let mut core = self.inner.lock();
@@ -653,7 +698,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         self.inner.lock().state.log().last(n)
     }
 
-    /// Run `f` on the decision core under the lock (tests, metrics). Keep it short.
+    /// Run `f` on the decision core under the pool lock (tests, metrics): every admission waits
+    /// while it runs, so keep it short and never block in it.
     pub fn with_state<R>(&self, f: impl FnOnce(&PoolState<P, Arc<E>>) -> R) -> R {
         f(&self.inner.lock().state)
     }
@@ -675,6 +721,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// model. Requests waiting for a load in progress are in flight too; the model they load is
     /// evicted as it lands. Models still busy when `grace` ends are unloaded as their last lease
     /// drops. Returns the number of requests still in flight (leases plus waiters) at the end.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: shutdown has begun (new requests are refused) once the future is first
+    /// polled; dropping it only stops waiting for the grace period.
     pub async fn shutdown(&self, grace: Duration) -> u32 {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         let victims = {

@@ -22,7 +22,8 @@ pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// One gigabyte as the engine reports it (decimal: 10^9 bytes, as in `16GB`).
 pub const GB: u64 = 1_000_000_000;
 
-/// Bytes rendered as decimal gigabytes, the unit of the seed's 503 message.
+/// Bytes rendered as decimal gigabytes, the unit of the classic 503 message
+/// (`Insufficient memory: need 8.0GB, only 7.0GB available after eviction`).
 pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / GB as f64
 }

@@ -29,25 +29,53 @@ pub type Slot = u32;
 /// What a policy may know about a model when it becomes resident.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyInfo {
-    /// Bytes the model holds.
+    /// Bytes the model holds now (its measured size); fixed while it stays resident.
     pub bytes: u64,
-    /// Seconds a reload would cost (measured, or modelled from its size).
+    /// Seconds a reload would cost: the duration of the load that just ended (> 0).
     pub load_cost: f64,
 }
 
-/// Ordering of resident models for eviction. See the module docs for the contract.
+/// Ordering of resident models for eviction. The engine owns everything else (sizes, leases,
+/// pins, the ledger); a policy only answers "in which order would you evict?".
+///
+/// Who guarantees what: the engine calls the hooks exactly as documented on each method, so a
+/// policy never sees a slot it does not track (no defensive checks needed); the policy keeps the
+/// walk of [`EvictionPolicy::visit_victims`] consistent with the hooks it has been given. Hooks
+/// run under the pool lock on the hot path: they must not block, allocate per call where
+/// avoidable, or read a clock (time is `now`, the caller's).
 pub trait EvictionPolicy: Send + 'static {
-    /// Name used in config, CLI, logs and reports.
+    /// The policy's name in config, CLI, logs and reports (`lru`, `gdsf`, ...). Constant.
     fn name(&self) -> &'static str;
-    /// `slot` became resident.
+
+    /// `slot` became resident (a load finished), with what the policy may know about it.
+    ///
+    /// Precondition (engine): `slot` is not tracked, i.e. it was never inserted or was removed
+    /// since. After the call the policy tracks it.
     fn on_insert(&mut self, slot: Slot, info: PolicyInfo, now: Nanos);
-    /// `slot` was used (a hit).
+
+    /// `slot` was used again: a request or preload found it resident.
+    ///
+    /// Precondition (engine): `slot` is tracked. Called on every hit, so it should be O(1).
     fn on_access(&mut self, slot: Slot, now: Nanos);
-    /// `slot` left the resident set; `evicted` is true when the engine chose it as a victim.
+
+    /// `slot` stopped being resident; the policy must forget it. `evicted` is true when the
+    /// engine chose it as a victim (capacity, max_models, overcommit, limits, expiry), false for
+    /// an operator's explicit unload.
+    ///
+    /// Precondition (engine): `slot` is tracked. After the call it is not.
     fn on_remove(&mut self, slot: Slot, evicted: bool);
-    /// Call `visit` on tracked slots from best victim to worst until it returns `false`.
+
+    /// Call `visit` on every tracked slot, from the best victim to the worst, until `visit`
+    /// returns `false`. The engine skips slots it may not evict (pinned, leased) itself and stops
+    /// once it has enough, so the policy never has to know about pins or leases.
+    ///
+    /// Guarantee (policy): each tracked slot is visited at most once per walk, and no untracked
+    /// slot is visited. The order may change only through the hooks above.
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool);
-    /// The policy's score for `slot` (lower is evicted first), for the decision log.
+
+    /// The policy's score for a tracked `slot` (lower is evicted first), for the decision log
+    /// and the admin API; `None` when the policy has no numeric score (LRU) or the slot is not
+    /// tracked. Never used to decide.
     fn score(&self, _slot: Slot) -> Option<f64> {
         None
     }

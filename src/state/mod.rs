@@ -67,6 +67,40 @@ impl Entry {
 
 /// The decision core. Generic over the eviction policy and the size estimator; use the boxed
 /// trait objects for choices made at run time.
+///
+/// Slots are handed out by [`PoolState::register`]; every method taking a `Slot` panics on a
+/// slot this state did not hand out (a driver bug, never a client's). Every `now` is the
+/// driver's clock in nanoseconds and must not go backwards across calls.
+///
+/// One request's life, driven by hand (the async pool and the simulator do exactly this):
+///
+/// ```
+/// use modelpool::{Admission, GB, Intent, Lru, ModelSpec, NameEstimator, PoolConfig, PoolState, RejectCode};
+///
+/// let mut st = PoolState::new(PoolConfig::with_limit(10 * GB), Lru::new(), NameEstimator);
+/// let a = st.register(ModelSpec::new("a").with_size(6 * GB));
+/// let b = st.register(ModelSpec::new("b").with_size(6 * GB));
+///
+/// // Cold: a load with nothing to evict. The driver loads `a` outside any lock, then reports
+/// // the measured size; the request that asked now holds a lease.
+/// let Admission::Load(plan) = st.admit(a, 0, Intent::Request) else { unreachable!() };
+/// assert!(plan.victims.is_empty());
+/// assert_eq!(st.load_finished(a, 1_000, Ok(6 * GB)).leases_granted, 1);
+///
+/// // `a` is busy, so `b` cannot fit: refused, and nothing is evicted for it.
+/// let Admission::Reject(r) = st.admit(b, 2_000, Intent::Request) else { unreachable!() };
+/// assert_eq!(r.code, RejectCode::InsufficientMemory);
+///
+/// // The request on `a` ends; now `b` loads with `a` as its victim. The driver unloads `a`,
+/// // reports it reclaimed, loads `b` and reports that.
+/// assert!(!st.release(a, 3_000, 1_000));
+/// let Admission::Load(plan) = st.admit(b, 4_000, Intent::Request) else { unreachable!() };
+/// assert_eq!(plan.victims.as_slice(), &[a]);
+/// assert_eq!(st.reclaimed(a, 5_000), Some(b)); // b's last victim is gone: start its load
+/// st.load_finished(b, 6_000, Ok(6 * GB));
+/// assert!(!st.release(b, 7_000, 6_000));
+/// st.check_invariants().unwrap();
+/// ```
 pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     cfg: PoolConfig,
     policy: P,
@@ -164,7 +198,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.index.get(id).copied()
     }
 
-    /// The spec of a slot. Panics on a slot this state did not hand out.
+    /// The spec of a slot.
+    ///
+    /// # Panics
+    /// On a slot this state did not hand out (as every method taking a `Slot`).
     pub fn spec(&self, slot: Slot) -> &ModelSpec {
         &self.entries[slot as usize].spec
     }
@@ -211,7 +248,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger
     }
 
-    /// Counters.
+    /// Counters since the state was created (kept whatever the log mode).
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -263,8 +300,22 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// Decide for `slot` and carry the decision out in the ledger. A `Reject` changes nothing
-    /// but counters and the log. See the module docs for what the driver does next.
+    /// Decide for `slot` and carry the decision out in the ledger. A `Reject` and an
+    /// `AwaitUnload` change nothing but counters and the log.
+    ///
+    /// What the driver must do next, by outcome:
+    /// - `Hit`: a request now holds a lease; end it with [`PoolState::release`]. A preload pinned
+    ///   the model.
+    /// - `Join`: wait for the load in progress; a request is counted among its waiters and gets
+    ///   its lease from [`PoolState::load_finished`] (or gives its place back with
+    ///   [`PoolState::cancel_wait`]).
+    /// - `Load(plan)`: the victims are already draining and the reservation is held. Unload each
+    ///   victim and report it with [`PoolState::reclaimed`], then load and report
+    ///   [`PoolState::load_finished`] exactly once, success or failure.
+    /// - `AwaitUnload`: admit again after the next [`PoolState::reclaimed`] of this slot.
+    /// - `Reject(r)`: refuse with `r` (see [`Rejection::into_error`]).
+    ///
+    /// The hot path (`Hit`) allocates nothing unless hits are logged.
     #[inline]
     pub fn admit(&mut self, slot: Slot, now: Nanos, intent: Intent) -> Admission {
         let e = &mut self.entries[slot as usize];
@@ -500,7 +551,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     /// A draining model's memory came back (the backend unloaded it). Returns the load it made
-    /// room for if that load has no victims left to wait for.
+    /// room for if that load has no victims left to wait for: the driver starts that load now.
+    ///
+    /// Precondition (driver): the model has no lease left (it was returned by an admission plan,
+    /// `release`, or an eviction list). A slot that is not draining is ignored, so reporting an
+    /// unload twice is harmless.
     pub fn reclaimed(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
         let e = &mut self.entries[slot as usize];
         if e.phase != Phase::Draining {
@@ -529,7 +584,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     /// A load ended. On success the ledger counts `measured` bytes instead of the reservation,
     /// the waiting requests get their leases, and, if the measurement pushed the pool over its
-    /// limit, unpinned idle models are evicted (returned for the driver to unload).
+    /// limit, unpinned idle models are evicted (returned for the driver to unload). On failure
+    /// the reservation is released and the waiters are dropped (the driver fails them with the
+    /// error). A measurement of 0 counts as 1 byte; one that would not fit in the ledger's
+    /// `u64` is clamped to what does.
+    ///
+    /// # Panics
+    /// If `slot` is not loading: every admitted load is finished exactly once.
     pub fn load_finished(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
         let e = &mut self.entries[slot as usize];
         assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
@@ -592,7 +653,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// A request waiting on a load went away before the load ended.
+    /// A request waiting on a load went away before the load ended: it gives its place back.
+    /// Ignored when the model is no longer loading (the driver then ends the granted lease with
+    /// [`PoolState::release_unused`] instead).
     pub fn cancel_wait(&mut self, slot: Slot) {
         let e = &mut self.entries[slot as usize];
         if e.phase == Phase::Loading {
@@ -600,7 +663,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// End one lease taken at `acquired_at`. Returns `true` when this was the model's last lease
+    /// End one lease taken at `acquired_at` (precondition: the slot holds a lease; checked in
+    /// debug builds). Returns `true` when this was the model's last lease
     /// and the model must now leave memory: the driver unloads it and reports
     /// [`PoolState::reclaimed`]. That happens when it was draining, or when the pool is over its
     /// limits (after a lowered limit or an overcommitting load) and it is the first model to

@@ -59,6 +59,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Evict a resident model on request. Pinned or busy models are refused unless `force`;
     /// a forced eviction of a busy model drains it (no new leases; freed after the last one).
     /// Returns `Ok(true)` if the driver must unload it now, `Ok(false)` if it waits for leases.
+    ///
+    /// # Errors
+    /// `UnloadRefused` (with the reason and how to force it) when the model is absent, loading,
+    /// already draining, or pinned or busy without `force`; nothing changes then.
     pub fn unload(&mut self, slot: Slot, now: Nanos, force: bool) -> Result<bool, PoolError> {
         let e = &self.entries[slot as usize];
         let refuse = |reason: String| PoolError::UnloadRefused { model: e.spec.id.clone(), reason };
@@ -87,6 +91,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Change the limits and evict down to them: idle unpinned models first (returned for the
     /// driver to unload), then busy unpinned ones are drained. Pinned models stay even if the
     /// pool remains over the new limit (the status shows it).
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a zero limit or `max_models` of 0; nothing changes then.
     pub fn set_limits(&mut self, limit: u64, max_models: usize, now: Nanos) -> Result<Victims, PoolError> {
         if limit == 0 {
             return Err(PoolError::InvalidConfig("memory limit must be greater than zero".into()));

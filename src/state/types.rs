@@ -82,7 +82,7 @@ pub struct LoadPlan {
 /// A refused admission. Nothing was evicted for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
-    /// Why.
+    /// The machine-readable reason (the HTTP error `code`).
     pub code: RejectCode,
     /// Bytes the model needs.
     pub need: u64,
@@ -108,7 +108,7 @@ pub enum Admission {
     /// any request having to finish first. A model drained with requests still in flight (a
     /// forced unload, a lowered limit, shutdown) is refused with `model_draining` instead.
     AwaitUnload,
-    /// Refused.
+    /// Refused, with why and whether waiting can help. Nothing was evicted.
     Reject(Rejection),
 }
 
