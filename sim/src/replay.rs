@@ -747,9 +747,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 let limit = if op.arg == 0 { l.limit } else { op.arg };
                 let max = if op.model == 0 { l.max_models } else { op.model as usize };
                 match self.st.set_limits(limit, max, now) {
-                    Ok(victims) => {
+                    Ok(evicted) => {
                         self.mem_sync(now);
-                        for v in victims {
+                        for v in evicted.unload_now {
                             self.unload(v, now);
                         }
                     }

@@ -644,7 +644,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 }
                 self.track_peak();
                 let evicted = if self.over_limits() {
-                    self.evict_down(now, EvictReason::Overcommit, false)
+                    self.evict_down(now, EvictReason::Overcommit, false).unload_now
                 } else {
                     Victims::new()
                 };

@@ -1,7 +1,7 @@
 //! What operators and limits do to the pool: pin, unpin, explicit unloads, limit changes,
 //! idle expiry and shutdown, and the eviction down to the limits they share.
 
-use super::{Phase, PoolState, Victims};
+use super::{Evicted, Phase, PoolState, Victims};
 use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::log::{Event, EvictReason};
@@ -51,8 +51,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.pinned_models -= 1;
         let model = e.spec.id.clone();
         self.log.push(Event::Unpin { at: now, model });
-        let evicted =
-            if self.over_limits() { self.evict_down(now, self.over_reason, false) } else { Victims::new() };
+        let evicted = if self.over_limits() {
+            self.evict_down(now, self.over_reason, false).unload_now
+        } else {
+            Victims::new()
+        };
         (was, evicted)
     }
 
@@ -94,7 +97,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     ///
     /// # Errors
     /// `InvalidConfig` for a zero limit or `max_models` of 0; nothing changes then.
-    pub fn set_limits(&mut self, limit: u64, max_models: usize, now: Nanos) -> Result<Victims, PoolError> {
+    pub fn set_limits(&mut self, limit: u64, max_models: usize, now: Nanos) -> Result<Evicted, PoolError> {
         if limit == 0 {
             return Err(PoolError::InvalidConfig("memory limit must be greater than zero".into()));
         }
@@ -110,14 +113,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     /// Evict idle unpinned models in policy order until within limits; if `drain_busy`, then
-    /// drain busy unpinned ones too. Returns the idle victims (to unload now). Memory already
+    /// drain busy unpinned ones too. Returns both lists (the idle ones to unload now). Memory already
     /// draining counts as on its way back, so it is not evicted for twice.
-    pub(super) fn evict_down(&mut self, now: Nanos, reason: EvictReason, drain_busy: bool) -> Victims {
+    pub(super) fn evict_down(&mut self, now: Nanos, reason: EvictReason, drain_busy: bool) -> Evicted {
         self.over_reason = reason;
         let l = self.ledger;
         let mut excess_bytes = l.committed().saturating_sub(l.limit);
         let mut excess_count = l.models.saturating_sub(l.max_models);
-        let mut out = Victims::new();
+        let mut out = Evicted::default();
         for busy_pass in [false, true] {
             if busy_pass && !drain_busy {
                 break;
@@ -138,9 +141,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 excess_bytes = excess_bytes.saturating_sub(e.bytes);
                 excess_count = excess_count.saturating_sub(1);
                 self.evict(s, now, reason, None);
-                if idle {
-                    out.push(s);
-                }
+                if idle { out.unload_now.push(s) } else { out.drained.push(s) }
             }
         }
         out

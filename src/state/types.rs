@@ -112,6 +112,15 @@ pub enum Admission {
     Reject(Rejection),
 }
 
+/// Models a limit change evicted, in eviction order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Evicted {
+    /// Idle models: the driver unloads them now and reports each with `reclaimed`.
+    pub unload_now: Victims,
+    /// Busy models now draining: `release` says when the last lease ends and they must go.
+    pub drained: Victims,
+}
+
 /// What a finished load leaves for the driver to do.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LoadDone {

@@ -116,7 +116,9 @@ fn lowering_the_limit_evicts_down_to_it() {
     touch(&mut st, a, s(1));
     touch(&mut st, b, s(2));
     request(&mut st, busy, s(3));
-    let idle = st.set_limits(7 * GB, 4, s(4)).unwrap();
+    let evicted = st.set_limits(7 * GB, 4, s(4)).unwrap();
+    assert!(evicted.drained.is_empty());
+    let idle = evicted.unload_now;
     // 12 GB used; two idle victims bring it to 6 GB, within 7 GB: busy and pinned stay.
     assert_eq!(idle.iter().map(|&v| st.spec(v).id.to_string()).collect::<Vec<_>>(), vec!["a", "b"]);
     for &v in &idle {
@@ -124,8 +126,9 @@ fn lowering_the_limit_evicts_down_to_it() {
     }
     assert_eq!(st.ledger().used(), 6 * GB);
     // Below what pinned + busy hold: the busy model drains, the pinned one stays.
-    let idle = st.set_limits(2 * GB, 4, s(5)).unwrap();
-    assert!(idle.is_empty());
+    let evicted = st.set_limits(2 * GB, 4, s(5)).unwrap();
+    assert!(evicted.unload_now.is_empty());
+    assert_eq!(evicted.drained.as_slice(), &[busy]);
     assert_eq!(st.phase(busy), Phase::Draining);
     assert_eq!(st.phase(p), Phase::Resident);
     // A new request for the draining model is refused with a retry hint, not served.

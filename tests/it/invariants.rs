@@ -226,8 +226,8 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             _ => {
                 let limit = scale.limit(&mut rng);
                 let max = rng.random_range(2..=6);
-                let victims = st.set_limits(limit, max, now).unwrap();
-                to_reclaim.extend(victims.iter().copied());
+                let evicted = st.set_limits(limit, max, now).unwrap();
+                to_reclaim.extend(evicted.unload_now.iter().copied());
                 over_allowed = true;
             }
         }

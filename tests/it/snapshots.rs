@@ -59,7 +59,7 @@ fn overcommit_and_a_lowered_limit() {
         st.reclaimed(v, s(13));
     }
     st.release(b, s(14), s(13));
-    for v in st.set_limits(8_000_000_000, 2, s(20)).unwrap() {
+    for v in st.set_limits(8_000_000_000, 2, s(20)).unwrap().unload_now {
         st.reclaimed(v, s(20));
     }
     st.check_invariants().unwrap();

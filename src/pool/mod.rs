@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -21,8 +20,15 @@ use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::log::Event;
 use crate::policy::{EvictionPolicy, Slot};
-use crate::state::{Admission, Intent, Ledger, ModelStatus, PoolConfig, PoolState, Stats, Victims};
+use crate::state::{Admission, Intent, Ledger, PoolConfig, PoolState, Victims};
 use crate::types::{ModelId, ModelSpec, ModelType, Nanos};
+
+mod lease;
+mod report;
+
+pub use lease::Lease;
+use lease::{LeaseOwner, WaitGuard, load_outcome};
+pub use report::{DryRun, PoolStatus, UnloadReport};
 
 type LoadResult = Option<Result<(), PoolError>>;
 
@@ -53,103 +59,9 @@ struct Inner<P: EvictionPolicy, E: SizeEstimator> {
     /// Notified after every [`PoolState::reclaimed`] (requests awaiting a model's unload).
     reclaimed: Notify,
     runtime: tokio::runtime::Handle,
-    /// Back-reference to the `Arc` that owns this, for tasks spawned from `&self`.
-    weak: std::sync::OnceLock<std::sync::Weak<Inner<P, E>>>,
-}
-
-/// Ends leases; implemented by the pool so that [`Lease`] needs no type parameters.
-trait LeaseOwner: Send + Sync {
-    fn release(&self, slot: Slot, acquired_at: Nanos);
-}
-
-/// A right to use a loaded model. While any lease on a model lives, the model is not unloaded;
-/// dropping the lease ends the request (the model becomes evictable when no lease remains).
-pub struct Lease {
-    slot: Slot,
-    model: ModelId,
-    model_type: ModelType,
-    handle: Arc<dyn ModelHandle>,
-    acquired_at: Nanos,
-    owner: Arc<dyn LeaseOwner>,
-}
-
-impl Lease {
-    /// The model's id.
-    pub fn model(&self) -> &ModelId {
-        &self.model
-    }
-    /// The model's type.
-    pub fn model_type(&self) -> ModelType {
-        self.model_type
-    }
-    /// The loaded model, for inference calls.
-    pub fn handle(&self) -> &Arc<dyn ModelHandle> {
-        &self.handle
-    }
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("model", &self.model).field("slot", &self.slot).finish()
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.owner.release(self.slot, self.acquired_at);
-    }
-}
-
-/// The pool's state for the admin API.
-#[derive(Debug, Clone, Serialize)]
-pub struct PoolStatus {
-    /// Backend name.
-    pub backend: &'static str,
-    /// Policy name.
-    pub policy: &'static str,
-    /// Memory ledger and limits.
-    pub ledger: Ledger,
-    /// Whether the ledger exceeds the limit (pinned or busy models after a lowered limit).
-    pub over_limit: bool,
-    /// The decision core's counters since the pool started.
-    pub stats: Stats,
-    /// Whether shutdown has begun.
-    pub shutting_down: bool,
-    /// Every registered model.
-    pub models: Vec<ModelStatus>,
-}
-
-/// The answer of a dry-run admission.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DryRun {
-    /// Model asked about.
-    pub model: ModelId,
-    /// `hit`, `join`, `load`, `await_unload` (the model's own unload is running; a request
-    /// waits for it, then loads) or `reject`.
-    pub decision: &'static str,
-    /// Whether a request now would be served (possibly after a load).
-    pub fits: bool,
-    /// Bytes a load would reserve.
-    pub need: u64,
-    /// Models a load would evict, in order.
-    pub would_evict: Vec<ModelId>,
-    /// Rejection code, if it would be refused.
-    pub reject_code: Option<&'static str>,
-    /// The refusal message, if it would be refused.
-    pub message: Option<String>,
-    /// Retry hint of a refusal, seconds.
-    pub retry_after_secs: Option<u32>,
-}
-
-/// What an unload did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UnloadReport {
-    /// The model unloaded (or draining).
-    pub model: ModelId,
-    /// True if memory has been returned; false if it drains after in-flight requests.
-    pub unloaded_now: bool,
-    /// Bytes the backend reported freed (when unloaded now).
-    pub freed_bytes: Option<u64>,
+    /// Back-reference to the `Arc` that owns this (set by `Arc::new_cyclic`), for tasks spawned
+    /// from `&self`.
+    weak: std::sync::Weak<Inner<P, E>>,
 }
 
 /// The async pool: a [`PoolState`] behind one mutex, a [`Backend`], leases and single-flight
@@ -206,26 +118,31 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     }
 
     fn self_arc(&self) -> Arc<Self> {
-        // Inner is only ever created inside an Arc by ModelPool::new, which sets `weak`.
-        self.weak.get().and_then(|w| w.upgrade()).expect("pool inner is alive")
+        // `&self` is borrowed from a live Arc (every Inner is built by `Arc::new_cyclic`).
+        self.weak.upgrade().expect("pool inner is alive")
     }
 
-    /// Unload one model whose memory the ledger holds as draining, then return it to the ledger.
-    async fn unload_handle(&self, slot: Slot, handle: Arc<dyn ModelHandle>) {
+    /// Unload one model whose memory the ledger holds as draining, then return it to the ledger
+    /// (even if the backend failed: its memory is counted as returned). Returns the bytes the
+    /// backend says it freed.
+    async fn unload_handle(&self, slot: Slot, handle: Arc<dyn ModelHandle>) -> Option<u64> {
         let expected = self.lock().state.model_status(slot).ledger_bytes;
-        match guarded_unload(&handle).await {
+        let freed = match guarded_unload(&handle).await {
             Ok(freed) => {
                 // Confirm the memory came back: a backend that frees much less than it measured
                 // at load is leaking, and the operator should know.
                 if (freed as f64) < expected as f64 * 0.9 {
                     tracing::warn!(slot, expected, freed, "unload returned less memory than the model held");
                 }
+                Some(freed)
             }
             Err(e) => {
-                tracing::warn!(slot, error = %e, "unload failed; counting the memory as returned")
+                tracing::warn!(slot, error = %e, "unload failed; counting the memory as returned");
+                None
             }
-        }
+        };
         self.reclaim(slot);
+        freed
     }
 
     /// Report a draining model's memory as returned and wake the requests awaiting its unload.
@@ -262,7 +179,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// Outside a tokio runtime (loads and background unloads are spawned on the current one).
     pub fn new(config: PoolConfig, policy: P, estimator: E, backend: Arc<dyn Backend>) -> Self {
         let estimator = Arc::new(estimator);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
             core: Mutex::new(Core {
                 state: PoolState::new(config, policy, estimator.clone()),
                 handles: Vec::new(),
@@ -275,9 +192,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             lease_ended: Notify::new(),
             reclaimed: Notify::new(),
             runtime: tokio::runtime::Handle::current(),
-            weak: std::sync::OnceLock::new(),
+            weak: weak.clone(),
         });
-        let _ = inner.weak.set(Arc::downgrade(&inner));
         ModelPool { inner }
     }
 
@@ -501,14 +417,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             reclaimed.await;
             self.check_open()?;
         };
-        loop {
-            if let Some(r) = rx.borrow_and_update().clone() {
-                return r;
-            }
-            if rx.changed().await.is_err() {
-                return Err(PoolError::Backend(BackendError::Gone));
-            }
-        }
+        load_outcome(&mut rx).await
     }
 
     fn slot_of(core: &Core<P, E>, model: &str) -> Result<Slot, PoolError> {
@@ -575,11 +484,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let freed = self
             .inner
             .runtime
-            .spawn(async move {
-                let freed = guarded_unload(&handle).await.ok();
-                inner.reclaim(slot);
-                freed
-            })
+            .spawn(async move { inner.unload_handle(slot, handle).await })
             .await
             .ok()
             .flatten();
@@ -587,7 +492,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     }
 
     /// Change the memory limit and/or `max_models` and evict down to them (idle models are
-    /// unloaded before this returns; busy ones drain). Returns the models evicted.
+    /// unloaded before this returns; busy ones drain). Returns the models evicted, in slot
+    /// (registration) order.
     ///
     /// # Errors
     /// `InvalidConfig` for a zero limit or `max_models`; nothing changes then.
@@ -602,18 +508,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let (victims, ids) = {
             let mut core = self.inner.lock();
             let l = core.state.ledger();
-            let before: Vec<bool> = (0..core.state.len() as Slot)
-                .map(|s| core.state.phase(s) == crate::state::Phase::Draining)
-                .collect();
             let now = self.inner.now();
-            let idle =
+            let evicted =
                 core.state.set_limits(limit.unwrap_or(l.limit), max_models.unwrap_or(l.max_models), now)?;
-            let ids: Vec<ModelId> = (0..core.state.len() as Slot)
-                .filter(|&s| core.state.phase(s) == crate::state::Phase::Draining && !before[s as usize])
-                .map(|s| core.state.spec(s).id.clone())
-                .collect();
-            let victims = take_handles(&mut core, &idle);
-            (victims, ids)
+            let mut slots: Vec<Slot> = evicted.unload_now.iter().chain(&evicted.drained).copied().collect();
+            slots.sort_unstable();
+            let ids = slots.iter().map(|&s| core.state.spec(s).id.clone()).collect();
+            (take_handles(&mut core, &evicted.unload_now), ids)
         };
         self.inner.unload_all_detached(victims).await;
         Ok(ids)
@@ -763,57 +664,4 @@ fn take_handles<P: EvictionPolicy, E: SizeEstimator>(
     slots: &[Slot],
 ) -> Vec<(Slot, Arc<dyn ModelHandle>)> {
     slots.iter().filter_map(|&v| core.handles[v as usize].take().map(|h| (v, h))).collect()
-}
-
-/// Waits for a load's outcome on behalf of one request. If the request goes away first, the
-/// guard gives back what the pool set aside for it: its place among the waiters, or the lease
-/// the finished load granted it.
-struct WaitGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
-    pool: &'a ModelPool<P, E>,
-    slot: Slot,
-    rx: watch::Receiver<LoadResult>,
-    finished: bool,
-}
-
-impl<P: EvictionPolicy, E: SizeEstimator> WaitGuard<'_, P, E> {
-    async fn wait(&mut self) -> Result<(), PoolError> {
-        loop {
-            if let Some(r) = self.rx.borrow_and_update().clone() {
-                return r;
-            }
-            if self.rx.changed().await.is_err() {
-                // The sender is dropped only after publishing; treat a missing value as gone.
-                return self.rx.borrow().clone().unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
-            }
-        }
-    }
-}
-
-impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let outcome = self.rx.borrow().clone();
-        match outcome {
-            None => {
-                let mut core = self.pool.inner.lock();
-                // Re-check under the lock: the load may have finished in between.
-                match self.rx.borrow().clone() {
-                    None => {
-                        core.state.cancel_wait(self.slot);
-                        drop(core);
-                        self.pool.inner.lease_ended.notify_waiters();
-                    }
-                    Some(Ok(())) => {
-                        drop(core);
-                        self.pool.inner.end_lease(self.slot, None);
-                    }
-                    Some(Err(_)) => {}
-                }
-            }
-            Some(Ok(())) => self.pool.inner.end_lease(self.slot, None),
-            Some(Err(_)) => {}
-        }
-    }
 }

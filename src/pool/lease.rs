@@ -1,0 +1,116 @@
+//! Leases (a request's right to use a loaded model) and the guard of a request waiting for a
+//! load: together they make every way a request can end, including being dropped, give back
+//! exactly what the pool set aside for it.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{LoadResult, ModelPool};
+use crate::backend::{BackendError, ModelHandle};
+use crate::error::PoolError;
+use crate::estimate::SizeEstimator;
+use crate::policy::{EvictionPolicy, Slot};
+use crate::types::{ModelId, ModelType, Nanos};
+
+/// Ends leases; implemented by the pool so that [`Lease`] needs no type parameters.
+pub(super) trait LeaseOwner: Send + Sync {
+    fn release(&self, slot: Slot, acquired_at: Nanos);
+}
+
+/// A right to use a loaded model. While any lease on a model lives, the model is not unloaded;
+/// dropping the lease ends the request (the model becomes evictable when no lease remains).
+pub struct Lease {
+    pub(super) slot: Slot,
+    pub(super) model: ModelId,
+    pub(super) model_type: ModelType,
+    pub(super) handle: Arc<dyn ModelHandle>,
+    pub(super) acquired_at: Nanos,
+    pub(super) owner: Arc<dyn LeaseOwner>,
+}
+
+impl Lease {
+    /// The model's id.
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+    /// The model's type.
+    pub fn model_type(&self) -> ModelType {
+        self.model_type
+    }
+    /// The loaded model, for inference calls.
+    pub fn handle(&self) -> &Arc<dyn ModelHandle> {
+        &self.handle
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("model", &self.model).field("slot", &self.slot).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.owner.release(self.slot, self.acquired_at);
+    }
+}
+
+/// Waits for a load's outcome on behalf of one request. If the request goes away first, the
+/// guard gives back what the pool set aside for it: its place among the waiters, or the lease
+/// the finished load granted it.
+pub(super) struct WaitGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
+    pub(super) pool: &'a ModelPool<P, E>,
+    pub(super) slot: Slot,
+    pub(super) rx: watch::Receiver<LoadResult>,
+    pub(super) finished: bool,
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> WaitGuard<'_, P, E> {
+    pub(super) async fn wait(&mut self) -> Result<(), PoolError> {
+        load_outcome(&mut self.rx).await
+    }
+}
+
+/// The outcome a load task publishes on its channel, once it is there. Cancel safe (it only
+/// reads the channel).
+pub(super) async fn load_outcome(rx: &mut watch::Receiver<LoadResult>) -> Result<(), PoolError> {
+    loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            return r;
+        }
+        if rx.changed().await.is_err() {
+            // The sender is dropped only after publishing; treat a missing value as gone.
+            return rx.borrow().clone().unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
+        }
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let outcome = self.rx.borrow().clone();
+        match outcome {
+            None => {
+                let mut core = self.pool.inner.lock();
+                // Re-check under the lock: the load may have finished in between.
+                match self.rx.borrow().clone() {
+                    None => {
+                        core.state.cancel_wait(self.slot);
+                        drop(core);
+                        self.pool.inner.lease_ended.notify_waiters();
+                    }
+                    Some(Ok(())) => {
+                        drop(core);
+                        self.pool.inner.end_lease(self.slot, None);
+                    }
+                    Some(Err(_)) => {}
+                }
+            }
+            Some(Ok(())) => self.pool.inner.end_lease(self.slot, None),
+            Some(Err(_)) => {}
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! What the pool reports to the admin API: its status, dry-run answers and unload reports.
+
+use serde::Serialize;
+
+use crate::state::{Ledger, ModelStatus, Stats};
+use crate::types::ModelId;
+
+/// The pool's state for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Policy name.
+    pub policy: &'static str,
+    /// Memory ledger and limits.
+    pub ledger: Ledger,
+    /// Whether the ledger exceeds the limit (pinned or busy models after a lowered limit).
+    pub over_limit: bool,
+    /// The decision core's counters since the pool started.
+    pub stats: Stats,
+    /// Whether shutdown has begun.
+    pub shutting_down: bool,
+    /// Every registered model.
+    pub models: Vec<ModelStatus>,
+}
+
+/// The answer of a dry-run admission.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DryRun {
+    /// Model asked about.
+    pub model: ModelId,
+    /// `hit`, `join`, `load`, `await_unload` (the model's own unload is running; a request
+    /// waits for it, then loads) or `reject`.
+    pub decision: &'static str,
+    /// Whether a request now would be served (possibly after a load).
+    pub fits: bool,
+    /// Bytes a load would reserve.
+    pub need: u64,
+    /// Models a load would evict, in order.
+    pub would_evict: Vec<ModelId>,
+    /// Rejection code, if it would be refused.
+    pub reject_code: Option<&'static str>,
+    /// The refusal message, if it would be refused.
+    pub message: Option<String>,
+    /// Retry hint of a refusal, seconds.
+    pub retry_after_secs: Option<u32>,
+}
+
+/// What an unload did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnloadReport {
+    /// The model unloaded (or draining).
+    pub model: ModelId,
+    /// True if memory has been returned; false if it drains after in-flight requests.
+    pub unloaded_now: bool,
+    /// Bytes the backend reported freed (when unloaded now).
+    pub freed_bytes: Option<u64>,
+}
