@@ -17,6 +17,7 @@ pub mod estimate;
 pub mod http;
 pub mod limit;
 pub mod log;
+pub mod names;
 pub mod policy;
 pub mod pool;
 pub mod state;

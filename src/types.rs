@@ -1,8 +1,6 @@
 //! Vocabulary shared by the engine, the simulator, the backends and the HTTP layer.
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -27,36 +25,6 @@ pub const GB: u64 = 1_000_000_000;
 pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / GB as f64
 }
-
-/// Parse `s` (trimmed) as one of `T`'s names, as strum derives them from the variant list.
-/// The one name table of each vocabulary enum is its strum attributes; this, serde (through
-/// [`impl_serde_by_name`]) and `Display` all read it.
-pub(crate) fn parse_by_name<T>(s: &str) -> Option<T>
-where
-    T: strum::VariantArray + Copy + Into<&'static str>,
-{
-    let s = s.trim();
-    T::VARIANTS.iter().copied().find(|v| (*v).into() == s)
-}
-
-/// `Serialize` as the name and `Deserialize` through `FromStr`, so the wire names are the strum
-/// names and are written once.
-macro_rules! impl_serde_by_name {
-    ($t:ty) => {
-        impl serde::Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-        impl<'de> serde::Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-pub(crate) use impl_serde_by_name;
 
 /// What kind of inference a model serves. The wire names are `text-gen`, `vision`, `embeddings`.
 #[derive(
@@ -86,37 +54,7 @@ pub enum ModelType {
     Embeddings,
 }
 
-impl ModelType {
-    /// Every model type, in wire-name order.
-    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
-        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
-
-    /// The wire name (`text-gen`, `vision`, `embeddings`).
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
-impl fmt::Display for ModelType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An unknown model type string; the message lists the accepted names.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown model type '{0}': expected one of text-gen, vision, embeddings")]
-pub struct ParseModelTypeError(pub String);
-
-impl FromStr for ModelType {
-    type Err = ParseModelTypeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_by_name(s).ok_or_else(|| ParseModelTypeError(s.trim().to_string()))
-    }
-}
-
-impl_serde_by_name!(ModelType);
+crate::name_table!(ModelType, ParseModelTypeError, "model type");
 
 /// Why a model left memory. Names (snake case) are the decision log's and the metrics' labels.
 #[derive(
@@ -150,30 +88,7 @@ pub enum EvictReason {
     Shutdown,
 }
 
-impl EvictReason {
-    /// Every reason, in declaration order: counters are indexed by `reason as usize`.
-    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
-        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
-
-    /// Snake-case name, as in the decision log and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
-/// An unknown eviction reason name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown eviction reason '{0}'")]
-pub struct ParseEvictReasonError(pub String);
-
-impl FromStr for EvictReason {
-    type Err = ParseEvictReasonError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_by_name(s).ok_or_else(|| ParseEvictReasonError(s.trim().to_string()))
-    }
-}
-
-impl_serde_by_name!(EvictReason);
+crate::name_table!(EvictReason, ParseEvictReasonError, "eviction reason");
 
 /// Machine-readable reason an admission was refused: the `code` of the HTTP error body.
 #[derive(
@@ -204,30 +119,7 @@ pub enum RejectCode {
     Draining,
 }
 
-impl RejectCode {
-    /// Every code, in declaration order: counters are indexed by `code as usize`.
-    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
-        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
-
-    /// Snake-case name (the `code` of the HTTP error body).
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
-/// An unknown rejection code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown rejection code '{0}'")]
-pub struct ParseRejectCodeError(pub String);
-
-impl FromStr for RejectCode {
-    type Err = ParseRejectCodeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_by_name(s).ok_or_else(|| ParseRejectCodeError(s.trim().to_string()))
-    }
-}
-
-impl_serde_by_name!(RejectCode);
+crate::name_table!(RejectCode, ParseRejectCodeError, "rejection code");
 
 /// Everything the engine knows about a model before it is loaded.
 ///

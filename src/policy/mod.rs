@@ -18,9 +18,6 @@ pub use gdsf::Gdsf;
 pub use lfu::Lfu;
 pub use lru::Lru;
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::types::Nanos;
 
 /// Dense index of a registered model inside a [`crate::PoolState`]. Stable for the state's life.
@@ -130,10 +127,6 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    /// Every built-in policy.
-    pub const ALL: [Self; <Self as strum::EnumCount>::COUNT] =
-        *<Self as strum::VariantArray>::VARIANTS.first_chunk().expect("one entry per variant");
-
     /// A fresh boxed policy of this kind.
     pub fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
@@ -142,33 +135,9 @@ impl PolicyKind {
             PolicyKind::Lfu => Box::new(Lfu::new()),
         }
     }
-
-    /// The name in configs, flags and status (`lru`, `gdsf`, `lfu`).
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
 }
 
-impl fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An unknown policy name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown eviction policy '{0}': expected one of lru, gdsf, lfu")]
-pub struct ParsePolicyError(pub String);
-
-impl FromStr for PolicyKind {
-    type Err = ParsePolicyError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        crate::types::parse_by_name(&s.trim().to_ascii_lowercase())
-            .ok_or_else(|| ParsePolicyError(s.to_string()))
-    }
-}
-
-crate::types::impl_serde_by_name!(PolicyKind);
+crate::name_table!(PolicyKind, ParsePolicyError, "eviction policy");
 
 /// A totally ordered key for non-negative finite f64 priorities (IEEE bits order like values).
 #[inline]
