@@ -52,7 +52,7 @@ fn replay(c: &mut Criterion) {
     let mut g = c.benchmark_group("replay/timed");
     g.throughput(Throughput::Elements(REQUESTS));
     g.sample_size(10);
-    for p in [PolicyChoice::Lru, PolicyChoice::Gdsf] {
+    for p in [PolicyChoice::LRU, PolicyChoice::GDSF] {
         let cfg = SimConfig { limit, max_models: 1000, policy: p, ..SimConfig::default() };
         g.bench_function(p.as_str(), |b| {
             b.iter(|| black_box(run(black_box(&t), &cfg).expect("valid config")))

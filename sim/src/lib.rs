@@ -4,12 +4,15 @@
 //!
 //! - [`trace`]: the CSV/JSONL trace format and its fast parser.
 //! - [`generate`]: the seeded synthetic trace generator.
-//! - [`replay`]: the discrete-event replay and its configuration.
+//! - [`config`]: what a replay is configured with (policy choice, timing model, limits).
+//! - [`replay`]: the discrete-event replay.
 //! - [`oracle`]: offline baselines (Belady, size-and-cost-aware Belady).
 //! - [`report`]: the report (text and JSON).
 //! - [`sweep`]: memory limits x policies, CSV and SVG output, recommendation.
 #![warn(missing_docs)]
 
+mod chart;
+pub mod config;
 pub mod generate;
 pub mod oracle;
 pub mod replay;
@@ -17,6 +20,7 @@ pub mod report;
 pub mod sweep;
 pub mod trace;
 
-pub use replay::{Outcome, PolicyChoice, SimConfig, run};
+pub use config::{PolicyChoice, SimConfig};
+pub use replay::{Outcome, run};
 pub use report::Report;
 pub use trace::{Trace, TraceError};

@@ -211,16 +211,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         log,
     };
     if a.instant {
-        cfg = SimConfig {
-            retries: cfg.retries,
-            load_failure_rate: cfg.load_failure_rate,
-            seed: cfg.seed,
-            idle_ttl_secs: cfg.idle_ttl_secs,
-            estimate_from_names: cfg.estimate_from_names,
-            measured_factor: cfg.measured_factor,
-            log,
-            ..SimConfig::instant(limit, a.max_models, policy)
-        };
+        cfg = cfg.with_instant_timing();
     }
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
@@ -314,7 +305,7 @@ fn replay(a: ReplayArgs) -> Result<()> {
 }
 
 fn sweep_cmd(a: SweepArgs) -> Result<()> {
-    let base = sim_config(&a.sim, 1, PolicyChoice::Lru, LogMode::Off)?;
+    let base = sim_config(&a.sim, 1, PolicyChoice::LRU, LogMode::Off)?;
     let (trace, _) = load_trace(&a.trace)?;
     let limits = match &a.limits {
         Some(s) => parse_limits(s).map_err(anyhow::Error::msg)?,

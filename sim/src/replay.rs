@@ -23,203 +23,17 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 use hdrhistogram::Histogram;
-use modelpool::log::LogMode;
 use modelpool::{
-    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PoolConfig,
-    PoolState, RejectCode, Slot,
+    Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PolicyKind,
+    PoolConfig, PoolState, RejectCode, Slot,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
+use crate::config::{PolicyChoice, SimConfig};
 use crate::oracle::{Belady, BeladyCost, SimPolicy, next_uses};
-use crate::report::{ModelRow, Report, build_report};
+use crate::report::{ModelCounters, ModelRow, Report, Totals, build_report};
 use crate::trace::{NS, OpKind, Service, Trace};
-
-/// Which eviction policy a replay uses: the engine's online ones or the simulator's offline
-/// baselines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyChoice {
-    /// Least recently used (the engine's default).
-    Lru,
-    /// Greedy-Dual-Size-Frequency.
-    Gdsf,
-    /// Least frequently used.
-    Lfu,
-    /// Offline: farthest next use first.
-    Belady,
-    /// Offline: size-and-cost-aware Belady.
-    BeladyCost,
-}
-
-impl PolicyChoice {
-    /// Every policy, online first.
-    pub const ALL: [PolicyChoice; 5] = [
-        PolicyChoice::Lru,
-        PolicyChoice::Gdsf,
-        PolicyChoice::Lfu,
-        PolicyChoice::Belady,
-        PolicyChoice::BeladyCost,
-    ];
-
-    /// CLI and report name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyChoice::Lru => "lru",
-            PolicyChoice::Gdsf => "gdsf",
-            PolicyChoice::Lfu => "lfu",
-            PolicyChoice::Belady => "belady",
-            PolicyChoice::BeladyCost => "belady-cost",
-        }
-    }
-
-    /// Whether the policy sees the future (a baseline, not deployable).
-    pub fn is_offline(self) -> bool {
-        matches!(self, PolicyChoice::Belady | PolicyChoice::BeladyCost)
-    }
-}
-
-impl std::fmt::Display for PolicyChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for PolicyChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim().to_ascii_lowercase();
-        PolicyChoice::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| format!("unknown policy '{s}' (expected lru, gdsf, lfu, belady, belady-cost)"))
-    }
-}
-
-/// Everything a replay needs besides the trace. [`SimConfig::default`] documents the defaults.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SimConfig {
-    /// Memory limit, bytes.
-    pub limit: u64,
-    /// Maximum models loaded or loading at once.
-    pub max_models: usize,
-    /// Eviction policy.
-    pub policy: PolicyChoice,
-    /// Fixed part of a load, seconds.
-    pub load_latency_secs: f64,
-    /// Load bandwidth, bytes per second (`inf` for instant transfers).
-    pub load_bandwidth: f64,
-    /// Time to unload a model, seconds (victims unload before the load that needs them starts).
-    pub unload_secs: f64,
-    /// Service seconds per input (prompt) token.
-    pub prefill_secs_per_token: f64,
-    /// Service seconds per output (generated) token.
-    pub decode_secs_per_token: f64,
-    /// Let the estimator see model names only (sizes in the trace become the measured truth, so
-    /// estimation error shows up as over/under-reservation).
-    pub estimate_from_names: bool,
-    /// For models without a size in the trace: measured size = estimate x this factor.
-    pub measured_factor: f64,
-    /// Retries of a request refused with a retry hint (0: a 503 drops the request).
-    pub retries: u32,
-    /// Probability that a load fails (injected with the seeded RNG).
-    pub load_failure_rate: f64,
-    /// Seed of the replay's RNG.
-    pub seed: u64,
-    /// Keep-alive: unpinned models idle this long (seconds after their last request ended) are
-    /// evicted. Checked every `ttl / 4` (between 1 and 60 s of virtual time), as the server does.
-    pub idle_ttl_secs: Option<f64>,
-    /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
-    #[serde(skip)]
-    pub log: LogMode,
-}
-
-impl Default for SimConfig {
-    /// 24 GB, 4 models (the server's default), LRU, loads of 0.5 s + bytes at 3.2 GB/s (plain
-    /// safetensors reads on an H100 box), instant unloads, 0.2 ms per prompt token and 20 ms per
-    /// generated token, no retries, no failures, seed 1, no log.
-    fn default() -> Self {
-        SimConfig {
-            limit: 24_000_000_000,
-            max_models: 4,
-            policy: PolicyChoice::Lru,
-            load_latency_secs: 0.5,
-            load_bandwidth: 3.2e9,
-            unload_secs: 0.0,
-            prefill_secs_per_token: 0.000_2,
-            decode_secs_per_token: 0.02,
-            estimate_from_names: false,
-            measured_factor: 1.0,
-            retries: 0,
-            load_failure_rate: 0.0,
-            seed: 1,
-            idle_ttl_secs: None,
-            log: LogMode::Off,
-        }
-    }
-}
-
-impl SimConfig {
-    /// A configuration with instant loads, unloads and service: no concurrency effects, so the
-    /// pool behaves like a plain cache (what libCacheSim-style simulators model).
-    pub fn instant(limit: u64, max_models: usize, policy: PolicyChoice) -> Self {
-        SimConfig {
-            limit,
-            max_models,
-            policy,
-            load_latency_secs: 0.0,
-            load_bandwidth: f64::INFINITY,
-            unload_secs: 0.0,
-            prefill_secs_per_token: 0.0,
-            decode_secs_per_token: 0.0,
-            ..SimConfig::default()
-        }
-    }
-
-    /// Check the settings; the message names the bad one.
-    pub fn validate(&self) -> Result<(), String> {
-        let nonneg = |v: f64, name: &str| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{name} must be a finite number >= 0 (got {v})"))
-            }
-        };
-        if self.limit == 0 {
-            return Err("memory limit must be greater than zero".into());
-        }
-        if self.max_models == 0 {
-            return Err("max models must be at least 1".into());
-        }
-        nonneg(self.load_latency_secs, "load latency")?;
-        nonneg(self.unload_secs, "unload time")?;
-        nonneg(self.prefill_secs_per_token, "prefill time per token")?;
-        nonneg(self.decode_secs_per_token, "decode time per token")?;
-        if self.load_bandwidth.is_nan() || self.load_bandwidth <= 0.0 {
-            return Err("load bandwidth must be > 0 bytes/s (or inf)".into());
-        }
-        if !(self.measured_factor.is_finite() && self.measured_factor > 0.0) {
-            return Err("measured factor must be > 0".into());
-        }
-        if let Some(t) = self.idle_ttl_secs {
-            nonneg(t, "idle ttl")?;
-            if t == 0.0 {
-                return Err("idle ttl must be greater than zero".into());
-            }
-        }
-        if !(0.0..=1.0).contains(&self.load_failure_rate) {
-            return Err("load failure rate must be in [0, 1]".into());
-        }
-        Ok(())
-    }
-
-    /// Modelled seconds to load `bytes`.
-    pub fn load_secs(&self, bytes: u64) -> f64 {
-        let transfer =
-            if self.load_bandwidth.is_infinite() { 0.0 } else { bytes as f64 / self.load_bandwidth };
-        self.load_latency_secs + transfer
-    }
-}
 
 /// A replay's result: the report and, if the config kept one, the decision log.
 #[derive(Debug, Clone)]
@@ -252,9 +66,9 @@ pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
         return Err("trace operations must be sorted by time".into());
     }
     Ok(match cfg.policy {
-        PolicyChoice::Lru => Runner::new(trace, cfg, Lru::new()).run(),
-        PolicyChoice::Gdsf => Runner::new(trace, cfg, Gdsf::new()).run(),
-        PolicyChoice::Lfu => Runner::new(trace, cfg, Lfu::new()).run(),
+        PolicyChoice::Online(PolicyKind::Lru) => Runner::new(trace, cfg, Lru::new()).run(),
+        PolicyChoice::Online(PolicyKind::Gdsf) => Runner::new(trace, cfg, Gdsf::new()).run(),
+        PolicyChoice::Online(PolicyKind::Lfu) => Runner::new(trace, cfg, Lfu::new()).run(),
         PolicyChoice::Belady => Runner::new(trace, cfg, Belady::new()).run(),
         PolicyChoice::BeladyCost => Runner::new(trace, cfg, BeladyCost::new()).run(),
     })
@@ -321,49 +135,11 @@ impl Ord for Timed {
     }
 }
 
-/// Per-model counters kept by the replay (the engine keeps hits and loads itself).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ModelCounters {
-    pub requests: u64,
-    /// First attempts that found the model resident.
-    pub hits: u64,
-    /// Requests finally refused.
-    pub rejected: u64,
-    /// Requests whose load failed.
-    pub failed: u64,
-    /// Times its memory came back (after an eviction or unload).
-    pub unloads: u64,
-}
-
-/// Totals kept by the replay.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Totals {
-    pub requests: u64,
-    pub hits: u64,
-    pub cold_loads: u64,
-    pub joined: u64,
-    pub served: u64,
-    pub dropped: u64,
-    pub failed: u64,
-    pub retried: u64,
-    /// Requests whose first attempt got a 503.
-    pub first_503: u64,
-    /// 503 responses by code (every attempt).
-    pub rejections: [u64; 4],
-    pub preloads: u64,
-    pub admin_ops: u64,
-    pub admin_refused: u64,
-    /// Exact sum and maximum of added latency, ns (quantiles come from the histogram).
-    pub latency_sum: u128,
-    pub latency_max: Nanos,
-    pub mem_area: u128,
-    pub end: Nanos,
-}
-
 struct Runner<'t, P: SimPolicy> {
     trace: &'t Trace,
     cfg: &'t SimConfig,
-    st: PoolState<P, NameEstimator>,
+    /// The engine's decision core, driven as the async pool drives it.
+    core: PoolState<P, NameEstimator>,
     heap: BinaryHeap<Reverse<Timed>>,
     seq: u64,
     waiters: Vec<Vec<Waiter>>,
@@ -374,8 +150,8 @@ struct Runner<'t, P: SimPolicy> {
     unload_ns: u64,
     prefill_ns: u64,
     decode_ns: u64,
-    pm: Vec<ModelCounters>,
-    t: Totals,
+    per_model: Vec<ModelCounters>,
+    totals: Totals,
     hist: Histogram<u64>,
     zero_latency: u64,
     mem_t: Nanos,
@@ -402,18 +178,18 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             load_latency_secs: cfg.load_latency_secs,
             load_bandwidth: cfg.load_bandwidth,
         };
-        let mut st = PoolState::new(pcfg, policy, NameEstimator);
+        let mut core = PoolState::new(pcfg, policy, NameEstimator);
         let mut true_size = Vec::with_capacity(trace.models.len());
         for (i, m) in trace.models.iter().enumerate() {
             let mut spec = ModelSpec::new(m.id.clone()).with_type(m.model_type);
             if !cfg.estimate_from_names {
                 spec.size_hint = m.size;
             }
-            let slot = st.register(spec);
+            let slot = core.register(spec);
             assert_eq!(slot as usize, i, "trace models are distinct");
             let size = m
                 .size
-                .unwrap_or_else(|| ((st.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1));
+                .unwrap_or_else(|| ((core.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1));
             true_size.push(size);
         }
         let load_ns = true_size.iter().map(|&b| secs_to_ns(cfg.load_secs(b))).collect();
@@ -421,7 +197,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         Runner {
             trace,
             cfg,
-            st,
+            core,
             heap: BinaryHeap::with_capacity(1024),
             seq: 0,
             waiters: vec![Vec::new(); n],
@@ -431,8 +207,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             unload_ns: secs_to_ns(cfg.unload_secs),
             prefill_ns: secs_to_ns(cfg.prefill_secs_per_token),
             decode_ns: secs_to_ns(cfg.decode_secs_per_token),
-            pm: vec![ModelCounters::default(); n],
-            t: Totals::default(),
+            per_model: vec![ModelCounters::default(); n],
+            totals: Totals::default(),
             // Microseconds, up to 30 days, 3 significant digits.
             hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3).expect("valid histogram bounds"),
             zero_latency: 0,
@@ -455,9 +231,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     /// Account memory use up to `now`, then take the ledger's new value.
     #[inline]
     fn mem_sync(&mut self, now: Nanos) {
-        self.t.mem_area += u128::from(self.mem_used) * u128::from(now - self.mem_t);
+        self.totals.mem_area += u128::from(self.mem_used) * u128::from(now - self.mem_t);
         self.mem_t = now;
-        self.mem_used = self.st.ledger().used();
+        self.mem_used = self.core.ledger().used();
     }
 
     #[inline]
@@ -476,8 +252,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.zero_latency += 1;
         } else {
             self.hist.saturating_record(ns.div_ceil(1000));
-            self.t.latency_sum += u128::from(ns);
-            self.t.latency_max = self.t.latency_max.max(ns);
+            self.totals.latency_sum += u128::from(ns);
+            self.totals.latency_max = self.totals.latency_max.max(ns);
         }
     }
 
@@ -497,8 +273,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             if take_op {
                 let op = ops[i];
                 if op.kind == OpKind::Request {
-                    self.t.requests += 1;
-                    self.pm[op.model as usize].requests += 1;
+                    self.totals.requests += 1;
+                    self.per_model[op.model as usize].requests += 1;
                     let service = self.service_ns(op.service());
                     self.request(i, op.model, op.at, op.at, 0, service);
                 } else {
@@ -520,15 +296,15 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn request(&mut self, idx: usize, slot: Slot, now: Nanos, first: Nanos, attempt: u32, service: Nanos) {
         if P::OFFLINE {
             let next = self.next_use[idx];
-            self.st.policy_mut().set_next_use(slot, next, idx as u64);
+            self.core.policy_mut().set_next_use(slot, next, idx as u64);
         }
-        match self.st.admit(slot, now, Intent::Request) {
+        match self.core.admit(slot, now, Intent::Request) {
             Admission::Hit => {
                 if attempt == 0 {
-                    self.t.hits += 1;
-                    self.pm[slot as usize].hits += 1;
+                    self.totals.hits += 1;
+                    self.per_model[slot as usize].hits += 1;
                 }
-                self.t.served += 1;
+                self.totals.served += 1;
                 self.record_latency(now - first);
                 self.start_service(slot, now, service);
             }
@@ -536,7 +312,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.waiters[slot as usize].push(Waiter { first, service, started: false });
             }
             Admission::Load(plan) => {
-                self.t.cold_loads += 1;
+                self.totals.cold_loads += 1;
                 self.waiters[slot as usize].push(Waiter { first, service, started: true });
                 self.start_load(slot, now, &plan);
             }
@@ -544,19 +320,19 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.parked[slot as usize].push(Parked { op: idx as u32, first, attempt, service });
             }
             Admission::Reject(r) => {
-                self.t.rejections[code_index(r.code)] += 1;
+                self.totals.rejections[code_index(r.code)] += 1;
                 if attempt == 0 {
-                    self.t.first_503 += 1;
+                    self.totals.first_503 += 1;
                 }
                 match r.retry_after_secs {
                     Some(secs) if attempt < self.cfg.retries => {
-                        self.t.retried += 1;
+                        self.totals.retried += 1;
                         let at = now.saturating_add(u64::from(secs) * NS);
                         self.schedule(at, Ev::Retry { op: idx as u32, attempt: attempt + 1, first });
                     }
                     _ => {
-                        self.t.dropped += 1;
-                        self.pm[slot as usize].rejected += 1;
+                        self.totals.dropped += 1;
+                        self.per_model[slot as usize].rejected += 1;
                     }
                 }
             }
@@ -576,7 +352,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     /// or the pool is over its limits and this model just became evictable).
     #[inline]
     fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos) {
-        if self.st.release(slot, now, acquired) {
+        if self.core.release(slot, now, acquired) {
             self.mem_sync(now);
             self.unload(slot, now);
         }
@@ -591,8 +367,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     }
 
     fn reclaim(&mut self, slot: Slot, now: Nanos) {
-        self.pm[slot as usize].unloads += 1;
-        let owner = self.st.reclaimed(slot, now);
+        self.per_model[slot as usize].unloads += 1;
+        let owner = self.core.reclaimed(slot, now);
         self.mem_sync(now);
         if let Some(o) = owner {
             self.begin_load(o, now);
@@ -616,7 +392,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     /// Admit a preload (trace operation `idx`) of `slot`.
     fn preload(&mut self, idx: usize, slot: Slot, now: Nanos) {
-        match self.st.admit(slot, now, Intent::Preload) {
+        match self.core.admit(slot, now, Intent::Preload) {
             Admission::Hit | Admission::Join => {}
             Admission::Load(plan) => self.start_load(slot, now, &plan),
             Admission::AwaitUnload => {
@@ -627,7 +403,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     service: 0,
                 });
             }
-            Admission::Reject(_) => self.t.admin_refused += 1,
+            Admission::Reject(_) => self.totals.admin_refused += 1,
         }
     }
 
@@ -656,12 +432,12 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             && ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < self.cfg.load_failure_rate;
         let mut waiters = std::mem::take(&mut self.waiters[slot as usize]);
         if fail {
-            self.st.load_finished(slot, now, Err("injected load failure"));
+            self.core.load_finished(slot, now, Err("injected load failure"));
             self.mem_sync(now);
-            self.t.failed += waiters.len() as u64;
-            self.pm[slot as usize].failed += waiters.len() as u64;
+            self.totals.failed += waiters.len() as u64;
+            self.per_model[slot as usize].failed += waiters.len() as u64;
         } else {
-            let done = self.st.load_finished(slot, now, Ok(self.true_size[slot as usize]));
+            let done = self.core.load_finished(slot, now, Ok(self.true_size[slot as usize]));
             debug_assert_eq!(done.leases_granted as usize, waiters.len());
             self.mem_sync(now);
             for &v in &done.evicted {
@@ -669,9 +445,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             }
             for w in &waiters {
                 if !w.started {
-                    self.t.joined += 1;
+                    self.totals.joined += 1;
                 }
-                self.t.served += 1;
+                self.totals.served += 1;
                 self.record_latency(now - w.first);
                 self.start_service(slot, now, w.service);
             }
@@ -691,7 +467,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.request(op as usize, o.model, now, first, attempt, service);
             }
             Ev::Expire => {
-                let expired = self.st.expire_idle(now);
+                let expired = self.core.expire_idle(now);
                 if !expired.is_empty() {
                     self.mem_sync(now);
                 }
@@ -700,7 +476,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
                 // Keep ticking while anything is left to happen, including expiries themselves.
                 let expirable = (0..self.trace.models.len() as Slot)
-                    .any(|s| self.st.phase(s) == modelpool::Phase::Resident && !self.st.is_pinned(s));
+                    .any(|s| self.core.phase(s) == modelpool::Phase::Resident && !self.core.is_pinned(s));
                 if let Some(every) = self.expire_every
                     && (self.next_op < self.trace.ops.len() || !self.heap.is_empty() || expirable)
                 {
@@ -712,21 +488,21 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     fn admin(&mut self, idx: usize, now: Nanos) {
         let op = self.trace.ops[idx];
-        self.t.admin_ops += 1;
+        self.totals.admin_ops += 1;
         let slot = op.model;
         match op.kind {
             OpKind::Request => unreachable!("requests are handled by the caller"),
             OpKind::Preload => {
-                self.t.preloads += 1;
+                self.totals.preloads += 1;
                 self.preload(idx, slot, now);
             }
             OpKind::Pin => {
-                if !self.st.pin(slot, now) {
-                    self.t.admin_refused += 1;
+                if !self.core.pin(slot, now) {
+                    self.totals.admin_refused += 1;
                 }
             }
             OpKind::Unpin => {
-                let (_, evicted) = self.st.unpin(slot, now);
+                let (_, evicted) = self.core.unpin(slot, now);
                 if !evicted.is_empty() {
                     self.mem_sync(now);
                 }
@@ -734,26 +510,26 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     self.unload(v, now);
                 }
             }
-            OpKind::Unload => match self.st.unload(slot, now, false) {
+            OpKind::Unload => match self.core.unload(slot, now, false) {
                 Ok(true) => {
                     self.mem_sync(now);
                     self.unload(slot, now);
                 }
                 Ok(false) => self.mem_sync(now),
-                Err(_) => self.t.admin_refused += 1,
+                Err(_) => self.totals.admin_refused += 1,
             },
             OpKind::SetLimit => {
-                let l = self.st.ledger();
+                let l = self.core.ledger();
                 let limit = if op.arg == 0 { l.limit } else { op.arg };
                 let max = if op.model == 0 { l.max_models } else { op.model as usize };
-                match self.st.set_limits(limit, max, now) {
+                match self.core.set_limits(limit, max, now) {
                     Ok(evicted) => {
                         self.mem_sync(now);
                         for v in evicted.unload_now {
                             self.unload(v, now);
                         }
                     }
-                    Err(_) => self.t.admin_refused += 1,
+                    Err(_) => self.totals.admin_refused += 1,
                 }
             }
         }
@@ -762,7 +538,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn finish(mut self) -> Outcome {
         let end = self.mem_t.max(self.trace.duration());
         self.mem_sync(end);
-        self.t.end = end;
+        self.totals.end = end;
         if self.zero_latency > 0 {
             let _ = self.hist.record_n(0, self.zero_latency);
         }
@@ -772,8 +548,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                let c = self.pm[i];
-                let status = self.st.model_status(i as Slot);
+                let c = self.per_model[i];
+                let status = self.core.model_status(i as Slot);
                 ModelRow {
                     model: m.id.to_string(),
                     model_type: m.model_type.to_string(),
@@ -789,10 +565,17 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             })
             .collect();
-        let report =
-            build_report(self.cfg, self.trace, &self.t, self.st.stats(), self.st.ledger(), &self.hist, rows);
-        debug_assert!(self.st.check_invariants().is_ok());
-        let events = self.st.log_mut().drain();
+        let report = build_report(
+            self.cfg,
+            self.trace,
+            &self.totals,
+            self.core.stats(),
+            self.core.ledger(),
+            &self.hist,
+            rows,
+        );
+        debug_assert!(self.core.check_invariants().is_ok());
+        let events = self.core.log_mut().drain();
         Outcome { report, events }
     }
 }

@@ -7,11 +7,50 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
-use modelpool::{EvictReason, Ledger, RejectCode, Stats};
+use modelpool::{EvictReason, Ledger, Nanos, RejectCode, Stats};
 use serde::Serialize;
 
-use crate::replay::{SimConfig, Totals};
+use crate::config::SimConfig;
 use crate::trace::{NS, Trace};
+
+/// Per-model counters kept by the replay (the engine keeps hits and loads itself).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ModelCounters {
+    pub requests: u64,
+    /// First attempts that found the model resident.
+    pub hits: u64,
+    /// Requests finally refused.
+    pub rejected: u64,
+    /// Requests whose load failed.
+    pub failed: u64,
+    /// Times its memory came back (after an eviction or unload).
+    pub unloads: u64,
+}
+
+/// Totals kept by the replay.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Totals {
+    pub requests: u64,
+    pub hits: u64,
+    pub cold_loads: u64,
+    pub joined: u64,
+    pub served: u64,
+    pub dropped: u64,
+    pub failed: u64,
+    pub retried: u64,
+    /// Requests whose first attempt got a 503.
+    pub first_503: u64,
+    /// 503 responses by code (every attempt).
+    pub rejections: [u64; 4],
+    pub preloads: u64,
+    pub admin_ops: u64,
+    pub admin_refused: u64,
+    /// Exact sum and maximum of added latency, ns (quantiles come from the histogram).
+    pub latency_sum: u128,
+    pub latency_max: Nanos,
+    pub mem_area: u128,
+    pub end: Nanos,
+}
 
 /// Round to 6 decimals.
 pub fn r6(x: f64) -> f64 {

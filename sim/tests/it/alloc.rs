@@ -51,7 +51,7 @@ fn replay_allocates_nothing_per_request() {
     let quarter_of_catalogue = catalogue / 4;
     // LRU only: GDSF, LFU and the Belady baselines keep their order in a BTreeSet, whose nodes
     // are allocated and freed as keys move (a policy-internal cost, not the replay's).
-    for p in [PolicyChoice::Lru] {
+    for p in [PolicyChoice::LRU] {
         for cfg in [
             SimConfig::instant(quarter_of_catalogue, 1000, p),
             SimConfig { limit: catalogue * 2 / 3, max_models: 1000, policy: p, ..SimConfig::default() },

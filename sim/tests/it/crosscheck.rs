@@ -41,7 +41,7 @@ fn lru_replay_matches_an_independent_lru_stack() {
             generate(&GenConfig { seed, requests: 20_000, models, zipf, ..GenConfig::default() }).unwrap();
         for limit_gb in [6, 12, 24, 48, 96] {
             for max_models in [2, 4, 1000] {
-                let cfg = SimConfig::instant(limit_gb * GB, max_models, PolicyChoice::Lru);
+                let cfg = SimConfig::instant(limit_gb * GB, max_models, PolicyChoice::LRU);
                 let r = replay(&t, &cfg).report;
                 let (misses, evictions) = lru_stack(&t, limit_gb * GB, max_models);
                 let label = format!("seed {seed}, {limit_gb} GB, max {max_models}");

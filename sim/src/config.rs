@@ -1,0 +1,209 @@
+//! What a replay is configured with: the policy choice (the engine's online policies and the
+//! offline baselines) and [`SimConfig`], its timing model and limits.
+
+use modelpool::PolicyKind;
+use modelpool::log::LogMode;
+
+/// Which eviction policy a replay uses: the engine's online ones or the simulator's offline
+/// baselines.
+///
+/// The online choices are the engine's [`PolicyKind`]s, so a policy added to the engine is a
+/// simulator choice at once (the replay's dispatch match names each kind, for static dispatch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyChoice {
+    /// One of the engine's policies, exactly as the server runs it.
+    Online(PolicyKind),
+    /// Offline: farthest next use first.
+    Belady,
+    /// Offline: size-and-cost-aware Belady.
+    BeladyCost,
+}
+
+const N_CHOICES: usize = PolicyKind::ALL.len() + 2;
+
+impl PolicyChoice {
+    /// LRU, the engine's default.
+    pub const LRU: PolicyChoice = PolicyChoice::Online(PolicyKind::Lru);
+    /// Greedy-Dual-Size-Frequency.
+    pub const GDSF: PolicyChoice = PolicyChoice::Online(PolicyKind::Gdsf);
+    /// Least frequently used.
+    pub const LFU: PolicyChoice = PolicyChoice::Online(PolicyKind::Lfu);
+
+    /// Every policy: the engine's in its order, then the offline baselines.
+    pub const ALL: [PolicyChoice; N_CHOICES] = {
+        let mut all = [PolicyChoice::Belady; N_CHOICES];
+        let mut i = 0;
+        while i < PolicyKind::ALL.len() {
+            all[i] = PolicyChoice::Online(PolicyKind::ALL[i]);
+            i += 1;
+        }
+        all[N_CHOICES - 1] = PolicyChoice::BeladyCost;
+        all
+    };
+
+    /// CLI and report name: the engine's name for an online policy, `belady`, `belady-cost`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyChoice::Online(k) => k.as_str(),
+            PolicyChoice::Belady => "belady",
+            PolicyChoice::BeladyCost => "belady-cost",
+        }
+    }
+
+    /// Whether the policy sees the future (a baseline, not deployable).
+    pub fn is_offline(self) -> bool {
+        !matches!(self, PolicyChoice::Online(_))
+    }
+}
+
+impl serde::Serialize for PolicyChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for PolicyChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PolicyChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        PolicyChoice::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = PolicyChoice::ALL.iter().map(|p| p.as_str()).collect();
+            format!("unknown policy '{s}' (expected {})", names.join(", "))
+        })
+    }
+}
+
+/// Everything a replay needs besides the trace. [`SimConfig::default`] documents the defaults.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SimConfig {
+    /// Memory limit, bytes.
+    pub limit: u64,
+    /// Maximum models loaded or loading at once.
+    pub max_models: usize,
+    /// Eviction policy.
+    pub policy: PolicyChoice,
+    /// Fixed part of a load, seconds.
+    pub load_latency_secs: f64,
+    /// Load bandwidth, bytes per second (`inf` for instant transfers).
+    pub load_bandwidth: f64,
+    /// Time to unload a model, seconds (victims unload before the load that needs them starts).
+    pub unload_secs: f64,
+    /// Service seconds per input (prompt) token.
+    pub prefill_secs_per_token: f64,
+    /// Service seconds per output (generated) token.
+    pub decode_secs_per_token: f64,
+    /// Let the estimator see model names only (sizes in the trace become the measured truth, so
+    /// estimation error shows up as over/under-reservation).
+    pub estimate_from_names: bool,
+    /// For models without a size in the trace: measured size = estimate x this factor.
+    pub measured_factor: f64,
+    /// Retries of a request refused with a retry hint (0: a 503 drops the request).
+    pub retries: u32,
+    /// Probability that a load fails (injected with the seeded RNG).
+    pub load_failure_rate: f64,
+    /// Seed of the replay's RNG.
+    pub seed: u64,
+    /// Keep-alive: unpinned models idle this long (seconds after their last request ended) are
+    /// evicted. Checked every `ttl / 4` (between 1 and 60 s of virtual time), as the server does.
+    pub idle_ttl_secs: Option<f64>,
+    /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
+    #[serde(skip)]
+    pub log: LogMode,
+}
+
+impl Default for SimConfig {
+    /// 24 GB, 4 models (the server's default), LRU, loads of 0.5 s + bytes at 3.2 GB/s (plain
+    /// safetensors reads on an H100 box), instant unloads, 0.2 ms per prompt token and 20 ms per
+    /// generated token, no retries, no failures, seed 1, no log.
+    fn default() -> Self {
+        SimConfig {
+            limit: 24_000_000_000,
+            max_models: 4,
+            policy: PolicyChoice::LRU,
+            load_latency_secs: 0.5,
+            load_bandwidth: 3.2e9,
+            unload_secs: 0.0,
+            prefill_secs_per_token: 0.000_2,
+            decode_secs_per_token: 0.02,
+            estimate_from_names: false,
+            measured_factor: 1.0,
+            retries: 0,
+            load_failure_rate: 0.0,
+            seed: 1,
+            idle_ttl_secs: None,
+            log: LogMode::Off,
+        }
+    }
+}
+
+impl SimConfig {
+    /// A configuration with instant loads, unloads and service: no concurrency effects, so the
+    /// pool behaves like a plain cache (what libCacheSim-style simulators model).
+    pub fn instant(limit: u64, max_models: usize, policy: PolicyChoice) -> Self {
+        SimConfig { limit, max_models, policy, ..SimConfig::default() }.with_instant_timing()
+    }
+
+    /// This configuration with instant loads, unloads and service (latency, transfer, unload,
+    /// prefill and decode times all zero); limits, policy, retries, failures, seed, TTL,
+    /// estimation and log are kept.
+    pub fn with_instant_timing(self) -> Self {
+        SimConfig {
+            load_latency_secs: 0.0,
+            load_bandwidth: f64::INFINITY,
+            unload_secs: 0.0,
+            prefill_secs_per_token: 0.0,
+            decode_secs_per_token: 0.0,
+            ..self
+        }
+    }
+
+    /// Check the settings; the message names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonneg = |v: f64, name: &str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a finite number >= 0 (got {v})"))
+            }
+        };
+        if self.limit == 0 {
+            return Err("memory limit must be greater than zero".into());
+        }
+        if self.max_models == 0 {
+            return Err("max models must be at least 1".into());
+        }
+        nonneg(self.load_latency_secs, "load latency")?;
+        nonneg(self.unload_secs, "unload time")?;
+        nonneg(self.prefill_secs_per_token, "prefill time per token")?;
+        nonneg(self.decode_secs_per_token, "decode time per token")?;
+        if self.load_bandwidth.is_nan() || self.load_bandwidth <= 0.0 {
+            return Err("load bandwidth must be > 0 bytes/s (or inf)".into());
+        }
+        if !(self.measured_factor.is_finite() && self.measured_factor > 0.0) {
+            return Err("measured factor must be > 0".into());
+        }
+        if let Some(t) = self.idle_ttl_secs {
+            nonneg(t, "idle ttl")?;
+            if t == 0.0 {
+                return Err("idle ttl must be greater than zero".into());
+            }
+        }
+        if !(0.0..=1.0).contains(&self.load_failure_rate) {
+            return Err("load failure rate must be in [0, 1]".into());
+        }
+        Ok(())
+    }
+
+    /// Modelled seconds to load `bytes`.
+    pub fn load_secs(&self, bytes: u64) -> f64 {
+        let transfer =
+            if self.load_bandwidth.is_infinite() { 0.0 } else { bytes as f64 / self.load_bandwidth };
+        self.load_latency_secs + transfer
+    }
+}
