@@ -29,6 +29,9 @@ pub enum BackendError {
     /// The request was invalid for this model (e.g. a prompt longer than the context).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The model's queue of waiting requests is full: retry shortly (HTTP 429).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// Inference failed after the model was loaded.
     #[error("inference failed: {0}")]
     Inference(String),

@@ -145,6 +145,18 @@ impl From<PoolError> for ApiError {
                 BackendError::Unsupported(_) => {
                     (S::BAD_REQUEST, "invalid_request_error", "unsupported", None)
                 }
+                BackendError::Overloaded(_) => {
+                    // As TGI's `Overloaded`: the server is up and the model loaded, but its
+                    // queue is full; a retry soon will likely be served.
+                    return ApiError {
+                        status: S::TOO_MANY_REQUESTS,
+                        message,
+                        kind: "server_error",
+                        param: None,
+                        code: Some("model_overloaded"),
+                        retry_after: Some(1),
+                    };
+                }
                 BackendError::Gone => {
                     // The model went away under the call; a retry loads it again.
                     return ApiError {

@@ -15,7 +15,9 @@ use mlx_rs::ops::{self};
 use mlx_rs::{Array, Dtype};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Ctx, Res};
+use anyhow::{Context, anyhow};
+
+use super::Res;
 
 #[derive(Debug, Clone, PartialEq)]
 struct BertConfig {
@@ -33,7 +35,7 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Array) -> Res<Array> {
-        ops::addmm(&self.b, x, self.w.t(), 1.0, 1.0).ctx("linear")
+        ops::addmm(&self.b, x, self.w.t(), 1.0, 1.0).context("linear")
     }
 }
 
@@ -66,20 +68,23 @@ pub(super) struct Bert {
 pub(super) const MAX_BATCH: usize = 32;
 
 fn read_json(path: &Path) -> Res<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ctx(&path.display().to_string())?;
-    serde_json::from_str(&text).ctx(&path.display().to_string())
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| path.display().to_string())
 }
 
 impl Bert {
     pub fn load(dir: &Path) -> Res<Bert> {
         let config = read_json(&dir.join("config.json"))?;
         let int = |k: &str| -> Res<i64> {
-            config.get(k).and_then(|v| v.as_i64()).ok_or_else(|| format!("config.json has no integer '{k}'"))
+            config
+                .get(k)
+                .and_then(|v| v.as_i64())
+                .with_context(|| format!("config.json has no integer '{k}'"))
         };
         if let Some(act) = config.get("hidden_act").and_then(|v| v.as_str())
             && act != "gelu"
         {
-            return Err(format!("unsupported hidden_act '{act}' (gelu only)"));
+            return Err(anyhow!("unsupported hidden_act '{act}' (gelu only)"));
         }
         let cfg = BertConfig {
             hidden: int("hidden_size")? as i32,
@@ -89,13 +94,13 @@ impl Bert {
             eps: config.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-12) as f32,
         };
         if cfg.heads <= 0 || cfg.hidden % cfg.heads != 0 {
-            return Err("hidden_size is not a multiple of num_attention_heads".into());
+            return Err(anyhow!("hidden_size is not a multiple of num_attention_heads"));
         }
         let st = dir.join("model.safetensors");
         if !st.is_file() {
-            return Err(format!("{} not found", st.display()));
+            return Err(anyhow!("{} not found", st.display()));
         }
-        let mut t: HashMap<String, Array> = Array::load_safetensors(&st).ctx("model.safetensors")?;
+        let mut t: HashMap<String, Array> = Array::load_safetensors(&st).context("model.safetensors")?;
         let mut names = NameTaker { map: &mut t };
         let word = names.take("embeddings.word_embeddings.weight")?;
         let position = names.take("embeddings.position_embeddings.weight")?;
@@ -108,8 +113,8 @@ impl Bert {
             let k = names.linear(&format!("{p}.attention.self.key"))?;
             let v = names.linear(&format!("{p}.attention.self.value"))?;
             let qkv = Linear {
-                w: ops::concatenate(&[q.w, k.w, v.w], 0).ctx("fuse qkv")?,
-                b: ops::concatenate(&[q.b, k.b, v.b], 0).ctx("fuse qkv")?,
+                w: ops::concatenate(&[q.w, k.w, v.w], 0).context("fuse qkv")?,
+                b: ops::concatenate(&[q.b, k.b, v.b], 0).context("fuse qkv")?,
             };
             layers.push(Layer {
                 qkv,
@@ -122,9 +127,11 @@ impl Bert {
         }
         // Whatever is left (the pooler) is not used by sentence-transformers' mean pooling.
         drop(t);
-        let token_type0 = token_type.take_axis(Array::from_int(0), 0).ctx("token type 0")?;
+        let token_type0 = token_type.take_axis(Array::from_int(0), 0).context("token type 0")?;
 
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).ctx("tokenizer.json")?;
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(anyhow::Error::from_boxed)
+            .context("tokenizer.json")?;
         let max_len = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
@@ -134,7 +141,8 @@ impl Bert {
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .ctx("truncation")?;
+            .map_err(anyhow::Error::from_boxed)
+            .context("truncation")?;
 
         let bert = Bert { cfg, word, position, token_type0, emb_norm, layers, tokenizer };
         super::llama::eval_all(bert.arrays())?;
@@ -159,7 +167,11 @@ impl Bert {
 
     /// Embeds `texts`: unit-length vectors in input order, and the token count.
     pub fn embed(&self, texts: &[String]) -> Res<(Vec<Vec<f32>>, u32)> {
-        let encs = self.tokenizer.encode_batch(texts.to_vec(), true).ctx("tokenizing")?;
+        let encs = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(anyhow::Error::from_boxed)
+            .context("tokenizing")?;
         let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
         let tokens = ids.iter().map(|i| i.len() as u32).sum();
         // Batch similar lengths together to waste little on padding.
@@ -197,63 +209,64 @@ impl Bert {
         let x = self
             .word
             .take_axis(&ids, 0)
-            .ctx("embedding lookup")?
+            .context("embedding lookup")?
             .add(&pos)
-            .ctx("add")?
+            .context("add")?
             .add(&self.token_type0)
-            .ctx("add")?;
+            .context("add")?;
         let mut x = layer_norm(&x, &self.emb_norm, cfg.eps)?;
         // Additive mask over keys: 0 where real, -inf-ish where padding. [b, 1, 1, t]
         let neg = mask
             .subtract(Array::from_f32(1.0))
-            .ctx("mask")?
+            .context("mask")?
             .multiply(Array::from_f32(1e9))
-            .ctx("mask")?
+            .context("mask")?
             .reshape(&[b, 1, 1, t])
-            .ctx("mask")?;
+            .context("mask")?;
         let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {
             let qkv = l.qkv.forward(&x)?;
             let split = |i: i32| -> Res<Array> {
                 use mlx_rs::ops::indexing::TryIndexOp;
                 qkv.try_index((.., .., i * h..(i + 1) * h))
-                    .ctx("split qkv")?
+                    .context("split qkv")?
                     .reshape(&[b, t, nh, hd])
-                    .ctx("reshape")?
+                    .context("reshape")?
                     .transpose_axes(&[0, 2, 1, 3])
-                    .ctx("transpose")
+                    .context("transpose")
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let a = fast::scaled_dot_product_attention(&q, &k, &v, scale, &neg, None)
-                .ctx("attention")?
+                .context("attention")?
                 .transpose_axes(&[0, 2, 1, 3])
-                .ctx("transpose")?
+                .context("transpose")?
                 .reshape(&[b, t, h])
-                .ctx("reshape")?;
-            let a = l.attn_out.forward(&a)?.add(&x).ctx("residual")?;
+                .context("reshape")?;
+            let a = l.attn_out.forward(&a)?.add(&x).context("residual")?;
             x = layer_norm(&a, &l.attn_norm, cfg.eps)?;
-            let i = mlx_rs::nn::gelu(l.inter.forward(&x)?).ctx("gelu")?;
-            let o = l.out.forward(&i)?.add(&x).ctx("residual")?;
+            let i = mlx_rs::nn::gelu(l.inter.forward(&x)?).context("gelu")?;
+            let o = l.out.forward(&i)?.add(&x).context("residual")?;
             x = layer_norm(&o, &l.out_norm, cfg.eps)?;
         }
         // Mean over real tokens, then L2 normalise.
-        let m = mask.reshape(&[b, t, 1]).ctx("mask")?;
-        let summed = x.multiply(&m).ctx("pool")?.sum_axis(1, false).ctx("pool")?;
-        let count = ops::maximum(m.sum_axis(1, false).ctx("pool")?, Array::from_f32(1e-9)).ctx("pool")?;
-        let mean = summed.divide(&count).ctx("pool")?;
+        let m = mask.reshape(&[b, t, 1]).context("mask")?;
+        let summed = x.multiply(&m).context("pool")?.sum_axis(1, false).context("pool")?;
+        let count =
+            ops::maximum(m.sum_axis(1, false).context("pool")?, Array::from_f32(1e-9)).context("pool")?;
+        let mean = summed.divide(&count).context("pool")?;
         let norm = ops::maximum(
-            mean.square().ctx("norm")?.sum_axis(-1, true).ctx("norm")?.sqrt().ctx("norm")?,
+            mean.square().context("norm")?.sum_axis(-1, true).context("norm")?.sqrt().context("norm")?,
             Array::from_f32(1e-12),
         )
-        .ctx("norm")?;
-        let unit = mean.divide(&norm).ctx("norm")?;
-        let flat = unit.to_vec_exact::<f32>().ctx("reading embeddings")?;
+        .context("norm")?;
+        let unit = mean.divide(&norm).context("norm")?;
+        let flat = unit.to_vec_exact::<f32>().context("reading embeddings")?;
         Ok(flat.chunks(h as usize).map(<[f32]>::to_vec).collect())
     }
 }
 
 fn layer_norm(x: &Array, n: &Norm, eps: f32) -> Res<Array> {
-    fast::layer_norm(x, &n.w, &n.b, eps).ctx("layer_norm")
+    fast::layer_norm(x, &n.w, &n.b, eps).context("layer_norm")
 }
 
 /// First `t` rows of a 2-D array.
@@ -264,7 +277,7 @@ trait SliceRows {
 impl SliceRows for Array {
     fn try_slice_rows(&self, t: i32) -> Res<Array> {
         use mlx_rs::ops::indexing::TryIndexOp;
-        self.try_index(0..t).ctx("slice rows")
+        self.try_index(0..t).context("slice rows")
     }
 }
 
@@ -277,9 +290,9 @@ impl NameTaker<'_> {
         self.map
             .remove(name)
             .or_else(|| self.map.remove(&format!("bert.{name}")))
-            .ok_or_else(|| format!("model.safetensors has no tensor {name}"))?
+            .with_context(|| format!("model.safetensors has no tensor {name}"))?
             .as_dtype(Dtype::Float32)
-            .ctx(name)
+            .with_context(|| name.to_string())
     }
 
     fn linear(&mut self, p: &str) -> Res<Linear> {

@@ -17,7 +17,9 @@ use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
 use mlx_rs::ops::{self};
 use mlx_rs::{Array, Dtype};
 
-use super::{Ctx, Res};
+use anyhow::{Context, anyhow};
+
+use super::Res;
 
 /// How linear weights are held after load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,25 +48,27 @@ pub(super) struct LlamaConfig {
 const GROUP_SIZE: i32 = 32;
 
 fn meta_f64(f: &GgufFile, key: &str) -> Res<Option<f64>> {
-    match f.get_metadata_array(key).ctx(key)? {
+    match f.get_metadata_array(key).with_context(|| key.to_string())? {
         None => Ok(None),
         Some(a) => {
-            let v = a.to_vec_cast::<f32>().ctx(key)?;
+            let v = a.to_vec_cast::<f32>().with_context(|| key.to_string())?;
             Ok(v.first().map(|x| *x as f64))
         }
     }
 }
 
 fn meta_req(f: &GgufFile, key: &str) -> Res<f64> {
-    meta_f64(f, key)?.ok_or_else(|| format!("GGUF metadata has no {key}"))
+    meta_f64(f, key)?.with_context(|| format!("GGUF metadata has no {key}"))
 }
 
 impl LlamaConfig {
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
-        let arch =
-            f.get_metadata_string("general.architecture").ctx("general.architecture")?.unwrap_or_default();
+        let arch = f
+            .get_metadata_string("general.architecture")
+            .context("general.architecture")?
+            .unwrap_or_default();
         if arch != "llama" {
-            return Err(format!(
+            return Err(anyhow!(
                 "unsupported GGUF architecture '{arch}' (this backend runs llama-family decoders)"
             ));
         }
@@ -73,7 +77,7 @@ impl LlamaConfig {
         let n_heads = meta_req(f, &k("attention.head_count"))? as i32;
         let n_kv_heads = meta_f64(f, &k("attention.head_count_kv"))?.map_or(n_heads, |v| v as i32);
         if n_heads <= 0 || hidden % n_heads != 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 {
-            return Err(format!(
+            return Err(anyhow!(
                 "inconsistent attention shape: hidden {hidden}, heads {n_heads}, kv heads {n_kv_heads}"
             ));
         }
@@ -111,15 +115,16 @@ pub(super) enum Linear {
 
 impl Linear {
     fn dense(w: Array) -> Res<Linear> {
-        let wt = w.transpose().ctx("transpose")?;
+        let wt = w.transpose().context("transpose")?;
         Ok(Linear::Dense { w, wt })
     }
 
     fn forward(&self, x: &Array) -> Res<Array> {
         match self {
-            Linear::Dense { wt, .. } => x.matmul(wt).ctx("matmul"),
+            Linear::Dense { wt, .. } => x.matmul(wt).context("matmul"),
             Linear::Quant { w, scales, biases, bits } => {
-                ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits).ctx("quantized_matmul")
+                ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits)
+                    .context("quantized_matmul")
             }
         }
     }
@@ -127,12 +132,12 @@ impl Linear {
     /// Rows `ids` of the weight as f32 (an embedding lookup).
     fn rows(&self, ids: &Array) -> Res<Array> {
         match self {
-            Linear::Dense { w, .. } => w.take_axis(ids, 0).ctx("embedding lookup"),
+            Linear::Dense { w, .. } => w.take_axis(ids, 0).context("embedding lookup"),
             Linear::Quant { w, scales, biases, bits } => {
-                let w = w.take_axis(ids, 0).ctx("embedding lookup")?;
-                let s = scales.take_axis(ids, 0).ctx("embedding lookup")?;
-                let b = biases.take_axis(ids, 0).ctx("embedding lookup")?;
-                ops::dequantize(&w, &s, &b, GROUP_SIZE, *bits).ctx("dequantize rows")
+                let w = w.take_axis(ids, 0).context("embedding lookup")?;
+                let s = scales.take_axis(ids, 0).context("embedding lookup")?;
+                let b = biases.take_axis(ids, 0).context("embedding lookup")?;
+                ops::dequantize(&w, &s, &b, GROUP_SIZE, *bits).context("dequantize rows")
             }
         }
     }
@@ -162,7 +167,7 @@ impl Linear {
             })
             .collect();
         if dense.len() == parts.len() {
-            return Linear::dense(ops::concatenate(&dense, 0).ctx("fuse weights")?);
+            return Linear::dense(ops::concatenate(&dense, 0).context("fuse weights")?);
         }
         let mut ws = Vec::new();
         let mut ss = Vec::new();
@@ -176,13 +181,13 @@ impl Linear {
                     ss.push(scales);
                     bs.push(biases);
                 }
-                _ => return Err("cannot fuse linears of different formats".into()),
+                _ => return Err(anyhow!("cannot fuse linears of different formats")),
             }
         }
         Ok(Linear::Quant {
-            w: ops::concatenate(&ws, 0).ctx("fuse weights")?,
-            scales: ops::concatenate(&ss, 0).ctx("fuse scales")?,
-            biases: ops::concatenate(&bs, 0).ctx("fuse biases")?,
+            w: ops::concatenate(&ws, 0).context("fuse weights")?,
+            scales: ops::concatenate(&ss, 0).context("fuse scales")?,
+            biases: ops::concatenate(&bs, 0).context("fuse biases")?,
             bits: bits_all.unwrap_or(4),
         })
     }
@@ -209,49 +214,50 @@ pub(super) struct Llama {
 
 /// Reads `<base>.weight` (+ `.scales`/`.biases` when quantized) in the requested format.
 fn load_linear(f: &GgufFile, base: &str, format: WeightFormat) -> Res<Option<Linear>> {
-    let Some(w) = f.get_array(&format!("{base}.weight")).ctx(base)? else {
+    let Some(w) = f.get_array(&format!("{base}.weight")).with_context(|| base.to_string())? else {
         return Ok(None);
     };
-    let scales = f.get_array(&format!("{base}.scales")).ctx(base)?;
-    let biases = f.get_array(&format!("{base}.biases")).ctx(base)?;
+    let scales = f.get_array(&format!("{base}.scales")).with_context(|| base.to_string())?;
+    let biases = f.get_array(&format!("{base}.biases")).with_context(|| base.to_string())?;
     let lin = match (scales, biases) {
         (Some(scales), Some(biases)) => {
             let (ws, ss) = (w.shape(), scales.shape());
             if ws.len() != 2 || ss.len() != 2 || ss[1] == 0 || ws[1] % ss[1] != 0 {
-                return Err(format!("{base}: unexpected quantized shapes {ws:?} / {ss:?}"));
+                return Err(anyhow!("{base}: unexpected quantized shapes {ws:?} / {ss:?}"));
             }
             let bits = ws[1] / ss[1];
             if ![2, 3, 4, 5, 6, 8].contains(&bits) {
-                return Err(format!("{base}: unsupported bit width {bits}"));
+                return Err(anyhow!("{base}: unsupported bit width {bits}"));
             }
             // f32 scales and biases: exact dequantization, and f32 activations in qmm.
-            let scales = scales.as_dtype(Dtype::Float32).ctx(base)?;
-            let biases = biases.as_dtype(Dtype::Float32).ctx(base)?;
+            let scales = scales.as_dtype(Dtype::Float32).with_context(|| base.to_string())?;
+            let biases = biases.as_dtype(Dtype::Float32).with_context(|| base.to_string())?;
             match format {
-                WeightFormat::F32 => {
-                    Linear::dense(ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits).ctx(base)?)?
-                }
+                WeightFormat::F32 => Linear::dense(
+                    ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits)
+                        .with_context(|| base.to_string())?,
+                )?,
                 WeightFormat::Quantized => Linear::Quant { w, scales, biases, bits },
             }
         }
-        (None, None) => Linear::dense(w.as_dtype(Dtype::Float32).ctx(base)?)?,
+        (None, None) => Linear::dense(w.as_dtype(Dtype::Float32).with_context(|| base.to_string())?)?,
         _ => {
-            return Err(format!("{base}: scales without biases (unsupported quantization)"));
+            return Err(anyhow!("{base}: scales without biases (unsupported quantization)"));
         }
     };
     Ok(Some(lin))
 }
 
 fn require(lin: Option<Linear>, name: &str) -> Res<Linear> {
-    lin.ok_or_else(|| format!("GGUF has no tensor {name}.weight"))
+    lin.with_context(|| format!("GGUF has no tensor {name}.weight"))
 }
 
 fn load_norm(f: &GgufFile, name: &str) -> Res<Array> {
     f.get_array(&format!("{name}.weight"))
-        .ctx(name)?
-        .ok_or_else(|| format!("GGUF has no tensor {name}.weight"))?
+        .with_context(|| name.to_string())?
+        .with_context(|| format!("GGUF has no tensor {name}.weight"))?
         .as_dtype(Dtype::Float32)
-        .ctx(name)
+        .with_context(|| name.to_string())
 }
 
 impl Llama {
@@ -278,7 +284,7 @@ impl Llama {
             let expect_kv = cfg.n_kv_heads * cfg.head_dim;
             if q.out_features() != expect_q || k.out_features() != expect_kv || v.out_features() != expect_kv
             {
-                return Err(format!(
+                return Err(anyhow!(
                     "blk.{i}: q/k/v sizes {}/{}/{} do not match the metadata ({expect_q}/{expect_kv})",
                     q.out_features(),
                     k.out_features(),
@@ -323,12 +329,12 @@ impl Llama {
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let ids = Array::from_slice(&ids, &[t]);
         let cfg = &self.cfg;
-        let mut x = self.embed.rows(&ids)?.reshape(&[1, t, cfg.hidden]).ctx("reshape")?;
+        let mut x = self.embed.rows(&ids)?.reshape(&[1, t, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         cache.reserve(offset + t, cfg)?;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).ctx("rms_norm")?;
+            let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
             // All heads at once: [1, t, nh + 2 nkv, hd] -> [1, heads, t, hd]. RoPE runs once
             // over the q and k heads together (each `fast::rope` call costs about 10 us of
             // graph building, several times a plain op).
@@ -336,43 +342,48 @@ impl Llama {
                 .qkv
                 .forward(&h)?
                 .reshape(&[1, t, nh + 2 * nkv, hd])
-                .ctx("reshape")?
+                .context("reshape")?
                 .transpose_axes(&[0, 2, 1, 3])
-                .ctx("transpose")?;
-            let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).ctx("split v")?;
+                .context("transpose")?;
+            let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
             let v = pop(&mut parts)?;
             let qk = fast::rope(pop(&mut parts)?, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None)
-                .ctx("rope")?;
-            let mut parts = ops::split_at_indices(&qk, &[nh], 1).ctx("split q/k")?;
+                .context("rope")?;
+            let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
             let (keys, values) = cache.update(li, &k, &v, offset, t)?;
             let mask = (t > 1).then_some(ScaledDotProductAttentionMask::Causal);
             let attn = fast::scaled_dot_product_attention(&q, &keys, &values, scale, mask, None)
-                .ctx("attention")?
+                .context("attention")?
                 .transpose_axes(&[0, 2, 1, 3])
-                .ctx("transpose")?
+                .context("transpose")?
                 .reshape(&[1, t, nh * hd])
-                .ctx("reshape")?;
-            x = x.add(l.o.forward(&attn)?).ctx("residual")?;
-            let h = fast::rms_norm(&x, Some(&l.ffn_norm), cfg.eps).ctx("rms_norm")?;
-            let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).ctx("split gate/up")?;
+                .context("reshape")?;
+            x = x.add(l.o.forward(&attn)?).context("residual")?;
+            let h = fast::rms_norm(&x, Some(&l.ffn_norm), cfg.eps).context("rms_norm")?;
+            let mut gu =
+                ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).context("split gate/up")?;
             let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
             // silu(g) * u with plain ops: mlx-rs's nn::silu goes through `compile` on every
             // call, which costs more to build than the three ops it fuses.
-            let act = g.multiply(ops::sigmoid(&g).ctx("sigmoid")?).ctx("silu")?.multiply(&u).ctx("swiglu")?;
-            x = x.add(l.down.forward(&act)?).ctx("residual")?;
+            let act = g
+                .multiply(ops::sigmoid(&g).context("sigmoid")?)
+                .context("silu")?
+                .multiply(&u)
+                .context("swiglu")?;
+            x = x.add(l.down.forward(&act)?).context("residual")?;
         }
         cache.len += t as usize;
-        let last = x.try_index((.., t - 1, ..)).ctx("last position")?;
-        let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).ctx("rms_norm")?;
+        let last = x.try_index((.., t - 1, ..)).context("last position")?;
+        let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).context("rms_norm")?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
-        head.forward(&last)?.reshape(&[cfg.vocab as i32]).ctx("reshape logits")
+        head.forward(&last)?.reshape(&[cfg.vocab as i32]).context("reshape logits")
     }
 }
 
 fn pop(v: &mut Vec<Array>) -> Res<Array> {
-    v.pop().ok_or_else(|| "split returned too few parts".to_string())
+    v.pop().context("split returned too few parts")
 }
 
 fn layer_arrays(l: &Layer) -> Vec<&Array> {
@@ -385,7 +396,7 @@ fn layer_arrays(l: &Layer) -> Vec<&Array> {
 }
 
 pub(super) fn eval_all<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> Res<()> {
-    mlx_rs::transforms::eval(arrays).ctx("eval")
+    mlx_rs::transforms::eval(arrays).context("eval")
 }
 
 /// Keys and values of past positions, per layer, in buffers that grow in steps of
@@ -415,15 +426,16 @@ impl KvCache {
         }
         let new_cap = (needed + Self::STEP - 1) / Self::STEP * Self::STEP;
         let extra = new_cap - self.capacity;
-        let zeros = Array::zeros::<f32>(&[1, cfg.n_kv_heads, extra, cfg.head_dim]).ctx("kv")?;
+        let zeros = Array::zeros::<f32>(&[1, cfg.n_kv_heads, extra, cfg.head_dim]).context("kv")?;
         for slot in self.keys.iter_mut().chain(self.values.iter_mut()) {
             *slot = Some(match slot.take() {
                 None => zeros.clone(),
                 Some(old) => {
-                    let old = old.try_index((.., .., 0..self.len as i32, ..)).ctx("kv")?;
+                    let old = old.try_index((.., .., 0..self.len as i32, ..)).context("kv")?;
                     let pad_len = new_cap - self.len as i32;
-                    let pad = Array::zeros::<f32>(&[1, cfg.n_kv_heads, pad_len, cfg.head_dim]).ctx("kv")?;
-                    ops::concatenate(&[old, pad], 2).ctx("grow kv")?
+                    let pad =
+                        Array::zeros::<f32>(&[1, cfg.n_kv_heads, pad_len, cfg.head_dim]).context("kv")?;
+                    ops::concatenate(&[old, pad], 2).context("grow kv")?
                 }
             });
         }
@@ -435,9 +447,9 @@ impl KvCache {
         let end = offset + t;
         let mut out = Vec::with_capacity(2);
         for (buf, new) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            let b = buf.as_mut().ok_or("kv cache not reserved")?;
-            b.try_index_mut((.., .., offset..end, ..), new).ctx("kv write")?;
-            out.push(b.try_index((.., .., 0..end, ..)).ctx("kv read")?);
+            let b = buf.as_mut().context("kv cache not reserved")?;
+            b.try_index_mut((.., .., offset..end, ..), new).context("kv write")?;
+            out.push(b.try_index((.., .., 0..end, ..)).context("kv read")?);
         }
         let v = out.pop().expect("two");
         let k = out.pop().expect("two");

@@ -11,7 +11,9 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
-use super::{Ctx, Res};
+use anyhow::{Context, anyhow};
+
+use super::Res;
 use crate::backend::ChatMessage;
 
 /// GGUF `tokenizer.ggml.token_type` value of control tokens.
@@ -30,8 +32,8 @@ pub(super) struct GgufTokenizer {
 }
 
 fn meta_u32(f: &GgufFile, key: &str) -> Res<Option<u32>> {
-    Ok(match f.get_metadata_array(key).ctx(key)? {
-        Some(a) => a.to_vec_cast::<i64>().ctx(key)?.first().map(|&v| v as u32),
+    Ok(match f.get_metadata_array(key).with_context(|| key.to_string())? {
+        Some(a) => a.to_vec_cast::<i64>().with_context(|| key.to_string())?.first().map(|&v| v as u32),
         None => None,
     })
 }
@@ -41,20 +43,24 @@ impl GgufTokenizer {
     /// vocabulary and merges, pre-tokenizer `Sequence[Digits(individual), ByteLevel(no prefix
     /// space, GPT-2 regex)]`, byte-level decoder, control tokens added as special tokens.
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
-        let model =
-            f.get_metadata_string("tokenizer.ggml.model").ctx("tokenizer.ggml.model")?.unwrap_or_default();
+        let model = f
+            .get_metadata_string("tokenizer.ggml.model")
+            .context("tokenizer.ggml.model")?
+            .unwrap_or_default();
         if model != "gpt2" {
-            return Err(format!("unsupported GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2')"));
+            return Err(anyhow!("unsupported GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2')"));
         }
         let tokens = f
             .get_metadata_strings("tokenizer.ggml.tokens")
-            .ctx("tokenizer.ggml.tokens")?
-            .ok_or("GGUF has no tokenizer.ggml.tokens")?;
-        let merges =
-            f.get_metadata_strings("tokenizer.ggml.merges").ctx("tokenizer.ggml.merges")?.unwrap_or_default();
+            .context("tokenizer.ggml.tokens")?
+            .context("GGUF has no tokenizer.ggml.tokens")?;
+        let merges = f
+            .get_metadata_strings("tokenizer.ggml.merges")
+            .context("tokenizer.ggml.merges")?
+            .unwrap_or_default();
         let types: Vec<i32> =
-            match f.get_metadata_array("tokenizer.ggml.token_type").ctx("tokenizer.ggml.token_type")? {
-                Some(a) => a.to_vec_cast::<i32>().ctx("token_type")?,
+            match f.get_metadata_array("tokenizer.ggml.token_type").context("tokenizer.ggml.token_type")? {
+                Some(a) => a.to_vec_cast::<i32>().context("token_type")?,
                 None => vec![1; tokens.len()],
             };
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
@@ -63,10 +69,14 @@ impl GgufTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| format!("malformed merge '{m}'"))
+                    .with_context(|| format!("malformed merge '{m}'"))
             })
             .collect::<Res<Vec<_>>>()?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().ctx("building BPE")?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(anyhow::Error::from_boxed)
+            .context("building BPE")?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
             PreTokenizerWrapper::Digits(Digits::new(true)),
@@ -79,7 +89,10 @@ impl GgufTokenizer {
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
             .map(|(tok, t)| AddedToken::from(tok.clone(), *t == TOKEN_TYPE_CONTROL))
             .collect();
-        tokenizer.add_special_tokens(special).ctx("adding special tokens")?;
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(anyhow::Error::from_boxed)
+            .context("adding special tokens")?;
 
         let by_name: HashMap<&str, u32> =
             tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
@@ -92,9 +105,9 @@ impl GgufTokenizer {
                 stop_ids.push(id);
             }
         }
-        let template = f.get_metadata_string("tokenizer.chat_template").ctx("tokenizer.chat_template")?;
-        let add_bos = match f.get_metadata_array("tokenizer.ggml.add_bos_token").ctx("add_bos_token")? {
-            Some(a) => a.to_vec_cast::<i32>().ctx("add_bos_token")?.first() == Some(&1),
+        let template = f.get_metadata_string("tokenizer.chat_template").context("tokenizer.chat_template")?;
+        let add_bos = match f.get_metadata_array("tokenizer.ggml.add_bos_token").context("add_bos_token")? {
+            Some(a) => a.to_vec_cast::<i32>().context("add_bos_token")?.first() == Some(&1),
             None => false,
         };
         Ok(GgufTokenizer {
@@ -108,7 +121,8 @@ impl GgufTokenizer {
 
     /// Token ids of `text`; special-token strings in it are recognised as such.
     pub fn encode(&self, text: &str, is_chat: bool) -> Res<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).ctx("tokenizing")?;
+        let enc =
+            self.tokenizer.encode(text, false).map_err(anyhow::Error::from_boxed).context("tokenizing")?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos && !is_chat {
             ids.extend(self.bos);
@@ -175,8 +189,14 @@ impl StreamDecoder {
     /// Adds one id; returns the newly completed text, possibly empty.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Res<String> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read], true).ctx("detokenizing")?;
-        let after = tok.decode(&self.ids[self.prefix..], true).ctx("detokenizing")?;
+        let before = tok
+            .decode(&self.ids[self.prefix..self.read], true)
+            .map_err(anyhow::Error::from_boxed)
+            .context("detokenizing")?;
+        let after = tok
+            .decode(&self.ids[self.prefix..], true)
+            .map_err(anyhow::Error::from_boxed)
+            .context("detokenizing")?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
             let piece = after.get(before.len()..).map(str::to_string).unwrap_or_default();
             self.prefix = self.read;

@@ -1,0 +1,382 @@
+//! The worker thread of one loaded model: it loads the model, owns every MLX array of it, serves
+//! commands one at a time in arrival order, and drops the model when told to unload (or when
+//! every handle is gone).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use tokio::sync::{mpsc, oneshot};
+
+use super::handle::Kind;
+use super::{MlxOptions, Res, bert, llama, message, sampling, text};
+use crate::backend::{BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, Prompt, Usage};
+
+/// A model on its worker thread.
+enum Loaded {
+    Llama { model: llama::Llama, tok: text::GgufTokenizer },
+    Bert(bert::Bert),
+}
+
+impl Loaded {
+    fn load(kind: &Kind, opts: &MlxOptions) -> Res<Loaded> {
+        match kind {
+            Kind::Gguf(p) => {
+                let f = mlx_rs::io::GgufFile::load(p).with_context(|| p.display().to_string())?;
+                let tok = text::GgufTokenizer::from_gguf(&f)?;
+                let format =
+                    if opts.dequantize { llama::WeightFormat::F32 } else { llama::WeightFormat::Quantized };
+                let model = llama::Llama::load(&f, format)?;
+                Ok(Loaded::Llama { model, tok })
+            }
+            Kind::Bert(p) => Ok(Loaded::Bert(bert::Bert::load(p)?)),
+        }
+    }
+
+    /// What the model serves, for error messages.
+    fn kind_name(&self) -> &'static str {
+        match self {
+            Loaded::Llama { .. } => "a text-gen decoder",
+            Loaded::Bert(_) => "an embeddings encoder",
+        }
+    }
+
+    fn array_bytes(&self) -> u64 {
+        let arrays = match self {
+            Loaded::Llama { model, .. } => model.arrays(),
+            Loaded::Bert(b) => b.arrays(),
+        };
+        arrays.iter().map(|a| a.nbytes() as u64).sum()
+    }
+}
+
+/// What the async handle asks of the worker. Every command with a reply gets one, even when the
+/// model cannot serve it.
+pub(super) enum Command {
+    Generate {
+        req: GenerateRequest,
+        started: oneshot::Sender<Result<(), BackendError>>,
+        events: mpsc::Sender<Result<GenerateEvent, BackendError>>,
+    },
+    Embed {
+        inputs: Vec<String>,
+        reply: oneshot::Sender<Result<Embeddings, BackendError>>,
+    },
+    Probe {
+        prompt: Prompt,
+        steps: usize,
+        logit_ids: Vec<u32>,
+        reply: oneshot::Sender<Result<Probe, BackendError>>,
+    },
+    Unload {
+        reply: oneshot::Sender<u64>,
+    },
+}
+
+/// What [`MlxModel::probe`] observed: for checking the decoder against reference outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// The prompt's token ids (after chat rendering).
+    pub input_ids: Vec<u32>,
+    /// Logits of the first generated position at the requested ids, in their order.
+    pub first_logits: Vec<f64>,
+    /// Greedy ids for `steps` steps; generation does not stop at end-of-sequence ids.
+    pub greedy_ids: Vec<u32>,
+    /// Text of `greedy_ids` up to the first end-of-sequence id, special tokens skipped.
+    pub greedy_text: String,
+    /// Where the time went.
+    pub timings: ProbeTimings,
+}
+
+/// Time spent in a [`MlxModel::probe`], seconds. Decode totals cover steps after the first.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProbeTimings {
+    /// Prompt processing: building and evaluating the prompt's forward pass and reading the
+    /// first logits.
+    pub prefill: f64,
+    /// Building the decode steps' lazy graphs in Rust (calls into mlx-rs, no compute).
+    pub decode_graph: f64,
+    /// Evaluating the decode steps in MLX and copying logits to the host.
+    pub decode_eval: f64,
+    /// Host work per decode step: argmax over the logits.
+    pub decode_host: f64,
+}
+
+fn active_memory() -> u64 {
+    mlx_rs::memory::active_memory().unwrap_or(0) as u64
+}
+
+/// Whether MLX's active-memory delta around a load agrees with the model's array sizes within
+/// 10%. It need not: other workers allocate at the same time. A debug cross-check only.
+fn delta_agrees(delta: u64, arrays: u64) -> bool {
+    delta.abs_diff(arrays) as f64 <= 0.10 * arrays.max(1) as f64
+}
+
+fn mismatch(what: &str, model: &Loaded) -> BackendError {
+    BackendError::Unsupported(format!("{what} is not served by this model ({})", model.kind_name()))
+}
+
+/// The worker's body: load, report `Ok(measured bytes)` or the load error on `ready`, then
+/// serve `rx` until an unload (or until every sender is gone).
+pub(super) fn run(
+    id: String,
+    kind: Kind,
+    opts: MlxOptions,
+    ready: oneshot::Sender<Result<u64, BackendError>>,
+    mut rx: mpsc::Receiver<Command>,
+    generated: Arc<AtomicU64>,
+) {
+    let started = Instant::now();
+    let before = active_memory();
+    let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| Loaded::load(&kind, &opts)))
+        .unwrap_or_else(|_| Err(anyhow!("panic while loading")));
+    let after = active_memory();
+    // Temporaries (quantized originals, GGUF buffers) went to MLX's cache: give them back.
+    let _ = mlx_rs::memory::clear_cache();
+    let model = match loaded {
+        Ok(m) => m,
+        Err(e) => {
+            let e = message(&e);
+            tracing::warn!(model = %id, error = %e, "MLX load failed");
+            let _ = ready.send(Err(BackendError::Load(e)));
+            return;
+        }
+    };
+    let bytes = model.array_bytes();
+    let delta = after.saturating_sub(before);
+    if !delta_agrees(delta, bytes) {
+        tracing::debug!(model = %id, active_delta = delta, array_bytes = bytes, "active-memory delta differs from the arrays (concurrent allocations)");
+    }
+    tracing::info!(model = %id, bytes, secs = started.elapsed().as_secs_f64(), "MLX model loaded");
+    if ready.send(Ok(bytes)).is_err() {
+        return; // the load was abandoned; dropping the model frees it
+    }
+    let mut model = Some(model);
+    while let Some(cmd) = rx.blocking_recv() {
+        let Some(m) = &model else { break };
+        match cmd {
+            Command::Generate { req, started, events } => match m {
+                Loaded::Llama { model, tok } => {
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        generate(model, tok, &req, started, &events, &generated)
+                    }));
+                    if r.is_err() {
+                        let _ = events
+                            .blocking_send(Err(BackendError::Inference("panic during generation".into())));
+                    }
+                }
+                other => {
+                    let _ = started.send(Err(mismatch("generation", other)));
+                }
+            },
+            Command::Embed { inputs, reply } => match m {
+                Loaded::Bert(b) => {
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&inputs)))
+                        .unwrap_or_else(|_| Err(anyhow!("panic during embedding")));
+                    let _ = reply.send(
+                        r.map(|(vectors, prompt_tokens)| Embeddings { vectors, prompt_tokens })
+                            .map_err(|e| BackendError::Inference(message(&e))),
+                    );
+                }
+                other => {
+                    let _ = reply.send(Err(mismatch("embedding", other)));
+                }
+            },
+            Command::Probe { prompt, steps, logit_ids, reply } => match m {
+                Loaded::Llama { model, tok } => {
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        probe(model, tok, &prompt, steps, &logit_ids)
+                    }))
+                    .unwrap_or_else(|_| Err(anyhow!("panic during probe")));
+                    let _ = reply.send(r.map_err(|e| BackendError::Inference(message(&e))));
+                }
+                other => {
+                    let _ = reply.send(Err(mismatch("probing", other)));
+                }
+            },
+            Command::Unload { reply } => {
+                let freed = m.array_bytes();
+                let before = active_memory();
+                drop(model.take());
+                let _ = mlx_rs::memory::clear_cache();
+                let delta = before.saturating_sub(active_memory());
+                tracing::info!(model = %id, freed, active_delta = delta, "MLX model unloaded");
+                let _ = reply.send(freed);
+                return;
+            }
+        }
+    }
+    // Every handle is gone without an unload: drop the model with the thread.
+}
+
+fn render_prompt(tok: &text::GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+    let (text, is_chat) = match prompt {
+        Prompt::Text(t) => (t.clone(), false),
+        Prompt::Chat(m) => {
+            if m.is_empty() {
+                return Err(BackendError::InvalidRequest("no chat messages".into()));
+            }
+            (tok.chat.render(m), true)
+        }
+    };
+    tok.encode(&text, is_chat).map_err(|e| BackendError::InvalidRequest(message(&e)))
+}
+
+fn probe(
+    model: &llama::Llama,
+    tok: &text::GgufTokenizer,
+    prompt: &Prompt,
+    steps: usize,
+    logit_ids: &[u32],
+) -> Res<Probe> {
+    let input_ids = render_prompt(tok, prompt).map_err(|e| anyhow!(e))?;
+    if input_ids.is_empty() {
+        return Err(anyhow!("empty prompt"));
+    }
+    let mut cache = llama::KvCache::new(model.cfg.n_layers);
+    let mut timings = ProbeTimings::default();
+    let t = Instant::now();
+    let mut logits = model.forward(&input_ids, &mut cache)?;
+    let mut host = logits.to_vec_exact::<f32>().context("reading logits")?;
+    timings.prefill = t.elapsed().as_secs_f64();
+    let first_logits =
+        logit_ids.iter().map(|&i| host.get(i as usize).copied().unwrap_or(f32::NAN) as f64).collect();
+    let mut greedy_ids = Vec::with_capacity(steps);
+    for step in 0..steps {
+        if step > 0 {
+            let t = Instant::now();
+            host = logits.to_vec_exact::<f32>().context("reading logits")?;
+            timings.decode_eval += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        let id = sampling::argmax(&host);
+        timings.decode_host += t.elapsed().as_secs_f64();
+        greedy_ids.push(id);
+        if step + 1 < steps {
+            let t = Instant::now();
+            logits = model.forward(&[id], &mut cache)?;
+            timings.decode_graph += t.elapsed().as_secs_f64();
+        }
+    }
+    let end = greedy_ids.iter().position(|i| tok.stop_ids.contains(i)).unwrap_or(greedy_ids.len());
+    let greedy_text = tok
+        .tokenizer
+        .decode(&greedy_ids[..end], true)
+        .map_err(anyhow::Error::from_boxed)
+        .context("detokenizing")?;
+    Ok(Probe { input_ids, first_logits, greedy_ids, greedy_text, timings })
+}
+
+/// Runs one generation on the worker thread, streaming events into `events`. Returns early,
+/// without sending more, as soon as the receiver is gone (the client dropped the stream).
+fn generate(
+    model: &llama::Llama,
+    tok: &text::GgufTokenizer,
+    req: &GenerateRequest,
+    started: oneshot::Sender<Result<(), BackendError>>,
+    events: &mpsc::Sender<Result<GenerateEvent, BackendError>>,
+    generated: &AtomicU64,
+) {
+    let prepared = (|| -> Result<Vec<u32>, BackendError> {
+        let ids = render_prompt(tok, &req.prompt)?;
+        if ids.is_empty() {
+            return Err(BackendError::InvalidRequest("the prompt is empty".into()));
+        }
+        if ids.len() >= model.cfg.context {
+            return Err(BackendError::InvalidRequest(format!(
+                "the prompt has {} tokens; the context holds {}",
+                ids.len(),
+                model.cfg.context
+            )));
+        }
+        Ok(ids)
+    })();
+    let ids = match prepared {
+        Ok(ids) => {
+            if started.send(Ok(())).is_err() {
+                return;
+            }
+            ids
+        }
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let send = |ev: Result<GenerateEvent, BackendError>| events.blocking_send(ev).is_ok();
+    let mut usage = Usage { prompt_tokens: ids.len() as u32, completion_tokens: 0 };
+    if req.max_tokens == 0 {
+        send(Ok(GenerateEvent::Done { finish_reason: FinishReason::Length, usage }));
+        return;
+    }
+    let mut sampler = sampling::Sampler::new(req.temperature, req.top_p, req.seed);
+    let mut decoder = text::StreamDecoder::new();
+    let mut stops = text::StopMatcher::new(&req.stop);
+    let mut cache = llama::KvCache::new(model.cfg.n_layers);
+    let fail = |e: anyhow::Error| {
+        let _ = events.blocking_send(Err(BackendError::Inference(message(&e))));
+    };
+    let mut logits = match model.forward(&ids, &mut cache) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let finish_reason = loop {
+        if events.is_closed() {
+            return;
+        }
+        let host = match logits.to_vec_exact::<f32>() {
+            Ok(v) => v,
+            Err(e) => return fail(anyhow!(e).context("reading logits")),
+        };
+        let id = sampler.sample(&host);
+        usage.completion_tokens += 1;
+        generated.fetch_add(1, Ordering::Relaxed);
+        if tok.stop_ids.contains(&id) {
+            break FinishReason::Stop;
+        }
+        let piece = match decoder.push(&tok.tokenizer, id) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        match stops.push(&piece) {
+            text::StopCheck::Emit(s) => {
+                if !s.is_empty() && !send(Ok(GenerateEvent::Delta(s))) {
+                    return;
+                }
+            }
+            text::StopCheck::Stop(s) => {
+                if !s.is_empty() && !send(Ok(GenerateEvent::Delta(s))) {
+                    return;
+                }
+                break FinishReason::Stop;
+            }
+        }
+        if usage.completion_tokens >= req.max_tokens || cache.len() + 1 >= model.cfg.context {
+            break FinishReason::Length;
+        }
+        logits = match model.forward(&[id], &mut cache) {
+            Ok(l) => l,
+            Err(e) => return fail(e),
+        };
+    };
+    if finish_reason == FinishReason::Length {
+        let rest = stops.flush();
+        if !rest.is_empty() && !send(Ok(GenerateEvent::Delta(rest))) {
+            return;
+        }
+    }
+    send(Ok(GenerateEvent::Done { finish_reason, usage }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_memory_delta_is_checked_against_the_arrays() {
+        assert!(delta_agrees(1_000, 1_050));
+        assert!(!delta_agrees(10, 1_000));
+    }
+}
