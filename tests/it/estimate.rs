@@ -62,7 +62,8 @@ fn every_estimate_explains_itself() {
 
 #[test]
 fn file_estimator_sums_weight_files() {
-    let dir = std::env::temp_dir().join(format!("modelpool-est-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     std::fs::write(dir.join("model.safetensors"), vec![0u8; 1000]).unwrap();
     std::fs::write(dir.join("sub/extra.gguf"), vec![0u8; 600]).unwrap();
@@ -75,13 +76,12 @@ fn file_estimator_sums_weight_files() {
     // No path, or a missing one: the name decides.
     assert_eq!(fe.estimate(&ModelSpec::new("x-7b")).bytes, 4 * GB);
     assert_eq!(fe.estimate(&ModelSpec::new("x-7b").with_path(dir.join("nope"))).bytes, 4 * GB);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn learned_estimator_remembers_measurements_across_restarts() {
-    let file = std::env::temp_dir().join(format!("modelpool-learned-{}.json", std::process::id()));
-    let _ = std::fs::remove_file(&file);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("learned.json");
     let spec = ModelSpec::new("llama-3-8b");
     {
         let l = Learned::with_file(NameEstimator, &file).unwrap();
@@ -97,7 +97,6 @@ fn learned_estimator_remembers_measurements_across_restarts() {
     std::fs::write(&file, "not json").unwrap();
     let err = Learned::with_file(NameEstimator, &file).unwrap_err();
     assert!(err.to_string().contains("not a JSON object"), "{err}");
-    std::fs::remove_file(&file).unwrap();
 }
 
 #[test]

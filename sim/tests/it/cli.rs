@@ -13,10 +13,12 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A path for `name` in this test binary's own temporary directory (removed when the binary
+/// exits; tests use distinct names).
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("modelpool-sim-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    static DIR: std::sync::LazyLock<tempfile::TempDir> =
+        std::sync::LazyLock::new(|| tempfile::tempdir().expect("a temporary directory"));
+    DIR.path().join(name)
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The async side of the MLX backend: [`MlxBackend`] (detects what a spec's files are and starts
 //! a model's worker thread) and [`MlxModel`] (the handle the pool holds). No MLX type lives here.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,18 +40,6 @@ pub(super) enum Kind {
     Bert(PathBuf),
 }
 
-fn single_gguf(dir: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        })
-        .collect();
-    (found.len() == 1).then(|| found.remove(0))
-}
-
 fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
     let fail = |m: String| Err(BackendError::Load(m));
     let Some(path) = spec.path.as_ref() else {
@@ -67,7 +55,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         ));
     }
     let kind = if path.is_file() {
-        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        if !crate::catalog::is_gguf(path) {
             return fail(format!("{} is not a .gguf file", path.display()));
         }
         Kind::Gguf(path.clone())
@@ -87,7 +75,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
                 None => return fail(format!("{} is not valid JSON", config.display())),
             }
             Kind::Bert(path.clone())
-        } else if let Some(g) = single_gguf(path) {
+        } else if let Some(g) = crate::catalog::single_gguf(path) {
             Kind::Gguf(g)
         } else {
             return fail(format!("{} holds neither config.json nor exactly one .gguf file", path.display()));
@@ -257,8 +245,8 @@ mod tests {
 
     #[test]
     fn hf_directories_must_hold_a_bert_config() {
-        let d = std::env::temp_dir().join(format!("modelpool-kind-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_path_buf();
         std::fs::write(d.join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
         let spec = ModelSpec::new("l").with_path(&d);
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("only BERT")));
@@ -267,7 +255,6 @@ mod tests {
         assert_eq!(detect_kind(&spec).unwrap(), Kind::Bert(d.clone()));
         let spec = ModelSpec::new("b").with_path(&d);
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("declared text-gen")));
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// The real MiniLM model fetched by `scripts/setup.sh` (as tests/mlx.rs uses it).

@@ -16,6 +16,12 @@ use std::path::{Path, PathBuf};
 use crate::estimate::{Estimate, EstimateSource, FileEstimator, SizeEstimator, weight_bytes_on_disk};
 use crate::types::{ModelSpec, ModelType};
 
+mod gguf;
+
+use gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
+pub use gguf::{GgufTensorInfo, gguf_tensors};
+pub(crate) use gguf::{is_gguf, single_gguf};
+
 /// Why a models directory could not be scanned.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -39,10 +45,6 @@ pub enum CatalogError {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
     move |source| CatalogError::Io { path: path.to_path_buf(), source }
-}
-
-fn is_gguf(p: &Path) -> bool {
-    p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// The model type a Hugging Face `config.json` describes.
@@ -178,12 +180,7 @@ pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> 
     let gguf = if is_gguf(path) {
         Some(path.clone())
     } else if path.is_dir() && !path.join("config.json").is_file() {
-        let mut g: Vec<PathBuf> = std::fs::read_dir(path)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_gguf(p))
-            .collect();
-        (g.len() == 1).then(|| g.remove(0))
+        single_gguf(path)
     } else {
         None
     };
@@ -243,133 +240,20 @@ impl SizeEstimator for MlxFileEstimator {
     }
 }
 
-const GGML_Q4_0: u32 = 2;
-const GGML_Q4_1: u32 = 3;
-const GGML_Q8_0: u32 = 8;
-
-/// One entry of a GGUF file's tensor table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GgufTensorInfo {
-    /// Tensor name (`blk.0.attn_q.weight`, ...).
-    pub name: String,
-    /// Number of elements (product of the dimensions).
-    pub elements: u64,
-    /// The ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, ...).
-    pub ggml_type: u32,
-}
-
-/// Reads the tensor table of a GGUF (v2/v3) file: the header only, not the data. Metadata
-/// values are skipped. Errors on a file that is not GGUF or is truncated.
-pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
-    use std::io::{BufReader, Read};
-    let bad = |m: &str| CatalogError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string()),
-    };
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut r = BufReader::new(file);
-    let read_u32 = |r: &mut BufReader<std::fs::File>| -> Result<u32, CatalogError> {
-        let mut b = [0u8; 4];
-        r.read_exact(&mut b).map_err(io_err(path))?;
-        Ok(u32::from_le_bytes(b))
-    };
-    let read_u64 = |r: &mut BufReader<std::fs::File>| -> Result<u64, CatalogError> {
-        let mut b = [0u8; 8];
-        r.read_exact(&mut b).map_err(io_err(path))?;
-        Ok(u64::from_le_bytes(b))
-    };
-    let mut magic = [0u8; 4];
-    r.read_exact(&mut magic).map_err(io_err(path))?;
-    if &magic != b"GGUF" {
-        return Err(bad("not a GGUF file"));
-    }
-    let version = read_u32(&mut r)?;
-    if !(2..=3).contains(&version) {
-        return Err(bad("unsupported GGUF version"));
-    }
-    let n_tensors = read_u64(&mut r)?;
-    let n_kv = read_u64(&mut r)?;
-    if n_tensors > 1_000_000 || n_kv > 1_000_000 {
-        return Err(bad("implausible GGUF header counts"));
-    }
-    fn skip(r: &mut impl Read, n: u64, path: &Path) -> Result<(), CatalogError> {
-        let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).map_err(io_err(path))?;
-        if copied == n { Ok(()) } else { Err(io_err(path)(std::io::ErrorKind::UnexpectedEof.into())) }
-    }
-    fn scalar_size(t: u32) -> Option<u64> {
-        match t {
-            0 | 1 | 7 => Some(1),
-            2 | 3 => Some(2),
-            4..=6 => Some(4),
-            10..=12 => Some(8),
-            _ => None,
-        }
-    }
-    for _ in 0..n_kv {
-        let key_len = read_u64(&mut r)?;
-        skip(&mut r, key_len, path)?;
-        let t = read_u32(&mut r)?;
-        match t {
-            8 => {
-                let n = read_u64(&mut r)?;
-                skip(&mut r, n, path)?;
-            }
-            9 => {
-                let et = read_u32(&mut r)?;
-                let count = read_u64(&mut r)?;
-                if et == 8 {
-                    for _ in 0..count {
-                        let n = read_u64(&mut r)?;
-                        skip(&mut r, n, path)?;
-                    }
-                } else {
-                    let size = scalar_size(et).ok_or_else(|| bad("bad GGUF array type"))?;
-                    skip(&mut r, size * count, path)?;
-                }
-            }
-            _ => {
-                let size = scalar_size(t).ok_or_else(|| bad("bad GGUF value type"))?;
-                skip(&mut r, size, path)?;
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(n_tensors as usize);
-    for _ in 0..n_tensors {
-        let name_len = read_u64(&mut r)?;
-        if name_len > 4096 {
-            return Err(bad("implausible GGUF tensor name"));
-        }
-        let mut name = vec![0u8; name_len as usize];
-        r.read_exact(&mut name).map_err(io_err(path))?;
-        let n_dims = read_u32(&mut r)?;
-        if n_dims > 8 {
-            return Err(bad("implausible GGUF tensor rank"));
-        }
-        let mut elements = 1u64;
-        for _ in 0..n_dims {
-            elements = elements.saturating_mul(read_u64(&mut r)?);
-        }
-        let ggml_type = read_u32(&mut r)?;
-        let _offset = read_u64(&mut r)?;
-        out.push(GgufTensorInfo { name: String::from_utf8_lossy(&name).into_owned(), elements, ggml_type });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("modelpool-catalog-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh directory, removed when the returned guard drops.
+    fn tmpdir() -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().to_path_buf();
+        (t, p)
     }
 
     #[test]
     fn scans_gguf_dirs_files_and_hf_configs() {
-        let d = tmpdir("scan");
+        let (_tmp, d) = tmpdir();
         std::fs::create_dir_all(d.join("smollm2-135m-instruct")).unwrap();
         std::fs::write(d.join("smollm2-135m-instruct/SmolLM2.Q4_1.gguf"), b"GGUF").unwrap();
         std::fs::create_dir_all(d.join("all-minilm-l6-v2")).unwrap();
@@ -401,7 +285,6 @@ mod tests {
             ]
         );
         assert!(specs.iter().all(|s| s.size_hint.is_none()));
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// A hand-built GGUF v3 header: two metadata entries (a string and a string array), then
@@ -436,7 +319,7 @@ mod tests {
             b.extend(ty.to_le_bytes());
             b.extend(0u64.to_le_bytes());
         }
-        let d = tmpdir("gguf");
+        let (_tmp, d) = tmpdir();
         let p = d.join("m.gguf");
         std::fs::write(&p, &b).unwrap();
         let t = gguf_tensors(&p).unwrap();
@@ -464,18 +347,16 @@ mod tests {
         assert!(gguf_tensors(&p).is_err(), "truncated header");
         std::fs::write(&p, b"NOPE....").unwrap();
         assert!(gguf_tensors(&p).is_err());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn missing_dir_and_bad_config_are_errors() {
-        let d = tmpdir("bad");
+        let (_tmp, d) = tmpdir();
         let err = scan_models_dir(&d.join("nope")).unwrap_err();
         assert!(matches!(err, CatalogError::Io { .. }), "{err}");
         std::fs::create_dir_all(d.join("m")).unwrap();
         std::fs::write(d.join("m/config.json"), b"{not json").unwrap();
         let err = scan_models_dir(&d).unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }
