@@ -50,6 +50,10 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+/// The request body cap when `--max-body` is not given: 4 MiB, room for long chat histories
+/// while a runaway client cannot make the server buffer much.
+pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
 pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
 
@@ -357,7 +361,7 @@ impl ServeConfig {
         let max_body = match (args.max_body, &file.max_body) {
             (Some(b), _) => b,
             (None, Some(s)) => parse_bytes(s).map_err(|e| field("max_body", e))?,
-            (None, None) => crate::http::DEFAULT_MAX_BODY,
+            (None, None) => DEFAULT_MAX_BODY,
         };
         if max_body < 1024 {
             return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));

@@ -43,9 +43,6 @@ use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
 use handlers::AdminOp;
 
-/// Default cap on request bodies (bytes).
-pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
-
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -69,7 +66,7 @@ impl AppState {
             pool,
             metrics,
             system_memory: Arc::new(crate::limit::SysinfoMemory),
-            max_body: DEFAULT_MAX_BODY,
+            max_body: crate::config::DEFAULT_MAX_BODY,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
