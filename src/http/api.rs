@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{FinishReason, Usage};
+use crate::state::Phase;
+use crate::types::ModelType;
 
 /// Reads `seed` as any JSON integer from `i64::MIN` to `u64::MAX`. OpenAI types it as a signed
 /// 64-bit integer and some clients send `-1`; a negative seed maps to the sampler's `u64` seed
@@ -433,9 +435,10 @@ pub struct ModelObject {
     /// `modelpool`.
     pub owned_by: &'static str,
     /// Extension: `text-gen`, `vision` or `embeddings`.
-    pub model_type: &'static str,
-    /// Extension: `absent`, `loading`, `resident` or `draining`.
-    pub state: &'static str,
+    pub model_type: ModelType,
+    /// Extension: `absent`, `loading`, `resident` or `draining` (the [`Phase`] at the time of
+    /// the request).
+    pub state: Phase,
 }
 
 /// `GET /v1/models` response.
@@ -445,16 +448,4 @@ pub struct ModelList {
     pub object: &'static str,
     /// Every registered model.
     pub data: Vec<ModelObject>,
-}
-
-/// `PUT/POST /admin/limits` body: either or both fields.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsRequest {
-    /// `75%`, `0.75`, `16GB`, `16GiB`, `512MB`.
-    #[serde(default)]
-    pub memory_limit: Option<String>,
-    /// At least 1.
-    #[serde(default)]
-    pub max_models: Option<usize>,
 }

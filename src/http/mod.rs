@@ -15,13 +15,16 @@
 //! Errors: every engine error goes through the one mapping in [`error`]; routing failures
 //! (unknown path, wrong method) are turned into OpenAI-style JSON by a single `recover`.
 
+pub mod admin;
 pub mod api;
 pub mod error;
-mod handlers;
 pub mod metrics;
+mod openai;
+mod reply;
 mod stream;
+mod timer;
+mod validate;
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,13 +38,14 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 pub use error::ApiError;
-pub use handlers::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};
 pub use metrics::{Metrics, TimedBackend};
+pub use openai::chat::DEFAULT_CHAT_MAX_TOKENS;
+pub use openai::completions::DEFAULT_COMPLETION_MAX_TOKENS;
+pub use openai::embeddings::MAX_EMBEDDING_INPUTS;
 pub use stream::DONE_FRAME;
 
 use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
-use handlers::AdminOp;
 
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -133,71 +137,6 @@ fn body(limit: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error =
         .then(move |len, s| read_body(len, s, limit))
 }
 
-/// Split `models/<id...>/<action>` tails: the id may contain `/`, and is percent-decoded.
-fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
-    const ACTIONS: [&str; 5] = ["preload", "pin", "unpin", "unload", "dry-run"];
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    if let Some((id, last)) = tail.rsplit_once('/')
-        && let Some(a) = ACTIONS.iter().find(|a| **a == last)
-    {
-        return (decode(id), Some(a));
-    }
-    (decode(tail), None)
-}
-
-fn admin_routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let s = with_state(state.clone());
-    let limit = state.max_body;
-    let status = warp::path!("admin" / "pool").and(warp::get()).map(|| AdminOp::Status);
-    let events = warp::path!("admin" / "events")
-        .or(warp::path!("admin" / "pool" / "events"))
-        .unify()
-        .and(warp::get())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .map(AdminOp::Events);
-    let limits = warp::path!("admin" / "limits")
-        .and(warp::put().or(warp::post()).unify())
-        .and(body(limit))
-        .map(AdminOp::Limits);
-    let models = warp::path("admin")
-        .and(warp::path("models"))
-        .and(warp::path::tail())
-        .and(warp::method())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .and_then(
-            |tail: warp::path::Tail, method: warp::http::Method, q: BTreeMap<String, String>| async move {
-                let (id, action) = split_model_tail(tail.as_str());
-                if id.is_empty() {
-                    return Err(warp::reject::not_found());
-                }
-                use warp::http::Method;
-                Ok(match (action, method) {
-                    (None, Method::GET) => AdminOp::Model(id),
-                    (Some("dry-run"), Method::GET) => AdminOp::DryRun(id),
-                    (Some("preload"), Method::POST) => AdminOp::Preload(id),
-                    (Some("pin"), Method::POST) => AdminOp::Pin(id),
-                    (Some("unpin"), Method::POST) => AdminOp::Unpin(id),
-                    (Some("unload"), Method::POST) => AdminOp::Unload(id, q),
-                    _ => return Err(warp::reject::custom(MethodNotAllowed)),
-                })
-            },
-        );
-    status
-        .or(events)
-        .unify()
-        .or(limits)
-        .unify()
-        .or(models)
-        .unify()
-        .and(s)
-        .then(|op, state| handlers::admin(state, op))
-        .boxed()
-}
-
-#[derive(Debug)]
-struct MethodNotAllowed;
-impl warp::reject::Reject for MethodNotAllowed {}
-
 /// Every route, with rejections turned into OpenAI-style JSON errors.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let limit = state.max_body;
@@ -206,32 +145,32 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::chat);
+        .then(openai::chat::chat);
     let completions = warp::path!("v1" / "completions")
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::completions);
+        .then(openai::completions::completions);
     let embeddings = warp::path!("v1" / "embeddings")
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::embeddings);
-    let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(handlers::list_models);
+        .then(openai::embeddings::embeddings);
+    let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(openai::models::list_models);
     let model =
         warp::path("v1").and(warp::path("models")).and(warp::path::tail()).and(warp::get()).and(s()).then(
             |tail: warp::path::Tail, state| {
                 let id = percent_encoding::percent_decode_str(tail.as_str()).decode_utf8_lossy().into_owned();
-                handlers::get_model(state, id)
+                openai::models::get_model(state, id)
             },
         );
-    let health = warp::path!("health").and(warp::get()).and(s()).then(handlers::health);
-    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(handlers::metrics);
+    let health = warp::path!("health").and(warp::get()).and(s()).then(admin::health);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(metrics::handler);
 
     let openai =
         chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();
     openai
-        .or(admin_routes(state.clone()))
+        .or(admin::routes(state.clone()))
         .unify()
         .or(health)
         .unify()
@@ -245,7 +184,9 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
     let e = if r.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
-    } else if r.find::<MethodNotAllowed>().is_some() || r.find::<warp::reject::MethodNotAllowed>().is_some() {
+    } else if r.find::<admin::MethodNotAllowed>().is_some()
+        || r.find::<warp::reject::MethodNotAllowed>().is_some()
+    {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",

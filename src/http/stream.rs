@@ -19,7 +19,7 @@ use warp::http::HeaderValue;
 use warp::reply::Response;
 
 use super::error::ApiError;
-use super::handlers::ReqTimer;
+use super::timer::ReqTimer;
 use crate::backend::{FinishReason, GenerateEvent, GenerateStream, Usage};
 use crate::pool::Lease;
 
@@ -120,7 +120,7 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
     generation: GenerateStream,
     lease: Lease,
     mut fmt: F,
-    timer: Option<ReqTimer>,
+    timer: ReqTimer,
 ) -> Response {
     let mut queue = VecDeque::with_capacity(4);
     fmt.start(&mut queue);
@@ -130,7 +130,7 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
         fmt,
         done: false,
         outcome: (200, None),
-        timer,
+        timer: Some(timer),
         lease: Some(lease),
     };
     let mut res = warp::reply::stream(sync_wrapper::SyncStream::new(frames)).into_response();
