@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use warp::reply::Response;
+use warp::sse::Event;
 
 use super::{acquire, collect, new_id, unix_now};
 use crate::backend::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
@@ -12,7 +13,7 @@ use crate::http::AppState;
 use crate::http::api::*;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
-use crate::http::stream::{ChunkFormat, frame, sse_response};
+use crate::http::stream::{ChunkFormat, json_event, sse_response};
 use crate::http::timer::{ReqTimer, respond};
 use crate::http::validate::{Generation, check_generation, check_max_tokens, check_stop, parse_body};
 use crate::types::ModelType;
@@ -75,8 +76,8 @@ struct ChatFormat {
 }
 
 impl ChatFormat {
-    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<UsageOut>>) -> Bytes {
-        frame(&ChatCompletionChunk {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<UsageOut>>) -> Event {
+        json_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
@@ -86,22 +87,22 @@ impl ChatFormat {
         })
     }
 
-    fn choice_chunk(&self, delta: ChatDelta, finish: Option<&'static str>) -> Bytes {
+    fn choice_chunk(&self, delta: ChatDelta, finish: Option<&'static str>) -> Event {
         let choice = ChatChunkChoice { index: 0, delta, finish_reason: finish, logprobs: None };
         self.chunk(vec![choice], self.include_usage.then_some(None))
     }
 }
 
 impl ChunkFormat for ChatFormat {
-    fn start(&mut self, out: &mut VecDeque<Bytes>) {
+    fn start(&mut self, out: &mut VecDeque<Event>) {
         out.push_back(
             self.choice_chunk(ChatDelta { role: Some("assistant"), content: Some(String::new()) }, None),
         );
     }
-    fn delta(&mut self, text: String) -> Bytes {
+    fn delta(&mut self, text: String) -> Event {
         self.choice_chunk(ChatDelta { role: None, content: Some(text) }, None)
     }
-    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Bytes>) {
+    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Event>) {
         out.push_back(self.choice_chunk(ChatDelta::default(), Some(finish_str(reason))));
         if self.include_usage {
             out.push_back(self.chunk(Vec::new(), Some(Some(usage.into()))));

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use warp::reply::Response;
+use warp::sse::Event;
 
 use super::{acquire, collect, new_id, unix_now};
 use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
@@ -12,7 +13,7 @@ use crate::http::AppState;
 use crate::http::api::*;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
-use crate::http::stream::{ChunkFormat, frame, sse_response};
+use crate::http::stream::{ChunkFormat, json_event, sse_response};
 use crate::http::timer::{ReqTimer, respond};
 use crate::http::validate::{Generation, check_generation, check_max_tokens, check_stop, parse_body};
 use crate::types::ModelType;
@@ -31,8 +32,8 @@ struct CompletionFormat {
 }
 
 impl CompletionFormat {
-    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Option<UsageOut>>) -> Bytes {
-        frame(&CompletionResponse {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Option<UsageOut>>) -> Event {
+        json_event(&CompletionResponse {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
@@ -42,22 +43,22 @@ impl CompletionFormat {
         })
     }
 
-    fn text_chunk(&self, text: String, finish: Option<&'static str>) -> Bytes {
+    fn text_chunk(&self, text: String, finish: Option<&'static str>) -> Event {
         let choice = CompletionChoice { index: 0, text, logprobs: None, finish_reason: finish };
         self.chunk(vec![choice], self.include_usage.then_some(None))
     }
 }
 
 impl ChunkFormat for CompletionFormat {
-    fn start(&mut self, out: &mut VecDeque<Bytes>) {
+    fn start(&mut self, out: &mut VecDeque<Event>) {
         if let Some(p) = self.echo.take() {
             out.push_back(self.text_chunk(p, None));
         }
     }
-    fn delta(&mut self, text: String) -> Bytes {
+    fn delta(&mut self, text: String) -> Event {
         self.text_chunk(text, None)
     }
-    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Bytes>) {
+    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Event>) {
         out.push_back(self.text_chunk(String::new(), Some(finish_str(reason))));
         if self.include_usage {
             out.push_back(self.chunk(Vec::new(), Some(Some(usage.into()))));
