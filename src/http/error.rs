@@ -14,7 +14,7 @@ use crate::error::PoolError;
 /// An error reply: status, OpenAI error object and an optional retry hint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
-    /// HTTP status.
+    /// The reply's status (for engine errors, chosen only by [`ApiError::from`]).
     pub status: StatusCode,
     /// Human-readable message (the engine's text for engine errors).
     pub message: String,
@@ -43,7 +43,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    /// A 400 about `param`.
+    /// A 400 `invalid_request_error` naming `param` and no code, as OpenAI reports bad fields.
     pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -55,7 +55,7 @@ impl ApiError {
         }
     }
 
-    /// Any status with a code and no param.
+    /// `status` with an error `kind`, a machine-readable `code` and no param.
     pub fn new(
         status: StatusCode,
         kind: &'static str,

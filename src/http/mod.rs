@@ -14,6 +14,11 @@
 //!
 //! Errors: every engine error goes through the one mapping in [`error`]; routing failures
 //! (unknown path, wrong method) are turned into OpenAI-style JSON by a single `recover`.
+//!
+//! Layout: this module holds the shared state, body reading, routing and [`serve`]; the OpenAI
+//! endpoints are one file each under `openai/`, the admin API and `/health` in [`admin`], the
+//! request checks in `validate`, SSE framing in `stream`, per-request timing in `timer`, the
+//! wire shapes in [`api`] and [`admin`], and `/metrics` in [`metrics`].
 
 pub mod admin;
 pub mod api;
