@@ -1,4 +1,5 @@
-//! The admin API and the health check: routes, handlers and their typed replies.
+//! The admin API, the health check and the metrics endpoint: routes, handlers and the admin
+//! API's typed replies.
 //!
 //! - `GET /admin/pool` ([`PoolReply`]), `GET /admin/events?limit=N` (also `/admin/pool/events`,
 //!   [`EventsReply`]), `GET /admin/models/{id}` ([`ModelStatus`]),
@@ -6,7 +7,8 @@
 //! - `POST /admin/models/{id}/preload|pin` ([`PinReply`]), `…/unpin` ([`UnpinReply`]),
 //!   `…/unload[?force=true]` ([`UnloadReply`]);
 //! - `PUT|POST /admin/limits` with a [`LimitsRequest`] ([`LimitsReply`]);
-//! - `GET /health` ([`HealthReply`], or 503 once shutdown began).
+//! - `GET /health` ([`HealthReply`], or 503 once shutdown began);
+//! - `GET /metrics` (Prometheus text, see [`super::metrics`]).
 //!
 //! Model ids may contain `/` and are percent-decoded.
 
@@ -16,14 +18,14 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 use warp::filters::BoxedFilter;
-use warp::http::{Method, StatusCode};
+use warp::http::{HeaderValue, Method, StatusCode, header};
 use warp::reply::Response;
 
+use super::app::{AppState, body, with_state};
 use super::error::ApiError;
 use super::reply::ok_json;
 use super::timer::{ReqTimer, respond};
 use super::validate::{bool_query, parse_body};
-use super::{AppState, body, with_state};
 use crate::error::PoolError;
 use crate::limit::MemoryLimit;
 use crate::pool::{DryRun, PoolStatus, UnloadReport};
@@ -339,4 +341,14 @@ pub(super) async fn health(state: AppState) -> Response {
         })
     };
     respond(timer, res)
+}
+
+/// `GET /metrics`: [`Metrics::render`](super::metrics::Metrics::render) of the pool's status now, in the Prometheus text format.
+pub(super) async fn metrics(state: AppState) -> Response {
+    let timer = ReqTimer::start(&state, "metrics");
+    let text = state.metrics.render(&state.pool.status());
+    let mut r = Response::new(text.into());
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    respond(timer, Ok(r))
 }

@@ -12,11 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use warp::http::{HeaderValue, header};
-use warp::reply::Response;
 
-use super::AppState;
-use super::timer::{ReqTimer, respond};
 use crate::backend::{Backend, BackendError, ModelHandle};
 use crate::log::{EvictReason, RejectCode};
 use crate::pool::PoolStatus;
@@ -292,14 +288,4 @@ impl Backend for TimedBackend {
         }
         r
     }
-}
-
-/// `GET /metrics`: [`Metrics::render`] of the pool's status now, in the Prometheus text format.
-pub(super) async fn handler(state: AppState) -> Response {
-    let timer = ReqTimer::start(&state, "metrics");
-    let text = state.metrics.render(&state.pool.status());
-    let mut r = Response::new(text.into());
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-    respond(timer, Ok(r))
 }

@@ -1,4 +1,4 @@
-//! The HTTP server: an OpenAI-compatible API and an admin API over a [`ModelPool`] (warp 0.4).
+//! The HTTP server: an OpenAI-compatible API and an admin API over a [`ModelPool`](crate::ModelPool) (warp 0.4).
 //! This module is the only place warp and HTTP types appear.
 //!
 //! Routes:
@@ -15,13 +15,15 @@
 //! Errors: every engine error goes through the one mapping in [`error`]; routing failures
 //! (unknown path, wrong method) are turned into OpenAI-style JSON by a single `recover`.
 //!
-//! Layout: this module holds the shared state, body reading, routing and [`serve`]; the OpenAI
-//! endpoints are one file each under `openai/`, the admin API and `/health` in [`admin`], the
-//! request checks in `validate`, SSE framing in `stream`, per-request timing in `timer`, the
-//! wire shapes in [`api`] and [`admin`], and `/metrics` in [`metrics`].
+//! Layout, dependencies pointing one way (down this list): this module (routing, `recover`,
+//! [`serve`]); the endpoints, one file each under `openai/`, and [`admin`] (admin API,
+//! `/health`, `/metrics`); `stream` (SSE framing), `validate` (request checks), `reply` (JSON
+//! replies); `timer` (per-request timing); `app` ([`AppState`], the capped body); [`api`]
+//! (OpenAI shapes), [`error`] (the one error mapping), [`metrics`] (counters and rendering).
 
 pub mod admin;
 pub mod api;
+mod app;
 pub mod error;
 pub mod metrics;
 mod openai;
@@ -32,16 +34,14 @@ mod validate;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use futures::{Stream, StreamExt};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+pub use app::AppState;
 pub use error::ApiError;
 pub use metrics::{Metrics, TimedBackend};
 pub use openai::chat::DEFAULT_CHAT_MAX_TOKENS;
@@ -49,98 +49,7 @@ pub use openai::completions::DEFAULT_COMPLETION_MAX_TOKENS;
 pub use openai::embeddings::MAX_EMBEDDING_INPUTS;
 pub use stream::DONE_FRAME;
 
-use crate::limit::SystemMemory;
-use crate::pool::ModelPool;
-
-/// Everything the handlers share. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    /// The pool requests are served from.
-    pub pool: ModelPool,
-    /// Server-side metrics (latency, load seconds).
-    pub metrics: Arc<Metrics>,
-    /// Total memory source for percentage limits set through the admin API.
-    pub system_memory: Arc<dyn SystemMemory + Send + Sync>,
-    /// Request bodies larger than this get 413.
-    pub max_body: u64,
-    /// Unix seconds at start (the `created` of every model).
-    pub started_unix: u64,
-}
-
-impl AppState {
-    /// State over `pool`. `metrics` should be the one given to the [`TimedBackend`] wrapping the
-    /// pool's backend, so load times appear in `/metrics`.
-    pub fn new(pool: ModelPool, metrics: Arc<Metrics>) -> Self {
-        AppState {
-            pool,
-            metrics,
-            system_memory: Arc::new(crate::limit::SysinfoMemory),
-            max_body: crate::config::DEFAULT_MAX_BODY,
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        }
-    }
-
-    /// Builder: cap request bodies at `bytes`.
-    pub fn with_max_body(mut self, bytes: u64) -> Self {
-        self.max_body = bytes;
-        self
-    }
-
-    /// Builder: resolve percentage limits against `mem` (tests use a fixed total).
-    pub fn with_system_memory(mut self, mem: Arc<dyn SystemMemory + Send + Sync>) -> Self {
-        self.system_memory = mem;
-        self
-    }
-}
-
-/// Read a request body up to `limit` bytes, with or without `Content-Length`. Larger bodies are
-/// a 413; a broken body a 400.
-async fn read_body<S, B>(len: Option<u64>, body: S, limit: u64) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "payload_too_large",
-            format!("request body exceeds the {limit}-byte limit"),
-        )
-    };
-    if len.is_some_and(|l| l > limit) {
-        return Err(too_large());
-    }
-    let mut buf = BytesMut::with_capacity(len.unwrap_or(0) as usize);
-    let mut body = std::pin::pin!(body);
-    while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|e| ApiError::bad_request("body", format!("cannot read the request body: {e}")))?;
-        if buf.len() + chunk.remaining() > limit as usize {
-            return Err(too_large());
-        }
-        while chunk.has_remaining() {
-            let c = chunk.chunk();
-            buf.extend_from_slice(c);
-            let n = c.len();
-            chunk.advance(n);
-        }
-    }
-    Ok(buf.freeze())
-}
-
-fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
-    warp::any().map(move || state.clone())
-}
-
-/// The request body, capped, as `Result<Bytes, ApiError>` (handlers turn the error into a reply).
-fn body(limit: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
-        .and(warp::body::stream())
-        .then(move |len, s| read_body(len, s, limit))
-}
+use app::{body, with_state};
 
 /// Every route, with rejections turned into OpenAI-style JSON errors.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
@@ -170,7 +79,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
             },
         );
     let health = warp::path!("health").and(warp::get()).and(s()).then(admin::health);
-    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(metrics::handler);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(admin::metrics);
 
     let openai =
         chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use warp::reply::Response;
 
-use super::AppState;
+use super::app::AppState;
 use super::error::ApiError;
 use super::metrics::Metrics;
 

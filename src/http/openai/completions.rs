@@ -9,8 +9,8 @@ use warp::sse::Event;
 
 use super::{acquire, collect, new_id, unix_now};
 use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
-use crate::http::AppState;
 use crate::http::api::*;
+use crate::http::app::AppState;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
 use crate::http::stream::{ChunkFormat, json_event, sse_response};

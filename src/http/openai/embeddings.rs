@@ -5,8 +5,8 @@ use bytes::Bytes;
 use warp::reply::Response;
 
 use super::acquire;
-use crate::http::AppState;
 use crate::http::api::*;
+use crate::http::app::AppState;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
 use crate::http::timer::{ReqTimer, respond};

@@ -18,10 +18,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use warp::http::StatusCode;
 
-use super::AppState;
 use super::error::ApiError;
 use super::timer::ReqTimer;
 use crate::backend::{FinishReason, GenerateEvent, GenerateStream, Usage};
+use crate::http::app::AppState;
 use crate::pool::Lease;
 use crate::types::ModelType;
 

@@ -4,8 +4,8 @@
 use warp::reply::Response;
 
 use crate::error::PoolError;
-use crate::http::AppState;
 use crate::http::api::{ModelList, ModelObject};
+use crate::http::app::AppState;
 use crate::http::reply::ok_json;
 use crate::http::timer::{ReqTimer, respond};
 use crate::state::ModelStatus;
