@@ -30,14 +30,14 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::limit::MemoryLimit;
+use crate::limit::{ByteSize, MemoryLimit};
 use crate::policy::PolicyKind;
 use crate::types::{GB, ModelSpec, ModelType};
 
@@ -49,6 +49,22 @@ pub struct ConfigError(pub String);
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
+
+/// `--listen` when neither the flag nor the file sets it.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// `--memory-limit` when neither the flag nor the file sets it: three quarters of system memory.
+pub const DEFAULT_MEMORY_LIMIT: MemoryLimit = MemoryLimit::Fraction(0.75);
+/// `--max-models` when neither the flag nor the file sets it.
+pub const DEFAULT_MAX_MODELS: u32 = 4;
+/// `--shutdown-grace` when neither the flag nor the file sets it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The request body cap when `--max-body` is not given: 4 MiB, room for long chat histories
+/// while a runaway client cannot make the server buffer much.
+pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+/// The smallest `--max-body` accepted: below this even a short chat request would get 413.
+pub const MIN_MAX_BODY: u64 = 1024;
+/// `--fake-load-time` when neither the flag nor the file sets it.
+pub const DEFAULT_FAKE_LOAD_TIME: Duration = Duration::from_millis(300);
 
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
 pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
@@ -69,7 +85,7 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// Config name.
+    /// The name flags and config files use (`fake`, `mlx`).
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Fake => "fake",
@@ -83,33 +99,59 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration '{s}': {e} (e.g. 30s, 10m, 250ms)"))
 }
 
-/// `off`, `none`, `0` disable; otherwise a duration.
-fn parse_ttl(s: &str) -> Result<Option<Duration>, String> {
-    match s.trim() {
-        "off" | "none" | "0" | "" => Ok(None),
-        t => parse_duration(t).map(|d| (!d.is_zero()).then_some(d)),
-    }
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|e| format!("invalid address '{s}': {e}"))
 }
 
-/// An idle time-to-live: a duration, or `off` (also `none`, `0`) for none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An idle time-to-live: a duration, or `off` (also `none`, `0`, empty) for none. A zero
+/// duration (`0s`) also means none, so `Some` always holds a positive duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IdleTtl(pub Option<Duration>);
 
 impl FromStr for IdleTtl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_ttl(s).map(IdleTtl)
+        match s.trim() {
+            "off" | "none" | "0" | "" => Ok(IdleTtl(None)),
+            t => parse_duration(t).map(|d| IdleTtl((!d.is_zero()).then_some(d))),
+        }
     }
 }
 
-/// Bytes from `16GB`, `512MB`, `4MiB` (a percentage is refused).
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    match MemoryLimit::from_str(s) {
-        Ok(MemoryLimit::Bytes(b)) => Ok(b),
-        Ok(MemoryLimit::Fraction(_)) => {
-            Err(format!("'{s}' must be a size such as 4MB or 5GB, not a fraction"))
-        }
-        Err(e) => Err(e.to_string().replace("invalid memory limit", "invalid size")),
+/// `deserialize_with` adapters: each file field runs the parser its flag runs, so a value means
+/// the same in both places and fails with the same message. (serde_with's `DisplayFromStr` would
+/// cover the `FromStr` types, and humantime-serde the durations but with a vaguer message,
+/// "expected a duration"; the adapters are a few lines and keep one parser per field.)
+mod de {
+    use std::fmt::Display;
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    fn with<'de, D, T, E>(d: D, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        E: Display,
+    {
+        Option::<String>::deserialize(d)?.map(|s| parse(&s).map_err(serde::de::Error::custom)).transpose()
+    }
+
+    /// Any `FromStr` type: the flag's clap parser uses the same `FromStr`.
+    pub fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr<Err: Display>,
+    {
+        with(d, str::parse::<T>)
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        with(d, super::parse_duration)
+    }
+
+    pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
+        with(d, super::parse_listen)
     }
 }
 
@@ -152,8 +194,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
     /// Largest request body accepted (larger gets 413) [default: 4MiB].
-    #[arg(long, env = "MODELPOOL_MAX_BODY", value_name = "SIZE", value_parser = parse_bytes)]
-    pub max_body: Option<u64>,
+    #[arg(long, env = "MODELPOOL_MAX_BODY", value_name = "SIZE")]
+    pub max_body: Option<ByteSize>,
     /// JSON file where measured model sizes are remembered across restarts.
     #[arg(long, env = "MODELPOOL_SIZES_FILE", value_name = "FILE")]
     pub sizes_file: Option<PathBuf>,
@@ -165,18 +207,24 @@ pub struct ServeArgs {
     pub fake_token_delay: Option<Duration>,
 }
 
-/// The TOML file's shape. Unknown keys are errors (a typo should not be silently ignored).
+/// The TOML file's shape, typed: every value is parsed (with its flag's parser) when the file
+/// is read, so a bad value is an error naming its field and line before anything is merged.
+/// Unknown keys are errors too (a typo should not be silently ignored). Each field means what
+/// the [`ServeArgs`] flag of the same name means.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// See [`ServeArgs::listen`].
-    pub listen: Option<String>,
+    #[serde(default, deserialize_with = "de::listen")]
+    pub listen: Option<SocketAddr>,
     /// See [`ServeArgs::memory_limit`].
-    pub memory_limit: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub memory_limit: Option<MemoryLimit>,
     /// See [`ServeArgs::max_models`].
     pub max_models: Option<u32>,
     /// See [`ServeArgs::policy`].
-    pub policy: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub policy: Option<PolicyKind>,
     /// See [`ServeArgs::preload`].
     pub preload: Option<Vec<String>>,
     /// See [`ServeArgs::backend`].
@@ -186,83 +234,108 @@ pub struct FileConfig {
     /// See [`ServeArgs::log_level`].
     pub log_level: Option<String>,
     /// See [`ServeArgs::idle_ttl`].
-    pub idle_ttl: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub idle_ttl: Option<IdleTtl>,
     /// See [`ServeArgs::shutdown_grace`].
-    pub shutdown_grace: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub shutdown_grace: Option<Duration>,
     /// See [`ServeArgs::max_body`].
-    pub max_body: Option<String>,
+    pub max_body: Option<ByteSize>,
     /// See [`ServeArgs::sizes_file`].
     pub sizes_file: Option<PathBuf>,
-    /// Fake backend settings.
+    /// The `[fake]` section: fake backend settings.
     #[serde(default)]
     pub fake: FakeFileConfig,
-    /// The model catalogue.
+    /// The `[[models]]` entries: the model catalogue.
     #[serde(default)]
     pub models: Vec<ModelEntry>,
 }
 
-/// `[fake]` section.
+/// The `[fake]` section.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FakeFileConfig {
     /// See [`ServeArgs::fake_load_time`].
-    pub load_time: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub load_time: Option<Duration>,
     /// See [`ServeArgs::fake_token_delay`].
-    pub token_delay: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub token_delay: Option<Duration>,
 }
 
 /// One `[[models]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
-    /// Public id (what clients put in `"model"`).
+    /// Public id (what clients put in `"model"`); must be non-empty and unique in the file.
     pub id: String,
     /// `text-gen` (default), `vision` or `embeddings`.
     #[serde(rename = "type", default)]
     pub model_type: ModelType,
-    /// Weights on disk.
+    /// Weights on disk; must exist when the config is merged. Sizes are estimated from it.
     pub path: Option<PathBuf>,
     /// Known size (`5GB`): overrides every estimate.
-    pub size: Option<String>,
+    pub size: Option<ByteSize>,
+}
+
+impl FileConfig {
+    /// Parse a config file's `text` (named `src` in messages). A TOML syntax error is reported
+    /// as toml writes it (with the line shown); a bad value or unknown key as
+    /// `config file SRC: FIELD: PROBLEM (line N)`, FIELD being the path (`models[0].size`).
+    pub fn from_toml(text: &str, src: &str) -> Result<Self, ConfigError> {
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| ConfigError(format!("config file {src}: {e}")))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let mut msg = format!("config file {src}: ");
+            if path != "." {
+                msg += &format!("{path}: ");
+            }
+            msg += inner.message().trim_end();
+            if let Some(l) = line {
+                msg += &format!(" (line {l})");
+            }
+            ConfigError(msg)
+        })
+    }
 }
 
 /// Fake backend knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FakeSettings {
-    /// Time a load takes.
+    /// How long each load takes before the model is resident.
     pub load_time: Duration,
-    /// Delay between generated tokens.
+    /// The pause before each generated token (zero: as fast as possible).
     pub token_delay: Duration,
 }
 
-/// A validated server configuration.
+/// A validated server configuration: every value parsed and in range, the catalogue non-empty
+/// with unique ids, every preload in the catalogue, model paths existing. Built by
+/// [`ServeConfig::resolve`] before anything binds or loads.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // each field is the flag of the same name in [`ServeArgs`], defaulted
 pub struct ServeConfig {
-    /// Listen address.
     pub listen: SocketAddr,
-    /// Memory limit (resolved against system memory at start).
+    /// Resolved against system memory when the pool starts.
     pub memory_limit: MemoryLimit,
-    /// Most models loaded at once.
+    /// At least 1.
     pub max_models: usize,
-    /// Eviction policy.
     pub policy: PolicyKind,
-    /// Backend.
     pub backend: BackendKind,
-    /// Models loaded and pinned at start (all in `models`).
+    /// Models loaded and pinned at start, every one in `models`.
     pub preload: Vec<String>,
-    /// The catalogue, ids unique.
+    /// The catalogue: `[[models]]` first, then the models dir scan (ids unique).
     pub models: Vec<ModelSpec>,
-    /// Log filter.
+    /// A valid tracing filter.
     pub log_level: String,
-    /// Idle eviction time, if any.
+    /// `None`: idle models stay.
     pub idle_ttl: Option<Duration>,
-    /// Longest drain at shutdown.
     pub shutdown_grace: Duration,
-    /// Request body cap, bytes.
+    /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
     pub max_body: u64,
-    /// Where measured sizes persist.
     pub sizes_file: Option<PathBuf>,
-    /// Fake backend knobs.
     pub fake: FakeSettings,
 }
 
@@ -296,44 +369,26 @@ impl ServeConfig {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-                let f: FileConfig = toml::from_str(&text)
-                    .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-                (f, path.display().to_string())
+                let src = path.display().to_string();
+                (FileConfig::from_toml(&text, &src)?, src)
             }
             None => (FileConfig::default(), String::new()),
         };
         Self::merge(args, file, &src)
     }
 
-    /// Merge `args` over an already-parsed `file` (named `src` in messages).
+    /// Merge `args` over an already-parsed `file` (named `src` in messages), then the defaults,
+    /// and check what single values cannot: ranges, the catalogue, preloads.
     pub fn merge(args: &ServeArgs, file: FileConfig, src: &str) -> Result<Self, ConfigError> {
         let field = |name: &str, e: String| ConfigError(format!("config file {src}: {name}: {e}"));
-        let listen = match (args.listen, &file.listen) {
-            (Some(a), _) => a,
-            (None, Some(s)) => {
-                s.parse().map_err(|e| field("listen", format!("invalid address '{s}': {e}")))?
-            }
-            (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
-        };
-        let memory_limit = match (args.memory_limit, &file.memory_limit) {
-            (Some(l), _) => l,
-            (None, Some(s)) => {
-                s.parse().map_err(|e: crate::limit::LimitError| field("memory_limit", e.to_string()))?
-            }
-            (None, None) => MemoryLimit::Fraction(0.75),
-        };
-        let max_models = match args.max_models.or(file.max_models) {
-            Some(0) => return Err(field("max_models", "must be at least 1".into())),
-            Some(n) => n as usize,
-            None => 4,
-        };
-        let policy = match (args.policy, &file.policy) {
-            (Some(p), _) => p,
-            (None, Some(s)) => {
-                s.parse().map_err(|e: crate::policy::ParsePolicyError| field("policy", e.to_string()))?
-            }
-            (None, None) => PolicyKind::Lru,
-        };
+        let listen = args.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN);
+        let memory_limit = args.memory_limit.or(file.memory_limit).unwrap_or(DEFAULT_MEMORY_LIMIT);
+        // Only the file can give 0: clap refuses it for the flag.
+        let max_models = args.max_models.or(file.max_models).unwrap_or(DEFAULT_MAX_MODELS);
+        if max_models == 0 {
+            return Err(field("max_models", "must be at least 1".into()));
+        }
+        let policy = args.policy.or(file.policy).unwrap_or_default();
         let backend = args.backend.or(file.backend).unwrap_or_default();
         if backend == BackendKind::Mlx && !MLX_AVAILABLE {
             return err(MLX_MISSING);
@@ -344,35 +399,15 @@ impl ServeConfig {
                 "invalid log level '{log_level}': expected error, warn, info, debug, trace or a tracing directive"
             ));
         }
-        let idle_ttl = match (args.idle_ttl, &file.idle_ttl) {
-            (Some(t), _) => t.0,
-            (None, Some(s)) => parse_ttl(s).map_err(|e| field("idle_ttl", e))?,
-            (None, None) => None,
-        };
-        let shutdown_grace = match (args.shutdown_grace, &file.shutdown_grace) {
-            (Some(d), _) => d,
-            (None, Some(s)) => parse_duration(s).map_err(|e| field("shutdown_grace", e))?,
-            (None, None) => Duration::from_secs(30),
-        };
-        let max_body = match (args.max_body, &file.max_body) {
-            (Some(b), _) => b,
-            (None, Some(s)) => parse_bytes(s).map_err(|e| field("max_body", e))?,
-            (None, None) => crate::http::DEFAULT_MAX_BODY,
-        };
-        if max_body < 1024 {
+        let idle_ttl = args.idle_ttl.or(file.idle_ttl).unwrap_or_default().0;
+        let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let max_body = args.max_body.or(file.max_body).map_or(DEFAULT_MAX_BODY, u64::from);
+        if max_body < MIN_MAX_BODY {
             return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
         }
         let fake = FakeSettings {
-            load_time: match (args.fake_load_time, &file.fake.load_time) {
-                (Some(d), _) => d,
-                (None, Some(s)) => parse_duration(s).map_err(|e| field("fake.load_time", e))?,
-                (None, None) => Duration::from_millis(300),
-            },
-            token_delay: match (args.fake_token_delay, &file.fake.token_delay) {
-                (Some(d), _) => d,
-                (None, Some(s)) => parse_duration(s).map_err(|e| field("fake.token_delay", e))?,
-                (None, None) => Duration::ZERO,
-            },
+            load_time: args.fake_load_time.or(file.fake.load_time).unwrap_or(DEFAULT_FAKE_LOAD_TIME),
+            token_delay: args.fake_token_delay.or(file.fake.token_delay).unwrap_or(Duration::ZERO),
         };
 
         // Catalogue: [[models]] first, then the directory scan for ids not already listed.
@@ -395,8 +430,8 @@ impl ServeConfig {
                 }
                 spec = spec.with_path(p);
             }
-            if let Some(s) = &m.size {
-                spec = spec.with_size(parse_bytes(s).map_err(|e| field(&format!("models[{i}].size"), e))?);
+            if let Some(size) = m.size {
+                spec = spec.with_size(size.0);
             }
             models.push(spec);
         }
@@ -434,7 +469,7 @@ impl ServeConfig {
         Ok(ServeConfig {
             listen,
             memory_limit,
-            max_models,
+            max_models: max_models as usize,
             policy,
             backend,
             preload,

@@ -25,7 +25,7 @@ pub mod types;
 
 pub use error::PoolError;
 pub use estimate::{Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator};
-pub use limit::{FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
+pub use limit::{ByteSize, FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
 pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
 pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
 pub use pool::{Lease, ModelPool};

@@ -5,10 +5,15 @@
 //! Requests ignore unknown fields (clients send many we do not use), but fields that would change
 //! the answer and that we cannot honour (`n > 1`, `tools`, `logprobs`, ...) are refused with a
 //! 400 naming the field, rather than silently ignored.
+//!
+//! Fields mean what OpenAI's API reference says; their docs here say only what this server
+//! accepts, defaults or always sends.
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{FinishReason, Usage};
+use crate::state::Phase;
+use crate::types::ModelType;
 
 /// Reads `seed` as any JSON integer from `i64::MIN` to `u64::MAX`. OpenAI types it as a signed
 /// 64-bit integer and some clients send `-1`; a negative seed maps to the sampler's `u64` seed
@@ -57,7 +62,7 @@ impl StopSeq {
     }
 }
 
-/// `stream_options`.
+/// `stream_options`: accepted only with `"stream": true`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` (and empty `choices`) before `[DONE]`.
@@ -69,11 +74,9 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    /// Text.
-    Text {
-        /// The text.
-        text: String,
-    },
+    /// `{"type": "text", "text": ...}`; the text parts of a message are joined by newlines.
+    #[allow(missing_docs)]
+    Text { text: String },
     /// An image (vision models). Accepted by the parser, refused by validation until a backend
     /// takes images.
     ImageUrl {
@@ -89,9 +92,9 @@ pub enum ContentPart {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum MessageContent {
-    /// Plain text.
+    /// A string.
     Text(String),
-    /// Content parts.
+    /// A list of parts (only text parts are served).
     Parts(Vec<ContentPart>),
 }
 
@@ -111,33 +114,33 @@ pub struct ChatMessageIn {
 /// `POST /v1/chat/completions` body.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
-    /// Model id.
+    /// A registered model id of type `text-gen` or `vision`; loaded if not resident.
     pub model: String,
-    /// Conversation so far.
+    /// The conversation so far, at least one message.
     pub messages: Vec<ChatMessageIn>,
     /// Stream the answer as server-sent events.
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Streaming options.
+    /// Only with `stream: true`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Upper bound on generated tokens (legacy name).
+    /// Upper bound on generated tokens, at least 1 (default 512; legacy name).
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Upper bound on generated tokens (current name; wins over `max_tokens`).
+    /// Upper bound on generated tokens, at least 1 (current name; wins over `max_tokens`).
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    /// Sampling temperature in [0, 2].
+    /// Sampling temperature in [0, 2] (default 1; 0 is greedy).
     #[serde(default)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling mass in (0, 1].
+    /// Nucleus sampling mass in (0, 1] (default 1).
     #[serde(default)]
     pub top_p: Option<f32>,
     /// Sampling seed: any integer OpenAI accepts (a signed 64-bit integer, so `-1` too) or an
     /// unsigned 64-bit one; see [`de_seed`] for how it maps to the sampler's seed.
     #[serde(default, deserialize_with = "de_seed")]
     pub seed: Option<u64>,
-    /// Stop strings (at most 4).
+    /// At most 4 non-empty stop strings.
     #[serde(default)]
     pub stop: Option<StopSeq>,
     /// Number of choices; only 1 is supported.
@@ -167,30 +170,30 @@ pub enum PromptInput {
 /// `POST /v1/completions` body.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    /// Model id.
+    /// A registered model id of type `text-gen`; loaded if not resident.
     pub model: String,
-    /// Prompt(s).
+    /// One prompt, or several (one choice each, not streamed).
     pub prompt: PromptInput,
     /// Stream the answer as server-sent events.
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Streaming options.
+    /// Only with `stream: true`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Upper bound on generated tokens (OpenAI's default for this endpoint is 16).
+    /// Upper bound on generated tokens, at least 1 (default 16, as OpenAI's).
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Sampling temperature in [0, 2].
+    /// Sampling temperature in [0, 2] (default 1; 0 is greedy).
     #[serde(default)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling mass in (0, 1].
+    /// Nucleus sampling mass in (0, 1] (default 1).
     #[serde(default)]
     pub top_p: Option<f32>,
     /// Sampling seed: any integer OpenAI accepts (a signed 64-bit integer, so `-1` too) or an
     /// unsigned 64-bit one; see [`de_seed`] for how it maps to the sampler's seed.
     #[serde(default, deserialize_with = "de_seed")]
     pub seed: Option<u64>,
-    /// Stop strings (at most 4).
+    /// At most 4 non-empty stop strings.
     #[serde(default)]
     pub stop: Option<StopSeq>,
     /// Number of choices per prompt; only 1 is supported.
@@ -214,9 +217,9 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum EmbeddingInput {
-    /// One text.
+    /// A string.
     One(String),
-    /// Several texts.
+    /// Up to 2048 strings, none empty.
     Many(Vec<String>),
     /// Token ids (one list or a list of lists): refused, we take text only.
     Tokens(serde_json::Value),
@@ -225,9 +228,9 @@ pub enum EmbeddingInput {
 /// `POST /v1/embeddings` body.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmbeddingRequest {
-    /// Model id.
+    /// A registered model id of type `embeddings`; loaded if not resident.
     pub model: String,
-    /// Text(s) to embed.
+    /// The text or texts to embed.
     pub input: EmbeddingInput,
     /// `float` (default) or `base64` (little-endian f32).
     #[serde(default)]
@@ -237,14 +240,13 @@ pub struct EmbeddingRequest {
     pub dimensions: Option<u32>,
 }
 
-/// Token counts of a response.
+/// Token counts of a response, as the backend counted them; `total_tokens` is always
+/// `prompt_tokens + completion_tokens`.
 #[derive(Debug, Clone, Copy, Serialize)]
+#[allow(missing_docs)]
 pub struct UsageOut {
-    /// Prompt tokens.
     pub prompt_tokens: u32,
-    /// Generated tokens.
     pub completion_tokens: u32,
-    /// Sum.
     pub total_tokens: u32,
 }
 
@@ -258,7 +260,8 @@ impl From<Usage> for UsageOut {
     }
 }
 
-/// The wire name of a finish reason.
+/// The wire name of a finish reason: `stop` (end of text or a stop string) or `length`
+/// (the token limit).
 pub fn finish_str(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Stop => "stop",
@@ -271,7 +274,7 @@ pub fn finish_str(r: FinishReason) -> &'static str {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// Generated text.
+    /// The whole generated text.
     pub content: String,
 }
 
@@ -280,7 +283,7 @@ pub struct AssistantMessage {
 pub struct ChatChoice {
     /// Position (always 0: `n` is 1).
     pub index: u32,
-    /// The answer.
+    /// The generated answer.
     pub message: AssistantMessage,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
@@ -291,17 +294,17 @@ pub struct ChatChoice {
 /// A chat completion.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatCompletionResponse {
-    /// `chatcmpl-...`.
+    /// `chatcmpl-` and 16 hex digits, unique within the server's run.
     pub id: String,
-    /// `chat.completion`.
+    /// Always `chat.completion`.
     pub object: &'static str,
-    /// Unix seconds.
+    /// Unix seconds once the model was ready (after any load).
     pub created: u64,
-    /// Model id.
+    /// The model id as registered.
     pub model: String,
-    /// One choice.
+    /// Exactly one choice (`n` is 1).
     pub choices: Vec<ChatChoice>,
-    /// Token counts.
+    #[allow(missing_docs)]
     pub usage: UsageOut,
 }
 
@@ -321,7 +324,7 @@ pub struct ChatDelta {
 pub struct ChatChunkChoice {
     /// Always 0.
     pub index: u32,
-    /// What is new.
+    /// The role (first chunk), a piece of text, or nothing (finish chunk).
     pub delta: ChatDelta,
     /// Set on the last content chunk only.
     pub finish_reason: Option<&'static str>,
@@ -334,11 +337,11 @@ pub struct ChatChunkChoice {
 pub struct ChatCompletionChunk {
     /// Same id on every chunk of a response.
     pub id: String,
-    /// `chat.completion.chunk`.
+    /// Always `chat.completion.chunk`.
     pub object: &'static str,
-    /// Unix seconds, same on every chunk.
+    /// Unix seconds once the model was ready (after any load), the same on every chunk.
     pub created: u64,
-    /// Model id.
+    /// The model id as registered.
     pub model: String,
     /// Zero (usage chunk) or one choice.
     pub choices: Vec<ChatChunkChoice>,
@@ -350,7 +353,7 @@ pub struct ChatCompletionChunk {
 /// One choice of a text completion (also used for streamed chunks).
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
-    /// Prompt position.
+    /// The position of this choice's prompt in the request.
     pub index: u32,
     /// Generated text (or a piece of it when streaming).
     pub text: String,
@@ -363,13 +366,13 @@ pub struct CompletionChoice {
 /// A text completion or one streamed chunk of it (`text_completion`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionResponse {
-    /// `cmpl-...`.
+    /// `cmpl-` and 16 hex digits, the same on every chunk of a stream.
     pub id: String,
-    /// `text_completion`.
+    /// Always `text_completion`.
     pub object: &'static str,
-    /// Unix seconds.
+    /// Unix seconds once the model was ready (after any load).
     pub created: u64,
-    /// Model id.
+    /// The model id as registered.
     pub model: String,
     /// One choice per prompt.
     pub choices: Vec<CompletionChoice>,
@@ -388,14 +391,14 @@ pub enum EmbeddingVector {
     Base64(String),
 }
 
-/// One embedding.
+/// The embedding of one input.
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbeddingData {
-    /// `embedding`.
+    /// Always `embedding`.
     pub object: &'static str,
-    /// Input position.
+    /// The input's position in the request.
     pub index: u32,
-    /// The vector.
+    /// As many dimensions as the model produces.
     pub embedding: EmbeddingVector,
 }
 
@@ -411,50 +414,39 @@ pub struct EmbeddingUsage {
 /// `POST /v1/embeddings` response.
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbeddingResponse {
-    /// `list`.
+    /// Always `list`.
     pub object: &'static str,
     /// One per input, in input order.
     pub data: Vec<EmbeddingData>,
-    /// Model id.
+    /// The model id as registered.
     pub model: String,
-    /// Token counts.
+    #[allow(missing_docs)]
     pub usage: EmbeddingUsage,
 }
 
 /// One entry of `GET /v1/models`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelObject {
-    /// Model id.
+    /// The model id as registered (may contain `/`).
     pub id: String,
-    /// `model`.
+    /// Always `model`.
     pub object: &'static str,
-    /// Unix seconds (the server's start: models are registered then).
+    /// Unix seconds of the server's start (models are registered then).
     pub created: u64,
-    /// `modelpool`.
+    /// Always `modelpool`.
     pub owned_by: &'static str,
     /// Extension: `text-gen`, `vision` or `embeddings`.
-    pub model_type: &'static str,
-    /// Extension: `absent`, `loading`, `resident` or `draining`.
-    pub state: &'static str,
+    pub model_type: ModelType,
+    /// Extension: `absent`, `loading`, `resident` or `draining` (the [`Phase`] at the time of
+    /// the request).
+    pub state: Phase,
 }
 
 /// `GET /v1/models` response.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelList {
-    /// `list`.
+    /// Always `list`.
     pub object: &'static str,
-    /// Every registered model.
+    /// Every registered model, in registration order.
     pub data: Vec<ModelObject>,
-}
-
-/// `PUT/POST /admin/limits` body: either or both fields.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsRequest {
-    /// `75%`, `0.75`, `16GB`, `16GiB`, `512MB`.
-    #[serde(default)]
-    pub memory_limit: Option<String>,
-    /// At least 1.
-    #[serde(default)]
-    pub max_models: Option<usize>,
 }

@@ -1,10 +1,9 @@
 //! The one mapping from engine errors to HTTP: status, OpenAI error object, `Retry-After`.
 //!
 //! [`ApiError::from`] a [`PoolError`] is the only place a status is chosen for an engine error;
-//! [`ApiError::into_response`] renders it as a reply and [`ApiError::sse_frame`] as the SSE event
-//! sent when a stream has already started.
+//! [`ApiError::into_response`] renders it as a reply, and the SSE stream sends its
+//! [`ApiError::body`] as the last event when the error comes after the stream started.
 
-use bytes::Bytes;
 use serde::Serialize;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -15,7 +14,7 @@ use crate::error::PoolError;
 /// An error reply: status, OpenAI error object and an optional retry hint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
-    /// HTTP status.
+    /// The reply's status (for engine errors, chosen only by [`ApiError::from`]).
     pub status: StatusCode,
     /// Human-readable message (the engine's text for engine errors).
     pub message: String,
@@ -44,7 +43,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    /// A 400 about `param`.
+    /// A 400 `invalid_request_error` naming `param` and no code, as OpenAI reports bad fields.
     pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -56,7 +55,7 @@ impl ApiError {
         }
     }
 
-    /// Any status with a code and no param.
+    /// `status` with an error `kind`, a machine-readable `code` and no param.
     pub fn new(
         status: StatusCode,
         kind: &'static str,
@@ -72,9 +71,9 @@ impl ApiError {
         self
     }
 
-    /// The JSON body `{"error": {"message", "type", "param", "code"}}`.
-    pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&ErrorBody {
+    /// The JSON body `{"error": {"message", "type", "param", "code"}}`, on one line.
+    pub fn body(&self) -> String {
+        serde_json::to_string(&ErrorBody {
             error: ErrorObject {
                 message: &self.message,
                 kind: self.kind,
@@ -95,15 +94,6 @@ impl ApiError {
             h.insert(warp::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
-    }
-
-    /// The SSE frame sent when the error happens after a stream started: `data: {"error":..}`.
-    /// The stream ends after it (no `[DONE]`), which OpenAI clients raise as an API error.
-    pub fn sse_frame(&self) -> Bytes {
-        let mut v = b"data: ".to_vec();
-        v.extend_from_slice(&self.body());
-        v.extend_from_slice(b"\n\n");
-        Bytes::from(v)
     }
 }
 

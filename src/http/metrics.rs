@@ -100,7 +100,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Empty metrics.
+    /// Metrics with every counter and histogram at zero.
     pub fn new() -> Self {
         Metrics {
             latency: ROUTES.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),

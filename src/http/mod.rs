@@ -1,4 +1,4 @@
-//! The HTTP server: an OpenAI-compatible API and an admin API over a [`ModelPool`] (warp 0.4).
+//! The HTTP server: an OpenAI-compatible API and an admin API over a [`ModelPool`](crate::ModelPool) (warp 0.4).
 //! This module is the only place warp and HTTP types appear.
 //!
 //! Routes:
@@ -14,192 +14,42 @@
 //!
 //! Errors: every engine error goes through the one mapping in [`error`]; routing failures
 //! (unknown path, wrong method) are turned into OpenAI-style JSON by a single `recover`.
+//!
+//! Layout, dependencies pointing one way (down this list): this module (routing, `recover`,
+//! [`serve`]); the endpoints, one file each under `openai/`, and [`admin`] (admin API,
+//! `/health`, `/metrics`); `stream` (SSE framing), `validate` (request checks), `reply` (JSON
+//! replies); `timer` (per-request timing); `app` ([`AppState`], the capped body); [`api`]
+//! (OpenAI shapes), [`error`] (the one error mapping), [`metrics`] (counters and rendering).
 
+pub mod admin;
 pub mod api;
+mod app;
 pub mod error;
-mod handlers;
 pub mod metrics;
+mod openai;
+mod reply;
 mod stream;
+mod timer;
+mod validate;
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use futures::{Stream, StreamExt};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+pub use app::AppState;
 pub use error::ApiError;
-pub use handlers::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};
 pub use metrics::{Metrics, TimedBackend};
+pub use openai::chat::DEFAULT_CHAT_MAX_TOKENS;
+pub use openai::completions::DEFAULT_COMPLETION_MAX_TOKENS;
+pub use openai::embeddings::MAX_EMBEDDING_INPUTS;
 pub use stream::DONE_FRAME;
 
-use crate::limit::SystemMemory;
-use crate::pool::ModelPool;
-use handlers::AdminOp;
-
-/// Default cap on request bodies (bytes).
-pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
-
-/// Everything the handlers share. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    /// The pool requests are served from.
-    pub pool: ModelPool,
-    /// Server-side metrics (latency, load seconds).
-    pub metrics: Arc<Metrics>,
-    /// Total memory source for percentage limits set through the admin API.
-    pub system_memory: Arc<dyn SystemMemory + Send + Sync>,
-    /// Request bodies larger than this get 413.
-    pub max_body: u64,
-    /// Unix seconds at start (the `created` of every model).
-    pub started_unix: u64,
-}
-
-impl AppState {
-    /// State over `pool`. `metrics` should be the one given to the [`TimedBackend`] wrapping the
-    /// pool's backend, so load times appear in `/metrics`.
-    pub fn new(pool: ModelPool, metrics: Arc<Metrics>) -> Self {
-        AppState {
-            pool,
-            metrics,
-            system_memory: Arc::new(crate::limit::SysinfoMemory),
-            max_body: DEFAULT_MAX_BODY,
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        }
-    }
-
-    /// Builder: cap request bodies at `bytes`.
-    pub fn with_max_body(mut self, bytes: u64) -> Self {
-        self.max_body = bytes;
-        self
-    }
-
-    /// Builder: resolve percentage limits against `mem` (tests use a fixed total).
-    pub fn with_system_memory(mut self, mem: Arc<dyn SystemMemory + Send + Sync>) -> Self {
-        self.system_memory = mem;
-        self
-    }
-}
-
-/// Read a request body up to `limit` bytes, with or without `Content-Length`. Larger bodies are
-/// a 413; a broken body a 400.
-async fn read_body<S, B>(len: Option<u64>, body: S, limit: u64) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "payload_too_large",
-            format!("request body exceeds the {limit}-byte limit"),
-        )
-    };
-    if len.is_some_and(|l| l > limit) {
-        return Err(too_large());
-    }
-    let mut buf = BytesMut::with_capacity(len.unwrap_or(0) as usize);
-    let mut body = std::pin::pin!(body);
-    while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|e| ApiError::bad_request("body", format!("cannot read the request body: {e}")))?;
-        if buf.len() + chunk.remaining() > limit as usize {
-            return Err(too_large());
-        }
-        while chunk.has_remaining() {
-            let c = chunk.chunk();
-            buf.extend_from_slice(c);
-            let n = c.len();
-            chunk.advance(n);
-        }
-    }
-    Ok(buf.freeze())
-}
-
-fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
-    warp::any().map(move || state.clone())
-}
-
-/// The request body, capped, as `Result<Bytes, ApiError>` (handlers turn the error into a reply).
-fn body(limit: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
-        .and(warp::body::stream())
-        .then(move |len, s| read_body(len, s, limit))
-}
-
-/// Split `models/<id...>/<action>` tails: the id may contain `/`, and is percent-decoded.
-fn split_model_tail(tail: &str) -> (String, Option<&'static str>) {
-    const ACTIONS: [&str; 5] = ["preload", "pin", "unpin", "unload", "dry-run"];
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    if let Some((id, last)) = tail.rsplit_once('/')
-        && let Some(a) = ACTIONS.iter().find(|a| **a == last)
-    {
-        return (decode(id), Some(a));
-    }
-    (decode(tail), None)
-}
-
-fn admin_routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let s = with_state(state.clone());
-    let limit = state.max_body;
-    let status = warp::path!("admin" / "pool").and(warp::get()).map(|| AdminOp::Status);
-    let events = warp::path!("admin" / "events")
-        .or(warp::path!("admin" / "pool" / "events"))
-        .unify()
-        .and(warp::get())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .map(AdminOp::Events);
-    let limits = warp::path!("admin" / "limits")
-        .and(warp::put().or(warp::post()).unify())
-        .and(body(limit))
-        .map(AdminOp::Limits);
-    let models = warp::path("admin")
-        .and(warp::path("models"))
-        .and(warp::path::tail())
-        .and(warp::method())
-        .and(warp::query::<BTreeMap<String, String>>())
-        .and_then(
-            |tail: warp::path::Tail, method: warp::http::Method, q: BTreeMap<String, String>| async move {
-                let (id, action) = split_model_tail(tail.as_str());
-                if id.is_empty() {
-                    return Err(warp::reject::not_found());
-                }
-                use warp::http::Method;
-                Ok(match (action, method) {
-                    (None, Method::GET) => AdminOp::Model(id),
-                    (Some("dry-run"), Method::GET) => AdminOp::DryRun(id),
-                    (Some("preload"), Method::POST) => AdminOp::Preload(id),
-                    (Some("pin"), Method::POST) => AdminOp::Pin(id),
-                    (Some("unpin"), Method::POST) => AdminOp::Unpin(id),
-                    (Some("unload"), Method::POST) => AdminOp::Unload(id, q),
-                    _ => return Err(warp::reject::custom(MethodNotAllowed)),
-                })
-            },
-        );
-    status
-        .or(events)
-        .unify()
-        .or(limits)
-        .unify()
-        .or(models)
-        .unify()
-        .and(s)
-        .then(|op, state| handlers::admin(state, op))
-        .boxed()
-}
-
-#[derive(Debug)]
-struct MethodNotAllowed;
-impl warp::reject::Reject for MethodNotAllowed {}
+use app::{body, with_state};
 
 /// Every route, with rejections turned into OpenAI-style JSON errors.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
@@ -209,32 +59,32 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::chat);
+        .then(openai::chat::chat);
     let completions = warp::path!("v1" / "completions")
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::completions);
+        .then(openai::completions::completions);
     let embeddings = warp::path!("v1" / "embeddings")
         .and(warp::post())
         .and(s())
         .and(body(limit))
-        .then(handlers::embeddings);
-    let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(handlers::list_models);
+        .then(openai::embeddings::embeddings);
+    let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(openai::models::list_models);
     let model =
         warp::path("v1").and(warp::path("models")).and(warp::path::tail()).and(warp::get()).and(s()).then(
             |tail: warp::path::Tail, state| {
                 let id = percent_encoding::percent_decode_str(tail.as_str()).decode_utf8_lossy().into_owned();
-                handlers::get_model(state, id)
+                openai::models::get_model(state, id)
             },
         );
-    let health = warp::path!("health").and(warp::get()).and(s()).then(handlers::health);
-    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(handlers::metrics);
+    let health = warp::path!("health").and(warp::get()).and(s()).then(admin::health);
+    let metrics = warp::path!("metrics").and(warp::get()).and(s()).then(admin::metrics);
 
     let openai =
         chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();
     openai
-        .or(admin_routes(state.clone()))
+        .or(admin::routes(state.clone()))
         .unify()
         .or(health)
         .unify()
@@ -248,7 +98,9 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
     let e = if r.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
-    } else if r.find::<MethodNotAllowed>().is_some() || r.find::<warp::reject::MethodNotAllowed>().is_some() {
+    } else if r.find::<admin::MethodNotAllowed>().is_some()
+        || r.find::<warp::reject::MethodNotAllowed>().is_some()
+    {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",

@@ -1,8 +1,11 @@
-//! Server-sent event streams of generations.
+//! Server-sent event streams of generations, framed by `warp::sse`.
 //!
 //! Framing (what OpenAI clients expect): an optional first chunk, one chunk per text piece, the
-//! final chunk(s), then exactly one `data: [DONE]`. An error after the stream started is sent as
-//! one `data: {"error": ...}` frame and the stream ends without `[DONE]`.
+//! final chunk(s), then exactly one `data: [DONE]`. Every event is one `data: {json}` line and a
+//! blank line. An error after the stream started is sent as one `data: {"error": ...}` event
+//! and the stream ends without `[DONE]`, which OpenAI clients raise as an API error. After 15 s
+//! without an event (a long prompt being read), a keep-alive comment line `:` is sent so
+//! proxies do not time the connection out; SSE clients ignore comments.
 //!
 //! The stream owns the request's [`Lease`]: when the client disconnects, hyper drops the body,
 //! which drops the generation first and then the lease, so the model is released at once.
@@ -12,45 +15,51 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, TryStreamExt};
+use serde::Serialize;
 use warp::Reply;
 use warp::http::HeaderValue;
 use warp::reply::Response;
+use warp::sse::Event;
 
 use super::error::ApiError;
-use super::handlers::ReqTimer;
+use super::timer::ReqTimer;
 use crate::backend::{FinishReason, GenerateEvent, GenerateStream, Usage};
 use crate::pool::Lease;
 
-/// The terminating frame, sent exactly once per successful stream.
+/// The bytes of the terminating event, sent exactly once per successful stream.
 pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
 
-/// Turns generation events into SSE frames for one API shape (chat or completions).
+/// An event whose data is `payload`, written `data: {payload}`.
+///
+/// warp writes `data:` with no space before the value. The SSE parser drops one leading space
+/// from a value, so sending it with one gives the same event to every SSE client, and the
+/// `data: ` lines OpenAI's API sends, which line-based client parsers match on.
+fn data_event(payload: &str) -> Event {
+    Event::default().data(format!(" {payload}"))
+}
+
+/// An event whose data is `v` as one line of JSON.
+pub(crate) fn json_event<T: Serialize>(v: &T) -> Event {
+    // Serializing our own plain structs cannot fail; compact JSON has no newline.
+    data_event(&serde_json::to_string(v).unwrap_or_default())
+}
+
+/// Turns generation events into SSE events for one API shape (chat or completions).
 pub(crate) trait ChunkFormat: Send + 'static {
-    /// Frames sent before the first piece (the chat role chunk, an echoed prompt).
-    fn start(&mut self, out: &mut VecDeque<Bytes>);
-    /// The frame for one piece of text.
-    fn delta(&mut self, text: String) -> Bytes;
-    /// The frames after the last piece (finish reason, usage), without `[DONE]`.
-    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Bytes>);
+    /// Events sent before the first piece (the chat role chunk, an echoed prompt).
+    fn start(&mut self, out: &mut VecDeque<Event>);
+    /// The event for one piece of text (never called with an empty piece).
+    fn delta(&mut self, text: String) -> Event;
+    /// The events after the last piece (finish reason, usage), without `[DONE]`.
+    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Event>);
 }
 
-/// `data: <json>\n\n`.
-pub(crate) fn frame<T: serde::Serialize>(v: &T) -> Bytes {
-    let mut buf = Vec::with_capacity(256);
-    buf.extend_from_slice(b"data: ");
-    // Serializing our own plain structs cannot fail.
-    let _ = serde_json::to_writer(&mut buf, v);
-    buf.extend_from_slice(b"\n\n");
-    Bytes::from(buf)
-}
-
-/// A generation as a stream of SSE frames. Field order matters: the generation is dropped
+/// A generation as a stream of SSE events. Field order matters: the generation is dropped
 /// before the lease.
 struct GenFrames<F: ChunkFormat> {
     generation: Option<GenerateStream>,
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Event>,
     fmt: F,
     done: bool,
     /// Status recorded when the stream ends (200, or the error's status).
@@ -63,22 +72,22 @@ impl<F: ChunkFormat> GenFrames<F> {
     fn fail(&mut self, e: ApiError) {
         tracing::warn!(error = %e.message, "generation failed after the stream started");
         self.outcome = (e.status.as_u16(), e.code);
-        self.queue.push_back(e.sse_frame());
+        self.queue.push_back(data_event(&e.body()));
         self.done = true;
     }
 }
 
 impl<F: ChunkFormat + Unpin> Stream for GenFrames<F> {
-    type Item = Result<Bytes, Infallible>;
+    type Item = Result<Event, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            if let Some(b) = this.queue.pop_front() {
-                return Poll::Ready(Some(Ok(b)));
+            if let Some(ev) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(ev)));
             }
             if this.done {
-                // Release the model as soon as the last frame is out.
+                // Release the model as soon as the last event is out.
                 this.generation = None;
                 this.lease = None;
                 if let Some(t) = this.timer.take() {
@@ -94,13 +103,13 @@ impl<F: ChunkFormat + Unpin> Stream for GenFrames<F> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(GenerateEvent::Delta(t)))) => {
                     if !t.is_empty() {
-                        let b = this.fmt.delta(t);
-                        this.queue.push_back(b);
+                        let ev = this.fmt.delta(t);
+                        this.queue.push_back(ev);
                     }
                 }
                 Poll::Ready(Some(Ok(GenerateEvent::Done { finish_reason, usage }))) => {
                     this.fmt.finish(finish_reason, usage, &mut this.queue);
-                    this.queue.push_back(Bytes::from_static(DONE_FRAME));
+                    this.queue.push_back(data_event("[DONE]"));
                     this.done = true;
                 }
                 Poll::Ready(Some(Err(e))) => this.fail(ApiError::from(e)),
@@ -115,12 +124,13 @@ impl<F: ChunkFormat + Unpin> Stream for GenFrames<F> {
     }
 }
 
-/// The SSE reply for `generation`, holding `lease` until the stream ends or is dropped.
+/// The SSE reply for `generation`, holding `lease` until the stream ends or is dropped, and
+/// finishing `timer` when it ends (a stream dropped early leaves it to record 499).
 pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
     generation: GenerateStream,
     lease: Lease,
     mut fmt: F,
-    timer: Option<ReqTimer>,
+    timer: ReqTimer,
 ) -> Response {
     let mut queue = VecDeque::with_capacity(4);
     fmt.start(&mut queue);
@@ -130,13 +140,25 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
         fmt,
         done: false,
         outcome: (200, None),
-        timer,
+        timer: Some(timer),
         lease: Some(lease),
     };
-    let mut res = warp::reply::stream(sync_wrapper::SyncStream::new(frames)).into_response();
-    let h = res.headers_mut();
-    h.insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(warp::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // warp::sse::reply wants a Sync stream; the generation is only Send.
+    let events = sync_wrapper::SyncStream::new(warp::sse::keep_alive().stream(frames).into_stream());
+    let mut res = warp::sse::reply(events).into_response();
+    // Tell nginx-style proxies not to buffer the stream (warp sets content-type and no-cache).
+    res.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_one_data_line_as_openai_sends_them() {
+        assert_eq!(data_event("[DONE]").to_string().as_bytes(), DONE_FRAME);
+        let ev = json_event(&serde_json::json!({"text": "two\nlines"}));
+        assert_eq!(ev.to_string(), "data: {\"text\":\"two\\nlines\"}\n\n");
+    }
 }

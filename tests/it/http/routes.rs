@@ -106,6 +106,22 @@ async fn streaming_chat_has_role_chunk_content_chunks_finish_and_one_done() {
     assert_eq!(h.model("chat-a").leases, 0, "lease released at stream end");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_stream_quiet_for_15s_gets_keep_alive_comments_and_the_same_events() {
+    // 20 s before each token (paused clock): the keep-alive fires first, every time.
+    let fake = FakeBackend::new().with_token_delay(Duration::from_secs(20));
+    let h = Harness::with_backend(10 * GB, 4, fake, catalogue());
+    let mut b = chat_body("chat-a", true);
+    b["max_tokens"] = json!(2);
+    let r = h.post("/v1/chat/completions", b).await;
+    assert_eq!(r.status(), 200);
+    let text = std::str::from_utf8(r.body()).unwrap();
+    assert_eq!(text.matches("\n\n:\n\n").count(), 2, "one keep-alive per quiet 20 s: {text:?}");
+    let (chunks, content) = chat_stream(r.body());
+    assert_eq!(chunks.len(), 4, "role, two pieces, finish: {chunks:?}");
+    assert_eq!(content.split_whitespace().count(), 2, "{content}");
+}
+
 #[tokio::test]
 async fn streaming_chat_with_include_usage_ends_with_usage_chunk() {
     let h = Harness::new(10 * GB, 4);
@@ -491,142 +507,6 @@ async fn shutting_down_is_503_with_retry_after_and_health_says_so() {
     assert!(retry_after(&r).is_some());
     assert_error(&h.req("POST", "/admin/models/chat-b/preload").await, 503, "shutting_down");
     assert_eq!(h.model("chat-a").phase, Phase::Absent, "unloaded at shutdown");
-}
-
-#[tokio::test]
-async fn unload_refused_is_409_unless_forced() {
-    let h = Harness::new(10 * GB, 4);
-    let r = h.req("POST", "/admin/models/chat-a/preload").await;
-    assert_eq!(r.status(), 200);
-    let e = assert_error(&h.req("POST", "/admin/models/chat-a/unload").await, 409, "unload_refused");
-    assert!(e["message"].as_str().unwrap().contains("pinned"), "says why: {e}");
-    assert_eq!(h.model("chat-a").phase, Phase::Resident);
-    // Busy (not pinned) is refused too.
-    let lease = h.pool.acquire("chat-b").await.unwrap();
-    let e = assert_error(&h.req("POST", "/admin/models/chat-b/unload").await, 409, "unload_refused");
-    assert!(e["message"].as_str().unwrap().contains("in flight"), "{e}");
-    drop(lease);
-    // Forced: unloaded now, memory returned.
-    let v = json(&h.req("POST", "/admin/models/chat-a/unload?force=true").await);
-    assert_eq!(v["report"]["unloaded_now"], true);
-    assert_eq!(v["status"]["phase"], "absent");
-    assert_eq!(h.pool.ledger().pinned, 0);
-    assert_bad_request(&h.req("POST", "/admin/models/chat-b/unload?force=maybe").await, "force");
-    assert_error(&h.req("POST", "/admin/models/nope/unload").await, 404, "model_not_found");
-}
-
-#[tokio::test]
-async fn admin_routes_change_pool_state() {
-    let h = Harness::new(10 * GB, 4);
-    // Status.
-    let v = json(&h.req("GET", "/admin/pool").await);
-    assert_eq!(v["backend"], "fake");
-    assert_eq!(v["policy"], "lru");
-    assert_eq!(v["ledger"]["limit"], 10 * GB);
-    assert_eq!(v["models"].as_array().unwrap().len(), catalogue().len());
-    assert_eq!(v["stats"]["rejections_by_code"]["insufficient_memory"], 0);
-    assert_eq!(v["stats"]["evictions_by_reason"]["capacity"], 0);
-
-    // Preload pins.
-    let v = json(&h.req("POST", "/admin/models/chat-big/preload").await);
-    assert_eq!(v["pinned"], true);
-    assert_eq!(v["status"]["phase"], "resident");
-    let m = h.model("chat-big");
-    assert!(m.pinned);
-    assert_eq!(h.pool.ledger().pinned, 5 * GB);
-    // Preload with a slash in the id.
-    let r = h.req("POST", "/admin/models/mlx-community/Llama-3.2-3B-Instruct-4bit/preload").await;
-    assert_eq!(r.status(), 200, "{:?}", r.body());
-    assert!(h.model("mlx-community/Llama-3.2-3B-Instruct-4bit").pinned);
-
-    // Model status.
-    let v = json(&h.req("GET", "/admin/models/chat-big").await);
-    assert_eq!(v["pinned"], true);
-    assert_eq!(v["measured"], 5 * GB);
-
-    // Dry run: chat-a fits now; with a 8 GB limit it must evict the unpinned model.
-    let v = json(&h.req("GET", "/admin/models/chat-a/dry-run").await);
-    assert_eq!(v["decision"], "load");
-    assert_eq!(v["fits"], true);
-    assert_eq!(v["would_evict"], json!([]));
-    h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
-    let r = h.req("PUT", "/admin/limits").await; // no body
-    assert_bad_request(&r, "body");
-    let r = warp::test::request()
-        .method("PUT")
-        .path("/admin/limits")
-        .json(&json!({"memory_limit": "8GB"}))
-        .reply(&h.routes)
-        .await;
-    assert_eq!(r.status(), 200, "{:?}", r.body());
-    let v = json(&r);
-    assert_eq!(v["ledger"]["limit"], 8 * GB);
-    assert_eq!(v["evicted"], json!([]), "6 GB + 2 GB still fit in 8 GB");
-    let v = json(&h.req("GET", "/admin/models/chat-a/dry-run").await);
-    assert_eq!(v["decision"], "load");
-    assert_eq!(v["would_evict"], json!(["chat-b"]));
-    assert_eq!(h.model("chat-b").phase, Phase::Resident, "dry run changes nothing");
-    let v = json(&h.req("GET", "/admin/models/huge/dry-run").await);
-    assert_eq!(v["fits"], false);
-    assert_eq!(v["reject_code"], "model_too_large");
-
-    // Lowering the limit evicts the unpinned model at once; a percentage is of system memory
-    // (16 GB fixed in the harness).
-    let r = warp::test::request()
-        .method("POST")
-        .path("/admin/limits")
-        .json(&json!({"memory_limit": "40%", "max_models": 3}))
-        .reply(&h.routes)
-        .await;
-    let v = json(&r);
-    assert_eq!(v["ledger"]["limit"], 6_400_000_000u64);
-    assert_eq!(v["ledger"]["max_models"], 3);
-    assert_eq!(v["evicted"], json!(["chat-b"]));
-    assert_eq!(h.model("chat-b").phase, Phase::Absent);
-    assert_eq!(h.pool.ledger().used(), 6 * GB);
-    for (body, param) in [
-        (json!({"memory_limit": "150%"}), "memory_limit"),
-        (json!({"memory_limit": "lots"}), "memory_limit"),
-        (json!({"max_models": 0}), "max_models"),
-        (json!({"max_models": -1}), "max_models"),
-        (json!({"limit": "1GB"}), "limit"),
-    ] {
-        let r = warp::test::request().method("PUT").path("/admin/limits").json(&body).reply(&h.routes).await;
-        let e = assert_bad_request(&r, param);
-        assert!(!e["message"].as_str().unwrap().is_empty());
-    }
-    assert_eq!(h.pool.ledger().limit, 6_400_000_000, "refused changes change nothing");
-
-    // Unpin.
-    let v = json(&h.req("POST", "/admin/models/chat-big/unpin").await);
-    assert_eq!(v["was_pinned"], true);
-    assert!(!h.model("chat-big").pinned);
-    let v = json(&h.req("POST", "/admin/models/chat-big/unpin").await);
-    assert_eq!(v["was_pinned"], false);
-    // Pin a resident model again.
-    let v = json(&h.req("POST", "/admin/models/chat-big/pin").await);
-    assert_eq!(v["pinned"], true);
-    assert!(h.model("chat-big").pinned);
-    assert_error(&h.req("POST", "/admin/models/chat-a/pin").await, 409, "unload_refused");
-
-    // Preload that cannot fit: 503 with the engine's code, not 500.
-    let r = h.req("POST", "/admin/models/huge/preload").await;
-    assert_error(&r, 503, "model_too_large");
-
-    // Events.
-    let v = json(&h.req("GET", "/admin/events?limit=3").await);
-    let ev = v["events"].as_array().unwrap();
-    assert_eq!(ev.len(), 3);
-    let v = json(&h.req("GET", "/admin/pool/events").await);
-    let all = v["events"].as_array().unwrap();
-    assert!(all.len() > 3);
-    assert!(all.iter().any(|e| e["event"] == "evict" && e["model"] == "chat-b"), "{all:?}");
-    assert!(all.iter().any(|e| e["event"] == "pin"), "{all:?}");
-    assert_bad_request(&h.req("GET", "/admin/events?limit=abc").await, "limit");
-    assert_bad_request(&h.req("GET", "/admin/events?limit=0").await, "limit");
-    // Wrong method on an admin action.
-    assert_error(&h.req("GET", "/admin/models/chat-a/preload").await, 405, "method_not_allowed");
-    h.check_invariants();
 }
 
 #[tokio::test]

@@ -1,0 +1,106 @@
+//! What every handler shares: the [`AppState`], and the request body filter that caps it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use warp::Filter;
+use warp::http::StatusCode;
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use crate::limit::SystemMemory;
+use crate::pool::ModelPool;
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The pool requests are served from.
+    pub pool: ModelPool,
+    /// Server-side metrics (latency, load seconds).
+    pub metrics: Arc<Metrics>,
+    /// Total memory source for percentage limits set through the admin API.
+    pub system_memory: Arc<dyn SystemMemory + Send + Sync>,
+    /// Request bodies larger than this get 413.
+    pub max_body: u64,
+    /// Unix seconds at start (the `created` of every model).
+    pub started_unix: u64,
+}
+
+impl AppState {
+    /// State over `pool`. `metrics` should be the one given to the [`TimedBackend`](super::metrics::TimedBackend) wrapping the
+    /// pool's backend, so load times appear in `/metrics`.
+    pub fn new(pool: ModelPool, metrics: Arc<Metrics>) -> Self {
+        AppState {
+            pool,
+            metrics,
+            system_memory: Arc::new(crate::limit::SysinfoMemory),
+            max_body: crate::config::DEFAULT_MAX_BODY,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// Builder: cap request bodies at `bytes`.
+    pub fn with_max_body(mut self, bytes: u64) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Builder: resolve percentage limits against `mem` (tests use a fixed total).
+    pub fn with_system_memory(mut self, mem: Arc<dyn SystemMemory + Send + Sync>) -> Self {
+        self.system_memory = mem;
+        self
+    }
+}
+
+/// Read a request body up to `limit` bytes, with or without `Content-Length`. Larger bodies are
+/// a 413; a broken body a 400.
+async fn read_body<S, B>(len: Option<u64>, body: S, limit: u64) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "payload_too_large",
+            format!("request body exceeds the {limit}-byte limit"),
+        )
+    };
+    if len.is_some_and(|l| l > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(len.unwrap_or(0) as usize);
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| ApiError::bad_request("body", format!("cannot read the request body: {e}")))?;
+        if buf.len() + chunk.remaining() > limit as usize {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            buf.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+pub(super) fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// The request body, capped, as `Result<Bytes, ApiError>` (handlers turn the error into a reply).
+pub(super) fn body(
+    limit: u64,
+) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .then(move |len, s| read_body(len, s, limit))
+}

@@ -1,0 +1,184 @@
+//! `POST /v1/chat/completions`: a chat turn, as one JSON reply or an SSE stream of
+//! `chat.completion.chunk`s.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use warp::reply::Response;
+use warp::sse::Event;
+
+use super::{acquire, collect, new_id, unix_now};
+use crate::backend::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
+use crate::http::api::*;
+use crate::http::app::AppState;
+use crate::http::error::ApiError;
+use crate::http::reply::ok_json;
+use crate::http::stream::{ChunkFormat, json_event, sse_response};
+use crate::http::timer::{ReqTimer, respond};
+use crate::http::validate::{Generation, check_generation, check_max_tokens, check_stop, parse_body};
+use crate::types::ModelType;
+
+/// Tokens generated when a chat request sets neither `max_completion_tokens` nor `max_tokens`.
+pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 512;
+
+/// The backend's conversation from the request's messages: roles checked (`developer` becomes
+/// `system`), text parts joined by newlines; images and other part types are refused.
+fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("messages", "messages must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}].role"),
+                format!("unknown role '{}': expected system, developer, user, assistant or tool", m.role),
+            ));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for (j, p) in parts.into_iter().enumerate() {
+                    match p {
+                        ContentPart::Text { text } => texts.push(text),
+                        ContentPart::ImageUrl { .. } => {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}].content[{j}]"),
+                                "image inputs are not supported by this server's backends yet",
+                            ));
+                        }
+                        ContentPart::Unsupported => {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}].content[{j}].type"),
+                                "unsupported content part type: only text is accepted",
+                            ));
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+        };
+        let role = if m.role == "developer" { "system".to_string() } else { m.role };
+        out.push(ChatMessage { role, content });
+    }
+    Ok(out)
+}
+
+/// The chunks of one streamed chat completion: a role chunk, one chunk per text piece, a
+/// finish chunk, and a usage chunk when asked for.
+struct ChatFormat {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl ChatFormat {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<UsageOut>>) -> Event {
+        json_event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn choice_chunk(&self, delta: ChatDelta, finish: Option<&'static str>) -> Event {
+        let choice = ChatChunkChoice { index: 0, delta, finish_reason: finish, logprobs: None };
+        self.chunk(vec![choice], self.include_usage.then_some(None))
+    }
+}
+
+impl ChunkFormat for ChatFormat {
+    fn start(&mut self, out: &mut VecDeque<Event>) {
+        out.push_back(
+            self.choice_chunk(ChatDelta { role: Some("assistant"), content: Some(String::new()) }, None),
+        );
+    }
+    fn delta(&mut self, text: String) -> Event {
+        self.choice_chunk(ChatDelta { role: None, content: Some(text) }, None)
+    }
+    fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Event>) {
+        out.push_back(self.choice_chunk(ChatDelta::default(), Some(finish_str(reason))));
+        if self.include_usage {
+            out.push_back(self.chunk(Vec::new(), Some(Some(usage.into()))));
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat(state: AppState, body: Result<Bytes, ApiError>) -> Response {
+    let mut timer = ReqTimer::start(&state, "chat_completions");
+    let res = chat_inner(&state, body, &mut timer).await;
+    respond(timer, res)
+}
+
+async fn chat_inner(
+    state: &AppState,
+    body: Result<Bytes, ApiError>,
+    timer: &mut ReqTimer,
+) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse_body(&body?)?;
+    timer.set_model(&req.model);
+    let Generation { temperature, top_p, stream, include_usage } =
+        check_generation(req.temperature, req.top_p, req.n, req.stream, &req.stream_options)?;
+    timer.set_stream(stream);
+    let max_tokens = match req.max_completion_tokens {
+        Some(_) => {
+            check_max_tokens("max_completion_tokens", req.max_completion_tokens, DEFAULT_CHAT_MAX_TOKENS)?
+        }
+        None => check_max_tokens("max_tokens", req.max_tokens, DEFAULT_CHAT_MAX_TOKENS)?,
+    };
+    let stop = check_stop(req.stop)?;
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request("tools", "tool calling is not supported"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(ApiError::bad_request("logprobs", "logprobs are not supported"));
+    }
+    if let Some(rf) = &req.response_format
+        && rf.get("type").and_then(|t| t.as_str()) != Some("text")
+    {
+        return Err(ApiError::bad_request(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
+        ));
+    }
+    let messages = chat_prompt(req.messages)?;
+    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
+    let greq = GenerateRequest {
+        prompt: Prompt::Chat(messages),
+        max_tokens,
+        temperature,
+        top_p,
+        seed: req.seed,
+        stop,
+    };
+    let generation = lease.handle().generate(greq).await?;
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    let model = lease.model().to_string();
+    if stream {
+        let fmt = ChatFormat { id, created, model, include_usage };
+        return Ok(sse_response(generation, lease, fmt, timer.hand_over()));
+    }
+    let (content, finish, usage) = collect(generation).await?;
+    drop(lease);
+    ok_json(&ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content },
+            finish_reason: finish_str(finish),
+            logprobs: None,
+        }],
+        usage: usage.into(),
+    })
+}
