@@ -3,7 +3,9 @@
 //!
 //! - `libmlx.so` comes from the `mlx-cpu` wheel in `vendor/mlx-cpu` (`scripts/setup-mlx.sh`):
 //!   add it to the link search path and as an rpath, so binaries and tests run without
-//!   `LD_LIBRARY_PATH` (the rpath is absolute: binaries point into this checkout).
+//!   `LD_LIBRARY_PATH` (the rpath is absolute: binaries point into this checkout). The directory
+//!   is also published as `links` metadata (`DEP_MODELPOOL_MLX_LIB_DIR`) for packages that
+//!   depend on this one, whose binaries need the same rpath (sim/build.rs).
 //! - The wheel bundles the netlib reference BLAS (about 5 GFLOP/s on a 1024^3 sgemm here, against
 //!   about 170 with OpenBLAS). Linking the system OpenBLAS as a direct dependency of the binary,
 //!   ahead of libmlx.so's own dependencies, makes MLX's `cblas_sgemm` calls resolve to OpenBLAS.
@@ -31,6 +33,12 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-l:libopenblas.so.0,--pop-state");
+    // Link args do not propagate to other packages, but `links` metadata does: every package
+    // that depends on this one directly and has a build script sees the directory as
+    // `DEP_MODELPOOL_MLX_LIB_DIR` (Cargo.toml: `links = "modelpool"`). sim/build.rs turns it
+    // into the same rpath, so a workspace build's `modelpool-sim` (which links libmlx.so
+    // through feature unification) starts without `LD_LIBRARY_PATH`.
+    println!("cargo::metadata=mlx_lib_dir={}", dir.display());
     // Other packages that link this crate with the feature (link args do not propagate):
     // OpenBLAS through a propagating link-lib (kept because src/backend/mlx/sys.rs references
     // cblas_sgemv), and libmlx.so through a link-search path inside the target directory,
