@@ -54,6 +54,16 @@ impl ModelType {
             ModelType::Embeddings => "embeddings",
         }
     }
+
+    /// The wire name with its indefinite article, for messages: `a text-gen`, `a vision`,
+    /// `an embeddings`.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            ModelType::TextGen => "a text-gen",
+            ModelType::Vision => "a vision",
+            ModelType::Embeddings => "an embeddings",
+        }
+    }
 }
 
 impl fmt::Display for ModelType {

@@ -1,9 +1,10 @@
-//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names.
+//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names, and
+//! the wrong-model-type message.
 
 use modelpool::estimate::{params_from_name, weight_bytes_on_disk};
 use modelpool::{
     EstimateSource, FileEstimator, FixedMemory, GB, Learned, MemoryLimit, ModelSpec, ModelType,
-    NameEstimator, PolicyKind, SizeEstimator,
+    NameEstimator, PolicyKind, PoolError, SizeEstimator,
 };
 
 fn est(name: &str) -> modelpool::Estimate {
@@ -136,4 +137,27 @@ fn model_types_and_policies_by_name() {
         assert_eq!(p.build().name(), p.as_str());
     }
     assert!("fifo".parse::<PolicyKind>().unwrap_err().to_string().contains("lru, gdsf, lfu"));
+}
+
+#[test]
+fn wrong_type_messages_use_the_right_article() {
+    use ModelType::{Embeddings, TextGen, Vision};
+    let msg =
+        |actual, expected| PoolError::WrongModelType { model: "m".into(), expected, actual }.to_string();
+    assert_eq!(
+        msg(Embeddings, TextGen),
+        "model 'm' is an embeddings model; this endpoint needs a text-gen model"
+    );
+    assert_eq!(
+        msg(TextGen, Embeddings),
+        "model 'm' is a text-gen model; this endpoint needs an embeddings model"
+    );
+    assert_eq!(
+        msg(Vision, Embeddings),
+        "model 'm' is a vision model; this endpoint needs an embeddings model"
+    );
+    assert_eq!(
+        msg(Embeddings, Vision),
+        "model 'm' is an embeddings model; this endpoint needs a vision model"
+    );
 }
