@@ -58,9 +58,9 @@ run() {
     local pkg="$1" out
     if out="$(env -u LD_LIBRARY_PATH -u DYLD_LIBRARY_PATH \
         cargo run -q ${release:+"$release"} -p "$pkg" -- --help 2>&1)" && grep -q '^Usage: ' <<<"$out"; then
-        echo "check-binaries: ok   cargo run -p $pkg -- --help"
+        echo "check-binaries: ok   cargo run ${release:+$release }-p $pkg -- --help"
     else
-        echo "check-binaries: FAIL cargo run -p $pkg -- --help" >&2
+        echo "check-binaries: FAIL cargo run ${release:+$release }-p $pkg -- --help" >&2
         sed 's/^/    /' <<<"$out" >&2
         failed=1
     fi
@@ -69,12 +69,12 @@ run() {
 bins="$target/$profile"
 echo "check-binaries: cargo build ${release:+$release }--workspace"
 cargo build -q ${release:+"$release"} --workspace
-check "cargo build --workspace" "$bins/modelpool"
-check "cargo build --workspace" "$bins/modelpool-sim"
+check "cargo build ${release:+$release }--workspace" "$bins/modelpool"
+check "cargo build ${release:+$release }--workspace" "$bins/modelpool-sim"
 
 echo "check-binaries: cargo build ${release:+$release }-p modelpool-sim"
 cargo build -q ${release:+"$release"} -p modelpool-sim
-check "cargo build -p modelpool-sim" "$bins/modelpool-sim"
+check "cargo build ${release:+$release }-p modelpool-sim" "$bins/modelpool-sim"
 
 run modelpool
 run modelpool-sim
@@ -84,8 +84,8 @@ for path in . sim; do
     cargo install -q ${install_debug:+"$install_debug"} --locked --path "$path" --root "$root" 2>&1 |
         { grep -v 'be sure to add' || true; }
 done
-check "cargo install --path ." "$root/bin/modelpool"
-check "cargo install --path sim" "$root/bin/modelpool-sim"
+check "cargo install ${install_debug:+$install_debug }--path ." "$root/bin/modelpool"
+check "cargo install ${install_debug:+$install_debug }--path sim" "$root/bin/modelpool-sim"
 
 if ((failed)); then
     echo "check-binaries: some binaries do not start (see above)" >&2
