@@ -4,9 +4,11 @@
 //! `$MODELPOOL_MODELS_DIR` or `<repo>/models`).
 //!
 //! Measures, on this machine:
-//! - which BLAS MLX calls (mapped libraries, and a 1024^3 sgemm in GFLOP/s);
+//! - which BLAS MLX calls (mapped libraries, listed on Linux only, and a 1024^3 sgemm in
+//!   GFLOP/s);
 //! - memory read bandwidth, and from it the decode floor: weight bytes read per token / bandwidth;
-//! - load time of each model, cold (file pages dropped with `posix_fadvise(DONTNEED)`) and warm;
+//! - load time of each model, cold (file pages dropped with `posix_fadvise(DONTNEED)`, Linux
+//!   only: elsewhere the cold columns print `-`) and warm;
 //! - SmolLM2-135M decode and prefill tokens/s at batch 1, f32 (dequantized) and quantized
 //!   weights, with the split of decode time between graph building in Rust, MLX evaluation and
 //!   host-side token selection; and the same decode through the streaming `generate` API;
@@ -38,24 +40,34 @@ fn spec(id: &str) -> ModelSpec {
         .unwrap_or_else(|| panic!("{id} not in {} (run scripts/fetch-models.sh)", dir.display()))
 }
 
+/// Whether [`drop_page_cache`] can make a load cold on this platform.
+const COLD_LOADS: bool = cfg!(target_os = "linux");
+
 /// Drops `path`'s pages (files under it) from the page cache, so the next read is cold.
+/// Linux only (`posix_fadvise(DONTNEED)`; Apple targets have no per-file equivalent and libc
+/// does not declare it there): elsewhere a no-op, and the cold columns print `-`.
 fn drop_page_cache(path: &Path) {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&f).unwrap();
-        // SAFETY: a valid open descriptor; advice only affects caching.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0, "posix_fadvise failed on {}", f.display());
+    #[cfg(target_os = "linux")]
+    {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            std::fs::read_dir(path)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect()
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for f in files {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&f).unwrap();
+            // SAFETY: a valid open descriptor; advice only affects caching.
+            let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0, "posix_fadvise failed on {}", f.display());
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = path;
 }
 
 /// Best-of-5 read bandwidth over a 512 MiB buffer with `threads` threads, GB/s.
@@ -78,6 +90,15 @@ fn read_bandwidth(threads: usize) -> f64 {
     (n * 8) as f64 / best / 1e9
 }
 
+/// [`blas_libraries`] off Linux: there is no `/proc/self/maps` (on macOS MLX uses Accelerate).
+#[cfg(not(target_os = "linux"))]
+fn blas_libraries() -> String {
+    "(not listed: needs /proc/self/maps, Linux only)".to_string()
+}
+
+/// The BLAS and LAPACK libraries mapped into this process, from `/proc/self/maps` (Linux only;
+/// elsewhere a note saying so: on macOS MLX uses Accelerate).
+#[cfg(target_os = "linux")]
 fn blas_libraries() -> String {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut libs: Vec<&str> = maps
@@ -194,12 +215,13 @@ async fn run() {
         let (cold, h) = load_secs(b, s, true).await;
         h.unload().await.unwrap();
         let (warm, h) = load_secs(b, s, false).await;
+        let cold =
+            if COLD_LOADS { format!("{cold:.3} | {:.2}", file / cold / 1e9) } else { "- | -".to_string() };
         println!(
-            "| {} | {label} | {:.1} | {:.1} | {cold:.3} | {:.2} | {warm:.3} | {:.2} |",
+            "| {} | {label} | {:.1} | {:.1} | {cold} | {warm:.3} | {:.2} |",
             s.id,
             file / 1e6,
             h.measured_bytes() as f64 / 1e6,
-            file / cold / 1e9,
             file / warm / 1e9
         );
         handles.push(h);

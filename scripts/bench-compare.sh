@@ -6,6 +6,11 @@
 # llama-cpp-python==0.3.36 (see the two Python scripts for the one-off setup). Not part of CI.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ "$(uname -s)/$(uname -m)" != Linux/x86_64 ]]; then
+    echo "bench-compare: Linux x86_64 only (it compares MLX's CPU backend from the mlx-cpu wheel," \
+        "with and without OpenBLAS); elsewhere run: cargo bench --bench mlx_decode" >&2
+    exit 1
+fi
 GGUF=$(ls models/smollm2-135m-instruct/*.gguf)
 echo "## Rust (modelpool MLX backend)"
 cargo bench --quiet --features mlx --bench mlx_decode

@@ -28,7 +28,9 @@ url="http://127.0.0.1:$port/v1/chat/completions"
 curl -sf -X POST "$url" -H 'content-type: application/json' \
     -d '{"model":"qwen2.5-0.5b-instruct","messages":[{"role":"user","content":"hi"}]}' >/dev/null
 
-echo "== $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+# getconf works on Linux and macOS; the load average is in /proc on Linux, in sysctl on macOS.
+load="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || sysctl -n vm.loadavg 2>/dev/null || echo unknown)"
+echo "== $(getconf _NPROCESSORS_ONLN) cores, load average: $load"
 echo "== wrk -t1 -c1 -d${secs}s --latency (one client: per-request latency)"
 wrk -t1 -c1 -d"${secs}s" --latency -s "$out.lua" "$url" | sed -n '/Latency/,/Transfer/p'
 echo "== wrk -t2 -c32 -d${secs}s --latency (32 clients: throughput)"

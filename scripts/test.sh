@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README "Test"): sets up what the tests need on a fresh Debian/Ubuntu
 # x86_64 machine (idempotent), then runs formatting and lint checks, every Rust test in the
-# workspace, and the end-to-end test with the official OpenAI Python client.
+# workspace, both binaries as each usual way of building them leaves them (check-binaries.sh),
+# and the end-to-end test with the official OpenAI Python client.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,5 +14,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== both binaries start, however they are built (scripts/check-binaries.sh)"
+scripts/check-binaries.sh
 echo "== end-to-end: official openai client against modelpool serve"
 scripts/e2e-openai.sh

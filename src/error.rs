@@ -15,7 +15,10 @@ pub enum PoolError {
     ModelNotFound(String),
 
     /// The model exists but serves another kind of request.
-    #[error("model '{model}' is a {actual} model; this endpoint needs a {expected} model")]
+    #[error(
+        "model '{model}' is {} model; this endpoint needs {} model",
+        actual.with_article(), expected.with_article()
+    )]
     WrongModelType {
         model: ModelId,
         /// What the endpoint needs.

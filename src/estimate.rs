@@ -37,7 +37,7 @@ pub enum EstimateSource {
     },
     /// Parameter count and bytes per parameter read from the name.
     Params {
-        /// Parameters read from the name (experts multiplied out).
+        /// Parameters read from the name (see [`params_from_name`] for mixtures of experts).
         params: u64,
         /// The quantization hint found, or `default-4bit`.
         quant: String,
@@ -115,8 +115,9 @@ impl<E: SizeEstimator> SizeEstimator for std::sync::Arc<E> {
 pub const DEFAULT_ESTIMATE: u64 = 4 * GB;
 
 /// Estimates from the model's name: a size hint wins; plain `3B/7B/8B/13B/70B` names give the
-/// seed's table; other sizes (`0.5B`, `135M`, `8x7B`) and quantization hints (`4bit`, `8bit`,
-/// `bf16`, `fp16`, `q4_k_m`, ...) give parameters x bytes per parameter; otherwise 4.0 GB.
+/// seed's table; other sizes (`0.5B`, `135M`, `8x7B`: see [`params_from_name`]) and quantization
+/// hints (`4bit`, `8bit`, `bf16`, `fp16`, `q4_k_m`, ...) give parameters x bytes per parameter;
+/// otherwise 4.0 GB.
 #[derive(Debug, Clone, Default)]
 pub struct NameEstimator;
 
@@ -164,18 +165,39 @@ fn bits_per_weight(q: &str) -> Option<f64> {
     })
 }
 
-/// Parameter count read from a model name (`7B`, `0.5B`, `135M`, `8x7B`), if any.
+/// Published total parameter counts of mixture-of-experts shapes named `<experts>x<size>`:
+/// `(experts, parameters per expert as named, total)`. The experts share attention, norms and
+/// embeddings, which are counted once, so the total is well below experts x size.
+const MOE_TOTALS: [(u32, u64, u64); 2] = [
+    (8, 7_000_000_000, 46_700_000_000),   // Mixtral 8x7B
+    (8, 22_000_000_000, 141_000_000_000), // Mixtral 8x22B
+];
+
+/// Parameter count read from a model name (`7B`, `0.5B`, `135M`, `8x7B`), if any, and whether
+/// it was a plain integer count of billions (`7B`, not `0.5B`, `135M` or `8x7B`).
+///
+/// Mixture-of-experts names (`8x7B`) give the shape's published total when it is in a short
+/// table of known shapes (Mixtral 8x7B: 46.7B, 8x22B: 141B), shared weights counted once; an
+/// unknown shape gives experts x size, an upper bound. Names that state the active parameters
+/// after the total (`30B-A3B`) give the total, which is what a load holds.
 pub fn params_from_name(name: &str) -> Option<(u64, bool)> {
     let caps = SIZE_RE.captures(name)?;
-    let experts: f64 = caps.get(1).map_or(Ok(1.0), |m| m.as_str().parse()).ok()?;
+    let experts: Option<u32> = caps.get(1).map(|m| m.as_str().parse()).transpose().ok()?;
     let n: f64 = caps[2].parse().ok()?;
     let unit = if caps[3].eq_ignore_ascii_case("b") { 1e9 } else { 1e6 };
-    let plain_integer_b = caps.get(1).is_none() && !caps[2].contains('.') && unit == 1e9;
-    let params = (experts * n * unit).round();
-    if params <= 0.0 {
+    let plain_integer_b = experts.is_none() && !caps[2].contains('.') && unit == 1e9;
+    let each = (n * unit).round();
+    if each <= 0.0 || experts == Some(0) {
         return None;
     }
-    Some((params as u64, plain_integer_b))
+    let params = match experts {
+        None => each as u64,
+        Some(e) => MOE_TOTALS
+            .iter()
+            .find(|&&(te, tn, _)| te == e && tn == each as u64)
+            .map_or((f64::from(e) * each) as u64, |&(_, _, total)| total),
+    };
+    Some((params, plain_integer_b))
 }
 
 impl NameEstimator {

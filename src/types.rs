@@ -56,6 +56,18 @@ pub enum ModelType {
 
 crate::name_table!(ModelType, ParseModelTypeError, "model type");
 
+impl ModelType {
+    /// The wire name with its indefinite article, for messages: `a text-gen`, `a vision`,
+    /// `an embeddings`.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            ModelType::TextGen => "a text-gen",
+            ModelType::Vision => "a vision",
+            ModelType::Embeddings => "an embeddings",
+        }
+    }
+}
+
 /// Why a model left memory. Names (snake case) are the decision log's and the metrics' labels.
 #[derive(
     Debug,

@@ -1,9 +1,10 @@
-//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names.
+//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names, and
+//! the wrong-model-type message.
 
 use modelpool::estimate::{params_from_name, weight_bytes_on_disk};
 use modelpool::{
     EstimateSource, FileEstimator, FixedMemory, GB, Learned, MemoryLimit, ModelSpec, ModelType,
-    NameEstimator, PolicyKind, SizeEstimator,
+    NameEstimator, PolicyKind, PoolError, SizeEstimator,
 };
 
 fn est(name: &str) -> modelpool::Estimate {
@@ -15,7 +16,7 @@ fn parameter_counts_from_names() {
     assert_eq!(params_from_name("Qwen2.5-0.5B-Instruct"), Some((500_000_000, false)));
     assert_eq!(params_from_name("Qwen2.5-1.5B"), Some((1_500_000_000, false)));
     assert_eq!(params_from_name("SmolLM2-135M-Instruct"), Some((135_000_000, false)));
-    assert_eq!(params_from_name("Mixtral-8x7B-v0.1"), Some((56_000_000_000, false)));
+    assert_eq!(params_from_name("Mixtral-8x7B-v0.1"), Some((46_700_000_000, false)));
     assert_eq!(params_from_name("llama-3-8b"), Some((8_000_000_000, true)));
     // Version numbers and words are not sizes.
     assert_eq!(params_from_name("llama-3.1-instruct"), None);
@@ -29,9 +30,31 @@ fn decimal_and_million_sizes_scale_with_parameters() {
     assert_eq!(half.bytes, 312_500_000); // 0.625 bytes per parameter, the seed's implied 4-bit rate
     let small = est("SmolLM2-135M");
     assert_eq!(small.bytes, 84_375_000);
-    // 8x7B is a 56B-parameter mixture: more than the 40 GB seed entry for 70B scaled down.
+}
+
+#[test]
+fn mixture_of_experts_names_count_shared_weights_once() {
+    // Known shapes give their published totals, not experts x size (56B and 176B).
+    assert_eq!(params_from_name("Mixtral-8x7B-Instruct-v0.1"), Some((46_700_000_000, false)));
+    assert_eq!(params_from_name("mixtral-8x22b"), Some((141_000_000_000, false)));
+    assert_eq!(params_from_name("WizardLM-2-8x22B"), Some((141_000_000_000, false)));
+    // An unknown shape multiplies out: an upper bound.
+    assert_eq!(params_from_name("tiny-moe-4x1.5b"), Some((6_000_000_000, false)));
+    assert_eq!(params_from_name("moe-0x7b"), None);
+    // A total followed by the active parameters counts the total, which a load holds.
+    assert_eq!(params_from_name("Qwen3-30B-A3B"), Some((30_000_000_000, true)));
+
+    // The README's row: 46.7B x 0.625 bytes, the seed's implied 4-bit rate.
     let moe = est("mixtral-8x7b");
-    assert_eq!(moe.bytes, 35 * GB);
+    assert_eq!(moe.bytes, 29_187_500_000);
+    assert!(
+        matches!(&moe.source, EstimateSource::Params { params: 46_700_000_000, quant, .. } if quant == "default-4bit")
+    );
+    // With a quantization hint: 4.5 bits per weight plus overhead, of the total.
+    let q4 = est("mixtral-8x7b-instruct-4bit");
+    assert_eq!(q4.bytes, (46.7e9 * 4.5 / 8.0 * 1.15_f64).round() as u64);
+    // Still too large for a 24 GB pool, as traces/README.md says of the committed traces.
+    assert!(q4.bytes > 24 * GB, "{}", q4.bytes);
 }
 
 #[test]
@@ -135,4 +158,27 @@ fn model_types_and_policies_by_name() {
         assert_eq!(p.build().name(), p.as_str());
     }
     assert!("fifo".parse::<PolicyKind>().unwrap_err().to_string().contains("lru, gdsf, lfu"));
+}
+
+#[test]
+fn wrong_type_messages_use_the_right_article() {
+    use ModelType::{Embeddings, TextGen, Vision};
+    let msg =
+        |actual, expected| PoolError::WrongModelType { model: "m".into(), expected, actual }.to_string();
+    assert_eq!(
+        msg(Embeddings, TextGen),
+        "model 'm' is an embeddings model; this endpoint needs a text-gen model"
+    );
+    assert_eq!(
+        msg(TextGen, Embeddings),
+        "model 'm' is a text-gen model; this endpoint needs an embeddings model"
+    );
+    assert_eq!(
+        msg(Vision, Embeddings),
+        "model 'm' is a vision model; this endpoint needs an embeddings model"
+    );
+    assert_eq!(
+        msg(Embeddings, Vision),
+        "model 'm' is an embeddings model; this endpoint needs a vision model"
+    );
 }

@@ -204,7 +204,7 @@ async fn wrong_type_and_unknown_models_are_refused_before_loading() {
     let pool = pool_with(10, backend.clone(), &[]);
     pool.register(ModelSpec::new("embed").with_type(ModelType::Embeddings).with_size(GB));
     let err = pool.acquire_as("embed", &[ModelType::TextGen, ModelType::Vision]).await.unwrap_err();
-    assert_eq!(err.to_string(), "model 'embed' is a embeddings model; this endpoint needs a text-gen model");
+    assert_eq!(err.to_string(), "model 'embed' is an embeddings model; this endpoint needs a text-gen model");
     assert!(matches!(pool.acquire("nope").await, Err(PoolError::ModelNotFound(m)) if m == "nope"));
     assert_eq!(backend.load_count(), 0);
     let lease = pool.acquire_as("embed", &[ModelType::Embeddings]).await.unwrap();

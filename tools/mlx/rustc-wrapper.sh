@@ -7,12 +7,16 @@
 #         already inside libmlx.so);
 #   map   -l c++ -> -l stdc++, and -l static=mlx -> -l dylib=mlx (libmlx.so from vendor/mlx-cpu,
 #         moved after mlxc so the linker sees mlxc's references first).
-# Note: a RUSTC_WRAPPER environment variable (e.g. sccache) replaces this wrapper.
+# A RUSTC_WRAPPER environment variable (e.g. sccache) replaces this wrapper, and build.rs then
+# stops the build with a message. To keep both, chain them: with
+# RUSTC_WRAPPER=<checkout>/tools/mlx/rustc-wrapper.sh MODELPOOL_RUSTC_WRAPPER=sccache, every
+# rustc call, rewritten or not, runs through sccache.
+chain="${MODELPOOL_RUSTC_WRAPPER:-}"
 case " $* " in
 *" --crate-name mlx_sys "*) ;;
-*) exec "$@" ;;
+*) exec ${chain:+"$chain"} "$@" ;;
 esac
-[ "$(uname -s)" = Linux ] || exec "$@"
+[ "$(uname -s)" = Linux ] || exec ${chain:+"$chain"} "$@"
 
 rustc="$1"
 shift
@@ -38,4 +42,4 @@ while [ "$i" -lt "$n" ]; do
     fi
 done
 [ -n "$mlx" ] && set -- "$@" -l dylib=mlx
-exec "$rustc" "$@"
+exec ${chain:+"$chain"} "$rustc" "$@"

@@ -17,7 +17,7 @@ mod tests {
     use mlx_rs::Array;
 
     /// The build glue links a working MLX: a small matmul gives the hand-computed product, and
-    /// f16 round-trips (the f16 entry points exist only thanks to tools/mlx/compat.h on x86_64).
+    /// f16 round-trips (the f16 entry points exist only thanks to tools/mlx/modelpool_mlx_compat.h on x86_64).
     #[test]
     fn mlx_links_and_computes() {
         let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);

@@ -1,7 +1,8 @@
 /*
  * Compatibility header for building mlx-c 0.7.0 (vendored in the mlx-sys crate) on Linux x86_64.
  * It is force-included into mlx-c's C++ sources (by toolchain.cmake) and into bindgen's parse of
- * the mlx-c headers (by BINDGEN_EXTRA_CLANG_ARGS in .cargo/config.toml). It does nothing on
+ * the mlx-c headers (by BINDGEN_EXTRA_CLANG_ARGS_x86_64-unknown-linux-gnu in .cargo/config.toml,
+ * which finds it through C_INCLUDE_PATH: hence a name no other project uses). It does nothing on
  * aarch64, where mlx-c's own half.h is right.
  *
  * 1. mlx-c's half.h defines float16_t/bfloat16_t only on ARM, so on x86_64 the f16/bf16
