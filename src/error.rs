@@ -73,6 +73,26 @@ pub enum PoolError {
         retry_after_secs: u32,
     },
 
+    /// The admission queue already holds `max_queue` requests.
+    #[error("Queue full: '{model}' cannot wait for memory because the admission queue is full")]
+    QueueFull {
+        model: ModelId,
+        /// Seconds after which a retry may succeed (>= 1).
+        retry_after_secs: u32,
+    },
+
+    /// The request waited in the admission queue for the whole timeout.
+    #[error(
+        "Queue timeout: '{model}' waited {waited_secs:.1}s for memory or a model slot held by in-flight requests"
+    )]
+    QueueTimeout {
+        model: ModelId,
+        /// Seconds it waited.
+        waited_secs: f64,
+        /// Seconds after which a retry may succeed (>= 1).
+        retry_after_secs: u32,
+    },
+
     /// The backend failed to load the model. Every waiter of that load gets this.
     #[error("failed to load model '{model}': {source}")]
     LoadFailed {
@@ -113,6 +133,8 @@ impl PoolError {
             PoolError::ModelTooLarge { .. } => Some(RejectCode::ModelTooLarge),
             PoolError::MaxModelsReached { .. } => Some(RejectCode::MaxModels),
             PoolError::Draining { .. } => Some(RejectCode::Draining),
+            PoolError::QueueFull { .. } => Some(RejectCode::QueueFull),
+            PoolError::QueueTimeout { .. } => Some(RejectCode::QueueTimeout),
             _ => None,
         }
     }
@@ -123,6 +145,8 @@ impl PoolError {
             PoolError::MaxModelsReached { retry_after_secs, .. } => *retry_after_secs,
             PoolError::InsufficientMemory { retry_after_secs, .. }
             | PoolError::Draining { retry_after_secs, .. }
+            | PoolError::QueueFull { retry_after_secs, .. }
+            | PoolError::QueueTimeout { retry_after_secs, .. }
             | PoolError::ShuttingDown { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }

@@ -30,6 +30,7 @@ pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
 pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
-    Admission, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection, Stats,
+    Admission, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
+    Stats, Ticket, Wake,
 };
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

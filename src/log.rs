@@ -75,6 +75,14 @@ pub enum Event {
         /// (`model_too_large`, every model slot pinned).
         retry_after_secs: Option<u32>,
     },
+    /// A request entered the admission queue (waiting can help; see `state/queue.rs`). What it
+    /// is admitted as later shows as its `hit`, `join`, `load` or `reject` event.
+    Queued {
+        at: Nanos,
+        model: ModelId,
+        /// Its ticket.
+        ticket: u64,
+    },
     /// A model's memory came back (after eviction or unload).
     Unload {
         at: Nanos,
@@ -109,7 +117,8 @@ impl Event {
             | Event::Reject { model, .. }
             | Event::Unload { model, .. }
             | Event::Pin { model, .. }
-            | Event::Unpin { model, .. } => Some(model),
+            | Event::Unpin { model, .. }
+            | Event::Queued { model, .. } => Some(model),
             Event::LimitChanged { .. } => None,
         }
     }

@@ -129,6 +129,10 @@ pub enum RejectCode {
     /// The model was drained with requests still on it; retry after it has unloaded.
     #[strum(serialize = "model_draining")]
     Draining,
+    /// The admission queue is full (`max_queue` requests already wait).
+    QueueFull,
+    /// The request waited the whole `queue_timeout` without memory or a slot coming free.
+    QueueTimeout,
 }
 
 crate::name_table!(RejectCode, ParseRejectCodeError, "rejection code");

@@ -79,6 +79,10 @@ impl std::str::FromStr for PolicyChoice {
     }
 }
 
+/// The admission queue's default timeout, seconds (the server's default too; see docs/sim.md
+/// for the replays that chose it).
+pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 60.0;
+
 /// Everything a replay needs besides the trace. [`SimConfig::default`] documents the defaults.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SimConfig {
@@ -112,6 +116,11 @@ pub struct SimConfig {
     /// Keep-alive: unpinned models idle this long (seconds after their last request ended) are
     /// evicted. Checked every `ttl / 4` (between 1 and 60 s of virtual time), as the server does.
     pub idle_ttl_secs: Option<f64>,
+    /// How long a request may wait in the engine's admission queue for memory or a model slot
+    /// held by in-flight work, seconds; `0` refuses at once (the behaviour without a queue).
+    pub queue_timeout_secs: f64,
+    /// Requests waiting at once; one more is refused with `queue_full`.
+    pub max_queue: usize,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -137,6 +146,8 @@ impl Default for SimConfig {
             load_failure_rate: 0.0,
             seed: 1,
             idle_ttl_secs: None,
+            queue_timeout_secs: DEFAULT_QUEUE_TIMEOUT_SECS,
+            max_queue: 1024,
             log: LogMode::Off,
         }
     }
@@ -194,6 +205,7 @@ impl SimConfig {
                 return Err("idle ttl must be greater than zero".into());
             }
         }
+        nonneg(self.queue_timeout_secs, "queue timeout")?;
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
         }

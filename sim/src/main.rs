@@ -82,6 +82,13 @@ struct SimArgs {
     /// Keep-alive: evict unpinned models idle this many seconds after their last request.
     #[arg(long, env = "MODELPOOL_SIM_IDLE_TTL")]
     idle_ttl: Option<f64>,
+    /// Seconds a request may wait in the admission queue for memory or a model slot held by
+    /// in-flight work (0: refuse at once, no queue).
+    #[arg(long, env = "MODELPOOL_SIM_QUEUE_TIMEOUT", default_value_t = modelpool_sim::config::DEFAULT_QUEUE_TIMEOUT_SECS)]
+    queue_timeout: f64,
+    /// Requests waiting at once; one more is refused with queue_full.
+    #[arg(long, env = "MODELPOOL_SIM_MAX_QUEUE", default_value_t = 1024)]
+    max_queue: usize,
 }
 
 #[derive(Args)]
@@ -208,6 +215,8 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         load_failure_rate: a.load_failure_rate,
         seed: a.seed,
         idle_ttl_secs: a.idle_ttl,
+        queue_timeout_secs: a.queue_timeout,
+        max_queue: a.max_queue,
         log,
     };
     if a.instant {

@@ -20,12 +20,12 @@
 //! The loop allocates nothing per request once its buffers (heap, waiter lists) have grown.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
 use hdrhistogram::Histogram;
 use modelpool::{
     Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PolicyKind,
-    PoolConfig, PoolState, RejectCode, Slot,
+    PoolConfig, PoolState, RejectCode, Slot, Ticket, Wake,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -109,6 +109,18 @@ enum Ev {
     },
     /// The periodic keep-alive check.
     Expire,
+    /// The admission queue's next deadline (a waiter starts starving or times out).
+    QueueTick,
+}
+
+/// A request waiting in the engine's admission queue.
+#[derive(Debug, Clone, Copy)]
+struct QueuedReq {
+    op: u32,
+    first: Nanos,
+    attempt: u32,
+    service: Nanos,
+    since: Nanos,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +157,14 @@ struct Runner<'t, P: SimPolicy> {
     waiters: Vec<Vec<Waiter>>,
     /// Per model: requests and preloads awaiting its unload.
     parked: Vec<Vec<Parked>>,
+    /// Requests in the engine's admission queue, by ticket.
+    queued: HashMap<Ticket, QueuedReq>,
+    /// Reused buffer for the engine's wakes.
+    wake_buf: Vec<Wake>,
+    /// The earliest queue tick scheduled, if any.
+    tick_at: Option<Nanos>,
+    /// Time spent in the admission queue by requests admitted from it, microseconds.
+    wait_hist: Histogram<u64>,
     true_size: Vec<u64>,
     load_ns: Vec<u64>,
     unload_ns: u64,
@@ -177,6 +197,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             idle_ttl: cfg.idle_ttl_secs.map(secs_to_ns),
             load_latency_secs: cfg.load_latency_secs,
             load_bandwidth: cfg.load_bandwidth,
+            queue_timeout: secs_to_ns(cfg.queue_timeout_secs),
+            max_queue: cfg.max_queue,
         };
         let mut core = PoolState::new(pcfg, policy, NameEstimator);
         let mut true_size = Vec::with_capacity(trace.models.len());
@@ -202,6 +224,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             seq: 0,
             waiters: vec![Vec::new(); n],
             parked: vec![Vec::new(); n],
+            queued: HashMap::new(),
+            wake_buf: Vec::new(),
+            tick_at: None,
+            wait_hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3)
+                .expect("valid histogram bounds"),
             true_size,
             load_ns,
             unload_ns: secs_to_ns(cfg.unload_secs),
@@ -298,9 +325,27 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             let next = self.next_use[idx];
             self.core.policy_mut().set_next_use(slot, next, idx as u64);
         }
-        match self.core.admit(slot, now, Intent::Request) {
+        let admission = self.core.admit(slot, now, Intent::Request);
+        self.carry_out(idx, slot, now, first, attempt, service, admission, attempt == 0);
+    }
+
+    /// Carry out a request's admission (`fresh`: its first attempt, admitted directly).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn carry_out(
+        &mut self,
+        idx: usize,
+        slot: Slot,
+        now: Nanos,
+        first: Nanos,
+        attempt: u32,
+        service: Nanos,
+        admission: Admission,
+        fresh: bool,
+    ) {
+        match admission {
             Admission::Hit => {
-                if attempt == 0 {
+                if fresh {
                     self.totals.hits += 1;
                     self.per_model[slot as usize].hits += 1;
                 }
@@ -318,6 +363,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             }
             Admission::AwaitUnload => {
                 self.parked[slot as usize].push(Parked { op: idx as u32, first, attempt, service });
+            }
+            Admission::Queued(ticket) => {
+                self.totals.queued += 1;
+                self.queued.insert(ticket, QueuedReq { op: idx as u32, first, attempt, service, since: now });
+                self.schedule_queue_tick(now);
             }
             Admission::Reject(r) => {
                 self.totals.rejections[code_index(r.code)] += 1;
@@ -356,6 +406,39 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.mem_sync(now);
             self.unload(slot, now);
         }
+        if self.core.has_wakes() {
+            self.drain_wakes(now);
+        }
+    }
+
+    /// Carry out the admissions the engine decided for queued requests, as the server does.
+    fn drain_wakes(&mut self, now: Nanos) {
+        while self.core.has_wakes() {
+            let mut buf = std::mem::take(&mut self.wake_buf);
+            buf.extend(self.core.take_wakes());
+            self.mem_sync(now);
+            for w in buf.drain(..) {
+                let Some(q) = self.queued.remove(&w.ticket) else { continue };
+                if !matches!(w.outcome, Admission::Reject(_)) {
+                    self.wait_hist.saturating_record(now.saturating_sub(q.since).div_ceil(1000).max(1));
+                }
+                self.carry_out(q.op as usize, w.slot, now, q.first, q.attempt, q.service, w.outcome, false);
+            }
+            if self.wake_buf.capacity() < buf.capacity() {
+                self.wake_buf = buf;
+            }
+        }
+        self.schedule_queue_tick(now);
+    }
+
+    /// Make sure a queue tick is scheduled at the engine's next queue deadline.
+    fn schedule_queue_tick(&mut self, now: Nanos) {
+        if let Some(at) = self.core.next_queue_deadline(now)
+            && self.tick_at.is_none_or(|t| at < t)
+        {
+            self.tick_at = Some(at);
+            self.schedule(at.max(now), Ev::QueueTick);
+        }
     }
 
     fn unload(&mut self, slot: Slot, now: Nanos) {
@@ -372,6 +455,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         self.mem_sync(now);
         if let Some(o) = owner {
             self.begin_load(o, now);
+        }
+        if self.core.has_wakes() {
+            self.drain_wakes(now);
         }
         if !self.parked[slot as usize].is_empty() {
             let mut parked = std::mem::take(&mut self.parked[slot as usize]);
@@ -404,6 +490,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 });
             }
             Admission::Reject(_) => self.totals.admin_refused += 1,
+            Admission::Queued(_) => unreachable!("preloads are never queued"),
         }
     }
 
@@ -453,7 +540,12 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             }
         }
         waiters.clear();
-        self.waiters[slot as usize] = waiters;
+        if self.waiters[slot as usize].is_empty() {
+            self.waiters[slot as usize] = waiters;
+        }
+        if self.core.has_wakes() {
+            self.drain_wakes(now);
+        }
     }
 
     fn internal(&mut self, now: Nanos, ev: Ev) {
@@ -465,6 +557,13 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 let o = self.trace.ops[op as usize];
                 let service = self.service_ns(o.service());
                 self.request(op as usize, o.model, now, first, attempt, service);
+            }
+            Ev::QueueTick => {
+                if self.tick_at.is_some_and(|t| t <= now) {
+                    self.tick_at = None;
+                }
+                self.core.queue_tick(now);
+                self.drain_wakes(now);
             }
             Ev::Expire => {
                 let expired = self.core.expire_idle(now);
@@ -509,6 +608,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 for v in evicted {
                     self.unload(v, now);
                 }
+                self.drain_wakes(now);
             }
             OpKind::Unload => match self.core.unload(slot, now, false) {
                 Ok(true) => {
@@ -528,6 +628,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                         for v in evicted.unload_now {
                             self.unload(v, now);
                         }
+                        self.drain_wakes(now);
                     }
                     Err(_) => self.totals.admin_refused += 1,
                 }
@@ -572,6 +673,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.core.stats(),
             self.core.ledger(),
             &self.hist,
+            &self.wait_hist,
             rows,
         );
         debug_assert!(self.core.check_invariants().is_ok());

@@ -41,10 +41,12 @@ pub(crate) struct Totals {
     /// Requests whose first attempt got a 503.
     pub first_503: u64,
     /// 503 responses by code (every attempt).
-    pub rejections: [u64; 4],
+    pub rejections: [u64; RejectCode::ALL.len()],
     pub preloads: u64,
     pub admin_ops: u64,
     pub admin_refused: u64,
+    /// Requests that waited in the admission queue.
+    pub queued: u64,
     /// Exact sum and maximum of added latency, ns (quantiles come from the histogram).
     pub latency_sum: u128,
     pub latency_max: Nanos,
@@ -98,6 +100,8 @@ pub struct Report {
     pub miss_ratio: MissRatios,
     /// Time from arrival to holding a lease, over served requests.
     pub added_latency: Latency,
+    /// The engine's admission queue.
+    pub queue: QueueSummary,
     /// Memory committed (resident + reserved + draining).
     pub memory: Memory,
     /// Admin operations in the trace and how many were refused.
@@ -175,6 +179,29 @@ pub struct Latency {
     pub mean: f64,
 }
 
+/// What the admission queue did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueSummary {
+    /// Queue timeout, seconds (`0`: no queue, refusals are immediate).
+    pub timeout_secs: f64,
+    /// Requests that waited in the queue (each time they entered it).
+    pub queued: u64,
+    /// Of which admitted from it (the rest timed out or could no longer be served).
+    pub admitted: u64,
+    /// Refused with `queue_timeout` after waiting the whole timeout.
+    pub timeouts: u64,
+    /// Refused with `queue_full`.
+    pub full: u64,
+    /// Longest the queue was.
+    pub peak_len: u64,
+    /// Time in the queue of the admitted ones, seconds: median.
+    pub wait_p50: f64,
+    /// 99th percentile.
+    pub wait_p99: f64,
+    /// Maximum.
+    pub wait_max: f64,
+}
+
 /// Memory committed over the replay.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Memory {
@@ -228,6 +255,8 @@ fn secs(us: u64) -> f64 {
     r6(us as f64 / 1e6)
 }
 
+// Every input is a distinct part of the replay's end state; bundling them would only rename.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build_report(
     cfg: &SimConfig,
     trace: &Trace,
@@ -235,6 +264,7 @@ pub(crate) fn build_report(
     stats: &Stats,
     ledger: Ledger,
     hist: &Histogram<u64>,
+    wait_hist: &Histogram<u64>,
     mut models: Vec<ModelRow>,
 ) -> Report {
     let (mut byte_all, mut byte_miss, mut cost_all, mut cost_miss) = (0f64, 0f64, 0f64, 0f64);
@@ -303,6 +333,20 @@ pub(crate) fn build_report(
             p999: q(0.999),
             max: r6(t.latency_max as f64 / NS as f64),
             mean: if t.served == 0 { 0.0 } else { r6(t.latency_sum as f64 / t.served as f64 / NS as f64) },
+        },
+        queue: {
+            let wq = |x: f64| if wait_hist.is_empty() { 0.0 } else { secs(wait_hist.value_at_quantile(x)) };
+            QueueSummary {
+                timeout_secs: cfg.queue_timeout_secs,
+                queued: t.queued,
+                admitted: stats.dequeued,
+                timeouts: t.rejections[RejectCode::QueueTimeout as usize],
+                full: t.rejections[RejectCode::QueueFull as usize],
+                peak_len: stats.peak_queue,
+                wait_p50: wq(0.5),
+                wait_p99: wq(0.99),
+                wait_max: if wait_hist.is_empty() { 0.0 } else { secs(wait_hist.max()) },
+            }
         },
         memory: Memory {
             limit_bytes: ledger.limit,
@@ -430,6 +474,25 @@ impl Report {
                 fmt_secs(l.mean)
             ),
         );
+        let qs = &self.queue;
+        if qs.timeout_secs > 0.0 {
+            kv(
+                &mut o,
+                "queue",
+                format!(
+                    "{} waited (timeout {}), {} admitted, {} timed out, {} full; wait p50 {}  p99 {}  max {}; peak length {}",
+                    qs.queued,
+                    fmt_secs(qs.timeout_secs),
+                    qs.admitted,
+                    qs.timeouts,
+                    qs.full,
+                    fmt_secs(qs.wait_p50),
+                    fmt_secs(qs.wait_p99),
+                    fmt_secs(qs.wait_max),
+                    qs.peak_len
+                ),
+            );
+        }
         let m = &self.memory;
         kv(
             &mut o,

@@ -118,7 +118,9 @@ impl From<PoolError> for ApiError {
             PoolError::InsufficientMemory { .. }
             | PoolError::ModelTooLarge { .. }
             | PoolError::MaxModelsReached { .. }
-            | PoolError::Draining { .. } => (
+            | PoolError::Draining { .. }
+            | PoolError::QueueFull { .. }
+            | PoolError::QueueTimeout { .. } => (
                 S::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.reject_code().map_or("unavailable", |c| c.as_str()),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::backend::{Backend, BackendError, ModelHandle};
@@ -20,7 +20,7 @@ use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::log::Event;
 use crate::policy::{EvictionPolicy, Slot};
-use crate::state::{Admission, Intent, Ledger, PoolConfig, PoolState, Victims};
+use crate::state::{Admission, Intent, Ledger, PoolConfig, PoolState, Ticket, Victims, Wake};
 use crate::types::{ModelId, ModelSpec, ModelType, Nanos};
 
 mod lease;
@@ -45,6 +45,16 @@ struct Core<P: EvictionPolicy, E: SizeEstimator> {
     handles: Vec<Option<Arc<dyn ModelHandle>>>,
     /// Loads in progress: their outcome is broadcast to every waiter.
     loads: HashMap<Slot, watch::Sender<LoadResult>>,
+    /// Requests in the core's admission queue, by ticket: where their wake goes.
+    queued: HashMap<Ticket, oneshot::Sender<Result<Woken, PoolError>>>,
+}
+
+/// What a queued request's turn brought it.
+pub(crate) enum Woken {
+    /// The core granted it a lease on the resident model.
+    Leased,
+    /// It waits for a load (one it joined, or one its turn started).
+    Wait(watch::Receiver<LoadResult>),
 }
 
 struct Inner<P: EvictionPolicy, E: SizeEstimator> {
@@ -99,7 +109,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 Some(at) => core.state.release(slot, now, at),
                 None => core.state.release_unused(slot, now),
             };
-            if must_unload { core.handles[slot as usize].take() } else { None }
+            let handle = if must_unload { core.handles[slot as usize].take() } else { None };
+            self.deliver_wakes(&mut core);
+            handle
         };
         if let Some(handle) = unload {
             let inner = self.self_arc();
@@ -148,8 +160,126 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     /// Report a draining model's memory as returned and wake the requests awaiting its unload.
     fn reclaim(&self, slot: Slot) {
         let now = self.now();
-        self.lock().state.reclaimed(slot, now);
+        {
+            let mut core = self.lock();
+            core.state.reclaimed(slot, now);
+            self.deliver_wakes(&mut core);
+        }
         self.reclaimed.notify_waiters();
+    }
+
+    /// Start the load task for an admitted plan. Victim handles are taken now (they have no
+    /// leases); the task unloads them, then loads, then publishes the outcome.
+    fn start_load(&self, core: &mut Core<P, E>, slot: Slot, victims: Victims) -> watch::Receiver<LoadResult> {
+        let (tx, rx) = watch::channel(None);
+        core.loads.insert(slot, tx);
+        let victims = take_handles(core, &victims);
+        let spec = core.state.spec(slot).clone();
+        let inner = self.self_arc();
+        tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
+        self.runtime.spawn(async move {
+            inner.unload_all(victims).await;
+            // A backend that panics must not leave the model loading forever with its
+            // reservation held: the panic becomes a load failure every waiter sees.
+            let result = AssertUnwindSafe(inner.backend.load(&spec))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(BackendError::Load("the backend panicked while loading".into())));
+            let now = inner.now();
+            let measured = result.as_ref().ok().map(|h| h.measured_bytes());
+            let (evicted, outcome) = {
+                let mut core = inner.lock();
+                let (done, outcome) = match result {
+                    Ok(handle) => {
+                        let done = core.state.load_finished(slot, now, Ok(handle.measured_bytes()));
+                        core.handles[slot as usize] = Some(handle);
+                        (done, Ok(()))
+                    }
+                    Err(e) => {
+                        let done = core.state.load_finished(slot, now, Err(&e.to_string()));
+                        (done, Err(PoolError::LoadFailed { model: spec.id.clone(), source: e }))
+                    }
+                };
+                let mut evicted = take_handles(&mut core, &done.evicted);
+                if outcome.is_ok() && inner.shutting_down.load(Ordering::SeqCst) {
+                    // Shutdown evicted everything resident before this load landed: evict it
+                    // too (its waiters' leases drain it; an idle one is unloaded below).
+                    let idle = core.state.evict_all(now, true);
+                    evicted.extend(take_handles(&mut core, &idle));
+                }
+                if let Some(tx) = core.loads.remove(&slot) {
+                    tx.send_replace(Some(outcome.clone()));
+                }
+                inner.deliver_wakes(&mut core);
+                (evicted, outcome)
+            };
+            inner.lease_ended.notify_waiters();
+            if let Some(measured) = measured {
+                // After the lock: a learning estimator may persist the measurement to a file.
+                let (estimator, spec) = (inner.estimator.clone(), spec.clone());
+                let _ = tokio::task::spawn_blocking(move || estimator.observe(&spec, measured)).await;
+            }
+            match &outcome {
+                Ok(()) => tracing::info!(model = %spec.id, "model loaded"),
+                Err(e) => tracing::warn!(model = %spec.id, error = %e, "model load failed"),
+            }
+            inner.unload_all(evicted).await;
+        });
+        rx
+    }
+
+    /// Carry out the admissions the core decided for queued requests (after any state call
+    /// that can free capacity), and hand each to its waiting request. Under the lock.
+    fn deliver_wakes(&self, core: &mut Core<P, E>) {
+        while core.state.has_wakes() {
+            let wakes: Vec<Wake> = core.state.take_wakes().collect();
+            for w in wakes {
+                let woken = match w.outcome {
+                    Admission::Hit => Ok(Woken::Leased),
+                    Admission::Join => Ok(Woken::Wait(core.loads[&w.slot].subscribe())),
+                    Admission::Load(plan) => Ok(Woken::Wait(self.start_load(core, w.slot, plan.victims))),
+                    Admission::Reject(r) => {
+                        let id = core.state.spec(w.slot).id.clone();
+                        Err(r.into_error(id, core.state.config().max_models))
+                    }
+                    Admission::Queued(_) | Admission::AwaitUnload => unreachable!("a wake is decided"),
+                };
+                let Some(tx) = core.queued.remove(&w.ticket) else { continue };
+                if let Err(unclaimed) = tx.send(woken) {
+                    // Its request went away between the decision and now: give back what the
+                    // decision set aside for it (a lease, or its place among a load's waiters).
+                    self.undo_wake(core, w.slot, unclaimed);
+                }
+            }
+        }
+    }
+
+    /// Give back what a wake granted a request that is gone. Under the lock.
+    fn undo_wake(&self, core: &mut Core<P, E>, slot: Slot, woken: Result<Woken, PoolError>) {
+        let now = self.now();
+        match woken {
+            Ok(Woken::Leased) => {
+                if core.state.release_unused(slot, now)
+                    && let Some(handle) = core.handles[slot as usize].take()
+                {
+                    let inner = self.self_arc();
+                    self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
+                }
+            }
+            Ok(Woken::Wait(rx)) => match rx.borrow().clone() {
+                None => core.state.cancel_wait(slot),
+                Some(Ok(())) => {
+                    if core.state.release_unused(slot, now)
+                        && let Some(handle) = core.handles[slot as usize].take()
+                    {
+                        let inner = self.self_arc();
+                        self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
+                    }
+                }
+                Some(Err(_)) => {}
+            },
+            Err(_) => {}
+        }
     }
 
     async fn unload_all(&self, victims: Vec<(Slot, Arc<dyn ModelHandle>)>) {
@@ -184,6 +314,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 state: PoolState::new(config, policy, estimator.clone()),
                 handles: Vec::new(),
                 loads: HashMap::new(),
+                queued: HashMap::new(),
             }),
             estimator,
             backend,
@@ -252,7 +383,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         self.check_open()?;
         let deadline = Instant::now() + UNLOAD_WAIT_MAX;
         let (slot, rx) = loop {
-            let reclaimed = {
+            let (slot, step) = {
                 let mut core = self.inner.lock();
                 let slot = Self::slot_of(&core, model)?;
                 let spec = core.state.spec(slot);
@@ -267,8 +398,17 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 match core.state.admit(slot, now, Intent::Request) {
                     Admission::Hit => return Ok(self.lease(&core, slot, now)),
                     Admission::Join => break (slot, core.loads[&slot].subscribe()),
-                    Admission::Load(plan) => break (slot, self.start_load(&mut core, slot, plan.victims)),
-                    Admission::AwaitUnload => self.await_reclaim(&core, slot, deadline)?,
+                    Admission::Load(plan) => {
+                        break (slot, self.inner.start_load(&mut core, slot, plan.victims));
+                    }
+                    Admission::AwaitUnload => {
+                        (slot, Step::Unload(self.await_reclaim(&core, slot, deadline)?))
+                    }
+                    Admission::Queued(ticket) => {
+                        let (tx, rx) = oneshot::channel();
+                        core.queued.insert(ticket, tx);
+                        (slot, Step::Queue(ticket, rx))
+                    }
                     Admission::Reject(r) => {
                         let id = core.state.spec(slot).id.clone();
                         let err = r.into_error(id, core.state.config().max_models);
@@ -283,8 +423,22 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                     }
                 }
             };
-            reclaimed.await;
-            self.check_open()?;
+            match step {
+                Step::Unload(reclaimed) => {
+                    reclaimed.await;
+                    self.check_open()?;
+                }
+                Step::Queue(ticket, rx) => {
+                    let mut queued = QueueGuard { pool: self, ticket, slot, rx: Some(rx) };
+                    match queued.wait().await? {
+                        Woken::Leased => {
+                            let core = self.inner.lock();
+                            return Ok(self.lease(&core, slot, self.inner.now()));
+                        }
+                        Woken::Wait(rx) => break (slot, rx),
+                    }
+                }
+            }
         };
         let mut guard = WaitGuard { pool: self, slot, rx, finished: false };
         let result = guard.wait().await;
@@ -330,65 +484,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         }
     }
 
-    /// Start the load task for an admitted plan. Victim handles are taken now (they have no
-    /// leases); the task unloads them, then loads, then publishes the outcome.
-    fn start_load(&self, core: &mut Core<P, E>, slot: Slot, victims: Victims) -> watch::Receiver<LoadResult> {
-        let (tx, rx) = watch::channel(None);
-        core.loads.insert(slot, tx);
-        let victims = take_handles(core, &victims);
-        let spec = core.state.spec(slot).clone();
-        let inner = self.inner.clone();
-        tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
-        self.inner.runtime.spawn(async move {
-            inner.unload_all(victims).await;
-            // A backend that panics must not leave the model loading forever with its
-            // reservation held: the panic becomes a load failure every waiter sees.
-            let result = AssertUnwindSafe(inner.backend.load(&spec))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Err(BackendError::Load("the backend panicked while loading".into())));
-            let now = inner.now();
-            let measured = result.as_ref().ok().map(|h| h.measured_bytes());
-            let (evicted, outcome) = {
-                let mut core = inner.lock();
-                let (done, outcome) = match result {
-                    Ok(handle) => {
-                        let done = core.state.load_finished(slot, now, Ok(handle.measured_bytes()));
-                        core.handles[slot as usize] = Some(handle);
-                        (done, Ok(()))
-                    }
-                    Err(e) => {
-                        let done = core.state.load_finished(slot, now, Err(&e.to_string()));
-                        (done, Err(PoolError::LoadFailed { model: spec.id.clone(), source: e }))
-                    }
-                };
-                let mut evicted = take_handles(&mut core, &done.evicted);
-                if outcome.is_ok() && inner.shutting_down.load(Ordering::SeqCst) {
-                    // Shutdown evicted everything resident before this load landed: evict it
-                    // too (its waiters' leases drain it; an idle one is unloaded below).
-                    let idle = core.state.evict_all(now, true);
-                    evicted.extend(take_handles(&mut core, &idle));
-                }
-                if let Some(tx) = core.loads.remove(&slot) {
-                    tx.send_replace(Some(outcome.clone()));
-                }
-                (evicted, outcome)
-            };
-            inner.lease_ended.notify_waiters();
-            if let Some(measured) = measured {
-                // After the lock: a learning estimator may persist the measurement to a file.
-                let (estimator, spec) = (inner.estimator.clone(), spec.clone());
-                let _ = tokio::task::spawn_blocking(move || estimator.observe(&spec, measured)).await;
-            }
-            match &outcome {
-                Ok(()) => tracing::info!(model = %spec.id, "model loaded"),
-                Err(e) => tracing::warn!(model = %spec.id, error = %e, "model load failed"),
-            }
-            inner.unload_all(evicted).await;
-        });
-        rx
-    }
-
     /// Load `model` if needed and pin it: it is never evicted until unpinned. The pin is set in
     /// the same critical section that makes the model resident.
     ///
@@ -406,12 +501,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 match core.state.admit(slot, now, Intent::Preload) {
                     Admission::Hit => return Ok(()),
                     Admission::Join => break core.loads[&slot].subscribe(),
-                    Admission::Load(plan) => break self.start_load(&mut core, slot, plan.victims),
+                    Admission::Load(plan) => break self.inner.start_load(&mut core, slot, plan.victims),
                     Admission::AwaitUnload => self.await_reclaim(&core, slot, deadline)?,
                     Admission::Reject(r) => {
                         let id = core.state.spec(slot).id.clone();
                         return Err(r.into_error(id, core.state.config().max_models));
                     }
+                    Admission::Queued(_) => unreachable!("preloads are never queued"),
                 }
             };
             reclaimed.await;
@@ -451,7 +547,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let slot = Self::slot_of(&core, model)?;
             let now = self.inner.now();
             let (was, evicted) = core.state.unpin(slot, now);
-            (was, take_handles(&mut core, &evicted))
+            let victims = take_handles(&mut core, &evicted);
+            self.inner.deliver_wakes(&mut core);
+            (was, victims)
         };
         self.inner.unload_all_detached(victims).await;
         Ok(was)
@@ -514,7 +612,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let mut slots: Vec<Slot> = evicted.unload_now.iter().chain(&evicted.drained).copied().collect();
             slots.sort_unstable();
             let ids = slots.iter().map(|&s| core.state.spec(s).id.clone()).collect();
-            (take_handles(&mut core, &evicted.unload_now), ids)
+            let victims = take_handles(&mut core, &evicted.unload_now);
+            self.inner.deliver_wakes(&mut core);
+            (victims, ids)
         };
         self.inner.unload_all_detached(victims).await;
         Ok(ids)
@@ -558,6 +658,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             Admission::Hit => base,
             Admission::Join => DryRun { decision: "join", ..base },
             Admission::AwaitUnload => DryRun { decision: "await_unload", ..base },
+            Admission::Queued(_) => DryRun { decision: "queue", ..base },
             Admission::Load(plan) => DryRun {
                 decision: "load",
                 would_evict: plan.victims.iter().map(|&v| core.state.spec(v).id.clone()).collect(),
@@ -632,6 +733,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             let mut core = self.inner.lock();
             let now = self.inner.now();
             let idle = core.state.evict_all(now, true);
+            // Queued requests will not get a turn: refuse them now.
+            for ticket in core.state.drain_queue() {
+                if let Some(tx) = core.queued.remove(&ticket) {
+                    let _ = tx.send(Err(PoolError::ShuttingDown { retry_after_secs: 5 }));
+                }
+            }
             take_handles(&mut core, &idle)
         };
         self.inner.unload_all_detached(victims).await;
@@ -647,6 +754,72 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
+    }
+}
+
+/// The next step of an acquire that cannot be served at once.
+enum Step<F> {
+    /// Wait for the model's own unload, then admit again.
+    Unload(F),
+    /// Wait in the core's admission queue under this ticket.
+    Queue(Ticket, oneshot::Receiver<Result<Woken, PoolError>>),
+}
+
+/// A request waiting in the core's admission queue. While it waits it also keeps the queue's
+/// clock: at the queue's next deadline it asks the core to re-examine the queue (timeouts, a
+/// starving head). Dropped before its turn came, it leaves the queue; dropped after, it gives
+/// back what its turn granted.
+struct QueueGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
+    pool: &'a ModelPool<P, E>,
+    ticket: Ticket,
+    slot: Slot,
+    /// `None` once the wake has been taken.
+    rx: Option<oneshot::Receiver<Result<Woken, PoolError>>>,
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> QueueGuard<'_, P, E> {
+    async fn wait(&mut self) -> Result<Woken, PoolError> {
+        let inner = &self.pool.inner;
+        loop {
+            let deadline = {
+                let core = inner.lock();
+                core.state.next_queue_deadline(inner.now())
+            };
+            let at = deadline.map_or(Instant::now() + Duration::from_secs(3600), |ns| {
+                inner.epoch + Duration::from_nanos(ns)
+            });
+            let rx = self.rx.as_mut().expect("waiting until the wake is taken");
+            tokio::select! {
+                woken = rx => {
+                    self.rx = None;
+                    return woken.unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
+                }
+                _ = tokio::time::sleep_until(at) => {
+                    let mut core = inner.lock();
+                    core.state.queue_tick(inner.now());
+                    inner.deliver_wakes(&mut core);
+                }
+            }
+        }
+    }
+}
+
+impl<P: EvictionPolicy, E: SizeEstimator> Drop for QueueGuard<'_, P, E> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let inner = &self.pool.inner;
+        let mut core = inner.lock();
+        // Wakes are sent under the lock, so under it the receiver's state is final.
+        match rx.try_recv() {
+            Ok(woken) => inner.undo_wake(&mut core, self.slot, woken),
+            Err(_) => {
+                core.queued.remove(&self.ticket);
+                core.state.cancel_queued(self.ticket, inner.now());
+                inner.deliver_wakes(&mut core);
+            }
+        }
+        drop(core);
+        inner.lease_ended.notify_waiters();
     }
 }
 

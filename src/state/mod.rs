@@ -16,7 +16,7 @@
 //! `resident + reserved + draining <= limit`; only a load that measures above its estimate or a
 //! lowered limit can push it over, and both evict at once to get back under.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::estimate::{Estimate, SizeEstimator};
 use crate::log::{DecisionLog, Event, EvictReason, RejectCode};
@@ -25,6 +25,7 @@ use crate::types::{ModelId, ModelSpec, NANOS_PER_SEC, Nanos};
 
 mod hints;
 mod operator;
+mod queue;
 mod status;
 mod types;
 
@@ -50,6 +51,8 @@ struct Entry {
     pin_on_load: bool,
     leases: u32,
     waiters: u32,
+    /// Requests for this model waiting in the admission queue.
+    queued: u32,
     last_used: Option<Nanos>,
     busy_since: Nanos,
     load_started: Nanos,
@@ -116,6 +119,11 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     over_reason: EvictReason,
     /// Resident pinned models: model slots that no eviction can free.
     pinned_models: usize,
+    /// The admission queue, in arrival order (see `queue.rs`).
+    queue: VecDeque<queue::Queued>,
+    /// Admissions decided for queued requests, for the driver to take.
+    wakes: Vec<Wake>,
+    next_ticket: Ticket,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -135,6 +143,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             ewma_lease: None,
             over_reason: EvictReason::LimitChanged,
             pinned_models: 0,
+            queue: VecDeque::new(),
+            wakes: Vec::new(),
+            next_ticket: 1,
         }
     }
 
@@ -182,6 +193,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             pin_on_load: false,
             leases: 0,
             waiters: 0,
+            queued: 0,
             last_used: None,
             busy_since: 0,
             load_started: 0,
@@ -284,9 +296,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         &self.estimator
     }
 
+    /// A victim candidate: resident, unpinned, idle, and (anti-thrash) with no request of its
+    /// own waiting in the queue, which would reload it at once.
     fn evictable(&self, slot: Slot) -> bool {
         let e = &self.entries[slot as usize];
-        e.phase == Phase::Resident && !e.pinned && e.leases == 0
+        e.phase == Phase::Resident && !e.pinned && e.leases == 0 && e.queued == 0
     }
 
     fn load_cost(&self, e: &Entry, bytes: u64) -> f64 {
@@ -359,25 +373,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             }
             Phase::Draining if self.entries[slot as usize].leases == 0 => Admission::AwaitUnload,
             Phase::Draining => {
-                let e = &self.entries[slot as usize];
-                let r = Rejection {
-                    code: RejectCode::Draining,
-                    need: e.need(),
-                    available: 0,
-                    retry_after_secs: Some(self.drain_hint(e, now)),
-                };
-                self.record_reject(slot, now, r);
-                Admission::Reject(r)
+                let r = self.draining_rejection(slot, now);
+                self.queue_or_reject(slot, now, intent, r)
             }
-            Phase::Absent => match self.plan_load(slot, now) {
+            Phase::Absent => match self.plan_absent(slot, now, intent) {
                 Ok(plan) => {
                     self.commit_load(slot, now, intent, &plan);
                     Admission::Load(plan)
                 }
-                Err(r) => {
-                    self.record_reject(slot, now, r);
-                    Admission::Reject(r)
-                }
+                Err(r) => self.queue_or_reject(slot, now, intent, r),
             },
             Phase::Resident => unreachable!("handled on the hot path"),
         }
@@ -390,17 +394,41 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             Phase::Resident => Admission::Hit,
             Phase::Loading => Admission::Join,
             Phase::Draining if e.leases == 0 => Admission::AwaitUnload,
-            Phase::Draining => Admission::Reject(Rejection {
-                code: RejectCode::Draining,
-                need: e.need(),
-                available: 0,
-                retry_after_secs: Some(self.drain_hint(e, now)),
-            }),
-            Phase::Absent => match self.plan_load(slot, now) {
+            Phase::Draining => self.queue_outcome(Intent::Request, self.draining_rejection(slot, now)),
+            Phase::Absent => match self.plan_absent(slot, now, Intent::Request) {
                 Ok(plan) => Admission::Load(plan),
-                Err(r) => Admission::Reject(r),
+                Err(r) => self.queue_outcome(Intent::Request, r),
             },
         }
+    }
+
+    /// The refusal of a request for a model drained with requests still on it.
+    fn draining_rejection(&self, slot: Slot, now: Nanos) -> Rejection {
+        let e = &self.entries[slot as usize];
+        Rejection {
+            code: RejectCode::Draining,
+            need: e.need(),
+            available: 0,
+            retry_after_secs: Some(self.drain_hint(e, now)),
+            waited: 0,
+        }
+    }
+
+    /// [`PoolState::plan_load`] for a new arrival: while the queue's oldest waiter starves, a
+    /// request may not start a load before it and is told to wait (a refusal with a hint).
+    fn plan_absent(&self, slot: Slot, now: Nanos, intent: Intent) -> Result<LoadPlan, Rejection> {
+        let plan = self.plan_load(slot, now)?;
+        if intent == Intent::Request && self.queue_on() && self.head_starving(now) {
+            let need = self.entries[slot as usize].need();
+            return Err(Rejection {
+                code: RejectCode::InsufficientMemory,
+                need,
+                available: 0,
+                retry_after_secs: Some(1),
+                waited: 0,
+            });
+        }
+        Ok(plan)
     }
 
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
@@ -429,6 +457,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 need,
                 available: room_beside_pins,
                 retry_after_secs: None,
+                waited: 0,
             });
         }
         if self.pinned_models >= l.max_models {
@@ -439,6 +468,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 need,
                 available: 0,
                 retry_after_secs: None,
+                waited: 0,
             });
         }
         let used = u128::from(l.used());
@@ -473,6 +503,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             need,
             available,
             retry_after_secs: Some(self.retry_hint(now, short_bytes, short_count)),
+            waited: 0,
         })
     }
 
@@ -557,6 +588,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// `release`, or an eviction list). A slot that is not draining is ignored, so reporting an
     /// unload twice is harmless.
     pub fn reclaimed(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
+        let owner = self.reclaim_bytes(slot, now);
+        self.pump(now);
+        owner
+    }
+
+    fn reclaim_bytes(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
         let e = &mut self.entries[slot as usize];
         if e.phase != Phase::Draining {
             return None;
@@ -592,6 +629,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// # Panics
     /// If `slot` is not loading: every admitted load is finished exactly once.
     pub fn load_finished(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
+        let done = self.finish_load(slot, now, result);
+        self.pump(now);
+        done
+    }
+
+    fn finish_load(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
         let e = &mut self.entries[slot as usize];
         assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
         self.ledger.reserved -= e.bytes - e.awaiting;
@@ -689,6 +732,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     #[inline]
     fn end_lease(&mut self, slot: Slot, now: Nanos) -> bool {
+        let must_unload = self.end_lease_bytes(slot, now);
+        if !self.queue.is_empty() {
+            self.pump(now);
+        }
+        must_unload
+    }
+
+    #[inline]
+    fn end_lease_bytes(&mut self, slot: Slot, now: Nanos) -> bool {
         let e = &mut self.entries[slot as usize];
         debug_assert!(e.leases > 0, "release without a lease");
         e.leases = e.leases.saturating_sub(1);

@@ -56,6 +56,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         } else {
             Victims::new()
         };
+        // An unpinned slot may be what a queued request waits for.
+        self.pump(now);
         (was, evicted)
     }
 
@@ -109,7 +111,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.limit = limit;
         self.ledger.max_models = max_models;
         self.log.push(Event::LimitChanged { at: now, limit, max_models });
-        Ok(self.evict_down(now, EvictReason::LimitChanged, true))
+        let evicted = self.evict_down(now, EvictReason::LimitChanged, true);
+        // A raised limit lets waiters in; a lowered one may make waiting hopeless for some.
+        self.pump(now);
+        Ok(evicted)
     }
 
     /// Evict idle unpinned models in policy order until within limits; if `drain_busy`, then

@@ -19,6 +19,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             pinned: e.pinned,
             leases: e.leases,
             waiters: e.waiters,
+            queued: e.queued,
             last_used: e.last_used,
             load_secs: e.load_secs,
             hits: e.hits,

@@ -27,6 +27,12 @@ pub struct PoolConfig {
     pub load_latency_secs: f64,
     /// Bytes per second of a modelled load.
     pub load_bandwidth: f64,
+    /// How long a request may wait in the admission queue for memory or a model slot held by
+    /// in-flight work; `0` disables the queue (every such request is refused at once, the
+    /// behaviour before the queue existed).
+    pub queue_timeout: Nanos,
+    /// Requests waiting at once; one more is refused with `queue_full`.
+    pub max_queue: usize,
 }
 
 impl PoolConfig {
@@ -39,7 +45,16 @@ impl PoolConfig {
             idle_ttl: None,
             load_latency_secs: 0.5,
             load_bandwidth: 1e9,
+            queue_timeout: 0,
+            max_queue: 1024,
         }
+    }
+
+    /// Builder: queue requests for up to `timeout` (0 disables the queue), at most `max_queue`.
+    pub fn with_queue(mut self, timeout: Nanos, max_queue: usize) -> Self {
+        self.queue_timeout = timeout;
+        self.max_queue = max_queue;
+        self
     }
 }
 
@@ -90,6 +105,8 @@ pub struct Rejection {
     pub available: u64,
     /// Seconds after which a retry may succeed; `None` when waiting cannot help.
     pub retry_after_secs: Option<u32>,
+    /// How long the request waited in the admission queue first (0 unless it was queued).
+    pub waited: Nanos,
 }
 
 /// The outcome of an admission.
@@ -108,8 +125,32 @@ pub enum Admission {
     /// any request having to finish first. A model drained with requests still in flight (a
     /// forced unload, a lowered limit, shutdown) is refused with `model_draining` instead.
     AwaitUnload,
+    /// Waiting can help and the queue is on: the request waits in the core's admission queue
+    /// under this ticket. The driver waits for a [`Wake`] with the ticket (from
+    /// [`crate::PoolState::take_wakes`] after any call that frees capacity, or after
+    /// [`crate::PoolState::queue_tick`] at the queue's deadline), or reports the request gone
+    /// ([`crate::PoolState::cancel_queued`]). Nothing else changed.
+    Queued(Ticket),
     /// Refused, with why and whether waiting can help. Nothing was evicted.
     Reject(Rejection),
+}
+
+/// A queued request's identity, unique for the life of a [`crate::PoolState`].
+pub type Ticket = u64;
+
+/// A queued request's turn came: what its admission now is (`Hit`, `Join` or `Load(plan)`,
+/// carried out in the ledger exactly as [`crate::PoolState::admit`] would have; or `Reject` when
+/// waiting stopped being able to help). The driver carries it out as for a direct admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    /// The ticket its admission returned.
+    pub ticket: Ticket,
+    /// The model it asked for.
+    pub slot: Slot,
+    /// When it entered the queue (the driver's clock).
+    pub queued_at: Nanos,
+    /// Its admission now.
+    pub outcome: Admission,
 }
 
 /// Models a limit change evicted, in eviction order.
@@ -189,6 +230,12 @@ pub struct Stats {
     pub rejections: [u64; <RejectCode as strum::EnumCount>::COUNT],
     /// Highest `used()` seen.
     pub peak_used: u64,
+    /// Requests that entered the admission queue.
+    pub queued: u64,
+    /// Requests admitted from the queue (the rest timed out, were refused or went away).
+    pub dequeued: u64,
+    /// Longest the queue has been.
+    pub peak_queue: u64,
 }
 
 impl Stats {
@@ -231,6 +278,8 @@ pub struct ModelStatus {
     pub leases: u32,
     /// Requests waiting for a load in progress.
     pub waiters: u32,
+    /// Requests waiting in the admission queue for this model.
+    pub queued: u32,
     /// Last time a request started or ended on it.
     pub last_used: Option<Nanos>,
     /// Duration of its last load, seconds.
@@ -261,6 +310,12 @@ impl Rejection {
                 PoolError::MaxModelsReached { model, max_models, retry_after_secs: self.retry_after_secs }
             }
             RejectCode::Draining => PoolError::Draining { model, retry_after_secs: retry },
+            RejectCode::QueueFull => PoolError::QueueFull { model, retry_after_secs: retry },
+            RejectCode::QueueTimeout => PoolError::QueueTimeout {
+                model,
+                waited_secs: self.waited as f64 / crate::types::NANOS_PER_SEC as f64,
+                retry_after_secs: retry,
+            },
         }
     }
 }

@@ -79,6 +79,11 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
     cfg.log = LogMode::Full;
     cfg.max_models = rng.random_range(2..=6);
     cfg.idle_ttl = Some(30_000_000_000);
+    // Half the runs queue requests that would be refused (a 0 timeout: the queue is off).
+    if seed % 2 == 1 {
+        cfg.queue_timeout = rng.random_range(1..20) * 1_000_000_000;
+        cfg.max_queue = rng.random_range(1..12);
+    }
     let mut st: PoolState<Box<dyn EvictionPolicy>, NameEstimator> =
         PoolState::new(cfg, kind.build(), NameEstimator);
     let n_models = 12;
@@ -90,6 +95,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
     let mut leases: Vec<(Slot, u64)> = Vec::new();
     let mut to_reclaim: Vec<Slot> = Vec::new();
     let mut out = Outcomes::default();
+    let mut queued: Vec<modelpool::Ticket> = Vec::new();
     let mut over_allowed = false;
     let mut now = 0u64;
 
@@ -123,6 +129,10 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
                         let used = st.ledger().used();
                         assert!(used <= before.limit.max(before.used()), "{ctx}: admission over-committed");
                         pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: 1 });
+                    }
+                    Admission::Queued(ticket) => {
+                        assert_eq!(st.ledger(), before, "{ctx}: queueing changed the ledger");
+                        queued.push(ticket);
                     }
                     Admission::AwaitUnload => {
                         out.awaiting_unload += 1;
@@ -202,7 +212,11 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             }
             // A waiter goes away.
             85..=86 => {
-                if let Some(p) = pending.iter_mut().find(|p| p.waiters > 0) {
+                if !queued.is_empty() && rng.random_bool(0.5) {
+                    let t = queued.swap_remove(rng.random_range(0..queued.len()));
+                    assert!(st.cancel_queued(t, now), "{ctx}: a queued ticket must be cancellable");
+                    out.cancelled += 1;
+                } else if let Some(p) = pending.iter_mut().find(|p| p.waiters > 0) {
                     p.waiters -= 1;
                     out.cancelled += 1;
                     st.cancel_wait(p.slot);
@@ -210,6 +224,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             }
             87 => {
                 to_reclaim.extend(st.expire_idle(now).iter().copied());
+                st.queue_tick(now);
             }
             88..=89 => {
                 let slot = rng.random_range(0..n_models);
@@ -231,6 +246,33 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
                 over_allowed = true;
             }
         }
+        // Queued requests whose turn came, carried out as the pool does.
+        let wakes: Vec<modelpool::Wake> = st.take_wakes().collect();
+        for w in wakes {
+            let i =
+                queued.iter().position(|&t| t == w.ticket).unwrap_or_else(|| panic!("{ctx}: unknown ticket"));
+            queued.swap_remove(i);
+            let waited = now.saturating_sub(w.queued_at);
+            match &w.outcome {
+                Admission::Reject(r) if r.code == modelpool::RejectCode::QueueTimeout => {
+                    assert!(waited >= st.config().queue_timeout, "{ctx}: timed out early")
+                }
+                _ => assert!(waited < st.config().queue_timeout, "{ctx}: admitted past its timeout"),
+            }
+            match w.outcome {
+                Admission::Hit => {
+                    out.hits += 1;
+                    leases.push((w.slot, now));
+                }
+                Admission::Join => pending.iter_mut().find(|p| p.slot == w.slot).expect(&ctx).waiters += 1,
+                Admission::Load(plan) => {
+                    pending.push(PendingLoad { slot: w.slot, victims: plan.victims.to_vec(), waiters: 1 })
+                }
+                Admission::Reject(_) => out.rejected += 1,
+                other => panic!("{ctx}: a wake is decided, got {other:?}"),
+            }
+        }
+        assert_eq!(st.queue_len(), queued.len(), "{ctx}: every queued request is accounted for");
         st.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
         // Victims of loads, overcommit and expiry were neither pinned nor leased.
         let new_events: Vec<&Event> = st.log().events().skip(log_before as usize).collect();
@@ -273,7 +315,10 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
         assert_eq!(leased as usize, leases.len(), "{ctx}: lease count");
     }
 
-    // Wind down: every load completes, every request ends, every draining model returns.
+    // Wind down: queued requests go away, every load completes, every request ends, every
+    // draining model returns.
+    out.cancelled += st.drain_queue().len() as u64;
+    queued.clear();
     while let Some(p) = pending.pop() {
         for v in p.victims {
             st.reclaimed(v, now);

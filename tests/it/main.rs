@@ -6,5 +6,6 @@ mod estimate;
 mod http;
 mod invariants;
 mod pool;
+mod queue;
 mod seed;
 mod snapshots;

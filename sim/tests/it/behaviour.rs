@@ -9,8 +9,9 @@ use modelpool_sim::{PolicyChoice, SimConfig};
 
 use crate::common::{GB, assert_accounted, csv, evictions, rejects, replay};
 
+/// The refusal behaviours: no admission queue (`queue_timeout 0`, refusals are immediate).
 fn cfg() -> SimConfig {
-    SimConfig { log: LogMode::Full, max_models: 8, ..SimConfig::default() }
+    SimConfig { log: LogMode::Full, max_models: 8, queue_timeout_secs: 0.0, ..SimConfig::default() }
 }
 
 #[test]

@@ -93,6 +93,7 @@ fn summarize(events: &[Event]) -> Decisions {
             Event::LimitChanged { at, limit, max_models } => {
                 ("limit_changed", Some(format!("{} limit {} max {max_models}", secs(*at), fmt_bytes(*limit))))
             }
+            Event::Queued { at, model, .. } => ("queued", Some(format!("{} queued {model}", secs(*at)))),
         };
         *counts.entry(kind).or_default() += 1;
         if let Some(l) = line
