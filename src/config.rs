@@ -12,6 +12,8 @@
 //! backend = "fake"            # fake | mlx
 //! preload = ["qwen2.5-0.5b-instruct"]
 //! idle_ttl = "10m"            # evict idle unpinned models; "off" to keep them
+//! queue_timeout = "60s"       # wait for memory held by in-flight requests; "0s": 503 at once
+//! max_queue = 1024            # requests waiting at once
 //! shutdown_grace = "30s"
 //! max_body = "4MB"
 //! models_dir = "/models"      # every subdirectory with weights is a model
@@ -58,6 +60,11 @@ pub const DEFAULT_MEMORY_LIMIT: MemoryLimit = MemoryLimit::Fraction(0.75);
 pub const DEFAULT_MAX_MODELS: u32 = 4;
 /// `--shutdown-grace` when neither the flag nor the file sets it.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a request may wait in the admission queue: the simulator's default too, chosen
+/// from replays of the committed traces (docs/sim.md, "The admission queue").
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests waiting in the admission queue at once.
+pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// The request body cap when `--max-body` is not given: 4 MiB, room for long chat histories
 /// while a runaway client cannot make the server buffer much.
 pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
@@ -190,6 +197,14 @@ pub struct ServeArgs {
     /// Evict unpinned models idle this long (10m, 1h; "off" keeps them) [default: off].
     #[arg(long, env = "MODELPOOL_IDLE_TTL", value_name = "DURATION")]
     pub idle_ttl: Option<IdleTtl>,
+    /// Longest a request waits in the admission queue for memory or a model slot held by
+    /// in-flight requests before a 503 `queue_timeout` ("0s": refuse at once) [default: 60s].
+    #[arg(long, env = "MODELPOOL_QUEUE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_timeout: Option<Duration>,
+    /// Requests waiting in the admission queue at once; one more gets 503 `queue_full`
+    /// [default: 1024].
+    #[arg(long, env = "MODELPOOL_MAX_QUEUE", value_name = "N")]
+    pub max_queue: Option<usize>,
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -239,6 +254,11 @@ pub struct FileConfig {
     /// See [`ServeArgs::shutdown_grace`].
     #[serde(default, deserialize_with = "de::duration")]
     pub shutdown_grace: Option<Duration>,
+    /// See [`ServeArgs::queue_timeout`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub queue_timeout: Option<Duration>,
+    /// See [`ServeArgs::max_queue`].
+    pub max_queue: Option<usize>,
     /// See [`ServeArgs::max_body`].
     pub max_body: Option<ByteSize>,
     /// See [`ServeArgs::sizes_file`].
@@ -333,6 +353,9 @@ pub struct ServeConfig {
     /// `None`: idle models stay.
     pub idle_ttl: Option<Duration>,
     pub shutdown_grace: Duration,
+    /// Zero: no queue.
+    pub queue_timeout: Duration,
+    pub max_queue: usize,
     /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
     pub max_body: u64,
     pub sizes_file: Option<PathBuf>,
@@ -401,6 +424,8 @@ impl ServeConfig {
         }
         let idle_ttl = args.idle_ttl.or(file.idle_ttl).unwrap_or_default().0;
         let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let queue_timeout = args.queue_timeout.or(file.queue_timeout).unwrap_or(DEFAULT_QUEUE_TIMEOUT);
+        let max_queue = args.max_queue.or(file.max_queue).unwrap_or(DEFAULT_MAX_QUEUE);
         let max_body = args.max_body.or(file.max_body).map_or(DEFAULT_MAX_BODY, u64::from);
         if max_body < MIN_MAX_BODY {
             return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
@@ -477,6 +502,8 @@ impl ServeConfig {
             log_level,
             idle_ttl,
             shutdown_grace,
+            queue_timeout,
+            max_queue,
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),
             fake,

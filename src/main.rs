@@ -103,6 +103,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut pc = PoolConfig::with_limit(limit);
     pc.max_models = cfg.max_models;
     pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
+    pc.queue_timeout = cfg.queue_timeout.as_nanos() as u64;
+    pc.max_queue = cfg.max_queue;
     // The MLX backend holds GGUF weights dequantized (about 5.5x the file on CPU): size its
     // models from their tensor tables, not from file sizes.
     let files: Box<dyn SizeEstimator> = match cfg.backend {

@@ -422,6 +422,10 @@ async fn churn_with_cancellations(seed: u64) {
     let backend = Arc::new(SlowUnloadBackend { inner: fake.clone(), unload_time: Duration::from_secs(2) });
     let mut cfg = PoolConfig::with_limit(12 * GB);
     cfg.max_models = 3;
+    if seed % 2 == 1 {
+        // Half the runs queue what would be refused: waiters are cancelled at random too.
+        cfg = cfg.with_queue(Duration::from_secs(5).as_nanos() as u64, 8);
+    }
     let policy: Box<dyn EvictionPolicy> = PolicyKind::Lru.build();
     let estimator: Box<dyn SizeEstimator> = Box::new(NameEstimator);
     let pool = ModelPool::new(cfg, policy, estimator, backend);
@@ -467,6 +471,7 @@ async fn churn_with_cancellations(seed: u64) {
     let status = pool.status();
     let l = status.ledger;
     assert_eq!((l.reserved, l.draining, l.awaiting), (0, 0, 0), "seed {seed}: {l:?}");
+    assert_eq!(pool.with_state(|s| s.queue_len()), 0, "seed {seed}: a waiter was left behind");
     for m in &status.models {
         assert_eq!((m.leases, m.waiters), (0, 0), "seed {seed}: {}", m.id);
         assert!(matches!(m.phase, Phase::Absent | Phase::Resident), "seed {seed}: {} {:?}", m.id, m.phase);
@@ -553,4 +558,80 @@ async fn estimators_run_outside_the_pool_lock() {
     let calls = || pool.with_state(|st| st.estimator().calls.lock().unwrap().clone());
     assert!(crate::http::eventually(Duration::from_secs(10), || calls().len() == 2).await, "{:?}", calls());
     assert_eq!(calls(), vec![("estimate", true), ("observe", true)]);
+}
+
+fn queued_pool(
+    limit_gb: u64,
+    timeout: Duration,
+    max_queue: usize,
+    models: &[(&str, u64)],
+) -> (ModelPool, Arc<FakeBackend>) {
+    let fake = Arc::new(FakeBackend::new().with_load_time(Duration::from_secs(1)));
+    let cfg = PoolConfig::with_limit(limit_gb * GB).with_queue(timeout.as_nanos() as u64, max_queue);
+    (pool_over(cfg, fake.clone(), models), fake)
+}
+
+/// Issue 8: a burst for more models than fit at once is served by waiting, not with 503s.
+#[tokio::test(start_paused = true)]
+async fn a_burst_waits_for_memory_instead_of_getting_503s() {
+    let (pool, fake) = queued_pool(10, Duration::from_secs(60), 64, &[("a", 6), ("b", 6), ("c", 6)]);
+    let mut tasks = Vec::new();
+    for (i, m) in ["a", "b", "c", "a", "b", "c"].into_iter().enumerate() {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+            let lease = pool.acquire(m).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await; // the request runs 2 s
+            drop(lease);
+            Ok::<_, PoolError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every request is served");
+    }
+    let st = pool.status();
+    assert_eq!(st.stats.total_rejections(), 0, "no 503");
+    assert!(st.stats.queued >= 2, "{:?}", st.stats);
+    assert_eq!(st.stats.queued, st.stats.dequeued);
+    assert!(fake.load_count() >= 3);
+    pool.with_state(|s| s.check_invariants()).unwrap();
+    assert_eq!(pool.with_state(|s| s.queue_len()), 0);
+}
+
+/// A queued request that waits the whole timeout gets `queue_timeout` with a retry hint; one
+/// beyond `max_queue` gets `queue_full`.
+#[tokio::test(start_paused = true)]
+async fn queue_timeout_and_queue_full_are_503_class_errors_with_retry_hints() {
+    let (pool, _) = queued_pool(10, Duration::from_secs(5), 1, &[("a", 6), ("b", 6), ("c", 6)]);
+    let lease = pool.acquire("a").await.unwrap(); // a stays busy
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.acquire("b").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let full = pool.acquire("c").await.unwrap_err();
+    assert!(matches!(full, PoolError::QueueFull { .. }), "{full:?}");
+    assert!(full.retry_after_secs().is_some());
+    let started = tokio::time::Instant::now();
+    let timed_out = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(timed_out, PoolError::QueueTimeout { .. }), "{timed_out:?}");
+    assert!(timed_out.retry_after_secs().is_some_and(|s| s >= 1));
+    assert!(started.elapsed() <= Duration::from_secs(5));
+    drop(lease);
+    pool.with_state(|s| s.check_invariants()).unwrap();
+    assert_eq!(pool.with_state(|s| s.queue_len()), 0);
+}
+
+/// A queued request whose caller goes away leaves the queue at once; nothing is loaded for it.
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_that_goes_away_leaves_the_queue_and_loads_nothing() {
+    let (pool, fake) = queued_pool(10, Duration::from_secs(60), 8, &[("a", 6), ("b", 6)]);
+    let lease = pool.acquire("a").await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(1), pool.acquire("b")).await.is_err());
+    assert_eq!(pool.with_state(|s| s.queue_len()), 0, "the caller left: so did its place");
+    drop(lease);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(phase(&pool, "b"), Phase::Absent, "nothing loaded for a request that left");
+    assert_eq!(fake.load_count(), 1);
+    pool.with_state(|s| s.check_invariants()).unwrap();
 }

@@ -59,9 +59,26 @@ impl Harness {
         fake: Arc<FakeBackend>,
         specs: Vec<ModelSpec>,
     ) -> Self {
-        let metrics = Arc::new(Metrics::new());
         let mut cfg = PoolConfig::with_limit(limit);
         cfg.max_models = max_models;
+        Self::with_config(cfg, backend, fake, specs)
+    }
+
+    /// The [`catalogue`] over the fake backend `fake`, with an admission queue of `timeout`
+    /// holding at most `max_queue` requests.
+    pub fn queued(limit: u64, timeout: Duration, max_queue: usize, fake: FakeBackend) -> Self {
+        let fake = Arc::new(fake);
+        let cfg = PoolConfig::with_limit(limit).with_queue(timeout.as_nanos() as u64, max_queue);
+        Self::with_config(cfg, fake.clone() as Arc<dyn Backend>, fake, catalogue())
+    }
+
+    pub fn with_config(
+        cfg: PoolConfig,
+        backend: Arc<dyn Backend>,
+        fake: Arc<FakeBackend>,
+        specs: Vec<ModelSpec>,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new());
         let pool: ModelPool = ModelPool::new(
             cfg,
             PolicyKind::Lru.build(),

@@ -461,6 +461,44 @@ async fn negative_seed_is_accepted_and_deterministic() {
     }
 }
 
+/// Issue 8: with the admission queue, a request for a model that cannot load while another is
+/// busy waits and is served; beyond `max_queue` it is a 503 `queue_full`, and one that waits the
+/// whole timeout a 503 `queue_timeout`, both with `Retry-After`.
+#[tokio::test(start_paused = true)]
+async fn queued_requests_are_served_or_get_well_formed_queue_503s() {
+    let h = Harness::queued(6 * GB, Duration::from_secs(10), 1, FakeBackend::new());
+    let lease = h.pool.acquire("chat-big").await.unwrap(); // 5 GB busy: chat-a (2 GB) cannot load
+    let waiting = {
+        let routes = h.routes.clone();
+        tokio::spawn(async move {
+            warp::test::request()
+                .method("POST")
+                .path("/v1/chat/completions")
+                .json(&chat_body("chat-a", false))
+                .reply(&routes)
+                .await
+        })
+    };
+    assert!(eventually(Duration::from_secs(1), || h.pool.with_state(|s| s.queue_len()) == 1).await);
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    let e = assert_error(&r, 503, "queue_full");
+    assert!(e["message"].as_str().unwrap().contains("queue is full"), "{e}");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1));
+    // The busy request ends: the waiting one is served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(lease);
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+    // Now one that waits the whole 10 s.
+    let lease = h.pool.acquire("chat-big").await.unwrap();
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    let e = assert_error(&r, 503, "queue_timeout");
+    assert!(e["message"].as_str().unwrap().contains("waited 10.0s"), "{e}");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1));
+    drop(lease);
+    h.check_invariants();
+}
+
 #[tokio::test]
 async fn draining_model_is_503_with_retry_after() {
     let h = Harness::new(10 * GB, 4);
