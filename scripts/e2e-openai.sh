@@ -14,8 +14,11 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/debug/modelpool"
 log="$(mktemp -t modelpool-e2e.XXXXXX)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 
+# --queue-timeout 0s: the client-side tests check the immediate 503s (insufficient_memory with
+# Retry-After) that the admission queue otherwise turns into waits; the queue is tested in
+# tests/it (pool and HTTP routes).
 "$bin" serve --listen "127.0.0.1:$port" --memory-limit 6GB --fake-load-time 50ms \
-    --fake-token-delay 100ms --log-level info >"$log.out" 2>"$log" &
+    --fake-token-delay 100ms --queue-timeout 0s --log-level info >"$log.out" 2>"$log" &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
