@@ -30,8 +30,9 @@ pub struct Estimate {
 pub enum EstimateSource {
     /// The spec carried an explicit size.
     SizeHint,
-    /// The seed's table (3B 2.0 GB, 7B 4.0, 8B 5.0, 13B 8.0, 70B 40.0) for a plain name.
-    SeedTable {
+    /// The reference table (3B 2.0 GB, 7B 4.0, 8B 5.0, 13B 8.0, 70B 40.0) for a plain name: the
+    /// sizes the original plan fixed, kept exactly.
+    ReferenceTable {
         /// Billions of parameters read from the name.
         params_b: u32,
     },
@@ -44,7 +45,7 @@ pub enum EstimateSource {
         /// Bytes per parameter including runtime overhead.
         bytes_per_param: f64,
     },
-    /// Nothing recognisable in the name: the seed's 4.0 GB default.
+    /// Nothing recognisable in the name: the reference 4.0 GB default.
     Default,
     /// Weight files on disk times an overhead factor.
     Files {
@@ -61,8 +62,8 @@ impl fmt::Display for EstimateSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EstimateSource::SizeHint => write!(f, "size given in the model spec"),
-            EstimateSource::SeedTable { params_b } => {
-                write!(f, "seed table for a {params_b}B model")
+            EstimateSource::ReferenceTable { params_b } => {
+                write!(f, "reference table for a {params_b}B model")
             }
             EstimateSource::Params { params, quant, bytes_per_param } => {
                 write!(f, "{:.3}B parameters x {bytes_per_param:.3} bytes ({quant})", *params as f64 / 1e9)
@@ -111,11 +112,11 @@ impl<E: SizeEstimator> SizeEstimator for std::sync::Arc<E> {
     }
 }
 
-/// The seed's default when the name says nothing: 4.0 GB.
+/// The reference default when the name says nothing: 4.0 GB.
 pub const DEFAULT_ESTIMATE: u64 = 4 * GB;
 
 /// Estimates from the model's name: a size hint wins; plain `3B/7B/8B/13B/70B` names give the
-/// seed's table; other sizes (`0.5B`, `135M`, `8x7B`: see [`params_from_name`]) and quantization
+/// reference table; other sizes (`0.5B`, `135M`, `8x7B`: see [`params_from_name`]) and quantization
 /// hints (`4bit`, `8bit`, `bf16`, `fp16`, `q4_k_m`, ...) give parameters x bytes per parameter;
 /// otherwise 4.0 GB.
 #[derive(Debug, Clone, Default)]
@@ -201,8 +202,8 @@ pub fn params_from_name(name: &str) -> Option<(u64, bool)> {
 }
 
 impl NameEstimator {
-    fn seed_table(params_b: u64) -> Option<u64> {
-        // Exactly the seed's table, in decimal GB.
+    fn reference_table(params_b: u64) -> Option<u64> {
+        // Exactly the reference table, in decimal GB.
         Some(match params_b {
             3 => 2 * GB,
             7 => 4 * GB,
@@ -226,15 +227,15 @@ impl SizeEstimator for NameEstimator {
         };
         if plain
             && quant.is_none()
-            && let Some(bytes) = Self::seed_table(params / 1_000_000_000)
+            && let Some(bytes) = Self::reference_table(params / 1_000_000_000)
         {
             let params_b = (params / 1_000_000_000) as u32;
-            return Estimate { bytes, source: EstimateSource::SeedTable { params_b } };
+            return Estimate { bytes, source: EstimateSource::ReferenceTable { params_b } };
         }
         let (quant_name, bytes_per_param) =
             match quant.as_deref().and_then(|q| Some((q, bits_per_weight(q)?))) {
                 Some((q, bits)) => (q.to_string(), bits / 8.0 * OVERHEAD),
-                // The seed's table implies about 0.6 bytes per parameter: 4-bit weights as MLX ships.
+                // The reference table implies about 0.6 bytes per parameter: 4-bit weights as MLX ships.
                 None => ("default-4bit".to_string(), 0.625),
             };
         let bytes = ((params as f64) * bytes_per_param).round().max(1.0) as u64;

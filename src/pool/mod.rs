@@ -20,14 +20,16 @@ use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::log::Event;
 use crate::policy::{EvictionPolicy, Slot};
-use crate::state::{Admission, Intent, Ledger, PoolConfig, PoolState, Ticket, Victims, Wake};
+use crate::state::{Admission, Intent, Ledger, PoolConfig, PoolState, Ticket, Victims};
 use crate::types::{ModelId, ModelSpec, ModelType, Nanos};
 
 mod lease;
+mod queue;
 mod report;
 
 pub use lease::Lease;
 use lease::{LeaseOwner, WaitGuard, load_outcome};
+use queue::{QueueGuard, Step, Woken};
 pub use report::{DryRun, PoolStatus, UnloadReport};
 
 type LoadResult = Option<Result<(), PoolError>>;
@@ -47,14 +49,6 @@ struct Core<P: EvictionPolicy, E: SizeEstimator> {
     loads: HashMap<Slot, watch::Sender<LoadResult>>,
     /// Requests in the core's admission queue, by ticket: where their wake goes.
     queued: HashMap<Ticket, oneshot::Sender<Result<Woken, PoolError>>>,
-}
-
-/// What a queued request's turn brought it.
-pub(crate) enum Woken {
-    /// The core granted it a lease on the resident model.
-    Leased,
-    /// It waits for a load (one it joined, or one its turn started).
-    Wait(watch::Receiver<LoadResult>),
 }
 
 struct Inner<P: EvictionPolicy, E: SizeEstimator> {
@@ -226,60 +220,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
             inner.unload_all(evicted).await;
         });
         rx
-    }
-
-    /// Carry out the admissions the core decided for queued requests (after any state call
-    /// that can free capacity), and hand each to its waiting request. Under the lock.
-    fn deliver_wakes(&self, core: &mut Core<P, E>) {
-        while core.state.has_wakes() {
-            let wakes: Vec<Wake> = core.state.take_wakes().collect();
-            for w in wakes {
-                let woken = match w.outcome {
-                    Admission::Hit => Ok(Woken::Leased),
-                    Admission::Join => Ok(Woken::Wait(core.loads[&w.slot].subscribe())),
-                    Admission::Load(plan) => Ok(Woken::Wait(self.start_load(core, w.slot, plan.victims))),
-                    Admission::Reject(r) => {
-                        let id = core.state.spec(w.slot).id.clone();
-                        Err(r.into_error(id, core.state.config().max_models))
-                    }
-                    Admission::Queued(_) | Admission::AwaitUnload => unreachable!("a wake is decided"),
-                };
-                let Some(tx) = core.queued.remove(&w.ticket) else { continue };
-                if let Err(unclaimed) = tx.send(woken) {
-                    // Its request went away between the decision and now: give back what the
-                    // decision set aside for it (a lease, or its place among a load's waiters).
-                    self.undo_wake(core, w.slot, unclaimed);
-                }
-            }
-        }
-    }
-
-    /// Give back what a wake granted a request that is gone. Under the lock.
-    fn undo_wake(&self, core: &mut Core<P, E>, slot: Slot, woken: Result<Woken, PoolError>) {
-        let now = self.now();
-        match woken {
-            Ok(Woken::Leased) => {
-                if core.state.release_unused(slot, now)
-                    && let Some(handle) = core.handles[slot as usize].take()
-                {
-                    let inner = self.self_arc();
-                    self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
-                }
-            }
-            Ok(Woken::Wait(rx)) => match rx.borrow().clone() {
-                None => core.state.cancel_wait(slot),
-                Some(Ok(())) => {
-                    if core.state.release_unused(slot, now)
-                        && let Some(handle) = core.handles[slot as usize].take()
-                    {
-                        let inner = self.self_arc();
-                        self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
-                    }
-                }
-                Some(Err(_)) => {}
-            },
-            Err(_) => {}
-        }
     }
 
     async fn unload_all(&self, victims: Vec<(Slot, Arc<dyn ModelHandle>)>) {
@@ -754,72 +694,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
-    }
-}
-
-/// The next step of an acquire that cannot be served at once.
-enum Step<F> {
-    /// Wait for the model's own unload, then admit again.
-    Unload(F),
-    /// Wait in the core's admission queue under this ticket.
-    Queue(Ticket, oneshot::Receiver<Result<Woken, PoolError>>),
-}
-
-/// A request waiting in the core's admission queue. While it waits it also keeps the queue's
-/// clock: at the queue's next deadline it asks the core to re-examine the queue (timeouts, a
-/// starving head). Dropped before its turn came, it leaves the queue; dropped after, it gives
-/// back what its turn granted.
-struct QueueGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
-    pool: &'a ModelPool<P, E>,
-    ticket: Ticket,
-    slot: Slot,
-    /// `None` once the wake has been taken.
-    rx: Option<oneshot::Receiver<Result<Woken, PoolError>>>,
-}
-
-impl<P: EvictionPolicy, E: SizeEstimator> QueueGuard<'_, P, E> {
-    async fn wait(&mut self) -> Result<Woken, PoolError> {
-        let inner = &self.pool.inner;
-        loop {
-            let deadline = {
-                let core = inner.lock();
-                core.state.next_queue_deadline(inner.now())
-            };
-            let at = deadline.map_or(Instant::now() + Duration::from_secs(3600), |ns| {
-                inner.epoch + Duration::from_nanos(ns)
-            });
-            let rx = self.rx.as_mut().expect("waiting until the wake is taken");
-            tokio::select! {
-                woken = rx => {
-                    self.rx = None;
-                    return woken.unwrap_or(Err(PoolError::Backend(BackendError::Gone)));
-                }
-                _ = tokio::time::sleep_until(at) => {
-                    let mut core = inner.lock();
-                    core.state.queue_tick(inner.now());
-                    inner.deliver_wakes(&mut core);
-                }
-            }
-        }
-    }
-}
-
-impl<P: EvictionPolicy, E: SizeEstimator> Drop for QueueGuard<'_, P, E> {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        let inner = &self.pool.inner;
-        let mut core = inner.lock();
-        // Wakes are sent under the lock, so under it the receiver's state is final.
-        match rx.try_recv() {
-            Ok(woken) => inner.undo_wake(&mut core, self.slot, woken),
-            Err(_) => {
-                core.queued.remove(&self.ticket);
-                core.state.cancel_queued(self.ticket, inner.now());
-                inner.deliver_wakes(&mut core);
-            }
-        }
-        drop(core);
-        inner.lease_ended.notify_waiters();
     }
 }
 

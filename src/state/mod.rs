@@ -20,10 +20,11 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::estimate::{Estimate, SizeEstimator};
 use crate::log::{DecisionLog, Event, EvictReason, RejectCode};
-use crate::policy::{EvictionPolicy, PolicyInfo, Slot};
-use crate::types::{ModelId, ModelSpec, NANOS_PER_SEC, Nanos};
+use crate::policy::{EvictionPolicy, Slot};
+use crate::types::{ModelId, ModelSpec, Nanos};
 
 mod hints;
+mod load;
 mod operator;
 mod queue;
 mod status;
@@ -579,131 +580,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             score,
             for_model: owner.map(|(o, _)| entries[o as usize].spec.id.clone()),
         });
-    }
-
-    /// A draining model's memory came back (the backend unloaded it). Returns the load it made
-    /// room for if that load has no victims left to wait for: the driver starts that load now.
-    ///
-    /// Precondition (driver): the model has no lease left (it was returned by an admission plan,
-    /// `release`, or an eviction list). A slot that is not draining is ignored, so reporting an
-    /// unload twice is harmless.
-    pub fn reclaimed(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
-        let owner = self.reclaim_bytes(slot, now);
-        self.pump(now);
-        owner
-    }
-
-    fn reclaim_bytes(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
-        let e = &mut self.entries[slot as usize];
-        if e.phase != Phase::Draining {
-            return None;
-        }
-        debug_assert_eq!(e.leases, 0, "reclaimed while leased");
-        let bytes = e.bytes;
-        let owner = e.owner.take();
-        e.phase = Phase::Absent;
-        e.bytes = 0;
-        self.ledger.draining -= bytes;
-        let model = &e.spec.id;
-        self.log.push_with(|| Event::Unload { at: now, model: model.clone(), bytes });
-        let (o, generation) = owner?;
-        let oe = &mut self.entries[o as usize];
-        if oe.phase != Phase::Loading || oe.load_gen != generation {
-            return None;
-        }
-        let t = bytes.min(oe.awaiting);
-        oe.awaiting -= t;
-        self.ledger.awaiting -= t;
-        self.ledger.reserved += t;
-        oe.pending_victims = oe.pending_victims.saturating_sub(1);
-        (oe.pending_victims == 0).then_some(o)
-    }
-
-    /// A load ended. On success the ledger counts `measured` bytes instead of the reservation,
-    /// the waiting requests get their leases, and, if the measurement pushed the pool over its
-    /// limit, unpinned idle models are evicted (returned for the driver to unload). On failure
-    /// the reservation is released and the waiters are dropped (the driver fails them with the
-    /// error). A measurement of 0 counts as 1 byte; one that would not fit in the ledger's
-    /// `u64` is clamped to what does.
-    ///
-    /// # Panics
-    /// If `slot` is not loading: every admitted load is finished exactly once.
-    pub fn load_finished(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
-        let done = self.finish_load(slot, now, result);
-        self.pump(now);
-        done
-    }
-
-    fn finish_load(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
-        let e = &mut self.entries[slot as usize];
-        assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
-        self.ledger.reserved -= e.bytes - e.awaiting;
-        self.ledger.awaiting -= e.awaiting;
-        e.awaiting = 0;
-        e.pending_victims = 0;
-        let secs = now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64;
-        match result {
-            Err(error) => {
-                e.phase = Phase::Absent;
-                e.bytes = 0;
-                e.waiters = 0;
-                e.pin_on_load = false;
-                self.ledger.models -= 1;
-                self.stats.load_failures += 1;
-                let model = &e.spec.id;
-                self.log.push_with(|| Event::LoadFailed {
-                    at: now,
-                    model: model.clone(),
-                    error: error.to_string(),
-                });
-                LoadDone::default()
-            }
-            Ok(measured) => {
-                // The ledger's columns sum to at most u64::MAX bytes: admission keeps them under
-                // the limit, and a measurement (the one input that can exceed it) is clamped to
-                // what still fits. Over 16 EiB cannot be a real measurement anyway.
-                let headroom = u64::MAX - self.ledger.used();
-                let measured = measured.max(1).min(headroom);
-                e.phase = Phase::Resident;
-                e.bytes = measured;
-                e.measured = Some(measured);
-                e.load_secs = Some(secs);
-                e.leases = e.waiters;
-                e.waiters = 0;
-                e.busy_since = now;
-                e.last_used = Some(now);
-                let granted = e.leases;
-                let pin = std::mem::take(&mut e.pin_on_load);
-                let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
-                self.ledger.resident += measured;
-                self.stats.loaded += 1;
-                self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(measured);
-                self.stats.load_secs += secs;
-                self.policy.on_insert(slot, info, now);
-                let model = &self.entries[slot as usize].spec.id;
-                self.log.push_with(|| Event::Loaded { at: now, model: model.clone(), measured, secs });
-                if pin {
-                    self.pin_resident(slot, now);
-                }
-                self.track_peak();
-                let evicted = if self.over_limits() {
-                    self.evict_down(now, EvictReason::Overcommit, false).unload_now
-                } else {
-                    Victims::new()
-                };
-                LoadDone { leases_granted: granted, evicted }
-            }
-        }
-    }
-
-    /// A request waiting on a load went away before the load ended: it gives its place back.
-    /// Ignored when the model is no longer loading (the driver then ends the granted lease with
-    /// [`PoolState::release_unused`] instead).
-    pub fn cancel_wait(&mut self, slot: Slot) {
-        let e = &mut self.entries[slot as usize];
-        if e.phase == Phase::Loading {
-            e.waiters = e.waiters.saturating_sub(1);
-        }
     }
 
     /// End one lease taken at `acquired_at` (precondition: the slot holds a lease; checked in

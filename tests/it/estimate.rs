@@ -1,4 +1,4 @@
-//! Size estimates beyond the seed's table, memory-limit parsing, model-type and policy names, and
+//! Size estimates beyond the reference table, memory-limit parsing, model-type and policy names, and
 //! the wrong-model-type message.
 
 use modelpool::estimate::{params_from_name, weight_bytes_on_disk};
@@ -27,7 +27,7 @@ fn parameter_counts_from_names() {
 fn decimal_and_million_sizes_scale_with_parameters() {
     let half = est("qwen2.5-0.5b-instruct");
     assert!(matches!(half.source, EstimateSource::Params { params: 500_000_000, .. }));
-    assert_eq!(half.bytes, 312_500_000); // 0.625 bytes per parameter, the seed's implied 4-bit rate
+    assert_eq!(half.bytes, 312_500_000); // 0.625 bytes per parameter, the reference table's implied 4-bit rate
     let small = est("SmolLM2-135M");
     assert_eq!(small.bytes, 84_375_000);
 }
@@ -44,7 +44,7 @@ fn mixture_of_experts_names_count_shared_weights_once() {
     // A total followed by the active parameters counts the total, which a load holds.
     assert_eq!(params_from_name("Qwen3-30B-A3B"), Some((30_000_000_000, true)));
 
-    // The README's row: 46.7B x 0.625 bytes, the seed's implied 4-bit rate.
+    // The README's row: 46.7B x 0.625 bytes, the reference table's implied 4-bit rate.
     let moe = est("mixtral-8x7b");
     assert_eq!(moe.bytes, 29_187_500_000);
     assert!(
@@ -68,7 +68,7 @@ fn quantization_hints_scale_bytes_per_parameter() {
     assert_eq!(bf16, 18_400_000_000);
     // 4-bit with MLX group scales: 4.5 bits per weight plus overhead.
     assert_eq!(q4, (8e9 * 4.5 / 8.0 * 1.15_f64).round() as u64);
-    // A hint overrides the seed table even for a table size.
+    // A hint overrides the reference table even for a table size.
     assert!(matches!(est("mistral-7b-fp16").source, EstimateSource::Params { .. }));
 }
 

@@ -1,5 +1,6 @@
 //! One integration-test binary (links the crate once). Each module is a group of behaviours.
 
+mod classic;
 mod common;
 mod engine;
 mod estimate;
@@ -7,5 +8,4 @@ mod http;
 mod invariants;
 mod pool;
 mod queue;
-mod seed;
 mod snapshots;

@@ -11,7 +11,7 @@ fn log<P: EvictionPolicy>(st: &PoolState<P, NameEstimator>) -> Vec<Event> {
 #[test]
 fn lru_with_a_pinned_model_and_a_busy_one() {
     let mut st = state(16.0);
-    let p = reg(&mut st, "llama-3-8b-instruct"); // 5 GB from the seed table
+    let p = reg(&mut st, "llama-3-8b-instruct"); // 5 GB from the reference table
     let a = reg(&mut st, "mistral-7b"); // 4 GB
     let b = reg(&mut st, "llama-3.2-3b"); // 2 GB
     let c = reg(&mut st, "codellama-13b"); // 8 GB

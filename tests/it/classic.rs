@@ -1,4 +1,4 @@
-//! The seed plan's eight behaviours, kept exactly.
+//! The original plan's eight behaviours (its size table, its 503 text, its tests), kept exactly.
 
 use crate::common::*;
 use modelpool::{
