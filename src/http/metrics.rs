@@ -192,6 +192,25 @@ impl Metrics {
             "Highest resident+reserved+draining seen.",
             s.peak_used as f64,
         );
+        counter(&mut o, "modelpool_queued_total", "Requests that waited in the admission queue.", s.queued);
+        counter(
+            &mut o,
+            "modelpool_dequeued_total",
+            "Requests admitted from the admission queue.",
+            s.dequeued,
+        );
+        gauge(
+            &mut o,
+            "modelpool_queue_length",
+            "Requests waiting in the admission queue now.",
+            status.models.iter().map(|m| m.queued as f64).sum(),
+        );
+        gauge(
+            &mut o,
+            "modelpool_queue_peak_length",
+            "Longest the admission queue has been.",
+            s.peak_queue as f64,
+        );
         gauge(&mut o, "modelpool_models_loaded", "Models resident or loading.", l.models as f64);
         gauge(&mut o, "modelpool_max_models", "Maximum models resident or loading.", l.max_models as f64);
         gauge(

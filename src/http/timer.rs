@@ -22,6 +22,8 @@ pub(crate) struct ReqTimer {
     stream: bool,
     /// Time spent getting the model (0 for a hit, the load time for a cold start).
     acquire: Duration,
+    /// How the pool admitted the request and how long it waited, for `x-modelpool-admission`.
+    admitted: Option<(&'static str, Duration)>,
     finished: bool,
 }
 
@@ -35,6 +37,7 @@ impl ReqTimer {
             model: None,
             stream: false,
             acquire: Duration::ZERO,
+            admitted: None,
             finished: false,
         }
     }
@@ -52,6 +55,12 @@ impl ReqTimer {
     /// Note how long getting the model took.
     pub(crate) fn set_acquire(&mut self, took: Duration) {
         self.acquire = took;
+    }
+
+    /// Note how the pool admitted the request (`hit`, `join`, `load`, `queued`) and its wait:
+    /// the reply carries them as `x-modelpool-admission` and `x-modelpool-wait-ms`.
+    pub(crate) fn set_admitted(&mut self, how: &'static str, waited: Duration) {
+        self.admitted = Some((how, waited));
     }
 
     /// Move the timing into a new timer (for a stream to finish when it ends); this one is then
@@ -107,7 +116,14 @@ impl Drop for ReqTimer {
 /// timer to a stream, which finishes it when the stream ends).
 pub(crate) fn respond(timer: ReqTimer, res: Result<Response, ApiError>) -> Response {
     let (resp, code) = match res {
-        Ok(r) => (r, None),
+        Ok(mut r) => {
+            if let Some((how, waited)) = timer.admitted {
+                let h = r.headers_mut();
+                h.insert("x-modelpool-admission", warp::http::HeaderValue::from_static(how));
+                h.insert("x-modelpool-wait-ms", warp::http::HeaderValue::from(waited.as_millis() as u64));
+            }
+            (r, None)
+        }
         Err(e) => {
             let code = e.code;
             (e.into_response(), code)

@@ -18,9 +18,41 @@ pub(super) trait LeaseOwner: Send + Sync {
     fn release(&self, slot: Slot, acquired_at: Nanos);
 }
 
+/// How a request got its lease: what `x-modelpool-admission` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// The model was resident.
+    Hit,
+    /// It joined a load another request started.
+    Join,
+    /// Its own request started the load.
+    Load,
+    /// It waited in the admission queue first (then hit, joined or loaded).
+    Queued,
+}
+
+impl Admitted {
+    /// `self`, unless it is `Hit` (a request that waited in the queue stays `Queued`).
+    pub(super) fn or(self, then: Admitted) -> Admitted {
+        if self == Admitted::Hit { then } else { self }
+    }
+
+    /// The header value: `hit`, `join`, `load` or `queued`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admitted::Hit => "hit",
+            Admitted::Join => "join",
+            Admitted::Load => "load",
+            Admitted::Queued => "queued",
+        }
+    }
+}
+
 /// A right to use a loaded model. While any lease on a model lives, the model is not unloaded;
 /// dropping the lease ends the request (the model becomes evictable when no lease remains).
 pub struct Lease {
+    pub(super) admitted: Admitted,
+    pub(super) waited: std::time::Duration,
     pub(super) slot: Slot,
     pub(super) model: ModelId,
     pub(super) model_type: ModelType,
@@ -37,6 +69,14 @@ impl Lease {
     /// The model's type.
     pub fn model_type(&self) -> ModelType {
         self.model_type
+    }
+    /// How this request was admitted.
+    pub fn admitted(&self) -> Admitted {
+        self.admitted
+    }
+    /// How long the request waited for its lease (a queue wait, a load, an unload): zero for a hit.
+    pub fn waited(&self) -> std::time::Duration {
+        self.waited
     }
     /// The loaded model, for inference calls.
     pub fn handle(&self) -> &Arc<dyn ModelHandle> {

@@ -27,7 +27,7 @@ mod lease;
 mod queue;
 mod report;
 
-pub use lease::Lease;
+pub use lease::{Admitted, Lease};
 use lease::{LeaseOwner, WaitGuard, load_outcome};
 use queue::{QueueGuard, Step, Woken};
 pub use report::{DryRun, PoolStatus, UnloadReport};
@@ -321,7 +321,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// As [`ModelPool::acquire`].
     pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
         self.check_open()?;
-        let deadline = Instant::now() + UNLOAD_WAIT_MAX;
+        let started = Instant::now();
+        let deadline = started + UNLOAD_WAIT_MAX;
+        let mut how = Admitted::Hit;
         let (slot, rx) = loop {
             let (slot, step) = {
                 let mut core = self.inner.lock();
@@ -336,9 +338,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 }
                 let now = self.inner.now();
                 match core.state.admit(slot, now, Intent::Request) {
-                    Admission::Hit => return Ok(self.lease(&core, slot, now)),
-                    Admission::Join => break (slot, core.loads[&slot].subscribe()),
+                    Admission::Hit => return Ok(self.lease(&core, slot, now, how, started.elapsed())),
+                    Admission::Join => {
+                        how = how.or(Admitted::Join);
+                        break (slot, core.loads[&slot].subscribe());
+                    }
                     Admission::Load(plan) => {
+                        how = how.or(Admitted::Load);
                         break (slot, self.inner.start_load(&mut core, slot, plan.victims));
                     }
                     Admission::AwaitUnload => {
@@ -369,11 +375,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                     self.check_open()?;
                 }
                 Step::Queue(ticket, rx) => {
+                    how = Admitted::Queued;
                     let mut queued = QueueGuard { pool: self, ticket, slot, rx: Some(rx) };
                     match queued.wait().await? {
                         Woken::Leased => {
                             let core = self.inner.lock();
-                            return Ok(self.lease(&core, slot, self.inner.now()));
+                            return Ok(self.lease(&core, slot, self.inner.now(), how, started.elapsed()));
                         }
                         Woken::Wait(rx) => break (slot, rx),
                     }
@@ -385,7 +392,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         guard.finished = true;
         result?;
         let core = self.inner.lock();
-        Ok(self.lease(&core, slot, self.inner.now()))
+        Ok(self.lease(&core, slot, self.inner.now(), how, started.elapsed()))
     }
 
     /// Called under the lock when an admission answered [`Admission::AwaitUnload`]: a future
@@ -412,9 +419,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         })
     }
 
-    fn lease(&self, core: &Core<P, E>, slot: Slot, now: Nanos) -> Lease {
+    fn lease(
+        &self,
+        core: &Core<P, E>,
+        slot: Slot,
+        now: Nanos,
+        admitted: Admitted,
+        waited: Duration,
+    ) -> Lease {
         let spec = core.state.spec(slot);
         Lease {
+            admitted,
+            waited,
             slot,
             model: spec.id.clone(),
             model_type: spec.model_type,

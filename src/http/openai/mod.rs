@@ -67,5 +67,7 @@ async fn acquire(
     let t = Instant::now();
     let r = state.pool.acquire_as(model, types).await;
     timer.set_acquire(t.elapsed());
-    Ok(r?)
+    let lease = r?;
+    timer.set_admitted(lease.admitted().as_str(), lease.waited());
+    Ok(lease)
 }

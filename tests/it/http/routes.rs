@@ -489,6 +489,15 @@ async fn queued_requests_are_served_or_get_well_formed_queue_503s() {
     drop(lease);
     let r = waiting.await.unwrap();
     assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+    let header = |r: &warp::http::Response<Bytes>, h: &str| r.headers()[h].to_str().unwrap().to_string();
+    assert_eq!(header(&r, "x-modelpool-admission"), "queued");
+    assert!(header(&r, "x-modelpool-wait-ms").parse::<u64>().unwrap() >= 2000, "it waited 2 s");
+    // The model is resident now: a hit, no wait.
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_eq!(
+        (header(&r, "x-modelpool-admission"), header(&r, "x-modelpool-wait-ms")),
+        ("hit".into(), "0".into())
+    );
     // Now one that waits the whole 10 s.
     let lease = h.pool.acquire("chat-big").await.unwrap();
     let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
@@ -497,6 +506,17 @@ async fn queued_requests_are_served_or_get_well_formed_queue_503s() {
     assert!(retry_after(&r).is_some_and(|s| s >= 1));
     drop(lease);
     h.check_invariants();
+    let text = String::from_utf8(h.req("GET", "/metrics").await.body().to_vec()).unwrap();
+    for line in [
+        "modelpool_queued_total 2",
+        "modelpool_dequeued_total 1",
+        "modelpool_queue_length 0",
+        "modelpool_queue_peak_length 1",
+        "modelpool_rejections_total{code=\"queue_full\"} 1",
+        "modelpool_rejections_total{code=\"queue_timeout\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
 }
 
 #[tokio::test]
