@@ -86,3 +86,33 @@ fn gdsf_keeps_the_model_that_is_costly_to_reload() {
     let _ = st.admit(next, s(70), Intent::Request);
     insta::assert_yaml_snapshot!(log(&st));
 }
+
+/// The admission queue: a burst for three 6 GB models under 10 GB while one is busy waits,
+/// is served in arrival order as leases end, and the one that waits too long times out.
+#[test]
+fn queued_burst_is_served_in_order_and_the_last_times_out() {
+    let mut cfg = modelpool::PoolConfig::with_limit(10_000_000_000).with_queue(s(20), 8);
+    cfg.log = modelpool::LogMode::Full;
+    let mut st = PoolState::new(cfg, modelpool::Lru::new(), NameEstimator);
+    let a = reg_sized(&mut st, "a", 6.0);
+    let b = reg_sized(&mut st, "b", 6.0);
+    let c = reg_sized(&mut st, "c", 6.0);
+    request(&mut st, a, s(0)); // a busy
+    assert!(matches!(st.admit(b, s(1), Intent::Request), modelpool::Admission::Queued(_)));
+    assert!(matches!(st.admit(c, s(2), Intent::Request), modelpool::Admission::Queued(_)));
+    // a's request ends at 5 s: b's turn (a evicted). The driver carries the load out.
+    st.release(a, s(5), s(0));
+    let wakes: Vec<_> = st.take_wakes().collect();
+    let modelpool::Admission::Load(plan) = &wakes[0].outcome else { panic!("{wakes:?}") };
+    for &v in &plan.victims {
+        st.reclaimed(v, s(5));
+    }
+    st.load_finished(b, s(6), Ok(6_000_000_000));
+    // b's request runs past c's deadline (2 s + 20 s): c times out at its tick.
+    st.queue_tick(s(12)); // c starts starving: nothing else waits, nothing changes
+    st.queue_tick(s(22));
+    assert_eq!(st.take_wakes().count(), 1);
+    st.release(b, s(30), s(6));
+    st.check_invariants().unwrap();
+    insta::assert_yaml_snapshot!(log(&st));
+}
