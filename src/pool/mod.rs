@@ -262,8 +262,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// As [`ModelPool::acquire`].
     pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
         self.check_open()?;
-        let started = Instant::now();
-        let deadline = started + UNLOAD_WAIT_MAX;
+        // The pool clock at the first admission; the hot path (a hit) reads no extra clock.
+        let mut started: Option<Nanos> = None;
+        let mut deadline: Option<Instant> = None;
         let mut how = Admitted::Hit;
         let (slot, rx) = loop {
             let (slot, step) = {
@@ -278,8 +279,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                     });
                 }
                 let now = self.inner.now();
+                let since = *started.get_or_insert(now);
                 match core.state.admit(slot, now, Intent::Request) {
-                    Admission::Hit => return Ok(self.lease(&core, slot, now, how, started.elapsed())),
+                    Admission::Hit => {
+                        let waited = Duration::from_nanos(now - since);
+                        return Ok(self.lease(&core, slot, now, how, waited));
+                    }
                     Admission::Join => {
                         how = how.or(Admitted::Join);
                         break (slot, core.loads[&slot].subscribe());
@@ -289,7 +294,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                         break (slot, self.inner.start_load(&mut core, slot, plan.victims));
                     }
                     Admission::AwaitUnload => {
-                        (slot, Step::Unload(self.await_reclaim(&core, slot, deadline)?))
+                        let until = *deadline.get_or_insert_with(|| Instant::now() + UNLOAD_WAIT_MAX);
+                        (slot, Step::Unload(self.await_reclaim(&core, slot, until)?))
                     }
                     Admission::Queued(ticket) => {
                         let (tx, rx) = oneshot::channel();
@@ -321,7 +327,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                     match queued.wait().await? {
                         Woken::Leased => {
                             let core = self.inner.lock();
-                            return Ok(self.lease(&core, slot, self.inner.now(), how, started.elapsed()));
+                            let now = self.inner.now();
+                            let waited = Duration::from_nanos(now.saturating_sub(started.unwrap_or(now)));
+                            return Ok(self.lease(&core, slot, now, how, waited));
                         }
                         Woken::Wait(rx) => break (slot, rx),
                     }
@@ -333,7 +341,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         guard.finished = true;
         result?;
         let core = self.inner.lock();
-        Ok(self.lease(&core, slot, self.inner.now(), how, started.elapsed()))
+        let now = self.inner.now();
+        let waited = Duration::from_nanos(now.saturating_sub(started.unwrap_or(now)));
+        Ok(self.lease(&core, slot, now, how, waited))
     }
 
     /// Called under the lock when an admission answered [`Admission::AwaitUnload`]: a future

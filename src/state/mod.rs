@@ -610,7 +610,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn end_lease(&mut self, slot: Slot, now: Nanos) -> bool {
         let must_unload = self.end_lease_bytes(slot, now);
         if !self.queue.is_empty() {
-            self.pump(now);
+            self.pump_cold(now);
         }
         must_unload
     }

@@ -175,6 +175,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.wakes.push(Wake { ticket: q.ticket, slot: q.slot, queued_at: q.arrived, outcome });
     }
 
+    /// [`PoolState::pump`] off the hot path (a lease ending with requests queued is rare).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn pump_cold(&mut self, now: Nanos) {
+        self.pump(now);
+    }
+
     /// Re-examine the queue after capacity may have come free (see the module docs for the
     /// order). Every admission decided is carried out in the ledger and left in the wakes.
     pub(super) fn pump(&mut self, now: Nanos) {
