@@ -17,10 +17,15 @@ use crate::estimate::{Estimate, EstimateSource, FileEstimator, SizeEstimator, we
 use crate::types::{ModelSpec, ModelType};
 
 mod gguf;
+mod safetensors;
 
 use gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
 pub use gguf::{GgufTensorInfo, gguf_tensors};
 pub(crate) use gguf::{is_gguf, single_gguf};
+pub use safetensors::{
+    MlxQuantization, QuantParams, SafetensorsTensor, mlx_dir_resident_bytes, read_config, safetensors_files,
+    safetensors_header,
+};
 
 /// Why a models directory could not be scanned.
 #[derive(Debug, thiserror::Error)]
@@ -172,9 +177,10 @@ pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
 /// loading them, or `None` when the layout is not one it serves. For a GGUF decoder this reads
 /// the tensor table from the file header: with `dequantize` every tensor is held as f32; without,
 /// Q4_0/Q4_1 stay 4-bit and Q8_0 8-bit (group 32, f32 scales and biases) and the rest f32. For a
-/// Hugging Face directory it is the safetensors size (held as f32). Use it as the spec's size
-/// hint so that the pool reserves the real size on the first load (a dequantized GGUF is about
-/// 5.5x its file).
+/// Hugging Face / MLX safetensors directory it is computed from the safetensors headers and the
+/// config's quantization ([`mlx_dir_resident_bytes`]: floats as f32; quantized weights unpacked
+/// to f32 with `dequantize`, else kept packed). Use it as the spec's size hint so that the pool
+/// reserves the real size on the first load (a dequantized GGUF is about 5.5x its file).
 pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> {
     let path = spec.path.as_ref()?;
     let gguf = if is_gguf(path) {
@@ -200,8 +206,10 @@ pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> 
                 .sum(),
         );
     }
-    let st = path.join("model.safetensors");
-    std::fs::metadata(st).ok().map(|m| m.len())
+    if path.is_dir() && path.join("config.json").is_file() {
+        return mlx_dir_resident_bytes(path, dequantize).ok();
+    }
+    None
 }
 
 /// Sizes models as the MLX backend will hold them, from their files
