@@ -260,7 +260,7 @@ pub fn mlx_dir_resident_bytes(dir: &Path, dequantize: bool) -> Result<u64, Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Writes a safetensors file with the given (name, dtype, shape, element bytes) tensors.
