@@ -222,4 +222,43 @@ mod tests {
             "{\"name\": \"f\", \"args\": {\"x\": [1, true, null, 2.5]}, \"e\": {}}|{\n  \"a\": [\n    1\n  ]\n}"
         );
     }
+
+    /// minijinja's rendering equals transformers' jinja2 rendering
+    /// (`tests/fixtures/chat_templates.json`, scripts/make-chat-template-reference.py) for
+    /// SmolLM2's template and the family shapes (ChatML, Llama 3, Gemma, Mistral, Phi), with a
+    /// system prompt, multi-turn, and with and without the generation prompt.
+    #[test]
+    fn renders_as_transformers_does() {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 24);
+        for c in cases {
+            let tokens: Vec<(&'static str, String)> = ["bos_token", "eos_token"]
+                .into_iter()
+                .map(|k| (k, c["tokens"][k].as_str().unwrap().to_string()))
+                .collect();
+            let t = ChatTemplate::new(c["template"].as_str().unwrap(), tokens).unwrap();
+            let msgs: Vec<ChatMessage> = c["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| msg(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            let agp = c["add_generation_prompt"].as_bool().unwrap();
+            let got = t.render(&msgs, agp).unwrap();
+            assert_eq!(
+                got,
+                c["expected"].as_str().unwrap(),
+                "{} (agp {agp}, {} messages)",
+                c["template_name"],
+                msgs.len()
+            );
+        }
+        // Gemma's template refuses roles out of order with its own message.
+        let gemma = cases.iter().find(|c| c["template_name"] == "gemma").unwrap();
+        let t = ChatTemplate::new(gemma["template"].as_str().unwrap(), vec![]).unwrap();
+        let e = t.render(&[msg("assistant", "x")], true).unwrap_err().to_string();
+        assert!(e.contains("Conversation roles must alternate"), "{e}");
+    }
 }
