@@ -185,11 +185,14 @@ fn edit_config(d: &std::path::Path, f: impl FnOnce(&mut Value)) {
     std::fs::write(&p, v.to_string()).unwrap();
 }
 
+/// Breaks a copied model directory.
+type Breaker = Box<dyn Fn(&std::path::Path)>;
+
 /// Bad directories fail the load with a message naming the file or field, and through the
 /// pool the ledger is left empty.
 #[tokio::test]
 async fn bad_directories_are_clear_load_errors_and_leave_the_ledger_unchanged() {
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &str)> = vec![
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         (
             "unknown architecture",
             Box::new(|d| edit_config(d, |v| v["model_type"] = "mamba".into())),

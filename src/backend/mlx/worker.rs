@@ -17,8 +17,12 @@ use crate::catalog::read_config;
 
 /// A model on its worker thread.
 enum Loaded {
-    Llama { model: llama::Llama, tok: text::TextTokenizer },
-    Bert(bert::Bert),
+    /// Boxed, as is `Bert`: the variants differ in size by hundreds of bytes.
+    Llama {
+        model: Box<llama::Llama>,
+        tok: Box<text::TextTokenizer>,
+    },
+    Bert(Box<bert::Bert>),
 }
 
 impl Loaded {
@@ -30,7 +34,7 @@ impl Loaded {
                 let tok = text::TextTokenizer::from_gguf(&f)?;
                 let cfg = llama::LlamaConfig::from_gguf(&f)?;
                 let model = llama::Llama::load(&mut llama::Source::Gguf(&f), cfg, format)?;
-                Ok(Loaded::Llama { model, tok })
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
             }
             Kind::HfDecoder(dir) => {
                 // Cheap checks first (config, tokenizer, headers), then the weights.
@@ -40,9 +44,9 @@ impl Loaded {
                 let mut src = llama::Source::hf(dir, &config)?;
                 let model =
                     llama::Llama::load(&mut src, cfg, format).with_context(|| dir.display().to_string())?;
-                Ok(Loaded::Llama { model, tok })
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
             }
-            Kind::Bert(p) => Ok(Loaded::Bert(bert::Bert::load(p)?)),
+            Kind::Bert(p) => Ok(Loaded::Bert(Box::new(bert::Bert::load(p)?))),
         }
     }
 
