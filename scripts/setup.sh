@@ -18,5 +18,9 @@ scripts/setup-mlx.sh
 # downloaded at run time by the server or the tests.
 scripts/fetch-models.sh
 
+# MLX-format directories (mlx-community layout: 4/8-bit, mixed, bf16, sharded) made from that
+# GGUF by mlx-lm's converter, and tiny random checkpoints of other families, into models/mlx.
+scripts/setup-mlx-models.sh
+
 # Server: wrk (benchmark) and a venv with the official `openai` client (end-to-end test).
 scripts/setup-server.sh

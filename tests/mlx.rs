@@ -19,6 +19,9 @@ use modelpool::catalog::{mlx_resident_estimate, scan_models_dir};
 use modelpool::{ModelPool, ModelSpec, ModelType, NameEstimator, Phase, PolicyKind, PoolConfig};
 use serde_json::Value;
 
+#[path = "mlx/native.rs"]
+mod native;
+
 const SMOLLM: &str = "smollm2-135m-instruct";
 const MINILM: &str = "all-minilm-l6-v2";
 
@@ -305,15 +308,20 @@ async fn quantized_option_serves_the_same_model_in_less_memory() {
     h.unload().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
+/// An LRU pool with an 8 GB limit over the f32 [`backend`].
+fn lru_pool() -> ModelPool {
     let backend: Arc<dyn Backend> = Arc::new(backend());
-    let pool: ModelPool = ModelPool::new(
+    ModelPool::new(
         PoolConfig::with_limit(8_000_000_000),
         PolicyKind::Lru.build(),
         Box::new(NameEstimator) as Box<dyn modelpool::SizeEstimator>,
         backend,
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
+    let pool = lru_pool();
     pool.register(spec(SMOLLM));
     pool.register(spec(MINILM));
     assert_eq!(pool.spec(MINILM).unwrap().model_type, ModelType::Embeddings);

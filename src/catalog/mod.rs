@@ -17,10 +17,15 @@ use crate::estimate::{Estimate, EstimateSource, FileEstimator, SizeEstimator, we
 use crate::types::{ModelSpec, ModelType};
 
 mod gguf;
+mod safetensors;
 
 use gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
 pub use gguf::{GgufTensorInfo, gguf_tensors};
 pub(crate) use gguf::{is_gguf, single_gguf};
+pub use safetensors::{
+    MlxQuantization, QuantParams, SafetensorsTensor, mlx_dir_resident_bytes, read_config, safetensors_files,
+    safetensors_header,
+};
 
 /// Why a models directory could not be scanned.
 #[derive(Debug, thiserror::Error)]
@@ -96,29 +101,107 @@ fn gguf_type(id: &str) -> ModelType {
 /// Deepest directory level searched below the models directory.
 const SCAN_DEPTH: usize = 3;
 
+/// The Hugging Face cache's repository folder name for a model id: `models--org--name` ->
+/// `org/name` (`models--name` -> `name`); `None` for other names (datasets, spaces, anything
+/// else).
+pub fn hf_cache_model_id(folder: &str) -> Option<String> {
+    let rest = folder.strip_prefix("models--")?;
+    (!rest.is_empty()).then(|| rest.replacen("--", "/", 1))
+}
+
+/// The snapshot a Hugging Face cache repository folder serves, offline: the revision named in
+/// `refs/main` when that snapshot exists; else the only snapshot; else the most recently
+/// modified one. `None` when there is no snapshot. Files in a snapshot are usually symlinks
+/// into `blobs/`, which every reader here follows.
+pub fn hf_cache_snapshot(repo: &Path) -> Option<PathBuf> {
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
+        let snap = snapshots.join(rev.trim());
+        if !rev.trim().is_empty() && snap.is_dir() {
+            return Some(snap);
+        }
+    }
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .map(|p| (std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), p))
+        .collect();
+    snaps.sort();
+    snaps.pop().map(|(_, p)| p)
+}
+
+fn sorted_entries(d: &Path) -> Result<Vec<PathBuf>, CatalogError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+        .map_err(io_err(d))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(d))?;
+    v.retain(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')));
+    v.sort();
+    Ok(v)
+}
+
+/// The model(s) directory `p` holds under the id `id`, if it is a model directory: a
+/// Hugging Face / MLX layout (`config.json` or `*.safetensors`; type from the config), or a
+/// directory of GGUF files and no subdirectory (one file: the model `id`; several, as in LM
+/// Studio or a GGUF repository: `id/<file stem>` each). Empty when it is neither.
+fn models_in_dir(p: &Path, id: &str) -> Result<Vec<ModelSpec>, CatalogError> {
+    let entries = sorted_entries(p)?;
+    let config = p.join("config.json");
+    let has_safetensors = entries
+        .iter()
+        .any(|e| e.is_file() && e.extension().and_then(|x| x.to_str()).is_some_and(|x| x == "safetensors"));
+    if config.is_file() || has_safetensors {
+        let value = if config.is_file() {
+            let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
+            Some(
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(|source| CatalogError::Config { path: config.clone(), source })?,
+            )
+        } else {
+            None
+        };
+        let t = infer_dir_type(p, id, value.as_ref());
+        return Ok(vec![ModelSpec::new(id).with_type(t).with_path(p)]);
+    }
+    let ggufs: Vec<&PathBuf> = entries.iter().filter(|e| is_gguf(e)).collect();
+    if ggufs.is_empty() || entries.iter().any(|e| e.is_dir()) {
+        return Ok(Vec::new());
+    }
+    if let [one] = ggufs.as_slice() {
+        return Ok(vec![ModelSpec::new(id).with_type(gguf_type(id)).with_path(one)]);
+    }
+    Ok(ggufs
+        .iter()
+        .map(|g| {
+            let stem = g.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let id = format!("{id}/{stem}");
+            let t = gguf_type(&id);
+            ModelSpec::new(id).with_type(t).with_path(g)
+        })
+        .collect())
+}
+
 /// Scans `dir` and returns one spec per model found, sorted by id. Ids are paths relative to
-/// `dir` with `/` separators, so `org/name` layouts keep their `org/`.
+/// `dir` with `/` separators, so `org/name` layouts (LM Studio's `publisher/name` folders) keep
+/// their `org/`.
+/// - A Hugging Face cache repository folder `models--org--name` (as in
+///   `~/.cache/huggingface/hub`) is the model `org/name`, served from the snapshot
+///   [`hf_cache_snapshot`] picks (`refs/main`); `datasets--*` and `spaces--*` are skipped.
 /// - A directory with `config.json` or `*.safetensors` is one model (a Hugging Face / MLX
 ///   layout; its subdirectories are not searched); its type comes from the config and layout.
-/// - A directory holding exactly one `.gguf` file (and no config) is one model named after the
-///   directory, whose path is the file (the layout `scripts/fetch-models.sh` writes).
+/// - A directory of `.gguf` files and no subdirectory: with one file, one model named after the
+///   directory whose path is the file (the layout `scripts/fetch-models.sh` writes); with
+///   several, one model per file, `<dir>/<file stem>`.
 /// - Any other `.gguf` file is one model named after its path without the extension.
 /// - Other directories are searched, down to three levels; hidden entries are skipped.
 ///
-/// Specs carry no size hint: the pool's estimator sizes them and a load replaces the estimate
-/// with measured bytes. Errors when `dir` or a subdirectory cannot be read or a `config.json` is
-/// not JSON, naming the path.
+/// Specs carry no size hint: the pool's estimator sizes them (for the MLX backend,
+/// [`MlxFileEstimator`] from the headers) and a load replaces the estimate with measured
+/// bytes. Errors when `dir` or a subdirectory cannot be read or a `config.json` is not JSON,
+/// naming the path.
 pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
-    fn sorted_entries(d: &Path) -> Result<Vec<PathBuf>, CatalogError> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
-            .map_err(io_err(d))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io_err(d))?;
-        v.retain(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')));
-        v.sort();
-        Ok(v)
-    }
     fn walk(root: &Path, d: &Path, depth: usize, out: &mut Vec<ModelSpec>) -> Result<(), CatalogError> {
         let id_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
         for p in sorted_entries(d)? {
@@ -131,31 +214,19 @@ pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
             if !p.is_dir() {
                 continue;
             }
-            let entries = sorted_entries(&p)?;
-            let config = p.join("config.json");
-            let has_safetensors = entries.iter().any(|e| {
-                e.is_file() && e.extension().and_then(|x| x.to_str()).is_some_and(|x| x == "safetensors")
-            });
-            if config.is_file() || has_safetensors {
-                let value = if config.is_file() {
-                    let text = std::fs::read_to_string(&config).map_err(io_err(&config))?;
-                    Some(
-                        serde_json::from_str::<serde_json::Value>(&text)
-                            .map_err(|source| CatalogError::Config { path: config.clone(), source })?,
-                    )
-                } else {
-                    None
-                };
-                let id = id_of(&p);
-                let t = infer_dir_type(&p, &id, value.as_ref());
-                out.push(ModelSpec::new(id).with_type(t).with_path(&p));
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if ["datasets--", "spaces--"].iter().any(|k| name.starts_with(k)) {
                 continue;
             }
-            let ggufs: Vec<&PathBuf> = entries.iter().filter(|e| is_gguf(e)).collect();
-            if ggufs.len() == 1 && !entries.iter().any(|e| e.is_dir()) {
-                let id = id_of(&p);
-                let t = gguf_type(&id);
-                out.push(ModelSpec::new(id).with_type(t).with_path(ggufs[0]));
+            if let Some(id) = hf_cache_model_id(&name) {
+                if let Some(snap) = hf_cache_snapshot(&p) {
+                    out.extend(models_in_dir(&snap, &id)?);
+                }
+                continue;
+            }
+            let found = models_in_dir(&p, &id_of(&p))?;
+            if !found.is_empty() {
+                out.extend(found);
             } else if depth < SCAN_DEPTH {
                 walk(root, &p, depth + 1, out)?;
             }
@@ -172,9 +243,10 @@ pub fn scan_models_dir(dir: &Path) -> Result<Vec<ModelSpec>, CatalogError> {
 /// loading them, or `None` when the layout is not one it serves. For a GGUF decoder this reads
 /// the tensor table from the file header: with `dequantize` every tensor is held as f32; without,
 /// Q4_0/Q4_1 stay 4-bit and Q8_0 8-bit (group 32, f32 scales and biases) and the rest f32. For a
-/// Hugging Face directory it is the safetensors size (held as f32). Use it as the spec's size
-/// hint so that the pool reserves the real size on the first load (a dequantized GGUF is about
-/// 5.5x its file).
+/// Hugging Face / MLX safetensors directory it is computed from the safetensors headers and the
+/// config's quantization ([`mlx_dir_resident_bytes`]: floats as f32; quantized weights unpacked
+/// to f32 with `dequantize`, else kept packed). Use it as the spec's size hint so that the pool
+/// reserves the real size on the first load (a dequantized GGUF is about 5.5x its file).
 pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> {
     let path = spec.path.as_ref()?;
     let gguf = if is_gguf(path) {
@@ -200,8 +272,10 @@ pub fn mlx_resident_estimate(spec: &ModelSpec, dequantize: bool) -> Option<u64> 
                 .sum(),
         );
     }
-    let st = path.join("model.safetensors");
-    std::fs::metadata(st).ok().map(|m| m.len())
+    if path.is_dir() && path.join("config.json").is_file() {
+        return mlx_dir_resident_bytes(path, dequantize).ok();
+    }
+    None
 }
 
 /// Sizes models as the MLX backend will hold them, from their files
@@ -347,6 +421,101 @@ mod tests {
         assert!(gguf_tensors(&p).is_err(), "truncated header");
         std::fs::write(&p, b"NOPE....").unwrap();
         assert!(gguf_tensors(&p).is_err());
+    }
+
+    /// A Hugging Face cache (blobs behind symlinks, `refs/main`, two revisions, a dataset to
+    /// skip) and an LM Studio tree (`publisher/name` folders with an MLX directory and with
+    /// several GGUF files), scanned together: ids as users write them, types from the configs,
+    /// the snapshot `refs/main` names, size hints from the safetensors headers.
+    #[test]
+    fn hugging_face_cache_and_lm_studio_layouts() {
+        use crate::catalog::safetensors::tests::write_st;
+        let (_tmp, d) = tmpdir();
+        let hub = d.join("hub");
+        let repo = hub.join("models--mlx-community--Tiny-4bit");
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        // 4-bit [64, 128] linear (packed [64, 16] u32, scales/biases [64, 2] bf16) + bf16 norm.
+        write_st(
+            &repo.join("blobs/aaa"),
+            &[
+                ("l.weight", "U32", vec![64, 16], 4),
+                ("l.scales", "BF16", vec![64, 2], 2),
+                ("l.biases", "BF16", vec![64, 2], 2),
+                ("norm.weight", "BF16", vec![128], 2),
+            ],
+        );
+        std::fs::write(
+            repo.join("blobs/ccc"),
+            r#"{"model_type":"llama","quantization":{"group_size":64,"bits":4}}"#,
+        )
+        .unwrap();
+        std::fs::write(repo.join("blobs/vvv"), r#"{"model_type":"llava","vision_config":{}}"#).unwrap();
+        for (rev, config) in [("old111", "vvv"), ("new222", "ccc")] {
+            let snap = repo.join("snapshots").join(rev);
+            std::fs::create_dir_all(&snap).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/{config}"), snap.join("config.json")).unwrap();
+            std::os::unix::fs::symlink("../../blobs/aaa", snap.join("model.safetensors")).unwrap();
+        }
+        std::fs::write(repo.join("refs/main"), "new222\n").unwrap();
+        let emb = hub.join("models--sentence-transformers--all-MiniLM-L6-v2/snapshots/r1");
+        std::fs::create_dir_all(&emb).unwrap();
+        std::fs::write(emb.join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
+        std::fs::create_dir_all(hub.join("datasets--org--data/snapshots/r")).unwrap();
+        std::fs::write(hub.join("datasets--org--data/snapshots/r/config.json"), "{}").unwrap();
+        std::fs::create_dir_all(hub.join(".locks")).unwrap();
+
+        let lms = d.join("lmstudio");
+        std::fs::create_dir_all(lms.join("lmstudio-community/Qwen-GGUF")).unwrap();
+        for q in ["Qwen-Q4_K_M.gguf", "Qwen-Q8_0.gguf"] {
+            std::fs::write(lms.join("lmstudio-community/Qwen-GGUF").join(q), b"GGUF").unwrap();
+        }
+        std::fs::create_dir_all(lms.join("mlx-community/Phi-8bit")).unwrap();
+        std::fs::write(lms.join("mlx-community/Phi-8bit/config.json"), r#"{"model_type":"phi3"}"#).unwrap();
+
+        let got = |root: &Path| -> Vec<(String, ModelType, PathBuf)> {
+            scan_models_dir(root)
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.id.to_string(), s.model_type, s.path.clone().unwrap()))
+                .collect()
+        };
+        let snap = repo.join("snapshots/new222");
+        assert_eq!(
+            got(&hub),
+            vec![
+                ("mlx-community/Tiny-4bit".into(), ModelType::TextGen, snap.clone()),
+                ("sentence-transformers/all-MiniLM-L6-v2".into(), ModelType::Embeddings, emb.clone()),
+            ]
+        );
+        assert_eq!(
+            got(&lms),
+            vec![
+                (
+                    "lmstudio-community/Qwen-GGUF/Qwen-Q4_K_M".into(),
+                    ModelType::TextGen,
+                    lms.join("lmstudio-community/Qwen-GGUF/Qwen-Q4_K_M.gguf")
+                ),
+                (
+                    "lmstudio-community/Qwen-GGUF/Qwen-Q8_0".into(),
+                    ModelType::TextGen,
+                    lms.join("lmstudio-community/Qwen-GGUF/Qwen-Q8_0.gguf")
+                ),
+                ("mlx-community/Phi-8bit".into(), ModelType::TextGen, lms.join("mlx-community/Phi-8bit")),
+            ]
+        );
+        // The parent of hub/ finds the same cache models (ids keep no `hub/` prefix).
+        assert!(got(&d).iter().any(|(id, _, p)| id == "mlx-community/Tiny-4bit" && *p == snap));
+        // Without refs/main the newest snapshot is served.
+        std::fs::remove_file(repo.join("refs/main")).unwrap();
+        assert!(hf_cache_snapshot(&repo).is_some());
+        std::fs::write(repo.join("refs/main"), "new222").unwrap();
+        // Size hints from the headers behind the symlinks: f32 when dequantized, packed otherwise.
+        let spec = ModelSpec::new("mlx-community/Tiny-4bit").with_path(&snap);
+        assert_eq!(mlx_resident_estimate(&spec, true), Some(64 * 128 * 4 + 128 * 4));
+        assert_eq!(mlx_resident_estimate(&spec, false), Some(64 * 16 * 4 + 2 * 64 * 2 * 4 + 128 * 4));
+        assert_eq!(hf_cache_model_id("models--gpt2").as_deref(), Some("gpt2"));
+        assert_eq!(hf_cache_model_id("datasets--a--b"), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::MlxOptions;
-use super::worker::{self, Command, Probe};
+use super::worker::{self, Command, Probe, ProbeInput};
 use crate::backend::{
     Backend, BackendError, Embeddings, GenerateRequest, GenerateStream, ModelHandle, Prompt, check_type,
 };
@@ -36,8 +36,13 @@ impl MlxBackend {
 /// What a spec's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Kind {
+    /// A GGUF decoder file.
     Gguf(PathBuf),
+    /// A Hugging Face BERT encoder directory.
     Bert(PathBuf),
+    /// A Hugging Face / MLX safetensors decoder directory (`config.json` of a text-gen
+    /// architecture; the worker checks the `model_type`).
+    HfDecoder(PathBuf),
 }
 
 fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
@@ -50,7 +55,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
     };
     if spec.model_type == ModelType::Vision {
         return fail(format!(
-            "model '{}' is a vision model: the MLX backend serves text-gen (GGUF Llama) and embeddings (BERT) only; no vision-language weights are available",
+            "model '{}' is a vision model: the MLX backend serves text-gen (GGUF and safetensors decoders) and embeddings (BERT) only; no vision-language weights are available",
             spec.id
         ));
     }
@@ -64,17 +69,17 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         if config.is_file() {
             let parsed: Option<serde_json::Value> =
                 std::fs::read_to_string(&config).ok().and_then(|t| serde_json::from_str(&t).ok());
-            match parsed {
-                Some(v) if crate::catalog::model_type_of_config(&v) == ModelType::Embeddings => {}
-                Some(_) => {
+            match parsed.as_ref().map(crate::catalog::model_type_of_config) {
+                Some(ModelType::Embeddings) => Kind::Bert(path.clone()),
+                Some(ModelType::TextGen) => Kind::HfDecoder(path.clone()),
+                Some(ModelType::Vision) => {
                     return fail(format!(
-                        "{}: only BERT encoders are served from Hugging Face directories (text-gen models load from .gguf files)",
+                        "{}: a vision-language model (vision_config); the MLX backend serves no vision models",
                         config.display()
                     ));
                 }
                 None => return fail(format!("{} is not valid JSON", config.display())),
             }
-            Kind::Bert(path.clone())
         } else if let Some(g) = crate::catalog::single_gguf(path) {
             Kind::Gguf(g)
         } else {
@@ -84,7 +89,14 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         return fail(format!("{} does not exist", path.display()));
     };
     match (&kind, spec.model_type) {
-        (Kind::Gguf(_), ModelType::TextGen) | (Kind::Bert(_), ModelType::Embeddings) => Ok(kind),
+        (Kind::Gguf(_) | Kind::HfDecoder(_), ModelType::TextGen) | (Kind::Bert(_), ModelType::Embeddings) => {
+            Ok(kind)
+        }
+        (Kind::HfDecoder(p), t) => fail(format!(
+            "model '{}' is declared {t} but {} is a Hugging Face decoder directory (text-gen)",
+            spec.id,
+            p.display()
+        )),
         (Kind::Gguf(p), t) => fail(format!(
             "model '{}' is declared {t} but {} is a GGUF decoder (text-gen)",
             spec.id,
@@ -166,9 +178,28 @@ impl MlxModel {
         steps: usize,
         logit_ids: Vec<u32>,
     ) -> Result<Probe, BackendError> {
+        self.probe_input(ProbeInput::Prompt(prompt), steps, logit_ids).await
+    }
+
+    /// Like [`MlxModel::probe`], on token ids as given (no template, no tokenizer).
+    pub async fn probe_ids(
+        &self,
+        ids: Vec<u32>,
+        steps: usize,
+        logit_ids: Vec<u32>,
+    ) -> Result<Probe, BackendError> {
+        self.probe_input(ProbeInput::Ids(ids), steps, logit_ids).await
+    }
+
+    async fn probe_input(
+        &self,
+        input: ProbeInput,
+        steps: usize,
+        logit_ids: Vec<u32>,
+    ) -> Result<Probe, BackendError> {
         check_type(self.model_type, &[ModelType::TextGen], "probing")?;
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Probe { prompt, steps: steps.max(1), logit_ids, reply })?;
+        self.send(Command::Probe { input, steps: steps.max(1), logit_ids, reply })?;
         rx.await.map_err(|_| BackendError::Gone)?
     }
 
@@ -244,12 +275,14 @@ mod tests {
     }
 
     #[test]
-    fn hf_directories_must_hold_a_bert_config() {
+    fn hf_directories_are_decoders_or_encoders_by_config() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().to_path_buf();
         std::fs::write(d.join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
         let spec = ModelSpec::new("l").with_path(&d);
-        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("only BERT")));
+        assert_eq!(detect_kind(&spec).unwrap(), Kind::HfDecoder(d.clone()));
+        let spec = ModelSpec::new("l").with_type(ModelType::Embeddings).with_path(&d);
+        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("decoder directory")));
         std::fs::write(d.join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
         let spec = ModelSpec::new("b").with_type(ModelType::Embeddings).with_path(&d);
         assert_eq!(detect_kind(&spec).unwrap(), Kind::Bert(d.clone()));
@@ -286,8 +319,13 @@ mod tests {
         let r = started_rx.await.expect("the worker answers");
         assert!(matches!(&r, Err(BackendError::Unsupported(msg)) if msg.contains("embeddings")), "{r:?}");
         let (reply, rx) = oneshot::channel();
-        m.send(Command::Probe { prompt: Prompt::Text("hi".into()), steps: 1, logit_ids: vec![], reply })
-            .unwrap();
+        m.send(Command::Probe {
+            input: ProbeInput::Prompt(Prompt::Text("hi".into())),
+            steps: 1,
+            logit_ids: vec![],
+            reply,
+        })
+        .unwrap();
         assert!(matches!(rx.await.unwrap(), Err(BackendError::Unsupported(_))));
         assert!(m.unload().await.unwrap() > 80_000_000);
     }

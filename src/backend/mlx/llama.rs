@@ -1,15 +1,25 @@
-//! A Llama-family decoder in mlx-rs, loaded from a GGUF file: RMSNorm, RoPE, grouped-query
-//! attention, SwiGLU MLP, tied or separate output embeddings, and a KV cache.
+//! The decoder in mlx-rs, one implementation with per-family configuration (the way mlx-lm's
+//! `llama.py` serves Llama 3.x, SmolLM2 and Mistral, and `qwen2.py` / `qwen3.py` add attention
+//! biases and q/k norms to the same layers): RMSNorm, RoPE (with Llama 3 frequency scaling),
+//! grouped-query attention, SwiGLU MLP, tied or separate output embeddings, a KV cache.
 //!
-//! Weights come from `mlx_rs::io::GgufFile`, which turns Q4_0/Q4_1/Q8_0 tensors into MLX
-//! affine quantized triples (`<name>.weight` packed uint32, `.scales`, `.biases`, group 32).
-//! By default they are dequantized once at load to f32 (scales and biases cast to f32 first,
-//! which is bit-exact with the f32 reference) because MLX's quantized matmul is scalar on x86
-//! CPUs; [`WeightFormat::Quantized`] keeps them packed.
+//! Weights come from one of two sources ([`Source`]):
+//! - a GGUF file through `mlx_rs::io::GgufFile`, which turns Q4_0/Q4_1/Q8_0 tensors into MLX
+//!   affine quantized triples (`<name>.weight` packed uint32, `.scales`, `.biases`, group 32).
+//!   GGUF's q/k rows are in llama.cpp's interleaved RoPE order; attention scores are invariant
+//!   under the same permutation of q and k within a head, so instead of un-permuting the rows
+//!   we apply the interleaved ("traditional") RoPE, which is what that row order means.
+//! - a Hugging Face / MLX safetensors directory (single file or shards; f32, bf16, f16; MLX
+//!   affine-quantized triples with `group_size` / `bits` from `config.json`, per-module
+//!   overrides included), tensor names as transformers and mlx-lm write them.
 //!
-//! q/k rows in GGUF are in llama.cpp's interleaved RoPE order. Attention scores are invariant
-//! under the same permutation of q and k within a head, so instead of un-permuting the rows we
-//! apply the interleaved ("traditional") RoPE, which is what that row order means.
+//! By default quantized weights are dequantized once at load to f32 (scales and biases cast to
+//! f32 first, which is bit-exact with the f32 reference) because MLX's quantized matmul is
+//! scalar on x86 CPUs; [`WeightFormat::Quantized`] keeps them packed. Every float tensor is
+//! held as f32 (x86 has no fast bf16/f16 math).
+
+use std::collections::HashMap;
+use std::path::Path;
 
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::io::GgufFile;
@@ -20,6 +30,7 @@ use mlx_rs::{Array, Dtype};
 use anyhow::{Context, anyhow};
 
 use super::Res;
+use crate::catalog::MlxQuantization;
 
 /// How linear weights are held after load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +41,10 @@ pub(super) enum WeightFormat {
     Quantized,
 }
 
-/// Hyper-parameters read from the GGUF metadata.
+/// The `model_type`s of Hugging Face / MLX directories this decoder serves.
+pub(super) const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+/// Hyper-parameters, from GGUF metadata or `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct LlamaConfig {
     pub n_layers: usize,
@@ -40,12 +54,24 @@ pub(super) struct LlamaConfig {
     pub head_dim: i32,
     pub rope_dims: i32,
     pub rope_base: f32,
+    /// Interleaved ("traditional") RoPE: GGUF's row order, or `rope_traditional` in an MLX config.
+    pub rope_traditional: bool,
+    /// `rope_scaling` `linear`: positions are multiplied by this.
+    pub rope_scale: f32,
+    /// `rope_scaling` `llama3`: the per-pair periods passed to `fast::rope` instead of a base.
+    pub rope_freqs: Option<Vec<f32>>,
+    /// RMSNorm of q and k per head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Use the input embedding as the output layer.
+    pub tied: bool,
     pub eps: f32,
+    /// Longest sequence served: the model's context, or its sliding window when it has one
+    /// (sliding-window attention is not implemented, so prompts past the window are refused).
     pub context: usize,
     pub vocab: usize,
 }
 
-const GROUP_SIZE: i32 = 32;
+const GGUF_GROUP_SIZE: i32 = 32;
 
 fn meta_f64(f: &GgufFile, key: &str) -> Res<Option<f64>> {
     match f.get_metadata_array(key).with_context(|| key.to_string())? {
@@ -59,6 +85,42 @@ fn meta_f64(f: &GgufFile, key: &str) -> Res<Option<f64>> {
 
 fn meta_req(f: &GgufFile, key: &str) -> Res<f64> {
     meta_f64(f, key)?.with_context(|| format!("GGUF metadata has no {key}"))
+}
+
+fn check_heads(hidden: i32, n_heads: i32, n_kv_heads: i32) -> Res<()> {
+    if n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || hidden <= 0 {
+        return Err(anyhow!(
+            "inconsistent attention shape: hidden {hidden}, heads {n_heads}, kv heads {n_kv_heads}"
+        ));
+    }
+    Ok(())
+}
+
+/// mlx-lm's `Llama3RoPE` periods: `base^(2i/dims)`, stretched by `factor` for long
+/// wavelengths and smoothly interpolated in between.
+fn llama3_freqs(dims: i32, base: f32, s: &serde_json::Value) -> Res<Vec<f32>> {
+    let num = |k: &str, d: f64| s.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let factor = s
+        .get("factor")
+        .and_then(|v| v.as_f64())
+        .context("config.json: rope_scaling (llama3) has no \"factor\"")?;
+    let low = num("low_freq_factor", 1.0);
+    let high = num("high_freq_factor", 4.0);
+    let old = num("original_max_position_embeddings", 8192.0);
+    let (low_wl, high_wl) = (old / low, old / high);
+    Ok((0..dims / 2)
+        .map(|i| {
+            let f = (base as f64).powf((2 * i) as f64 / dims as f64);
+            let wl = 2.0 * std::f64::consts::PI * f;
+            let f2 = if wl > low_wl { f * factor } else { f };
+            if wl > high_wl && wl < low_wl {
+                let smooth = (old / wl - low) / (high - low);
+                (f2 / ((1.0 - smooth) / factor + smooth)) as f32
+            } else {
+                f2 as f32
+            }
+        })
+        .collect())
 }
 
 impl LlamaConfig {
@@ -76,10 +138,9 @@ impl LlamaConfig {
         let hidden = meta_req(f, &k("embedding_length"))? as i32;
         let n_heads = meta_req(f, &k("attention.head_count"))? as i32;
         let n_kv_heads = meta_f64(f, &k("attention.head_count_kv"))?.map_or(n_heads, |v| v as i32);
-        if n_heads <= 0 || hidden % n_heads != 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 {
-            return Err(anyhow!(
-                "inconsistent attention shape: hidden {hidden}, heads {n_heads}, kv heads {n_kv_heads}"
-            ));
+        check_heads(hidden, n_heads, n_kv_heads)?;
+        if hidden % n_heads != 0 {
+            return Err(anyhow!("hidden {hidden} is not a multiple of {n_heads} heads"));
         }
         let head_dim = hidden / n_heads;
         Ok(LlamaConfig {
@@ -90,8 +151,82 @@ impl LlamaConfig {
             head_dim,
             rope_dims: meta_f64(f, &k("rope.dimension_count"))?.map_or(head_dim, |v| v as i32),
             rope_base: meta_f64(f, &k("rope.freq_base"))?.unwrap_or(10000.0) as f32,
+            rope_traditional: true,
+            rope_scale: 1.0,
+            rope_freqs: None,
+            qk_norm: false,
+            tied: true,
             eps: meta_f64(f, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
             context: meta_f64(f, &k("context_length"))?.unwrap_or(2048.0) as usize,
+            vocab: 0,
+        })
+    }
+
+    /// From a Hugging Face `config.json` (the field names transformers and mlx-lm use). An
+    /// unknown `model_type` is an error naming it and the supported list; so is a missing
+    /// required field or an unsupported `rope_scaling` type.
+    pub fn from_hf(c: &serde_json::Value) -> Res<Self> {
+        let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+            return Err(anyhow!(
+                "config.json: unsupported model_type '{model_type}' (supported: {})",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ));
+        }
+        let int = |k: &str| c.get(k).and_then(|v| v.as_i64());
+        let req = |k: &str| int(k).with_context(|| format!("config.json: no integer \"{k}\""));
+        let float = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let hidden = req("hidden_size")? as i32;
+        let n_heads = req("num_attention_heads")? as i32;
+        let n_kv_heads = int("num_key_value_heads").map_or(n_heads, |v| v as i32);
+        check_heads(hidden, n_heads, n_kv_heads)?;
+        let head_dim = int("head_dim").map_or(hidden / n_heads.max(1), |v| v as i32);
+        let rope_base = float("rope_theta", 10000.0) as f32;
+        let (mut rope_scale, mut rope_freqs) = (1.0, None);
+        if let Some(s) = c.get("rope_scaling").filter(|s| !s.is_null()) {
+            let kind =
+                s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            match kind {
+                "default" => {}
+                "llama3" => rope_freqs = Some(llama3_freqs(head_dim, rope_base, s)?),
+                "linear" => {
+                    let f = s
+                        .get("factor")
+                        .and_then(|v| v.as_f64())
+                        .context("config.json: rope_scaling (linear) has no \"factor\"")?;
+                    rope_scale = (1.0 / f) as f32;
+                }
+                other => {
+                    return Err(anyhow!(
+                        "config.json: rope_scaling type '{other}' is not supported (default, linear, llama3)"
+                    ));
+                }
+            }
+        }
+        let mut context = int("max_position_embeddings").unwrap_or(4096) as usize;
+        let sliding = match model_type {
+            "mistral" => int("sliding_window"),
+            _ if c.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) => int("sliding_window"),
+            _ => None,
+        };
+        if let Some(w) = sliding.filter(|&w| w > 0) {
+            context = context.min(w as usize);
+        }
+        Ok(LlamaConfig {
+            n_layers: req("num_hidden_layers")? as usize,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dims: head_dim,
+            rope_base,
+            rope_traditional: c.get("rope_traditional").and_then(|v| v.as_bool()).unwrap_or(false),
+            rope_scale,
+            rope_freqs,
+            qk_norm: model_type == "qwen3",
+            tied: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(model_type != "qwen3"),
+            eps: float("rms_norm_eps", 1e-6) as f32,
+            context,
             vocab: 0,
         })
     }
@@ -109,6 +244,7 @@ pub(super) enum Linear {
         w: Array,
         scales: Array,
         biases: Array,
+        group: i32,
         bits: i32,
     },
 }
@@ -122,9 +258,8 @@ impl Linear {
     fn forward(&self, x: &Array) -> Res<Array> {
         match self {
             Linear::Dense { wt, .. } => x.matmul(wt).context("matmul"),
-            Linear::Quant { w, scales, biases, bits } => {
-                ops::quantized_matmul(x, w, scales, biases, true, GROUP_SIZE, *bits)
-                    .context("quantized_matmul")
+            Linear::Quant { w, scales, biases, group, bits } => {
+                ops::quantized_matmul(x, w, scales, biases, true, *group, *bits).context("quantized_matmul")
             }
         }
     }
@@ -133,11 +268,11 @@ impl Linear {
     fn rows(&self, ids: &Array) -> Res<Array> {
         match self {
             Linear::Dense { w, .. } => w.take_axis(ids, 0).context("embedding lookup"),
-            Linear::Quant { w, scales, biases, bits } => {
+            Linear::Quant { w, scales, biases, group, bits } => {
                 let w = w.take_axis(ids, 0).context("embedding lookup")?;
                 let s = scales.take_axis(ids, 0).context("embedding lookup")?;
                 let b = biases.take_axis(ids, 0).context("embedding lookup")?;
-                ops::dequantize(&w, &s, &b, GROUP_SIZE, *bits).context("dequantize rows")
+                ops::dequantize(&w, &s, &b, *group, *bits).context("dequantize rows")
             }
         }
     }
@@ -157,8 +292,10 @@ impl Linear {
     }
 
     /// Stacks several linears with the same input size into one (rows concatenated), so that
-    /// q/k/v and gate/up each run as one matmul.
-    fn fuse(parts: Vec<Linear>) -> Res<Linear> {
+    /// q/k/v and gate/up each run as one matmul. Quantized parts fuse only when they share
+    /// group size and bits (mixed recipes give v more bits than q/k); otherwise `None`, and
+    /// the caller runs them separately ([`Stacked`]).
+    fn fuse(parts: &[Linear]) -> Res<Option<Linear>> {
         let dense: Vec<&Array> = parts
             .iter()
             .filter_map(|p| match p {
@@ -167,38 +304,80 @@ impl Linear {
             })
             .collect();
         if dense.len() == parts.len() {
-            return Linear::dense(ops::concatenate(&dense, 0).context("fuse weights")?);
+            return Ok(Some(Linear::dense(ops::concatenate(&dense, 0).context("fuse weights")?)?));
         }
         let mut ws = Vec::new();
         let mut ss = Vec::new();
         let mut bs = Vec::new();
-        let mut bits_all = None;
-        for p in &parts {
+        let mut params = None;
+        for p in parts {
             match p {
-                Linear::Quant { w, scales, biases, bits } if bits_all.is_none_or(|b| b == *bits) => {
-                    bits_all = Some(*bits);
+                Linear::Quant { w, scales, biases, group, bits }
+                    if params.is_none_or(|q| q == (*group, *bits)) =>
+                {
+                    params = Some((*group, *bits));
                     ws.push(w);
                     ss.push(scales);
                     bs.push(biases);
                 }
-                _ => return Err(anyhow!("cannot fuse linears of different formats")),
+                _ => return Ok(None),
             }
         }
-        Ok(Linear::Quant {
+        let (group, bits) = params.unwrap_or((GGUF_GROUP_SIZE, 4));
+        Ok(Some(Linear::Quant {
             w: ops::concatenate(&ws, 0).context("fuse weights")?,
             scales: ops::concatenate(&ss, 0).context("fuse scales")?,
             biases: ops::concatenate(&bs, 0).context("fuse biases")?,
-            bits: bits_all.unwrap_or(4),
+            group,
+            bits,
+        }))
+    }
+}
+
+/// Several linears over the same input whose outputs are concatenated along the last axis:
+/// one fused matmul when their formats allow, else one per part.
+enum Stacked {
+    Fused(Linear),
+    Parts(Vec<Linear>),
+}
+
+impl Stacked {
+    fn new(parts: Vec<Linear>) -> Res<Stacked> {
+        Ok(match Linear::fuse(&parts)? {
+            Some(l) => Stacked::Fused(l),
+            None => Stacked::Parts(parts),
         })
+    }
+
+    fn forward(&self, x: &Array) -> Res<Array> {
+        match self {
+            Stacked::Fused(l) => l.forward(x),
+            Stacked::Parts(ps) => {
+                let outs = ps.iter().map(|p| p.forward(x)).collect::<Res<Vec<_>>>()?;
+                ops::concatenate(&outs, -1).context("concatenate outputs")
+            }
+        }
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Stacked::Fused(l) => l.arrays(),
+            Stacked::Parts(ps) => ps.iter().flat_map(Linear::arrays).collect(),
+        }
     }
 }
 
 struct Layer {
     attn_norm: Array,
-    qkv: Linear,
+    qkv: Stacked,
+    /// q/k/v biases concatenated (Qwen2), added after the qkv matmul.
+    qkv_bias: Option<Array>,
+    /// Per-head RMSNorm weights of q and k (Qwen3).
+    q_norm: Option<Array>,
+    k_norm: Option<Array>,
     o: Linear,
     ffn_norm: Array,
-    gate_up: Linear,
+    gate_up: Stacked,
     down: Linear,
     ffn: i32,
 }
@@ -210,102 +389,252 @@ pub(super) struct Llama {
     output: Option<Linear>,
     layers: Vec<Layer>,
     norm: Array,
+    /// RoPE periods (`cfg.rope_freqs`) as an array.
+    freqs: Option<Array>,
 }
 
-/// Reads `<base>.weight` (+ `.scales`/`.biases` when quantized) in the requested format.
-fn load_linear(f: &GgufFile, base: &str, format: WeightFormat) -> Res<Option<Linear>> {
-    let Some(w) = f.get_array(&format!("{base}.weight")).with_context(|| base.to_string())? else {
-        return Ok(None);
-    };
-    let scales = f.get_array(&format!("{base}.scales")).with_context(|| base.to_string())?;
-    let biases = f.get_array(&format!("{base}.biases")).with_context(|| base.to_string())?;
-    let lin = match (scales, biases) {
-        (Some(scales), Some(biases)) => {
-            let (ws, ss) = (w.shape(), scales.shape());
-            if ws.len() != 2 || ss.len() != 2 || ss[1] == 0 || ws[1] % ss[1] != 0 {
-                return Err(anyhow!("{base}: unexpected quantized shapes {ws:?} / {ss:?}"));
+/// The parts of a decoder, named per source.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Embed,
+    Output,
+    Norm,
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QNorm,
+    KNorm,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Where a decoder's tensors come from.
+pub(super) enum Source<'a> {
+    /// An opened GGUF file (tensor names like `blk.0.attn_q`).
+    Gguf(&'a GgufFile),
+    /// The tensors of a safetensors directory, taken out as they are loaded (names like
+    /// `model.layers.0.self_attn.q_proj`), and its config's quantization.
+    Hf { tensors: HashMap<String, Array>, quant: MlxQuantization },
+}
+
+impl Source<'_> {
+    /// Loads every shard of `dir` (lazily: data is read when evaluated) with mlx-rs.
+    pub fn hf(dir: &Path, config: &serde_json::Value) -> Res<Source<'static>> {
+        let quant = MlxQuantization::from_config(config).map_err(|e| anyhow!("{}/{e}", dir.display()))?;
+        let mut tensors = HashMap::new();
+        for file in crate::catalog::safetensors_files(dir).map_err(|e| anyhow!(e))? {
+            // The header check gives a clear error for a truncated file before MLX reads it.
+            crate::catalog::safetensors_header(&file).map_err(|e| anyhow!(e))?;
+            let part = Array::load_safetensors(&file).with_context(|| file.display().to_string())?;
+            tensors.extend(part);
+        }
+        Ok(Source::Hf { tensors, quant })
+    }
+
+    /// The module path of `part` (in layer `layer`), without `.weight`.
+    fn name(&self, layer: usize, part: Part) -> String {
+        let gguf = matches!(self, Source::Gguf(_));
+        let global = |g: &str, h: &str| if gguf { g.to_string() } else { h.to_string() };
+        let local = |g: &str, h: &str| {
+            if gguf { format!("blk.{layer}.{g}") } else { format!("model.layers.{layer}.{h}") }
+        };
+        match part {
+            Part::Embed => global("token_embd", "model.embed_tokens"),
+            Part::Output => global("output", "lm_head"),
+            Part::Norm => global("output_norm", "model.norm"),
+            Part::AttnNorm => local("attn_norm", "input_layernorm"),
+            Part::Q => local("attn_q", "self_attn.q_proj"),
+            Part::K => local("attn_k", "self_attn.k_proj"),
+            Part::V => local("attn_v", "self_attn.v_proj"),
+            Part::O => local("attn_output", "self_attn.o_proj"),
+            Part::QNorm => local("attn_q_norm", "self_attn.q_norm"),
+            Part::KNorm => local("attn_k_norm", "self_attn.k_norm"),
+            Part::FfnNorm => local("ffn_norm", "post_attention_layernorm"),
+            Part::Gate => local("ffn_gate", "mlp.gate_proj"),
+            Part::Up => local("ffn_up", "mlp.up_proj"),
+            Part::Down => local("ffn_down", "mlp.down_proj"),
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Res<Option<Array>> {
+        match self {
+            Source::Gguf(f) => f.get_array(name).with_context(|| name.to_string()),
+            Source::Hf { tensors, .. } => Ok(tensors.remove(name)),
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        if matches!(self, Source::Gguf(_)) { "GGUF" } else { "safetensors" }
+    }
+
+    /// Group size and bits of the quantized `module` with these packed shapes, checked against
+    /// the source's description (GGUF: group 32, bits from the shapes; MLX: config.json).
+    fn quant_params(&self, module: &str, ws: &[i32], ss: &[i32]) -> Res<(i32, i32)> {
+        if ws.len() != 2 || ss.len() != 2 || ss[1] == 0 {
+            return Err(anyhow!("{module}: unexpected quantized shapes {ws:?} / {ss:?}"));
+        }
+        match self {
+            Source::Gguf(_) => {
+                if ws[1] % ss[1] != 0 {
+                    return Err(anyhow!("{module}: unexpected quantized shapes {ws:?} / {ss:?}"));
+                }
+                let bits = ws[1] / ss[1];
+                if ![2, 3, 4, 5, 6, 8].contains(&bits) {
+                    return Err(anyhow!("{module}: unsupported bit width {bits}"));
+                }
+                Ok((GGUF_GROUP_SIZE, bits))
             }
-            let bits = ws[1] / ss[1];
-            if ![2, 3, 4, 5, 6, 8].contains(&bits) {
-                return Err(anyhow!("{base}: unsupported bit width {bits}"));
-            }
-            // f32 scales and biases: exact dequantization, and f32 activations in qmm.
-            let scales = scales.as_dtype(Dtype::Float32).with_context(|| base.to_string())?;
-            let biases = biases.as_dtype(Dtype::Float32).with_context(|| base.to_string())?;
-            match format {
-                WeightFormat::F32 => Linear::dense(
-                    ops::dequantize(&w, &scales, &biases, GROUP_SIZE, bits)
-                        .with_context(|| base.to_string())?,
-                )?,
-                WeightFormat::Quantized => Linear::Quant { w, scales, biases, bits },
+            Source::Hf { quant, .. } => {
+                let p = quant.for_module(module).with_context(|| {
+                    format!("{module} is quantized (it has scales) but config.json's quantization does not cover it")
+                })?;
+                let (g, b) = (p.group_size as i32, p.bits as i32);
+                let inputs = ss[1] * g;
+                if ws[1] * 32 != inputs * b || ws[0] != ss[0] {
+                    return Err(anyhow!(
+                        "config.json quantization (bits {b}, group_size {g}) does not match the tensors of {module}: weight {ws:?} (uint32) implies {} inputs at {b} bits, scales {ss:?} imply {inputs}",
+                        ws[1] * 32 / b.max(1)
+                    ));
+                }
+                Ok((g, b))
             }
         }
-        (None, None) => Linear::dense(w.as_dtype(Dtype::Float32).with_context(|| base.to_string())?)?,
+    }
+}
+
+/// Reads `<module>.weight` (+ `.scales`/`.biases` when quantized) in the requested format.
+fn load_linear(src: &mut Source, module: &str, format: WeightFormat) -> Res<Option<Linear>> {
+    let Some(w) = src.take(&format!("{module}.weight"))? else {
+        return Ok(None);
+    };
+    let scales = src.take(&format!("{module}.scales"))?;
+    let biases = src.take(&format!("{module}.biases"))?;
+    let lin = match (scales, biases) {
+        (Some(scales), Some(biases)) => {
+            let (group, bits) = src.quant_params(module, w.shape(), scales.shape())?;
+            // f32 scales and biases: exact dequantization, and f32 activations in qmm.
+            let scales = scales.as_dtype(Dtype::Float32).with_context(|| module.to_string())?;
+            let biases = biases.as_dtype(Dtype::Float32).with_context(|| module.to_string())?;
+            match format {
+                WeightFormat::F32 => Linear::dense(
+                    ops::dequantize(&w, &scales, &biases, group, bits).with_context(|| module.to_string())?,
+                )?,
+                WeightFormat::Quantized => Linear::Quant { w, scales, biases, group, bits },
+            }
+        }
+        (None, None) => {
+            if w.dtype() == Dtype::Uint32 {
+                return Err(anyhow!("{module}.weight is packed (uint32) but has no .scales/.biases"));
+            }
+            Linear::dense(w.as_dtype(Dtype::Float32).with_context(|| module.to_string())?)?
+        }
         _ => {
-            return Err(anyhow!("{base}: scales without biases (unsupported quantization)"));
+            return Err(anyhow!("{module}: scales without biases (unsupported quantization)"));
         }
     };
     Ok(Some(lin))
 }
 
-fn require(lin: Option<Linear>, name: &str) -> Res<Linear> {
-    lin.with_context(|| format!("GGUF has no tensor {name}.weight"))
+fn require(lin: Option<Linear>, name: &str, what: &str) -> Res<Linear> {
+    lin.with_context(|| format!("{what} has no tensor {name}.weight"))
 }
 
-fn load_norm(f: &GgufFile, name: &str) -> Res<Array> {
-    f.get_array(&format!("{name}.weight"))
-        .with_context(|| name.to_string())?
-        .with_context(|| format!("GGUF has no tensor {name}.weight"))?
-        .as_dtype(Dtype::Float32)
-        .with_context(|| name.to_string())
+fn load_f32(src: &mut Source, name: &str) -> Res<Option<Array>> {
+    src.take(name)?.map(|a| a.as_dtype(Dtype::Float32).with_context(|| name.to_string())).transpose()
+}
+
+fn load_norm(src: &mut Source, module: &str) -> Res<Array> {
+    let what = src.what();
+    load_f32(src, &format!("{module}.weight"))?
+        .with_context(|| format!("{what} has no tensor {module}.weight"))
 }
 
 impl Llama {
-    /// Builds the model from an opened GGUF file. Every weight is evaluated before returning,
-    /// one layer at a time (so the quantized originals can be freed as we go).
-    pub fn load(f: &GgufFile, format: WeightFormat) -> Res<Llama> {
-        let mut cfg = LlamaConfig::from_gguf(f)?;
-        let embed = require(load_linear(f, "token_embd", format)?, "token_embd")?;
+    /// Builds the model from `src` with hyper-parameters `cfg`. Every weight is evaluated
+    /// before returning, one layer at a time (so the quantized originals can be freed as we go).
+    pub fn load(src: &mut Source, mut cfg: LlamaConfig, format: WeightFormat) -> Res<Llama> {
+        let what = src.what();
+        let name = |src: &Source, p: Part| src.name(0, p);
+        let embed_name = name(src, Part::Embed);
+        let embed = require(load_linear(src, &embed_name, format)?, &embed_name, what)?;
         cfg.vocab = embed.out_features() as usize;
-        let output = load_linear(f, "output", format)?;
-        let norm = load_norm(f, "output_norm")?;
+        let out_name = name(src, Part::Output);
+        // GGUF: an output tensor when the file has one. HF: `lm_head` unless tied.
+        let gguf = matches!(src, Source::Gguf(_));
+        let output = if gguf || !cfg.tied { load_linear(src, &out_name, format)? } else { None };
+        if !gguf && !cfg.tied && output.is_none() {
+            return Err(anyhow!(
+                "{what} has no tensor {out_name}.weight (config.json: tie_word_embeddings is false)"
+            ));
+        }
+        let norm_name = name(src, Part::Norm);
+        let norm = load_norm(src, &norm_name)?;
         eval_all(embed.arrays().into_iter().chain([&norm]))?;
         if let Some(o) = &output {
             eval_all(o.arrays())?;
         }
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let get = |s: &str| -> Res<Linear> { require(load_linear(f, &p(s), format)?, &p(s)) };
-            let q = get("attn_q")?;
-            let k = get("attn_k")?;
-            let v = get("attn_v")?;
+            let get = |src: &mut Source, p: Part| -> Res<Linear> {
+                let n = src.name(i, p);
+                require(load_linear(src, &n, format)?, &n, what)
+            };
+            let q = get(src, Part::Q)?;
+            let k = get(src, Part::K)?;
+            let v = get(src, Part::V)?;
             let expect_q = cfg.n_heads * cfg.head_dim;
             let expect_kv = cfg.n_kv_heads * cfg.head_dim;
             if q.out_features() != expect_q || k.out_features() != expect_kv || v.out_features() != expect_kv
             {
                 return Err(anyhow!(
-                    "blk.{i}: q/k/v sizes {}/{}/{} do not match the metadata ({expect_q}/{expect_kv})",
+                    "layer {i}: q/k/v sizes {}/{}/{} do not match the config ({expect_q}/{expect_kv})",
                     q.out_features(),
                     k.out_features(),
                     v.out_features()
                 ));
             }
-            let gate = get("ffn_gate")?;
+            let mut biases = Vec::new();
+            for p in [Part::Q, Part::K, Part::V] {
+                let n = format!("{}.bias", src.name(i, p));
+                biases.extend(load_f32(src, &n)?);
+            }
+            let qkv_bias = match biases.len() {
+                0 => None,
+                3 => Some(ops::concatenate(&biases, 0).context("fuse q/k/v biases")?),
+                _ => return Err(anyhow!("layer {i}: some of q/k/v have a bias and some do not")),
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                let (qn, kn) = (src.name(i, Part::QNorm), src.name(i, Part::KNorm));
+                (Some(load_norm(src, &qn)?), Some(load_norm(src, &kn)?))
+            } else {
+                (None, None)
+            };
+            let gate = get(src, Part::Gate)?;
             let ffn = gate.out_features();
+            let up = get(src, Part::Up)?;
+            let attn_norm_name = src.name(i, Part::AttnNorm);
+            let ffn_norm_name = src.name(i, Part::FfnNorm);
             let layer = Layer {
-                attn_norm: load_norm(f, &p("attn_norm"))?,
-                qkv: Linear::fuse(vec![q, k, v])?,
-                o: get("attn_output")?,
-                ffn_norm: load_norm(f, &p("ffn_norm"))?,
-                gate_up: Linear::fuse(vec![gate, get("ffn_up")?])?,
-                down: get("ffn_down")?,
+                attn_norm: load_norm(src, &attn_norm_name)?,
+                qkv: Stacked::new(vec![q, k, v])?,
+                qkv_bias,
+                q_norm,
+                k_norm,
+                o: get(src, Part::O)?,
+                ffn_norm: load_norm(src, &ffn_norm_name)?,
+                gate_up: Stacked::new(vec![gate, up])?,
+                down: get(src, Part::Down)?,
                 ffn,
             };
             eval_all(layer_arrays(&layer))?;
             layers.push(layer);
         }
-        Ok(Llama { cfg, embed, output, layers, norm })
+        let freqs = cfg.rope_freqs.as_ref().map(|f| Array::from_slice(f, &[f.len() as i32]));
+        Ok(Llama { cfg, embed, output, layers, norm, freqs })
     }
 
     /// Every array the model holds (for the byte count).
@@ -319,6 +648,13 @@ impl Llama {
             v.extend(layer_arrays(l));
         }
         v
+    }
+
+    fn rope(&self, x: &Array, offset: i32) -> Res<Array> {
+        let cfg = &self.cfg;
+        let base = if self.freqs.is_some() { None } else { Some(cfg.rope_base) };
+        fast::rope(x, cfg.rope_dims, cfg.rope_traditional, base, cfg.rope_scale, offset, self.freqs.as_ref())
+            .context("rope")
     }
 
     /// Runs `ids` (one sequence) at positions `cache.len()..`, appends their keys and values to
@@ -335,20 +671,25 @@ impl Llama {
         cache.reserve(offset + t, cfg)?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
+            let mut qkv = l.qkv.forward(&h)?;
+            if let Some(b) = &l.qkv_bias {
+                qkv = qkv.add(b).context("qkv bias")?;
+            }
+            let mut heads = qkv.reshape(&[1, t, nh + 2 * nkv, hd]).context("reshape")?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                let mut p = ops::split_at_indices(&heads, &[nh, nh + nkv], 2).context("split q/k/v")?;
+                let v = pop(&mut p)?;
+                let k = fast::rms_norm(pop(&mut p)?, Some(kn), cfg.eps).context("k norm")?;
+                let q = fast::rms_norm(pop(&mut p)?, Some(qn), cfg.eps).context("q norm")?;
+                heads = ops::concatenate(&[q, k, v], 2).context("join q/k/v")?;
+            }
             // All heads at once: [1, t, nh + 2 nkv, hd] -> [1, heads, t, hd]. RoPE runs once
             // over the q and k heads together (each `fast::rope` call costs about 10 us of
             // graph building, several times a plain op).
-            let heads = l
-                .qkv
-                .forward(&h)?
-                .reshape(&[1, t, nh + 2 * nkv, hd])
-                .context("reshape")?
-                .transpose_axes(&[0, 2, 1, 3])
-                .context("transpose")?;
+            let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
             let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
             let v = pop(&mut parts)?;
-            let qk = fast::rope(pop(&mut parts)?, cfg.rope_dims, true, cfg.rope_base, 1.0, offset, None)
-                .context("rope")?;
+            let qk = self.rope(&pop(&mut parts)?, offset)?;
             let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
@@ -388,6 +729,7 @@ fn pop(v: &mut Vec<Array>) -> Res<Array> {
 
 fn layer_arrays(l: &Layer) -> Vec<&Array> {
     let mut v = vec![&l.attn_norm, &l.ffn_norm];
+    v.extend(l.qkv_bias.iter().chain(&l.q_norm).chain(&l.k_norm));
     v.extend(l.qkv.arrays());
     v.extend(l.o.arrays());
     v.extend(l.gate_up.arrays());

@@ -25,6 +25,7 @@
 //! bytes dropped.
 
 mod bert;
+mod chat;
 mod handle;
 mod llama;
 mod sampling;

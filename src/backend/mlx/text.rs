@@ -1,7 +1,9 @@
-//! Text around the decoder: the tokenizer and chat template built from GGUF metadata, streaming
+//! Text around the decoder: the tokenizer and chat template (from GGUF metadata or a Hugging
+//! Face directory), streaming
 //! detokenization that never splits a UTF-8 character, and stop-string matching.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use mlx_rs::io::GgufFile;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -14,19 +16,22 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 use anyhow::{Context, anyhow};
 
 use super::Res;
-use crate::backend::ChatMessage;
+use super::chat::{self, ChatTemplate};
 
 /// GGUF `tokenizer.ggml.token_type` value of control tokens.
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `tokenizer.ggml.token_type` value of user-defined tokens.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// The tokenizer of a GGUF model, with its special ids and chat template.
-pub(super) struct GgufTokenizer {
+/// A decoder's tokenizer, its special ids and its chat template, from a GGUF file or a Hugging
+/// Face directory.
+pub(super) struct TextTokenizer {
     pub tokenizer: Tokenizer,
-    pub bos: Option<u32>,
-    pub add_bos: bool,
-    /// Ids that end generation (`eos_token_id`, and `<|endoftext|>`/`<|im_end|>` if present).
+    /// Prepended to raw (non-chat) prompts by [`TextTokenizer::encode`] (GGUF
+    /// `add_bos_token`); Hugging Face tokenizers add theirs through `tokenizer.json`'s
+    /// post-processor instead, and this is `None`.
+    pub bos_for_raw: Option<u32>,
+    /// Ids that end generation.
     pub stop_ids: Vec<u32>,
     pub chat: ChatTemplate,
 }
@@ -38,10 +43,37 @@ fn meta_u32(f: &GgufFile, key: &str) -> Res<Option<u32>> {
     })
 }
 
-impl GgufTokenizer {
+/// A token given in `tokenizer_config.json` as a string or as `{"content": ...}`.
+fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Ids in a config's `eos_token_id` (an integer or a list of them).
+fn eos_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_json_opt(path: &Path) -> Res<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?))
+}
+
+impl TextTokenizer {
     /// Builds a GPT-2 style byte-level BPE tokenizer from `tokenizer.ggml.*`: BPE over the
     /// vocabulary and merges, pre-tokenizer `Sequence[Digits(individual), ByteLevel(no prefix
-    /// space, GPT-2 regex)]`, byte-level decoder, control tokens added as special tokens.
+    /// space, GPT-2 regex)]`, byte-level decoder, control tokens added as special tokens. The
+    /// chat template is `tokenizer.chat_template` (ChatML when absent).
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
         let model = f
             .get_metadata_string("tokenizer.ggml.model")
@@ -97,6 +129,7 @@ impl GgufTokenizer {
         let by_name: HashMap<&str, u32> =
             tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
         let eos = meta_u32(f, "tokenizer.ggml.eos_token_id")?;
+        let bos = meta_u32(f, "tokenizer.ggml.bos_token_id")?;
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>"] {
             if let Some(&id) = by_name.get(name)
@@ -110,64 +143,95 @@ impl GgufTokenizer {
             Some(a) => a.to_vec_cast::<i32>().context("add_bos_token")?.first() == Some(&1),
             None => false,
         };
-        Ok(GgufTokenizer {
-            tokenizer,
-            bos: meta_u32(f, "tokenizer.ggml.bos_token_id")?,
-            add_bos,
-            stop_ids,
-            chat: ChatTemplate::from_template(template.as_deref()),
-        })
+        let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
+        let chat = ChatTemplate::new(
+            template.as_deref().unwrap_or(chat::CHATML),
+            vec![("bos_token", name_of(bos)), ("eos_token", name_of(eos))],
+        )
+        .context("GGUF tokenizer.chat_template")?;
+        Ok(TextTokenizer { tokenizer, bos_for_raw: if add_bos { bos } else { None }, stop_ids, chat })
     }
 
-    /// Token ids of `text`; special-token strings in it are recognised as such.
+    /// Reads a Hugging Face directory's `tokenizer.json` (required), `tokenizer_config.json`
+    /// (`chat_template` as a string or a list of named templates, where `default` wins;
+    /// `bos_token` / `eos_token`), `chat_template.jinja` (used when the config has no
+    /// template), and the end-of-sequence ids: `generation_config.json`'s `eos_token_id` (an
+    /// integer or a list), else `config.json`'s, plus the id of `eos_token`. Without any
+    /// template, ChatML.
+    pub fn from_hf_dir(dir: &Path, config: &serde_json::Value) -> Res<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(anyhow!("{} is missing (the model's tokenizer)", tj.display()));
+        }
+        let tokenizer = Tokenizer::from_file(&tj)
+            .map_err(anyhow::Error::from_boxed)
+            .with_context(|| tj.display().to_string())?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = read_json_opt(&tc_path)?.unwrap_or(serde_json::Value::Null);
+        let mut template = match tc.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => {
+                let named = |n: &str| {
+                    list.iter()
+                        .find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n))?
+                        .get("template")?
+                        .as_str()
+                };
+                Some(
+                    named("default")
+                        .or_else(|| list.first()?.get("template")?.as_str())
+                        .map(str::to_string)
+                        .with_context(|| {
+                            format!("{}: chat_template list has no template", tc_path.display())
+                        })?,
+                )
+            }
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if template.is_none() && jinja.is_file() {
+            template = Some(std::fs::read_to_string(&jinja).with_context(|| jinja.display().to_string())?);
+        }
+        let mut tokens = Vec::new();
+        for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+            if let Some(s) = token_string(tc.get(key)) {
+                tokens.push((key, s));
+            }
+        }
+        let generation = read_json_opt(&dir.join("generation_config.json"))?;
+        let mut stop_ids = eos_ids(generation.as_ref().and_then(|g| g.get("eos_token_id")));
+        if stop_ids.is_empty() {
+            stop_ids = eos_ids(config.get("eos_token_id"));
+        }
+        if let Some(id) = token_string(tc.get("eos_token")).and_then(|s| tokenizer.token_to_id(&s))
+            && !stop_ids.contains(&id)
+        {
+            stop_ids.push(id);
+        }
+        if stop_ids.is_empty() {
+            return Err(anyhow!(
+                "{}: no end-of-sequence id (generation_config.json / config.json eos_token_id, tokenizer_config.json eos_token)",
+                dir.display()
+            ));
+        }
+        let what = if template.is_some() { "the chat template" } else { "ChatML" };
+        let chat = ChatTemplate::new(template.as_deref().unwrap_or(chat::CHATML), tokens)
+            .with_context(|| format!("{}: {what}", dir.display()))?;
+        Ok(TextTokenizer { tokenizer, bos_for_raw: None, stop_ids, chat })
+    }
+
+    /// Token ids of `text`. Chat text (already rendered by the template, which writes its own
+    /// special tokens) is encoded without the tokenizer's added special tokens; raw text with
+    /// them (and the GGUF BOS when the file asks for one).
     pub fn encode(&self, text: &str, is_chat: bool) -> Res<Vec<u32>> {
         let enc =
-            self.tokenizer.encode(text, false).map_err(anyhow::Error::from_boxed).context("tokenizing")?;
+            self.tokenizer.encode(text, !is_chat).map_err(anyhow::Error::from_boxed).context("tokenizing")?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos && !is_chat {
-            ids.extend(self.bos);
+        if !is_chat {
+            ids.extend(self.bos_for_raw);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
-    }
-}
-
-/// The chat format. GGUF ships a Jinja template; rather than embedding a template engine we
-/// recognise ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), which covers the models served
-/// here, and take the default system prompt the template inserts when there is none.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) enum ChatTemplate {
-    ChatMl { default_system: Option<String> },
-}
-
-impl ChatTemplate {
-    pub fn from_template(template: Option<&str>) -> Self {
-        // Inside the template's string literal the newline may be a real one or `\n`.
-        let default_system = template.and_then(|t| {
-            let marker = "<|im_start|>system";
-            let i = t.find(marker)? + marker.len();
-            let rest = &t[i..];
-            let body = rest.strip_prefix('\n').or_else(|| rest.strip_prefix("\\n"))?;
-            let end = body.find("<|im_end|>")?;
-            Some(body[..end].replace("\\n", "\n"))
-        });
-        ChatTemplate::ChatMl { default_system }
-    }
-
-    /// Renders messages and opens the assistant turn.
-    pub fn render(&self, messages: &[ChatMessage]) -> String {
-        let ChatTemplate::ChatMl { default_system } = self;
-        let mut out = String::new();
-        if let Some(sys) = default_system
-            && messages.first().is_none_or(|m| m.role != "system")
-        {
-            out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-        }
-        for m in messages {
-            out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
-        }
-        out.push_str("<|im_start|>assistant\n");
-        out
     }
 }
 
@@ -323,22 +387,5 @@ mod tests {
         let dragon = text.find('🐉').unwrap();
         assert_eq!(pieces[dragon..dragon + 3], ["", "", ""]);
         assert_eq!(pieces[dragon + 3], "🐉");
-    }
-
-    #[test]
-    fn chatml_default_system_prompt_from_template() {
-        let t = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}";
-        let c = ChatTemplate::from_template(Some(t));
-        let real_newlines = ChatTemplate::from_template(Some(&t.replace("\\n", "\n")));
-        assert_eq!(c, real_newlines);
-        let msgs =
-            vec![ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }];
-        assert_eq!(
-            c.render(&msgs),
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-        );
-        let with_sys =
-            vec![ChatMessage { role: "system".into(), content: "Be brief.".into() }, msgs[0].clone()];
-        assert!(c.render(&with_sys).starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
     }
 }

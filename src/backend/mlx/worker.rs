@@ -13,25 +13,40 @@ use tokio::sync::{mpsc, oneshot};
 use super::handle::Kind;
 use super::{MlxOptions, Res, bert, llama, message, sampling, text};
 use crate::backend::{BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, Prompt, Usage};
+use crate::catalog::read_config;
 
 /// A model on its worker thread.
 enum Loaded {
-    Llama { model: llama::Llama, tok: text::GgufTokenizer },
-    Bert(bert::Bert),
+    /// Boxed, as is `Bert`: the variants differ in size by hundreds of bytes.
+    Llama {
+        model: Box<llama::Llama>,
+        tok: Box<text::TextTokenizer>,
+    },
+    Bert(Box<bert::Bert>),
 }
 
 impl Loaded {
     fn load(kind: &Kind, opts: &MlxOptions) -> Res<Loaded> {
+        let format = if opts.dequantize { llama::WeightFormat::F32 } else { llama::WeightFormat::Quantized };
         match kind {
             Kind::Gguf(p) => {
                 let f = mlx_rs::io::GgufFile::load(p).with_context(|| p.display().to_string())?;
-                let tok = text::GgufTokenizer::from_gguf(&f)?;
-                let format =
-                    if opts.dequantize { llama::WeightFormat::F32 } else { llama::WeightFormat::Quantized };
-                let model = llama::Llama::load(&f, format)?;
-                Ok(Loaded::Llama { model, tok })
+                let tok = text::TextTokenizer::from_gguf(&f)?;
+                let cfg = llama::LlamaConfig::from_gguf(&f)?;
+                let model = llama::Llama::load(&mut llama::Source::Gguf(&f), cfg, format)?;
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
             }
-            Kind::Bert(p) => Ok(Loaded::Bert(bert::Bert::load(p)?)),
+            Kind::HfDecoder(dir) => {
+                // Cheap checks first (config, tokenizer, headers), then the weights.
+                let config = read_config(dir).map_err(|e| anyhow!(e))?;
+                let cfg = llama::LlamaConfig::from_hf(&config).with_context(|| dir.display().to_string())?;
+                let tok = text::TextTokenizer::from_hf_dir(dir, &config)?;
+                let mut src = llama::Source::hf(dir, &config)?;
+                let model =
+                    llama::Llama::load(&mut src, cfg, format).with_context(|| dir.display().to_string())?;
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
+            }
+            Kind::Bert(p) => Ok(Loaded::Bert(Box::new(bert::Bert::load(p)?))),
         }
     }
 
@@ -65,7 +80,7 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<Embeddings, BackendError>>,
     },
     Probe {
-        prompt: Prompt,
+        input: ProbeInput,
         steps: usize,
         logit_ids: Vec<u32>,
         reply: oneshot::Sender<Result<Probe, BackendError>>,
@@ -73,6 +88,13 @@ pub(super) enum Command {
     Unload {
         reply: oneshot::Sender<u64>,
     },
+}
+
+/// What a probe runs: a prompt (rendered and tokenized as for generation) or token ids as given.
+#[derive(Debug, Clone)]
+pub(super) enum ProbeInput {
+    Prompt(Prompt),
+    Ids(Vec<u32>),
 }
 
 /// What [`MlxModel::probe`] observed: for checking the decoder against reference outputs.
@@ -184,10 +206,10 @@ pub(super) fn run(
                     let _ = reply.send(Err(mismatch("embedding", other)));
                 }
             },
-            Command::Probe { prompt, steps, logit_ids, reply } => match m {
+            Command::Probe { input, steps, logit_ids, reply } => match m {
                 Loaded::Llama { model, tok } => {
                     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        probe(model, tok, &prompt, steps, &logit_ids)
+                        probe(model, tok, &input, steps, &logit_ids)
                     }))
                     .unwrap_or_else(|_| Err(anyhow!("panic during probe")));
                     let _ = reply.send(r.map_err(|e| BackendError::Inference(message(&e))));
@@ -211,14 +233,15 @@ pub(super) fn run(
     // Every handle is gone without an unload: drop the model with the thread.
 }
 
-fn render_prompt(tok: &text::GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
     let (text, is_chat) = match prompt {
         Prompt::Text(t) => (t.clone(), false),
         Prompt::Chat(m) => {
             if m.is_empty() {
                 return Err(BackendError::InvalidRequest("no chat messages".into()));
             }
-            (tok.chat.render(m), true)
+            let text = tok.chat.render(m, true).map_err(|e| BackendError::InvalidRequest(message(&e)))?;
+            (text, true)
         }
     };
     tok.encode(&text, is_chat).map_err(|e| BackendError::InvalidRequest(message(&e)))
@@ -226,12 +249,15 @@ fn render_prompt(tok: &text::GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>,
 
 fn probe(
     model: &llama::Llama,
-    tok: &text::GgufTokenizer,
-    prompt: &Prompt,
+    tok: &text::TextTokenizer,
+    input: &ProbeInput,
     steps: usize,
     logit_ids: &[u32],
 ) -> Res<Probe> {
-    let input_ids = render_prompt(tok, prompt).map_err(|e| anyhow!(e))?;
+    let input_ids = match input {
+        ProbeInput::Prompt(p) => render_prompt(tok, p).map_err(|e| anyhow!(e))?,
+        ProbeInput::Ids(ids) => ids.clone(),
+    };
     if input_ids.is_empty() {
         return Err(anyhow!("empty prompt"));
     }
@@ -273,7 +299,7 @@ fn probe(
 /// without sending more, as soon as the receiver is gone (the client dropped the stream).
 fn generate(
     model: &llama::Llama,
-    tok: &text::GgufTokenizer,
+    tok: &text::TextTokenizer,
     req: &GenerateRequest,
     started: oneshot::Sender<Result<(), BackendError>>,
     events: &mpsc::Sender<Result<GenerateEvent, BackendError>>,
