@@ -42,13 +42,15 @@ pub enum PoolError {
 
     /// Larger than the limit minus pinned models: no amount of waiting helps.
     #[error(
-        "Model too large: '{model}' needs {:.1}GB but the limit minus pinned models leaves {:.1}GB",
-        gb(*need), gb(*available)
+        "Model too large: '{model}' needs {:.1}GB{} but the limit minus pinned models leaves {:.1}GB",
+        gb(*need), kv_part(*need, *kv), gb(*available)
     )]
     ModelTooLarge {
         model: ModelId,
-        /// Bytes the model needs.
+        /// Bytes the model needs (weights, plus `kv`).
         need: u64,
+        /// Bytes of `need` that are the request's KV cache (0 for a model too large by itself).
+        kv: u64,
         /// Limit minus pinned bytes.
         available: u64,
     },
@@ -163,4 +165,17 @@ fn max_models_message(model: &str, max_models: usize, all_pinned: bool) -> Strin
             "Too many models: '{model}' cannot load while {max_models} models are loaded or loading and none can be evicted"
         )
     }
+}
+
+/// ` (X GB of weights + Y GB of KV cache for this request's context)` when the request's KV is
+/// part of the need, else nothing.
+fn kv_part(need: u64, kv: u64) -> String {
+    if kv == 0 {
+        return String::new();
+    }
+    format!(
+        " ({:.1}GB of weights + {:.1}GB of KV cache for this request's context)",
+        gb(need.saturating_sub(kv)),
+        gb(kv)
+    )
 }

@@ -26,6 +26,8 @@ pub struct FakeModelConfig {
     pub load_time: Option<Duration>,
     /// Number of upcoming loads that fail (decremented per failed load); `u32::MAX` fails always.
     pub fail_loads: u32,
+    /// KV bytes per token the loaded model reports; `None` uses the backend's figure.
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// Deterministic fake backend. Cheap to clone the configuration into; counts loads and unloads.
@@ -34,6 +36,7 @@ pub struct FakeBackend {
     default_load_time: Duration,
     token_delay: Duration,
     embedding_dim: usize,
+    kv_bytes_per_token: Option<u64>,
     models: Mutex<HashMap<String, FakeModelConfig>>,
     loads: AtomicU64,
     unloads: Arc<AtomicU64>,
@@ -52,6 +55,7 @@ impl FakeBackend {
             default_load_time: Duration::ZERO,
             token_delay: Duration::ZERO,
             embedding_dim: 384,
+            kv_bytes_per_token: None,
             models: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
             unloads: Arc::new(AtomicU64::new(0)),
@@ -67,6 +71,14 @@ impl FakeBackend {
     /// Builder: generation waits `d` between tokens (tokio time).
     pub fn with_token_delay(mut self, d: Duration) -> Self {
         self.token_delay = d;
+        self
+    }
+
+    /// Builder: loaded models report `bytes` of KV cache per token (unless their own config says
+    /// otherwise; without either they report the spec's figure, or nothing and the pool keeps
+    /// its estimate rule's).
+    pub fn with_kv_per_token(mut self, bytes: u64) -> Self {
+        self.kv_bytes_per_token = Some(bytes);
         self
     }
 
@@ -99,7 +111,7 @@ impl Backend for FakeBackend {
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
-        let (load_time, fail, measured) = {
+        let (load_time, fail, measured, kv) = {
             let mut models = self.models.lock().unwrap();
             let cfg = models.entry(spec.id.to_string()).or_default();
             let fail = cfg.fail_loads > 0;
@@ -108,7 +120,8 @@ impl Backend for FakeBackend {
             }
             let measured =
                 cfg.measured_bytes.or(spec.size_hint).unwrap_or_else(|| NameEstimator.estimate(spec).bytes);
-            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured)
+            let kv = cfg.kv_bytes_per_token.or(self.kv_bytes_per_token).or(spec.kv_bytes_per_token);
+            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured, kv)
         };
         if !load_time.is_zero() {
             tokio::time::sleep(load_time).await;
@@ -120,6 +133,7 @@ impl Backend for FakeBackend {
             id: spec.id.to_string(),
             model_type: spec.model_type,
             bytes: measured,
+            kv,
             token_delay: self.token_delay,
             embedding_dim: self.embedding_dim,
             loaded: AtomicBool::new(true),
@@ -132,6 +146,7 @@ struct FakeModel {
     id: String,
     model_type: ModelType,
     bytes: u64,
+    kv: Option<u64>,
     token_delay: Duration,
     embedding_dim: usize,
     loaded: AtomicBool,
@@ -170,6 +185,10 @@ impl FakeModel {
 impl ModelHandle for FakeModel {
     fn measured_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn kv_bytes_per_token(&self) -> Option<u64> {
+        self.kv
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {

@@ -6,6 +6,7 @@ mod engine;
 mod estimate;
 mod http;
 mod invariants;
+mod kv;
 mod pool;
 mod queue;
 mod snapshots;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::{acquire, collect, new_id, unix_now};
+use super::{acquire, collect, context_tokens, new_id, unix_now};
 use crate::backend::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
 use crate::http::api::*;
 use crate::http::app::AppState;
@@ -149,7 +149,9 @@ async fn chat_inner(
         ));
     }
     let messages = chat_prompt(req.messages)?;
-    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
+    let prompt_bytes = messages.iter().map(|m| m.content.len()).sum();
+    let tokens = context_tokens(prompt_bytes, messages.len(), max_tokens);
+    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], tokens, timer).await?;
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,

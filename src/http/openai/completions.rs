@@ -7,7 +7,7 @@ use bytes::Bytes;
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::{acquire, collect, new_id, unix_now};
+use super::{acquire, collect, context_tokens, new_id, unix_now};
 use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
 use crate::http::api::*;
 use crate::http::app::AppState;
@@ -105,7 +105,9 @@ async fn completions_inner(
         return Err(ApiError::bad_request("prompt", "streaming takes a single prompt"));
     }
     let echo = req.echo.unwrap_or(false);
-    let lease = acquire(state, &req.model, &[ModelType::TextGen], timer).await?;
+    // The prompts run one after another on the lease: the longest bounds the cache.
+    let tokens = context_tokens(prompts.iter().map(String::len).max().unwrap_or(0), 0, max_tokens);
+    let lease = acquire(state, &req.model, &[ModelType::TextGen], tokens, timer).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = lease.model().to_string();

@@ -56,16 +56,26 @@ async fn collect(mut generation: GenerateStream) -> Result<(String, FinishReason
     ))
 }
 
-/// Get a lease on `model` (loading it if needed) if it is one of `types`, noting in the
-/// request line how long that took.
+/// Tokens of context a generation may hold in its KV cache, for the pool's ledger: the prompt's
+/// (estimated before tokenizing, at 3 bytes of UTF-8 per token, which over-counts English
+/// (about 4) and is near the mark for code and most other scripts; plus 4 per chat message for
+/// the template's markers) and `max_tokens` new ones.
+fn context_tokens(prompt_bytes: usize, messages: usize, max_tokens: u32) -> u64 {
+    prompt_bytes.div_ceil(3) as u64 + 4 * messages as u64 + u64::from(max_tokens)
+}
+
+/// Get a lease on `model` (loading it if needed) if it is one of `types`, for a request of
+/// `tokens` tokens of context (see [`context_tokens`]; 0 for requests that keep no KV cache),
+/// noting in the request line how long that took.
 async fn acquire(
     state: &AppState,
     model: &str,
     types: &[ModelType],
+    tokens: u64,
     timer: &mut ReqTimer,
 ) -> Result<Lease, ApiError> {
     let t = Instant::now();
-    let r = state.pool.acquire_as(model, types).await;
+    let r = state.pool.acquire_for(model, types, tokens).await;
     timer.set_acquire(t.elapsed());
     let lease = r?;
     timer.set_admitted(lease.admitted().as_str(), lease.waited());
