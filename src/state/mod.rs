@@ -135,6 +135,8 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     /// Idle models the core evicted by itself (to make room for a request's KV cache), for the
     /// driver to unload.
     unloads: Victims,
+    /// Scratch space of the retry hints (kept so that refusals allocate nothing).
+    hint_buf: std::cell::Cell<Vec<(f64, u64, usize)>>,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -158,6 +160,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             wakes: Vec::new(),
             next_ticket: 1,
             unloads: Victims::new(),
+            hint_buf: std::cell::Cell::new(Vec::new()),
         }
     }
 
