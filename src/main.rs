@@ -160,7 +160,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let state = AppState::new(pool, metrics).with_max_body(cfg.max_body);
+    let state = AppState::new(pool, metrics)
+        .with_max_body(cfg.max_body)
+        .with_stream_wait_notice(cfg.stream_wait_notice);
     let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
     println!("modelpool listening on http://{addr}");

@@ -13,6 +13,10 @@ use super::metrics::Metrics;
 use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
 
+/// Default of [`AppState::stream_wait_notice`]: 5 s, well inside common proxy and client idle
+/// timeouts (nginx 60 s, the OpenAI Python client's 600 s).
+pub const DEFAULT_STREAM_WAIT_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -26,6 +30,9 @@ pub struct AppState {
     pub max_body: u64,
     /// Unix seconds at start (the `created` of every model).
     pub started_unix: u64,
+    /// A streaming request still waiting for its model after this long gets its response
+    /// headers and then an SSE comment this often until it is admitted (see `http::stream`).
+    pub stream_wait_notice: std::time::Duration,
 }
 
 impl AppState {
@@ -37,10 +44,17 @@ impl AppState {
             metrics,
             system_memory: Arc::new(crate::limit::SysinfoMemory),
             max_body: crate::config::DEFAULT_MAX_BODY,
+            stream_wait_notice: DEFAULT_STREAM_WAIT_NOTICE,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         }
+    }
+
+    /// Builder: send waiting streams their headers, then a comment, every `every`.
+    pub fn with_stream_wait_notice(mut self, every: std::time::Duration) -> Self {
+        self.stream_wait_notice = every;
+        self
     }
 
     /// Builder: cap request bodies at `bytes`.
