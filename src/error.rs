@@ -28,12 +28,18 @@ pub enum PoolError {
     },
 
     /// Not enough memory even after evicting every evictable model; nothing was evicted.
-    /// The message is the classic 503 text, in decimal GB.
-    #[error("Insufficient memory: need {:.1}GB, only {:.1}GB available after eviction", gb(*need), gb(*available))]
+    /// The message is the classic 503 text, in decimal GB (with the split between weights and
+    /// the request's KV cache after the need when the request asked for KV).
+    #[error(
+        "Insufficient memory: need {:.1}GB{}, only {:.1}GB available after eviction",
+        gb(*need), kv_part(*need, *kv), gb(*available)
+    )]
     InsufficientMemory {
         model: ModelId,
-        /// Bytes the model needs.
+        /// Bytes the model needs (weights, plus `kv`).
         need: u64,
+        /// Bytes of `need` that are the request's KV cache.
+        kv: u64,
         /// Bytes obtainable by evicting every evictable model.
         available: u64,
         /// Seconds after which in-flight work is expected to have freed enough (>= 1).
@@ -173,9 +179,11 @@ fn kv_part(need: u64, kv: u64) -> String {
     if kv == 0 {
         return String::new();
     }
+    // Small caches in MB: "0.0GB" would read as none.
+    let kv_text =
+        if kv < 100_000_000 { format!("{}MB", kv.div_ceil(1_000_000)) } else { format!("{:.1}GB", gb(kv)) };
     format!(
-        " ({:.1}GB of weights + {:.1}GB of KV cache for this request's context)",
-        gb(need.saturating_sub(kv)),
-        gb(kv)
+        " ({:.1}GB of weights + {kv_text} of KV cache for this request's context)",
+        gb(need.saturating_sub(kv))
     )
 }

@@ -323,6 +323,7 @@ impl Rejection {
             RejectCode::InsufficientMemory => PoolError::InsufficientMemory {
                 model,
                 need: self.need,
+                kv: self.kv,
                 available: self.available,
                 retry_after_secs: retry,
             },

@@ -375,7 +375,13 @@ async fn insufficient_memory_is_503_with_retry_after_and_evicts_nothing() {
     let lease = h.pool.acquire("chat-big").await.unwrap();
     let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
     let e = assert_error(&r, 503, "insufficient_memory");
-    assert_eq!(e["message"], "Insufficient memory: need 2.0GB, only 1.0GB available after eviction");
+    // The classic text, with the request's KV cache (its context at the rule's rate) beside the weights.
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.starts_with("Insufficient memory: need 2.0GB (2.0GB of weights + "), "{msg}");
+    assert!(
+        msg.ends_with("MB of KV cache for this request's context), only 1.0GB available after eviction"),
+        "{msg}"
+    );
     assert!(retry_after(&r).is_some_and(|s| s >= 1), "Retry-After present");
     // Nothing was evicted for the refused request.
     assert_eq!(h.model("chat-big").phase, Phase::Resident);
