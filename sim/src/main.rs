@@ -32,6 +32,9 @@ enum Cmd {
     Replay(ReplayArgs),
     /// Replay a trace under many memory limits and policies; write a CSV and an SVG chart.
     Sweep(SweepArgs),
+    /// Replay a trace once per admission-queue timeout: 503s, latency, waits and loads side by
+    /// side, to choose `--queue-timeout`.
+    QueueSweep(QueueSweepArgs),
     /// Generate a seeded synthetic trace (CSV).
     Gen(GenArgs),
     /// Parse a trace, print its shape and the parse throughput.
@@ -93,6 +96,26 @@ struct SimArgs {
     /// in the ledger, as the server does (`false`: weights only).
     #[arg(long, env = "MODELPOOL_SIM_KV_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     kv_cache: bool,
+}
+
+#[derive(Args)]
+struct QueueSweepArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    /// Queue timeouts to compare, seconds (0: no queue).
+    #[arg(long, default_value = "0,5,15,30,60,120", value_delimiter = ',')]
+    timeouts: Vec<f64>,
+    /// Memory limit (`24GB`, `16GiB`, `512MB`).
+    #[arg(long, env = "MODELPOOL_SIM_MEMORY_LIMIT", default_value = "24GB")]
+    memory_limit: String,
+    /// Eviction policy: lru, gdsf, lfu, belady (offline), belady-cost (offline).
+    #[arg(long, env = "MODELPOOL_SIM_POLICY", default_value = "lru")]
+    policy: PolicyChoice,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -253,6 +276,7 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Replay(a) => replay(a),
         Cmd::Sweep(a) => sweep_cmd(a),
+        Cmd::QueueSweep(a) => queue_sweep_cmd(a),
         Cmd::Gen(a) => gen_cmd(a),
         Cmd::Check { trace } => {
             let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
@@ -315,6 +339,30 @@ fn replay(a: ReplayArgs) -> Result<()> {
         out.report.requests as f64 / replay_secs.max(1e-9) / 1e6,
         if a.repeat > 1 { format!(", fastest of {}", a.repeat) } else { String::new() }
     );
+    Ok(())
+}
+
+fn queue_sweep_cmd(a: QueueSweepArgs) -> Result<()> {
+    let limit = parse_bytes(&a.memory_limit, "--memory-limit")?;
+    if let Some(t) = a.timeouts.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
+        bail!("--timeouts: {t} is not a number of seconds >= 0");
+    }
+    let base = sim_config(&a.sim, limit, a.policy, LogMode::Off)?;
+    let (trace, _) = load_trace(&a.trace)?;
+    let rows = modelpool_sim::sweep::queue_sweep(&trace, &base, &a.timeouts).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "modelpool-sim queue-sweep {} (memory limit {}, max models {}, policy {}, retries {})",
+            a.trace.display(),
+            modelpool_sim::report::fmt_bytes(limit),
+            base.max_models,
+            base.policy,
+            base.retries
+        );
+        print!("{}", modelpool_sim::sweep::queue_table(&rows));
+    }
     Ok(())
 }
 

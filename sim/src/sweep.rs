@@ -341,3 +341,55 @@ mod tests {
         assert!(parse_limits("").is_err());
     }
 }
+
+/// One replay of a queue-timeout sweep ([`queue_sweep`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueRow {
+    /// The queue timeout replayed, seconds (0: no queue).
+    pub timeout_secs: f64,
+    /// Its report.
+    pub report: Report,
+}
+
+/// Replay `trace` under `base` once per queue timeout (seconds, in the order given), to choose
+/// one: 503s, added latency, queue waits and loads side by side ([`queue_table`]).
+pub fn queue_sweep(trace: &Trace, base: &SimConfig, timeouts: &[f64]) -> Result<Vec<QueueRow>, String> {
+    if timeouts.is_empty() {
+        return Err("no queue timeouts given".into());
+    }
+    timeouts
+        .iter()
+        .map(|&t| {
+            let cfg = SimConfig { queue_timeout_secs: t, ..base.clone() };
+            run(trace, &cfg).map(|o| QueueRow { timeout_secs: t, report: o.report })
+        })
+        .collect()
+}
+
+/// The rows of a [`queue_sweep`] as a text table.
+pub fn queue_table(rows: &[QueueRow]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:>8} {:>9} {:>7} {:>9} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7}",
+        "timeout", "503 rate", "503s", "timeouts", "full", "p50", "p99", "wait p99", "wait max", "loads"
+    );
+    for r in rows {
+        let p = &r.report;
+        let _ = writeln!(
+            o,
+            "{:>8} {:>8.2}% {:>7} {:>9} {:>6} {:>9} {:>9} {:>10} {:>10} {:>7}",
+            if r.timeout_secs == 0.0 { "off".to_string() } else { fmt_secs(r.timeout_secs) },
+            p.rate_503 * 100.0,
+            p.rejections.values().sum::<u64>(),
+            p.queue.timeouts,
+            p.queue.full,
+            fmt_secs(p.added_latency.p50),
+            fmt_secs(p.added_latency.p99),
+            fmt_secs(p.queue.wait_p99),
+            fmt_secs(p.queue.wait_max),
+            p.loads
+        );
+    }
+    o
+}
