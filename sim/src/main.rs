@@ -98,6 +98,17 @@ struct SimArgs {
     kv_cache: bool,
 }
 
+/// The limit and policy of a single-configuration run (replay, queue-sweep).
+#[derive(Args)]
+struct OneRunArgs {
+    /// Memory limit (`24GB`, `16GiB`, `512MB`).
+    #[arg(long, env = "MODELPOOL_SIM_MEMORY_LIMIT", default_value = "24GB")]
+    memory_limit: String,
+    /// Eviction policy: lru, gdsf, lfu, belady (offline), belady-cost (offline).
+    #[arg(long, env = "MODELPOOL_SIM_POLICY", default_value = "lru")]
+    policy: PolicyChoice,
+}
+
 #[derive(Args)]
 struct QueueSweepArgs {
     /// Trace file (CSV or JSONL).
@@ -105,12 +116,8 @@ struct QueueSweepArgs {
     /// Queue timeouts to compare, seconds (0: no queue).
     #[arg(long, default_value = "0,5,15,30,60,120", value_delimiter = ',')]
     timeouts: Vec<f64>,
-    /// Memory limit (`24GB`, `16GiB`, `512MB`).
-    #[arg(long, env = "MODELPOOL_SIM_MEMORY_LIMIT", default_value = "24GB")]
-    memory_limit: String,
-    /// Eviction policy: lru, gdsf, lfu, belady (offline), belady-cost (offline).
-    #[arg(long, env = "MODELPOOL_SIM_POLICY", default_value = "lru")]
-    policy: PolicyChoice,
+    #[command(flatten)]
+    one: OneRunArgs,
     #[command(flatten)]
     sim: SimArgs,
     /// Print the rows as JSON.
@@ -122,12 +129,8 @@ struct QueueSweepArgs {
 struct ReplayArgs {
     /// Trace file (CSV or JSONL).
     trace: PathBuf,
-    /// Memory limit (`24GB`, `16GiB`, `512MB`).
-    #[arg(long, env = "MODELPOOL_SIM_MEMORY_LIMIT", default_value = "24GB")]
-    memory_limit: String,
-    /// Eviction policy: lru, gdsf, lfu, belady (offline), belady-cost (offline).
-    #[arg(long, env = "MODELPOOL_SIM_POLICY", default_value = "lru")]
-    policy: PolicyChoice,
+    #[command(flatten)]
+    one: OneRunArgs,
     #[command(flatten)]
     sim: SimArgs,
     /// Print the report as JSON (no timing line).
@@ -302,9 +305,9 @@ fn real_main() -> Result<()> {
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {
-    let limit = parse_bytes(&a.memory_limit, "--memory-limit")?;
+    let limit = parse_bytes(&a.one.memory_limit, "--memory-limit")?;
     let log = if a.events.is_some() { LogMode::Decisions } else { LogMode::Off };
-    let cfg = sim_config(&a.sim, limit, a.policy, log)?;
+    let cfg = sim_config(&a.sim, limit, a.one.policy, log)?;
     let (trace, parse_secs) = load_trace(&a.trace)?;
     let mut replay_secs = f64::INFINITY;
     let mut out = None;
@@ -343,11 +346,11 @@ fn replay(a: ReplayArgs) -> Result<()> {
 }
 
 fn queue_sweep_cmd(a: QueueSweepArgs) -> Result<()> {
-    let limit = parse_bytes(&a.memory_limit, "--memory-limit")?;
+    let limit = parse_bytes(&a.one.memory_limit, "--memory-limit")?;
     if let Some(t) = a.timeouts.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         bail!("--timeouts: {t} is not a number of seconds >= 0");
     }
-    let base = sim_config(&a.sim, limit, a.policy, LogMode::Off)?;
+    let base = sim_config(&a.sim, limit, a.one.policy, LogMode::Off)?;
     let (trace, _) = load_trace(&a.trace)?;
     let rows = modelpool_sim::sweep::queue_sweep(&trace, &base, &a.timeouts).map_err(anyhow::Error::msg)?;
     if a.json {
