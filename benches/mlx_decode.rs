@@ -12,6 +12,8 @@
 //! - SmolLM2-135M decode and prefill tokens/s at batch 1, f32 (dequantized) and quantized
 //!   weights, with the split of decode time between graph building in Rust, MLX evaluation and
 //!   host-side token selection; and the same decode through the streaming `generate` API;
+//! - SmolLM2-135M aggregate tokens/s of 1, 4 and 8 concurrent streams, continuous batching
+//!   against one generation at a time (`max_batch: 1`) in the same run;
 //! - all-MiniLM-L6-v2 sentences/s at batch 1 and 32.
 
 use std::path::{Path, PathBuf};
@@ -257,6 +259,27 @@ async fn run() {
     f_h.unload().await.unwrap();
     q_h.unload().await.unwrap();
 
+    println!("\n## SmolLM2-135M-Instruct, concurrent streams (continuous batching, f32)\n");
+    println!(
+        "N chat requests of 32 new tokens started together through `generate`; aggregate tok/s = all tokens / wall time, last = when the last stream ended. Anchor: the same run with `max_batch: 1` (one generation at a time, the backend before batching), measured in this run.\n"
+    );
+    println!("| concurrent | max_batch 1: tok/s | last s | max_batch 8: tok/s | last s | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let serial = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 1, ..MlxOptions::default() });
+    let batched = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 8, ..MlxOptions::default() });
+    let sm = spec("smollm2-135m-instruct");
+    let one: Arc<dyn ModelHandle> = serial.load_model(&sm).await.unwrap();
+    let many: Arc<dyn ModelHandle> = batched.load_model(&sm).await.unwrap();
+    let _ = concurrent_streams(&one, 1, 8).await; // warm-up
+    let _ = concurrent_streams(&many, 2, 8).await;
+    for n in [1usize, 4, 8] {
+        let (t1, l1) = concurrent_streams(&one, n, 32).await;
+        let (t8, l8) = concurrent_streams(&many, n, 32).await;
+        println!("| {n} | {t1:.1} | {l1:.2} | {t8:.1} | {l8:.2} | {:.2}x |", t8 / t1);
+    }
+    one.unload().await.unwrap();
+    many.unload().await.unwrap();
+
     println!("\n## all-MiniLM-L6-v2 embeddings\n");
     println!("| batch | sentences | seconds | sentences/s |");
     println!("|---:|---:|---:|---:|");
@@ -273,6 +296,39 @@ async fn run() {
         println!("| {batch} | {n} | {secs:.3} | {:.1} |", n as f64 / secs);
     }
     mini_h.unload().await.unwrap();
+}
+
+/// `n` greedy chat generations of `tokens` new tokens each, started together: aggregate
+/// tokens per second and seconds until the last one ended.
+async fn concurrent_streams(h: &Arc<dyn ModelHandle>, n: usize, tokens: u32) -> (f64, f64) {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let msgs = vec![modelpool::backend::ChatMessage {
+                    role: "user".into(),
+                    content: format!("Tell me a short story about the number {i}."),
+                }];
+                let mut req = GenerateRequest::greedy(Prompt::Chat(msgs), tokens);
+                req.stop = Vec::new();
+                let mut s = h.generate(req).await.unwrap();
+                let mut n = 0u64;
+                while let Some(ev) = s.next().await {
+                    if let GenerateEvent::Done { usage, .. } = ev.unwrap() {
+                        n = u64::from(usage.completion_tokens);
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (total as f64 / secs, secs)
 }
 
 fn main() {

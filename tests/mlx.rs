@@ -358,3 +358,46 @@ async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
         assert_eq!(pool.status().ledger.used(), 0);
     }
 }
+
+/// Issue 9: concurrent generations on one model decode together (continuous batching) and each
+/// gets exactly what it would get alone: greedy text, finish reason and token counts, for
+/// prompts of different lengths and budgets joining at different times; a long prompt's chunked
+/// prefill and a sampled (seeded) request among them change nothing for the others.
+#[tokio::test]
+async fn batched_generations_equal_their_solo_runs() {
+    let model = backend().load_model(&spec(SMOLLM)).await.unwrap();
+    let h: Arc<dyn ModelHandle> = model.clone();
+    let long = "Tell me about the history of the printing press in Europe. ".repeat(30);
+    let prompts: Vec<(String, u32)> = vec![
+        ("What is the capital of France?".into(), 24),
+        ("Write one sentence about the sea.".into(), 16),
+        (long, 12),
+        ("Count from one to five.".into(), 20),
+    ];
+    let req = |p: &str, n: u32| GenerateRequest::greedy(Prompt::Text(p.to_string()), n);
+    let mut solo = Vec::new();
+    for (p, n) in &prompts {
+        solo.push(collect(&h, req(p, *n)).await);
+    }
+    assert_eq!(model.peak_batch(), 1, "one at a time so far");
+    // All at once, plus a sampled request that must not disturb the greedy ones.
+    let sampled =
+        GenerateRequest { temperature: 0.8, top_p: 0.9, seed: Some(7), ..req("Say something.", 16) };
+    let mut tasks = Vec::new();
+    for (p, n) in &prompts {
+        let (h, r) = (h.clone(), req(p, *n));
+        tasks.push(tokio::spawn(async move { collect(&h, r).await }));
+    }
+    let s = {
+        let h = h.clone();
+        tokio::spawn(async move { collect(&h, sampled).await })
+    };
+    for (t, want) in tasks.into_iter().zip(&solo) {
+        let got = t.await.unwrap();
+        assert_eq!((&got.0, got.2, got.3, got.4), (&want.0, want.2, want.3, want.4));
+    }
+    let s = s.await.unwrap();
+    assert!(s.4 >= 1 && s.4 <= 16, "the sampled request ran: {s:?}");
+    assert!(model.peak_batch() >= 3, "they decoded together: peak batch {}", model.peak_batch());
+    assert!(h.unload().await.unwrap() > 400_000_000);
+}

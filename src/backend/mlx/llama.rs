@@ -675,14 +675,8 @@ impl Llama {
             if let Some(b) = &l.qkv_bias {
                 qkv = qkv.add(b).context("qkv bias")?;
             }
-            let mut heads = qkv.reshape(&[1, t, nh + 2 * nkv, hd]).context("reshape")?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                let mut p = ops::split_at_indices(&heads, &[nh, nh + nkv], 2).context("split q/k/v")?;
-                let v = pop(&mut p)?;
-                let k = fast::rms_norm(pop(&mut p)?, Some(kn), cfg.eps).context("k norm")?;
-                let q = fast::rms_norm(pop(&mut p)?, Some(qn), cfg.eps).context("q norm")?;
-                heads = ops::concatenate(&[q, k, v], 2).context("join q/k/v")?;
-            }
+            let heads = qkv.reshape(&[1, t, nh + 2 * nkv, hd]).context("reshape")?;
+            let heads = self.qk_norm(l, heads)?;
             // All heads at once: [1, t, nh + 2 nkv, hd] -> [1, heads, t, hd]. RoPE runs once
             // over the q and k heads together (each `fast::rope` call costs about 10 us of
             // graph building, several times a plain op).
@@ -701,25 +695,102 @@ impl Llama {
                 .context("transpose")?
                 .reshape(&[1, t, nh * hd])
                 .context("reshape")?;
-            x = x.add(l.o.forward(&attn)?).context("residual")?;
-            let h = fast::rms_norm(&x, Some(&l.ffn_norm), cfg.eps).context("rms_norm")?;
-            let mut gu =
-                ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).context("split gate/up")?;
-            let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
-            // silu(g) * u with plain ops: mlx-rs's nn::silu goes through `compile` on every
-            // call, which costs more to build than the three ops it fuses.
-            let act = g
-                .multiply(ops::sigmoid(&g).context("sigmoid")?)
-                .context("silu")?
-                .multiply(&u)
-                .context("swiglu")?;
-            x = x.add(l.down.forward(&act)?).context("residual")?;
+            x = self.mlp(l, x.add(l.o.forward(&attn)?).context("residual")?)?;
         }
         cache.len += t as usize;
         let last = x.try_index((.., t - 1, ..)).context("last position")?;
         let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).context("rms_norm")?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
         head.forward(&last)?.reshape(&[cfg.vocab as i32]).context("reshape logits")
+    }
+}
+
+impl Llama {
+    /// Per-head RMSNorm of q and k (Qwen3), on `[.., .., heads, hd]` with q, k, v heads in order.
+    fn qk_norm(&self, l: &Layer, heads: Array) -> Res<Array> {
+        let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) else { return Ok(heads) };
+        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
+        let mut p = ops::split_at_indices(&heads, &[nh, nh + nkv], 2).context("split q/k/v")?;
+        let v = pop(&mut p)?;
+        let k = fast::rms_norm(pop(&mut p)?, Some(kn), self.cfg.eps).context("k norm")?;
+        let q = fast::rms_norm(pop(&mut p)?, Some(qn), self.cfg.eps).context("q norm")?;
+        ops::concatenate(&[q, k, v], 2).context("join q/k/v")
+    }
+
+    /// The feed-forward block with its residual: `x + down(silu(gate(n(x))) * up(n(x)))`.
+    fn mlp(&self, l: &Layer, x: Array) -> Res<Array> {
+        let h = fast::rms_norm(&x, Some(&l.ffn_norm), self.cfg.eps).context("rms_norm")?;
+        let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).context("split gate/up")?;
+        let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
+        // silu(g) * u with plain ops: mlx-rs's nn::silu goes through `compile` on every call,
+        // which costs more to build than the three ops it fuses.
+        let act = g
+            .multiply(ops::sigmoid(&g).context("sigmoid")?)
+            .context("silu")?
+            .multiply(&u)
+            .context("swiglu")?;
+        x.add(l.down.forward(&act)?).context("residual")
+    }
+
+    /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
+    /// whose cache is `caches[i]` (at position `caches[i].len()`). The linear layers, where the
+    /// weights' bytes are read, run once as `[B, hidden]` products; RoPE, the cache writes and
+    /// attention run per sequence (each at its own position and length). Appends each token's
+    /// keys and values to its cache and returns the logits, shape `[B, vocab]`, not evaluated.
+    pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Res<Array> {
+        anyhow::ensure!(!ids.is_empty() && ids.len() == caches.len(), "one cache per token");
+        let b = ids.len() as i32;
+        let cfg = &self.cfg;
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let ids = Array::from_slice(&ids, &[b]);
+        let mut x = self.embed.rows(&ids)?.reshape(&[b, 1, cfg.hidden]).context("reshape")?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let offsets: Vec<i32> = caches.iter().map(|c| c.len as i32).collect();
+        for (c, &o) in caches.iter_mut().zip(&offsets) {
+            c.reserve(o + 1, cfg)?;
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
+            let mut qkv = l.qkv.forward(&h)?;
+            if let Some(bias) = &l.qkv_bias {
+                qkv = qkv.add(bias).context("qkv bias")?;
+            }
+            let heads = qkv.reshape(&[b, 1, nh + 2 * nkv, hd]).context("reshape")?;
+            let heads = self.qk_norm(l, heads)?;
+            // [B, 1, heads, hd] -> [B, heads, 1, hd], then one sequence at a time.
+            let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
+            let mut outs = Vec::with_capacity(caches.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let i = i as i32;
+                let one = heads.try_index((i..i + 1, .., .., ..)).context("sequence")?;
+                let mut parts = ops::split_at_indices(&one, &[nh + nkv], 1).context("split v")?;
+                let v = pop(&mut parts)?;
+                let qk = self.rope(&pop(&mut parts)?, offsets[i as usize])?;
+                let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
+                let k = pop(&mut parts)?;
+                let q = pop(&mut parts)?;
+                let (keys, values) = cache.update(li, &k, &v, offsets[i as usize], 1)?;
+                outs.push(
+                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)
+                        .context("attention")?,
+                );
+            }
+            let attn = ops::concatenate(&outs, 0)
+                .context("join sequences")?
+                .transpose_axes(&[0, 2, 1, 3])
+                .context("transpose")?
+                .reshape(&[b, 1, nh * hd])
+                .context("reshape")?;
+            x = self.mlp(l, x.add(l.o.forward(&attn)?).context("residual")?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let last = x.reshape(&[b, cfg.hidden]).context("reshape")?;
+        let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).context("rms_norm")?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        head.forward(&last)?.reshape(&[b, cfg.vocab as i32]).context("reshape logits")
     }
 }
 

@@ -24,6 +24,7 @@
 //! loads. Unload drops every array, returns MLX's buffer cache to the system and reports the
 //! bytes dropped.
 
+mod batch;
 mod bert;
 mod chat;
 mod handle;
@@ -65,11 +66,19 @@ pub struct MlxOptions {
     /// Commands a model's worker queues behind the one it is running; one more is refused with
     /// `Overloaded` (HTTP 429) instead of waiting without bound.
     pub queue_depth: usize,
+    /// Generations a decoder runs at once (continuous batching: one decode step for all of them,
+    /// see `batch.rs`); more wait in the command queue. 1 serves one at a time.
+    pub max_batch: usize,
 }
 
 impl Default for MlxOptions {
     fn default() -> Self {
-        MlxOptions { dequantize: !cfg!(target_os = "macos"), stream_buffer: 32, queue_depth: 64 }
+        MlxOptions {
+            dequantize: !cfg!(target_os = "macos"),
+            stream_buffer: 32,
+            queue_depth: 64,
+            max_batch: 8,
+        }
     }
 }
 

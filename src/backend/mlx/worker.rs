@@ -4,7 +4,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
@@ -12,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Kind;
 use super::{MlxOptions, Res, bert, llama, message, sampling, text};
-use crate::backend::{BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, Prompt, Usage};
+use crate::backend::{BackendError, Embeddings, GenerateEvent, GenerateRequest, Prompt};
 use crate::catalog::read_config;
 
 /// A model on its worker thread.
@@ -47,14 +46,6 @@ impl Loaded {
                 Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
             }
             Kind::Bert(p) => Ok(Loaded::Bert(Box::new(bert::Bert::load(p)?))),
-        }
-    }
-
-    /// What the model serves, for error messages.
-    fn kind_name(&self) -> &'static str {
-        match self {
-            Loaded::Llama { .. } => "a text-gen decoder",
-            Loaded::Bert(_) => "an embeddings encoder",
         }
     }
 
@@ -148,8 +139,9 @@ fn delta_agrees(delta: u64, arrays: u64) -> bool {
     delta.abs_diff(arrays) as f64 <= 0.10 * arrays.max(1) as f64
 }
 
-fn mismatch(what: &str, model: &Loaded) -> BackendError {
-    BackendError::Unsupported(format!("{what} is not served by this model ({})", model.kind_name()))
+/// The refusal of a command the loaded model does not serve (`kind`: what it is).
+pub(super) fn unsupported(what: &str, kind: &str) -> BackendError {
+    BackendError::Unsupported(format!("{what} is not served by this model ({kind})"))
 }
 
 /// The worker's body: load, report `Ok((measured bytes, KV bytes per token))` or the load error
@@ -161,7 +153,7 @@ pub(super) fn run(
     opts: MlxOptions,
     ready: oneshot::Sender<Result<(u64, u64), BackendError>>,
     mut rx: mpsc::Receiver<Command>,
-    generated: Arc<AtomicU64>,
+    generated: Arc<super::handle::Counters>,
 ) {
     let started = Instant::now();
     let before = active_memory();
@@ -188,65 +180,49 @@ pub(super) fn run(
     if ready.send(Ok((bytes, model.kv_bytes_per_token()))).is_err() {
         return; // the load was abandoned; dropping the model frees it
     }
-    let mut model = Some(model);
-    while let Some(cmd) = rx.blocking_recv() {
-        let Some(m) = &model else { break };
-        match cmd {
-            Command::Generate { req, started, events } => match m {
-                Loaded::Llama { model, tok } => {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        generate(model, tok, &req, started, &events, &generated)
-                    }));
-                    if r.is_err() {
-                        let _ = events
-                            .blocking_send(Err(BackendError::Inference("panic during generation".into())));
-                    }
-                }
-                other => {
-                    let _ = started.send(Err(mismatch("generation", other)));
-                }
-            },
-            Command::Embed { inputs, reply } => match m {
-                Loaded::Bert(b) => {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&inputs)))
-                        .unwrap_or_else(|_| Err(anyhow!("panic during embedding")));
-                    let _ = reply.send(
-                        r.map(|(vectors, prompt_tokens)| Embeddings { vectors, prompt_tokens })
-                            .map_err(|e| BackendError::Inference(message(&e))),
-                    );
-                }
-                other => {
-                    let _ = reply.send(Err(mismatch("embedding", other)));
-                }
-            },
-            Command::Probe { input, steps, logit_ids, reply } => match m {
-                Loaded::Llama { model, tok } => {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        probe(model, tok, &input, steps, &logit_ids)
-                    }))
-                    .unwrap_or_else(|_| Err(anyhow!("panic during probe")));
-                    let _ = reply.send(r.map_err(|e| BackendError::Inference(message(&e))));
-                }
-                other => {
-                    let _ = reply.send(Err(mismatch("probing", other)));
-                }
-            },
-            Command::Unload { reply } => {
-                let freed = m.array_bytes();
-                let before = active_memory();
-                drop(model.take());
-                let _ = mlx_rs::memory::clear_cache();
-                let delta = before.saturating_sub(active_memory());
-                tracing::info!(model = %id, freed, active_delta = delta, "MLX model unloaded");
-                let _ = reply.send(freed);
-                return;
-            }
-        }
+    let unload = match &model {
+        Loaded::Llama { model, tok } => super::batch::serve(model, tok, &mut rx, &generated, opts.max_batch),
+        Loaded::Bert(b) => serve_in_order(b, &mut rx),
+    };
+    if let Some(reply) = unload {
+        let freed = model.array_bytes();
+        let before = active_memory();
+        drop(model);
+        let _ = mlx_rs::memory::clear_cache();
+        let delta = before.saturating_sub(active_memory());
+        tracing::info!(model = %id, freed, active_delta = delta, "MLX model unloaded");
+        let _ = reply.send(freed);
     }
-    // Every handle is gone without an unload: drop the model with the thread.
+    // Otherwise every handle is gone without an unload: the model drops with the thread.
 }
 
-fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+/// Serve commands one at a time in arrival order (encoders: each embedding call is already one
+/// batch) until an unload arrives (returned) or every sender is gone (`None`).
+fn serve_in_order(b: &bert::Bert, rx: &mut mpsc::Receiver<Command>) -> Option<oneshot::Sender<u64>> {
+    let unsupported = |what: &str| unsupported(what, "an embeddings encoder");
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            Command::Generate { started, .. } => {
+                let _ = started.send(Err(unsupported("generation")));
+            }
+            Command::Embed { inputs, reply } => {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&inputs)))
+                    .unwrap_or_else(|_| Err(anyhow!("panic during embedding")));
+                let _ = reply.send(
+                    r.map(|(vectors, prompt_tokens)| Embeddings { vectors, prompt_tokens })
+                        .map_err(|e| BackendError::Inference(message(&e))),
+                );
+            }
+            Command::Probe { reply, .. } => {
+                let _ = reply.send(Err(unsupported("probing")));
+            }
+            Command::Unload { reply } => return Some(reply),
+        }
+    }
+    None
+}
+
+pub(super) fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
     let (text, is_chat) = match prompt {
         Prompt::Text(t) => (t.clone(), false),
         Prompt::Chat(m) => {
@@ -260,7 +236,7 @@ fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>,
     tok.encode(&text, is_chat).map_err(|e| BackendError::InvalidRequest(message(&e)))
 }
 
-fn probe(
+pub(super) fn probe(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
     input: &ProbeInput,
@@ -306,107 +282,6 @@ fn probe(
         .map_err(anyhow::Error::from_boxed)
         .context("detokenizing")?;
     Ok(Probe { input_ids, first_logits, greedy_ids, greedy_text, timings })
-}
-
-/// Runs one generation on the worker thread, streaming events into `events`. Returns early,
-/// without sending more, as soon as the receiver is gone (the client dropped the stream).
-fn generate(
-    model: &llama::Llama,
-    tok: &text::TextTokenizer,
-    req: &GenerateRequest,
-    started: oneshot::Sender<Result<(), BackendError>>,
-    events: &mpsc::Sender<Result<GenerateEvent, BackendError>>,
-    generated: &AtomicU64,
-) {
-    let prepared = (|| -> Result<Vec<u32>, BackendError> {
-        let ids = render_prompt(tok, &req.prompt)?;
-        if ids.is_empty() {
-            return Err(BackendError::InvalidRequest("the prompt is empty".into()));
-        }
-        if ids.len() >= model.cfg.context {
-            return Err(BackendError::InvalidRequest(format!(
-                "the prompt has {} tokens; the context holds {}",
-                ids.len(),
-                model.cfg.context
-            )));
-        }
-        Ok(ids)
-    })();
-    let ids = match prepared {
-        Ok(ids) => {
-            if started.send(Ok(())).is_err() {
-                return;
-            }
-            ids
-        }
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return;
-        }
-    };
-    let send = |ev: Result<GenerateEvent, BackendError>| events.blocking_send(ev).is_ok();
-    let mut usage = Usage { prompt_tokens: ids.len() as u32, completion_tokens: 0 };
-    if req.max_tokens == 0 {
-        send(Ok(GenerateEvent::Done { finish_reason: FinishReason::Length, usage }));
-        return;
-    }
-    let mut sampler = sampling::Sampler::new(req.temperature, req.top_p, req.seed);
-    let mut decoder = text::StreamDecoder::new();
-    let mut stops = text::StopMatcher::new(&req.stop);
-    let mut cache = llama::KvCache::new(model.cfg.n_layers);
-    let fail = |e: anyhow::Error| {
-        let _ = events.blocking_send(Err(BackendError::Inference(message(&e))));
-    };
-    let mut logits = match model.forward(&ids, &mut cache) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    let finish_reason = loop {
-        if events.is_closed() {
-            return;
-        }
-        let host = match logits.to_vec_exact::<f32>() {
-            Ok(v) => v,
-            Err(e) => return fail(anyhow!(e).context("reading logits")),
-        };
-        let id = sampler.sample(&host);
-        usage.completion_tokens += 1;
-        generated.fetch_add(1, Ordering::Relaxed);
-        if tok.stop_ids.contains(&id) {
-            break FinishReason::Stop;
-        }
-        let piece = match decoder.push(&tok.tokenizer, id) {
-            Ok(p) => p,
-            Err(e) => return fail(e),
-        };
-        match stops.push(&piece) {
-            text::StopCheck::Emit(s) => {
-                if !s.is_empty() && !send(Ok(GenerateEvent::Delta(s))) {
-                    return;
-                }
-            }
-            text::StopCheck::Stop(s) => {
-                if !s.is_empty() && !send(Ok(GenerateEvent::Delta(s))) {
-                    return;
-                }
-                break FinishReason::Stop;
-            }
-        }
-        if usage.completion_tokens >= req.max_tokens || cache.len() + 1 >= model.cfg.context {
-            break FinishReason::Length;
-        }
-        logits = match model.forward(&[id], &mut cache) {
-            Ok(l) => l,
-            Err(e) => return fail(e),
-        };
-    };
-    if finish_reason == FinishReason::Length {
-        let rest = stops.flush();
-        if !rest.is_empty() && !send(Ok(GenerateEvent::Delta(rest))) {
-            return;
-        }
-    }
-    send(Ok(GenerateEvent::Done { finish_reason, usage }));
 }
 
 #[cfg(test)]

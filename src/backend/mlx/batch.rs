@@ -1,0 +1,372 @@
+//! Continuous batching for a decoder, on its worker thread: the requests in flight on one model
+//! decode together, one token each per step.
+//!
+//! The scheduler keeps an active set of at most `max_batch` sequences, each with its own KV
+//! cache, sampler (temperature, top-p, seed), stop strings and token budget. One iteration:
+//! 1. take every command waiting (without blocking while anything is active): a generation joins
+//!    the set (its prompt rendered and checked first, so a bad prompt is refused at once); a
+//!    probe runs at once; an unload ends the loop;
+//! 2. sample the next token of every sequence whose logits are ready, emit its text, and retire
+//!    the sequences that finished (stop, length, error) or whose client went away;
+//! 3. run one decode step for every sequence still going, all together
+//!    ([`llama::Llama::forward_batch`]: the linear layers as one `[B, hidden]` product, where the
+//!    weights' bytes are read once for the whole batch);
+//! 4. run one chunk of at most [`PREFILL_CHUNK`] prompt tokens of the oldest sequence still
+//!    reading its prompt, so a long prompt delays the others' next token by one chunk at most.
+//!
+//! A reader slower than the decode fills its bounded event channel; its sequence then pauses (no
+//! sampling, no decode) until the channel has room, and never stalls the others. A sequence
+//! whose receiver is gone (the client disconnected) leaves at once and frees its KV cache.
+//! Requests beyond `max_batch` wait in the worker's bounded command queue.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use anyhow::anyhow;
+use mlx_rs::Array;
+use mlx_rs::ops::indexing::TryIndexOp;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+
+use super::handle::Counters;
+use super::worker::{Command, probe, render_prompt, unsupported};
+use super::{llama, message, sampling, text};
+use crate::backend::{BackendError, FinishReason, GenerateEvent, GenerateRequest, Usage};
+
+/// Prompt tokens processed per scheduler iteration for one sequence.
+pub(super) const PREFILL_CHUNK: usize = 128;
+
+type Events = mpsc::Sender<Result<GenerateEvent, BackendError>>;
+
+/// One generation in the active set.
+struct Seq {
+    events: Events,
+    cache: llama::KvCache,
+    sampler: sampling::Sampler,
+    decoder: text::StreamDecoder,
+    stops: text::StopMatcher,
+    usage: Usage,
+    max_tokens: u32,
+    /// Prompt ids; `prefilled` of them are in the cache.
+    prompt: Vec<u32>,
+    prefilled: usize,
+    /// Logits of the next position, once the prompt is in: sampled at the next iteration.
+    logits: Option<Array>,
+    /// The token sampled last, to feed to the next decode step.
+    next: Option<u32>,
+    /// Events the channel had no room for yet, in order.
+    backlog: VecDeque<Result<GenerateEvent, BackendError>>,
+    /// Finished: leaves once its backlog is delivered.
+    done: bool,
+}
+
+impl Seq {
+    /// Deliver what waits; `false` when the client is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(ev) = self.backlog.pop_front() {
+            match self.events.try_send(ev) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ev)) => {
+                    self.backlog.push_front(ev);
+                    return true;
+                }
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        !self.events.is_closed()
+    }
+
+    fn emit(&mut self, ev: Result<GenerateEvent, BackendError>) {
+        self.backlog.push_back(ev);
+    }
+
+    fn fail(&mut self, e: anyhow::Error) {
+        self.emit(Err(BackendError::Inference(message(&e))));
+        self.done = true;
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        if reason == FinishReason::Length {
+            let rest = self.stops.flush();
+            if !rest.is_empty() {
+                self.emit(Ok(GenerateEvent::Delta(rest)));
+            }
+        }
+        self.emit(Ok(GenerateEvent::Done { finish_reason: reason, usage: self.usage }));
+        self.done = true;
+    }
+
+    /// Paused: its reader has not taken what was produced.
+    fn paused(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+}
+
+/// Checks a generation's prompt and builds its sequence; answers `started` either way.
+fn admit(
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    req: GenerateRequest,
+    started: oneshot::Sender<Result<(), BackendError>>,
+    events: Events,
+) -> Option<Seq> {
+    let prepared = render_prompt(tok, &req.prompt).and_then(|ids| {
+        if ids.is_empty() {
+            return Err(BackendError::InvalidRequest("the prompt is empty".into()));
+        }
+        if ids.len() >= model.cfg.context {
+            return Err(BackendError::InvalidRequest(format!(
+                "the prompt has {} tokens; the context holds {}",
+                ids.len(),
+                model.cfg.context
+            )));
+        }
+        Ok(ids)
+    });
+    let ids = match prepared {
+        Ok(ids) => ids,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return None;
+        }
+    };
+    if started.send(Ok(())).is_err() {
+        return None;
+    }
+    let mut seq = Seq {
+        events,
+        cache: llama::KvCache::new(model.cfg.n_layers),
+        sampler: sampling::Sampler::new(req.temperature, req.top_p, req.seed),
+        decoder: text::StreamDecoder::new(),
+        stops: text::StopMatcher::new(&req.stop),
+        usage: Usage { prompt_tokens: ids.len() as u32, completion_tokens: 0 },
+        max_tokens: req.max_tokens,
+        prompt: ids,
+        prefilled: 0,
+        logits: None,
+        next: None,
+        backlog: VecDeque::new(),
+        done: false,
+    };
+    if req.max_tokens == 0 {
+        seq.finish(FinishReason::Length);
+    }
+    Some(seq)
+}
+
+/// Sample `seq`'s next token from its ready logits and emit its text; marks it done when it
+/// stops or reaches its budget, else leaves the token to feed.
+fn sample(
+    seq: &mut Seq,
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    logits: &Array,
+    generated: &Counters,
+) {
+    let host = match logits.to_vec_exact::<f32>() {
+        Ok(v) => v,
+        Err(e) => return seq.fail(anyhow!(e).context("reading logits")),
+    };
+    let id = seq.sampler.sample(&host);
+    seq.usage.completion_tokens += 1;
+    generated.tokens.fetch_add(1, Ordering::Relaxed);
+    if tok.stop_ids.contains(&id) {
+        return seq.finish(FinishReason::Stop);
+    }
+    let piece = match seq.decoder.push(&tok.tokenizer, id) {
+        Ok(p) => p,
+        Err(e) => return seq.fail(e),
+    };
+    match seq.stops.push(&piece) {
+        text::StopCheck::Emit(s) => {
+            if !s.is_empty() {
+                seq.emit(Ok(GenerateEvent::Delta(s)));
+            }
+        }
+        text::StopCheck::Stop(s) => {
+            if !s.is_empty() {
+                seq.emit(Ok(GenerateEvent::Delta(s)));
+            }
+            return seq.finish(FinishReason::Stop);
+        }
+    }
+    if seq.usage.completion_tokens >= seq.max_tokens || seq.cache.len() + 1 >= model.cfg.context {
+        return seq.finish(FinishReason::Length);
+    }
+    seq.next = Some(id);
+}
+
+/// Serve `rx` with continuous batching until an unload arrives (returned, for the worker to
+/// carry out) or every sender is gone (`None`).
+pub(super) fn serve(
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    rx: &mut mpsc::Receiver<Command>,
+    generated: &Counters,
+    max_batch: usize,
+) -> Option<oneshot::Sender<u64>> {
+    let max_batch = max_batch.max(1);
+    let mut active: Vec<Seq> = Vec::new();
+    loop {
+        // 1. Commands: block only when nothing is in flight.
+        loop {
+            if active.len() >= max_batch {
+                break; // the rest wait in the bounded command queue
+            }
+            let cmd = if active.is_empty() {
+                rx.blocking_recv()?
+            } else {
+                match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        if active.is_empty() {
+                            return None;
+                        }
+                        break;
+                    }
+                }
+            };
+            match cmd {
+                Command::Generate { req, started, events } => {
+                    active.extend(admit(model, tok, req, started, events));
+                }
+                Command::Embed { reply, .. } => {
+                    let _ = reply.send(Err(unsupported("embedding", "a text-gen decoder")));
+                }
+                Command::Probe { input, steps, logit_ids, reply } => {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        probe(model, tok, &input, steps, &logit_ids)
+                    }))
+                    .unwrap_or_else(|_| Err(anyhow!("panic during probe")));
+                    let _ = reply.send(r.map_err(|e| BackendError::Inference(message(&e))));
+                }
+                Command::Unload { reply } => {
+                    for s in &mut active {
+                        let _ = s.events.try_send(Err(BackendError::Gone));
+                    }
+                    return Some(reply);
+                }
+            }
+        }
+        let progressed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(model, tok, &mut active, generated)
+        }));
+        match progressed {
+            Ok(true) => {}
+            Ok(false) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(_) => {
+                for s in &mut active {
+                    let _ = s.events.try_send(Err(BackendError::Inference("panic during generation".into())));
+                }
+                active.clear();
+            }
+        }
+    }
+}
+
+/// Steps 2-4 of the module docs. Returns whether anything was computed or delivered (when
+/// every sequence is paused on its reader, the caller sleeps a moment instead of spinning).
+fn step(
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    active: &mut Vec<Seq>,
+    generated: &Counters,
+) -> bool {
+    let mut progressed = false;
+    // Deliver, drop the gone, retire the finished.
+    active.retain_mut(|s| {
+        let had = s.backlog.len();
+        let alive = s.flush();
+        progressed |= s.backlog.len() != had;
+        alive && !(s.done && s.backlog.is_empty())
+    });
+    // 2. Sample every ready sequence whose reader keeps up.
+    let ready: Vec<usize> =
+        (0..active.len()).filter(|&i| active[i].logits.is_some() && !active[i].paused()).collect();
+    if !ready.is_empty() {
+        let arrays: Vec<&Array> = ready.iter().filter_map(|&i| active[i].logits.as_ref()).collect();
+        if let Err(e) = llama::eval_all(arrays) {
+            let msg = message(&e);
+            for &i in &ready {
+                active[i].logits = None;
+                active[i].fail(anyhow!("{msg}"));
+            }
+        }
+        for &i in &ready {
+            if let Some(l) = active[i].logits.take() {
+                sample(&mut active[i], model, tok, &l, generated);
+                progressed = true;
+            }
+        }
+    }
+    // 3. One decode step for every sequence with a token to feed.
+    let feeding: Vec<usize> = (0..active.len()).filter(|&i| active[i].next.is_some()).collect();
+    if !feeding.is_empty() {
+        progressed = true;
+        let ids: Vec<u32> = feeding.iter().filter_map(|&i| active[i].next.take()).collect();
+        generated.peak_batch.fetch_max(ids.len() as u64, Ordering::Relaxed);
+        let result = if let [i] = feeding[..] {
+            // One sequence: the single-sequence graph (no per-sequence slicing).
+            model.forward(&ids, &mut active[i].cache).map(|l| vec![l])
+        } else {
+            decode_together(model, active, &feeding, &ids)
+        };
+        match result {
+            Ok(logits) => {
+                for (&i, l) in feeding.iter().zip(logits) {
+                    active[i].logits = Some(l);
+                }
+            }
+            Err(e) => {
+                let msg = message(&e);
+                for &i in &feeding {
+                    active[i].fail(anyhow!("{msg}"));
+                }
+            }
+        }
+    }
+    // 4. One prefill chunk of the oldest sequence still reading its prompt.
+    if let Some(s) = active.iter_mut().find(|s| !s.done && s.prefilled < s.prompt.len()) {
+        progressed = true;
+        let end = (s.prefilled + PREFILL_CHUNK).min(s.prompt.len());
+        let chunk = s.prompt[s.prefilled..end].to_vec();
+        match model.forward(&chunk, &mut s.cache) {
+            Ok(l) => {
+                s.prefilled = end;
+                if end == s.prompt.len() {
+                    s.logits = Some(l);
+                } else if let Err(e) = llama::eval_all([&l]) {
+                    // Evaluate now so the next chunk builds on a materialized cache.
+                    s.fail(e);
+                }
+            }
+            Err(e) => s.fail(e),
+        }
+    }
+    progressed
+}
+
+/// One batched decode step for the sequences at `idx` (ascending), fed `ids`: their logits,
+/// one `[vocab]` array each.
+fn decode_together(
+    model: &llama::Llama,
+    active: &mut [Seq],
+    idx: &[usize],
+    ids: &[u32],
+) -> super::Res<Vec<Array>> {
+    let mut caches: Vec<&mut llama::KvCache> = Vec::with_capacity(idx.len());
+    let mut rest = active;
+    let mut base = 0;
+    for &i in idx {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+        let (this, tail) = tail.split_first_mut().expect("index in range");
+        caches.push(&mut this.cache);
+        rest = tail;
+        base = i + 1;
+    }
+    let logits = model.forward_batch(ids, &mut caches)?;
+    (0..idx.len() as i32)
+        .map(|r| logits.try_index((r, ..)).map_err(|e| anyhow!(e).context("row of the batch's logits")))
+        .collect()
+}
