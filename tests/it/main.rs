@@ -4,6 +4,7 @@ mod classic;
 mod common;
 mod engine;
 mod estimate;
+mod fuzz;
 mod http;
 mod invariants;
 mod pool;
