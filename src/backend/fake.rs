@@ -50,8 +50,9 @@ pub struct FaultPlan {
     pub slow_unload: f64,
     /// How long a slow unload takes.
     pub slow_unload_time: Duration,
-    /// A loaded model measures this far off its configured size, as a share (0.3: up to 30%
-    /// above or below, uniformly).
+    /// A loaded model measures off its configured size (by up to `size_skew`).
+    pub skewed_size: f64,
+    /// How far off a skewed size is, as a share: 0.3 is up to 30% above or below, uniformly.
     pub size_skew: f64,
 }
 
@@ -216,7 +217,7 @@ impl Backend for FakeBackend {
             if f.roll(f.plan.load_panic, |c| &mut c.load_panics) {
                 panic!("injected panic loading '{}'", spec.id);
             }
-            if f.roll(f.plan.size_skew.min(1.0), |c| &mut c.skewed_sizes) {
+            if f.roll(f.plan.skewed_size, |c| &mut c.skewed_sizes) {
                 let factor = 1.0 + f.plan.size_skew * (f.draw() * 2.0 - 1.0);
                 measured = ((measured as f64) * factor).round().max(1.0) as u64;
             }

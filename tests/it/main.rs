@@ -10,3 +10,4 @@ mod invariants;
 mod pool;
 mod queue;
 mod snapshots;
+mod soak;
