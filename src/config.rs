@@ -13,6 +13,7 @@
 //! preload = ["qwen2.5-0.5b-instruct"]
 //! idle_ttl = "10m"            # evict idle unpinned models; "off" to keep them
 //! queue_timeout = "60s"       # wait for memory held by in-flight requests; "0s": 503 at once
+//! stream_wait_notice = "5s"   # a waiting stream gets headers, then a comment this often
 //! max_queue = 1024            # requests waiting at once
 //! shutdown_grace = "30s"
 //! max_body = "4MB"
@@ -299,6 +300,11 @@ pub struct ServeArgs {
     /// [default: 1024].
     #[arg(long, env = "MODELPOOL_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
+    /// A streaming request still waiting for its model (queued, or a load running) after this
+    /// long gets its response headers at once and an SSE comment this often while it waits
+    /// [default: 5s].
+    #[arg(long, env = "MODELPOOL_STREAM_WAIT_NOTICE", value_name = "DURATION", value_parser = parse_duration)]
+    pub stream_wait_notice: Option<Duration>,
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -404,6 +410,9 @@ pub struct FileConfig {
     pub queue_timeout: Option<Duration>,
     /// See [`ServeArgs::max_queue`].
     pub max_queue: Option<usize>,
+    /// See [`ServeArgs::stream_wait_notice`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub stream_wait_notice: Option<Duration>,
     /// See [`ServeArgs::max_body`].
     pub max_body: Option<ByteSize>,
     /// See [`ServeArgs::sizes_file`].
@@ -528,6 +537,8 @@ pub struct ServeConfig {
     /// Zero: no queue.
     pub queue_timeout: Duration,
     pub max_queue: usize,
+    /// At least 10 ms.
+    pub stream_wait_notice: Duration,
     /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
     pub max_body: u64,
     pub sizes_file: Option<PathBuf>,
@@ -643,6 +654,13 @@ impl ServeConfig {
         let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         let queue_timeout = args.queue_timeout.or(file.queue_timeout).unwrap_or(DEFAULT_QUEUE_TIMEOUT);
         let max_queue = args.max_queue.or(file.max_queue).unwrap_or(DEFAULT_MAX_QUEUE);
+        let stream_wait_notice = args
+            .stream_wait_notice
+            .or(file.stream_wait_notice)
+            .unwrap_or(crate::http::DEFAULT_STREAM_WAIT_NOTICE);
+        if stream_wait_notice < Duration::from_millis(10) {
+            return err(format!("stream wait notice {stream_wait_notice:?} is too short (at least 10ms)"));
+        }
         let max_body = args.max_body.or(file.max_body).map_or(DEFAULT_MAX_BODY, u64::from);
         if max_body < MIN_MAX_BODY {
             return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
@@ -773,6 +791,7 @@ impl ServeConfig {
             shutdown_grace,
             queue_timeout,
             max_queue,
+            stream_wait_notice,
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),
             fake,

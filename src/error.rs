@@ -28,12 +28,18 @@ pub enum PoolError {
     },
 
     /// Not enough memory even after evicting every evictable model; nothing was evicted.
-    /// The message is the classic 503 text, in decimal GB.
-    #[error("Insufficient memory: need {:.1}GB, only {:.1}GB available after eviction", gb(*need), gb(*available))]
+    /// The message is the classic 503 text, in decimal GB (with the split between weights and
+    /// the request's KV cache after the need when the request asked for KV).
+    #[error(
+        "Insufficient memory: need {:.1}GB{}, only {:.1}GB available after eviction",
+        gb(*need), kv_part(*need, *kv), gb(*available)
+    )]
     InsufficientMemory {
         model: ModelId,
-        /// Bytes the model needs.
+        /// Bytes the model needs (weights, plus `kv`).
         need: u64,
+        /// Bytes of `need` that are the request's KV cache.
+        kv: u64,
         /// Bytes obtainable by evicting every evictable model.
         available: u64,
         /// Seconds after which in-flight work is expected to have freed enough (>= 1).
@@ -42,13 +48,15 @@ pub enum PoolError {
 
     /// Larger than the limit minus pinned models: no amount of waiting helps.
     #[error(
-        "Model too large: '{model}' needs {:.1}GB but the limit minus pinned models leaves {:.1}GB",
-        gb(*need), gb(*available)
+        "Model too large: '{model}' needs {:.1}GB{} but the limit minus pinned models leaves {:.1}GB",
+        gb(*need), kv_part(*need, *kv), gb(*available)
     )]
     ModelTooLarge {
         model: ModelId,
-        /// Bytes the model needs.
+        /// Bytes the model needs (weights, plus `kv`).
         need: u64,
+        /// Bytes of `need` that are the request's KV cache (0 for a model too large by itself).
+        kv: u64,
         /// Limit minus pinned bytes.
         available: u64,
     },
@@ -163,4 +171,19 @@ fn max_models_message(model: &str, max_models: usize, all_pinned: bool) -> Strin
             "Too many models: '{model}' cannot load while {max_models} models are loaded or loading and none can be evicted"
         )
     }
+}
+
+/// ` (X GB of weights + Y GB of KV cache for this request's context)` when the request's KV is
+/// part of the need, else nothing.
+fn kv_part(need: u64, kv: u64) -> String {
+    if kv == 0 {
+        return String::new();
+    }
+    // Small caches in MB: "0.0GB" would read as none.
+    let kv_text =
+        if kv < 100_000_000 { format!("{}MB", kv.div_ceil(1_000_000)) } else { format!("{:.1}GB", gb(kv)) };
+    format!(
+        " ({:.1}GB of weights + {kv_text} of KV cache for this request's context)",
+        gb(need.saturating_sub(kv))
+    )
 }

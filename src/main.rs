@@ -184,7 +184,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .with_max_body(cfg.max_body)
         .with_auth(auth)
         .with_limits(cfg.limits)
-        .with_contexts(cfg.contexts.iter().cloned());
+        .with_contexts(cfg.contexts.iter().cloned())
+        .with_stream_wait_notice(cfg.stream_wait_notice);
     let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
     println!("modelpool listening on http://{addr}");

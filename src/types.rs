@@ -154,12 +154,28 @@ pub struct ModelSpec {
     /// Known size in bytes; when set, estimators return it as is.
     #[serde(default)]
     pub size_hint: Option<u64>,
+    /// Known KV cache bytes per token of context (from the model's config); when unset, the
+    /// rule of [`crate::estimate::kv_bytes_per_token`] applies until the backend says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 impl ModelSpec {
     /// A text-gen model with no path and no size hint.
     pub fn new(id: impl Into<ModelId>) -> Self {
-        ModelSpec { id: id.into(), model_type: ModelType::TextGen, path: None, size_hint: None }
+        ModelSpec {
+            id: id.into(),
+            model_type: ModelType::TextGen,
+            path: None,
+            size_hint: None,
+            kv_bytes_per_token: None,
+        }
+    }
+
+    /// Builder: set a known KV cache size per token of context, in bytes.
+    pub fn with_kv_per_token(mut self, bytes: u64) -> Self {
+        self.kv_bytes_per_token = Some(bytes);
+        self
     }
 
     /// Builder: set the model type.

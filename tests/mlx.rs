@@ -92,6 +92,7 @@ async fn embeddings_match_sentence_transformers() {
     let texts: Vec<String> = items.iter().map(|i| i["text"].as_str().unwrap().to_string()).collect();
     let h = backend().load(&spec(MINILM)).await.unwrap();
     assert!(h.measured_bytes() > 80_000_000, "{}", h.measured_bytes());
+    assert_eq!(h.kv_bytes_per_token(), Some(0), "an encoder keeps no KV cache");
     assert_close(mlx_resident_estimate(&spec(MINILM), true).unwrap(), h.measured_bytes());
 
     // One batch (with padding) and one input at a time must both match.

@@ -121,6 +121,12 @@ pub struct SimConfig {
     pub queue_timeout_secs: f64,
     /// Requests waiting at once; one more is refused with `queue_full`.
     pub max_queue: usize,
+    /// Count each request's KV cache in the ledger, as the server does: (input + output tokens)
+    /// x the model's KV bytes per token, by the engine's rule
+    /// (`modelpool::estimate::kv_bytes_per_token`: `2 x sqrt(parameters)` bytes, parameters from
+    /// the name or half the model's size; 0 for embeddings models). Requests given as a duration
+    /// hold none. Off in instant mode (a plain cache).
+    pub kv_cache: bool,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -129,7 +135,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     /// 24 GB, 4 models (the server's default), LRU, loads of 0.5 s + bytes at 3.2 GB/s (plain
     /// safetensors reads on an H100 box), instant unloads, 0.2 ms per prompt token and 20 ms per
-    /// generated token, no retries, no failures, seed 1, no log.
+    /// generated token, no retries, no failures, seed 1, no log, KV cache counted.
     fn default() -> Self {
         SimConfig {
             limit: 24_000_000_000,
@@ -148,6 +154,7 @@ impl Default for SimConfig {
             idle_ttl_secs: None,
             queue_timeout_secs: DEFAULT_QUEUE_TIMEOUT_SECS,
             max_queue: 1024,
+            kv_cache: true,
             log: LogMode::Off,
         }
     }
@@ -170,6 +177,7 @@ impl SimConfig {
             unload_secs: 0.0,
             prefill_secs_per_token: 0.0,
             decode_secs_per_token: 0.0,
+            kv_cache: false,
             ..self
         }
     }

@@ -89,6 +89,10 @@ struct SimArgs {
     /// Requests waiting at once; one more is refused with queue_full.
     #[arg(long, env = "MODELPOOL_SIM_MAX_QUEUE", default_value_t = 1024)]
     max_queue: usize,
+    /// Count each request's KV cache ((input + output tokens) x the model's KV bytes per token)
+    /// in the ledger, as the server does (`false`: weights only).
+    #[arg(long, env = "MODELPOOL_SIM_KV_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    kv_cache: bool,
 }
 
 #[derive(Args)]
@@ -217,6 +221,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         idle_ttl_secs: a.idle_ttl,
         queue_timeout_secs: a.queue_timeout,
         max_queue: a.max_queue,
+        kv_cache: a.kv_cache,
         log,
     };
     if a.instant {

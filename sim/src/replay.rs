@@ -13,7 +13,10 @@
 //! time) and reported with `reclaimed`; when the last one is back the load starts and takes
 //! `latency + bytes / bandwidth`; then `load_finished` grants the waiters their leases.
 //! `AwaitUnload`: the model's own unload is under way; the request (or preload) is parked and
-//! admitted again the moment that unload is reported, as the server's requests wait for it.
+//! admitted again the moment that unload is reported, as the server's requests wait for it (or,
+//! for a request whose KV cache waits for memory coming back, after the next unload of any
+//! model). Requests hold their KV bytes (`SimConfig::kv_cache`) from admission to release, and
+//! idle models the engine evicts for them (`take_unloads`) are unloaded like load victims.
 //! `Reject`: a 503, counted by code; the request is dropped, or retried after the engine's
 //! `retry_after_secs` if retries are enabled. A draining model whose last lease ends is unloaded.
 //!
@@ -90,6 +93,8 @@ struct Waiter {
     /// Arrival of its first attempt (latency is measured from there).
     first: Nanos,
     service: Nanos,
+    /// KV bytes it was admitted with.
+    kv: u64,
     /// Whether this request started the load (else it joined).
     started: bool,
 }
@@ -100,6 +105,7 @@ enum Ev {
     Release {
         slot: Slot,
         acquired: Nanos,
+        kv: u64,
     },
     Unloaded(Slot),
     Retry {
@@ -157,6 +163,8 @@ struct Runner<'t, P: SimPolicy> {
     waiters: Vec<Vec<Waiter>>,
     /// Per model: requests and preloads awaiting its unload.
     parked: Vec<Vec<Parked>>,
+    /// Requests whose KV cache awaits memory coming back from any unload.
+    parked_any: Vec<Parked>,
     /// Requests in the engine's admission queue, by ticket.
     queued: HashMap<Ticket, QueuedReq>,
     /// Reused buffer for the engine's wakes.
@@ -176,6 +184,7 @@ struct Runner<'t, P: SimPolicy> {
     zero_latency: u64,
     mem_t: Nanos,
     mem_used: u64,
+    kv_used: u64,
     rng: ChaCha8Rng,
     next_use: Vec<u64>,
     /// Index of the next trace operation.
@@ -224,6 +233,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             seq: 0,
             waiters: vec![Vec::new(); n],
             parked: vec![Vec::new(); n],
+            parked_any: Vec::new(),
             queued: HashMap::new(),
             wake_buf: Vec::new(),
             tick_at: None,
@@ -241,6 +251,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             zero_latency: 0,
             mem_t: 0,
             mem_used: 0,
+            kv_used: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             next_use: if P::OFFLINE { next_uses(trace) } else { Vec::new() },
             next_op: 0,
@@ -258,9 +269,37 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     /// Account memory use up to `now`, then take the ledger's new value.
     #[inline]
     fn mem_sync(&mut self, now: Nanos) {
-        self.totals.mem_area += u128::from(self.mem_used) * u128::from(now - self.mem_t);
+        let dt = u128::from(now - self.mem_t);
+        self.totals.mem_area += u128::from(self.mem_used) * dt;
+        self.totals.kv_area += u128::from(self.kv_used) * dt;
         self.mem_t = now;
-        self.mem_used = self.core.ledger().used();
+        let l = self.core.ledger();
+        self.mem_used = l.used();
+        self.kv_used = l.kv;
+    }
+
+    /// KV bytes trace request `idx` holds on `slot`: its tokens in and out at the model's rate.
+    #[inline]
+    fn kv_of(&self, idx: usize, slot: Slot) -> u64 {
+        if !self.cfg.kv_cache {
+            return 0;
+        }
+        match self.trace.ops[idx].service() {
+            Service::Tokens { input, output } => {
+                self.core.kv_for_tokens(slot, u64::from(input) + u64::from(output))
+            }
+            Service::Duration(_) => 0,
+        }
+    }
+
+    /// Unload the idle models the engine evicted by itself (room for a request's KV).
+    fn flush_unloads(&mut self, now: Nanos) {
+        if self.core.has_unloads() {
+            self.mem_sync(now);
+            for v in self.core.take_unloads() {
+                self.unload(v, now);
+            }
+        }
     }
 
     #[inline]
@@ -325,8 +364,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             let next = self.next_use[idx];
             self.core.policy_mut().set_next_use(slot, next, idx as u64);
         }
-        let admission = self.core.admit(slot, now, Intent::Request);
-        self.carry_out(idx, slot, now, first, attempt, service, admission, attempt == 0);
+        let kv = self.kv_of(idx, slot);
+        let admission = self.core.admit_request(slot, now, kv);
+        self.carry_out(idx, slot, now, first, attempt, service, kv, admission, attempt == 0);
+        // After carrying it out: an instant unload pumps the queue, which may wake this request.
+        self.flush_unloads(now);
     }
 
     /// Carry out a request's admission (`fresh`: its first attempt, admitted directly).
@@ -340,6 +382,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         first: Nanos,
         attempt: u32,
         service: Nanos,
+        kv: u64,
         admission: Admission,
         fresh: bool,
     ) {
@@ -351,18 +394,30 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
                 self.totals.served += 1;
                 self.record_latency(now - first);
-                self.start_service(slot, now, service);
+                if kv > 0 {
+                    self.mem_sync(now);
+                }
+                self.start_service(slot, now, service, kv);
             }
             Admission::Join => {
-                self.waiters[slot as usize].push(Waiter { first, service, started: false });
+                if kv > 0 {
+                    self.mem_sync(now);
+                }
+                self.waiters[slot as usize].push(Waiter { first, service, kv, started: false });
             }
             Admission::Load(plan) => {
                 self.totals.cold_loads += 1;
-                self.waiters[slot as usize].push(Waiter { first, service, started: true });
+                self.waiters[slot as usize].push(Waiter { first, service, kv, started: true });
                 self.start_load(slot, now, &plan);
             }
             Admission::AwaitUnload => {
-                self.parked[slot as usize].push(Parked { op: idx as u32, first, attempt, service });
+                let p = Parked { op: idx as u32, first, attempt, service };
+                if self.core.phase(slot) == modelpool::Phase::Draining {
+                    self.parked[slot as usize].push(p);
+                } else {
+                    // Its KV waits for memory that any unload may bring back.
+                    self.parked_any.push(p);
+                }
             }
             Admission::Queued(ticket) => {
                 self.totals.queued += 1;
@@ -390,29 +445,32 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     }
 
     #[inline]
-    fn start_service(&mut self, slot: Slot, now: Nanos, service: Nanos) {
+    fn start_service(&mut self, slot: Slot, now: Nanos, service: Nanos, kv: u64) {
         if service == 0 {
-            self.end_lease(slot, now, now);
+            self.end_lease(slot, now, now, kv);
         } else {
-            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now });
+            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now, kv });
         }
     }
 
     /// End a lease; the engine says whether the model must now leave memory (it was draining,
     /// or the pool is over its limits and this model just became evictable).
     #[inline]
-    fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos) {
-        if self.core.release(slot, now, acquired) {
+    fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos, kv: u64) {
+        if self.core.release_request(slot, now, acquired, kv) {
             self.mem_sync(now);
             self.unload(slot, now);
+        } else if kv > 0 {
+            self.mem_sync(now);
         }
-        if self.core.has_wakes() {
+        if self.core.has_wakes() || self.core.has_unloads() {
             self.drain_wakes(now);
         }
     }
 
     /// Carry out the admissions the engine decided for queued requests, as the server does.
     fn drain_wakes(&mut self, now: Nanos) {
+        self.flush_unloads(now);
         while self.core.has_wakes() {
             let mut buf = std::mem::take(&mut self.wake_buf);
             buf.extend(self.core.take_wakes());
@@ -422,7 +480,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 if !matches!(w.outcome, Admission::Reject(_)) {
                     self.wait_hist.saturating_record(now.saturating_sub(q.since).div_ceil(1000).max(1));
                 }
-                self.carry_out(q.op as usize, w.slot, now, q.first, q.attempt, q.service, w.outcome, false);
+                let (op, slot, kv) = (q.op as usize, w.slot, w.kv);
+                self.carry_out(op, slot, now, q.first, q.attempt, q.service, kv, w.outcome, false);
+                self.flush_unloads(now);
             }
             if self.wake_buf.capacity() < buf.capacity() {
                 self.wake_buf = buf;
@@ -456,8 +516,19 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if let Some(o) = owner {
             self.begin_load(o, now);
         }
-        if self.core.has_wakes() {
+        if self.core.has_wakes() || self.core.has_unloads() {
             self.drain_wakes(now);
+        }
+        if !self.parked_any.is_empty() {
+            let mut parked = std::mem::take(&mut self.parked_any);
+            for p in &parked {
+                let model = self.trace.ops[p.op as usize].model;
+                self.request(p.op as usize, model, now, p.first, p.attempt, p.service);
+            }
+            parked.clear();
+            if self.parked_any.is_empty() {
+                self.parked_any = parked;
+            }
         }
         if !self.parked[slot as usize].is_empty() {
             let mut parked = std::mem::take(&mut self.parked[slot as usize]);
@@ -536,21 +607,21 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
                 self.totals.served += 1;
                 self.record_latency(now - w.first);
-                self.start_service(slot, now, w.service);
+                self.start_service(slot, now, w.service, w.kv);
             }
         }
         waiters.clear();
         if self.waiters[slot as usize].is_empty() {
             self.waiters[slot as usize] = waiters;
         }
-        if self.core.has_wakes() {
+        if self.core.has_wakes() || self.core.has_unloads() {
             self.drain_wakes(now);
         }
     }
 
     fn internal(&mut self, now: Nanos, ev: Ev) {
         match ev {
-            Ev::Release { slot, acquired } => self.end_lease(slot, now, acquired),
+            Ev::Release { slot, acquired, kv } => self.end_lease(slot, now, acquired, kv),
             Ev::LoadDone(slot) => self.finish_load(slot, now),
             Ev::Unloaded(slot) => self.reclaim(slot, now),
             Ev::Retry { op, attempt, first } => {

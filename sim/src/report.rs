@@ -51,6 +51,8 @@ pub(crate) struct Totals {
     pub latency_sum: u128,
     pub latency_max: Nanos,
     pub mem_area: u128,
+    /// Integral of the KV column over time (bytes x ns).
+    pub kv_area: u128,
     pub end: Nanos,
 }
 
@@ -139,6 +141,8 @@ pub struct ConfigSummary {
     pub seed: u64,
     /// Keep-alive TTL, seconds (`null`: none).
     pub idle_ttl_secs: Option<f64>,
+    /// Requests' KV cache counted in the ledger.
+    pub kv_cache: bool,
 }
 
 /// The trace's shape.
@@ -211,6 +215,10 @@ pub struct Memory {
     pub peak_bytes: u64,
     /// Time-weighted mean of committed bytes.
     pub mean_bytes: u64,
+    /// Highest bytes held by requests' KV caches (the ledger's `kv` column).
+    pub kv_peak_bytes: u64,
+    /// Time-weighted mean of the KV column.
+    pub kv_mean_bytes: u64,
 }
 
 /// Admin operations.
@@ -297,6 +305,7 @@ pub(crate) fn build_report(
             estimate_from_names: cfg.estimate_from_names,
             seed: cfg.seed,
             idle_ttl_secs: cfg.idle_ttl_secs,
+            kv_cache: cfg.kv_cache,
         },
         trace: TraceSummary {
             models: trace.models.len(),
@@ -352,6 +361,8 @@ pub(crate) fn build_report(
             limit_bytes: ledger.limit,
             peak_bytes: stats.peak_used,
             mean_bytes: if t.end == 0 { 0 } else { (t.mem_area / u128::from(t.end)) as u64 },
+            kv_peak_bytes: stats.peak_kv,
+            kv_mean_bytes: if t.end == 0 { 0 } else { (t.kv_area / u128::from(t.end)) as u64 },
         },
         admin: Admin { ops: t.admin_ops, preloads: t.preloads, refused: t.admin_refused },
         models,
@@ -504,6 +515,13 @@ impl Report {
                 fmt_bytes(m.mean_bytes)
             ),
         );
+        if self.config.kv_cache {
+            kv(
+                &mut o,
+                "kv cache",
+                format!("peak {}, mean {}", fmt_bytes(m.kv_peak_bytes), fmt_bytes(m.kv_mean_bytes)),
+            );
+        }
         if self.admin.ops > 0 {
             kv(
                 &mut o,

@@ -32,6 +32,8 @@ pub struct FakeModelConfig {
     pub load_time: Option<Duration>,
     /// Number of upcoming loads that fail (decremented per failed load); `u32::MAX` fails always.
     pub fail_loads: u32,
+    /// KV bytes per token the loaded model reports; `None` uses the backend's figure.
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// Faults to inject, each with a probability per load or unload (0 never, 1 always), drawn from
@@ -105,6 +107,7 @@ pub struct FakeBackend {
     token_delay: Duration,
     embedding_dim: usize,
     natural_tokens: u32,
+    kv_bytes_per_token: Option<u64>,
     models: Mutex<HashMap<String, FakeModelConfig>>,
     loads: AtomicU64,
     unloads: Arc<AtomicU64>,
@@ -125,6 +128,7 @@ impl FakeBackend {
             token_delay: Duration::ZERO,
             embedding_dim: 384,
             natural_tokens: 8,
+            kv_bytes_per_token: None,
             models: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
             unloads: Arc::new(AtomicU64::new(0)),
@@ -163,6 +167,14 @@ impl FakeBackend {
         self
     }
 
+    /// Builder: loaded models report `bytes` of KV cache per token (unless their own config says
+    /// otherwise; without either they report the spec's figure, or nothing and the pool keeps
+    /// its estimate rule's).
+    pub fn with_kv_per_token(mut self, bytes: u64) -> Self {
+        self.kv_bytes_per_token = Some(bytes);
+        self
+    }
+
     /// Set (replace) the behaviour of one model.
     pub fn configure(&self, model: &str, config: FakeModelConfig) {
         self.models.lock().unwrap().insert(model.to_string(), config);
@@ -192,7 +204,7 @@ impl Backend for FakeBackend {
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
-        let (load_time, fail, measured) = {
+        let (load_time, fail, measured, kv) = {
             let mut models = self.models.lock().unwrap();
             let cfg = models.entry(spec.id.to_string()).or_default();
             let fail = cfg.fail_loads > 0;
@@ -201,7 +213,8 @@ impl Backend for FakeBackend {
             }
             let measured =
                 cfg.measured_bytes.or(spec.size_hint).unwrap_or_else(|| NameEstimator.estimate(spec).bytes);
-            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured)
+            let kv = cfg.kv_bytes_per_token.or(self.kv_bytes_per_token).or(spec.kv_bytes_per_token);
+            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured, kv)
         };
         if !load_time.is_zero() {
             tokio::time::sleep(load_time).await;
@@ -226,6 +239,7 @@ impl Backend for FakeBackend {
             id: spec.id.to_string(),
             model_type: spec.model_type,
             bytes: measured,
+            kv,
             token_delay: self.token_delay,
             embedding_dim: self.embedding_dim,
             loaded: AtomicBool::new(true),
@@ -240,6 +254,7 @@ struct FakeModel {
     id: String,
     model_type: ModelType,
     bytes: u64,
+    kv: Option<u64>,
     token_delay: Duration,
     embedding_dim: usize,
     loaded: AtomicBool,
@@ -280,6 +295,10 @@ impl FakeModel {
 impl ModelHandle for FakeModel {
     fn measured_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn kv_bytes_per_token(&self) -> Option<u64> {
+        self.kv
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {

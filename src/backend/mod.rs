@@ -136,6 +136,13 @@ pub trait ModelHandle: Send + Sync + 'static {
     /// Constant while the model is loaded.
     fn measured_bytes(&self) -> u64;
 
+    /// KV cache bytes one token of context holds while a request runs (for a decoder: layers x
+    /// KV heads x head dim x 2 x bytes per element; 0 for a model that keeps no cache). `None`
+    /// (the default) leaves the pool's figure from the spec or the estimate rule in place.
+    fn kv_bytes_per_token(&self) -> Option<u64> {
+        None
+    }
+
     /// Start a generation. Text-gen and vision models; others return `Unsupported`.
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError>;
 

@@ -163,7 +163,11 @@ fn models_in_dir(p: &Path, id: &str) -> Result<Vec<ModelSpec>, CatalogError> {
             None
         };
         let t = infer_dir_type(p, id, value.as_ref());
-        return Ok(vec![ModelSpec::new(id).with_type(t).with_path(p)]);
+        let mut spec = ModelSpec::new(id).with_type(t).with_path(p);
+        if t != ModelType::Embeddings {
+            spec.kv_bytes_per_token = value.as_ref().and_then(kv_bytes_per_token_of_config);
+        }
+        return Ok(vec![spec]);
     }
     let ggufs: Vec<&PathBuf> = entries.iter().filter(|e| is_gguf(e)).collect();
     if ggufs.is_empty() || entries.iter().any(|e| e.is_dir()) {
@@ -181,6 +185,24 @@ fn models_in_dir(p: &Path, id: &str) -> Result<Vec<ModelSpec>, CatalogError> {
             ModelSpec::new(id).with_type(t).with_path(g)
         })
         .collect())
+}
+
+/// KV cache bytes per token of context for a decoder's `config.json` as the MLX backend holds
+/// it (f32 keys and values: `num_hidden_layers x num_key_value_heads x head_dim x 2 x 4`, with
+/// the usual defaults: KV heads = attention heads, head dim = hidden size / heads; a
+/// multimodal config's `text_config` is read when the top level has no layers). `None` when
+/// the config lacks the fields.
+pub fn kv_bytes_per_token_of_config(config: &serde_json::Value) -> Option<u64> {
+    let c = match config.get("num_hidden_layers") {
+        Some(_) => config,
+        None => config.get("text_config")?,
+    };
+    let int = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).filter(|&v| v > 0);
+    let layers = int("num_hidden_layers")?;
+    let heads = int("num_attention_heads")?;
+    let kv_heads = int("num_key_value_heads").unwrap_or(heads);
+    let head_dim = int("head_dim").or_else(|| Some(int("hidden_size")? / heads))?;
+    layers.checked_mul(kv_heads)?.checked_mul(head_dim)?.checked_mul(2 * 4)
 }
 
 /// Scans `dir` and returns one spec per model found, sorted by id. Ids are paths relative to

@@ -15,6 +15,10 @@ use crate::config::ServerLimitsConfig;
 use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
 
+/// Default of [`AppState::stream_wait_notice`]: 5 s, well inside common proxy and client idle
+/// timeouts (nginx 60 s, the OpenAI Python client's 600 s).
+pub const DEFAULT_STREAM_WAIT_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -34,6 +38,9 @@ pub struct AppState {
     pub limits: ServerLimitsConfig,
     /// Context lengths of the models that have their own (others: `limits.context_tokens`).
     pub contexts: Arc<std::collections::BTreeMap<String, u32>>,
+    /// A streaming request still waiting for its model after this long gets its response
+    /// headers and then an SSE comment this often until it is admitted (see `http::stream`).
+    pub stream_wait_notice: std::time::Duration,
 }
 
 impl AppState {
@@ -45,6 +52,7 @@ impl AppState {
             metrics,
             system_memory: Arc::new(crate::limit::SysinfoMemory),
             max_body: crate::config::DEFAULT_MAX_BODY,
+            stream_wait_notice: DEFAULT_STREAM_WAIT_NOTICE,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -75,6 +83,12 @@ impl AppState {
     /// The context length of `model` in tokens: its own, else `limits.context_tokens`.
     pub fn context_of(&self, model: &str) -> u32 {
         self.contexts.get(model).copied().unwrap_or(self.limits.context_tokens)
+    }
+
+    /// Builder: send waiting streams their headers, then a comment, every `every`.
+    pub fn with_stream_wait_notice(mut self, every: std::time::Duration) -> Self {
+        self.stream_wait_notice = every;
+        self
     }
 
     /// Builder: cap request bodies at `bytes`.

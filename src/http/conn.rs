@@ -3,8 +3,9 @@
 //! - at most `max_connections` open connections; one more is answered with a 503
 //!   `server_busy` (`Retry-After: 1`) and closed. Connections are HTTP/1.1 (keep-alive,
 //!   pipelining), so this also caps the requests in progress: each connection has at most one;
-//! - a request's head must arrive within `header_read_timeout` (hyper's timer), else the
-//!   connection is closed: a client that trickles header bytes is dropped;
+//! - a request's head must arrive within `header_read_timeout` (hyper's timer, running whenever
+//!   the connection waits for a head: new or idle between requests), else the connection is
+//!   closed: a client that trickles header bytes, or sends none, is dropped;
 //! - a write that makes no progress for `write_timeout` ([`WriteTimeout`]) fails the connection,
 //!   which drops the response body: an SSE client that stopped reading releases its lease;
 //! - the body read timeout is the body filter's ([`super::app`]), a 408.
@@ -19,8 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -185,9 +185,12 @@ pub(super) async fn accept_loop(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let io = TokioIo::new(WriteTimeout::new(tcp, limits.write_timeout));
-            let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-            let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc));
+            // hyper's HTTP/1 connection directly: its header timer runs from the moment it waits
+            // for a head (a new connection, an idle keep-alive one), where hyper-util's `auto`
+            // first waits for the protocol preface with no timeout at all.
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            let conn = watcher.watch(builder.serve_connection(io, svc));
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

@@ -89,6 +89,8 @@ pub struct Metrics {
     latency: Vec<Histogram>,
     responses: Mutex<BTreeMap<(&'static str, u16), u64>>,
     load_seconds: Histogram,
+    /// Time requests admitted from the admission queue waited (their whole wait for the lease).
+    queue_wait: Histogram,
     load_failures: AtomicU64,
     started: Instant,
 }
@@ -106,6 +108,7 @@ impl Metrics {
             latency: ROUTES.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
             responses: Mutex::new(BTreeMap::new()),
             load_seconds: Histogram::new(LOAD_BUCKETS),
+            queue_wait: Histogram::new(LOAD_BUCKETS),
             load_failures: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -124,6 +127,16 @@ impl Metrics {
     pub fn responses(&self, route: &'static str, status: u16) -> u64 {
         let m = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&(route, status)).copied().unwrap_or(0)
+    }
+
+    /// Record the wait of a request admitted from the admission queue.
+    pub fn observe_queue_wait(&self, waited: Duration) {
+        self.queue_wait.observe(waited);
+    }
+
+    /// The queue-wait histogram.
+    pub fn queue_wait(&self) -> &Histogram {
+        &self.queue_wait
     }
 
     /// The load-seconds histogram.
@@ -211,6 +224,18 @@ impl Metrics {
             "Longest the admission queue has been.",
             s.peak_queue as f64,
         );
+        gauge(
+            &mut o,
+            "modelpool_kv_bytes",
+            "Bytes held by requests' KV caches (prompt + max new tokens each).",
+            l.kv as f64,
+        );
+        gauge(&mut o, "modelpool_kv_peak_bytes", "Highest KV cache bytes held at once.", s.peak_kv as f64);
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_queue_wait_seconds Wait of requests admitted from the admission queue (timeouts are modelpool_rejections_total{{code=\"queue_timeout\"}}).\n# TYPE modelpool_queue_wait_seconds histogram"
+        );
+        self.queue_wait.render(&mut o, "modelpool_queue_wait_seconds", "");
         gauge(&mut o, "modelpool_models_loaded", "Models resident or loading.", l.models as f64);
         gauge(&mut o, "modelpool_max_models", "Maximum models resident or loading.", l.max_models as f64);
         gauge(
@@ -239,6 +264,13 @@ impl Metrics {
         );
         for m in &status.models {
             let _ = writeln!(o, "modelpool_model_bytes{{model=\"{}\"}} {}", escape(&m.id), m.ledger_bytes);
+        }
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_model_kv_bytes KV cache bytes held by each model's requests.\n# TYPE modelpool_model_kv_bytes gauge"
+        );
+        for m in &status.models {
+            let _ = writeln!(o, "modelpool_model_kv_bytes{{model=\"{}\"}} {}", escape(&m.id), m.kv_bytes);
         }
 
         let _ = writeln!(

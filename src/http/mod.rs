@@ -47,7 +47,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-pub use app::AppState;
+pub use app::{AppState, DEFAULT_STREAM_WAIT_NOTICE};
 pub use auth::Auth;
 pub use error::ApiError;
 pub use metrics::{Metrics, TimedBackend};

@@ -9,11 +9,23 @@
 //!
 //! The stream owns the request's [`Lease`]: when the client disconnects, hyper drops the body,
 //! which drops the generation first and then the lease, so the model is released at once.
+//!
+//! A streaming request that is still waiting for its model after
+//! [`AppState::stream_wait_notice`](super::app::AppState) (queued for memory, or a load in
+//! progress) gets its response at once ([`sse_waiting`]): status 200,
+//! `x-modelpool-admission: waiting`, and a comment `: waiting for the model (N s)` every
+//! notice period until it is admitted, then a comment `: admitted: <how>, waited <ms> ms` and the
+//! chunks as usual. A refusal after that point (`queue_timeout`, a failed load) arrives as the
+//! stream's error event, with the error's status recorded in the metrics. Dropping the stream
+//! while it waits drops the pending acquire, which leaves the queue (cancel safe).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::{Stream, TryStreamExt};
 use serde::Serialize;
@@ -55,9 +67,14 @@ pub(crate) trait ChunkFormat: Send + 'static {
     fn finish(&mut self, reason: FinishReason, usage: Usage, out: &mut VecDeque<Event>);
 }
 
+/// What a streaming request waits for before its first chunk: its generation and lease.
+pub(crate) type Ready = Pin<Box<dyn Future<Output = Result<(GenerateStream, Lease), ApiError>> + Send>>;
+
 /// A generation as a stream of SSE events. Field order matters: the generation is dropped
 /// before the lease.
 struct GenFrames<F: ChunkFormat> {
+    /// While waiting for the model: the pending acquire, the notice timer, when it began.
+    pending: Option<(Ready, tokio::time::Interval, Instant)>,
     generation: Option<GenerateStream>,
     queue: VecDeque<Event>,
     fmt: F,
@@ -85,6 +102,35 @@ impl<F: ChunkFormat + Unpin> Stream for GenFrames<F> {
         loop {
             if let Some(ev) = this.queue.pop_front() {
                 return Poll::Ready(Some(Ok(ev)));
+            }
+            if let Some((ready, notice, since)) = this.pending.as_mut() {
+                match ready.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        if notice.poll_tick(cx).is_ready() {
+                            let secs = since.elapsed().as_secs();
+                            let ev = Event::default().comment(format!("waiting for the model ({secs} s)"));
+                            return Poll::Ready(Some(Ok(ev)));
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok((generation, lease))) => {
+                        this.pending = None;
+                        let (how, ms) = (lease.admitted().as_str(), lease.waited().as_millis());
+                        if let (Some(t), crate::pool::Admitted::Queued) = (&this.timer, lease.admitted()) {
+                            t.observe_queue_wait(lease.waited());
+                        }
+                        this.queue
+                            .push_back(Event::default().comment(format!("admitted: {how}, waited {ms} ms")));
+                        this.fmt.start(&mut this.queue);
+                        this.generation = Some(generation);
+                        this.lease = Some(lease);
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.pending = None;
+                        this.fail(e);
+                    }
+                }
+                continue;
             }
             if this.done {
                 // Release the model as soon as the last event is out.
@@ -135,6 +181,7 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
     let mut queue = VecDeque::with_capacity(4);
     fmt.start(&mut queue);
     let frames = GenFrames {
+        pending: None,
         generation: Some(generation),
         queue,
         fmt,
@@ -143,6 +190,41 @@ pub(crate) fn sse_response<F: ChunkFormat + Unpin>(
         timer: Some(timer),
         lease: Some(lease),
     };
+    reply(frames)
+}
+
+/// The SSE reply for a request still waiting for its model (see the module docs): a comment
+/// every `notice` until `ready` gives the generation and lease, then the chunks; an error from
+/// `ready` is the stream's error event.
+pub(crate) fn sse_waiting<F: ChunkFormat + Unpin>(
+    ready: Ready,
+    fmt: F,
+    timer: ReqTimer,
+    notice: Duration,
+    waited: Duration,
+) -> Response {
+    let notice = notice.max(Duration::from_millis(10));
+    let mut every = tokio::time::interval_at(Instant::now() + notice, notice);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let since = Instant::now() - waited;
+    let frames = GenFrames {
+        pending: Some((ready, every, since)),
+        generation: None,
+        queue: VecDeque::from([
+            Event::default().comment(format!("waiting for the model ({} s)", waited.as_secs()))
+        ]),
+        fmt,
+        done: false,
+        outcome: (200, None),
+        timer: Some(timer),
+        lease: None,
+    };
+    let mut res = reply(frames);
+    res.headers_mut().insert("x-modelpool-admission", HeaderValue::from_static("waiting"));
+    res
+}
+
+fn reply<F: ChunkFormat + Unpin>(frames: GenFrames<F>) -> Response {
     // warp::sse::reply wants a Sync stream; the generation is only Send.
     let events = sync_wrapper::SyncStream::new(warp::sse::keep_alive().stream(frames).into_stream());
     let mut res = warp::sse::reply(events).into_response();

@@ -61,6 +61,14 @@ impl ReqTimer {
     /// the reply carries them as `x-modelpool-admission` and `x-modelpool-wait-ms`.
     pub(crate) fn set_admitted(&mut self, how: &'static str, waited: Duration) {
         self.admitted = Some((how, waited));
+        if how == "queued" {
+            self.metrics.observe_queue_wait(waited);
+        }
+    }
+
+    /// Record a queue wait learnt after the timer was handed to a stream.
+    pub(crate) fn observe_queue_wait(&self, waited: Duration) {
+        self.metrics.observe_queue_wait(waited);
     }
 
     /// Move the timing into a new timer (for a stream to finish when it ends); this one is then

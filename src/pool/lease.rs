@@ -15,7 +15,7 @@ use crate::types::{ModelId, ModelType, Nanos};
 
 /// Ends leases; implemented by the pool so that [`Lease`] needs no type parameters.
 pub(super) trait LeaseOwner: Send + Sync {
-    fn release(&self, slot: Slot, acquired_at: Nanos);
+    fn release(&self, slot: Slot, acquired_at: Nanos, kv: u64);
 }
 
 /// How a request got its lease: what `x-modelpool-admission` says.
@@ -58,6 +58,8 @@ pub struct Lease {
     pub(super) model_type: ModelType,
     pub(super) handle: Arc<dyn ModelHandle>,
     pub(super) acquired_at: Nanos,
+    /// KV bytes this request holds in the ledger (given back when the lease ends).
+    pub(super) kv: u64,
     pub(super) owner: Arc<dyn LeaseOwner>,
 }
 
@@ -78,6 +80,11 @@ impl Lease {
     pub fn waited(&self) -> std::time::Duration {
         self.waited
     }
+    /// KV cache bytes the ledger holds for this request until the lease ends (0 for requests
+    /// acquired without a token count).
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv
+    }
     /// The loaded model, for inference calls.
     pub fn handle(&self) -> &Arc<dyn ModelHandle> {
         &self.handle
@@ -92,7 +99,7 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.owner.release(self.slot, self.acquired_at);
+        self.owner.release(self.slot, self.acquired_at, self.kv);
     }
 }
 
@@ -102,6 +109,8 @@ impl Drop for Lease {
 pub(super) struct WaitGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
     pub(super) pool: &'a ModelPool<P, E>,
     pub(super) slot: Slot,
+    /// The KV bytes the request was admitted with.
+    pub(super) kv: u64,
     pub(super) rx: watch::Receiver<LoadResult>,
     pub(super) finished: bool,
 }
@@ -138,18 +147,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> Drop for WaitGuard<'_, P, E> {
                 // Re-check under the lock: the load may have finished in between.
                 match self.rx.borrow().clone() {
                     None => {
-                        core.state.cancel_wait(self.slot);
+                        core.state.cancel_wait(self.slot, self.kv);
                         drop(core);
                         self.pool.inner.lease_ended.notify_waiters();
                     }
                     Some(Ok(())) => {
                         drop(core);
-                        self.pool.inner.end_lease(self.slot, None);
+                        self.pool.inner.end_lease(self.slot, None, self.kv);
                     }
                     Some(Err(_)) => {}
                 }
             }
-            Some(Ok(())) => self.pool.inner.end_lease(self.slot, None),
+            Some(Ok(())) => self.pool.inner.end_lease(self.slot, None, self.kv),
             Some(Err(_)) => {}
         }
     }

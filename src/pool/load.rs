@@ -44,6 +44,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 let mut core = inner.lock();
                 let (done, outcome) = match result {
                     Ok(handle) => {
+                        if let Some(kv) = handle.kv_bytes_per_token() {
+                            core.state.set_kv_bytes_per_token(slot, kv);
+                        }
                         let done = core.state.load_finished(slot, now, Ok(handle.measured_bytes()));
                         core.handles[slot as usize] = Some(handle);
                         (done, Ok(()))

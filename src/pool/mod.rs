@@ -87,22 +87,22 @@ impl<P: EvictionPolicy, E: SizeEstimator> Clone for ModelPool<P, E> {
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> LeaseOwner for Inner<P, E> {
-    fn release(&self, slot: Slot, acquired_at: Nanos) {
-        self.end_lease(slot, Some(acquired_at));
+    fn release(&self, slot: Slot, acquired_at: Nanos, kv: u64) {
+        self.end_lease(slot, Some(acquired_at), kv);
     }
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     /// End a lease taken at `acquired_at`, or (`None`) one granted to a waiter that went away
-    /// before using it; unload the model in the background if that was its last lease and it
-    /// must leave memory.
-    fn end_lease(&self, slot: Slot, acquired_at: Option<Nanos>) {
+    /// before using it; either way admitted with `kv` bytes. Unload the model in the background
+    /// if that was its last lease and it must leave memory.
+    fn end_lease(&self, slot: Slot, acquired_at: Option<Nanos>, kv: u64) {
         let now = self.now();
         let unload = {
             let mut core = self.lock();
             let must_unload = match acquired_at {
-                Some(at) => core.state.release(slot, now, at),
-                None => core.state.release_unused(slot, now),
+                Some(at) => core.state.release_request(slot, now, at, kv),
+                None => core.state.release_unused(slot, now, kv),
             };
             let handle = if must_unload { core.handles[slot as usize].take() } else { None };
             self.deliver_wakes(&mut core);
@@ -261,7 +261,25 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// # Cancel safety
     /// As [`ModelPool::acquire`].
     pub async fn acquire_as(&self, model: &str, allowed: &[ModelType]) -> Result<Lease, PoolError> {
+        self.acquire_for(model, allowed, 0).await
+    }
+
+    /// Like [`ModelPool::acquire_as`], for a request of `tokens` tokens of context (prompt plus
+    /// maximum new tokens): its KV cache ([`PoolState::kv_for_tokens`] at the model's KV bytes
+    /// per token when first admitted) is counted in the ledger until the lease ends, and the
+    /// request waits or is refused like a load when it does not fit
+    /// ([`PoolState::admit_request`]).
+    ///
+    /// # Cancel safety
+    /// As [`ModelPool::acquire`]; a request that goes away gives its KV bytes back too.
+    pub async fn acquire_for(
+        &self,
+        model: &str,
+        allowed: &[ModelType],
+        tokens: u64,
+    ) -> Result<Lease, PoolError> {
         self.check_open()?;
+        let mut kv: Option<u64> = None;
         // The pool clock at the first admission; the hot path (a hit) reads no extra clock.
         let mut started: Option<Nanos> = None;
         let mut deadline: Option<Instant> = None;
@@ -280,10 +298,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 }
                 let now = self.inner.now();
                 let since = *started.get_or_insert(now);
-                match core.state.admit(slot, now, Intent::Request) {
+                let kv = *kv.get_or_insert_with(|| core.state.kv_for_tokens(slot, tokens));
+                let admission = core.state.admit_request(slot, now, kv);
+                if core.state.has_unloads() {
+                    self.inner.start_unloads(&mut core);
+                }
+                match admission {
                     Admission::Hit => {
                         let waited = Duration::from_nanos(now - since);
-                        return Ok(self.lease(&core, slot, now, how, waited));
+                        return Ok(self.lease(&core, slot, now, how, waited, kv));
                     }
                     Admission::Join => {
                         how = how.or(Admitted::Join);
@@ -323,27 +346,29 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 }
                 Step::Queue(ticket, rx) => {
                     how = Admitted::Queued;
-                    let mut queued = QueueGuard { pool: self, ticket, slot, rx: Some(rx) };
+                    let kv = kv.unwrap_or(0);
+                    let mut queued = QueueGuard { pool: self, ticket, slot, kv, rx: Some(rx) };
                     match queued.wait().await? {
                         Woken::Leased => {
                             let core = self.inner.lock();
                             let now = self.inner.now();
                             let waited = Duration::from_nanos(now.saturating_sub(started.unwrap_or(now)));
-                            return Ok(self.lease(&core, slot, now, how, waited));
+                            return Ok(self.lease(&core, slot, now, how, waited, kv));
                         }
                         Woken::Wait(rx) => break (slot, rx),
                     }
                 }
             }
         };
-        let mut guard = WaitGuard { pool: self, slot, rx, finished: false };
+        let kv = kv.unwrap_or(0);
+        let mut guard = WaitGuard { pool: self, slot, kv, rx, finished: false };
         let result = guard.wait().await;
         guard.finished = true;
         result?;
         let core = self.inner.lock();
         let now = self.inner.now();
         let waited = Duration::from_nanos(now.saturating_sub(started.unwrap_or(now)));
-        Ok(self.lease(&core, slot, now, how, waited))
+        Ok(self.lease(&core, slot, now, how, waited, kv))
     }
 
     /// Called under the lock when an admission answered [`Admission::AwaitUnload`]: a future
@@ -377,6 +402,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         now: Nanos,
         admitted: Admitted,
         waited: Duration,
+        kv: u64,
     ) -> Lease {
         let spec = core.state.spec(slot);
         Lease {
@@ -387,6 +413,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             model_type: spec.model_type,
             handle: core.handles[slot as usize].clone().expect("resident model has a handle"),
             acquired_at: now,
+            kv,
             owner: self.inner.clone(),
         }
     }

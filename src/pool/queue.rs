@@ -26,6 +26,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
     /// Carry out the admissions the core decided for queued requests (after any state call
     /// that can free capacity), and hand each to its waiting request. Under the lock.
     pub(super) fn deliver_wakes(&self, core: &mut Core<P, E>) {
+        self.start_unloads(core);
         while core.state.has_wakes() {
             let wakes: Vec<Wake> = core.state.take_wakes().collect();
             for w in wakes {
@@ -43,18 +44,38 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 if let Err(unclaimed) = tx.send(woken) {
                     // Its request went away between the decision and now: give back what the
                     // decision set aside for it (a lease, or its place among a load's waiters).
-                    self.undo_wake(core, w.slot, unclaimed);
+                    self.undo_wake(core, w.slot, w.kv, unclaimed);
                 }
             }
+            self.start_unloads(core);
+        }
+    }
+
+    /// Unload, in tasks of their own, the idle models the core evicted by itself (room for a
+    /// request's KV cache). Under the lock.
+    pub(super) fn start_unloads(&self, core: &mut Core<P, E>) {
+        if !core.state.has_unloads() {
+            return;
+        }
+        let victims = core.state.take_unloads();
+        for (slot, handle) in super::take_handles(core, &victims) {
+            let inner = self.self_arc();
+            self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });
         }
     }
 
     /// Give back what a wake granted a request that is gone. Under the lock.
-    pub(super) fn undo_wake(&self, core: &mut Core<P, E>, slot: Slot, woken: Result<Woken, PoolError>) {
+    pub(super) fn undo_wake(
+        &self,
+        core: &mut Core<P, E>,
+        slot: Slot,
+        kv: u64,
+        woken: Result<Woken, PoolError>,
+    ) {
         let now = self.now();
         match woken {
             Ok(Woken::Leased) => {
-                if core.state.release_unused(slot, now)
+                if core.state.release_unused(slot, now, kv)
                     && let Some(handle) = core.handles[slot as usize].take()
                 {
                     let inner = self.self_arc();
@@ -62,9 +83,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
                 }
             }
             Ok(Woken::Wait(rx)) => match rx.borrow().clone() {
-                None => core.state.cancel_wait(slot),
+                None => core.state.cancel_wait(slot, kv),
                 Some(Ok(())) => {
-                    if core.state.release_unused(slot, now)
+                    if core.state.release_unused(slot, now, kv)
                         && let Some(handle) = core.handles[slot as usize].take()
                     {
                         let inner = self.self_arc();
@@ -94,6 +115,8 @@ pub(super) struct QueueGuard<'a, P: EvictionPolicy, E: SizeEstimator> {
     pub(super) pool: &'a ModelPool<P, E>,
     pub(super) ticket: Ticket,
     pub(super) slot: Slot,
+    /// The KV bytes the request asked for.
+    pub(super) kv: u64,
     /// `None` once the wake has been taken.
     pub(super) rx: Option<oneshot::Receiver<Result<Woken, PoolError>>>,
 }
@@ -132,7 +155,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> Drop for QueueGuard<'_, P, E> {
         let mut core = inner.lock();
         // Wakes are sent under the lock, so under it the receiver's state is final.
         match rx.try_recv() {
-            Ok(woken) => inner.undo_wake(&mut core, self.slot, woken),
+            Ok(woken) => inner.undo_wake(&mut core, self.slot, self.kv, woken),
             Err(_) => {
                 core.queued.remove(&self.ticket);
                 core.state.cancel_queued(self.ticket, inner.now());

@@ -30,15 +30,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// free after their typical request time, loads after their modelled load time plus that.
     pub(super) fn retry_hint(&self, now: Nanos, bytes: u64, count: usize) -> u32 {
         let lease = self.lease_nanos();
-        let mut frees: Vec<(f64, u64, usize)> = Vec::new();
+        // A buffer kept between calls: refusals and queueing allocate nothing once it has grown.
+        let mut frees = self.hint_buf.take();
+        frees.clear();
         for e in &self.entries {
             match e.phase {
+                // Its requests' end frees their KV and makes the model evictable.
                 Phase::Resident if !e.pinned && e.leases > 0 => {
-                    frees.push((self.busy_until(e, now), e.bytes, 1));
+                    frees.push((self.busy_until(e, now), e.bytes.saturating_add(e.kv), 1));
                 }
+                Phase::Resident if e.leases > 0 => frees.push((self.busy_until(e, now), e.kv, 0)),
                 Phase::Draining => {
                     let t = if e.leases > 0 { self.busy_until(e, now) } else { now as f64 };
-                    frees.push((t, e.bytes, 0));
+                    frees.push((t, e.bytes.saturating_add(e.kv), 0));
                 }
                 Phase::Loading if !e.pin_on_load => {
                     let load = self.load_cost(e, e.bytes) * NANOS_PER_SEC as f64;
@@ -50,7 +54,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         frees.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (mut b, mut c) = (0u64, 0usize);
         let mut when = now as f64 + lease;
-        for (t, fb, fc) in frees {
+        for &(t, fb, fc) in &frees {
             b = b.saturating_add(fb);
             c += fc;
             when = t;
@@ -58,6 +62,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 break;
             }
         }
+        self.hint_buf.set(frees);
         secs_until(when, now)
     }
 }

@@ -74,6 +74,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.phase = Phase::Absent;
                 e.bytes = 0;
                 e.waiters = 0;
+                // The waiters are dropped (the driver fails them): their KV leaves the ledger.
+                self.ledger.kv -= e.kv;
+                e.kv = 0;
+                e.load_kv = 0;
                 e.pin_on_load = false;
                 self.ledger.models -= 1;
                 self.stats.load_failures += 1;
@@ -89,7 +93,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 // The ledger's columns sum to at most u64::MAX bytes: admission keeps them under
                 // the limit, and a measurement (the one input that can exceed it) is clamped to
                 // what still fits. Over 16 EiB cannot be a real measurement anyway.
-                let headroom = u64::MAX - self.ledger.used();
+                let headroom = u64::MAX - self.ledger.used() - e.load_kv;
                 let measured = measured.max(1).min(headroom);
                 e.phase = Phase::Resident;
                 e.bytes = measured;
@@ -97,6 +101,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.load_secs = Some(secs);
                 e.leases = e.waiters;
                 e.waiters = 0;
+                // The starting request's KV leaves the reservation for the `kv` column.
+                let load_kv = std::mem::take(&mut e.load_kv);
+                e.kv += load_kv;
+                self.ledger.kv += load_kv;
                 e.busy_since = now;
                 e.last_used = Some(now);
                 let granted = e.leases;
@@ -123,13 +131,20 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
     }
 
-    /// A request waiting on a load went away before the load ended: it gives its place back.
-    /// Ignored when the model is no longer loading (the driver then ends the granted lease with
-    /// [`PoolState::release_unused`] instead).
-    pub fn cancel_wait(&mut self, slot: Slot) {
+    /// A request waiting on a load, admitted with `kv` bytes, went away before the load ended:
+    /// it gives its place and its KV back (KV inside the load's reservation stays reserved until
+    /// the load ends, then is not counted). Ignored when the model is no longer loading (the
+    /// driver then ends the granted lease with [`PoolState::release_unused`] instead).
+    pub fn cancel_wait(&mut self, slot: Slot, kv: u64) {
         let e = &mut self.entries[slot as usize];
         if e.phase == Phase::Loading {
             e.waiters = e.waiters.saturating_sub(1);
+            // The core cannot tell the starting request from joiners: take from the `kv` column
+            // first, the rest from the reservation's share (their sum is what the waiters hold).
+            let from_kv = kv.min(e.kv);
+            e.kv -= from_kv;
+            self.ledger.kv -= from_kv;
+            e.load_kv = e.load_kv.saturating_sub(kv - from_kv);
         }
     }
 }

@@ -54,6 +54,13 @@ struct Entry {
     waiters: u32,
     /// Requests for this model waiting in the admission queue.
     queued: u32,
+    /// KV cache bytes per token of context (see [`crate::estimate::kv_bytes_per_token`]).
+    kv_per_token: u64,
+    /// KV bytes in the ledger's `kv` column for this model's leases and joined waiters.
+    kv: u64,
+    /// Loading: KV bytes inside the reservation (`bytes`) for the request that started the load
+    /// (less any of it given back by waiters that left); they join `kv` when the load lands.
+    load_kv: u64,
     last_used: Option<Nanos>,
     busy_since: Nanos,
     load_started: Nanos,
@@ -125,6 +132,11 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     /// Admissions decided for queued requests, for the driver to take.
     wakes: Vec<Wake>,
     next_ticket: Ticket,
+    /// Idle models the core evicted by itself (to make room for a request's KV cache), for the
+    /// driver to unload.
+    unloads: Victims,
+    /// Scratch space of the retry hints (kept so that refusals allocate nothing).
+    hint_buf: std::cell::Cell<Vec<(f64, u64, usize)>>,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -147,6 +159,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             queue: VecDeque::new(),
             wakes: Vec::new(),
             next_ticket: 1,
+            unloads: Victims::new(),
+            hint_buf: std::cell::Cell::new(Vec::new()),
         }
     }
 
@@ -170,6 +184,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if let Some(&slot) = self.index.get(&spec.id) {
             let e = &mut self.entries[slot as usize];
             if e.phase == Phase::Absent && e.spec != spec {
+                e.kv_per_token = crate::estimate::kv_bytes_per_token(&spec, estimate.bytes);
                 e.estimate = estimate;
                 if e.spec.size_hint != spec.size_hint || e.spec.path != spec.path {
                     e.measured = None;
@@ -180,6 +195,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
         let slot = Slot::try_from(self.entries.len()).expect("fewer than 2^32 models");
         self.index.insert(spec.id.clone(), slot);
+        let kv_per_token = crate::estimate::kv_bytes_per_token(&spec, estimate.bytes);
         self.entries.push(Entry {
             spec,
             estimate,
@@ -195,6 +211,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             leases: 0,
             waiters: 0,
             queued: 0,
+            kv_per_token,
+            kv: 0,
+            load_kv: 0,
             last_used: None,
             busy_since: 0,
             load_started: 0,
@@ -250,9 +269,41 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.entries[slot as usize].pinned
     }
 
-    /// Bytes an admission of `slot` would reserve now.
+    /// Bytes an admission of `slot` would reserve now for its weights.
     pub fn need(&self, slot: Slot) -> u64 {
         self.entries[slot as usize].need()
+    }
+
+    /// KV cache bytes per token of context for `slot`: what [`PoolState::set_kv_bytes_per_token`]
+    /// last set (the backend's figure), else the spec's, else the documented rule's.
+    pub fn kv_bytes_per_token(&self, slot: Slot) -> u64 {
+        self.entries[slot as usize].kv_per_token
+    }
+
+    /// The KV bytes a request of `tokens` tokens of context (prompt plus maximum new tokens)
+    /// holds on `slot`, for [`PoolState::admit_request`]. Saturates.
+    pub fn kv_for_tokens(&self, slot: Slot, tokens: u64) -> u64 {
+        tokens.saturating_mul(self.entries[slot as usize].kv_per_token)
+    }
+
+    /// Set the KV bytes per token the backend reported for a loaded model. Requests admitted
+    /// before keep the bytes they were admitted with (each gives back exactly what it took).
+    pub fn set_kv_bytes_per_token(&mut self, slot: Slot, bytes: u64) {
+        self.entries[slot as usize].kv_per_token = bytes;
+    }
+
+    /// Idle models the core evicted by itself since the last call (to make room for a request's
+    /// KV cache; see [`PoolState::admit_request`]). The driver unloads each and reports it with
+    /// [`PoolState::reclaimed`], like a load plan's victims. Check after every admission and
+    /// every call that pumps the queue (where [`PoolState::take_wakes`] is checked).
+    pub fn take_unloads(&mut self) -> Victims {
+        std::mem::take(&mut self.unloads)
+    }
+
+    /// Whether [`PoolState::take_unloads`] has anything.
+    #[inline]
+    pub fn has_unloads(&self) -> bool {
+        !self.unloads.is_empty()
     }
 
     /// The ledger.
@@ -313,6 +364,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if used > self.stats.peak_used {
             self.stats.peak_used = used;
         }
+        if self.ledger.kv > self.stats.peak_kv {
+            self.stats.peak_kv = self.ledger.kv;
+        }
+    }
+
+    /// Whether `kv` more bytes fit under the limit now.
+    #[inline]
+    fn kv_fits(&self, kv: u64) -> bool {
+        kv == 0 || u128::from(self.ledger.used()) + u128::from(kv) <= u128::from(self.ledger.limit)
     }
 
     /// Decide for `slot` and carry the decision out in the ledger. A `Reject` and an
@@ -333,8 +393,34 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// The hot path (`Hit`) allocates nothing unless hits are logged.
     #[inline]
     pub fn admit(&mut self, slot: Slot, now: Nanos, intent: Intent) -> Admission {
+        self.admit_kv(slot, now, intent, 0)
+    }
+
+    /// [`PoolState::admit`] for a request that holds `kv` bytes beside the weights while it runs
+    /// (its KV cache: [`PoolState::kv_for_tokens`]). The bytes are in the ledger's `kv` column
+    /// from a `Hit` or `Join` on (from the load's end for the request that starts a `Load`,
+    /// whose reservation holds them until then) to the end of its lease, which must give the
+    /// same `kv` back ([`PoolState::release_request`], [`PoolState::release_unused`],
+    /// [`PoolState::cancel_wait`]).
+    ///
+    /// A request whose KV does not fit beside the resident or loading model it asks for is
+    /// treated as a load would be: refused with `model_too_large` if it cannot fit even with
+    /// everything unpinned gone; otherwise, if evicting idle models would make room once their
+    /// memory is back, the core evicts them (left in [`PoolState::take_unloads`]) and the request
+    /// waits: queued when the queue is on, else `AwaitUnload` (admit again after the next
+    /// [`PoolState::reclaimed`] of any model). When only in-flight work can free the room, it is
+    /// queued or refused with `insufficient_memory`, exactly like a load.
+    #[inline]
+    pub fn admit_request(&mut self, slot: Slot, now: Nanos, kv: u64) -> Admission {
+        self.admit_kv(slot, now, Intent::Request, kv)
+    }
+
+    #[inline]
+    fn admit_kv(&mut self, slot: Slot, now: Nanos, intent: Intent, kv: u64) -> Admission {
+        let kv = if intent == Intent::Request { kv } else { 0 };
+        let fits = self.kv_fits(kv);
         let e = &mut self.entries[slot as usize];
-        if e.phase == Phase::Resident {
+        if e.phase == Phase::Resident && fits {
             // The hot path: no allocation unless hits are logged.
             e.last_used = Some(now);
             e.hits += 1;
@@ -345,6 +431,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                         e.busy_since = now;
                     }
                     e.leases += 1;
+                    if kv > 0 {
+                        e.kv += kv;
+                        self.ledger.kv += kv;
+                        self.stats.peak_kv = self.stats.peak_kv.max(self.ledger.kv);
+                        self.stats.peak_used = self.stats.peak_used.max(self.ledger.used());
+                    }
                 }
                 Intent::Preload => self.pin_resident(slot, now),
             }
@@ -355,36 +447,127 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             }
             return Admission::Hit;
         }
-        self.admit_cold(slot, now, intent)
+        self.admit_cold(slot, now, intent, kv, fits)
     }
 
-    fn admit_cold(&mut self, slot: Slot, now: Nanos, intent: Intent) -> Admission {
+    fn admit_cold(&mut self, slot: Slot, now: Nanos, intent: Intent, kv: u64, fits: bool) -> Admission {
         match self.entries[slot as usize].phase {
+            Phase::Resident | Phase::Loading if !fits => self.admit_kv_short(slot, now, kv),
             Phase::Loading => {
                 let e = &mut self.entries[slot as usize];
                 match intent {
-                    Intent::Request => e.waiters += 1,
+                    Intent::Request => {
+                        e.waiters += 1;
+                        e.kv += kv;
+                        self.ledger.kv += kv;
+                    }
                     Intent::Preload => e.pin_on_load = true,
                 }
                 self.stats.joins += 1;
                 if self.log.wants_hits() {
                     self.log.push(Event::Join { at: now, model: e.spec.id.clone() });
                 }
+                self.track_peak();
                 Admission::Join
             }
             Phase::Draining if self.entries[slot as usize].leases == 0 => Admission::AwaitUnload,
             Phase::Draining => {
                 let r = self.draining_rejection(slot, now);
-                self.queue_or_reject(slot, now, intent, r)
+                self.queue_or_reject(slot, now, intent, r, kv)
             }
-            Phase::Absent => match self.plan_absent(slot, now, intent) {
+            Phase::Absent => match self.plan_absent(slot, now, intent, kv) {
                 Ok(plan) => {
                     self.commit_load(slot, now, intent, &plan);
                     Admission::Load(plan)
                 }
-                Err(r) => self.queue_or_reject(slot, now, intent, r),
+                Err(r) => self.queue_or_reject(slot, now, intent, r, kv),
             },
             Phase::Resident => unreachable!("handled on the hot path"),
+        }
+    }
+
+    /// A request whose `kv` does not fit now beside its resident or loading model (see
+    /// [`PoolState::admit_request`]).
+    fn admit_kv_short(&mut self, slot: Slot, now: Nanos, kv: u64) -> Admission {
+        let victims = match self.plan_kv_room(slot, now, kv) {
+            Ok(v) => v,
+            Err(r) => return self.queue_or_reject(slot, now, Intent::Request, r, kv),
+        };
+        // It fits once the victims' (and other draining models') memory is back: wait for it.
+        let outcome = if self.queue_on() {
+            self.queue_outcome(Intent::Request, self.kv_rejection(slot, kv, 0, now))
+        } else {
+            Admission::AwaitUnload
+        };
+        if let Admission::Reject(r) = outcome {
+            // Queue full: evict nothing for a request that is refused.
+            self.record_reject(slot, now, r);
+            return outcome;
+        }
+        self.evict_for_kv(slot, now, &victims);
+        if matches!(outcome, Admission::Queued(_)) {
+            let r = self.kv_rejection(slot, kv, 0, now);
+            return self.queue_or_reject(slot, now, Intent::Request, r, kv);
+        }
+        outcome
+    }
+
+    /// The refusal of a request whose KV cache is `short` bytes short beside its model.
+    fn kv_rejection(&self, slot: Slot, kv: u64, short: u64, now: Nanos) -> Rejection {
+        let l = self.ledger;
+        Rejection {
+            kv,
+            code: RejectCode::InsufficientMemory,
+            need: self.entries[slot as usize].bytes.saturating_add(kv),
+            available: l.limit.saturating_sub(l.used()),
+            retry_after_secs: Some(self.retry_hint(now, short, 0)),
+            waited: 0,
+        }
+    }
+
+    /// Idle models to evict so that `kv` more bytes fit beside `slot` once draining memory is
+    /// back (`committed() + kv <= limit`), changing nothing; or why that cannot be done now.
+    fn plan_kv_room(&self, slot: Slot, now: Nanos, kv: u64) -> Result<Victims, Rejection> {
+        let l = self.ledger;
+        let e = &self.entries[slot as usize];
+        let own = if e.pinned { 0 } else { e.bytes };
+        let room = l.limit.saturating_sub(l.pinned).saturating_sub(own);
+        if kv > room {
+            return Err(Rejection {
+                kv,
+                code: RejectCode::ModelTooLarge,
+                need: e.bytes.saturating_add(kv),
+                available: l.limit.saturating_sub(l.pinned),
+                retry_after_secs: None,
+                waited: 0,
+            });
+        }
+        let short = (u128::from(l.committed()) + u128::from(kv)).saturating_sub(u128::from(l.limit));
+        let mut victims = Victims::new();
+        if short == 0 {
+            return Ok(victims);
+        }
+        let mut freed = 0u128;
+        self.policy.visit_victims(&mut |s| {
+            if s != slot && self.evictable(s) {
+                victims.push(s);
+                freed += u128::from(self.entries[s as usize].bytes);
+            }
+            freed < short
+        });
+        if freed >= short {
+            Ok(victims)
+        } else {
+            let short = u64::try_from(short - freed).unwrap_or(u64::MAX);
+            Err(self.kv_rejection(slot, kv, short, now))
+        }
+    }
+
+    /// Evict idle `victims` to make room for a request's KV on `slot`; the driver unloads them.
+    fn evict_for_kv(&mut self, slot: Slot, now: Nanos, victims: &Victims) {
+        for &v in victims {
+            self.evict_for(v, now, EvictReason::Capacity, None, Some(slot));
+            self.unloads.push(v);
         }
     }
 
@@ -396,7 +579,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             Phase::Loading => Admission::Join,
             Phase::Draining if e.leases == 0 => Admission::AwaitUnload,
             Phase::Draining => self.queue_outcome(Intent::Request, self.draining_rejection(slot, now)),
-            Phase::Absent => match self.plan_absent(slot, now, Intent::Request) {
+            Phase::Absent => match self.plan_absent(slot, now, Intent::Request, 0) {
                 Ok(plan) => Admission::Load(plan),
                 Err(r) => self.queue_outcome(Intent::Request, r),
             },
@@ -407,6 +590,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn draining_rejection(&self, slot: Slot, now: Nanos) -> Rejection {
         let e = &self.entries[slot as usize];
         Rejection {
+            kv: 0,
             code: RejectCode::Draining,
             need: e.need(),
             available: 0,
@@ -417,11 +601,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     /// [`PoolState::plan_load`] for a new arrival: while the queue's oldest waiter starves, a
     /// request may not start a load before it and is told to wait (a refusal with a hint).
-    fn plan_absent(&self, slot: Slot, now: Nanos, intent: Intent) -> Result<LoadPlan, Rejection> {
-        let plan = self.plan_load(slot, now)?;
+    fn plan_absent(&self, slot: Slot, now: Nanos, intent: Intent, kv: u64) -> Result<LoadPlan, Rejection> {
+        let plan = self.plan_load(slot, now, kv)?;
         if intent == Intent::Request && self.queue_on() && self.head_starving(now) {
-            let need = self.entries[slot as usize].need();
+            let need = plan.reserve.saturating_add(kv);
             return Err(Rejection {
+                kv,
                 code: RejectCode::InsufficientMemory,
                 need,
                 available: 0,
@@ -444,16 +629,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         });
     }
 
-    /// Plan a load of an absent model without changing anything.
+    /// Plan a load of an absent model, with `kv` bytes beside it for the request that asks,
+    /// without changing anything.
     ///
     /// The arithmetic is done in `u128`: `used + need` can exceed `u64::MAX` for sizes near
     /// 2^64 bytes, and a saturated sum would understate the shortfall and overcommit.
-    fn plan_load(&self, slot: Slot, now: Nanos) -> Result<LoadPlan, Rejection> {
-        let need = self.entries[slot as usize].need();
+    fn plan_load(&self, slot: Slot, now: Nanos, kv: u64) -> Result<LoadPlan, Rejection> {
+        let weights = self.entries[slot as usize].need();
+        let need = weights.saturating_add(kv);
         let l = self.ledger;
         let room_beside_pins = l.limit.saturating_sub(l.pinned);
         if need > room_beside_pins {
             return Err(Rejection {
+                kv,
                 code: RejectCode::ModelTooLarge,
                 need,
                 available: room_beside_pins,
@@ -465,6 +653,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             // Every model slot is held by a pinned model, which no eviction frees: waiting
             // cannot help (the model-count analogue of `model_too_large`).
             return Err(Rejection {
+                kv,
                 code: RejectCode::MaxModels,
                 need,
                 available: 0,
@@ -477,7 +666,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let count_short = (l.models + 1).saturating_sub(l.max_models);
         let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
-            return Ok(LoadPlan { reserve: need, victims });
+            return Ok(LoadPlan { reserve: weights, kv, victims });
         }
         let mut freed = 0u128;
         self.policy.visit_victims(&mut |s| {
@@ -488,7 +677,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             freed < bytes_short || victims.len() < count_short
         });
         if freed >= bytes_short && victims.len() >= count_short {
-            return Ok(LoadPlan { reserve: need, victims });
+            return Ok(LoadPlan { reserve: weights, kv, victims });
         }
         // Not enough even with every evictable model gone: evict nothing. `freed <= used`, and
         // the result is at most `limit`, so it fits in u64.
@@ -500,6 +689,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             (RejectCode::MaxModels, 0, count_short - victims.len())
         };
         Err(Rejection {
+            kv,
             code,
             need,
             available,
@@ -514,8 +704,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             e.load_gen = e.load_gen.wrapping_add(1);
             e.load_gen
         };
+        // The reservation holds the weights and the starting request's KV until the load lands.
+        let reserve = plan.reserve.saturating_add(plan.kv);
         // Victims freed bytes if memory was short, otherwise they only made a model slot free.
-        let reason = if self.ledger.used().saturating_add(plan.reserve) > self.ledger.limit {
+        let reason = if self.ledger.used().saturating_add(reserve) > self.ledger.limit {
             EvictReason::Capacity
         } else {
             EvictReason::MaxModels
@@ -527,8 +719,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
-        e.bytes = plan.reserve;
-        e.awaiting = plan.reserve.min(victim_bytes);
+        e.bytes = reserve;
+        e.load_kv = plan.kv;
+        e.awaiting = reserve.min(victim_bytes);
         e.pending_victims = plan.victims.len() as u32;
         e.waiters = u32::from(intent == Intent::Request);
         e.pin_on_load = intent == Intent::Preload;
@@ -544,7 +737,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.log.push_with(|| Event::Load {
             at: now,
             model: e.spec.id.clone(),
-            estimate: reserve,
+            estimate: reserve - e.load_kv,
             source: if e.measured.is_some() {
                 crate::estimate::EstimateSource::Measured
             } else {
@@ -555,6 +748,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     /// Move a resident model to draining. `owner` is the load it makes room for.
     fn evict(&mut self, slot: Slot, now: Nanos, reason: EvictReason, owner: Option<(Slot, u32)>) {
+        self.evict_for(slot, now, reason, owner, owner.map(|(o, _)| o));
+    }
+
+    /// [`Self::evict`], logging `for_slot` as the model it made room for.
+    fn evict_for(
+        &mut self,
+        slot: Slot,
+        now: Nanos,
+        reason: EvictReason,
+        owner: Option<(Slot, u32)>,
+        for_slot: Option<Slot>,
+    ) {
         let score = if self.log.keeps_decisions() { self.policy.score(slot) } else { None };
         self.policy.on_remove(slot, reason != EvictReason::Explicit);
         let e = &mut self.entries[slot as usize];
@@ -578,7 +783,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             reason,
             bytes,
             score,
-            for_model: owner.map(|(o, _)| entries[o as usize].spec.id.clone()),
+            for_model: for_slot.map(|o| entries[o as usize].spec.id.clone()),
         });
     }
 
@@ -590,25 +795,32 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// become evictable.
     #[inline]
     pub fn release(&mut self, slot: Slot, now: Nanos, acquired_at: Nanos) -> bool {
+        self.release_request(slot, now, acquired_at, 0)
+    }
+
+    /// [`PoolState::release`] for a lease admitted with `kv` bytes
+    /// ([`PoolState::admit_request`]): they leave the ledger's `kv` column.
+    #[inline]
+    pub fn release_request(&mut self, slot: Slot, now: Nanos, acquired_at: Nanos, kv: u64) -> bool {
         let held = now.saturating_sub(acquired_at) as f64;
         self.ewma_lease = Some(match self.ewma_lease {
             None => held,
             Some(m) => m + 0.125 * (held - m),
         });
-        self.end_lease(slot, now)
+        self.end_lease(slot, now, kv)
     }
 
-    /// End a lease that a finished load granted to a request which went away before using it
-    /// (it stopped waiting after the load landed). Like [`PoolState::release`], with the same
-    /// return value, except that the unused lease is not counted as a request duration in the
-    /// retry hints.
-    pub fn release_unused(&mut self, slot: Slot, now: Nanos) -> bool {
-        self.end_lease(slot, now)
+    /// End a lease that a finished load (or a queue turn) granted to a request which went away
+    /// before using it, admitted with `kv` bytes. Like [`PoolState::release_request`], with the
+    /// same return value, except that the unused lease is not counted as a request duration in
+    /// the retry hints.
+    pub fn release_unused(&mut self, slot: Slot, now: Nanos, kv: u64) -> bool {
+        self.end_lease(slot, now, kv)
     }
 
     #[inline]
-    fn end_lease(&mut self, slot: Slot, now: Nanos) -> bool {
-        let must_unload = self.end_lease_bytes(slot, now);
+    fn end_lease(&mut self, slot: Slot, now: Nanos, kv: u64) -> bool {
+        let must_unload = self.end_lease_bytes(slot, now, kv);
         if !self.queue.is_empty() {
             self.pump_cold(now);
         }
@@ -616,9 +828,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     #[inline]
-    fn end_lease_bytes(&mut self, slot: Slot, now: Nanos) -> bool {
+    fn end_lease_bytes(&mut self, slot: Slot, now: Nanos, kv: u64) -> bool {
         let e = &mut self.entries[slot as usize];
         debug_assert!(e.leases > 0, "release without a lease");
+        debug_assert!(e.kv >= kv, "release of more KV than the model's requests hold");
+        let kv = kv.min(e.kv);
+        e.kv -= kv;
+        self.ledger.kv -= kv;
         e.leases = e.leases.saturating_sub(1);
         e.last_used = Some(now);
         if e.leases > 0 {

@@ -37,6 +37,8 @@ pub(super) struct Queued {
     pub(super) ticket: Ticket,
     pub(super) slot: Slot,
     pub(super) arrived: Nanos,
+    /// KV bytes the request asks for beside the weights.
+    pub(super) kv: u64,
 }
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
@@ -71,12 +73,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         now: Nanos,
         intent: Intent,
         r: Rejection,
+        kv: u64,
     ) -> Admission {
         let outcome = self.queue_outcome(intent, r);
         match outcome {
             Admission::Queued(ticket) => {
                 self.next_ticket += 1;
-                self.queue.push_back(Queued { ticket, slot, arrived: now });
+                self.queue.push_back(Queued { ticket, slot, arrived: now, kv });
                 self.entries[slot as usize].queued += 1;
                 self.stats.queued += 1;
                 self.stats.peak_queue = self.stats.peak_queue.max(self.queue.len() as u64);
@@ -154,12 +157,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn timeout_rejection(&self, q: Queued, now: Nanos) -> Rejection {
-        let need = self.entries[q.slot as usize].need();
-        let retry = match self.plan_load(q.slot, now) {
+        let need = self.entries[q.slot as usize].need().saturating_add(q.kv);
+        let retry = match self.plan_load(q.slot, now, q.kv) {
             Err(r) => r.retry_after_secs,
             Ok(_) => None,
         };
         Rejection {
+            kv: q.kv,
             code: RejectCode::QueueTimeout,
             need,
             available: 0,
@@ -172,7 +176,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if !matches!(outcome, Admission::Reject(_)) {
             self.stats.dequeued += 1;
         }
-        self.wakes.push(Wake { ticket: q.ticket, slot: q.slot, queued_at: q.arrived, outcome });
+        self.wakes.push(Wake { ticket: q.ticket, slot: q.slot, queued_at: q.arrived, kv: q.kv, outcome });
+    }
+
+    /// Refuse the waiter at queue index `i` with `r` (waiting can no longer help it).
+    fn refuse_queued(&mut self, i: usize, q: Queued, r: Rejection, now: Nanos) {
+        self.remove_queued(i);
+        let r = Rejection { waited: now.saturating_sub(q.arrived), ..r };
+        self.record_reject(q.slot, now, r);
+        self.wake(q, Admission::Reject(r));
     }
 
     /// [`PoolState::pump`] off the hot path (a lease ending with requests queued is rare).
@@ -200,12 +212,21 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 continue;
             }
             match self.entries[q.slot as usize].phase {
-                Phase::Resident | Phase::Loading => {
+                Phase::Resident | Phase::Loading if self.kv_fits(q.kv) => {
                     self.remove_queued(i);
-                    let outcome = self.admit(q.slot, now, Intent::Request);
+                    let outcome = self.admit_kv(q.slot, now, Intent::Request, q.kv);
                     debug_assert!(matches!(outcome, Admission::Hit | Admission::Join));
                     self.wake(q, outcome);
                 }
+                // Its KV does not fit beside its model yet: make room if idle models can.
+                Phase::Resident | Phase::Loading => match self.plan_kv_room(q.slot, now, q.kv) {
+                    Ok(victims) => {
+                        self.evict_for_kv(q.slot, now, &victims);
+                        i += 1;
+                    }
+                    Err(r) if r.retry_after_secs.is_none() => self.refuse_queued(i, q, r, now),
+                    Err(_) => i += 1,
+                },
                 _ => i += 1,
             }
         }
@@ -216,24 +237,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             let q = self.queue[i];
             match self.entries[q.slot as usize].phase {
                 // A load started earlier in this pass: join it.
-                Phase::Loading | Phase::Resident => {
+                Phase::Loading | Phase::Resident if self.kv_fits(q.kv) => {
                     self.remove_queued(i);
-                    let outcome = self.admit(q.slot, now, Intent::Request);
+                    let outcome = self.admit_kv(q.slot, now, Intent::Request, q.kv);
                     self.wake(q, outcome);
                 }
-                Phase::Absent if !(starving && i > 0) => match self.plan_load(q.slot, now) {
+                Phase::Absent if !(starving && i > 0) => match self.plan_load(q.slot, now, q.kv) {
                     Ok(plan) => {
                         self.remove_queued(i);
                         self.commit_load(q.slot, now, Intent::Request, &plan);
                         self.wake(q, Admission::Load(plan));
                     }
-                    Err(r) if r.retry_after_secs.is_none() => {
-                        // Waiting stopped being able to help (pins, a lowered limit).
-                        self.remove_queued(i);
-                        let r = Rejection { waited: now.saturating_sub(q.arrived), ..r };
-                        self.record_reject(q.slot, now, r);
-                        self.wake(q, Admission::Reject(r));
-                    }
+                    // Waiting stopped being able to help (pins, a lowered limit).
+                    Err(r) if r.retry_after_secs.is_none() => self.refuse_queued(i, q, r, now),
                     Err(_) => i += 1,
                 },
                 // Draining: waits for its unload (`reclaimed` pumps again); or behind a starving head.

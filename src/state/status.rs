@@ -16,6 +16,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             estimate: e.estimate.clone(),
             measured: e.measured,
             ledger_bytes: e.bytes,
+            kv_bytes_per_token: e.kv_per_token,
+            kv_bytes: e.kv,
             pinned: e.pinned,
             leases: e.leases,
             waiters: e.waiters,
@@ -39,6 +41,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let mut l =
             Ledger { limit: self.ledger.limit, max_models: self.ledger.max_models, ..Ledger::default() };
         for (i, e) in self.entries.iter().enumerate() {
+            l.kv += e.kv;
+            if e.kv > 0 && e.leases == 0 && e.waiters == 0 {
+                return Err(format!("slot {i}: {} KV bytes with no request on it", e.kv));
+            }
+            if e.load_kv > 0 && e.phase != Phase::Loading {
+                return Err(format!("slot {i}: load KV outside a load"));
+            }
             match e.phase {
                 Phase::Absent => {
                     if e.leases != 0 || e.bytes != 0 || e.pinned {

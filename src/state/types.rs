@@ -88,8 +88,11 @@ pub type Victims = SmallVec<[Slot; 16]>;
 /// A load that fits once `victims` are evicted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadPlan {
-    /// Bytes reserved for the load (its estimate, or its last measured size).
+    /// Bytes reserved for the weights (the estimate, or the last measured size).
     pub reserve: u64,
+    /// Bytes reserved beside the weights for the KV cache of the request that started the load
+    /// (0 for a preload); they move to the ledger's `kv` column when the load lands.
+    pub kv: u64,
     /// Models to evict first, in policy order. The driver unloads them before loading.
     pub victims: Victims,
 }
@@ -99,8 +102,10 @@ pub struct LoadPlan {
 pub struct Rejection {
     /// The machine-readable reason (the HTTP error `code`).
     pub code: RejectCode,
-    /// Bytes the model needs.
+    /// Bytes the model needs (weights, plus the request's KV cache when it asked for one).
     pub need: u64,
+    /// Bytes of `need` that are the request's KV cache.
+    pub kv: u64,
     /// Bytes obtainable by evicting everything evictable (for `model_too_large`: limit - pinned).
     pub available: u64,
     /// Seconds after which a retry may succeed; `None` when waiting cannot help.
@@ -124,6 +129,11 @@ pub enum Admission {
     /// otherwise). Waiting is always worth it: the unload is already under way and ends without
     /// any request having to finish first. A model drained with requests still in flight (a
     /// forced unload, a lowered limit, shutdown) is refused with `model_draining` instead.
+    ///
+    /// Also, with the queue off, for a request whose KV cache fits beside its resident or
+    /// loading model only once draining memory is back (the core may just have evicted idle
+    /// models for it: see [`crate::PoolState::take_unloads`]): admit again after the next
+    /// [`PoolState::reclaimed`] of any model.
     AwaitUnload,
     /// Waiting can help and the queue is on: the request waits in the core's admission queue
     /// under this ticket. The driver waits for a [`Wake`] with the ticket (from
@@ -149,6 +159,8 @@ pub struct Wake {
     pub slot: Slot,
     /// When it entered the queue (the driver's clock).
     pub queued_at: Nanos,
+    /// The KV bytes it asked for (held in the ledger from now on if it was admitted).
+    pub kv: u64,
     /// Its admission now.
     pub outcome: Admission,
 }
@@ -187,6 +199,9 @@ pub struct Ledger {
     /// Bytes of draining victims already promised to loads in progress (included in
     /// `draining`; they move to `reserved` as the victims' memory comes back).
     pub awaiting: u64,
+    /// Bytes held beside the weights by admitted requests (their KV cache: prompt plus maximum
+    /// new tokens at the model's KV bytes per token), from admission to the end of the lease.
+    pub kv: u64,
     /// Models resident or loading.
     pub models: usize,
     /// Maximum models resident or loading.
@@ -194,16 +209,16 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// `resident + reserved + draining`: memory committed now.
+    /// `resident + reserved + draining + kv`: memory committed now.
     #[inline]
     pub fn used(&self) -> u64 {
-        self.resident + self.reserved + self.draining
+        self.resident + self.reserved + self.draining + self.kv
     }
 
-    /// `resident + reserved + awaiting`: memory committed once every draining model is gone.
+    /// `resident + reserved + awaiting + kv`: memory committed once every draining model is gone.
     #[inline]
     pub fn committed(&self) -> u64 {
-        self.resident + self.reserved + self.awaiting
+        self.resident + self.reserved + self.awaiting + self.kv
     }
 }
 
@@ -230,6 +245,8 @@ pub struct Stats {
     pub rejections: [u64; <RejectCode as strum::EnumCount>::COUNT],
     /// Highest `used()` seen.
     pub peak_used: u64,
+    /// Highest `kv` column seen.
+    pub peak_kv: u64,
     /// Requests that entered the admission queue.
     pub queued: u64,
     /// Requests admitted from the queue (the rest timed out, were refused or went away).
@@ -270,8 +287,14 @@ pub struct ModelStatus {
     pub estimate: Estimate,
     /// Last measured size, if it has loaded.
     pub measured: Option<u64>,
-    /// Bytes counted in the ledger now (0 when absent).
+    /// Bytes counted in the ledger now for the weights (0 when absent; while loading, the
+    /// reservation, including the KV of the request that started the load).
     pub ledger_bytes: u64,
+    /// KV cache bytes per token: the backend's figure once loaded, before that the spec's or
+    /// the documented rule's ([`crate::estimate::kv_bytes_per_token`]).
+    pub kv_bytes_per_token: u64,
+    /// KV bytes held now by its requests (leases, and requests waiting for its load).
+    pub kv_bytes: u64,
     /// Never evicted while set.
     pub pinned: bool,
     /// Live leases (requests in flight).
@@ -300,11 +323,12 @@ impl Rejection {
             RejectCode::InsufficientMemory => PoolError::InsufficientMemory {
                 model,
                 need: self.need,
+                kv: self.kv,
                 available: self.available,
                 retry_after_secs: retry,
             },
             RejectCode::ModelTooLarge => {
-                PoolError::ModelTooLarge { model, need: self.need, available: self.available }
+                PoolError::ModelTooLarge { model, need: self.need, kv: self.kv, available: self.available }
             }
             RejectCode::MaxModels => {
                 PoolError::MaxModelsReached { model, max_models, retry_after_secs: self.retry_after_secs }

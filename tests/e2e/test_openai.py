@@ -7,6 +7,7 @@ Run by scripts/e2e-openai.sh, which starts the server with the fake backend, a 6
 import os
 import sys
 import threading
+import re
 import time
 import traceback
 import urllib.error
@@ -112,7 +113,9 @@ def test_503_insufficient_memory_with_retry_after():
     except openai.InternalServerError as e:
         assert e.status_code == 503, e.status_code
         assert e.code == "insufficient_memory", e.body
-        assert "Insufficient memory: need 2.0GB" in e.message, e.message
+        # 2.0 GB of weights and the KV cache of its context (512 max tokens by default).
+        assert "Insufficient memory: need 2." in e.message, e.message
+        assert re.search(r"\(2\.0GB of weights \+ \d+MB of KV cache for this request's context\)", e.message), e.message
         retry = e.response.headers.get("retry-after")
         assert retry is not None and int(retry) >= 1, dict(e.response.headers)
     finally:

@@ -23,7 +23,8 @@ use rand_chacha::ChaCha8Rng;
 struct PendingLoad {
     slot: Slot,
     victims: Vec<Slot>,
-    waiters: u32,
+    /// KV bytes of each request waiting for the load.
+    waiters: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -92,12 +93,15 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
         st.register(ModelSpec::new(format!("m{i}")).with_size(size));
     }
     let mut pending: Vec<PendingLoad> = Vec::new();
-    let mut leases: Vec<(Slot, u64)> = Vec::new();
+    // (slot, acquired at, KV bytes)
+    let mut leases: Vec<(Slot, u64, u64)> = Vec::new();
     let mut to_reclaim: Vec<Slot> = Vec::new();
     let mut out = Outcomes::default();
     let mut queued: Vec<modelpool::Ticket> = Vec::new();
     let mut over_allowed = false;
     let mut now = 0u64;
+    // Two runs in three give requests a KV cache (up to half their model's size).
+    let with_kv = !seed.is_multiple_of(3);
 
     for step in 0..steps {
         now += rng.random_range(1..2_000_000_000);
@@ -116,33 +120,54 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             0..=39 => {
                 let slot = rng.random_range(0..n_models);
                 out.requests += 1;
+                let kv =
+                    if with_kv && rng.random_bool(0.7) { rng.random_range(0..=st.need(slot) / 2) } else { 0 };
                 let preview = st.preview(slot, now);
-                let admission = st.admit(slot, now, Intent::Request);
-                assert_eq!(preview, admission, "{ctx}: the dry run and the admission disagree");
+                let admission = st.admit_request(slot, now, kv);
+                if kv == 0 {
+                    assert_eq!(preview, admission, "{ctx}: the dry run and the admission disagree");
+                }
+                let kv_short = kv > 0 && matches!(before_phase(&preview), Phase::Resident | Phase::Loading);
                 match admission {
                     Admission::Hit => {
                         out.hits += 1;
-                        leases.push((slot, now));
+                        leases.push((slot, now, kv));
+                        let used = st.ledger().used();
+                        assert!(used <= before.limit.max(before.used()), "{ctx}: a hit's KV over-committed");
                     }
-                    Admission::Join => pending.iter_mut().find(|p| p.slot == slot).expect(&ctx).waiters += 1,
+                    Admission::Join => {
+                        pending.iter_mut().find(|p| p.slot == slot).expect(&ctx).waiters.push(kv);
+                        let used = st.ledger().used();
+                        assert!(used <= before.limit.max(before.used()), "{ctx}: a join's KV over-committed");
+                    }
                     Admission::Load(plan) => {
                         let used = st.ledger().used();
                         assert!(used <= before.limit.max(before.used()), "{ctx}: admission over-committed");
-                        pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: 1 });
+                        assert_eq!(plan.kv, kv, "{ctx}: the plan reserves the request's KV");
+                        pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: vec![kv] });
                     }
                     Admission::Queued(ticket) => {
-                        assert_eq!(st.ledger(), before, "{ctx}: queueing changed the ledger");
+                        if !kv_short {
+                            assert_eq!(st.ledger(), before, "{ctx}: queueing changed the ledger");
+                        }
                         queued.push(ticket);
                     }
                     Admission::AwaitUnload => {
                         out.awaiting_unload += 1;
-                        assert_eq!(
-                            st.phase(slot),
-                            Phase::Draining,
-                            "{ctx}: awaits an unload that is not running"
-                        );
-                        assert_eq!(st.leases(slot), 0, "{ctx}: awaits the unload of a busy model");
-                        assert_eq!(st.ledger(), before, "{ctx}: awaiting an unload changed the ledger");
+                        if kv_short && st.phase(slot) != Phase::Draining {
+                            // Its KV fits once draining memory is back.
+                            let l = st.ledger();
+                            assert!(l.committed() + kv <= l.limit, "{ctx}: awaits memory that will not come");
+                            assert!(l.draining > 0, "{ctx}: awaits an unload when none runs");
+                        } else {
+                            assert_eq!(
+                                st.phase(slot),
+                                Phase::Draining,
+                                "{ctx}: awaits an unload that is not running"
+                            );
+                            assert_eq!(st.leases(slot), 0, "{ctx}: awaits the unload of a busy model");
+                            assert_eq!(st.ledger(), before, "{ctx}: awaiting an unload changed the ledger");
+                        }
                     }
                     Admission::Reject(r) => {
                         out.rejected += 1;
@@ -162,7 +187,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             40..=42 => {
                 let slot = rng.random_range(0..n_models);
                 if let Admission::Load(plan) = st.admit(slot, now, Intent::Preload) {
-                    pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: 0 });
+                    pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: Vec::new() });
                 }
             }
             // A victim's memory comes back.
@@ -188,24 +213,28 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
                     };
                     let done = st.load_finished(p.slot, now, result);
                     if ok {
-                        assert_eq!(done.leases_granted, p.waiters, "{ctx}: waiters and leases differ");
-                        out.granted += u64::from(p.waiters);
-                        leases.extend((0..p.waiters).map(|_| (p.slot, now)));
+                        assert_eq!(
+                            done.leases_granted as usize,
+                            p.waiters.len(),
+                            "{ctx}: waiters and leases differ"
+                        );
+                        out.granted += p.waiters.len() as u64;
+                        leases.extend(p.waiters.iter().map(|&kv| (p.slot, now, kv)));
                         to_reclaim.extend(done.evicted.iter().copied());
                         if st.ledger().used() > st.ledger().limit {
                             over_allowed = true;
                         }
                     } else {
-                        out.failed += u64::from(p.waiters);
+                        out.failed += p.waiters.len() as u64;
                     }
                 }
             }
             // A request ends.
             70..=84 => {
                 if !leases.is_empty() {
-                    let (slot, at) = leases.swap_remove(rng.random_range(0..leases.len()));
+                    let (slot, at, kv) = leases.swap_remove(rng.random_range(0..leases.len()));
                     released = Some(slot);
-                    if st.release(slot, now, at) {
+                    if st.release_request(slot, now, at, kv) {
                         to_reclaim.push(slot);
                     }
                 }
@@ -216,10 +245,10 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
                     let t = queued.swap_remove(rng.random_range(0..queued.len()));
                     assert!(st.cancel_queued(t, now), "{ctx}: a queued ticket must be cancellable");
                     out.cancelled += 1;
-                } else if let Some(p) = pending.iter_mut().find(|p| p.waiters > 0) {
-                    p.waiters -= 1;
+                } else if let Some(p) = pending.iter_mut().find(|p| !p.waiters.is_empty()) {
+                    let kv = p.waiters.swap_remove(rng.random_range(0..p.waiters.len()));
                     out.cancelled += 1;
-                    st.cancel_wait(p.slot);
+                    st.cancel_wait(p.slot, kv);
                 }
             }
             87 => {
@@ -262,17 +291,23 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
             match w.outcome {
                 Admission::Hit => {
                     out.hits += 1;
-                    leases.push((w.slot, now));
+                    leases.push((w.slot, now, w.kv));
                 }
-                Admission::Join => pending.iter_mut().find(|p| p.slot == w.slot).expect(&ctx).waiters += 1,
-                Admission::Load(plan) => {
-                    pending.push(PendingLoad { slot: w.slot, victims: plan.victims.to_vec(), waiters: 1 })
+                Admission::Join => {
+                    pending.iter_mut().find(|p| p.slot == w.slot).expect(&ctx).waiters.push(w.kv)
                 }
+                Admission::Load(plan) => pending.push(PendingLoad {
+                    slot: w.slot,
+                    victims: plan.victims.to_vec(),
+                    waiters: vec![w.kv],
+                }),
                 Admission::Reject(_) => out.rejected += 1,
                 other => panic!("{ctx}: a wake is decided, got {other:?}"),
             }
         }
         assert_eq!(st.queue_len(), queued.len(), "{ctx}: every queued request is accounted for");
+        // Idle models the core evicted for a request's KV: the driver unloads them.
+        to_reclaim.extend(st.take_unloads());
         st.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
         // Victims of loads, overcommit and expiry were neither pinned nor leased.
         let new_events: Vec<&Event> = st.log().events().skip(log_before as usize).collect();
@@ -325,11 +360,11 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
         }
         let done = st.load_finished(p.slot, now, Ok(st.need(p.slot)));
         out.granted += u64::from(done.leases_granted);
-        leases.extend((0..done.leases_granted).map(|_| (p.slot, now)));
+        leases.extend(p.waiters.iter().map(|&kv| (p.slot, now, kv)));
         to_reclaim.extend(done.evicted.iter().copied());
     }
-    for (slot, at) in leases.drain(..) {
-        if st.release(slot, now, at) {
+    for (slot, at, kv) in leases.drain(..) {
+        if st.release_request(slot, now, at, kv) {
             to_reclaim.push(slot);
         }
     }
@@ -341,7 +376,7 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
     }
     st.check_invariants().unwrap();
     let l = st.ledger();
-    assert_eq!((l.reserved, l.draining), (0, 0), "seed {seed} {kind}: {l:?}");
+    assert_eq!((l.reserved, l.draining, l.kv), (0, 0, 0), "seed {seed} {kind}: {l:?}");
     // Every request ended exactly once: hit, rejected, granted after a load, failed, or gave up.
     assert_eq!(
         out.requests,
@@ -389,4 +424,13 @@ fn randomized_runs_are_reproducible() {
     assert_eq!(digest(7), digest(7));
     assert_ne!(digest(7), digest(8));
     let _ = rand::rng().next_u32(); // the thread RNG exists but the runs above never use it
+}
+
+/// The phase a dry run implies (`Hit`: resident, `Join`: loading).
+fn before_phase(preview: &Admission) -> Phase {
+    match preview {
+        Admission::Hit => Phase::Resident,
+        Admission::Join => Phase::Loading,
+        _ => Phase::Absent,
+    }
 }

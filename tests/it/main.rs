@@ -7,6 +7,7 @@ mod estimate;
 mod fuzz;
 mod http;
 mod invariants;
+mod kv;
 mod pool;
 mod queue;
 mod snapshots;

@@ -635,3 +635,38 @@ async fn a_queued_request_that_goes_away_leaves_the_queue_and_loads_nothing() {
     assert_eq!(fake.load_count(), 1);
     pool.with_state(|s| s.check_invariants()).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn leases_hold_their_kv_at_the_backends_rate_and_give_it_back_however_they_end() {
+    // The backend reports 1 MB of KV per token once loaded; before that the rule's figure is
+    // used (the first request keeps what it was admitted with).
+    let backend =
+        Arc::new(FakeBackend::new().with_load_time(Duration::from_secs(1)).with_kv_per_token(1_000_000));
+    let pool = pool_with(10, backend, &[("a", 4), ("b", 4)]);
+    let rule = pool.with_state(|st| st.kv_bytes_per_token(st.slot("a").unwrap()));
+    let first = pool.acquire_for("a", &[], 100).await.unwrap();
+    assert_eq!(first.kv_bytes(), 100 * rule);
+    let second = pool.acquire_for("a", &[], 1000).await.unwrap();
+    assert_eq!(second.kv_bytes(), GB, "1000 tokens at the backend's 1 MB");
+    assert_eq!(pool.ledger().kv, 100 * rule + GB);
+    // A request for b (not loaded: the rule's rate) whose weights and KV do not fit beside a's
+    // busy requests would wait in the queue, off here (the library default): it is refused,
+    // evicting nothing.
+    let err = pool.acquire_for("b", &[], 60_000).await.unwrap_err();
+    assert_eq!(err.reject_code(), Some(modelpool::RejectCode::InsufficientMemory));
+    drop(first);
+    drop(second);
+    assert_eq!(pool.ledger().kv, 0);
+    // A waiter that goes away mid-load gives its KV back.
+    let pool2 = pool.clone();
+    let waiter = tokio::spawn(async move { pool2.acquire_for("b", &[], 500).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiter.abort();
+    let _ = waiter.await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(pool.ledger().kv, 0);
+    pool.with_state(|st| st.check_invariants()).unwrap();
+    let status = pool.status();
+    let a = status.models.iter().find(|m| &*m.id == "a").unwrap();
+    assert_eq!(a.kv_bytes_per_token, 1_000_000);
+}

@@ -73,6 +73,11 @@ async fn safetensors_directories_match_mlx_lm() {
             hint.abs_diff(measured) as f64 <= 0.01 * measured as f64,
             "{label}: hint {hint} vs {measured}"
         );
+        // SmolLM2 135M: 30 layers x 3 KV heads x head dim 64 x (K, V) x f32, as the catalogue
+        // reads it from the config before loading.
+        assert_eq!(h.kv_bytes_per_token(), Some(46_080), "{label}");
+        let config = modelpool::catalog::read_config(&mlx_dir(entry["dir"].as_str().unwrap())).unwrap();
+        assert_eq!(modelpool::catalog::kv_bytes_per_token_of_config(&config), Some(46_080), "{label}");
         let mut worst = 0f64;
         for item in entry["items"].as_array().unwrap() {
             let want = ids(&item["greedy_ids"]);

@@ -58,7 +58,7 @@ fn replay_allocates_nothing_per_request() {
         ] {
             let (a, rej_a) = allocations(&half, &cfg);
             let (b, rej_b) = allocations(&full, &cfg);
-            // No 503s here: the engine's rejection path computes a retry hint in a fresh Vec.
+            // No 503s here (each would be a request dropped with nothing to compare).
             assert_eq!((rej_a, rej_b), (0, 0), "{p}");
             // 100 000 more requests (tens of thousands of them misses): a handful of buffer
             // growths at most.

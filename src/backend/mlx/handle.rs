@@ -125,7 +125,7 @@ impl MlxBackend {
     /// Like [`Backend::load`], with the concrete handle type (for [`MlxModel::probe`]).
     pub async fn load_model(&self, spec: &ModelSpec) -> Result<Arc<MlxModel>, BackendError> {
         let kind = detect_kind(spec)?;
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<u64, BackendError>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(u64, u64), BackendError>>();
         let (tx, rx) = mpsc::channel::<Command>(self.options.queue_depth.max(1));
         let id = spec.id.to_string();
         let opts = self.options.clone();
@@ -136,12 +136,13 @@ impl MlxBackend {
             .name(format!("mlx-{id}"))
             .spawn(move || worker::run(thread_id, kind, opts, ready_tx, rx, counter))
             .map_err(|e| BackendError::Load(format!("cannot start worker thread: {e}")))?;
-        let bytes =
+        let (bytes, kv_per_token) =
             ready_rx.await.map_err(|_| BackendError::Load("model worker stopped during load".into()))??;
         Ok(Arc::new(MlxModel {
             id: id.clone(),
             model_type: spec.model_type,
             bytes,
+            kv_per_token,
             tx: Mutex::new(Some(tx)),
             stream_buffer: self.options.stream_buffer.max(1),
             generated,
@@ -155,6 +156,7 @@ pub struct MlxModel {
     id: String,
     model_type: ModelType,
     bytes: u64,
+    kv_per_token: u64,
     /// The worker's bounded command queue; `None` after unload.
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     stream_buffer: usize,
@@ -222,6 +224,10 @@ impl MlxModel {
 impl ModelHandle for MlxModel {
     fn measured_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn kv_bytes_per_token(&self) -> Option<u64> {
+        Some(self.kv_per_token)
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {

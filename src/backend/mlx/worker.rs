@@ -65,6 +65,18 @@ impl Loaded {
         };
         arrays.iter().map(|a| a.nbytes() as u64).sum()
     }
+
+    /// KV cache bytes per token of context: the cache holds f32 keys and values for every
+    /// layer and KV head (see `llama::KvCache`); an encoder keeps none.
+    fn kv_bytes_per_token(&self) -> u64 {
+        match self {
+            Loaded::Llama { model, .. } => {
+                let c = &model.cfg;
+                c.n_layers as u64 * c.n_kv_heads.max(0) as u64 * c.head_dim.max(0) as u64 * 2 * 4
+            }
+            Loaded::Bert(_) => 0,
+        }
+    }
 }
 
 /// What the async handle asks of the worker. Every command with a reply gets one, even when the
@@ -140,13 +152,14 @@ fn mismatch(what: &str, model: &Loaded) -> BackendError {
     BackendError::Unsupported(format!("{what} is not served by this model ({})", model.kind_name()))
 }
 
-/// The worker's body: load, report `Ok(measured bytes)` or the load error on `ready`, then
+/// The worker's body: load, report `Ok((measured bytes, KV bytes per token))` or the load error
+/// on `ready`, then
 /// serve `rx` until an unload (or until every sender is gone).
 pub(super) fn run(
     id: String,
     kind: Kind,
     opts: MlxOptions,
-    ready: oneshot::Sender<Result<u64, BackendError>>,
+    ready: oneshot::Sender<Result<(u64, u64), BackendError>>,
     mut rx: mpsc::Receiver<Command>,
     generated: Arc<AtomicU64>,
 ) {
@@ -172,7 +185,7 @@ pub(super) fn run(
         tracing::debug!(model = %id, active_delta = delta, array_bytes = bytes, "active-memory delta differs from the arrays (concurrent allocations)");
     }
     tracing::info!(model = %id, bytes, secs = started.elapsed().as_secs_f64(), "MLX model loaded");
-    if ready.send(Ok(bytes)).is_err() {
+    if ready.send(Ok((bytes, model.kv_bytes_per_token()))).is_err() {
         return; // the load was abandoned; dropping the model frees it
     }
     let mut model = Some(model);

@@ -7,13 +7,13 @@ use bytes::Bytes;
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::{acquire, collect, new_id, unix_now};
+use super::{acquire, collect, context_tokens, new_id, ready_future, stream_when_ready, unix_now};
 use crate::backend::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
 use crate::http::api::*;
 use crate::http::app::AppState;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
-use crate::http::stream::{ChunkFormat, json_event, sse_response};
+use crate::http::stream::{ChunkFormat, json_event};
 use crate::http::timer::{ReqTimer, respond};
 use crate::http::validate::{Generation, check_generation, check_max_tokens, check_stop, parse_body};
 use crate::types::ModelType;
@@ -153,7 +153,8 @@ async fn chat_inner(
         ));
     }
     let messages = chat_prompt(req.messages)?;
-    let lease = acquire(state, &req.model, &[ModelType::TextGen, ModelType::Vision], timer).await?;
+    let prompt_bytes = messages.iter().map(|m| m.content.len()).sum();
+    let tokens = context_tokens(prompt_bytes, messages.len(), max_tokens);
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,
@@ -162,14 +163,17 @@ async fn chat_inner(
         seed: req.seed,
         stop,
     };
-    let generation = lease.handle().generate(greq).await?;
+    const TYPES: &[ModelType] = &[ModelType::TextGen, ModelType::Vision];
     let id = new_id("chatcmpl");
     let created = unix_now();
-    let model = lease.model().to_string();
     if stream {
-        let fmt = ChatFormat { id, created, model, include_usage };
-        return Ok(sse_response(generation, lease, fmt, timer.hand_over()));
+        let fmt = ChatFormat { id, created, model: req.model.clone(), include_usage };
+        let ready = ready_future(state, req.model, TYPES, tokens, greq);
+        return stream_when_ready(state, timer, fmt, ready).await;
     }
+    let lease = acquire(state, &req.model, TYPES, tokens, timer).await?;
+    let generation = lease.handle().generate(greq).await?;
+    let model = lease.model().to_string();
     let (content, finish, usage) = collect(generation).await?;
     drop(lease);
     ok_json(&ChatCompletionResponse {

@@ -7,13 +7,13 @@ use bytes::Bytes;
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::{acquire, collect, new_id, unix_now};
+use super::{acquire, collect, context_tokens, new_id, ready_future, stream_when_ready, unix_now};
 use crate::backend::{FinishReason, GenerateRequest, Prompt, Usage};
 use crate::http::api::*;
 use crate::http::app::AppState;
 use crate::http::error::ApiError;
 use crate::http::reply::ok_json;
-use crate::http::stream::{ChunkFormat, json_event, sse_response};
+use crate::http::stream::{ChunkFormat, json_event};
 use crate::http::timer::{ReqTimer, respond};
 use crate::http::validate::{Generation, check_generation, check_max_tokens, check_stop, parse_body};
 use crate::types::ModelType;
@@ -110,10 +110,10 @@ async fn completions_inner(
         return Err(ApiError::bad_request("prompt", "streaming takes a single prompt"));
     }
     let echo = req.echo.unwrap_or(false);
-    let lease = acquire(state, &req.model, &[ModelType::TextGen], timer).await?;
+    // The prompts run one after another on the lease: the longest bounds the cache.
+    let tokens = context_tokens(prompts.iter().map(String::len).max().unwrap_or(0), 0, max_tokens);
     let id = new_id("cmpl");
     let created = unix_now();
-    let model = lease.model().to_string();
     let make = |p: String| GenerateRequest {
         prompt: Prompt::Text(p),
         max_tokens,
@@ -125,10 +125,13 @@ async fn completions_inner(
     if stream {
         let prompt = prompts.into_iter().next().unwrap_or_default();
         let echo = echo.then(|| prompt.clone());
-        let generation = lease.handle().generate(make(prompt)).await?;
-        let fmt = CompletionFormat { id, created, model, include_usage, echo };
-        return Ok(sse_response(generation, lease, fmt, timer.hand_over()));
+        let greq = make(prompt);
+        let fmt = CompletionFormat { id, created, model: req.model.clone(), include_usage, echo };
+        let ready = ready_future(state, req.model, &[ModelType::TextGen], tokens, greq);
+        return stream_when_ready(state, timer, fmt, ready).await;
     }
+    let lease = acquire(state, &req.model, &[ModelType::TextGen], tokens, timer).await?;
+    let model = lease.model().to_string();
     let mut choices = Vec::with_capacity(prompts.len());
     let mut total = Usage::default();
     for (i, p) in prompts.into_iter().enumerate() {

@@ -65,7 +65,7 @@ async fn embeddings_inner(
     if req.dimensions == Some(0) {
         return Err(ApiError::bad_request("dimensions", "dimensions must be at least 1"));
     }
-    let lease = acquire(state, &req.model, &[ModelType::Embeddings], timer).await?;
+    let lease = acquire(state, &req.model, &[ModelType::Embeddings], 0, timer).await?;
     let model = lease.model().to_string();
     let out = lease.handle().embed(inputs).await?;
     drop(lease);

@@ -56,6 +56,16 @@ async fn a_trickled_head_is_dropped_and_a_trickled_body_gets_408() {
     let text = read_all(&mut s).await;
     assert!(t.elapsed() < Duration::from_secs(9), "closed by the header timeout, not ours");
     assert!(!text.contains(" 200 "), "{text}");
+    // A connection that sends nothing, and one idle after a request, are closed the same way.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(read_all(&mut s).await, "");
+    assert!(t.elapsed() < Duration::from_secs(9));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let t = std::time::Instant::now();
+    let text = read_all(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200") && t.elapsed() < Duration::from_secs(9), "{text}");
     // A body promised at 100 bytes that sends 10: 408 request_timeout, well-formed.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":").await.unwrap();
@@ -73,8 +83,11 @@ async fn a_trickled_head_is_dropped_and_a_trickled_body_gets_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_reader_that_stops_reading_is_cut_off_and_releases_the_model() {
     // A generation far longer than the socket buffers hold.
-    let fake = FakeBackend::new().with_natural_tokens(300_000);
-    let h = Harness::with_backend(10 * GB, 4, fake, catalogue());
+    // One byte of KV cache per token, so the long request fits the ledger.
+    let fake = FakeBackend::new().with_natural_tokens(300_000).with_kv_per_token(1);
+    let mut spec = modelpool::ModelSpec::new("chat-a").with_size(2 * GB);
+    spec.kv_bytes_per_token = Some(1);
+    let h = Harness::with_backend(10 * GB, 4, fake, vec![spec]);
     let state = h.state.clone().with_limits(ServerLimitsConfig { context_tokens: 300_000, ..limits() });
     let (addr, _stop) = start(state).await;
     let body = serde_json::json!({
@@ -90,7 +103,8 @@ async fn a_stream_reader_that_stops_reading_is_cut_off_and_releases_the_model() 
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
     let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(eventually(Duration::from_secs(5), || h.model("chat-a").leases == 1).await);
     // Stop reading (keep the socket open): the write timeout ends the response.
     assert!(

@@ -375,7 +375,13 @@ async fn insufficient_memory_is_503_with_retry_after_and_evicts_nothing() {
     let lease = h.pool.acquire("chat-big").await.unwrap();
     let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
     let e = assert_error(&r, 503, "insufficient_memory");
-    assert_eq!(e["message"], "Insufficient memory: need 2.0GB, only 1.0GB available after eviction");
+    // The classic text, with the request's KV cache (its context at the rule's rate) beside the weights.
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.starts_with("Insufficient memory: need 2.0GB (2.0GB of weights + "), "{msg}");
+    assert!(
+        msg.ends_with("MB of KV cache for this request's context), only 1.0GB available after eviction"),
+        "{msg}"
+    );
     assert!(retry_after(&r).is_some_and(|s| s >= 1), "Retry-After present");
     // Nothing was evicted for the refused request.
     assert_eq!(h.model("chat-big").phase, Phase::Resident);
@@ -514,6 +520,11 @@ async fn queued_requests_are_served_or_get_well_formed_queue_503s() {
         "modelpool_queue_peak_length 1",
         "modelpool_rejections_total{code=\"queue_full\"} 1",
         "modelpool_rejections_total{code=\"queue_timeout\"} 1",
+        // The one admitted from the queue waited 2 s (le 2.5); nothing holds KV any more.
+        "modelpool_queue_wait_seconds_bucket{le=\"1\"} 0",
+        "modelpool_queue_wait_seconds_bucket{le=\"2.5\"} 1",
+        "modelpool_queue_wait_seconds_count 1",
+        "modelpool_kv_bytes 0",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
     }
@@ -680,4 +691,55 @@ async fn error_after_stream_started_is_an_sse_error_event_then_the_end() {
     assert_error(&r, 500, "inference_failed");
     // And the metrics count the streamed failure as a 500.
     assert_eq!(h.state.metrics.responses("chat_completions", 500), 2);
+}
+
+/// Issue 8: a streaming request that waits for its model gets its headers at once
+/// (`x-modelpool-admission: waiting`), an SSE comment every notice period while it waits, then
+/// the chunks; a timeout after the headers is the stream's error event, without `[DONE]`.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_stream_sends_comments_then_its_chunks_or_its_error() {
+    let h = Harness::queued(6 * GB, Duration::from_secs(30), 4, FakeBackend::new());
+    let lease = h.pool.acquire("chat-big").await.unwrap(); // chat-a must wait for it
+    let spawn_stream = |model: &'static str| {
+        let routes = h.routes.clone();
+        tokio::spawn(async move {
+            warp::test::request()
+                .method("POST")
+                .path("/v1/chat/completions")
+                .json(&chat_body(model, true))
+                .reply(&routes)
+                .await
+        })
+    };
+    let waiting = spawn_stream("chat-a");
+    assert!(eventually(Duration::from_secs(1), || h.pool.with_state(|s| s.queue_len()) == 1).await);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    drop(lease);
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-modelpool-admission"], "waiting");
+    let body = String::from_utf8(r.body().to_vec()).unwrap();
+    let comments: Vec<&str> = body.lines().filter(|l| l.starts_with(':')).collect();
+    // Headers after 5 s, then one comment per 5 s until admitted at 12 s.
+    assert_eq!(comments[..2], [":waiting for the model (5 s)", ":waiting for the model (10 s)"], "{body}");
+    assert!(comments[2].starts_with(":admitted: queued, waited 120"), "{body}");
+    let data = sse_data(r.body());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    assert!(data.len() > 2, "the chunks follow: {body}");
+    // One that waits past the queue timeout: the 503 arrives in the stream, with no [DONE].
+    let lease = h.pool.acquire("chat-big").await.unwrap();
+    let waiting = spawn_stream("chat-b");
+    assert!(eventually(Duration::from_secs(1), || h.pool.with_state(|s| s.queue_len()) == 1).await);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status(), 200);
+    let data = sse_data(r.body());
+    let err: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "queue_timeout", "{data:?}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    drop(lease);
+    h.check_invariants();
+    let text = String::from_utf8(h.req("GET", "/metrics").await.body().to_vec()).unwrap();
+    assert!(text.lines().any(|l| l == "modelpool_rejections_total{code=\"queue_timeout\"} 1"), "{text}");
+    assert!(text.lines().any(|l| l == "modelpool_queue_wait_seconds_count 1"), "{text}");
 }
