@@ -16,7 +16,11 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 
 # --queue-timeout 0s: the client-side tests check the immediate 503s (insufficient_memory with
 # Retry-After) that the admission queue otherwise turns into waits; the queue is tested in
-# tests/it (pool and HTTP routes).
+# tests/it (pool and HTTP routes). Keys: fresh random ones, given through the environment
+# (not the command line, which other users can read); the client passes api_key=.
+api_key="sk-e2e-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+admin_key="adm-e2e-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+MODELPOOL_API_KEY="$api_key" MODELPOOL_ADMIN_KEY="$admin_key" \
 "$bin" serve --listen "127.0.0.1:$port" --memory-limit 6GB --fake-load-time 50ms \
     --fake-token-delay 100ms --queue-timeout 0s --log-level info >"$log.out" 2>"$log" &
 pid=$!
@@ -31,7 +35,12 @@ done
 grep -q "listening on" "$log.out" || { echo "server did not start:"; cat "$log"; exit 1; }
 
 status=0
-MODELPOOL_URL="http://127.0.0.1:$port" "$venv/bin/python" tests/e2e/test_openai.py || status=$?
+MODELPOOL_URL="http://127.0.0.1:$port" MODELPOOL_E2E_API_KEY="$api_key" MODELPOOL_E2E_ADMIN_KEY="$admin_key" \
+    "$venv/bin/python" tests/e2e/test_openai.py || status=$?
+# The keys must never reach the log.
+if grep -q -e "$api_key" -e "$admin_key" "$log"; then
+    echo "an API key appears in the server log"; status=1
+fi
 
 kill -TERM "$pid"
 if ! wait "$pid"; then

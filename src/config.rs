@@ -21,6 +21,21 @@
 //! sizes_file = "sizes.json"   # remember measured sizes across restarts
 //! log_level = "info"
 //!
+//! # Security (docs/server.md, "Security")
+//! api_keys = ["sk-..."]       # Authorization: Bearer <key> on /v1/*
+//! admin_keys = ["adm-..."]    # on /admin/* and /metrics
+//! api_keys_file = "keys.txt"  # one key a line (# comments); adds to api_keys
+//! admin_keys_file = "admin-keys.txt"
+//! public_metrics = false      # /metrics without the admin key
+//! insecure_no_auth = false    # allow a non-loopback listen without keys
+//!
+//! # Limits (docs/server.md, "Reliability")
+//! header_read_timeout = "10s"
+//! body_read_timeout = "30s"
+//! write_timeout = "30s"
+//! max_connections = 1024
+//! context_tokens = 32768      # max_tokens above a model's context is a 400
+//!
 //! [fake]                      # fake backend only
 //! load_time = "300ms"
 //! token_delay = "0ms"
@@ -71,6 +86,20 @@ pub const DEFAULT_MAX_QUEUE: usize = 1024;
 pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
 /// The smallest `--max-body` accepted: below this even a short chat request would get 413.
 pub const MIN_MAX_BODY: u64 = 1024;
+/// `--header-read-timeout`: a client must send a request's whole head within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `--body-read-timeout`: a request body must arrive whole within this after its head.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--write-timeout`: a write to a client (a response, an SSE event) that makes no progress
+/// for this long closes the connection, which releases a stream's lease.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--max-connections`: open connections at once (HTTP/1.1: at most one request in flight on
+/// each, so this is also the cap on requests in progress); one more gets a 503 `server_busy`
+/// and is closed.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// `--context-tokens`: the context length of a model whose `[[models]]` entry gives none;
+/// `max_tokens` (or `max_completion_tokens`) above it is a 400.
+pub const DEFAULT_CONTEXT_TOKENS: u32 = 32768;
 /// `--fake-load-time` when neither the flag nor the file sets it.
 pub const DEFAULT_FAKE_LOAD_TIME: Duration = Duration::from_millis(300);
 
@@ -100,6 +129,71 @@ impl BackendKind {
             BackendKind::Mlx => "mlx",
         }
     }
+}
+
+/// A secret key (`--api-key`, `--admin-key`): compared in constant time by the server, never
+/// printed: its `Debug` is `ApiKey(***)`, so configs can be logged. Visible ASCII without
+/// spaces (it travels in an HTTP header), at most 512 bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The key's text, for the one place that hashes it ([`crate::http`]'s auth check).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+impl FromStr for ApiKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let k = s.trim();
+        if k.is_empty() {
+            return Err("an API key must not be empty".into());
+        }
+        if k.len() > 512 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "an API key must be visible ASCII without spaces, at most 512 bytes (it is sent in an HTTP header)"
+                    .into(),
+            );
+        }
+        Ok(ApiKey(k.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Keys from a keys file: one a line; blank lines and lines starting with `#` are skipped.
+/// An unreadable file, a bad key (named by line, never printed) or a file with no key is an
+/// error: a keys file that silently gave no keys would leave the routes open.
+pub fn read_keys_file(path: &Path) -> Result<Vec<ApiKey>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read keys file {}: {e}", path.display())))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        keys.push(
+            line.parse()
+                .map_err(|e| ConfigError(format!("keys file {} line {}: {e}", path.display(), i + 1)))?,
+        );
+    }
+    if keys.is_empty() {
+        return err(format!("keys file {} has no keys", path.display()));
+    }
+    Ok(keys)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -220,6 +314,57 @@ pub struct ServeArgs {
     /// JSON file where measured model sizes are remembered across restarts.
     #[arg(long, env = "MODELPOOL_SIZES_FILE", value_name = "FILE")]
     pub sizes_file: Option<PathBuf>,
+    /// API key required as `Authorization: Bearer KEY` on /v1/* (repeatable; the variable takes
+    /// a comma list). Admin keys are accepted there too.
+    #[arg(
+        long = "api-key",
+        env = "MODELPOOL_API_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Option<Vec<ApiKey>>,
+    /// Admin key required on /admin/* and /metrics (repeatable; the variable takes a comma
+    /// list). With any key configured and no admin key, the admin API is closed.
+    #[arg(
+        long = "admin-key",
+        env = "MODELPOOL_ADMIN_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_keys: Option<Vec<ApiKey>>,
+    /// File of API keys, one a line (`#` comments); added to --api-key.
+    #[arg(long, env = "MODELPOOL_API_KEYS_FILE", value_name = "FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// File of admin keys, one a line (`#` comments); added to --admin-key.
+    #[arg(long, env = "MODELPOOL_ADMIN_KEYS_FILE", value_name = "FILE")]
+    pub admin_keys_file: Option<PathBuf>,
+    /// Serve /metrics without the admin key.
+    #[arg(long, env = "MODELPOOL_PUBLIC_METRICS")]
+    pub public_metrics: bool,
+    /// Allow listening on a non-loopback address without both an API key and an admin key
+    /// (logs a warning at start).
+    #[arg(long, env = "MODELPOOL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// A client must send a request's whole head within this, or the connection is closed
+    /// [default: 10s].
+    #[arg(long, env = "MODELPOOL_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// A request's body must arrive whole within this, or 408 `request_timeout` [default: 30s].
+    #[arg(long, env = "MODELPOOL_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub body_read_timeout: Option<Duration>,
+    /// A write to a client that makes no progress this long (a client that stopped reading a
+    /// stream) closes the connection and releases its model [default: 30s].
+    #[arg(long, env = "MODELPOOL_WRITE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub write_timeout: Option<Duration>,
+    /// Open connections at once; one more gets a 503 and is closed [default: 1024].
+    #[arg(long, env = "MODELPOOL_MAX_CONNECTIONS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Context length of models whose [[models]] entry gives none; a larger `max_tokens` is a
+    /// 400 [default: 32768].
+    #[arg(long, env = "MODELPOOL_CONTEXT_TOKENS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub context_tokens: Option<u32>,
     /// Fake backend: time a load takes [default: 300ms].
     #[arg(long, env = "MODELPOOL_FAKE_LOAD_TIME", value_name = "DURATION", value_parser = parse_duration)]
     pub fake_load_time: Option<Duration>,
@@ -272,6 +417,31 @@ pub struct FileConfig {
     pub max_body: Option<ByteSize>,
     /// See [`ServeArgs::sizes_file`].
     pub sizes_file: Option<PathBuf>,
+    /// See [`ServeArgs::api_keys`]; a flag or variable replaces this list.
+    pub api_keys: Option<Vec<ApiKey>>,
+    /// See [`ServeArgs::admin_keys`]; a flag or variable replaces this list.
+    pub admin_keys: Option<Vec<ApiKey>>,
+    /// See [`ServeArgs::api_keys_file`].
+    pub api_keys_file: Option<PathBuf>,
+    /// See [`ServeArgs::admin_keys_file`].
+    pub admin_keys_file: Option<PathBuf>,
+    /// See [`ServeArgs::public_metrics`] (either one set turns it on).
+    pub public_metrics: Option<bool>,
+    /// See [`ServeArgs::insecure_no_auth`] (either one set turns it on).
+    pub insecure_no_auth: Option<bool>,
+    /// See [`ServeArgs::header_read_timeout`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub header_read_timeout: Option<Duration>,
+    /// See [`ServeArgs::body_read_timeout`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub body_read_timeout: Option<Duration>,
+    /// See [`ServeArgs::write_timeout`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub write_timeout: Option<Duration>,
+    /// See [`ServeArgs::max_connections`].
+    pub max_connections: Option<u32>,
+    /// See [`ServeArgs::context_tokens`].
+    pub context_tokens: Option<u32>,
     /// The `[fake]` section: fake backend settings.
     #[serde(default)]
     pub fake: FakeFileConfig,
@@ -305,6 +475,8 @@ pub struct ModelEntry {
     pub path: Option<PathBuf>,
     /// Known size (`5GB`): overrides every estimate.
     pub size: Option<ByteSize>,
+    /// Context length in tokens (default `--context-tokens`): `max_tokens` above it is a 400.
+    pub context: Option<u32>,
 }
 
 impl FileConfig {
@@ -371,6 +543,51 @@ pub struct ServeConfig {
     pub max_body: u64,
     pub sizes_file: Option<PathBuf>,
     pub fake: FakeSettings,
+    /// Keys accepted on /v1/* (admin keys are too); empty with no admin key: open.
+    pub api_keys: Vec<ApiKey>,
+    /// Keys accepted on /admin/* (and /metrics unless `public_metrics`).
+    pub admin_keys: Vec<ApiKey>,
+    pub public_metrics: bool,
+    /// Set: a non-loopback `listen` without keys was allowed explicitly.
+    pub insecure_no_auth: bool,
+    pub limits: ServerLimitsConfig,
+    /// Per-model context lengths from `[[models]]` entries (others: `limits.context_tokens`).
+    pub contexts: Vec<(String, u32)>,
+}
+
+/// The connection and request limits, each a flag with a documented default (`DEFAULT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)] // each field is the flag of the same name in [`ServeArgs`], defaulted
+pub struct ServerLimitsConfig {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// At least 1.
+    pub max_connections: usize,
+    /// At least 1.
+    pub context_tokens: u32,
+}
+
+impl Default for ServerLimitsConfig {
+    fn default() -> Self {
+        ServerLimitsConfig {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            context_tokens: DEFAULT_CONTEXT_TOKENS,
+        }
+    }
+}
+
+/// The message for a non-loopback `--listen` without keys: how to set them, or opt out.
+pub fn insecure_listen_message(listen: SocketAddr) -> String {
+    format!(
+        "refusing to listen on {listen} (not a loopback address) without authentication: anyone who can reach it could run and unload models. \
+         Set an API key and an admin key (--api-key KEY --admin-key KEY, or MODELPOOL_API_KEY / MODELPOOL_ADMIN_KEY, \
+         or api_keys / admin_keys or api_keys_file / admin_keys_file in the config file), \
+         or pass --insecure-no-auth to serve without them"
+    )
 }
 
 /// The fake backend's catalogue when none is configured: realistic names whose sizes come from
@@ -448,6 +665,52 @@ impl ServeConfig {
         if max_body < MIN_MAX_BODY {
             return err(format!("max body size {max_body} bytes is too small (at least 1KB)"));
         }
+        let positive = |name: &str, d: Duration| {
+            if d.is_zero() { err(format!("--{name} must be more than 0s")) } else { Ok(d) }
+        };
+        let limits = ServerLimitsConfig {
+            header_read_timeout: positive(
+                "header-read-timeout",
+                args.header_read_timeout.or(file.header_read_timeout).unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+            )?,
+            body_read_timeout: positive(
+                "body-read-timeout",
+                args.body_read_timeout.or(file.body_read_timeout).unwrap_or(DEFAULT_BODY_READ_TIMEOUT),
+            )?,
+            write_timeout: positive(
+                "write-timeout",
+                args.write_timeout.or(file.write_timeout).unwrap_or(DEFAULT_WRITE_TIMEOUT),
+            )?,
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as usize),
+            context_tokens: args.context_tokens.or(file.context_tokens).unwrap_or(DEFAULT_CONTEXT_TOKENS),
+        };
+        // Only the file can give 0: clap refuses it for the flags.
+        for (name, v) in
+            [("max_connections", limits.max_connections), ("context_tokens", limits.context_tokens as usize)]
+        {
+            if v == 0 {
+                return Err(field(name, "must be at least 1".into()));
+            }
+        }
+
+        // Keys: a flag or variable replaces the file's list; a keys file adds to either.
+        let mut api_keys = args.api_keys.clone().or(file.api_keys).unwrap_or_default();
+        if let Some(f) = args.api_keys_file.as_ref().or(file.api_keys_file.as_ref()) {
+            api_keys.extend(read_keys_file(f)?);
+        }
+        let mut admin_keys = args.admin_keys.clone().or(file.admin_keys).unwrap_or_default();
+        if let Some(f) = args.admin_keys_file.as_ref().or(file.admin_keys_file.as_ref()) {
+            admin_keys.extend(read_keys_file(f)?);
+        }
+        let public_metrics = args.public_metrics || file.public_metrics.unwrap_or(false);
+        let insecure_no_auth = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+        if !listen.ip().is_loopback() && (api_keys.is_empty() || admin_keys.is_empty()) && !insecure_no_auth {
+            return err(insecure_listen_message(listen));
+        }
+
         let fake = FakeSettings {
             load_time: args.fake_load_time.or(file.fake.load_time).unwrap_or(DEFAULT_FAKE_LOAD_TIME),
             token_delay: args.fake_token_delay.or(file.fake.token_delay).unwrap_or(Duration::ZERO),
@@ -456,6 +719,7 @@ impl ServeConfig {
         // Catalogue: [[models]] first, then the directory scan for ids not already listed.
         let mut models = Vec::new();
         let mut seen = BTreeSet::new();
+        let mut contexts = Vec::new();
         for (i, m) in file.models.iter().enumerate() {
             if m.id.trim().is_empty() {
                 return Err(field(&format!("models[{i}].id"), "must not be empty".into()));
@@ -475,6 +739,11 @@ impl ServeConfig {
             }
             if let Some(size) = m.size {
                 spec = spec.with_size(size.0);
+            }
+            match m.context {
+                Some(0) => return Err(field(&format!("models[{i}].context"), "must be at least 1".into())),
+                Some(c) => contexts.push((m.id.clone(), c)),
+                None => {}
             }
             models.push(spec);
         }
@@ -526,6 +795,12 @@ impl ServeConfig {
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),
             fake,
+            api_keys,
+            admin_keys,
+            public_metrics,
+            insecure_no_auth,
+            limits,
+            contexts,
         })
     }
 }

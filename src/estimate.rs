@@ -329,6 +329,12 @@ impl<F: SizeEstimator> SizeEstimator for FileEstimator<F> {
 /// With a file, measurements are loaded at construction and written after each new one, so
 /// they survive restarts. A size hint in the spec still wins.
 ///
+/// Crash-safe: each write goes to a temporary file in the same directory, is synced, and is
+/// renamed over the file (then the directory is synced), so the file is always either the old
+/// or the new whole map. A corrupt or truncated file (from another writer, a disk fault) is
+/// reported with a `tracing` warning and ignored: estimates start afresh and the next write
+/// replaces it.
+///
 /// The measurements sit behind a mutex of their own (never the pool's); the file is written
 /// under it, so concurrent observations are persisted in order and the last write holds them all.
 #[derive(Debug)]
@@ -349,14 +355,6 @@ pub enum LearnedError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The file is not a JSON object of model id to bytes.
-    #[error("size file {path} is not a JSON object of model id to bytes: {source}")]
-    Parse {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: serde_json::Error,
-    },
 }
 
 impl<E: SizeEstimator> Learned<E> {
@@ -365,12 +363,16 @@ impl<E: SizeEstimator> Learned<E> {
         Learned { inner, measured: Mutex::new(BTreeMap::new()), file: None }
     }
 
-    /// Remember measurements in `file` (created on the first measurement if missing).
+    /// Remember measurements in `file` (created on the first measurement if missing). A file
+    /// that is not a JSON object of model id to bytes is warned about and ignored; only a file
+    /// that exists but cannot be read is an error.
     pub fn with_file(inner: E, file: impl Into<PathBuf>) -> Result<Self, LearnedError> {
         let file = file.into();
         let measured = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| LearnedError::Parse { path: file.clone(), source })?,
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "size file is corrupt or truncated; ignoring it (the next measurement rewrites it)");
+                BTreeMap::new()
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(LearnedError::Io { path: file, source }),
         };
@@ -404,11 +406,38 @@ impl<E: SizeEstimator> SizeEstimator for Learned<E> {
             && let Some(file) = &self.file
         {
             // Best effort: a failed write loses a hint, never a request.
-            let tmp = file.with_extension("tmp");
             let json = serde_json::to_vec_pretty(&*map).unwrap_or_default();
-            if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, file)).is_err() {
-                tracing::warn!(file = %file.display(), "could not persist measured model sizes");
+            if let Err(e) = write_atomically(file, &json) {
+                tracing::warn!(file = %file.display(), error = %e, "could not persist measured model sizes");
             }
         }
     }
+}
+
+/// Replace `file` with `bytes` so that a crash at any point leaves the old or the new content,
+/// never a mix: write a temporary file next to it (same directory, so the rename is atomic),
+/// sync it, rename it over `file`, sync the directory. The temporary file is removed on error.
+pub fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = file.file_name().map_or_else(|| "sizes".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, file)?;
+        // Make the rename itself durable (directories can be opened and synced on Unix).
+        #[cfg(unix)]
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use modelpool::backend::Backend;
 use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
 use modelpool::config::{BackendKind, ServeArgs, ServeConfig};
-use modelpool::http::{AppState, Metrics, TimedBackend};
+use modelpool::http::{AppState, Auth, Metrics, TimedBackend};
 use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
 
 #[derive(Debug, Parser)]
@@ -160,8 +160,31 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         });
     }
+    let auth = Auth::new(&cfg.api_keys, &cfg.admin_keys, cfg.public_metrics);
+    if cfg.insecure_no_auth && (cfg.api_keys.is_empty() || cfg.admin_keys.is_empty()) {
+        tracing::warn!(
+            listen = %cfg.listen,
+            api_keys = cfg.api_keys.len(),
+            admin_keys = cfg.admin_keys.len(),
+            "--insecure-no-auth: routes without a key are open to anyone who can reach this address"
+        );
+    }
+    tracing::info!(
+        api_keys = cfg.api_keys.len(),
+        admin_keys = cfg.admin_keys.len(),
+        public_metrics = cfg.public_metrics,
+        header_read_timeout = ?cfg.limits.header_read_timeout,
+        body_read_timeout = ?cfg.limits.body_read_timeout,
+        write_timeout = ?cfg.limits.write_timeout,
+        max_connections = cfg.limits.max_connections,
+        context_tokens = cfg.limits.context_tokens,
+        "access and limits"
+    );
     let state = AppState::new(pool, metrics)
         .with_max_body(cfg.max_body)
+        .with_auth(auth)
+        .with_limits(cfg.limits)
+        .with_contexts(cfg.contexts.iter().cloned())
         .with_stream_wait_notice(cfg.stream_wait_notice);
     let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).

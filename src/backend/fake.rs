@@ -1,6 +1,10 @@
 //! A deterministic in-process backend for tests, the simulator's smoke runs and the server's
 //! default mode. It allocates nothing real: "loading" sleeps for a configured time (tokio time,
 //! so paused-clock tests are instant) and reports a configured size.
+//!
+//! For chaos tests it can inject faults at random from a seeded ChaCha stream ([`FaultPlan`]):
+//! load failures, panics while loading and unloading, slow unloads, and measured sizes off the
+//! estimate; [`FakeBackend::faults`] counts what it injected.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::{
     Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
@@ -30,16 +36,82 @@ pub struct FakeModelConfig {
     pub kv_bytes_per_token: Option<u64>,
 }
 
+/// Faults to inject, each with a probability per load or unload (0 never, 1 always), drawn from
+/// a ChaCha8 stream seeded with `seed`: the same sequence of calls gets the same faults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultPlan {
+    /// Seed of the fault stream.
+    pub seed: u64,
+    /// A load fails with an error (after its load time).
+    pub load_failure: f64,
+    /// A load panics (after its load time); the pool turns it into a load failure.
+    pub load_panic: f64,
+    /// An unload panics (the model is gone; the pool counts its memory as returned).
+    pub unload_panic: f64,
+    /// An unload takes `slow_unload_time` first.
+    pub slow_unload: f64,
+    /// How long a slow unload takes.
+    pub slow_unload_time: Duration,
+    /// A loaded model measures off its configured size (by up to `size_skew`).
+    pub skewed_size: f64,
+    /// How far off a skewed size is, as a share: 0.3 is up to 30% above or below, uniformly.
+    pub size_skew: f64,
+}
+
+/// Faults injected so far, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // one counter per [`FaultPlan`] probability
+pub struct FaultCounts {
+    pub load_failures: u64,
+    pub load_panics: u64,
+    pub unload_panics: u64,
+    pub slow_unloads: u64,
+    pub skewed_sizes: u64,
+}
+
+impl FaultCounts {
+    /// Every fault injected.
+    pub fn total(&self) -> u64 {
+        self.load_failures + self.load_panics + self.unload_panics + self.slow_unloads + self.skewed_sizes
+    }
+}
+
+#[derive(Debug)]
+struct Faults {
+    plan: FaultPlan,
+    rng: Mutex<ChaCha8Rng>,
+    counts: Mutex<FaultCounts>,
+}
+
+impl Faults {
+    /// A uniform draw in [0, 1).
+    fn draw(&self) -> f64 {
+        let x = self.rng.lock().unwrap_or_else(|e| e.into_inner()).next_u64();
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Whether a fault of probability `p` happens now; counts it with `count` if so.
+    fn roll(&self, p: f64, count: impl FnOnce(&mut FaultCounts) -> &mut u64) -> bool {
+        if p <= 0.0 || self.draw() >= p {
+            return false;
+        }
+        *count(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner())) += 1;
+        true
+    }
+}
+
 /// Deterministic fake backend. Cheap to clone the configuration into; counts loads and unloads.
 #[derive(Debug)]
 pub struct FakeBackend {
     default_load_time: Duration,
     token_delay: Duration,
     embedding_dim: usize,
+    natural_tokens: u32,
     kv_bytes_per_token: Option<u64>,
     models: Mutex<HashMap<String, FakeModelConfig>>,
     loads: AtomicU64,
     unloads: Arc<AtomicU64>,
+    faults: Option<Arc<Faults>>,
 }
 
 impl Default for FakeBackend {
@@ -55,11 +127,32 @@ impl FakeBackend {
             default_load_time: Duration::ZERO,
             token_delay: Duration::ZERO,
             embedding_dim: 384,
+            natural_tokens: 8,
             kv_bytes_per_token: None,
             models: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
             unloads: Arc::new(AtomicU64::new(0)),
+            faults: None,
         }
+    }
+
+    /// Builder: a generation stops on its own after `n` tokens (default 8) unless `max_tokens`
+    /// stops it first.
+    pub fn with_natural_tokens(mut self, n: u32) -> Self {
+        self.natural_tokens = n;
+        self
+    }
+
+    /// Builder: inject the faults of `plan`.
+    pub fn with_faults(mut self, plan: FaultPlan) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(plan.seed);
+        self.faults = Some(Arc::new(Faults { plan, rng: Mutex::new(rng), counts: Mutex::default() }));
+        self
+    }
+
+    /// The faults injected so far (all zero without a [`FaultPlan`]).
+    pub fn faults(&self) -> FaultCounts {
+        self.faults.as_ref().map(|f| *f.counts.lock().unwrap_or_else(|e| e.into_inner())).unwrap_or_default()
     }
 
     /// Builder: every load takes `d` unless the model's own config says otherwise.
@@ -129,6 +222,19 @@ impl Backend for FakeBackend {
         if fail {
             return Err(BackendError::Load(format!("injected failure loading '{}'", spec.id)));
         }
+        let mut measured = measured;
+        if let Some(f) = &self.faults {
+            if f.roll(f.plan.load_failure, |c| &mut c.load_failures) {
+                return Err(BackendError::Load(format!("injected random failure loading '{}'", spec.id)));
+            }
+            if f.roll(f.plan.load_panic, |c| &mut c.load_panics) {
+                panic!("injected panic loading '{}'", spec.id);
+            }
+            if f.roll(f.plan.skewed_size, |c| &mut c.skewed_sizes) {
+                let factor = 1.0 + f.plan.size_skew * (f.draw() * 2.0 - 1.0);
+                measured = ((measured as f64) * factor).round().max(1.0) as u64;
+            }
+        }
         Ok(Arc::new(FakeModel {
             id: spec.id.to_string(),
             model_type: spec.model_type,
@@ -138,6 +244,8 @@ impl Backend for FakeBackend {
             embedding_dim: self.embedding_dim,
             loaded: AtomicBool::new(true),
             unloads: self.unloads.clone(),
+            natural_tokens: self.natural_tokens,
+            faults: self.faults.clone(),
         }))
     }
 }
@@ -151,6 +259,8 @@ struct FakeModel {
     embedding_dim: usize,
     loaded: AtomicBool,
     unloads: Arc<AtomicU64>,
+    natural_tokens: u32,
+    faults: Option<Arc<Faults>>,
 }
 
 /// FNV-1a, so fake outputs are identical on every platform and version.
@@ -198,8 +308,9 @@ impl ModelHandle for FakeModel {
         let prompt_tokens = text.split_whitespace().count().max(1) as u32;
         let seed = fnv1a(self.id.as_bytes(), req.seed.unwrap_or(0));
         let mut h = fnv1a(text.as_bytes(), seed);
-        // The fake "model" emits words chosen by a hash chain; it stops on its own after 8 words.
-        let natural_len = 8u32;
+        // The fake "model" emits words chosen by a hash chain; it stops on its own after
+        // `natural_tokens` words (8 unless configured).
+        let natural_len = self.natural_tokens;
         let n = req.max_tokens.min(natural_len);
         let mut pieces = Vec::with_capacity(n as usize);
         for i in 0..n {
@@ -211,6 +322,10 @@ impl ModelHandle for FakeModel {
         let mut emitted = Vec::new();
         let mut stopped = false;
         for p in pieces {
+            if req.stop.is_empty() {
+                emitted.push(p);
+                continue;
+            }
             let candidate = format!("{out}{p}");
             if let Some(pos) = req.stop.iter().filter_map(|s| candidate.find(s.as_str())).min() {
                 let tail = &candidate[out.len()..pos.max(out.len())];
@@ -270,6 +385,15 @@ impl ModelHandle for FakeModel {
     }
 
     async fn unload(&self) -> Result<u64, BackendError> {
+        if let Some(f) = &self.faults {
+            if f.roll(f.plan.slow_unload, |c| &mut c.slow_unloads) {
+                tokio::time::sleep(f.plan.slow_unload_time).await;
+            }
+            if f.roll(f.plan.unload_panic, |c| &mut c.unload_panics) {
+                self.loaded.store(false, Ordering::SeqCst);
+                panic!("injected panic unloading '{}'", self.id);
+            }
+        }
         if self.loaded.swap(false, Ordering::SeqCst) {
             self.unloads.fetch_add(1, Ordering::SeqCst);
             Ok(self.bytes)

@@ -42,34 +42,43 @@ pub struct GgufTensorInfo {
 /// Reads the tensor table of a GGUF (v2/v3) file: the header only, not the data. Metadata
 /// values are skipped. Errors on a file that is not GGUF or is truncated.
 pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
-    use std::io::{BufReader, Read};
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    read_gguf_tensors(std::io::BufReader::new(file), path)
+}
+
+/// [`gguf_tensors`] over any reader (`path` names it in errors). Never panics and allocates
+/// at most a bounded amount whatever the bytes: counts, lengths and ranks are checked before
+/// use, sizes multiply with overflow checks (fuzzed in tests/it/fuzz.rs).
+pub fn read_gguf_tensors(
+    mut r: impl std::io::Read,
+    path: &Path,
+) -> Result<Vec<GgufTensorInfo>, CatalogError> {
+    use std::io::Read;
     let bad = |m: &str| CatalogError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string()),
     };
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut r = BufReader::new(file);
-    let read_u32 = |r: &mut BufReader<std::fs::File>| -> Result<u32, CatalogError> {
+    fn read_u32(r: &mut impl Read, path: &Path) -> Result<u32, CatalogError> {
         let mut b = [0u8; 4];
         r.read_exact(&mut b).map_err(io_err(path))?;
         Ok(u32::from_le_bytes(b))
-    };
-    let read_u64 = |r: &mut BufReader<std::fs::File>| -> Result<u64, CatalogError> {
+    }
+    fn read_u64(r: &mut impl Read, path: &Path) -> Result<u64, CatalogError> {
         let mut b = [0u8; 8];
         r.read_exact(&mut b).map_err(io_err(path))?;
         Ok(u64::from_le_bytes(b))
-    };
+    }
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic).map_err(io_err(path))?;
     if &magic != b"GGUF" {
         return Err(bad("not a GGUF file"));
     }
-    let version = read_u32(&mut r)?;
+    let version = read_u32(&mut r, path)?;
     if !(2..=3).contains(&version) {
         return Err(bad("unsupported GGUF version"));
     }
-    let n_tensors = read_u64(&mut r)?;
-    let n_kv = read_u64(&mut r)?;
+    let n_tensors = read_u64(&mut r, path)?;
+    let n_kv = read_u64(&mut r, path)?;
     if n_tensors > 1_000_000 || n_kv > 1_000_000 {
         return Err(bad("implausible GGUF header counts"));
     }
@@ -87,25 +96,27 @@ pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
         }
     }
     for _ in 0..n_kv {
-        let key_len = read_u64(&mut r)?;
+        let key_len = read_u64(&mut r, path)?;
         skip(&mut r, key_len, path)?;
-        let t = read_u32(&mut r)?;
+        let t = read_u32(&mut r, path)?;
         match t {
             8 => {
-                let n = read_u64(&mut r)?;
+                let n = read_u64(&mut r, path)?;
                 skip(&mut r, n, path)?;
             }
             9 => {
-                let et = read_u32(&mut r)?;
-                let count = read_u64(&mut r)?;
+                let et = read_u32(&mut r, path)?;
+                let count = read_u64(&mut r, path)?;
                 if et == 8 {
                     for _ in 0..count {
-                        let n = read_u64(&mut r)?;
+                        let n = read_u64(&mut r, path)?;
                         skip(&mut r, n, path)?;
                     }
                 } else {
                     let size = scalar_size(et).ok_or_else(|| bad("bad GGUF array type"))?;
-                    skip(&mut r, size * count, path)?;
+                    let bytes =
+                        size.checked_mul(count).ok_or_else(|| bad("implausible GGUF array length"))?;
+                    skip(&mut r, bytes, path)?;
                 }
             }
             _ => {
@@ -114,24 +125,25 @@ pub fn gguf_tensors(path: &Path) -> Result<Vec<GgufTensorInfo>, CatalogError> {
             }
         }
     }
-    let mut out = Vec::with_capacity(n_tensors as usize);
+    // Capacity grows with what is really read, not with the header's claim.
+    let mut out = Vec::with_capacity(n_tensors.min(4096) as usize);
     for _ in 0..n_tensors {
-        let name_len = read_u64(&mut r)?;
+        let name_len = read_u64(&mut r, path)?;
         if name_len > 4096 {
             return Err(bad("implausible GGUF tensor name"));
         }
         let mut name = vec![0u8; name_len as usize];
         r.read_exact(&mut name).map_err(io_err(path))?;
-        let n_dims = read_u32(&mut r)?;
+        let n_dims = read_u32(&mut r, path)?;
         if n_dims > 8 {
             return Err(bad("implausible GGUF tensor rank"));
         }
         let mut elements = 1u64;
         for _ in 0..n_dims {
-            elements = elements.saturating_mul(read_u64(&mut r)?);
+            elements = elements.saturating_mul(read_u64(&mut r, path)?);
         }
-        let ggml_type = read_u32(&mut r)?;
-        let _offset = read_u64(&mut r)?;
+        let ggml_type = read_u32(&mut r, path)?;
+        let _offset = read_u64(&mut r, path)?;
         out.push(GgufTensorInfo { name: String::from_utf8_lossy(&name).into_owned(), elements, ggml_type });
     }
     Ok(out)

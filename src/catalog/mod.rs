@@ -20,7 +20,7 @@ mod gguf;
 mod safetensors;
 
 use gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
-pub use gguf::{GgufTensorInfo, gguf_tensors};
+pub use gguf::{GgufTensorInfo, gguf_tensors, read_gguf_tensors};
 pub(crate) use gguf::{is_gguf, single_gguf};
 pub use safetensors::{
     MlxQuantization, QuantParams, SafetensorsTensor, mlx_dir_resident_bytes, read_config, safetensors_files,

@@ -197,7 +197,7 @@ pub(super) fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .map(AdminOp::Events);
     let limits = warp::path!("admin" / "limits")
         .and(warp::put().or(warp::post()).unify())
-        .and(body(limit))
+        .and(body(limit, state.limits.body_read_timeout))
         .map(AdminOp::Limits);
     let models = warp::path("admin")
         .and(warp::path("models"))

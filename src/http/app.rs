@@ -8,8 +8,10 @@ use futures::{Stream, StreamExt};
 use warp::Filter;
 use warp::http::StatusCode;
 
+use super::auth::Auth;
 use super::error::ApiError;
 use super::metrics::Metrics;
+use crate::config::ServerLimitsConfig;
 use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
 
@@ -30,6 +32,12 @@ pub struct AppState {
     pub max_body: u64,
     /// Unix seconds at start (the `created` of every model).
     pub started_unix: u64,
+    /// The API and admin keys ([`Auth::open`] by default: no keys, every route open).
+    pub auth: Arc<Auth>,
+    /// Timeouts, connection and in-flight caps, the default context length.
+    pub limits: ServerLimitsConfig,
+    /// Context lengths of the models that have their own (others: `limits.context_tokens`).
+    pub contexts: Arc<std::collections::BTreeMap<String, u32>>,
     /// A streaming request still waiting for its model after this long gets its response
     /// headers and then an SSE comment this often until it is admitted (see `http::stream`).
     pub stream_wait_notice: std::time::Duration,
@@ -48,7 +56,33 @@ impl AppState {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            auth: Arc::new(Auth::open()),
+            limits: ServerLimitsConfig::default(),
+            contexts: Arc::default(),
         }
+    }
+
+    /// Builder: require these keys (see [`super::auth`]).
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Arc::new(auth);
+        self
+    }
+
+    /// Builder: the connection and request limits.
+    pub fn with_limits(mut self, limits: ServerLimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Builder: per-model context lengths (model id, tokens).
+    pub fn with_contexts(mut self, contexts: impl IntoIterator<Item = (String, u32)>) -> Self {
+        self.contexts = Arc::new(contexts.into_iter().collect());
+        self
+    }
+
+    /// The context length of `model` in tokens: its own, else `limits.context_tokens`.
+    pub fn context_of(&self, model: &str) -> u32 {
+        self.contexts.get(model).copied().unwrap_or(self.limits.context_tokens)
     }
 
     /// Builder: send waiting streams their headers, then a comment, every `every`.
@@ -110,11 +144,15 @@ pub(super) fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), 
     warp::any().map(move || state.clone())
 }
 
-/// The request body, capped, as `Result<Bytes, ApiError>` (handlers turn the error into a reply).
+/// The request body, capped at `limit` bytes and `timeout` (a 408 after it), as
+/// `Result<Bytes, ApiError>` (handlers turn the error into a reply).
 pub(super) fn body(
     limit: u64,
+    timeout: std::time::Duration,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
-        .and(warp::body::stream())
-        .then(move |len, s| read_body(len, s, limit))
+    warp::header::optional::<u64>("content-length").and(warp::body::stream()).then(move |len, s| async move {
+        tokio::time::timeout(timeout, read_body(len, s, limit))
+            .await
+            .unwrap_or_else(|_| Err(ApiError::body_timeout(timeout.as_secs_f64())))
+    })
 }

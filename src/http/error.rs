@@ -65,6 +65,46 @@ impl ApiError {
         ApiError { status, message: message.into(), kind, param: None, code: Some(code), retry_after: None }
     }
 
+    /// 401 `invalid_api_key` for a request refused by the key check, with OpenAI's wording
+    /// (the presented key is never echoed).
+    pub fn unauthorized(why: super::auth::AuthFailure) -> Self {
+        use super::auth::AuthFailure;
+        let message = match why {
+            AuthFailure::Missing => {
+                "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            }
+            AuthFailure::Wrong => "Incorrect API key provided.",
+            AuthFailure::NoAdminKey => {
+                "The admin API is closed: this server has API keys but no admin key (start it with --admin-key)."
+            }
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message)
+    }
+
+    /// 503 `server_busy` with `Retry-After: 1`: the server already has `limit` requests (or
+    /// connections, `what`) in progress.
+    pub fn busy(what: &str, limit: usize) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "server_busy",
+                format!("the server is at its limit of {limit} {what}; retry shortly"),
+            )
+        }
+    }
+
+    /// 408 `request_timeout`: the request body did not arrive within `secs` seconds.
+    pub fn body_timeout(secs: f64) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!("the request body did not arrive within {secs}s"),
+        )
+    }
+
     /// Builder: set the code.
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
@@ -92,6 +132,13 @@ impl ApiError {
         h.insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             h.insert(warp::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(warp::http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The body is half read: the connection cannot carry another request.
+            h.insert(warp::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         res
     }

@@ -9,6 +9,10 @@
 //!   `GET /admin/models/{id}/dry-run`, `PUT|POST /admin/limits`.
 //! - `GET /health`, `GET /metrics` (Prometheus).
 //!
+//! Keys ([`auth`]): with keys configured, `/v1/*` needs an API key, `/admin/*` and `/metrics`
+//! an admin key, checked before routing (401 `invalid_api_key`); `/health` is open. Limits
+//! (timeouts, the connection cap) are the accept loop's, in `conn`.
+//!
 //! Model ids may contain `/` (`mlx-community/Llama-3.2-3B-Instruct-4bit`) and are
 //! percent-decoded in paths.
 //!
@@ -24,6 +28,8 @@
 pub mod admin;
 pub mod api;
 mod app;
+pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 mod openai;
@@ -42,6 +48,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 pub use app::{AppState, DEFAULT_STREAM_WAIT_NOTICE};
+pub use auth::Auth;
 pub use error::ApiError;
 pub use metrics::{Metrics, TimedBackend};
 pub use openai::chat::DEFAULT_CHAT_MAX_TOKENS;
@@ -54,21 +61,23 @@ use app::{body, with_state};
 /// Every route, with rejections turned into OpenAI-style JSON errors.
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let limit = state.max_body;
+    let body_timeout = state.limits.body_read_timeout;
+    let body = move || body(limit, body_timeout);
     let s = || with_state(state.clone());
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(s())
-        .and(body(limit))
+        .and(body())
         .then(openai::chat::chat);
     let completions = warp::path!("v1" / "completions")
         .and(warp::post())
         .and(s())
-        .and(body(limit))
+        .and(body())
         .then(openai::completions::completions);
     let embeddings = warp::path!("v1" / "embeddings")
         .and(warp::post())
         .and(s())
-        .and(body(limit))
+        .and(body())
         .then(openai::embeddings::embeddings);
     let models = warp::path!("v1" / "models").and(warp::get()).and(s()).then(openai::models::list_models);
     let model =
@@ -83,20 +92,46 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 
     let openai =
         chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();
-    openai
-        .or(admin::routes(state.clone()))
-        .unify()
-        .or(health)
-        .unify()
-        .or(metrics)
-        .unify()
-        .recover(recover)
-        .unify()
+    let all = openai.or(admin::routes(state.clone())).unify().or(health).unify().or(metrics).unify();
+    auth_guard(&state).and(all).recover(recover).unify().boxed()
+}
+
+/// A rejection from the key check: ends routing (no other route is tried).
+#[derive(Debug)]
+struct Unauthorized(auth::AuthFailure);
+
+impl warp::reject::Reject for Unauthorized {}
+
+/// The key check in front of every route: passes or rejects with [`Unauthorized`]. Without
+/// keys it reads nothing.
+fn auth_guard(state: &AppState) -> BoxedFilter<()> {
+    let auth = state.auth.clone();
+    if !auth.enabled() {
+        return warp::any().boxed();
+    }
+    let metrics = state.metrics.clone();
+    warp::path::full()
+        .and(warp::header::headers_cloned())
+        .and_then(move |path: warp::path::FullPath, headers: warp::http::HeaderMap| {
+            let result = auth.check(path.as_str(), headers.get(warp::http::header::AUTHORIZATION));
+            let metrics = metrics.clone();
+            async move {
+                result.map_err(|why| {
+                    metrics.record("auth", 401, Duration::ZERO);
+                    // The path and the reason only: a presented key is never logged.
+                    tracing::warn!(path = path.as_str(), reason = why.as_str(), "request refused: API key");
+                    warp::reject::custom(Unauthorized(why))
+                })
+            }
+        })
+        .untuple_one()
         .boxed()
 }
 
 async fn recover(r: warp::Rejection) -> Result<Response, Infallible> {
-    let e = if r.is_not_found() {
+    let e = if let Some(Unauthorized(why)) = r.find() {
+        ApiError::unauthorized(*why)
+    } else if r.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
     } else if r.find::<admin::MethodNotAllowed>().is_some()
         || r.find::<warp::reject::MethodNotAllowed>().is_some()
@@ -132,13 +167,11 @@ pub async fn serve(
     grace: Duration,
 ) -> u32 {
     let pool = state.pool.clone();
+    let (limits, metrics) = (state.limits, state.metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = warp::serve(routes(state))
-        .incoming(listener)
-        .graceful(async move {
-            let _ = stop_rx.await;
-        })
-        .run();
+    let server = conn::accept_loop(listener, routes(state), limits, metrics, async move {
+        let _ = stop_rx.await;
+    });
     let mut server = tokio::spawn(server);
     tokio::select! {
         _ = shutdown => {}

@@ -114,12 +114,24 @@ pub(crate) fn check_stop(stop: Option<StopSeq>) -> Result<Vec<String>, ApiError>
     Ok(stop)
 }
 
-/// A token limit named `param`: at least 1, `default` when not given.
-pub(crate) fn check_max_tokens(param: &str, v: Option<u32>, default: u32) -> Result<u32, ApiError> {
+/// A token limit named `param`: at least 1 and at most the model's `context` (a 400 naming
+/// both otherwise); `default` (capped at `context`) when not given.
+pub(crate) fn check_max_tokens(
+    param: &str,
+    v: Option<u32>,
+    default: u32,
+    context: u32,
+) -> Result<u32, ApiError> {
     match v {
         Some(0) => Err(ApiError::bad_request(param, format!("{param} must be at least 1"))),
+        Some(v) if v > context => Err(ApiError::bad_request(
+            param,
+            format!(
+                "{param} is {v}, more than the model's context of {context} tokens; ask for at most {context}"
+            ),
+        )),
         Some(v) => Ok(v),
-        None => Ok(default),
+        None => Ok(default.min(context)),
     }
 }
 

@@ -10,12 +10,16 @@ import threading
 import re
 import time
 import traceback
+import urllib.error
+import urllib.request
 
 import openai
 from openai import OpenAI
 
 BASE = os.environ["MODELPOOL_URL"].rstrip("/") + "/v1"
-client = OpenAI(base_url=BASE, api_key="unused", max_retries=0, timeout=30)
+API_KEY = os.environ["MODELPOOL_E2E_API_KEY"]
+ADMIN_KEY = os.environ["MODELPOOL_E2E_ADMIN_KEY"]
+client = OpenAI(base_url=BASE, api_key=API_KEY, max_retries=0, timeout=30)
 
 CHAT = "qwen2.5-0.5b-instruct"  # 0.31 GB
 BIG = "llama-3-8b-instruct"  # 5.0 GB
@@ -155,6 +159,35 @@ def test_concurrent_clients():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_api_keys():
+    # A wrong key: the client raises AuthenticationError with OpenAI's code.
+    bad = OpenAI(base_url=BASE, api_key="sk-wrong", max_retries=0, timeout=30)
+    try:
+        bad.models.list()
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401 and e.code == "invalid_api_key", (e.status_code, e.code)
+    # The admin API wants the admin key, not the API key; /health is open.
+    root = os.environ["MODELPOOL_URL"].rstrip("/")
+
+    def get(path, key=None):
+        req = urllib.request.Request(root + path)
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert get("/admin/pool", API_KEY) == 401
+    assert get("/admin/pool") == 401
+    assert get("/admin/pool", ADMIN_KEY) == 200
+    assert get("/metrics", API_KEY) == 401
+    assert get("/metrics", ADMIN_KEY) == 200
+    assert get("/health") == 200
 
 
 def main():

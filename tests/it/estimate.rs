@@ -117,9 +117,59 @@ fn learned_estimator_remembers_measurements_across_restarts() {
     }
     let l = Learned::with_file(NameEstimator, &file).unwrap();
     assert_eq!(l.estimate(&spec).bytes, 5_600_000_000);
-    std::fs::write(&file, "not json").unwrap();
-    let err = Learned::with_file(NameEstimator, &file).unwrap_err();
-    assert!(err.to_string().contains("not a JSON object"), "{err}");
+}
+
+#[test]
+fn a_corrupt_or_truncated_sizes_file_is_ignored_and_rewritten_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("sizes.json");
+    let (a, b) = (ModelSpec::new("llama-3-8b"), ModelSpec::new("mistral-7b"));
+    {
+        let l = Learned::with_file(NameEstimator, &file).unwrap();
+        l.observe(&a, 5_600_000_000);
+        l.observe(&b, 4_200_000_000);
+    }
+    let whole = std::fs::read(&file).unwrap();
+    // Every proper prefix (a crash mid-write without the rename) and other garbage is ignored:
+    // estimates fall back to the names, nothing fails.
+    let garbage: Vec<Vec<u8>> = (0..whole.len())
+        .map(|n| whole[..n].to_vec())
+        .chain([b"not json".to_vec(), b"{\"llama-3-8b\": -1}".to_vec(), b"[1,2]".to_vec(), vec![0xff; 16]])
+        .collect();
+    for g in garbage {
+        std::fs::write(&file, &g).unwrap();
+        let l = Learned::with_file(NameEstimator, &file)
+            .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&g)));
+        assert!(l.measurements().is_empty());
+        assert_eq!(l.estimate(&a).bytes, 5 * GB);
+        // The next measurement rewrites the file whole and valid.
+        l.observe(&b, 4_300_000_000);
+        let back: std::collections::BTreeMap<String, u64> =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(back, [("mistral-7b".to_string(), 4_300_000_000)].into());
+    }
+    // No temporary file is left beside it.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["sizes.json"]);
+    // A file that exists but cannot be read (a directory here) is still an error.
+    let err = Learned::with_file(NameEstimator, tmp.path()).unwrap_err();
+    assert!(err.to_string().contains("cannot read size file"), "{err}");
+}
+
+#[test]
+fn an_atomic_write_replaces_the_file_and_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.json");
+    modelpool::estimate::write_atomically(&file, b"one").unwrap();
+    modelpool::estimate::write_atomically(&file, b"two").unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"two");
+    // Into a directory that does not exist: an error, nothing created.
+    let missing = tmp.path().join("no/such/f.json");
+    assert!(modelpool::estimate::write_atomically(&missing, b"x").is_err());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
 
 #[test]

@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod crosscheck;
 mod determinism;
+mod fuzz;
 mod snapshots;

@@ -127,11 +127,15 @@ async fn chat_inner(
     let Generation { temperature, top_p, stream, include_usage } =
         check_generation(req.temperature, req.top_p, req.n, req.stream, &req.stream_options)?;
     timer.set_stream(stream);
+    let context = state.context_of(&req.model);
     let max_tokens = match req.max_completion_tokens {
-        Some(_) => {
-            check_max_tokens("max_completion_tokens", req.max_completion_tokens, DEFAULT_CHAT_MAX_TOKENS)?
-        }
-        None => check_max_tokens("max_tokens", req.max_tokens, DEFAULT_CHAT_MAX_TOKENS)?,
+        Some(_) => check_max_tokens(
+            "max_completion_tokens",
+            req.max_completion_tokens,
+            DEFAULT_CHAT_MAX_TOKENS,
+            context,
+        )?,
+        None => check_max_tokens("max_tokens", req.max_tokens, DEFAULT_CHAT_MAX_TOKENS, context)?,
     };
     let stop = check_stop(req.stop)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {

@@ -83,7 +83,12 @@ async fn completions_inner(
     let Generation { temperature, top_p, stream, include_usage } =
         check_generation(req.temperature, req.top_p, req.n, req.stream, &req.stream_options)?;
     timer.set_stream(stream);
-    let max_tokens = check_max_tokens("max_tokens", req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let max_tokens = check_max_tokens(
+        "max_tokens",
+        req.max_tokens,
+        DEFAULT_COMPLETION_MAX_TOKENS,
+        state.context_of(&req.model),
+    )?;
     let stop = check_stop(req.stop)?;
     if req.suffix.is_some() {
         return Err(ApiError::bad_request("suffix", "suffix is not supported"));

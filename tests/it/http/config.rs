@@ -14,7 +14,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
-fn args(a: &[&str]) -> ServeArgs {
+/// `serve` flags parsed as the binary parses them (shared with the auth tests).
+pub(super) fn args(a: &[&str]) -> ServeArgs {
     Cli::try_parse_from(std::iter::once("serve").chain(a.iter().copied()))
         .unwrap_or_else(|e| panic!("{e}"))
         .serve
@@ -46,6 +47,7 @@ fn flags_override_the_file_which_overrides_defaults() {
     let f = file(
         r#"
         listen = "0.0.0.0:9000"
+        insecure_no_auth = true
         memory_limit = "12GB"
         max_models = 2
         policy = "gdsf"
@@ -224,7 +226,7 @@ fn binary_refuses_bad_flags_env_and_files_before_binding() {
 #[test]
 fn file_values_are_typed_when_read_and_errors_name_field_and_line() {
     let f = file(
-        "listen = \"0.0.0.0:9001\"\nshutdown_grace = \"5s\"\nmax_body = \"1MiB\"\nidle_ttl = \"0s\"\n[fake]\nload_time = \"0s\"",
+        "listen = \"0.0.0.0:9001\"\ninsecure_no_auth = true\nshutdown_grace = \"5s\"\nmax_body = \"1MiB\"\nidle_ttl = \"0s\"\n[fake]\nload_time = \"0s\"",
     );
     let c = ServeConfig::merge(&args(&[]), f.clone(), "x.toml").unwrap();
     assert_eq!(c.listen.to_string(), "0.0.0.0:9001");

@@ -2,8 +2,10 @@
 //! checks, a concurrency test, config and binary tests, and tests over a real socket.
 
 mod admin;
+mod auth;
 mod concurrency;
 mod config;
+mod limits;
 mod openai_types;
 mod routes;
 mod socket;
@@ -93,6 +95,13 @@ impl Harness {
             .with_system_memory(Arc::new(FixedMemory(16 * GB)));
         let routes = modelpool::http::routes(state.clone());
         Harness { pool, fake, state, routes }
+    }
+
+    /// The same pool with its state changed by `f` (keys, limits), routes rebuilt.
+    pub fn with_state(mut self, f: impl FnOnce(AppState) -> AppState) -> Self {
+        self.state = f(self.state);
+        self.routes = modelpool::http::routes(self.state.clone());
+        self
     }
 
     pub async fn post(&self, path: &str, body: Value) -> warp::http::Response<Bytes> {
