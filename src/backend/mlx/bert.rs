@@ -165,15 +165,15 @@ impl Bert {
         v
     }
 
-    /// Embeds `texts`: unit-length vectors in input order, and the token count.
-    pub fn embed(&self, texts: &[String]) -> Res<(Vec<Vec<f32>>, u32)> {
+    /// Embeds `texts`: unit-length vectors in input order, and each text's token count.
+    pub fn embed(&self, texts: &[String]) -> Res<(Vec<Vec<f32>>, Vec<u32>)> {
         let encs = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(anyhow::Error::from_boxed)
             .context("tokenizing")?;
         let ids: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
-        let tokens = ids.iter().map(|i| i.len() as u32).sum();
+        let tokens = ids.iter().map(|i| i.len() as u32).collect();
         // Batch similar lengths together to waste little on padding.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());

@@ -180,8 +180,9 @@ impl MlxModel {
         self.generated.tokens.load(Ordering::Relaxed)
     }
 
-    /// The most generations this model has decoded in one step (continuous batching; 1 when
-    /// requests never overlapped, 0 before the first decode step).
+    /// The most requests this model has served in one step: generations decoded together
+    /// (continuous batching) or embedding requests gathered into one call (1 when requests never
+    /// overlapped, 0 before the first).
     pub fn peak_batch(&self) -> u64 {
         self.generated.peak_batch.load(Ordering::Relaxed)
     }

@@ -182,7 +182,7 @@ pub(super) fn run(
     }
     let unload = match &model {
         Loaded::Llama { model, tok } => super::batch::serve(model, tok, &mut rx, &generated, opts.max_batch),
-        Loaded::Bert(b) => serve_in_order(b, &mut rx),
+        Loaded::Bert(b) => serve_in_order(b, &mut rx, &generated),
     };
     if let Some(reply) = unload {
         let freed = model.array_bytes();
@@ -198,20 +198,43 @@ pub(super) fn run(
 
 /// Serve commands one at a time in arrival order (encoders: each embedding call is already one
 /// batch) until an unload arrives (returned) or every sender is gone (`None`).
-fn serve_in_order(b: &bert::Bert, rx: &mut mpsc::Receiver<Command>) -> Option<oneshot::Sender<u64>> {
+fn serve_in_order(
+    b: &bert::Bert,
+    rx: &mut mpsc::Receiver<Command>,
+    counters: &super::handle::Counters,
+) -> Option<oneshot::Sender<u64>> {
     let unsupported = |what: &str| unsupported(what, "an embeddings encoder");
-    while let Some(cmd) = rx.blocking_recv() {
+    // A command taken from the queue while gathering embeddings, served next.
+    let mut next: Option<Command> = None;
+    loop {
+        let cmd = match next.take() {
+            Some(c) => c,
+            None => rx.blocking_recv()?,
+        };
         match cmd {
             Command::Generate { started, .. } => {
                 let _ = started.send(Err(unsupported("generation")));
             }
             Command::Embed { inputs, reply } => {
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&inputs)))
-                    .unwrap_or_else(|_| Err(anyhow!("panic during embedding")));
-                let _ = reply.send(
-                    r.map(|(vectors, prompt_tokens)| Embeddings { vectors, prompt_tokens })
-                        .map_err(|e| BackendError::Inference(message(&e))),
-                );
+                // Embedding requests waiting behind this one join its forward passes (one padded
+                // batch per similar-length group), up to EMBED_BATCH_INPUTS inputs in all.
+                let mut group = vec![(inputs, reply)];
+                let mut total = group[0].0.len();
+                while total < EMBED_BATCH_INPUTS {
+                    match rx.try_recv() {
+                        Ok(Command::Embed { inputs, reply }) => {
+                            total += inputs.len();
+                            group.push((inputs, reply));
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                counters.peak_batch.fetch_max(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                embed_group(b, group);
             }
             Command::Probe { reply, .. } => {
                 let _ = reply.send(Err(unsupported("probing")));
@@ -219,7 +242,35 @@ fn serve_in_order(b: &bert::Bert, rx: &mut mpsc::Receiver<Command>) -> Option<on
             Command::Unload { reply } => return Some(reply),
         }
     }
-    None
+}
+
+/// Most inputs one gathered embedding group holds (several requests' inputs together).
+const EMBED_BATCH_INPUTS: usize = 256;
+
+type EmbedReply = oneshot::Sender<Result<Embeddings, BackendError>>;
+
+/// Embed several requests' inputs in one call and answer each with its own vectors and tokens.
+fn embed_group(b: &bert::Bert, group: Vec<(Vec<String>, EmbedReply)>) {
+    let all: Vec<String> = group.iter().flat_map(|(inputs, _)| inputs.iter().cloned()).collect();
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| b.embed(&all)))
+        .unwrap_or_else(|_| Err(anyhow!("panic during embedding")));
+    match r {
+        Ok((vectors, tokens)) => {
+            let (mut vectors, mut tokens) = (vectors.into_iter(), tokens.into_iter());
+            for (inputs, reply) in group {
+                let n = inputs.len();
+                let mine: Vec<Vec<f32>> = vectors.by_ref().take(n).collect();
+                let prompt_tokens = tokens.by_ref().take(n).sum();
+                let _ = reply.send(Ok(Embeddings { vectors: mine, prompt_tokens }));
+            }
+        }
+        Err(e) => {
+            let msg = message(&e);
+            for (_, reply) in group {
+                let _ = reply.send(Err(BackendError::Inference(msg.clone())));
+            }
+        }
+    }
 }
 
 pub(super) fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
