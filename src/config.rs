@@ -15,6 +15,7 @@
 //! queue_timeout = "60s"       # wait for memory held by in-flight requests; "0s": 503 at once
 //! stream_wait_notice = "5s"   # a waiting stream gets headers, then a comment this often
 //! max_queue = 1024            # requests waiting at once
+//! max_parallel = 8            # generations one MLX decoder runs together (continuous batching)
 //! shutdown_grace = "30s"
 //! max_body = "4MB"
 //! models_dir = "/models"      # every subdirectory with weights is a model
@@ -81,6 +82,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests waiting in the admission queue at once.
 pub const DEFAULT_MAX_QUEUE: usize = 1024;
+/// Generations one MLX decoder runs together when `--max-parallel` is not given: 8, where the
+/// batching benchmark's aggregate throughput was still rising (docs/mlx.md).
+pub const DEFAULT_MAX_PARALLEL: usize = 8;
 /// The request body cap when `--max-body` is not given: 4 MiB, room for long chat histories
 /// while a runaway client cannot make the server buffer much.
 pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
@@ -300,6 +304,10 @@ pub struct ServeArgs {
     /// [default: 1024].
     #[arg(long, env = "MODELPOOL_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
+    /// Generations one MLX decoder runs together (continuous batching, one decode step for all;
+    /// more wait in the model's bounded command queue; 1: one at a time) [default: 8].
+    #[arg(long, env = "MODELPOOL_MAX_PARALLEL", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_parallel: Option<u16>,
     /// A streaming request still waiting for its model (queued, or a load running) after this
     /// long gets its response headers at once and an SSE comment this often while it waits
     /// [default: 5s].
@@ -410,6 +418,8 @@ pub struct FileConfig {
     pub queue_timeout: Option<Duration>,
     /// See [`ServeArgs::max_queue`].
     pub max_queue: Option<usize>,
+    /// See [`ServeArgs::max_parallel`].
+    pub max_parallel: Option<u16>,
     /// See [`ServeArgs::stream_wait_notice`].
     #[serde(default, deserialize_with = "de::duration")]
     pub stream_wait_notice: Option<Duration>,
@@ -537,6 +547,8 @@ pub struct ServeConfig {
     /// Zero: no queue.
     pub queue_timeout: Duration,
     pub max_queue: usize,
+    /// At least 1 (MLX decoders).
+    pub max_parallel: usize,
     /// At least 10 ms.
     pub stream_wait_notice: Duration,
     /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
@@ -654,6 +666,11 @@ impl ServeConfig {
         let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         let queue_timeout = args.queue_timeout.or(file.queue_timeout).unwrap_or(DEFAULT_QUEUE_TIMEOUT);
         let max_queue = args.max_queue.or(file.max_queue).unwrap_or(DEFAULT_MAX_QUEUE);
+        let max_parallel = match args.max_parallel.or(file.max_parallel) {
+            Some(0) => return err("max_parallel must be at least 1"),
+            Some(n) => usize::from(n),
+            None => DEFAULT_MAX_PARALLEL,
+        };
         let stream_wait_notice = args
             .stream_wait_notice
             .or(file.stream_wait_notice)
@@ -802,6 +819,7 @@ impl ServeConfig {
             shutdown_grace,
             queue_timeout,
             max_queue,
+            max_parallel,
             stream_wait_notice,
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),

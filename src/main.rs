@@ -88,7 +88,13 @@ fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
             Ok(Arc::new(fake))
         }
         #[cfg(feature = "mlx")]
-        BackendKind::Mlx => Ok(Arc::new(modelpool::backend::mlx::MlxBackend::default())),
+        BackendKind::Mlx => {
+            let opts = modelpool::backend::mlx::MlxOptions {
+                max_batch: cfg.max_parallel,
+                ..modelpool::backend::mlx::MlxOptions::default()
+            };
+            Ok(Arc::new(modelpool::backend::mlx::MlxBackend::new(opts)))
+        }
         // ServeConfig already refuses mlx in a build without the feature.
         #[cfg(not(feature = "mlx"))]
         BackendKind::Mlx => anyhow::bail!(modelpool::config::MLX_MISSING),

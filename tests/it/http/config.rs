@@ -35,6 +35,7 @@ fn defaults_give_a_working_fake_server() {
     assert_eq!(c.backend, BackendKind::Fake);
     assert_eq!(c.idle_ttl, None);
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(c.max_parallel, 8, "generations one MLX decoder batches");
     // The built-in catalogue has every model type.
     for t in ModelType::ALL {
         assert!(c.models.iter().any(|m| m.model_type == t), "{t} in the default catalogue");
@@ -50,6 +51,7 @@ fn flags_override_the_file_which_overrides_defaults() {
         insecure_no_auth = true
         memory_limit = "12GB"
         max_models = 2
+        max_parallel = 3
         policy = "gdsf"
         idle_ttl = "10m"
         preload = ["a"]
@@ -69,6 +71,10 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert_eq!(c.memory_limit, MemoryLimit::Fraction(0.5), "flag wins");
     assert_eq!(c.policy, PolicyKind::Lfu, "flag wins");
     assert_eq!(c.max_models, 2, "file value");
+    assert_eq!(c.max_parallel, 3, "file value");
+    let c2 = ServeConfig::merge(&args(&["--max-parallel", "1"]), f.clone(), "x.toml").unwrap();
+    assert_eq!(c2.max_parallel, 1, "flag wins: one generation at a time");
+    assert!(Cli::try_parse_from(["serve", "--max-parallel", "0"]).is_err(), "at least 1");
     assert_eq!(c.idle_ttl, Some(Duration::from_secs(600)));
     assert_eq!(c.fake.token_delay, Duration::from_millis(5));
     assert_eq!(c.preload, vec!["a".to_string()]);
