@@ -246,3 +246,52 @@ async fn bad_directories_are_clear_load_errors_and_leave_the_ledger_unchanged() 
         "{err}"
     );
 }
+
+/// Issue 17: a catalogued mlx-community directory served end to end over the OpenAI API: the
+/// catalogue reads its KV rate (and context) from `config.json` before loading, the first chat
+/// request loads it (`x-modelpool-admission: load`) and answers what the backend's own greedy
+/// decode gives for the same messages, `/admin/pool` then shows its measured size and the
+/// model's own KV figure, and `/v1/models` lists it under its directory name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_model_is_served_over_the_openai_api() {
+    let id = "SmolLM2-135M-Instruct-8bit";
+    let specs = modelpool::catalog::scan_models_dir(&models_dir().join("mlx")).unwrap();
+    assert!(specs.iter().any(|s| &*s.id == id), "{id} in models/mlx (scripts/setup-mlx-models.sh)");
+    let pool = lru_pool();
+    for s in specs {
+        pool.register(s);
+    }
+    assert_eq!(pool.with_state(|st| st.kv_bytes_per_token(st.slot(id).unwrap())), 46_080, "from config.json");
+    let state = modelpool::http::AppState::new(pool.clone(), Arc::new(modelpool::http::Metrics::new()));
+    let routes = modelpool::http::routes(state);
+    let question = "What is the capital of France?";
+    let body = serde_json::json!({
+        "model": id,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 12,
+        "temperature": 0
+    });
+    let r =
+        warp::test::request().method("POST").path("/v1/chat/completions").json(&body).reply(&routes).await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+    assert_eq!(r.headers()["x-modelpool-admission"], "load");
+    let v: Value = serde_json::from_slice(r.body()).unwrap();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let lease = pool.acquire(id).await.unwrap();
+    let msgs = vec![ChatMessage { role: "user".into(), content: question.into() }];
+    let (want, _, _, _, completion) =
+        collect(lease.handle(), GenerateRequest::greedy(Prompt::Chat(msgs), 12)).await;
+    drop(lease);
+    assert_eq!(text, want, "the server answers what the backend decodes");
+    assert_eq!(v["usage"]["completion_tokens"], completion);
+    let pool_json: Value =
+        serde_json::from_slice(warp::test::request().path("/admin/pool").reply(&routes).await.body())
+            .unwrap();
+    let m = pool_json["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap();
+    assert_eq!(m["phase"], "resident");
+    assert_eq!(m["kv_bytes_per_token"], 46_080);
+    assert!(m["measured"].as_u64().unwrap() > 100_000_000, "{m}");
+    let models: Value =
+        serde_json::from_slice(warp::test::request().path("/v1/models").reply(&routes).await.body()).unwrap();
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == id));
+}
