@@ -300,9 +300,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 let since = *started.get_or_insert(now);
                 let kv = *kv.get_or_insert_with(|| core.state.kv_for_tokens(slot, tokens));
                 let admission = core.state.admit_request(slot, now, kv);
-                if core.state.has_unloads() {
-                    self.inner.start_unloads(&mut core);
-                }
+                self.inner.start_unloads(&mut core);
                 match admission {
                     Admission::Hit => {
                         let waited = Duration::from_nanos(now - since);

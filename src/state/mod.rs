@@ -494,22 +494,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             Err(r) => return self.queue_or_reject(slot, now, Intent::Request, r, kv),
         };
         // It fits once the victims' (and other draining models') memory is back: wait for it.
-        let outcome = if self.queue_on() {
-            self.queue_outcome(Intent::Request, self.kv_rejection(slot, kv, 0, now))
-        } else {
-            Admission::AwaitUnload
-        };
-        if let Admission::Reject(r) = outcome {
+        if !self.queue_on() {
+            self.evict_for_kv(slot, now, &victims);
+            return Admission::AwaitUnload;
+        }
+        let r = self.kv_rejection(slot, kv, 0, now);
+        if let Admission::Reject(r) = self.queue_outcome(Intent::Request, r) {
             // Queue full: evict nothing for a request that is refused.
             self.record_reject(slot, now, r);
-            return outcome;
+            return Admission::Reject(r);
         }
         self.evict_for_kv(slot, now, &victims);
-        if matches!(outcome, Admission::Queued(_)) {
-            let r = self.kv_rejection(slot, kv, 0, now);
-            return self.queue_or_reject(slot, now, Intent::Request, r, kv);
-        }
-        outcome
+        self.queue_or_reject(slot, now, Intent::Request, r, kv)
     }
 
     /// The refusal of a request whose KV cache is `short` bytes short beside its model.

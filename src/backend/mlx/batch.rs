@@ -161,7 +161,7 @@ fn sample(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
     logits: &Array,
-    generated: &Counters,
+    counters: &Counters,
 ) {
     let host = match logits.to_vec_exact::<f32>() {
         Ok(v) => v,
@@ -169,7 +169,7 @@ fn sample(
     };
     let id = seq.sampler.sample(&host);
     seq.usage.completion_tokens += 1;
-    generated.tokens.fetch_add(1, Ordering::Relaxed);
+    counters.tokens.fetch_add(1, Ordering::Relaxed);
     if tok.stop_ids.contains(&id) {
         return seq.finish(FinishReason::Stop);
     }
@@ -202,7 +202,7 @@ pub(super) fn serve(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
     rx: &mut mpsc::Receiver<Command>,
-    generated: &Counters,
+    counters: &Counters,
     max_batch: usize,
 ) -> Option<oneshot::Sender<u64>> {
     let max_batch = max_batch.max(1);
@@ -250,7 +250,7 @@ pub(super) fn serve(
             }
         }
         let progressed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(model, tok, &mut active, generated)
+            step(model, tok, &mut active, counters)
         }));
         match progressed {
             Ok(true) => {}
@@ -267,12 +267,7 @@ pub(super) fn serve(
 
 /// Steps 2-4 of the module docs. Returns whether anything was computed or delivered (when
 /// every sequence is paused on its reader, the caller sleeps a moment instead of spinning).
-fn step(
-    model: &llama::Llama,
-    tok: &text::TextTokenizer,
-    active: &mut Vec<Seq>,
-    generated: &Counters,
-) -> bool {
+fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, counters: &Counters) -> bool {
     let mut progressed = false;
     // Deliver, drop the gone, retire the finished.
     active.retain_mut(|s| {
@@ -295,7 +290,7 @@ fn step(
         }
         for &i in &ready {
             if let Some(l) = active[i].logits.take() {
-                sample(&mut active[i], model, tok, &l, generated);
+                sample(&mut active[i], model, tok, &l, counters);
                 progressed = true;
             }
         }
@@ -305,7 +300,7 @@ fn step(
     if !feeding.is_empty() {
         progressed = true;
         let ids: Vec<u32> = feeding.iter().filter_map(|&i| active[i].next.take()).collect();
-        generated.peak_batch.fetch_max(ids.len() as u64, Ordering::Relaxed);
+        counters.peak_batch.fetch_max(ids.len() as u64, Ordering::Relaxed);
         let result = if let [i] = feeding[..] {
             // One sequence: the single-sequence graph (no per-sequence slicing).
             model.forward(&ids, &mut active[i].cache).map(|l| vec![l])
@@ -355,16 +350,12 @@ fn decode_together(
     idx: &[usize],
     ids: &[u32],
 ) -> super::Res<Vec<Array>> {
-    let mut caches: Vec<&mut llama::KvCache> = Vec::with_capacity(idx.len());
-    let mut rest = active;
-    let mut base = 0;
-    for &i in idx {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-        let (this, tail) = tail.split_first_mut().expect("index in range");
-        caches.push(&mut this.cache);
-        rest = tail;
-        base = i + 1;
-    }
+    let mut caches: Vec<&mut llama::KvCache> = active
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| idx.binary_search(i).is_ok())
+        .map(|(_, s)| &mut s.cache)
+        .collect();
     let logits = model.forward_batch(ids, &mut caches)?;
     (0..idx.len() as i32)
         .map(|r| logits.try_index((r, ..)).map_err(|e| anyhow!(e).context("row of the batch's logits")))

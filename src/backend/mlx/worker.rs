@@ -153,7 +153,7 @@ pub(super) fn run(
     opts: MlxOptions,
     ready: oneshot::Sender<Result<(u64, u64), BackendError>>,
     mut rx: mpsc::Receiver<Command>,
-    generated: Arc<super::handle::Counters>,
+    counters: Arc<super::handle::Counters>,
 ) {
     let started = Instant::now();
     let before = active_memory();
@@ -181,8 +181,8 @@ pub(super) fn run(
         return; // the load was abandoned; dropping the model frees it
     }
     let unload = match &model {
-        Loaded::Llama { model, tok } => super::batch::serve(model, tok, &mut rx, &generated, opts.max_batch),
-        Loaded::Bert(b) => serve_in_order(b, &mut rx, &generated),
+        Loaded::Llama { model, tok } => super::batch::serve(model, tok, &mut rx, &counters, opts.max_batch),
+        Loaded::Bert(b) => serve_in_order(b, &mut rx, &counters),
     };
     if let Some(reply) = unload {
         let freed = model.array_bytes();
