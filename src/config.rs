@@ -37,9 +37,15 @@
 //! max_connections = 1024
 //! context_tokens = 32768      # max_tokens above a model's context is a 400
 //!
-//! [fake]                      # fake backend only
-//! load_time = "300ms"
-//! token_delay = "0ms"
+//! event_log = 1024            # decision-log events kept for /admin/events
+//!
+//! [fake]                      # fake backend only: the simulator's timing model
+//! load_time = "300ms"         # fixed part of a load
+//! load_bandwidth = "10GB"     # bytes per second after it, or "inf"
+//! prefill_time = "0ms"        # per prompt token
+//! token_delay = "0ms"         # per generated token
+//! unload_time = "0ms"
+//! natural_tokens = 8          # a generation stops by itself after this many tokens
 //!
 //! [[models]]
 //! id = "llama-3-8b-instruct"
@@ -58,6 +64,7 @@ use serde::Deserialize;
 
 use crate::limit::{ByteSize, MemoryLimit};
 use crate::policy::PolicyKind;
+use crate::timing::TimingModel;
 use crate::types::{GB, ModelSpec, ModelType};
 
 /// A configuration problem, with a message that names the flag, variable or file field.
@@ -106,6 +113,31 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_CONTEXT_TOKENS: u32 = 32768;
 /// `--fake-load-time` when neither the flag nor the file sets it.
 pub const DEFAULT_FAKE_LOAD_TIME: Duration = Duration::from_millis(300);
+/// `--fake-load-bandwidth` when neither the flag nor the file sets it and the load time is not
+/// zero (bytes per second: a load takes 1 s more per 10 GB). With a zero load time and no
+/// bandwidth set, loads are instant.
+pub const DEFAULT_FAKE_LOAD_BANDWIDTH: f64 = 10e9;
+/// `--event-log`: decision-log events the server keeps for `/admin/events`.
+pub const DEFAULT_EVENT_LOG: usize = 1024;
+
+/// A load bandwidth in bytes per second (`10GB`, `800MB`, `1.5GiB`), or `inf` (instant).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bandwidth(pub Option<f64>);
+
+impl std::str::FromStr for Bandwidth {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("inf") {
+            return Ok(Bandwidth(None));
+        }
+        match t.parse::<ByteSize>() {
+            Ok(ByteSize(0)) => Err(format!("bandwidth '{s}' must be greater than zero (or inf)")),
+            Ok(ByteSize(b)) => Ok(Bandwidth(Some(b as f64))),
+            Err(e) => Err(format!("bandwidth '{s}': {e} (bytes per second, or inf)")),
+        }
+    }
+}
 
 /// Whether this build has the MLX backend (the `mlx` cargo feature).
 pub const MLX_AVAILABLE: bool = cfg!(feature = "mlx");
@@ -379,6 +411,25 @@ pub struct ServeArgs {
     /// Fake backend: delay between generated tokens [default: 0ms].
     #[arg(long, env = "MODELPOOL_FAKE_TOKEN_DELAY", value_name = "DURATION", value_parser = parse_duration)]
     pub fake_token_delay: Option<Duration>,
+    /// Fake backend: bytes per second a load reads after its fixed time, or `inf`
+    /// [default: 10GB, or inf when --fake-load-time is 0].
+    #[arg(long, env = "MODELPOOL_FAKE_LOAD_BANDWIDTH", value_name = "BYTES")]
+    pub fake_load_bandwidth: Option<Bandwidth>,
+    /// Fake backend: service time per prompt token, before the first generated token (and per
+    /// input token of an embeddings call) [default: 0ms].
+    #[arg(long, env = "MODELPOOL_FAKE_PREFILL_TIME", value_name = "DURATION", value_parser = parse_duration)]
+    pub fake_prefill_time: Option<Duration>,
+    /// Fake backend: time an unload takes [default: 0ms].
+    #[arg(long, env = "MODELPOOL_FAKE_UNLOAD_TIME", value_name = "DURATION", value_parser = parse_duration)]
+    pub fake_unload_time: Option<Duration>,
+    /// Fake backend: a generation ends on its own after this many tokens unless `max_tokens`
+    /// ends it first [default: 8].
+    #[arg(long, env = "MODELPOOL_FAKE_NATURAL_TOKENS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub fake_natural_tokens: Option<u32>,
+    /// Decision-log events kept for `/admin/events` (a ring: older ones are dropped)
+    /// [default: 1024].
+    #[arg(long, env = "MODELPOOL_EVENT_LOG", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub event_log: Option<u32>,
 }
 
 /// The TOML file's shape, typed: every value is parsed (with its flag's parser) when the file
@@ -420,6 +471,8 @@ pub struct FileConfig {
     pub max_queue: Option<usize>,
     /// See [`ServeArgs::max_parallel`].
     pub max_parallel: Option<u16>,
+    /// See [`ServeArgs::event_log`].
+    pub event_log: Option<u32>,
     /// See [`ServeArgs::stream_wait_notice`].
     #[serde(default, deserialize_with = "de::duration")]
     pub stream_wait_notice: Option<Duration>,
@@ -470,6 +523,17 @@ pub struct FakeFileConfig {
     /// See [`ServeArgs::fake_token_delay`].
     #[serde(default, deserialize_with = "de::duration")]
     pub token_delay: Option<Duration>,
+    /// See [`ServeArgs::fake_load_bandwidth`].
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub load_bandwidth: Option<Bandwidth>,
+    /// See [`ServeArgs::fake_prefill_time`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub prefill_time: Option<Duration>,
+    /// See [`ServeArgs::fake_unload_time`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub unload_time: Option<Duration>,
+    /// See [`ServeArgs::fake_natural_tokens`].
+    pub natural_tokens: Option<u32>,
 }
 
 /// One `[[models]]` entry.
@@ -513,13 +577,14 @@ impl FileConfig {
     }
 }
 
-/// Fake backend knobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Fake backend knobs: its [`TimingModel`] (the simulator's, so a fake server and a simulation
+/// with the same settings are meant to agree) and when generations end.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FakeSettings {
-    /// How long each load takes before the model is resident.
-    pub load_time: Duration,
-    /// The pause before each generated token (zero: as fast as possible).
-    pub token_delay: Duration,
+    /// Load, service and unload times.
+    pub timing: TimingModel,
+    /// Tokens after which a generation stops on its own, at least 1.
+    pub natural_tokens: u32,
 }
 
 /// A validated server configuration: every value parsed and in range, the catalogue non-empty
@@ -549,6 +614,8 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// At least 1 (MLX decoders).
     pub max_parallel: usize,
+    /// Events kept by the decision log, at least 1.
+    pub event_log: usize,
     /// At least 10 ms.
     pub stream_wait_notice: Duration,
     /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
@@ -671,6 +738,11 @@ impl ServeConfig {
             Some(n) => usize::from(n),
             None => DEFAULT_MAX_PARALLEL,
         };
+        let event_log = match args.event_log.or(file.event_log) {
+            Some(0) => return err("event_log must be at least 1"),
+            Some(n) => n as usize,
+            None => DEFAULT_EVENT_LOG,
+        };
         let stream_wait_notice = args
             .stream_wait_notice
             .or(file.stream_wait_notice)
@@ -728,9 +800,37 @@ impl ServeConfig {
             return err(insecure_listen_message(listen));
         }
 
+        let load_time = args.fake_load_time.or(file.fake.load_time).unwrap_or(DEFAULT_FAKE_LOAD_TIME);
+        let load_bandwidth = match args.fake_load_bandwidth.or(file.fake.load_bandwidth) {
+            Some(Bandwidth(b)) => b,
+            None if load_time.is_zero() => None,
+            None => Some(DEFAULT_FAKE_LOAD_BANDWIDTH),
+        };
+        let natural_tokens = args.fake_natural_tokens.or(file.fake.natural_tokens).unwrap_or(8);
+        if natural_tokens == 0 {
+            return err("[fake] natural_tokens must be at least 1");
+        }
         let fake = FakeSettings {
-            load_time: args.fake_load_time.or(file.fake.load_time).unwrap_or(DEFAULT_FAKE_LOAD_TIME),
-            token_delay: args.fake_token_delay.or(file.fake.token_delay).unwrap_or(Duration::ZERO),
+            timing: TimingModel {
+                load_latency_secs: load_time.as_secs_f64(),
+                load_bandwidth,
+                unload_secs: args
+                    .fake_unload_time
+                    .or(file.fake.unload_time)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+                prefill_secs_per_token: args
+                    .fake_prefill_time
+                    .or(file.fake.prefill_time)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+                decode_secs_per_token: args
+                    .fake_token_delay
+                    .or(file.fake.token_delay)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            },
+            natural_tokens,
         };
 
         // Catalogue: [[models]] first, then the directory scan for ids not already listed.
@@ -820,6 +920,7 @@ impl ServeConfig {
             queue_timeout,
             max_queue,
             max_parallel,
+            event_log,
             stream_wait_notice,
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),

@@ -21,6 +21,7 @@ pub mod names;
 pub mod policy;
 pub mod pool;
 pub mod state;
+pub mod timing;
 pub mod types;
 
 pub use error::PoolError;
@@ -33,4 +34,5 @@ pub use state::{
     Admission, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
     Stats, Ticket, Wake,
 };
+pub use timing::TimingModel;
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

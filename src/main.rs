@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use modelpool::backend::Backend;
-use modelpool::backend::fake::{FakeBackend, FakeModelConfig};
+use modelpool::backend::fake::FakeBackend;
 use modelpool::config::{BackendKind, ServeArgs, ServeConfig};
 use modelpool::http::{AppState, Auth, Metrics, TimedBackend};
 use modelpool::{FileEstimator, Learned, ModelPool, PoolConfig, SizeEstimator, SysinfoMemory, SystemMemory};
@@ -74,19 +74,9 @@ fn init_tracing(filter: &str) {
 
 fn build_backend(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Backend>> {
     match cfg.backend {
-        BackendKind::Fake => {
-            let fake =
-                FakeBackend::new().with_load_time(cfg.fake.load_time).with_token_delay(cfg.fake.token_delay);
-            for m in &cfg.models {
-                // Scale the fake load time with size, as a real load would: base + 1 s per 10 GB.
-                let bytes = m.size_hint.unwrap_or_else(|| modelpool::NameEstimator.estimate(m).bytes);
-                let extra = Duration::from_secs_f64(bytes as f64 / 10e9);
-                let load_time =
-                    if cfg.fake.load_time.is_zero() { Duration::ZERO } else { cfg.fake.load_time + extra };
-                fake.configure(&m.id, FakeModelConfig { load_time: Some(load_time), ..Default::default() });
-            }
-            Ok(Arc::new(fake))
-        }
+        BackendKind::Fake => Ok(Arc::new(
+            FakeBackend::new().with_timing(cfg.fake.timing).with_natural_tokens(cfg.fake.natural_tokens),
+        )),
         #[cfg(feature = "mlx")]
         BackendKind::Mlx => {
             let opts = modelpool::backend::mlx::MlxOptions {
@@ -111,6 +101,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     pc.idle_ttl = cfg.idle_ttl.map(|d| d.as_nanos() as u64);
     pc.queue_timeout = cfg.queue_timeout.as_nanos() as u64;
     pc.max_queue = cfg.max_queue;
+    pc.log = modelpool::LogMode::Ring(cfg.event_log);
+    if cfg.backend == BackendKind::Fake {
+        // The fake backend's own timings are the pool's prior for load costs and retry hints, as
+        // a simulation with the same timing model assumes.
+        pc.load_latency_secs = cfg.fake.timing.load_latency_secs;
+        pc.load_bandwidth = cfg.fake.timing.load_bandwidth.unwrap_or(f64::INFINITY);
+    }
     // The MLX backend holds GGUF weights dequantized (about 5.5x the file on CPU): size its
     // models from their tensor tables, not from file sizes.
     let files: Box<dyn SizeEstimator> = match cfg.backend {

@@ -1,8 +1,8 @@
 //! What a replay is configured with: the policy choice (the engine's online policies and the
 //! offline baselines) and [`SimConfig`], its timing model and limits.
 
-use modelpool::PolicyKind;
 use modelpool::log::LogMode;
+use modelpool::{PolicyKind, TimingModel};
 
 /// Which eviction policy a replay uses: the engine's online ones or the simulator's offline
 /// baselines.
@@ -220,10 +220,32 @@ impl SimConfig {
         Ok(())
     }
 
-    /// Modelled seconds to load `bytes`.
+    /// The engine's [`TimingModel`] of these settings: the one definition of load, service and
+    /// unload times that the fake backend follows too.
+    pub fn timing(&self) -> TimingModel {
+        TimingModel {
+            load_latency_secs: self.load_latency_secs,
+            load_bandwidth: (!self.load_bandwidth.is_infinite()).then_some(self.load_bandwidth),
+            unload_secs: self.unload_secs,
+            prefill_secs_per_token: self.prefill_secs_per_token,
+            decode_secs_per_token: self.decode_secs_per_token,
+        }
+    }
+
+    /// These settings with the timings of `t` (a server's, read from its admin API).
+    pub fn with_timing(self, t: &TimingModel) -> Self {
+        SimConfig {
+            load_latency_secs: t.load_latency_secs,
+            load_bandwidth: t.load_bandwidth.unwrap_or(f64::INFINITY),
+            unload_secs: t.unload_secs,
+            prefill_secs_per_token: t.prefill_secs_per_token,
+            decode_secs_per_token: t.decode_secs_per_token,
+            ..self
+        }
+    }
+
+    /// Modelled seconds to load `bytes` ([`TimingModel::load_secs`]).
     pub fn load_secs(&self, bytes: u64) -> f64 {
-        let transfer =
-            if self.load_bandwidth.is_infinite() { 0.0 } else { bytes as f64 / self.load_bandwidth };
-        self.load_latency_secs + transfer
+        self.timing().load_secs(bytes)
     }
 }

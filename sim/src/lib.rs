@@ -9,18 +9,23 @@
 //! - [`oracle`]: offline baselines (Belady, size-and-cost-aware Belady).
 //! - [`report`]: the report (text and JSON).
 //! - [`sweep`]: memory limits x policies, CSV and SVG output, recommendation.
+//! - [`drive`]: replay a trace against a running server over HTTP and compare with the
+//!   simulator's prediction.
+//! - [`space`]: keep a trace's events apart in time, so a server decides what was predicted.
 #![warn(missing_docs)]
 
 mod chart;
 pub mod config;
+pub mod drive;
 pub mod generate;
 pub mod oracle;
 pub mod replay;
 pub mod report;
+pub mod space;
 pub mod sweep;
 pub mod trace;
 
 pub use config::{PolicyChoice, SimConfig};
-pub use replay::{Outcome, run};
+pub use replay::{Mark, Outcome, Recording, RequestOutcome, run, run_recorded};
 pub use report::Report;
 pub use trace::{Trace, TraceError};

@@ -37,6 +37,16 @@ enum Cmd {
     QueueSweep(QueueSweepArgs),
     /// Generate a seeded synthetic trace (CSV).
     Gen(GenArgs),
+    /// Send a trace to a running server over its HTTP API (OpenAI routes for requests, the
+    /// admin API for admin operations) at the trace's times; with --compare, also replay it in
+    /// the simulator with the server's own configuration and print predicted against observed.
+    Drive(DriveArgs),
+    /// Write the `modelpool serve --config` file of a fake server holding a trace's models
+    /// under these settings (what `drive --compare` is meant to predict exactly).
+    ServerConfig(ServerConfigArgs),
+    /// Move a trace's arrivals apart until no two events of different causes are closer than
+    /// a margin, so a real server (with its jitter) decides exactly what the simulator predicts.
+    Space(SpaceArgs),
     /// Parse a trace, print its shape and the parse throughput.
     Check {
         /// Trace file (CSV or JSONL).
@@ -178,6 +188,89 @@ struct SweepArgs {
 }
 
 #[derive(Args)]
+struct DriveArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    /// The server's base URL.
+    #[arg(long, env = "MODELPOOL_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Trace seconds per real second (2: twice as fast; decisions then need twice the margin).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Requests open at once; later arrivals wait (and are reported late).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// API key for /v1/* (Authorization: Bearer).
+    #[arg(long, env = "MODELPOOL_API_KEY")]
+    api_key: Option<String>,
+    /// Admin key for /admin/*.
+    #[arg(long, env = "MODELPOOL_ADMIN_KEY")]
+    admin_key: Option<String>,
+    /// Stream chat completions (time to first byte = the first SSE chunk).
+    #[arg(long)]
+    stream: bool,
+    /// Abandon a request after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Also replay the trace in the simulator with the server's configuration (from
+    /// /admin/pool) and print predicted against observed.
+    #[arg(long)]
+    compare: bool,
+    /// With --compare: exit with status 1 unless the decision logs are equal and every request's
+    /// outcome agrees.
+    #[arg(long)]
+    expect_exact: bool,
+    /// With --compare, for a real backend: service seconds per generated token the simulation
+    /// assumes (the fake backend reports its own).
+    #[arg(long, default_value_t = 0.02)]
+    decode_secs: f64,
+    /// With --compare, for a real backend: service seconds per prompt token.
+    #[arg(long, default_value_t = 0.0002)]
+    prefill_secs: f64,
+    /// Write one JSON line per operation (status, outcome, code, Retry-After, waits, times).
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ServerConfigArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    #[command(flatten)]
+    one: OneRunArgs,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Decision-log events the server keeps (enough for the whole run, for --compare).
+    #[arg(long, default_value_t = 100_000)]
+    event_log: usize,
+    /// Output file (default: standard output).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SpaceArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    /// Smallest time between two events of different causes, seconds of trace time.
+    #[arg(long, default_value_t = 0.05)]
+    margin: f64,
+    /// Give up after this many moves.
+    #[arg(long, default_value_t = 100_000)]
+    max_moves: usize,
+    #[command(flatten)]
+    one: OneRunArgs,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Output file (default: standard output).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct GenArgs {
     /// Seed of the ChaCha8 stream.
     #[arg(long, default_value_t = 1)]
@@ -281,6 +374,9 @@ fn real_main() -> Result<()> {
         Cmd::Sweep(a) => sweep_cmd(a),
         Cmd::QueueSweep(a) => queue_sweep_cmd(a),
         Cmd::Gen(a) => gen_cmd(a),
+        Cmd::Drive(a) => drive_cmd(a),
+        Cmd::ServerConfig(a) => server_config_cmd(a),
+        Cmd::Space(a) => space_cmd(a),
         Cmd::Check { trace } => {
             let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
             let (t, secs) = load_trace(&trace)?;
@@ -302,6 +398,146 @@ fn real_main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn drive_cmd(a: DriveArgs) -> Result<()> {
+    use modelpool_sim::drive::{self, DriveOptions};
+    let (trace, _) = load_trace(&a.trace)?;
+    let opts = DriveOptions {
+        url: a.url.clone(),
+        speed: a.speed,
+        max_in_flight: a.max_in_flight,
+        api_key: a.api_key.clone(),
+        admin_key: a.admin_key.clone(),
+        stream: a.stream,
+        request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let pool = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let mut r = c.get(format!("{}/admin/pool", a.url.trim_end_matches('/')));
+        if let Some(k) = &a.admin_key {
+            r = r.bearer_auth(k);
+        }
+        let resp =
+            r.send().await.with_context(|| format!("cannot reach {} (is the server running?)", a.url))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.context("/admin/pool: not JSON")?;
+        if !status.is_success() {
+            bail!("/admin/pool: {status}: {v}");
+        }
+        Ok::<_, anyhow::Error>(v)
+    })?;
+    let problems = drive::preconditions(&trace, &pool);
+    if a.compare {
+        for p in &problems {
+            eprintln!("modelpool-sim drive: warning: {p}");
+        }
+    }
+    let obs = rt.block_on(drive::drive(&trace, &opts))?;
+    if let Some(path) = &a.records {
+        let mut w =
+            BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+        for r in &obs.records {
+            serde_json::to_writer(&mut w, r)?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+    }
+    if !a.compare {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&obs.records)?);
+        } else {
+            print!("{}", drive::render_observed(&trace, &obs));
+        }
+        return Ok(());
+    }
+    let base = SimConfig {
+        decode_secs_per_token: a.decode_secs,
+        prefill_secs_per_token: a.prefill_secs,
+        ..SimConfig::default()
+    };
+    let cfg = drive::sim_config_for(&obs.before, &base)?;
+    let cmp = drive::compare(&trace, a.speed, &cfg, &obs)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&cmp)?);
+    } else {
+        let late = obs.records.iter().map(|r| r.late_secs).fold(0.0, f64::max);
+        println!(
+            "modelpool-sim drive {} --speed {} against {} ({} backend): {} operations in {:.1} s, latest send {:.1} ms late",
+            a.trace.display(),
+            a.speed,
+            a.url,
+            obs.before["backend"].as_str().unwrap_or("?"),
+            obs.records.len(),
+            obs.wall_secs,
+            late * 1e3
+        );
+        if let Ok(Some(g)) = modelpool_sim::space::decision_gap(&drive::at_speed(&trace, a.speed), &cfg) {
+            println!(
+                "closest events of different causes in the prediction at this speed: {:.1} ms (the margin for the server's jitter)",
+                g.gap as f64 / 1e6,
+            );
+        }
+        println!();
+        print!("{}", drive::render_comparison(&cmp));
+    }
+    if a.expect_exact && !(cmp.decisions_equal && cmp.agree == cmp.compared && problems.is_empty()) {
+        bail!(
+            "the server did not decide exactly as predicted ({} of {} outcomes agree, decision logs {})",
+            cmp.agree,
+            cmp.compared,
+            if cmp.decisions_equal { "equal" } else { "differ" }
+        );
+    }
+    Ok(())
+}
+
+fn server_config_cmd(a: ServerConfigArgs) -> Result<()> {
+    let limit = parse_bytes(&a.one.memory_limit, "--memory-limit")?;
+    let cfg = sim_config(&a.sim, limit, a.one.policy, LogMode::Off)?;
+    if cfg.policy.is_offline() {
+        bail!("--policy {}: a server runs online policies only (lru, gdsf, lfu)", cfg.policy);
+    }
+    let (trace, _) = load_trace(&a.trace)?;
+    let text = modelpool_sim::drive::server_config(&trace, &cfg, a.event_log);
+    match &a.output {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+fn space_cmd(a: SpaceArgs) -> Result<()> {
+    let limit = parse_bytes(&a.one.memory_limit, "--memory-limit")?;
+    let cfg = sim_config(&a.sim, limit, a.one.policy, LogMode::Off)?;
+    let (trace, _) = load_trace(&a.trace)?;
+    if !(a.margin.is_finite() && a.margin > 0.0) {
+        bail!("--margin must be > 0 seconds");
+    }
+    let margin = (a.margin * 1e9).round() as u64;
+    let spaced =
+        modelpool_sim::space::space(&trace, &cfg, margin, a.max_moves).map_err(anyhow::Error::msg)?;
+    let gap = spaced.gap.map(|g| g.gap as f64 / 1e6).unwrap_or(f64::INFINITY);
+    let comments = vec![
+        format!(
+            "spaced by: modelpool-sim space {} --margin {} ({} moves; closest events of different causes {:.1} ms apart)",
+            a.trace.display(),
+            a.margin,
+            spaced.moves,
+            gap
+        ),
+        "format: docs/sim.md (time in seconds; size_bytes on a model's first line)".to_string(),
+    ];
+    match &a.output {
+        Some(p) => {
+            let f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            spaced.trace.write_csv(BufWriter::new(f), &comments)?;
+        }
+        None => spaced.trace.write_csv(std::io::stdout().lock(), &comments)?,
+    }
+    eprintln!("modelpool-sim space: {} moves, closest events {:.1} ms apart", spaced.moves, gap);
+    Ok(())
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {

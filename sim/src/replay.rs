@@ -49,6 +49,12 @@ pub struct Outcome {
 
 /// Replay `trace` under `cfg`. Deterministic: the same inputs give the same outcome.
 pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
+    check(trace, cfg)?;
+    Ok(dispatch(trace, cfg, false).0)
+}
+
+/// The checks [`run`] makes before replaying.
+fn check(trace: &Trace, cfg: &SimConfig) -> Result<(), String> {
     cfg.validate()?;
     if u32::try_from(trace.ops.len()).is_err() {
         return Err(format!("a trace holds at most {} operations", u32::MAX));
@@ -68,13 +74,94 @@ pub fn run(trace: &Trace, cfg: &SimConfig) -> Result<Outcome, String> {
     if trace.ops.windows(2).any(|w| w[1].at < w[0].at) {
         return Err("trace operations must be sorted by time".into());
     }
-    Ok(match cfg.policy {
-        PolicyChoice::Online(PolicyKind::Lru) => Runner::new(trace, cfg, Lru::new()).run(),
-        PolicyChoice::Online(PolicyKind::Gdsf) => Runner::new(trace, cfg, Gdsf::new()).run(),
-        PolicyChoice::Online(PolicyKind::Lfu) => Runner::new(trace, cfg, Lfu::new()).run(),
-        PolicyChoice::Belady => Runner::new(trace, cfg, Belady::new()).run(),
-        PolicyChoice::BeladyCost => Runner::new(trace, cfg, BeladyCost::new()).run(),
-    })
+    Ok(())
+}
+
+/// [`run`], also recording every request's outcome and the times of the replay's events
+/// ([`Recording`]): what `modelpool-sim drive` compares with a server, and what `space` uses to
+/// keep a trace's decisions apart in time.
+pub fn run_recorded(trace: &Trace, cfg: &SimConfig) -> Result<(Outcome, Recording), String> {
+    check(trace, cfg)?;
+    let (o, r) = dispatch(trace, cfg, true);
+    Ok((o, r.expect("recording requested")))
+}
+
+fn dispatch(trace: &Trace, cfg: &SimConfig, record: bool) -> (Outcome, Option<Recording>) {
+    match cfg.policy {
+        PolicyChoice::Online(PolicyKind::Lru) => Runner::new(trace, cfg, Lru::new(), record).run(),
+        PolicyChoice::Online(PolicyKind::Gdsf) => Runner::new(trace, cfg, Gdsf::new(), record).run(),
+        PolicyChoice::Online(PolicyKind::Lfu) => Runner::new(trace, cfg, Lfu::new(), record).run(),
+        PolicyChoice::Belady => Runner::new(trace, cfg, Belady::new(), record).run(),
+        PolicyChoice::BeladyCost => Runner::new(trace, cfg, BeladyCost::new(), record).run(),
+    }
+}
+
+/// How one trace operation ended, in the terms of the server's replies: the
+/// `x-modelpool-admission` header of a served request (`hit`, `join`, `load`, `queued`: it
+/// waited in the admission queue first), the error code of a refused one, `failed` when its
+/// model's load failed; `admin` for admin operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestOutcome {
+    /// Not decided when the replay ended (cannot happen once the replay has drained).
+    Pending,
+    /// The model was resident.
+    Hit,
+    /// Joined a load in progress.
+    Join,
+    /// Started the load itself.
+    Load,
+    /// Waited in the admission queue, then was served.
+    Queued,
+    /// Refused with this code (after every retry).
+    Rejected(RejectCode),
+    /// Its model's load failed.
+    Failed,
+    /// An admin operation, not a request.
+    Admin,
+}
+
+impl RequestOutcome {
+    /// The name reports use: the header value, the error code, `failed`, `admin`, `pending`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Pending => "pending",
+            RequestOutcome::Hit => "hit",
+            RequestOutcome::Join => "join",
+            RequestOutcome::Load => "load",
+            RequestOutcome::Queued => "queued",
+            RequestOutcome::Rejected(c) => c.as_str(),
+            RequestOutcome::Failed => "failed",
+            RequestOutcome::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for RequestOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event of a recorded replay: a trace operation's arrival, or an internal event (a load
+/// finishing, a lease ending, an unload finishing, a queue deadline) with the trace operation
+/// whose processing scheduled it (its cause: delaying that operation delays the event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// When it happened.
+    pub at: Nanos,
+    /// The trace operation it is (an arrival) or that scheduled it.
+    pub cause: u32,
+    /// Whether it is the arrival of operation `cause`.
+    pub arrival: bool,
+}
+
+/// What [`run_recorded`] records besides the report.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    /// Per trace operation, in trace order.
+    pub outcomes: Vec<RequestOutcome>,
+    /// Every arrival and internal event, in the order the replay handled them.
+    pub marks: Vec<Mark>,
 }
 
 /// A request waiting for a load.
@@ -90,6 +177,8 @@ struct Parked {
 
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
+    /// Index of its trace operation.
+    op: u32,
     /// Arrival of its first attempt (latency is measured from there).
     first: Nanos,
     service: Nanos,
@@ -133,6 +222,8 @@ struct QueuedReq {
 struct Timed {
     at: Nanos,
     seq: u64,
+    /// The trace operation whose processing scheduled it (for [`Mark::cause`]).
+    cause: u32,
     ev: Ev,
 }
 
@@ -191,6 +282,10 @@ struct Runner<'t, P: SimPolicy> {
     next_op: usize,
     /// Period of the keep-alive check, if a TTL is set.
     expire_every: Option<Nanos>,
+    /// The trace operation being processed, or the cause of the internal event being processed.
+    cur: u32,
+    /// Outcomes and marks, when recording.
+    rec: Option<Recording>,
 }
 
 fn secs_to_ns(s: f64) -> u64 {
@@ -198,7 +293,7 @@ fn secs_to_ns(s: f64) -> u64 {
 }
 
 impl<'t, P: SimPolicy> Runner<'t, P> {
-    fn new(trace: &'t Trace, cfg: &'t SimConfig, policy: P) -> Self {
+    fn new(trace: &'t Trace, cfg: &'t SimConfig, policy: P, record: bool) -> Self {
         let pcfg = PoolConfig {
             limit: cfg.limit,
             max_models: cfg.max_models,
@@ -223,7 +318,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 .unwrap_or_else(|| ((core.need(slot) as f64 * cfg.measured_factor).round() as u64).max(1));
             true_size.push(size);
         }
-        let load_ns = true_size.iter().map(|&b| secs_to_ns(cfg.load_secs(b))).collect();
+        let timing = cfg.timing();
+        let load_ns = true_size.iter().map(|&b| timing.load_nanos(b)).collect();
         let n = trace.models.len();
         Runner {
             trace,
@@ -241,9 +337,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 .expect("valid histogram bounds"),
             true_size,
             load_ns,
-            unload_ns: secs_to_ns(cfg.unload_secs),
-            prefill_ns: secs_to_ns(cfg.prefill_secs_per_token),
-            decode_ns: secs_to_ns(cfg.decode_secs_per_token),
+            unload_ns: timing.unload_nanos(),
+            prefill_ns: timing.prefill_nanos(),
+            decode_ns: timing.decode_nanos(),
             per_model: vec![ModelCounters::default(); n],
             totals: Totals::default(),
             // Microseconds, up to 30 days, 3 significant digits.
@@ -257,13 +353,36 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             next_op: 0,
             // The server's period: a quarter of the TTL, between 1 and 60 seconds.
             expire_every: cfg.idle_ttl_secs.map(|t| secs_to_ns(t / 4.0).clamp(NS, 60 * NS)),
+            cur: 0,
+            rec: record.then(|| Recording {
+                outcomes: trace
+                    .ops
+                    .iter()
+                    .map(|o| {
+                        if o.kind == OpKind::Request {
+                            RequestOutcome::Pending
+                        } else {
+                            RequestOutcome::Admin
+                        }
+                    })
+                    .collect(),
+                marks: Vec::new(),
+            }),
+        }
+    }
+
+    /// Record operation `op`'s outcome, when recording.
+    #[inline]
+    fn outcome(&mut self, op: usize, o: RequestOutcome) {
+        if let Some(r) = &mut self.rec {
+            r.outcomes[op] = o;
         }
     }
 
     #[inline]
     fn schedule(&mut self, at: Nanos, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Reverse(Timed { at, seq: self.seq, ev }));
+        self.heap.push(Reverse(Timed { at, seq: self.seq, cause: self.cur, ev }));
     }
 
     /// Account memory use up to `now`, then take the ledger's new value.
@@ -323,7 +442,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         }
     }
 
-    fn run(mut self) -> Outcome {
+    fn run(mut self) -> (Outcome, Option<Recording>) {
         let ops = &self.trace.ops;
         let mut i = 0usize;
         if let Some(every) = self.expire_every {
@@ -338,6 +457,10 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             };
             if take_op {
                 let op = ops[i];
+                self.cur = i as u32;
+                if let Some(r) = &mut self.rec {
+                    r.marks.push(Mark { at: op.at, cause: i as u32, arrival: true });
+                }
                 if op.kind == OpKind::Request {
                     self.totals.requests += 1;
                     self.per_model[op.model as usize].requests += 1;
@@ -349,9 +472,15 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 i += 1;
                 self.next_op = i;
             } else {
-                let Some(Reverse(Timed { at, ev, .. })) = self.heap.pop() else {
+                let Some(Reverse(Timed { at, ev, cause, .. })) = self.heap.pop() else {
                     break;
                 };
+                self.cur = cause;
+                if let Some(r) = &mut self.rec
+                    && !matches!(ev, Ev::Expire)
+                {
+                    r.marks.push(Mark { at, cause, arrival: false });
+                }
                 self.internal(at, ev);
             }
         }
@@ -386,6 +515,20 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         admission: Admission,
         fresh: bool,
     ) {
+        if self.rec.is_some() {
+            let o = match (&admission, fresh) {
+                (Admission::Reject(r), _) => Some(RequestOutcome::Rejected(r.code)),
+                (_, false) => None,
+                (Admission::Hit, true) => Some(RequestOutcome::Hit),
+                (Admission::Join, true) => Some(RequestOutcome::Join),
+                (Admission::Load(_), true) => Some(RequestOutcome::Load),
+                (Admission::Queued(_), true) => Some(RequestOutcome::Queued),
+                (Admission::AwaitUnload, true) => None,
+            };
+            if let Some(o) = o {
+                self.outcome(idx, o);
+            }
+        }
         match admission {
             Admission::Hit => {
                 if fresh {
@@ -403,11 +546,23 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 if kv > 0 {
                     self.mem_sync(now);
                 }
-                self.waiters[slot as usize].push(Waiter { first, service, kv, started: false });
+                self.waiters[slot as usize].push(Waiter {
+                    op: idx as u32,
+                    first,
+                    service,
+                    kv,
+                    started: false,
+                });
             }
             Admission::Load(plan) => {
                 self.totals.cold_loads += 1;
-                self.waiters[slot as usize].push(Waiter { first, service, kv, started: true });
+                self.waiters[slot as usize].push(Waiter {
+                    op: idx as u32,
+                    first,
+                    service,
+                    kv,
+                    started: true,
+                });
                 self.start_load(slot, now, &plan);
             }
             Admission::AwaitUnload => {
@@ -594,6 +749,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.mem_sync(now);
             self.totals.failed += waiters.len() as u64;
             self.per_model[slot as usize].failed += waiters.len() as u64;
+            for w in &waiters {
+                self.outcome(w.op as usize, RequestOutcome::Failed);
+            }
         } else {
             let done = self.core.load_finished(slot, now, Ok(self.true_size[slot as usize]));
             debug_assert_eq!(done.leases_granted as usize, waiters.len());
@@ -707,7 +865,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         }
     }
 
-    fn finish(mut self) -> Outcome {
+    fn finish(mut self) -> (Outcome, Option<Recording>) {
         let end = self.mem_t.max(self.trace.duration());
         self.mem_sync(end);
         self.totals.end = end;
@@ -749,7 +907,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         );
         debug_assert!(self.core.check_invariants().is_ok());
         let events = self.core.log_mut().drain();
-        Outcome { report, events }
+        (Outcome { report, events }, self.rec.take())
     }
 }
 

@@ -21,6 +21,7 @@ use super::{
     ModelHandle, Prompt, Usage, check_type,
 };
 use crate::estimate::{NameEstimator, SizeEstimator};
+use crate::timing::TimingModel;
 use crate::types::{ModelSpec, ModelType};
 
 /// Per-model behaviour of the fake backend.
@@ -108,6 +109,7 @@ pub struct FakeBackend {
     embedding_dim: usize,
     natural_tokens: u32,
     kv_bytes_per_token: Option<u64>,
+    timing: Option<TimingModel>,
     models: Mutex<HashMap<String, FakeModelConfig>>,
     loads: AtomicU64,
     unloads: Arc<AtomicU64>,
@@ -129,6 +131,7 @@ impl FakeBackend {
             embedding_dim: 384,
             natural_tokens: 8,
             kv_bytes_per_token: None,
+            timing: None,
             models: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
             unloads: Arc::new(AtomicU64::new(0)),
@@ -175,6 +178,18 @@ impl FakeBackend {
         self
     }
 
+    /// Builder: follow the simulator's timing model ([`TimingModel`], the one definition both
+    /// use). A load of a model measuring `b` bytes takes `timing.load_nanos(b)` (unless its own
+    /// [`FakeModelConfig::load_time`] says otherwise); a generation of `p` prompt tokens ends its
+    /// token `i` at `timing.token_deadline(p, i)` after it started, sleeping to those absolute
+    /// deadlines (no drift, whatever the token count); an embeddings call takes `p x prefill`;
+    /// an unload takes `timing.unload_nanos()`. Replaces [`Self::with_load_time`] and
+    /// [`Self::with_token_delay`] while set.
+    pub fn with_timing(mut self, timing: TimingModel) -> Self {
+        self.timing = Some(timing);
+        self
+    }
+
     /// Set (replace) the behaviour of one model.
     pub fn configure(&self, model: &str, config: FakeModelConfig) {
         self.models.lock().unwrap().insert(model.to_string(), config);
@@ -202,6 +217,10 @@ impl Backend for FakeBackend {
         "fake"
     }
 
+    fn timing(&self) -> Option<TimingModel> {
+        self.timing
+    }
+
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         let (load_time, fail, measured, kv) = {
@@ -214,7 +233,11 @@ impl Backend for FakeBackend {
             let measured =
                 cfg.measured_bytes.or(spec.size_hint).unwrap_or_else(|| NameEstimator.estimate(spec).bytes);
             let kv = cfg.kv_bytes_per_token.or(self.kv_bytes_per_token).or(spec.kv_bytes_per_token);
-            (cfg.load_time.unwrap_or(self.default_load_time), fail, measured, kv)
+            let default_time = match &self.timing {
+                Some(t) => Duration::from_nanos(t.load_nanos(measured)),
+                None => self.default_load_time,
+            };
+            (cfg.load_time.unwrap_or(default_time), fail, measured, kv)
         };
         if !load_time.is_zero() {
             tokio::time::sleep(load_time).await;
@@ -241,6 +264,7 @@ impl Backend for FakeBackend {
             bytes: measured,
             kv,
             token_delay: self.token_delay,
+            timing: self.timing,
             embedding_dim: self.embedding_dim,
             loaded: AtomicBool::new(true),
             unloads: self.unloads.clone(),
@@ -256,6 +280,7 @@ struct FakeModel {
     bytes: u64,
     kv: Option<u64>,
     token_delay: Duration,
+    timing: Option<TimingModel>,
     embedding_dim: usize,
     loaded: AtomicBool,
     unloads: Arc<AtomicU64>,
@@ -342,22 +367,29 @@ impl ModelHandle for FakeModel {
         let finish_reason =
             if stopped || req.max_tokens >= natural_len { FinishReason::Stop } else { FinishReason::Length };
         let delay = self.token_delay;
+        let timing = self.timing;
+        let start = tokio::time::Instant::now();
         let usage = Usage { prompt_tokens, completion_tokens };
-        let stream =
-            futures::stream::unfold((emitted.into_iter(), false), move |(mut it, done)| async move {
+        let stream = futures::stream::unfold(
+            (emitted.into_iter(), 0u64, false),
+            move |(mut it, i, done)| async move {
                 if done {
                     return None;
                 }
                 match it.next() {
                     Some(piece) => {
-                        if !delay.is_zero() {
+                        if let Some(t) = timing {
+                            tokio::time::sleep_until(start + t.token_deadline(u64::from(prompt_tokens), i))
+                                .await;
+                        } else if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
                         }
-                        Some((Ok(GenerateEvent::Delta(piece)), (it, false)))
+                        Some((Ok(GenerateEvent::Delta(piece)), (it, i + 1, false)))
                     }
-                    None => Some((Ok(GenerateEvent::Done { finish_reason, usage }), (it, true))),
+                    None => Some((Ok(GenerateEvent::Done { finish_reason, usage }), (it, i, true))),
                 }
-            });
+            },
+        );
         Ok(Box::pin(stream))
     }
 
@@ -381,10 +413,16 @@ impl ModelHandle for FakeModel {
                 v
             })
             .collect();
+        if let Some(t) = &self.timing {
+            tokio::time::sleep(Duration::from_nanos(t.service_nanos(u64::from(prompt_tokens), 0))).await;
+        }
         Ok(Embeddings { vectors, prompt_tokens })
     }
 
     async fn unload(&self) -> Result<u64, BackendError> {
+        if let Some(t) = self.timing.filter(|t| t.unload_nanos() > 0) {
+            tokio::time::sleep(Duration::from_nanos(t.unload_nanos())).await;
+        }
         if let Some(f) = &self.faults {
             if f.roll(f.plan.slow_unload, |c| &mut c.slow_unloads) {
                 tokio::time::sleep(f.plan.slow_unload_time).await;

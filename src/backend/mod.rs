@@ -162,6 +162,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Load `spec`. The returned handle's `measured_bytes` replaces the estimate in the ledger.
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError>;
+
+    /// The timing model this backend follows by construction, if it has one (the fake backend
+    /// with [`with_timing`](fake::FakeBackend::with_timing)); a real backend has none (its
+    /// timings are measured, not set). A simulator predicting this server replays with it.
+    fn timing(&self) -> Option<crate::timing::TimingModel> {
+        None
+    }
 }
 
 /// Checks that a handle of type `actual` can serve a request that needs one of `wanted`.

@@ -28,8 +28,9 @@ use super::timer::{ReqTimer, respond};
 use super::validate::{bool_query, parse_body};
 use crate::error::PoolError;
 use crate::limit::MemoryLimit;
-use crate::pool::{DryRun, PoolStatus, UnloadReport};
+use crate::pool::{ConfigSummary, DryRun, PoolStatus, UnloadReport};
 use crate::state::{Ledger, ModelStatus, Stats};
+use crate::timing::TimingModel;
 use crate::types::ModelId;
 use crate::{Event, EvictReason, RejectCode};
 
@@ -58,6 +59,8 @@ pub struct PoolReply {
     pub stats: StatsReply,
     pub shutting_down: bool,
     pub models: Vec<ModelStatus>,
+    pub config: ConfigSummary,
+    pub timing: Option<TimingModel>,
 }
 
 /// [`Stats`] with its counter arrays also as maps from name to count (every name present).
@@ -76,7 +79,8 @@ impl From<PoolStatus> for PoolReply {
     fn from(status: PoolStatus) -> Self {
         // Destructured whole, so a field added to PoolStatus fails to compile here rather than
         // going missing from the reply.
-        let PoolStatus { backend, policy, ledger, over_limit, stats, shutting_down, models } = status;
+        let PoolStatus { backend, policy, ledger, over_limit, stats, shutting_down, models, config, timing } =
+            status;
         let evictions_by_reason =
             EvictReason::ALL.iter().map(|r| (r.as_str(), stats.evictions_for(*r))).collect();
         let rejections_by_code =
@@ -89,6 +93,8 @@ impl From<PoolStatus> for PoolReply {
             stats: StatsReply { counters: stats, evictions_by_reason, rejections_by_code },
             shutting_down,
             models,
+            config,
+            timing,
         }
     }
 }
@@ -98,6 +104,9 @@ impl From<PoolStatus> for PoolReply {
 pub struct EventsReply {
     /// At most `limit` (default 100) events.
     pub events: Vec<Event>,
+    /// Events recorded since the pool started, kept or not: the last event above is number
+    /// `total` (a client that read `total = t` before takes the last `total - t` as new).
+    pub total: u64,
 }
 
 /// `POST /admin/models/{id}/preload` and `…/pin`: the model is now pinned.
@@ -259,7 +268,10 @@ async fn admin_inner(state: &AppState, op: AdminOp, timer: &mut ReqTimer) -> Res
     let pool = &state.pool;
     match op {
         AdminOp::Status => ok_json(&PoolReply::from(pool.status())),
-        AdminOp::Events(q) => ok_json(&EventsReply { events: pool.events(events_limit(&q)?) }),
+        AdminOp::Events(q) => {
+            let (events, total) = pool.events_since_start(events_limit(&q)?);
+            ok_json(&EventsReply { events, total })
+        }
         AdminOp::Model(id) => {
             timer.set_model(&id);
             ok_json(&model_status(state, &id)?)

@@ -328,6 +328,10 @@ impl Backend for TimedBackend {
         self.inner.name()
     }
 
+    fn timing(&self) -> Option<crate::timing::TimingModel> {
+        self.inner.timing()
+    }
+
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
         let t = Instant::now();
         let r = self.inner.load(spec).await;

@@ -31,7 +31,7 @@ mod report;
 pub use lease::{Admitted, Lease};
 use lease::{LeaseOwner, WaitGuard, load_outcome};
 use queue::{QueueGuard, Step, Woken};
-pub use report::{DryRun, PoolStatus, UnloadReport};
+pub use report::{ConfigSummary, DryRun, PoolStatus, UnloadReport};
 
 type LoadResult = Option<Result<(), PoolError>>;
 
@@ -619,6 +619,18 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             stats: core.state.stats().clone(),
             shutting_down: self.inner.shutting_down.load(Ordering::SeqCst),
             models: core.state.models_status(),
+            config: {
+                let c = core.state.config();
+                ConfigSummary {
+                    policy: core.state.policy().name(),
+                    idle_ttl_secs: c.idle_ttl.map(|t| t as f64 / 1e9),
+                    queue_timeout_secs: c.queue_timeout as f64 / 1e9,
+                    max_queue: c.max_queue,
+                    load_latency_secs: c.load_latency_secs,
+                    load_bandwidth: c.load_bandwidth.is_finite().then_some(c.load_bandwidth),
+                }
+            },
+            timing: self.inner.backend.timing(),
         }
     }
 
@@ -630,6 +642,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
     /// The last `n` decision events, oldest first.
     pub fn events(&self, n: usize) -> Vec<Event> {
         self.inner.lock().state.log().last(n)
+    }
+
+    /// The last `n` decision events, oldest first, with the number of events recorded since the
+    /// pool started (kept or not): a reader that saw `total = t` before can take the events
+    /// after it as the last `total - t` (if the log still keeps them).
+    pub fn events_since_start(&self, n: usize) -> (Vec<Event>, u64) {
+        let core = self.inner.lock();
+        (core.state.log().last(n), core.state.log().total())
     }
 
     /// Run `f` on the decision core under the pool lock (tests, metrics): every admission waits

@@ -22,6 +22,29 @@ pub struct PoolStatus {
     pub shutting_down: bool,
     /// Every registered model.
     pub models: Vec<ModelStatus>,
+    /// The settings that shape decisions besides the ledger's limits (what a simulation of this
+    /// pool must be given to predict it).
+    pub config: ConfigSummary,
+    /// The backend's timing model, if it follows one by construction (the fake backend);
+    /// `None` for a real backend, whose timings are measured (`models[].load_secs`).
+    pub timing: Option<crate::timing::TimingModel>,
+}
+
+/// The pool's decision settings, as [`PoolStatus::config`] reports them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfigSummary {
+    /// The policy's name.
+    pub policy: &'static str,
+    /// Unpinned models idle this long are evicted; `None`: never.
+    pub idle_ttl_secs: Option<f64>,
+    /// How long a request may wait in the admission queue (0: no queue).
+    pub queue_timeout_secs: f64,
+    /// Requests waiting at once.
+    pub max_queue: usize,
+    /// The load-time prior's fixed part, seconds (policies' reload cost, retry hints).
+    pub load_latency_secs: f64,
+    /// The load-time prior's bandwidth, bytes per second (`None`: infinite).
+    pub load_bandwidth: Option<f64>,
 }
 
 /// The answer of a dry-run admission.
