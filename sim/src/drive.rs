@@ -693,7 +693,7 @@ fn render_side_rows(out: &mut String, sides: &[(&str, &Side)]) {
 pub fn render_comparison(c: &Comparison) -> String {
     let mut out = String::new();
     render_side_rows(&mut out, &[("predicted", &c.predicted), ("observed", &c.observed)]);
-    let _ = writeln!(out, "\nper model (hits / loads):   {:>12}{:>12}", "predicted", "observed");
+    let _ = writeln!(out, "\n{:<32}{:>12}{:>12}", "per model (hits / loads)", "predicted", "observed");
     for (m, p) in &c.predicted.models {
         let o = c.observed.models.get(m).copied().unwrap_or_default();
         let mark = if *p == o { "" } else { "  *" };
