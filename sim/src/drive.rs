@@ -789,3 +789,142 @@ pub fn server_config(trace: &Trace, cfg: &SimConfig, event_log: usize) -> String
     }
     s
 }
+
+/// Least squares `y = a + b x` over `pts` (`None` with fewer than two distinct `x`).
+fn fit_line(pts: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = pts.len() as f64;
+    let (sx, sy) = pts.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let sxx: f64 = pts.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if pts.len() < 2 || sxx <= 0.0 {
+        return None;
+    }
+    let sxy: f64 = pts.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let b = sxy / sxx;
+    Some((my - b * mx, b))
+}
+
+/// Least squares `y = p u + d v` through the origin (both >= 0; one is dropped when the data
+/// cannot tell them apart).
+fn fit_two(pts: &[(f64, f64, f64)]) -> (f64, f64) {
+    let (mut suu, mut svv, mut suv, mut suy, mut svy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for &(u, v, y) in pts {
+        suu += u * u;
+        svv += v * v;
+        suv += u * v;
+        suy += u * y;
+        svy += v * y;
+    }
+    let det = suu * svv - suv * suv;
+    let only_v = if svv > 0.0 { (0.0, (svy / svv).max(0.0)) } else { (0.0, 0.0) };
+    let only_u = if suu > 0.0 { ((suy / suu).max(0.0), 0.0) } else { (0.0, 0.0) };
+    if det.abs() <= 1e-12 * suu.max(1.0) * svv.max(1.0) {
+        return if svv > 0.0 { only_v } else { only_u };
+    }
+    let p = (suy * svv - svy * suv) / det;
+    let d = (svy * suu - suy * suv) / det;
+    match (p >= 0.0, d >= 0.0) {
+        (true, true) => (p, d),
+        (false, _) => only_v,
+        (_, false) => only_u,
+    }
+}
+
+/// The timing model a drive measured, for predicting a real backend: loads fitted as
+/// `latency + bytes / bandwidth` over the models' last measured loads (`/admin/pool`
+/// `models[].load_secs` and `measured` after the run), service as `prefill x prompt tokens +
+/// decode x generated tokens` fitted over the served requests (each one's total time minus the
+/// pool's wait, `x-modelpool-wait-ms`), unloads instant. The fit needs at least one load and
+/// one served request.
+pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<modelpool::TimingModel> {
+    let mut loads = Vec::new();
+    for m in obs.after["models"].as_array().into_iter().flatten() {
+        if let (Some(b), Some(s)) = (m["measured"].as_u64(), m["load_secs"].as_f64()) {
+            loads.push((b as f64, s));
+        }
+    }
+    if loads.is_empty() {
+        bail!("calibration: no model loaded during the run");
+    }
+    let (latency, per_byte) = match fit_line(&loads) {
+        Some((a, b)) if a >= 0.0 && b > 0.0 => (a, b),
+        _ => (loads.iter().map(|l| l.1).sum::<f64>() / loads.len() as f64, 0.0),
+    };
+    let mut service = Vec::new();
+    for r in obs.records.iter().filter(|r| r.kind == "request" && (200..300).contains(&r.status)) {
+        let op = trace.ops[r.op as usize];
+        if let Service::Tokens { input, output } = op.service() {
+            let secs = (r.total_secs - r.wait_ms.unwrap_or(0) as f64 / 1e3).max(0.0);
+            let embeddings = trace.models[op.model as usize].model_type == ModelType::Embeddings;
+            service.push((f64::from(input), if embeddings { 0.0 } else { f64::from(output) }, secs));
+        }
+    }
+    if service.is_empty() {
+        bail!("calibration: no request was served");
+    }
+    let (prefill, decode) = fit_two(&service);
+    Ok(modelpool::TimingModel {
+        load_latency_secs: latency,
+        load_bandwidth: (per_byte > 0.0).then(|| 1.0 / per_byte),
+        unload_secs: 0.0,
+        prefill_secs_per_token: prefill,
+        decode_secs_per_token: decode,
+    })
+}
+
+/// `trace` with every model that has no size given the size the server measured (after the
+/// run), else its estimate: what a simulation of a real backend must assume.
+pub fn with_server_sizes(trace: &Trace, pool: &Value) -> Trace {
+    let mut t = trace.clone();
+    for d in &mut t.models {
+        if d.size.is_some() {
+            continue;
+        }
+        if let Some(m) =
+            pool["models"].as_array().and_then(|ms| ms.iter().find(|m| m["id"].as_str() == Some(&*d.id)))
+        {
+            d.size = m["measured"].as_u64().or_else(|| m["estimate"]["bytes"].as_u64());
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_count_as_the_trace_says() {
+        for input in [10u32, 11, 57, 500, 2002] {
+            let p = prompt_for(input);
+            // The server's KV count: ceil(bytes / 3) + 4 per message.
+            assert_eq!(p.len().div_ceil(3) + 4, input as usize, "kv tokens for {input}");
+            // The fake backend's prompt tokens: `user:` plus the words.
+            assert_eq!(p.split_whitespace().count() + 1, input as usize, "words for {input}");
+        }
+    }
+
+    #[test]
+    fn fits_recover_the_parameters() {
+        let loads: Vec<(f64, f64)> = [1e9, 2e9, 5e9].iter().map(|&b| (b, 0.3 + b / 4e9)).collect();
+        let (a, b) = fit_line(&loads).unwrap();
+        assert!((a - 0.3).abs() < 1e-9 && (1.0 / b - 4e9).abs() < 1.0);
+        let pts: Vec<(f64, f64, f64)> = [(100.0, 10.0), (500.0, 40.0), (20.0, 200.0)]
+            .iter()
+            .map(|&(u, v)| (u, v, u * 2e-4 + v * 0.03))
+            .collect();
+        let (p, d) = fit_two(&pts);
+        assert!((p - 2e-4).abs() < 1e-9 && (d - 0.03).abs() < 1e-9, "{p} {d}");
+        // Only prompts (embeddings): decode cannot be told and stays 0.
+        assert_eq!(fit_two(&[(10.0, 0.0, 1e-3), (20.0, 0.0, 2e-3)]), (1e-4, 0.0));
+    }
+
+    #[test]
+    fn classification_follows_the_reply() {
+        assert_eq!(classify(OpKind::Request, 200, Some("hit"), None), "hit");
+        assert_eq!(classify(OpKind::Request, 503, None, Some("queue_timeout")), "queue_timeout");
+        assert_eq!(classify(OpKind::Request, 500, None, Some("model_load_failed")), "failed");
+        assert_eq!(classify(OpKind::Request, 400, None, Some("invalid_request_error")), "http_400");
+        assert_eq!(classify(OpKind::Pin, 200, None, None), "admin");
+    }
+}

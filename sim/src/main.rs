@@ -227,6 +227,14 @@ struct DriveArgs {
     /// With --compare, for a real backend: service seconds per prompt token.
     #[arg(long, default_value_t = 0.0002)]
     prefill_secs: f64,
+    /// With --compare: the timing model to predict with (JSON, as --calibrate-out writes it)
+    /// instead of the server's own (a real backend has none).
+    #[arg(long)]
+    timing: Option<PathBuf>,
+    /// Fit a timing model to what this run measured (load times per byte from /admin/pool,
+    /// service per token from each request's time minus its wait) and write it here (JSON).
+    #[arg(long)]
+    calibrate_out: Option<PathBuf>,
     /// Write one JSON line per operation (status, outcome, code, Retry-After, waits, times).
     #[arg(long)]
     records: Option<PathBuf>,
@@ -444,6 +452,19 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         }
         w.flush()?;
     }
+    if let Some(path) = &a.calibrate_out {
+        let t = drive::calibrate(&trace, &obs)?;
+        std::fs::write(path, serde_json::to_string_pretty(&t)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "modelpool-sim drive: calibrated: loads {:.3} s + bytes at {}, prefill {:.3} ms/token, decode {:.2} ms/token -> {}",
+            t.load_latency_secs,
+            t.load_bandwidth.map(|b| format!("{:.2} GB/s", b / 1e9)).unwrap_or_else(|| "inf".into()),
+            t.prefill_secs_per_token * 1e3,
+            t.decode_secs_per_token * 1e3,
+            path.display()
+        );
+    }
     if !a.compare {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&obs.records)?);
@@ -457,7 +478,15 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         prefill_secs_per_token: a.prefill_secs,
         ..SimConfig::default()
     };
-    let cfg = drive::sim_config_for(&obs.before, &base)?;
+    let mut cfg = drive::sim_config_for(&obs.before, &base)?;
+    if let Some(path) = &a.timing {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t: modelpool::TimingModel =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a timing model", path.display()))?;
+        t.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg = cfg.with_timing(&t);
+    }
+    let trace = drive::with_server_sizes(&trace, &obs.after);
     let cmp = drive::compare(&trace, a.speed, &cfg, &obs)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&cmp)?);
