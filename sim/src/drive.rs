@@ -80,6 +80,8 @@ pub struct RequestRecord {
     pub retry_after: Option<u64>,
     /// `x-modelpool-wait-ms`.
     pub wait_ms: Option<u64>,
+    /// Tokens generated, from the reply's `usage` (a non-streaming chat completion).
+    pub completion_tokens: Option<u32>,
     /// Seconds to the first byte of the body (a stream's first chunk).
     pub ttfb_secs: f64,
     /// Seconds to the end of the response.
@@ -116,6 +118,9 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(o.request_timeout)
             .pool_max_idle_per_host(o.max_in_flight)
+            // Under the server's idle keep-alive (its header-read timeout, 10 s by default), so a pooled
+            // connection is never reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .context("building the HTTP client")?;
         Ok(Client {
@@ -274,6 +279,7 @@ async fn send(
         code: None,
         retry_after: None,
         wait_ms: None,
+        completion_tokens: None,
         ttfb_secs: 0.0,
         total_secs: 0.0,
     };
@@ -319,6 +325,11 @@ async fn send(
         rec.code = serde_json::from_slice::<Value>(&body)
             .ok()
             .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    } else if !stream && kind == OpKind::Request {
+        rec.completion_tokens = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["usage"]["completion_tokens"].as_u64())
+            .map(|n| n as u32);
     }
     rec.outcome = classify(kind, rec.status, admission.as_deref(), rec.code.as_deref());
     rec
@@ -834,8 +845,8 @@ fn fit_two(pts: &[(f64, f64, f64)]) -> (f64, f64) {
 /// `latency + bytes / bandwidth` over the models' last measured loads (`/admin/pool`
 /// `models[].load_secs` and `measured` after the run), service as `prefill x prompt tokens +
 /// decode x generated tokens` fitted over the served requests (each one's total time minus the
-/// pool's wait, `x-modelpool-wait-ms`), unloads instant. The fit needs at least one load and
-/// one served request.
+/// pool's wait, `x-modelpool-wait-ms`, against its prompt tokens and the tokens it really
+/// generated), unloads instant. The fit needs at least one load and one served request.
 pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<modelpool::TimingModel> {
     let mut loads = Vec::new();
     for m in obs.after["models"].as_array().into_iter().flatten() {
@@ -856,7 +867,9 @@ pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<modelpool::TimingModel
         if let Service::Tokens { input, output } = op.service() {
             let secs = (r.total_secs - r.wait_ms.unwrap_or(0) as f64 / 1e3).max(0.0);
             let embeddings = trace.models[op.model as usize].model_type == ModelType::Embeddings;
-            service.push((f64::from(input), if embeddings { 0.0 } else { f64::from(output) }, secs));
+            // The tokens really generated (a model may stop before max_tokens).
+            let out = if embeddings { 0 } else { r.completion_tokens.unwrap_or(output) };
+            service.push((f64::from(input), f64::from(out), secs));
         }
     }
     if service.is_empty() {

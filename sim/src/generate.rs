@@ -251,7 +251,7 @@ pub fn catalogue(n: usize) -> Vec<ModelDef> {
             let size = e
                 .size
                 .unwrap_or_else(|| est.estimate(&ModelSpec::new(id.clone()).with_type(e.model_type)).bytes);
-            ModelDef { id, model_type: e.model_type, size: Some(size) }
+            ModelDef { id, model_type: e.model_type, size: Some(size), kv_bytes_per_token: None }
         })
         .collect()
 }

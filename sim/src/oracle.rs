@@ -282,7 +282,12 @@ mod tests {
         let t = Trace { models: Vec::new(), ops: vec![r(0), r(1), r(0), r(0), r(1)] };
         let t = Trace {
             models: vec![
-                crate::trace::ModelDef { id: "a".into(), model_type: Default::default(), size: None };
+                crate::trace::ModelDef {
+                    id: "a".into(),
+                    model_type: Default::default(),
+                    size: None,
+                    kv_bytes_per_token: None,
+                };
                 2
             ],
             ..t

@@ -311,6 +311,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             if !cfg.estimate_from_names {
                 spec.size_hint = m.size;
             }
+            spec.kv_bytes_per_token = m.kv_bytes_per_token;
             let slot = core.register(spec);
             assert_eq!(slot as usize, i, "trace models are distinct");
             let size = m

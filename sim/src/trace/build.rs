@@ -79,6 +79,7 @@ impl<'f> Builder<'f> {
                     id: Arc::from(id),
                     model_type: ModelType::TextGen,
                     size: None,
+                    kv_bytes_per_token: None,
                 });
                 self.defined_at.push((0, 0));
                 self.index.insert(id.into(), m);

@@ -46,6 +46,9 @@ pub struct ModelDef {
     pub model_type: ModelType,
     /// Real size in bytes, if the trace gives it.
     pub size: Option<u64>,
+    /// KV cache bytes per token, if known (not a trace column: `drive` takes it from the
+    /// server's catalogue); else the engine's rule decides, as it does for the server.
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// What an [`Op`] does. Names (the `op` column) are snake case; an empty `op` is a request.
