@@ -492,7 +492,9 @@ fn delta(after: &Value, before: &Value) -> u64 {
     after.as_u64().unwrap_or(0).saturating_sub(before.as_u64().unwrap_or(0))
 }
 
-fn side_from_server(trace: &Trace, obs: &Observed) -> Side {
+/// The observed side of a drive: the same shape as a comparison's `predicted`, so the two can be
+/// diffed.
+pub fn observed_side(trace: &Trace, obs: &Observed) -> Side {
     let mut s = Side::default();
     let mut lat = Vec::new();
     for r in obs.records.iter().filter(|r| r.kind == "request") {
@@ -582,7 +584,7 @@ pub fn compare(trace: &Trace, speed: f64, cfg: &SimConfig, obs: &Observed) -> Re
     let trace = &at_speed(trace, speed);
     let (outcome, rec) = run_recorded(trace, &cfg).map_err(|e| anyhow!(e))?;
     let predicted = side_from_sim(trace, &outcome.report, &rec);
-    let observed = side_from_server(trace, obs);
+    let observed = observed_side(trace, obs);
     let mut agree = 0;
     let mut compared = 0;
     let mut differ = Vec::new();
@@ -629,7 +631,7 @@ pub fn compare(trace: &Trace, speed: f64, cfg: &SimConfig, obs: &Observed) -> Re
 
 /// The observed side alone, as text (a drive without `--compare`).
 pub fn render_observed(trace: &Trace, obs: &Observed) -> String {
-    let s = side_from_server(trace, obs);
+    let s = observed_side(trace, obs);
     let mut out = String::new();
     let late = obs.records.iter().map(|r| r.late_secs).fold(0.0, f64::max);
     let _ = writeln!(

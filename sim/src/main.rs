@@ -467,7 +467,7 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
     }
     if !a.compare {
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&obs.records)?);
+            println!("{}", serde_json::to_string_pretty(&drive::observed_side(&trace, &obs))?);
         } else {
             print!("{}", drive::render_observed(&trace, &obs));
         }

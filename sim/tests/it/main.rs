@@ -6,5 +6,6 @@ mod cli;
 mod common;
 mod crosscheck;
 mod determinism;
+mod drive;
 mod fuzz;
 mod snapshots;
