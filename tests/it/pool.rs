@@ -670,3 +670,50 @@ async fn leases_hold_their_kv_at_the_backends_rate_and_give_it_back_however_they
     let a = status.models.iter().find(|m| &*m.id == "a").unwrap();
     assert_eq!(a.kv_bytes_per_token, 1_000_000);
 }
+
+/// The fake backend follows the simulator's timing model exactly: loads of `latency + bytes /
+/// bandwidth`, tokens at absolute deadlines `prefill x prompt + (i + 1) x decode` from the start
+/// (no drift however slowly the consumer reads), embeddings of `prefill x inputs`, unloads of a
+/// fixed time (paused clock: exact to the nanosecond).
+#[tokio::test(start_paused = true)]
+async fn the_fake_backend_follows_the_timing_model_without_drift() {
+    use futures::StreamExt;
+    use modelpool::backend::Backend;
+    let t = modelpool::TimingModel {
+        load_latency_secs: 0.25,
+        load_bandwidth: Some(2e9),
+        unload_secs: 0.1,
+        prefill_secs_per_token: 0.001,
+        decode_secs_per_token: 0.02,
+    };
+    let fake = FakeBackend::new().with_timing(t).with_natural_tokens(1000);
+    let start = tokio::time::Instant::now();
+    let h = fake.load(&ModelSpec::new("m").with_size(3 * GB)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_nanos(t.load_nanos(3 * GB)));
+    assert_eq!(start.elapsed(), Duration::from_millis(1750));
+    // "one two three four": 4 prompt tokens.
+    let g0 = tokio::time::Instant::now();
+    let mut s =
+        h.generate(GenerateRequest::greedy(Prompt::Text("one two three four".into()), 50)).await.unwrap();
+    let mut n = 0u64;
+    while let Some(ev) = s.next().await {
+        if let GenerateEvent::Delta(_) = ev.unwrap() {
+            assert_eq!(g0.elapsed(), t.token_deadline(4, n), "token {n} on its deadline");
+            n += 1;
+            // A slow reader does not push later tokens back.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(n, 50);
+    assert_eq!(g0.elapsed(), Duration::from_nanos(t.service_nanos(4, 50)) + Duration::from_millis(5));
+    let e0 = tokio::time::Instant::now();
+    let emb = FakeBackend::new().with_timing(t);
+    let eh = emb.load(&ModelSpec::new("e").with_type(ModelType::Embeddings).with_size(GB)).await.unwrap();
+    let e1 = tokio::time::Instant::now();
+    assert_eq!(e1 - e0, Duration::from_millis(750));
+    eh.embed(vec!["a b c".into(), "d e".into()]).await.unwrap();
+    assert_eq!(e1.elapsed(), Duration::from_millis(5));
+    let u0 = tokio::time::Instant::now();
+    h.unload().await.unwrap();
+    assert_eq!(u0.elapsed(), Duration::from_millis(100));
+}

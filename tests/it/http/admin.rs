@@ -141,3 +141,33 @@ async fn admin_routes_change_pool_state() {
     assert_error(&h.req("GET", "/admin/models/chat-a/preload").await, 405, "method_not_allowed");
     h.check_invariants();
 }
+
+#[tokio::test]
+async fn pool_status_reports_the_settings_a_simulation_needs_and_events_count_since_start() {
+    let t = modelpool::TimingModel {
+        load_latency_secs: 0.0,
+        load_bandwidth: None,
+        unload_secs: 0.0,
+        prefill_secs_per_token: 0.0,
+        decode_secs_per_token: 0.0,
+    };
+    let h = Harness::with_backend(10 * GB, 3, FakeBackend::new().with_timing(t), catalogue());
+    let v = json(&h.req("GET", "/admin/pool").await);
+    assert_eq!(v["config"]["policy"], "lru");
+    assert_eq!(v["config"]["max_queue"], 1024);
+    assert!(v["config"]["idle_ttl_secs"].is_null());
+    assert_eq!(v["ledger"]["max_models"], 3);
+    assert_eq!(serde_json::from_value::<modelpool::TimingModel>(v["timing"].clone()).unwrap(), t);
+    let e0 = json(&h.req("GET", "/admin/events?limit=1").await)["total"].as_u64().unwrap();
+    h.pool.acquire("chat-a").await.unwrap();
+    h.pool.acquire("chat-a").await.unwrap();
+    let v = json(&h.req("GET", "/admin/events?limit=100").await);
+    // A load, its completion, then a hit: three events more than before.
+    assert_eq!(v["total"].as_u64().unwrap() - e0, 3, "{v}");
+    let kinds: Vec<&str> =
+        v["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(&kinds[kinds.len() - 3..], ["load", "loaded", "hit"]);
+    // A backend without a timing model says so.
+    let plain = Harness::new(10 * GB, 3);
+    assert!(json(&plain.req("GET", "/admin/pool").await)["timing"].is_null());
+}

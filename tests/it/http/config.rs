@@ -76,7 +76,7 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert_eq!(c2.max_parallel, 1, "flag wins: one generation at a time");
     assert!(Cli::try_parse_from(["serve", "--max-parallel", "0"]).is_err(), "at least 1");
     assert_eq!(c.idle_ttl, Some(Duration::from_secs(600)));
-    assert_eq!(c.fake.token_delay, Duration::from_millis(5));
+    assert_eq!(c.fake.timing.decode_secs_per_token, 0.005);
     assert_eq!(c.preload, vec!["a".to_string()]);
     assert_eq!(c.models.len(), 2, "the file's catalogue replaces the built-in one");
     assert_eq!(c.models[0].size_hint, Some(1_500_000_000));
@@ -253,9 +253,29 @@ fn file_values_are_typed_when_read_and_errors_name_field_and_line() {
     assert_eq!(c.shutdown_grace, Duration::from_secs(5));
     assert_eq!(c.max_body, 1 << 20);
     assert_eq!(c.idle_ttl, None, "a zero ttl is off");
-    assert_eq!(c.fake.load_time, Duration::ZERO);
+    assert_eq!(c.fake.timing.load_latency_secs, 0.0);
+    assert_eq!(c.fake.timing.load_bandwidth, None, "a zero load time with no bandwidth: instant loads");
+    assert_eq!(c.fake.natural_tokens, 8);
     let c = ServeConfig::merge(&args(&["--max-body", "2MB", "--shutdown-grace", "1s"]), f, "x.toml").unwrap();
     assert_eq!((c.max_body, c.shutdown_grace), (2_000_000, Duration::from_secs(1)), "flags win");
+
+    // The fake backend's timing model: flags over the file, a bandwidth of 10 GB/s by default
+    // once loads take time, `inf` for instant transfers.
+    let f = file(
+        "[fake]\nload_time = \"200ms\"\nprefill_time = \"50us\"\nunload_time = \"100ms\"\nnatural_tokens = 300",
+    );
+    let c = ServeConfig::merge(&args(&[]), f.clone(), "x.toml").unwrap();
+    let t = c.fake.timing;
+    assert_eq!((t.load_latency_secs, t.load_bandwidth, t.unload_secs), (0.2, Some(10e9), 0.1));
+    assert_eq!((t.prefill_secs_per_token, c.fake.natural_tokens), (0.000_05, 300));
+    let c = ServeConfig::merge(&args(&["--fake-load-bandwidth", "inf", "--event-log", "50000"]), f, "x.toml")
+        .unwrap();
+    assert_eq!((c.fake.timing.load_bandwidth, c.event_log), (None, 50_000));
+    let c = ServeConfig::merge(&args(&["--fake-load-bandwidth", "800MB"]), file(""), "x.toml").unwrap();
+    assert_eq!(c.fake.timing.load_bandwidth, Some(8e8));
+    assert!(Cli::try_parse_from(["serve", "--fake-load-bandwidth", "0GB"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--fake-load-bandwidth", "fast"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--event-log", "0"]).is_err());
 
     let e = merge_err(&[], "max_models = 2\n[[models]]\nid = \"a\"\nsize = \"lots\"");
     assert_eq!(
