@@ -38,6 +38,8 @@
 //! context_tokens = 32768      # max_tokens above a model's context is a 400
 //!
 //! event_log = 1024            # decision-log events kept for /admin/events
+//! node_id = "node-1"          # x-modelpool-node on every response (default: host name)
+//! busy_status = 503           # 429: curable refusals as 429 (routers that cool down on 429)
 //!
 //! [fake]                      # fake backend only: the simulator's timing model
 //! load_time = "300ms"         # fixed part of a load
@@ -232,6 +234,22 @@ pub fn read_keys_file(path: &Path) -> Result<Vec<ApiKey>, ConfigError> {
     Ok(keys)
 }
 
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("node id '{s}' must be 1 to 128 visible ASCII characters"));
+    }
+    Ok(t.to_string())
+}
+
+fn parse_busy_status(s: &str) -> Result<u16, String> {
+    match s.trim() {
+        "503" => Ok(503),
+        "429" => Ok(429),
+        _ => Err(format!("busy status '{s}' must be 503 or 429")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration '{s}': {e} (e.g. 30s, 10m, 250ms)"))
@@ -290,6 +308,17 @@ mod de {
 
     pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
         with(d, super::parse_listen)
+    }
+
+    pub fn node_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        with(d, super::parse_node_id)
+    }
+
+    /// An integer (`busy_status = 429`), checked by the flag's parser.
+    pub fn busy_status<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        Option::<u16>::deserialize(d)?
+            .map(|v| super::parse_busy_status(&v.to_string()).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -426,6 +455,15 @@ pub struct ServeArgs {
     /// ends it first [default: 8].
     #[arg(long, env = "MODELPOOL_FAKE_NATURAL_TOKENS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub fake_natural_tokens: Option<u32>,
+    /// This node's name in the `x-modelpool-node` header of every response [default: the host
+    /// name].
+    #[arg(long, env = "MODELPOOL_NODE_ID", value_name = "NAME", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+    /// Status of refusals that waiting cures (`insufficient_memory`, `max_models_reached` with a
+    /// retry hint, `model_draining`, `queue_full`, `queue_timeout`): 503, or 429 for routers
+    /// that cool a node down on 429 and try another [default: 503].
+    #[arg(long, env = "MODELPOOL_BUSY_STATUS", value_name = "503|429", value_parser = parse_busy_status)]
+    pub busy_status: Option<u16>,
     /// Decision-log events kept for `/admin/events` (a ring: older ones are dropped)
     /// [default: 1024].
     #[arg(long, env = "MODELPOOL_EVENT_LOG", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -473,6 +511,12 @@ pub struct FileConfig {
     pub max_parallel: Option<u16>,
     /// See [`ServeArgs::event_log`].
     pub event_log: Option<u32>,
+    /// See [`ServeArgs::node_id`].
+    #[serde(default, deserialize_with = "de::node_id")]
+    pub node_id: Option<String>,
+    /// See [`ServeArgs::busy_status`].
+    #[serde(default, deserialize_with = "de::busy_status")]
+    pub busy_status: Option<u16>,
     /// See [`ServeArgs::stream_wait_notice`].
     #[serde(default, deserialize_with = "de::duration")]
     pub stream_wait_notice: Option<Duration>,
@@ -616,6 +660,10 @@ pub struct ServeConfig {
     pub max_parallel: usize,
     /// Events kept by the decision log, at least 1.
     pub event_log: usize,
+    /// `x-modelpool-node`: visible ASCII.
+    pub node_id: String,
+    /// 503 or 429.
+    pub busy_status: u16,
     /// At least 10 ms.
     pub stream_wait_notice: Duration,
     /// Request body cap in bytes, at least [`MIN_MAX_BODY`].
@@ -921,6 +969,8 @@ impl ServeConfig {
             max_queue,
             max_parallel,
             event_log,
+            node_id: args.node_id.clone().or(file.node_id).unwrap_or_else(crate::http::default_node_id),
+            busy_status: args.busy_status.or(file.busy_status).unwrap_or(503),
             stream_wait_notice,
             max_body,
             sizes_file: args.sizes_file.clone().or(file.sizes_file),

@@ -188,7 +188,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .with_auth(auth)
         .with_limits(cfg.limits)
         .with_contexts(cfg.contexts.iter().cloned())
-        .with_stream_wait_notice(cfg.stream_wait_notice);
+        .with_stream_wait_notice(cfg.stream_wait_notice)
+        .with_node_id(&cfg.node_id)
+        .with_busy_status(
+            warp::http::StatusCode::from_u16(cfg.busy_status).expect("503 or 429, checked by ServeConfig"),
+        );
     let shutdown = shutdown_signal()?;
     // Printed on stdout too, so scripts can wait for it and read the port (e.g. with :0).
     println!("modelpool listening on http://{addr}");

@@ -41,6 +41,12 @@ pub struct AppState {
     /// A streaming request still waiting for its model after this long gets its response
     /// headers and then an SSE comment this often until it is admitted (see `http::stream`).
     pub stream_wait_notice: std::time::Duration,
+    /// This node's name, sent on every response as `x-modelpool-node` (routers and clients
+    /// see which node served or refused them).
+    pub node_id: Arc<str>,
+    /// The status of a refusal that waiting cures (503, or 429 for routers that cool a node
+    /// down on 429).
+    pub busy_status: warp::http::StatusCode,
 }
 
 impl AppState {
@@ -59,7 +65,21 @@ impl AppState {
             auth: Arc::new(Auth::open()),
             limits: ServerLimitsConfig::default(),
             contexts: Arc::default(),
+            node_id: Arc::from(default_node_id()),
+            busy_status: warp::http::StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// Builder: name this node in `x-modelpool-node` (default: the host name).
+    pub fn with_node_id(mut self, id: &str) -> Self {
+        self.node_id = Arc::from(id);
+        self
+    }
+
+    /// Builder: answer refusals that waiting cures with `status` (503 or 429).
+    pub fn with_busy_status(mut self, status: warp::http::StatusCode) -> Self {
+        self.busy_status = status;
+        self
     }
 
     /// Builder: require these keys (see [`super::auth`]).
@@ -102,6 +122,15 @@ impl AppState {
         self.system_memory = mem;
         self
     }
+}
+
+/// The host name (what `--node-id` defaults to), or `modelpool` if it cannot be read or is not
+/// a valid header value.
+pub fn default_node_id() -> String {
+    sysinfo::System::host_name()
+        .ok()
+        .filter(|h| !h.is_empty() && warp::http::HeaderValue::from_str(h).is_ok())
+        .unwrap_or_else(|| "modelpool".to_string())
 }
 
 /// Read a request body up to `limit` bytes, with or without `Content-Length`. Larger bodies are

@@ -124,13 +124,51 @@ impl ApiError {
         .unwrap_or_default()
     }
 
-    /// The reply: status, JSON body, `Retry-After` when set.
+    /// Whether a retry of the same request can never succeed here: `model_too_large`, and
+    /// `max_models_reached` without a retry hint (every model slot held by a pinned model).
+    /// Such replies carry `x-should-retry: false`, which the official OpenAI clients honour.
+    pub fn never_succeeds(&self) -> bool {
+        match self.code {
+            Some("model_too_large") => true,
+            Some("max_models_reached") => self.retry_after.is_none(),
+            _ => false,
+        }
+    }
+
+    /// Whether this is a refusal that waiting cures (busy memory or slots, a full or timed-out
+    /// queue, a draining model): a router may send the request to another node, and with
+    /// `--busy-status 429` it is a 429 instead of a 503.
+    pub fn is_busy(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE
+            && self.retry_after.is_some()
+            && matches!(
+                self.code,
+                Some(
+                    "insufficient_memory"
+                        | "max_models_reached"
+                        | "model_draining"
+                        | "queue_full"
+                        | "queue_timeout"
+                )
+            )
+    }
+
+    /// The reply: status, JSON body, `Retry-After` when set, `x-should-retry: false` when a
+    /// retry [never succeeds](Self::never_succeeds); a [busy](Self::is_busy) reply is marked
+    /// with the [`Busy`] extension for the server's `--busy-status`.
     pub fn into_response(self) -> Response {
         let mut res = Response::new(self.body().into());
         *res.status_mut() = self.status;
+        if self.is_busy() {
+            res.extensions_mut().insert(Busy);
+        }
+        let never = self.never_succeeds();
         let h = res.headers_mut();
         h.insert(warp::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(secs) = self.retry_after {
+        if never {
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let Some(secs) = self.retry_after.filter(|_| !never) {
             h.insert(warp::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
@@ -143,6 +181,10 @@ impl ApiError {
         res
     }
 }
+
+/// Marks a response as a [busy refusal](ApiError::is_busy) (a response extension, never sent).
+#[derive(Debug, Clone, Copy)]
+pub struct Busy;
 
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {

@@ -47,7 +47,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-pub use app::{AppState, DEFAULT_STREAM_WAIT_NOTICE};
+pub use app::{AppState, DEFAULT_STREAM_WAIT_NOTICE, default_node_id};
 pub use auth::Auth;
 pub use error::ApiError;
 pub use metrics::{Metrics, TimedBackend};
@@ -93,7 +93,22 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let openai =
         chat.or(completions).unify().or(embeddings).unify().or(models).unify().or(model).unify().boxed();
     let all = openai.or(admin::routes(state.clone())).unify().or(health).unify().or(metrics).unify();
-    auth_guard(&state).and(all).recover(recover).unify().boxed()
+    let node = warp::http::HeaderValue::from_str(&state.node_id)
+        .unwrap_or_else(|_| warp::http::HeaderValue::from_static("modelpool"));
+    let busy_status = state.busy_status;
+    auth_guard(&state)
+        .and(all)
+        .recover(recover)
+        .unify()
+        .map(move |mut r: Response| {
+            if busy_status != StatusCode::SERVICE_UNAVAILABLE && r.extensions().get::<error::Busy>().is_some()
+            {
+                *r.status_mut() = busy_status;
+            }
+            r.headers_mut().insert("x-modelpool-node", node.clone());
+            r
+        })
+        .boxed()
 }
 
 /// A rejection from the key check: ends routing (no other route is tried).

@@ -143,6 +143,30 @@ def test_503_model_too_large_has_no_retry_after():
         assert e.response.headers.get("retry-after") is None
 
 
+def test_model_too_large_costs_one_request_with_the_clients_default_retries():
+    # The client retries 503s twice by default; `x-should-retry: false` stops it.
+    root = os.environ["MODELPOOL_URL"].rstrip("/")
+
+    def refused():
+        req = urllib.request.Request(root + "/admin/pool")
+        req.add_header("Authorization", f"Bearer {ADMIN_KEY}")
+        import json
+
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)["stats"]["rejections_by_code"]["model_too_large"]
+
+    retrying = OpenAI(base_url=BASE, api_key=API_KEY, timeout=30)  # max_retries=2, the default
+    before = refused()
+    try:
+        retrying.chat.completions.create(model="llama-3-70b-instruct", messages=MSGS)
+        raise AssertionError("expected 503")
+    except openai.InternalServerError as e:
+        assert e.code == "model_too_large", e.body
+        assert e.response.headers.get("x-should-retry") == "false", dict(e.response.headers)
+        assert e.response.headers.get("x-modelpool-node"), dict(e.response.headers)
+    assert refused() - before == 1, "the client retried a refusal that can never succeed"
+
+
 def test_concurrent_clients():
     errors = []
 

@@ -276,6 +276,15 @@ fn file_values_are_typed_when_read_and_errors_name_field_and_line() {
     assert!(Cli::try_parse_from(["serve", "--fake-load-bandwidth", "0GB"]).is_err());
     assert!(Cli::try_parse_from(["serve", "--fake-load-bandwidth", "fast"]).is_err());
     assert!(Cli::try_parse_from(["serve", "--event-log", "0"]).is_err());
+    // Node id and busy status: flag over file, checked both ways.
+    let f = file("node_id = \"rack-2\"\nbusy_status = 429");
+    let c = ServeConfig::merge(&args(&[]), f.clone(), "x.toml").unwrap();
+    assert_eq!((c.node_id.as_str(), c.busy_status), ("rack-2", 429));
+    let c = ServeConfig::merge(&args(&["--node-id", "a1", "--busy-status", "503"]), f, "x.toml").unwrap();
+    assert_eq!((c.node_id.as_str(), c.busy_status), ("a1", 503));
+    assert!(Cli::try_parse_from(["serve", "--busy-status", "500"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--node-id", "has space"]).is_err());
+    assert!(FileConfig::from_toml("busy_status = 404", "x.toml").unwrap_err().0.contains("503 or 429"));
 
     let e = merge_err(&[], "max_models = 2\n[[models]]\nid = \"a\"\nsize = \"lots\"");
     assert_eq!(

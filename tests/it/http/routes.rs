@@ -743,3 +743,52 @@ async fn a_waiting_stream_sends_comments_then_its_chunks_or_its_error() {
     assert!(text.lines().any(|l| l == "modelpool_rejections_total{code=\"queue_timeout\"} 1"), "{text}");
     assert!(text.lines().any(|l| l == "modelpool_queue_wait_seconds_count 1"), "{text}");
 }
+
+/// Node semantics for routers (issue 18): a refusal that can never succeed here says so
+/// (`x-should-retry: false`, no `Retry-After`), a curable one keeps its hint (and becomes a 429
+/// with `--busy-status 429`), and every response names the node.
+#[tokio::test]
+async fn refusals_say_whether_a_retry_can_succeed_and_every_reply_names_its_node() {
+    let h = Harness::new(6 * GB, 1).with_state(|s| s.with_node_id("node-7"));
+    let should_retry = |r: &warp::http::Response<Bytes>| {
+        r.headers().get("x-should-retry").map(|v| v.to_str().unwrap().to_string())
+    };
+    let node =
+        |r: &warp::http::Response<Bytes>| r.headers()["x-modelpool-node"].to_str().unwrap().to_string();
+    // model_too_large: never.
+    let r = h.post("/v1/chat/completions", chat_body("huge", false)).await;
+    assert_error(&r, 503, "model_too_large");
+    assert_eq!((should_retry(&r).as_deref(), retry_after(&r)), (Some("false"), None));
+    assert_eq!(node(&r), "node-7");
+    // max_models_reached behind a busy model: waiting cures it.
+    let lease = h.pool.acquire("chat-a").await.unwrap();
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    assert_error(&r, 503, "max_models_reached");
+    assert!(retry_after(&r).is_some());
+    assert_eq!(should_retry(&r), None);
+    drop(lease);
+    // The only slot held by a pinned model: never.
+    let r = h.req("POST", "/admin/models/chat-a/preload").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(node(&r), "node-7", "admin replies too");
+    let r = h.post("/v1/chat/completions", chat_body("chat-b", false)).await;
+    assert_error(&r, 503, "max_models_reached");
+    assert_eq!((should_retry(&r).as_deref(), retry_after(&r)), (Some("false"), None));
+    // Success, 404 and /health name the node as well.
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_eq!((r.status().as_u16(), node(&r)), (200, "node-7".to_string()));
+    assert_eq!(node(&h.req("GET", "/nope").await), "node-7");
+    assert_eq!(node(&h.req("GET", "/health").await), "node-7");
+
+    // --busy-status 429: curable refusals are 429 with their hint; the others stay 503.
+    let h =
+        Harness::new(6 * GB, 4).with_state(|s| s.with_busy_status(warp::http::StatusCode::TOO_MANY_REQUESTS));
+    let lease = h.pool.acquire("chat-big").await.unwrap();
+    let r = h.post("/v1/chat/completions", chat_body("chat-a", false)).await;
+    assert_error(&r, 429, "insufficient_memory");
+    assert!(retry_after(&r).is_some());
+    let r = h.post("/v1/chat/completions", chat_body("huge", false)).await;
+    assert_error(&r, 503, "model_too_large");
+    drop(lease);
+    assert!(!modelpool::http::default_node_id().is_empty());
+}
