@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use crate::backend::{Backend, BackendError, ModelHandle};
 use crate::log::{EvictReason, RejectCode};
 use crate::pool::PoolStatus;
+use crate::state::Phase;
 use crate::types::ModelSpec;
 
 /// A fixed-bucket histogram with atomic counters (lock-free to record).
@@ -251,6 +252,8 @@ impl Metrics {
             self.started.elapsed().as_secs_f64(),
         );
 
+        self.render_endpoint_picker(&mut o, status);
+
         let _ = writeln!(
             o,
             "# HELP modelpool_model_leases Requests in flight per model.\n# TYPE modelpool_model_leases gauge"
@@ -302,6 +305,59 @@ impl Metrics {
                 writeln!(o, "modelpool_http_responses_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
         o
+    }
+}
+
+impl Metrics {
+    /// The Gateway API Inference Extension's model-server protocol (docs/server.md, "Behind a
+    /// router"): waiting and running requests, the share of memory that cannot be freed now
+    /// (pinned or busy models, loads in progress, draining models, KV caches; an idle resident
+    /// model is not counted, since admitting another model may evict it), and the resident and
+    /// loading models in the label form of the protocol's adapter info gauge (its value is the
+    /// time of this scrape, Unix seconds, as the protocol asks).
+    fn render_endpoint_picker(&self, o: &mut String, status: &PoolStatus) {
+        let l = &status.ledger;
+        let waiting: u64 = status.models.iter().map(|m| u64::from(m.queued) + u64::from(m.waiters)).sum();
+        let running: u64 = status.models.iter().map(|m| u64::from(m.leases)).sum();
+        let busy_resident: u64 = status
+            .models
+            .iter()
+            .filter(|m| m.phase == Phase::Resident && (m.pinned || m.leases > 0))
+            .map(|m| m.ledger_bytes)
+            .sum();
+        let fixed = busy_resident + l.reserved + l.draining + l.kv;
+        let usage = if l.limit == 0 { 0.0 } else { (fixed as f64 / l.limit as f64).min(1.0) };
+        let names = |phase: Phase| {
+            status
+                .models
+                .iter()
+                .filter(|m| m.phase == phase)
+                .map(|m| escape(&m.id))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_num_requests_waiting Requests waiting for a model (admission queue and loads in progress).\n# TYPE modelpool_num_requests_waiting gauge\nmodelpool_num_requests_waiting {waiting}"
+        );
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_num_requests_running Requests holding a model now.\n# TYPE modelpool_num_requests_running gauge\nmodelpool_num_requests_running {running}"
+        );
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_memory_usage_perc Share (0-1) of the memory limit that cannot be freed now: pinned or busy models, loads, draining models, KV caches.\n# TYPE modelpool_memory_usage_perc gauge\nmodelpool_memory_usage_perc {usage}"
+        );
+        let _ = writeln!(
+            o,
+            "# HELP modelpool_models_info Resident (running_lora_adapters) and loading (waiting_lora_adapters) models, max_lora = max models; value: scrape time.\n# TYPE modelpool_models_info gauge\nmodelpool_models_info{{running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\",max_lora=\"{}\"}} {now}",
+            names(Phase::Resident),
+            names(Phase::Loading),
+            l.max_models
+        );
     }
 }
 

@@ -792,3 +792,75 @@ async fn refusals_say_whether_a_retry_can_succeed_and_every_reply_names_its_node
     drop(lease);
     assert!(!modelpool::http::default_node_id().is_empty());
 }
+
+/// The endpoint picker's model-server protocol in `/metrics` (issue 18): waiting and running
+/// requests, memory that cannot be freed now, resident and loading models as adapter labels.
+#[tokio::test]
+async fn metrics_speak_the_endpoint_pickers_protocol() {
+    let h = Harness::with_backend(
+        10 * GB,
+        3,
+        FakeBackend::new().with_load_time(Duration::from_secs(3600)),
+        catalogue(),
+    );
+    let scrape = |h: &Harness| {
+        let h = h.routes.clone();
+        async move {
+            let r = warp::test::request().method("GET").path("/metrics").reply(&h).await;
+            String::from_utf8(r.body().to_vec()).unwrap()
+        }
+    };
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let t = scrape(&h).await;
+    assert_eq!(value(&t, "modelpool_num_requests_waiting"), 0.0);
+    assert_eq!(value(&t, "modelpool_num_requests_running"), 0.0);
+    assert_eq!(value(&t, "modelpool_memory_usage_perc"), 0.0);
+    assert!(
+        t.contains(
+            "modelpool_models_info{running_lora_adapters=\"\",waiting_lora_adapters=\"\",max_lora=\"3\"}"
+        ),
+        "{t}"
+    );
+
+    // chat-a resident and pinned (2 GB), chat-b resident and busy (2 GB), chat-big idle would
+    // be freeable; a load of vis (1 GB) in progress with two requests waiting for it.
+    h.fake.configure(
+        "chat-a",
+        modelpool::backend::fake::FakeModelConfig { load_time: Some(Duration::ZERO), ..Default::default() },
+    );
+    h.fake.configure(
+        "chat-b",
+        modelpool::backend::fake::FakeModelConfig { load_time: Some(Duration::ZERO), ..Default::default() },
+    );
+    assert_eq!(h.req("POST", "/admin/models/chat-a/preload").await.status(), 200);
+    let lease = h.pool.acquire("chat-b").await.unwrap();
+    let p1 = h.pool.clone();
+    let p2 = h.pool.clone();
+    let w1 = tokio::spawn(async move { p1.acquire("vis").await.map(|_| ()) });
+    let w2 = tokio::spawn(async move { p2.acquire("vis").await.map(|_| ()) });
+    while h.model("vis").waiters < 2 {
+        tokio::task::yield_now().await;
+    }
+    let t = scrape(&h).await;
+    assert_eq!(value(&t, "modelpool_num_requests_waiting"), 2.0);
+    assert_eq!(value(&t, "modelpool_num_requests_running"), 1.0);
+    let fixed = (2 * GB + 2 * GB + GB) as f64 + h.pool.ledger().kv as f64;
+    assert!((value(&t, "modelpool_memory_usage_perc") - fixed / (10 * GB) as f64).abs() < 1e-9, "{t}");
+    let info = t.lines().find(|l| l.starts_with("modelpool_models_info{")).unwrap();
+    assert!(info.starts_with("modelpool_models_info{running_lora_adapters=\"chat-a,chat-b\",waiting_lora_adapters=\"vis\",max_lora=\"3\"} "), "{info}");
+    assert!(value(&t, "modelpool_models_info") > 1.7e9, "a Unix timestamp");
+    drop(lease);
+    w1.abort();
+    w2.abort();
+}
