@@ -1,7 +1,7 @@
 //! The admin API, the health check and the metrics endpoint: routes, handlers and the admin
 //! API's typed replies.
 //!
-//! - `GET /admin/pool` ([`PoolReply`]), `GET /admin/events?limit=N` (also `/admin/pool/events`,
+//! - `GET /admin/pool` ([`PoolReply`]), `GET /admin/residency` ([`ResidencyReply`]), `GET /admin/events?limit=N` (also `/admin/pool/events`,
 //!   [`EventsReply`]), `GET /admin/models/{id}` ([`ModelStatus`]),
 //!   `GET /admin/models/{id}/dry-run` ([`DryRun`]);
 //! - `POST /admin/models/{id}/preload|pin` ([`PinReply`]), `…/unpin` ([`UnpinReply`]),
@@ -99,6 +99,22 @@ impl From<PoolStatus> for PoolReply {
     }
 }
 
+/// `GET /admin/residency`: what this node holds and what a request for each model would cost
+/// now ([`crate::pool::Residency`]), named by the node's id: the view a router's residency-aware
+/// strategy polls.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResidencyReply<'a> {
+    /// `--node-id`.
+    pub node: &'a str,
+    /// Memory limit, bytes.
+    pub limit: u64,
+    /// Bytes committed now.
+    pub used: u64,
+    /// Per model: phase, leases, waiting requests, dry-run decision, bytes a load would evict,
+    /// expected wait.
+    pub models: Vec<crate::pool::ResidencyEntry>,
+}
+
 /// `GET /admin/events`: the most recent decision-log events, oldest first.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventsReply {
@@ -166,6 +182,7 @@ pub struct HealthReply {
 #[derive(Debug, Clone)]
 enum AdminOp {
     Status,
+    Residency,
     Events(BTreeMap<String, String>),
     Model(String),
     Preload(String),
@@ -198,6 +215,7 @@ pub(super) fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let s = with_state(state.clone());
     let limit = state.max_body;
     let status = warp::path!("admin" / "pool").and(warp::get()).map(|| AdminOp::Status);
+    let residency = warp::path!("admin" / "residency").and(warp::get()).map(|| AdminOp::Residency);
     let events = warp::path!("admin" / "events")
         .or(warp::path!("admin" / "pool" / "events"))
         .unify()
@@ -229,6 +247,8 @@ pub(super) fn routes(state: AppState) -> BoxedFilter<(Response,)> {
             })
         });
     status
+        .or(residency)
+        .unify()
         .or(events)
         .unify()
         .or(limits)
@@ -268,6 +288,10 @@ async fn admin_inner(state: &AppState, op: AdminOp, timer: &mut ReqTimer) -> Res
     let pool = &state.pool;
     match op {
         AdminOp::Status => ok_json(&PoolReply::from(pool.status())),
+        AdminOp::Residency => {
+            let r = pool.residency();
+            ok_json(&ResidencyReply { node: &state.node_id, limit: r.limit, used: r.used, models: r.models })
+        }
         AdminOp::Events(q) => {
             let (events, total) = pool.events_since_start(events_limit(&q)?);
             ok_json(&EventsReply { events, total })

@@ -31,7 +31,7 @@ mod report;
 pub use lease::{Admitted, Lease};
 use lease::{LeaseOwner, WaitGuard, load_outcome};
 use queue::{QueueGuard, Step, Woken};
-pub use report::{ConfigSummary, DryRun, PoolStatus, UnloadReport};
+pub use report::{ConfigSummary, DryRun, PoolStatus, Residency, ResidencyEntry, UnloadReport};
 
 type LoadResult = Option<Result<(), PoolError>>;
 
@@ -605,6 +605,46 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 ..base
             },
         })
+    }
+
+    /// The residency view: every model's phase and the dry-run cost of a request for it now,
+    /// under one lock, changing nothing.
+    pub fn residency(&self) -> Residency {
+        let core = self.inner.lock();
+        let now = self.inner.now();
+        let st = &core.state;
+        let cfg = st.config();
+        let ledger = st.ledger();
+        let models = (0..st.len() as Slot)
+            .map(|slot| {
+                let m = st.model_status(slot);
+                let load_secs = m.load_secs.unwrap_or_else(|| {
+                    let bw = if cfg.load_bandwidth > 0.0 { cfg.load_bandwidth } else { f64::INFINITY };
+                    cfg.load_latency_secs + st.need(slot) as f64 / bw
+                });
+                let (decision, evict_bytes, wait) = match st.preview(slot, now) {
+                    Admission::Hit => ("hit", 0, Some(0.0)),
+                    Admission::Join => ("join", 0, Some(load_secs)),
+                    Admission::AwaitUnload => ("await_unload", 0, Some(load_secs)),
+                    Admission::Queued(_) => ("queue", 0, None),
+                    Admission::Load(plan) => {
+                        let bytes = plan.victims.iter().map(|&v| st.model_status(v).ledger_bytes).sum();
+                        ("load", bytes, Some(load_secs))
+                    }
+                    Admission::Reject(r) => ("reject", 0, r.retry_after_secs.map(f64::from)),
+                };
+                ResidencyEntry {
+                    id: m.id,
+                    phase: m.phase,
+                    leases: m.leases,
+                    waiting: m.waiters + m.queued,
+                    decision,
+                    evict_bytes,
+                    expected_wait_secs: wait,
+                }
+            })
+            .collect();
+        Residency { limit: ledger.limit, used: ledger.used(), models }
     }
 
     /// Status for the admin API.

@@ -79,3 +79,37 @@ pub struct UnloadReport {
     /// Bytes the backend reported freed (when unloaded now).
     pub freed_bytes: Option<u64>,
 }
+
+/// One model in a [`Residency`] view: where it is and what a request for it would cost now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResidencyEntry {
+    /// Model id.
+    pub id: ModelId,
+    /// Life phase now.
+    pub phase: crate::state::Phase,
+    /// Requests holding it.
+    pub leases: u32,
+    /// Requests waiting for it (its load, or the admission queue).
+    pub waiting: u32,
+    /// What a request now would meet: `hit`, `join`, `load`, `await_unload`, `queue` or
+    /// `reject` (the dry run's decision).
+    pub decision: &'static str,
+    /// Bytes a load now would evict (0 unless `load`).
+    pub evict_bytes: u64,
+    /// Seconds a request now would wait for its model: 0 for a hit; its load time (measured
+    /// last time, else the pool's prior) for a load or a join (at most that long); the refusal's
+    /// retry hint for a queued or refused one (`None` when waiting cannot help).
+    pub expected_wait_secs: Option<f64>,
+}
+
+/// What a node holds and what admitting each model would cost there: a compact view for
+/// routers (one lock, no backend call).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Residency {
+    /// Memory limit, bytes.
+    pub limit: u64,
+    /// Bytes committed now (weights, reservations, draining, KV).
+    pub used: u64,
+    /// Every registered model.
+    pub models: Vec<ResidencyEntry>,
+}

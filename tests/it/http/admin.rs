@@ -171,3 +171,35 @@ async fn pool_status_reports_the_settings_a_simulation_needs_and_events_count_si
     let plain = Harness::new(10 * GB, 3);
     assert!(json(&plain.req("GET", "/admin/pool").await)["timing"].is_null());
 }
+
+/// `/admin/residency`: per model, where it is and what a request would cost now (issue 18).
+#[tokio::test]
+async fn residency_says_what_admitting_each_model_would_cost() {
+    let h = Harness::new(6 * GB, 4).with_state(|s| s.with_node_id("n1"));
+    let lease = h.pool.acquire("chat-a").await.unwrap(); // 2 GB, busy
+    drop(h.pool.acquire("chat-b").await.unwrap()); // 2 GB, idle
+    let v = json(&h.req("GET", "/admin/residency").await);
+    assert_eq!(v["node"], "n1");
+    assert_eq!(v["limit"], 6 * GB);
+    assert_eq!(v["used"], 4 * GB);
+    let m = |id: &str| v["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    assert_eq!((m("chat-a")["phase"].as_str(), m("chat-a")["leases"].as_u64()), (Some("resident"), Some(1)));
+    assert_eq!(m("chat-a")["decision"], "hit");
+    assert_eq!(m("chat-a")["expected_wait_secs"], 0.0);
+    // chat-big (5 GB) cannot fit beside busy chat-a (evicting idle chat-b is not enough).
+    assert_eq!(m("chat-big")["decision"], "reject");
+    // vis (1 GB) fits without evicting anything.
+    assert_eq!((m("vis")["decision"].as_str(), m("vis")["evict_bytes"].as_u64()), (Some("load"), Some(0)));
+    assert!(m("vis")["expected_wait_secs"].as_f64().unwrap() >= 0.0);
+    // A model larger than the limit: refused, and waiting cannot help.
+    assert_eq!(m("huge")["decision"], "reject");
+    assert!(m("huge")["expected_wait_secs"].is_null());
+    drop(lease);
+    let v = json(&h.req("GET", "/admin/residency").await);
+    let big = v["models"].as_array().unwrap().iter().find(|m| m["id"] == "chat-big").unwrap().clone();
+    // Once chat-a is idle: a load that evicts both 2 GB models.
+    assert_eq!((big["decision"].as_str(), big["evict_bytes"].as_u64()), (Some("load"), Some(4 * GB)));
+    // Nothing changed.
+    assert_eq!(h.model("chat-big").phase, Phase::Absent);
+    assert_eq!(h.pool.status().stats.loads, 2);
+}
