@@ -7,6 +7,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${MODELPOOL_E2E_VENV:-$repo/target/e2e-venv}"
 cd "$repo"
+. "$repo/scripts/lib.sh"
 [ -x "$venv/bin/python" ] || "$repo/scripts/setup-server.sh"
 
 cargo build -q --bin modelpool
@@ -27,12 +28,7 @@ pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
-for _ in $(seq 1 100); do
-    grep -q "listening on" "$log.out" 2>/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { echo "server exited:"; cat "$log"; exit 1; }
-    sleep 0.1
-done
-grep -q "listening on" "$log.out" || { echo "server did not start:"; cat "$log"; exit 1; }
+wait_listening "$pid" "$log.out" "$log"
 
 status=0
 MODELPOOL_URL="http://127.0.0.1:$port" MODELPOOL_E2E_API_KEY="$api_key" MODELPOOL_E2E_ADMIN_KEY="$admin_key" \

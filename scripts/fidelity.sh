@@ -18,6 +18,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
+. "$repo/scripts/lib.sh"
 flags=(--memory-limit 11GB --max-models 4 --queue-timeout 3 --load-latency 0.2 --load-bandwidth 8GB
     --decode-ms 5 --prefill-ms 0.05 --unload-secs 0.1)
 trace=traces/fidelity.csv
@@ -74,11 +75,7 @@ log="$(mktemp -t modelpool-fidelity.XXXXXX)"
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; rm -f "$log.toml" "$log.out"; }
 trap cleanup EXIT
-for _ in $(seq 1 100); do
-    grep -q "listening on" "$log.out" 2>/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { echo "server exited:"; cat "$log"; exit 1; }
-    sleep 0.1
-done
+wait_listening "$pid" "$log.out" "$log"
 url="$(grep -o 'http://[0-9.:]*' "$log.out" | head -1)"
 [ -n "$url" ] || { echo "server did not start:"; cat "$log"; exit 1; }
 status=0

@@ -61,3 +61,16 @@ sha256_check() {
     done
     return "$status"
 }
+
+# wait_listening PID OUT LOG: wait (up to 10 s) for a `modelpool serve` started as PID, writing
+# stdout to OUT and stderr to LOG, to print its "listening on" line; on failure print LOG and
+# exit 1.
+wait_listening() {
+    local pid="$1" out="$2" log="$3"
+    for _ in $(seq 1 100); do
+        grep -q "listening on" "$out" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { echo "server exited:"; cat "$log"; exit 1; }
+        sleep 0.1
+    done
+    grep -q "listening on" "$out" || { echo "server did not start:"; cat "$log"; exit 1; }
+}

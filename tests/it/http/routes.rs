@@ -593,16 +593,7 @@ async fn health_metrics_and_routing_errors() {
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = String::from_utf8(r.body().to_vec()).unwrap();
-    let metric = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let metric = |name: &str| metric_value(&text, name);
     assert_eq!(metric("modelpool_hits_total"), 1.0);
     assert_eq!(metric("modelpool_loads_total"), 2.0);
     assert_eq!(metric("modelpool_evictions_total{reason=\"capacity\"}"), 1.0);
@@ -810,18 +801,7 @@ async fn metrics_speak_the_endpoint_pickers_protocol() {
             String::from_utf8(r.body().to_vec()).unwrap()
         }
     };
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| {
-                l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
-            })
-            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = metric_value;
     let t = scrape(&h).await;
     assert_eq!(value(&t, "modelpool_num_requests_waiting"), 0.0);
     assert_eq!(value(&t, "modelpool_num_requests_running"), 0.0);
@@ -863,4 +843,17 @@ async fn metrics_speak_the_endpoint_pickers_protocol() {
     drop(lease);
     w1.abort();
     w2.abort();
+}
+
+/// The value of the first sample of `name` in Prometheus text (`name` may carry its labels; a
+/// bare name also matches a labelled sample).
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && matches!(l[name.len()..].chars().next(), Some(' ' | '{')))
+        .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
