@@ -337,6 +337,9 @@ fn mlx_lm_generate(
     let prompt_file = std::env::temp_dir().join(format!("modelpool-bench-prompt-{}.txt", std::process::id()));
     std::fs::write(&prompt_file, prompt).map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(venv.join("bin/python"));
+    // cargo puts this crate's libmlx.so (MLX 0.32.2) on the library path; the venv's mlx
+    // (0.32.4) must load its own.
+    cmd.env_remove("LD_LIBRARY_PATH");
     cmd.arg(root.join("scripts/bench-mlx-lm.py")).arg(dir).arg(&prompt_file).arg(tokens.to_string());
     if upcast {
         cmd.arg("--upcast");
@@ -400,8 +403,9 @@ async fn native() {
             h.unload().await.unwrap();
         }
     }
+    println!();
     for pair in rows.chunks(2) {
-        println!("\ndecode, MLX directory / GGUF, {}: {:.3}x", pair[0].0, pair[1].1 / pair[0].1);
+        println!("decode, MLX directory / GGUF, {}: {:.3}x", pair[0].0, pair[1].1 / pair[0].1);
     }
 
     println!("\n## The same MLX 4-bit directory: modelpool against mlx-lm 0.32.2's `stream_generate`\n");

@@ -324,22 +324,12 @@ TINY = {
         "original_max_position_embeddings": 64,
         "tie_word_embeddings": False,
     },
-    # Mistral with a sliding window on the layers `layer_types` names (mlx-lm's llama.py).
-    "mistral-swa": {
-        "model_type": "mistral",
-        "architectures": ["MistralForCausalLM"],
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 4096,
-        "sliding_window": 8,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
+}
+# Mistral with a sliding window on the layers `layer_types` names (mlx-lm's llama.py).
+TINY["mistral-swa"] = {
+    **TINY["mistral"],
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
 }
 TINY_IDS = [1, 504, 3575, 282, 4649, 314, 7042, 30, 198, 216, 33, 34]
 # A sequence longer than the tiny models' windows (8, 16) and than one prefill chunk (128).

@@ -105,7 +105,8 @@ async fn safetensors_directories_match_mlx_lm() {
 /// their own RoPE base) and global ones with linear `rope_scaling`, tied head; Phi-3 with fused
 /// qkv / gate-up, partial rotary and `longrope`; Mistral with `layer_types` and a window of 8),
 /// on fixed ids (12, and for the windowed ones also 300, far past their windows): logits within
-/// 1e-3 of mlx-lm's at the top 5 and at every 997th id, greedy ids equal up to a near tie.
+/// 1e-3 of mlx-lm's at the top 5 and at every 997th id, greedy ids equal up to a near tie; the
+/// size hint from the headers equals the bytes loaded.
 #[tokio::test]
 async fn tiny_families_match_mlx_lm_logits() {
     let reference = fixture("mlx_reference.json");
@@ -113,7 +114,10 @@ async fn tiny_families_match_mlx_lm_logits() {
     let mut families = Vec::new();
     let mut long = 0;
     for (label, entry) in models.iter().filter(|(l, _)| l.starts_with("tiny-")) {
-        let model = backend().load_model(&dir_spec(entry["dir"].as_str().unwrap())).await.unwrap();
+        let spec = dir_spec(entry["dir"].as_str().unwrap());
+        let model = backend().load_model(&spec).await.unwrap();
+        let (hint, measured) = (mlx_resident_estimate(&spec, true).unwrap(), model.measured_bytes());
+        assert_eq!(hint, measured, "{label}: the size hint is what the backend holds");
         let mut worst = 0f64;
         for item in entry["items"].as_array().unwrap() {
             let input = ids(&item["input_ids"]);
@@ -360,4 +364,26 @@ async fn a_directory_model_is_served_over_the_openai_api() {
     let models: Value =
         serde_json::from_slice(warp::test::request().path("/v1/models").reply(&routes).await.body()).unwrap();
     assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == id));
+}
+
+/// Issue 17 (catalogue) and 19 (not served yet): a directory whose `config.json` has a
+/// `vision_config` (a Gemma 3 multimodal config over the tiny Gemma 3 weights) is catalogued as
+/// `vision`; loading it through the pool fails with an error saying the MLX backend serves no
+/// vision models, and the ledger stays empty.
+#[tokio::test]
+async fn a_vision_directory_is_catalogued_as_vision_and_refused() {
+    let (tmp, d) = copy_of("tiny-gemma3_text", true);
+    edit_config(&d, |v| {
+        v["model_type"] = "gemma3".into();
+        v["vision_config"] = serde_json::json!({"model_type": "siglip_vision_model"});
+    });
+    let specs = scan_models_dir(tmp.path()).unwrap();
+    let got: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
+    assert_eq!(got, [("m", ModelType::Vision)]);
+    let pool = lru_pool();
+    pool.register(specs[0].clone());
+    let err =
+        pool.acquire("m").await.err().unwrap_or_else(|| panic!("a vision model was loaded")).to_string();
+    assert!(err.contains("is a vision model: the MLX backend serves text-gen"), "{err}");
+    assert_eq!(pool.status().ledger.used(), 0);
 }

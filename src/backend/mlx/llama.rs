@@ -965,6 +965,7 @@ impl Llama {
         let mut x = self.embed(ids)?.reshape(&[1, t, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         cache.reserve(offset + t, cfg)?;
+        let mut masks = Masks::default();
         for (li, l) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
             let mut qkv = l.qkv.forward(&h)?;
@@ -985,7 +986,7 @@ impl Llama {
             let q = pop(&mut parts)?;
             let (keys, values) = cache.update(li, &k, &v, offset, t)?;
             let attn = self
-                .attend(l, &q, &keys, &values, offset, t)?
+                .attend(l, (&q, &keys, &values), offset, t, &mut masks)?
                 .transpose_axes(&[0, 2, 1, 3])
                 .context("transpose")?
                 .reshape(&[1, t, nh * hd])
@@ -1002,6 +1003,25 @@ impl Llama {
 fn softcap(x: &Array, c: f32) -> Res<Array> {
     let c = Array::from_f32(c);
     ops::tanh(x.divide(&c).context("softcap")?).context("softcap")?.multiply(&c).context("softcap")
+}
+
+/// The attention masks of one forward pass, built once per distinct window (a chunk's mask is
+/// the same for every layer with that window).
+#[derive(Default)]
+struct Masks(Vec<(Option<i32>, Array)>);
+
+impl Masks {
+    /// [`window_mask`] for these arguments; `start` must be the one `window` implies.
+    fn get(&mut self, offset: i32, t: i32, start: i32, window: Option<i32>) -> &Array {
+        let i = match self.0.iter().position(|(w, _)| *w == window) {
+            Some(i) => i,
+            None => {
+                self.0.push((window, window_mask(offset, t, start, window)));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
+    }
 }
 
 /// The attention mask of `t` queries at positions `offset..offset + t` over the keys at
@@ -1028,7 +1048,14 @@ impl Llama {
     /// query sees are sliced off; a multi-token chunk gets a windowed causal mask). Gemma 2's
     /// soft-capped scores take the explicit path (`scores -> tanh -> mask -> softmax`, as
     /// mlx-lm's gemma2.py); every other layer runs `fast::scaled_dot_product_attention`.
-    fn attend(&self, l: &Layer, q: &Array, keys: &Array, values: &Array, offset: i32, t: i32) -> Res<Array> {
+    fn attend(
+        &self,
+        l: &Layer,
+        (q, keys, values): (&Array, &Array, &Array),
+        offset: i32,
+        t: i32,
+        masks: &mut Masks,
+    ) -> Res<Array> {
         let end = offset + t;
         let start = l.window.map_or(0, |w| (offset + 1 - w).max(0));
         let (sliced_k, sliced_v);
@@ -1043,12 +1070,10 @@ impl Llama {
         let windowed = l.window.is_some_and(|w| end - start > w);
         let scale = self.cfg.attn_scale;
         let Some(cap) = self.cfg.attn_softcap else {
-            let mask_arr;
             let mask = if t == 1 {
                 None
             } else if windowed {
-                mask_arr = window_mask(offset, t, start, l.window);
-                Some(ScaledDotProductAttentionMask::Array(&mask_arr))
+                Some(ScaledDotProductAttentionMask::Array(masks.get(offset, t, start, l.window)))
             } else {
                 Some(ScaledDotProductAttentionMask::Causal)
             };
@@ -1069,8 +1094,8 @@ impl Llama {
         let scores = q.matmul(k.swap_axes(-1, -2).context("swap")?).context("scores")?;
         let mut scores = softcap(&scores, cap)?;
         if t > 1 {
-            let mask = window_mask(offset, t, start, l.window);
-            scores = ops::select(&mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
+            let mask = masks.get(offset, t, start, l.window);
+            scores = ops::select(mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
         }
         let probs = ops::softmax_axis(&scores, -1, true).context("softmax")?;
         probs.matmul(&v).context("attention")?.reshape(&[1, nh, t, hd]).context("reshape")
@@ -1166,7 +1191,7 @@ impl Llama {
                 let k = pop(&mut parts)?;
                 let q = pop(&mut parts)?;
                 let (keys, values) = cache.update(li, &k, &v, offset, 1)?;
-                outs.push(self.attend(l, &q, &keys, &values, offset, 1)?);
+                outs.push(self.attend(l, (&q, &keys, &values), offset, 1, &mut Masks::default())?);
             }
             let attn = ops::concatenate(&outs, 0)
                 .context("join sequences")?
