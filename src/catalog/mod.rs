@@ -206,27 +206,15 @@ pub fn kv_bytes_per_token_of_config(config: &serde_json::Value) -> Option<u64> {
 }
 
 /// The longest sequence a decoder's `config.json` allows, as the MLX backend serves it:
-/// `max_position_embeddings`, capped by `sliding_window` for Mistral or when
-/// `use_sliding_window` is set (sliding-window attention is not implemented, so prompts past the
-/// window are refused); a multimodal config's `text_config` when the top level has neither.
+/// `max_position_embeddings` (sliding-window layers attend to their window at any length, so a
+/// window does not cap it); a multimodal config's `text_config` when the top level has none.
 /// `None` without `max_position_embeddings`.
 pub fn context_of_config(config: &serde_json::Value) -> Option<u32> {
     let c = match config.get("max_position_embeddings") {
         Some(_) => config,
         None => config.get("text_config")?,
     };
-    let int = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).filter(|&v| v > 0);
-    let mut context = int("max_position_embeddings")?;
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    let sliding =
-        if model_type == "mistral" || c.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
-            int("sliding_window")
-        } else {
-            None
-        };
-    if let Some(w) = sliding {
-        context = context.min(w);
-    }
+    let context = c.get("max_position_embeddings").and_then(serde_json::Value::as_u64).filter(|&v| v > 0)?;
     Some(u32::try_from(context).unwrap_or(u32::MAX))
 }
 
@@ -373,16 +361,16 @@ mod tests {
     }
 
     #[test]
-    fn context_comes_from_the_config_and_its_sliding_window() {
+    fn context_comes_from_the_config_whatever_its_sliding_window() {
         let ctx = |v: serde_json::Value| context_of_config(&v);
         assert_eq!(
             ctx(serde_json::json!({"model_type": "llama", "max_position_embeddings": 8192})),
             Some(8192)
         );
         let mistral = serde_json::json!({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096});
-        assert_eq!(ctx(mistral), Some(4096));
-        let qwen = serde_json::json!({"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096, "use_sliding_window": false});
-        assert_eq!(ctx(qwen), Some(32768), "the window applies only when used");
+        assert_eq!(ctx(mistral), Some(32768), "sliding-window attention serves past the window");
+        let qwen = serde_json::json!({"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096, "use_sliding_window": true});
+        assert_eq!(ctx(qwen), Some(32768));
         let vlm =
             serde_json::json!({"model_type": "qwen2_vl", "text_config": {"max_position_embeddings": 4096}});
         assert_eq!(ctx(vlm), Some(4096));

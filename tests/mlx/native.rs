@@ -100,36 +100,106 @@ async fn safetensors_directories_match_mlx_lm() {
 
 /// Tiny random-weight checkpoints written with mlx-lm's own classes (Qwen2 with attention
 /// biases, Qwen3 with q/k norms and an untied head, Mistral, Llama 3 with `rope_scaling`
-/// `llama3`), on fixed ids: logits within 1e-3 of mlx-lm's at the top 5 and at every 997th id.
+/// `llama3`; Gemma 2 with soft-capping, GeGLU, (1 + w) norms, pre/post feed-forward norms and
+/// a window of 16 on its even layers; Gemma 3 text with q/k norms, local layers (window 8,
+/// their own RoPE base) and global ones with linear `rope_scaling`, tied head; Phi-3 with fused
+/// qkv / gate-up, partial rotary and `longrope`; Mistral with `layer_types` and a window of 8),
+/// on fixed ids (12, and for the windowed ones also 300, far past their windows): logits within
+/// 1e-3 of mlx-lm's at the top 5 and at every 997th id, greedy ids equal up to a near tie; the
+/// size hint from the headers equals the bytes loaded.
 #[tokio::test]
 async fn tiny_families_match_mlx_lm_logits() {
     let reference = fixture("mlx_reference.json");
     let models = reference["models"].as_object().unwrap();
-    let mut families = 0;
+    let mut families = Vec::new();
+    let mut long = 0;
     for (label, entry) in models.iter().filter(|(l, _)| l.starts_with("tiny-")) {
-        let model = backend().load_model(&dir_spec(entry["dir"].as_str().unwrap())).await.unwrap();
-        let item = &entry["items"][0];
-        let top = ids(&item["first_step_top5"]["ids"]);
-        let sample = floats(&item["first_step_sample"]);
-        let mut logit_ids = top.clone();
-        logit_ids.extend((0..sample.len() as u32).map(|i| i * 997));
-        let want_ids = ids(&item["greedy_ids"]);
-        let probe = model.probe_ids(ids(&item["input_ids"]), want_ids.len(), logit_ids).await.unwrap();
-        let mut want = floats(&item["first_step_top5"]["logits"]);
-        want.extend(sample);
-        for (i, (g, w)) in probe.first_logits.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= 1e-3, "{label}: logit #{i} {g} vs mlx-lm {w}");
+        let spec = dir_spec(entry["dir"].as_str().unwrap());
+        let model = backend().load_model(&spec).await.unwrap();
+        let (hint, measured) = (mlx_resident_estimate(&spec, true).unwrap(), model.measured_bytes());
+        assert_eq!(hint, measured, "{label}: the size hint is what the backend holds");
+        let mut worst = 0f64;
+        for item in entry["items"].as_array().unwrap() {
+            let input = ids(&item["input_ids"]);
+            let what = format!("{label} ({} ids)", input.len());
+            long += usize::from(input.len() > 128);
+            let top = ids(&item["first_step_top5"]["ids"]);
+            let sample = floats(&item["first_step_sample"]);
+            let mut logit_ids = top.clone();
+            logit_ids.extend((0..sample.len() as u32).map(|i| i * 997));
+            let want_ids = ids(&item["greedy_ids"]);
+            let probe = model.probe_ids(input, want_ids.len(), logit_ids).await.unwrap();
+            let mut want = floats(&item["first_step_top5"]["logits"]);
+            want.extend(sample);
+            for (i, (g, w)) in probe.first_logits.iter().zip(&want).enumerate() {
+                worst = worst.max((g - w).abs());
+                assert!((g - w).abs() <= 1e-3, "{what}: logit #{i} {g} vs mlx-lm {w}");
+            }
+            assert_greedy_prefix(
+                &what,
+                &probe.greedy_ids,
+                &want_ids,
+                &floats(&item["greedy_step_margins"]),
+                0.05,
+            );
         }
-        assert_greedy_prefix(
-            label,
-            &probe.greedy_ids,
-            &want_ids,
-            &floats(&item["greedy_step_margins"]),
-            0.05,
-        );
-        families += 1;
+        eprintln!("{label}: max |logit - mlx-lm| {worst:.6}");
+        families.push(label.clone());
     }
-    assert_eq!(families, 4);
+    assert_eq!(
+        families,
+        [
+            "tiny-gemma2",
+            "tiny-gemma3_text",
+            "tiny-llama3",
+            "tiny-mistral",
+            "tiny-mistral-swa",
+            "tiny-phi3",
+            "tiny-qwen2",
+            "tiny-qwen3"
+        ]
+    );
+    assert_eq!(long, 3, "the three windowed families on the 300-id sequence");
+}
+
+/// Sliding-window layers through the serving path (chunked prefill, batched decode): for each
+/// windowed tiny family, greedy generations of a prompt of more than 300 tokens (three prefill
+/// chunks of 128, each past the windows of 8 and 16, so the chunks' masks are causal and
+/// windowed at an offset) and of two short prompts, first one at a time, then all three
+/// together (decoded in one batch), give the same text; and the long one's text is the
+/// probe's (the whole prompt in one forward pass, then single-sequence decode, which the test
+/// above checks against mlx-lm).
+#[tokio::test]
+async fn windowed_families_batched_and_chunked_equal_one_pass() {
+    let long = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(24);
+    let prompts: Vec<(String, u32)> =
+        vec![(long.clone(), 20), ("Hello there, how are you?".into(), 24), ("One two three".into(), 12)];
+    for name in ["tiny-gemma2", "tiny-gemma3_text", "tiny-mistral-swa"] {
+        let model = backend().load_model(&dir_spec(name)).await.unwrap();
+        let h: Arc<dyn ModelHandle> = model.clone();
+        let probe = model.probe(Prompt::Text(long.clone()), 20, vec![]).await.unwrap();
+        assert!(probe.input_ids.len() > 300, "{name}: {} prompt tokens", probe.input_ids.len());
+        let req = |p: &str, n: u32| GenerateRequest::greedy(Prompt::Text(p.to_string()), n);
+        let mut solo = Vec::new();
+        for (p, n) in &prompts {
+            solo.push(collect(&h, req(p, *n)).await);
+        }
+        assert_eq!(solo[0].0, probe.greedy_text, "{name}: chunked prefill equals one pass");
+        assert!(!solo[0].0.is_empty(), "{name}: the long prompt generated text");
+        let tasks: Vec<_> = prompts
+            .iter()
+            .map(|(p, n)| {
+                let (h, r) = (h.clone(), req(p, *n));
+                tokio::spawn(async move { collect(&h, r).await })
+            })
+            .collect();
+        for (t, want) in tasks.into_iter().zip(&solo) {
+            let got = t.await.unwrap();
+            assert_eq!((&got.0, got.2, got.3, got.4), (&want.0, want.2, want.3, want.4), "{name}");
+        }
+        assert!(model.peak_batch() >= 2, "{name}: decoded together (peak batch {})", model.peak_batch());
+        h.unload().await.unwrap();
+    }
 }
 
 /// The quantized path (MLX's quantized matmul, weights kept packed): the 4-bit directory
@@ -201,7 +271,7 @@ async fn bad_directories_are_clear_load_errors_and_leave_the_ledger_unchanged() 
         (
             "unknown architecture",
             Box::new(|d| edit_config(d, |v| v["model_type"] = "mamba".into())),
-            "unsupported model_type 'mamba' (supported: llama, mistral, qwen2, qwen3)",
+            "unsupported model_type 'mamba' (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)",
         ),
         (
             "missing tokenizer",
@@ -294,4 +364,26 @@ async fn a_directory_model_is_served_over_the_openai_api() {
     let models: Value =
         serde_json::from_slice(warp::test::request().path("/v1/models").reply(&routes).await.body()).unwrap();
     assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == id));
+}
+
+/// Issue 17 (catalogue) and 19 (not served yet): a directory whose `config.json` has a
+/// `vision_config` (a Gemma 3 multimodal config over the tiny Gemma 3 weights) is catalogued as
+/// `vision`; loading it through the pool fails with an error saying the MLX backend serves no
+/// vision models, and the ledger stays empty.
+#[tokio::test]
+async fn a_vision_directory_is_catalogued_as_vision_and_refused() {
+    let (tmp, d) = copy_of("tiny-gemma3_text", true);
+    edit_config(&d, |v| {
+        v["model_type"] = "gemma3".into();
+        v["vision_config"] = serde_json::json!({"model_type": "siglip_vision_model"});
+    });
+    let specs = scan_models_dir(tmp.path()).unwrap();
+    let got: Vec<(&str, ModelType)> = specs.iter().map(|s| (&*s.id, s.model_type)).collect();
+    assert_eq!(got, [("m", ModelType::Vision)]);
+    let pool = lru_pool();
+    pool.register(specs[0].clone());
+    let err =
+        pool.acquire("m").await.err().unwrap_or_else(|| panic!("a vision model was loaded")).to_string();
+    assert!(err.contains("is a vision model: the MLX backend serves text-gen"), "{err}");
+    assert_eq!(pool.status().ledger.used(), 0);
 }

@@ -1,7 +1,11 @@
-//! The decoder in mlx-rs, one implementation with per-family configuration (the way mlx-lm's
-//! `llama.py` serves Llama 3.x, SmolLM2 and Mistral, and `qwen2.py` / `qwen3.py` add attention
-//! biases and q/k norms to the same layers): RMSNorm, RoPE (with Llama 3 frequency scaling),
-//! grouped-query attention, SwiGLU MLP, tied or separate output embeddings, a KV cache.
+//! The decoder in mlx-rs, one implementation with per-family configuration ([`LlamaConfig`]'s
+//! switches, the way mlx-lm's `llama.py` serves Llama 3.x, SmolLM2 and Mistral and its
+//! `qwen2.py`, `qwen3.py`, `gemma2.py`, `gemma3_text.py` and `phi3.py` vary the same layers):
+//! RMSNorm (Gemma's `1 + w`), RoPE (Llama 3, linear and Phi-3 `longrope` scaling; partial
+//! rotary; Gemma 3's local base), grouped-query attention with optional q/k norms, biases,
+//! Gemma 2's soft-capping and per-layer sliding windows, SwiGLU or GeGLU MLP, Gemma's
+//! scaled embeddings and sandwich norms, Phi-3's fused projections, tied or separate output
+//! embeddings, a KV cache.
 //!
 //! Weights come from one of two sources ([`Source`]):
 //! - a GGUF file through `mlx_rs::io::GgufFile`, which turns Q4_0/Q4_1/Q8_0 tensors into MLX
@@ -42,9 +46,52 @@ pub(super) enum WeightFormat {
 }
 
 /// The `model_type`s of Hugging Face / MLX directories this decoder serves.
-pub(super) const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub(super) const SUPPORTED_MODEL_TYPES: [&str; 7] =
+    ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"];
 
-/// Hyper-parameters, from GGUF metadata or `config.json`.
+/// The feed-forward activation of the gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Activation {
+    /// SwiGLU: `silu(gate) * up` (Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU, as mlx's `nn.gelu_approx` (Gemma 2 / 3).
+    GeluApprox,
+}
+
+/// Where the output projection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Head {
+    /// The input embedding is the output layer.
+    Tied,
+    /// `lm_head` (GGUF: `output`) must exist.
+    Separate,
+    /// `lm_head` when the weights have one, else tied (mlx-lm's Gemma 3 `sanitize`; GGUF).
+    IfPresent,
+}
+
+/// Rotary embedding of one kind of layer: `fast::rope` with a base, or with explicit periods.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RopeSpec {
+    pub base: f32,
+    /// `rope_scaling` `linear`: positions are multiplied by this.
+    pub scale: f32,
+    /// `rope_scaling` `llama3` or `longrope`/`su`: the per-pair periods passed to `fast::rope`
+    /// instead of a base.
+    pub freqs: Option<Vec<f32>>,
+    /// `longrope`/`su` (mlx-lm's `SuScaledRoPE`): the rotated features of q and k are
+    /// multiplied by this before the rotation; 1 otherwise.
+    pub mscale: f32,
+}
+
+impl RopeSpec {
+    fn plain(base: f32) -> Self {
+        RopeSpec { base, scale: 1.0, freqs: None, mscale: 1.0 }
+    }
+}
+
+/// Hyper-parameters, from GGUF metadata or `config.json`: one decoder, with per-family switches
+/// (the way mlx-lm's `llama.py`, `qwen2.py`, `qwen3.py`, `gemma2.py`, `gemma3_text.py` and
+/// `phi3.py` differ from one another).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct LlamaConfig {
     pub n_layers: usize,
@@ -52,21 +99,40 @@ pub(super) struct LlamaConfig {
     pub n_heads: i32,
     pub n_kv_heads: i32,
     pub head_dim: i32,
+    /// Features rotated per head (`partial_rotary_factor` x head_dim for Phi-3; else head_dim).
     pub rope_dims: i32,
-    pub rope_base: f32,
     /// Interleaved ("traditional") RoPE: GGUF's row order, or `rope_traditional` in an MLX config.
     pub rope_traditional: bool,
-    /// `rope_scaling` `linear`: positions are multiplied by this.
-    pub rope_scale: f32,
-    /// `rope_scaling` `llama3`: the per-pair periods passed to `fast::rope` instead of a base.
-    pub rope_freqs: Option<Vec<f32>>,
-    /// RMSNorm of q and k per head before RoPE (Qwen3).
+    /// RoPE of full-attention layers (and of every layer without `local_rope`).
+    pub rope: RopeSpec,
+    /// RoPE of sliding-window layers when it differs (Gemma 3's `rope_local_base_freq`).
+    pub local_rope: Option<RopeSpec>,
+    /// Per layer: the sliding window (the keys a query sees: itself and the `w - 1` before it),
+    /// or `None` for full causal attention.
+    pub windows: Vec<Option<usize>>,
+    /// RMSNorm of q and k per head before RoPE (Qwen3, Gemma 3).
     pub qk_norm: bool,
-    /// Use the input embedding as the output layer.
-    pub tied: bool,
+    /// Gemma's RMSNorm `x / rms(x) * (1 + w)`: 1 is added to every norm weight at load.
+    pub norm_plus_one: bool,
+    /// Gemma 2/3: norms on the attention output and the MLP output before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`), the MLP's input norm being
+    /// `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Gemma: the embeddings are multiplied by this (sqrt(hidden), rounded to bf16 for Gemma 3
+    /// as mlx-lm does).
+    pub embed_scale: Option<f32>,
+    pub activation: Activation,
+    /// Attention scores' scale: head_dim^-1/2, or Gemma's query_pre_attn_scalar^-1/2.
+    pub attn_scale: f32,
+    /// Gemma 2: `tanh(scores / c) * c` on the attention scores.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2: `tanh(logits / c) * c` on the output logits.
+    pub final_softcap: Option<f32>,
+    /// Phi-3: q/k/v in one `qkv_proj`, gate/up in one `gate_up_proj`.
+    pub fused: bool,
+    pub head: Head,
     pub eps: f32,
-    /// Longest sequence served: the model's context, or its sliding window when it has one
-    /// (sliding-window attention is not implemented, so prompts past the window are refused).
+    /// Longest sequence served: the model's context (`max_position_embeddings`).
     pub context: usize,
     pub vocab: usize,
 }
@@ -123,6 +189,108 @@ fn llama3_freqs(dims: i32, base: f32, s: &serde_json::Value) -> Res<Vec<f32>> {
         .collect())
 }
 
+/// mlx-lm's `SuScaledRoPE` (Phi-3 `longrope` / `su`): periods `long_factor[i] * base^(2i/dims)`
+/// (computed in f32, as MLX does; mlx-lm uses the long factors at every length) and the scale
+/// `sqrt(1 + ln(max / original) / ln(original))` on the rotated features when the context was
+/// extended.
+fn su_rope(dims: i32, base: f32, s: &serde_json::Value, c: &serde_json::Value) -> Res<RopeSpec> {
+    let long: Vec<f32> = s
+        .get("long_factor")
+        .and_then(|v| v.as_array())
+        .context("config.json: rope_scaling (longrope) has no \"long_factor\" list")?
+        .iter()
+        .map(|v| v.as_f64().map(|x| x as f32))
+        .collect::<Option<_>>()
+        .context("config.json: rope_scaling long_factor holds a non-number")?;
+    if long.len() != (dims / 2) as usize {
+        return Err(anyhow!(
+            "config.json: rope_scaling long_factor has {} entries, the {dims} rotated features need {}",
+            long.len(),
+            dims / 2
+        ));
+    }
+    let freqs = long.iter().enumerate().map(|(i, f)| f * base.powf((2 * i) as f32 / dims as f32)).collect();
+    let max = c.get("max_position_embeddings").and_then(|v| v.as_f64()).unwrap_or(131072.0);
+    let original = c.get("original_max_position_embeddings").and_then(|v| v.as_f64()).unwrap_or(4096.0);
+    let factor = max / original;
+    let mscale = if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / original.ln()).sqrt() as f32 };
+    Ok(RopeSpec { base, scale: 1.0, freqs: Some(freqs), mscale })
+}
+
+/// The RoPE a config's `rope_scaling` describes for `dims` rotated features (none: plain).
+fn rope_of(c: &serde_json::Value, dims: i32, base: f32) -> Res<RopeSpec> {
+    let Some(s) = c.get("rope_scaling").filter(|s| !s.is_null()) else {
+        return Ok(RopeSpec::plain(base));
+    };
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    Ok(match kind {
+        "default" => RopeSpec::plain(base),
+        "llama3" => RopeSpec { freqs: Some(llama3_freqs(dims, base, s)?), ..RopeSpec::plain(base) },
+        "linear" => {
+            let f = s
+                .get("factor")
+                .and_then(|v| v.as_f64())
+                .context("config.json: rope_scaling (linear) has no \"factor\"")?;
+            RopeSpec { scale: (1.0 / f) as f32, ..RopeSpec::plain(base) }
+        }
+        "longrope" | "su" => su_rope(dims, base, s, c)?,
+        other => {
+            return Err(anyhow!(
+                "config.json: rope_scaling type '{other}' is not supported (default, linear, llama3, longrope, su)"
+            ));
+        }
+    })
+}
+
+/// Which layers have a sliding window, and its size. `layer_types` (transformers, mlx-lm's
+/// `llama.py`) when the config has it; otherwise the family's rule as transformers states it:
+/// Gemma 2 every even layer, Gemma 3 all but every `sliding_window_pattern`-th (mlx-lm), Mistral
+/// and Phi-3 every layer when `sliding_window` is set, Qwen 2/3 layers from `max_window_layers`
+/// on when `use_sliding_window` is true.
+fn windows_of(c: &serde_json::Value, model_type: &str, n_layers: usize) -> Res<Vec<Option<usize>>> {
+    let window = c.get("sliding_window").and_then(|v| v.as_u64()).filter(|&w| w > 0).map(|w| w as usize);
+    if let Some(types) = c.get("layer_types").filter(|t| !t.is_null()) {
+        let types = types.as_array().context("config.json: layer_types is not a list")?;
+        if types.len() != n_layers {
+            return Err(anyhow!(
+                "config.json: layer_types has {} entries for {n_layers} layers",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => window
+                    .map(Some)
+                    .context("config.json: layer_types has sliding_attention but no sliding_window"),
+                other => Err(anyhow!("config.json: layer type {other:?} is not supported")),
+            })
+            .collect();
+    }
+    let Some(w) = window else { return Ok(vec![None; n_layers]) };
+    let sliding = |i: usize| match model_type {
+        "gemma2" => i.is_multiple_of(2),
+        "gemma3_text" => {
+            let pattern = c.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6) as usize;
+            !(i + 1).is_multiple_of(pattern.max(1))
+        }
+        "mistral" | "phi3" => true,
+        "qwen2" | "qwen3" => {
+            c.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true)
+                && i as u64 >= c.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(28)
+        }
+        _ => false,
+    };
+    Ok((0..n_layers).map(|i| sliding(i).then_some(w)).collect())
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as `mx.array(x, mx.bfloat16)`.
+fn round_to_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+}
+
 impl LlamaConfig {
     pub fn from_gguf(f: &GgufFile) -> Res<Self> {
         let arch = f
@@ -143,19 +311,28 @@ impl LlamaConfig {
             return Err(anyhow!("hidden {hidden} is not a multiple of {n_heads} heads"));
         }
         let head_dim = hidden / n_heads;
+        let n_layers = meta_req(f, &k("block_count"))? as usize;
         Ok(LlamaConfig {
-            n_layers: meta_req(f, &k("block_count"))? as usize,
+            n_layers,
             hidden,
             n_heads,
             n_kv_heads,
             head_dim,
             rope_dims: meta_f64(f, &k("rope.dimension_count"))?.map_or(head_dim, |v| v as i32),
-            rope_base: meta_f64(f, &k("rope.freq_base"))?.unwrap_or(10000.0) as f32,
             rope_traditional: true,
-            rope_scale: 1.0,
-            rope_freqs: None,
+            rope: RopeSpec::plain(meta_f64(f, &k("rope.freq_base"))?.unwrap_or(10000.0) as f32),
+            local_rope: None,
+            windows: vec![None; n_layers],
             qk_norm: false,
-            tied: true,
+            norm_plus_one: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            activation: Activation::Silu,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            fused: false,
+            head: Head::IfPresent,
             eps: meta_f64(f, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
             context: meta_f64(f, &k("context_length"))?.unwrap_or(2048.0) as usize,
             vocab: 0,
@@ -173,6 +350,7 @@ impl LlamaConfig {
                 SUPPORTED_MODEL_TYPES.join(", ")
             ));
         }
+        let gemma = matches!(model_type, "gemma2" | "gemma3_text");
         let int = |k: &str| c.get(k).and_then(|v| v.as_i64());
         let req = |k: &str| int(k).with_context(|| format!("config.json: no integer \"{k}\""));
         let float = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
@@ -180,53 +358,63 @@ impl LlamaConfig {
         let n_heads = req("num_attention_heads")? as i32;
         let n_kv_heads = int("num_key_value_heads").map_or(n_heads, |v| v as i32);
         check_heads(hidden, n_heads, n_kv_heads)?;
-        let head_dim = int("head_dim").map_or(hidden / n_heads.max(1), |v| v as i32);
-        let rope_base = float("rope_theta", 10000.0) as f32;
-        let (mut rope_scale, mut rope_freqs) = (1.0, None);
-        if let Some(s) = c.get("rope_scaling").filter(|s| !s.is_null()) {
-            let kind =
-                s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
-            match kind {
-                "default" => {}
-                "llama3" => rope_freqs = Some(llama3_freqs(head_dim, rope_base, s)?),
-                "linear" => {
-                    let f = s
-                        .get("factor")
-                        .and_then(|v| v.as_f64())
-                        .context("config.json: rope_scaling (linear) has no \"factor\"")?;
-                    rope_scale = (1.0 / f) as f32;
-                }
-                other => {
-                    return Err(anyhow!(
-                        "config.json: rope_scaling type '{other}' is not supported (default, linear, llama3)"
-                    ));
-                }
-            }
-        }
-        let mut context = int("max_position_embeddings").unwrap_or(4096) as usize;
-        let sliding = match model_type {
-            "mistral" => int("sliding_window"),
-            _ if c.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) => int("sliding_window"),
+        let n_layers = req("num_hidden_layers")? as usize;
+        // Phi-3 derives the head size (mlx-lm ignores any head_dim); Gemma requires it.
+        let head_dim = match model_type {
+            "phi3" => hidden / n_heads,
+            _ if gemma => req("head_dim")? as i32,
+            _ => int("head_dim").map_or(hidden / n_heads.max(1), |v| v as i32),
+        };
+        let rope_dims = match model_type {
+            "phi3" => (head_dim as f64 * float("partial_rotary_factor", 1.0)) as i32,
+            _ => head_dim,
+        };
+        let default_base = if model_type == "gemma3_text" { 1_000_000.0 } else { 10000.0 };
+        let rope = rope_of(c, rope_dims, float("rope_theta", default_base) as f32)?;
+        let local_rope = (model_type == "gemma3_text")
+            .then(|| RopeSpec::plain(float("rope_local_base_freq", 10000.0) as f32));
+        let query_scalar = match model_type {
+            "gemma2" => Some(float("query_pre_attn_scalar", 144.0)),
+            "gemma3_text" => Some(float("query_pre_attn_scalar", 256.0)),
             _ => None,
         };
-        if let Some(w) = sliding.filter(|&w| w > 0) {
-            context = context.min(w as usize);
-        }
+        let softcap =
+            |k: &str, d: f64| (model_type == "gemma2").then(|| float(k, d) as f32).filter(|&v| v > 0.0);
+        let tie = c.get("tie_word_embeddings").and_then(|v| v.as_bool());
+        let head = match model_type {
+            "gemma2" => Head::Tied,
+            "gemma3_text" => Head::IfPresent,
+            "qwen3" | "phi3" if tie != Some(true) => Head::Separate,
+            _ if tie == Some(false) => Head::Separate,
+            _ => Head::Tied,
+        };
         Ok(LlamaConfig {
-            n_layers: req("num_hidden_layers")? as usize,
+            n_layers,
             hidden,
             n_heads,
             n_kv_heads,
             head_dim,
-            rope_dims: head_dim,
-            rope_base,
+            rope_dims,
             rope_traditional: c.get("rope_traditional").and_then(|v| v.as_bool()).unwrap_or(false),
-            rope_scale,
-            rope_freqs,
-            qk_norm: model_type == "qwen3",
-            tied: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(model_type != "qwen3"),
+            rope,
+            local_rope,
+            windows: windows_of(c, model_type, n_layers)?,
+            qk_norm: matches!(model_type, "qwen3" | "gemma3_text"),
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            embed_scale: match model_type {
+                "gemma2" => Some((hidden as f32).sqrt()),
+                "gemma3_text" => Some(round_to_bf16((hidden as f64).sqrt() as f32)),
+                _ => None,
+            },
+            activation: if gemma { Activation::GeluApprox } else { Activation::Silu },
+            attn_scale: query_scalar.map_or(1.0 / (head_dim as f32).sqrt(), |q| q.powf(-0.5) as f32),
+            attn_softcap: softcap("attn_logit_softcapping", 50.0),
+            final_softcap: softcap("final_logit_softcapping", 30.0),
+            fused: model_type == "phi3",
+            head,
             eps: float("rms_norm_eps", 1e-6) as f32,
-            context,
+            context: int("max_position_embeddings").unwrap_or(4096) as usize,
             vocab: 0,
         })
     }
@@ -372,14 +560,43 @@ struct Layer {
     qkv: Stacked,
     /// q/k/v biases concatenated (Qwen2), added after the qkv matmul.
     qkv_bias: Option<Array>,
-    /// Per-head RMSNorm weights of q and k (Qwen3).
+    /// Per-head RMSNorm weights of q and k (Qwen3, Gemma 3).
     q_norm: Option<Array>,
     k_norm: Option<Array>,
     o: Linear,
+    /// Gemma 2/3: the norm of the attention output before its residual add.
+    post_attn_norm: Option<Array>,
     ffn_norm: Array,
     gate_up: Stacked,
     down: Linear,
+    /// Gemma 2/3: the norm of the MLP output before its residual add.
+    post_ffn_norm: Option<Array>,
     ffn: i32,
+    /// The sliding window of this layer, if any (`LlamaConfig::windows`).
+    window: Option<i32>,
+    /// This layer's RoPE (an index into `Llama::ropes`).
+    rope: usize,
+}
+
+/// A [`RopeSpec`] ready to use: the periods and the q/k feature scale as arrays.
+struct Rope {
+    base: Option<f32>,
+    scale: f32,
+    freqs: Option<Array>,
+    /// The per-feature multiplier of q and k before the rotation (`RopeSpec::mscale` on the
+    /// rotated features, 1 on the rest), when it is not 1.
+    mscale: Option<Array>,
+}
+
+impl Rope {
+    fn new(spec: &RopeSpec, dims: i32, head_dim: i32) -> Rope {
+        let freqs = spec.freqs.as_ref().map(|f| Array::from_slice(f, &[f.len() as i32]));
+        let mscale = (spec.mscale != 1.0).then(|| {
+            let v: Vec<f32> = (0..head_dim).map(|i| if i < dims { spec.mscale } else { 1.0 }).collect();
+            Array::from_slice(&v, &[head_dim])
+        });
+        Rope { base: if freqs.is_some() { None } else { Some(spec.base) }, scale: spec.scale, freqs, mscale }
+    }
 }
 
 /// The loaded decoder. Holds only MLX arrays; lives on its model's worker thread.
@@ -389,8 +606,8 @@ pub(super) struct Llama {
     output: Option<Linear>,
     layers: Vec<Layer>,
     norm: Array,
-    /// RoPE periods (`cfg.rope_freqs`) as an array.
-    freqs: Option<Array>,
+    /// RoPE of full-attention layers, then (if different) of sliding-window layers.
+    ropes: Vec<Rope>,
 }
 
 /// The parts of a decoder, named per source.
@@ -403,12 +620,23 @@ enum Part {
     Q,
     K,
     V,
+    /// Phi-3's fused q/k/v projection.
+    Qkv,
     O,
     QNorm,
     KNorm,
+    /// The MLP's input norm in Llama-style layers (`post_attention_layernorm`).
     FfnNorm,
+    /// Gemma: the attention output's norm (also named `post_attention_layernorm`).
+    PostAttnNorm,
+    /// Gemma: the MLP's input norm.
+    PreFfnNorm,
+    /// Gemma: the MLP output's norm.
+    PostFfnNorm,
     Gate,
     Up,
+    /// Phi-3's fused gate/up projection.
+    GateUp,
     Down,
 }
 
@@ -454,6 +682,11 @@ impl Source<'_> {
             Part::QNorm => local("attn_q_norm", "self_attn.q_norm"),
             Part::KNorm => local("attn_k_norm", "self_attn.k_norm"),
             Part::FfnNorm => local("ffn_norm", "post_attention_layernorm"),
+            Part::PostAttnNorm => local("post_attention_norm", "post_attention_layernorm"),
+            Part::PreFfnNorm => local("ffn_norm", "pre_feedforward_layernorm"),
+            Part::PostFfnNorm => local("post_ffw_norm", "post_feedforward_layernorm"),
+            Part::Qkv => local("attn_qkv", "self_attn.qkv_proj"),
+            Part::GateUp => local("ffn_gate_up", "mlp.gate_up_proj"),
             Part::Gate => local("ffn_gate", "mlp.gate_proj"),
             Part::Up => local("ffn_up", "mlp.up_proj"),
             Part::Down => local("ffn_down", "mlp.down_proj"),
@@ -547,10 +780,12 @@ fn load_f32(src: &mut Source, name: &str) -> Res<Option<Array>> {
     src.take(name)?.map(|a| a.as_dtype(Dtype::Float32).with_context(|| name.to_string())).transpose()
 }
 
-fn load_norm(src: &mut Source, module: &str) -> Res<Array> {
+/// An RMSNorm weight as f32; with `plus_one` (Gemma) the `1 + w` the norm multiplies by.
+fn load_norm(src: &mut Source, module: &str, plus_one: bool) -> Res<Array> {
     let what = src.what();
-    load_f32(src, &format!("{module}.weight"))?
-        .with_context(|| format!("{what} has no tensor {module}.weight"))
+    let w = load_f32(src, &format!("{module}.weight"))?
+        .with_context(|| format!("{what} has no tensor {module}.weight"))?;
+    if plus_one { w.add(Array::from_f32(1.0)).with_context(|| module.to_string()) } else { Ok(w) }
 }
 
 impl Llama {
@@ -563,44 +798,65 @@ impl Llama {
         let embed = require(load_linear(src, &embed_name, format)?, &embed_name, what)?;
         cfg.vocab = embed.out_features() as usize;
         let out_name = name(src, Part::Output);
-        // GGUF: an output tensor when the file has one. HF: `lm_head` unless tied.
-        let gguf = matches!(src, Source::Gguf(_));
-        let output = if gguf || !cfg.tied { load_linear(src, &out_name, format)? } else { None };
-        if !gguf && !cfg.tied && output.is_none() {
-            return Err(anyhow!(
-                "{what} has no tensor {out_name}.weight (config.json: tie_word_embeddings is false)"
-            ));
-        }
+        let output = match cfg.head {
+            Head::Tied => None,
+            Head::Separate => Some(
+                require(load_linear(src, &out_name, format)?, &out_name, what)
+                    .map_err(|e| anyhow!("{e} (config.json: tie_word_embeddings is false)"))?,
+            ),
+            Head::IfPresent => load_linear(src, &out_name, format)?,
+        };
+        let plus_one = cfg.norm_plus_one;
         let norm_name = name(src, Part::Norm);
-        let norm = load_norm(src, &norm_name)?;
+        let norm = load_norm(src, &norm_name, plus_one)?;
         eval_all(embed.arrays().into_iter().chain([&norm]))?;
         if let Some(o) = &output {
             eval_all(o.arrays())?;
         }
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let get = |src: &mut Source, p: Part| -> Res<Linear> {
                 let n = src.name(i, p);
                 require(load_linear(src, &n, format)?, &n, what)
             };
-            let q = get(src, Part::Q)?;
-            let k = get(src, Part::K)?;
-            let v = get(src, Part::V)?;
-            let expect_q = cfg.n_heads * cfg.head_dim;
-            let expect_kv = cfg.n_kv_heads * cfg.head_dim;
-            if q.out_features() != expect_q || k.out_features() != expect_kv || v.out_features() != expect_kv
-            {
-                return Err(anyhow!(
-                    "layer {i}: q/k/v sizes {}/{}/{} do not match the config ({expect_q}/{expect_kv})",
-                    q.out_features(),
-                    k.out_features(),
-                    v.out_features()
-                ));
-            }
+            let norm = |src: &mut Source, p: Part| -> Res<Array> {
+                let n = src.name(i, p);
+                load_norm(src, &n, plus_one)
+            };
+            let (expect_q, expect_kv) = (nh * hd, nkv * hd);
+            let qkv = if cfg.fused {
+                let qkv = get(src, Part::Qkv)?;
+                if qkv.out_features() != expect_q + 2 * expect_kv {
+                    return Err(anyhow!(
+                        "layer {i}: qkv_proj has {} outputs, the config needs {expect_q} + 2 x {expect_kv}",
+                        qkv.out_features()
+                    ));
+                }
+                Stacked::Fused(qkv)
+            } else {
+                let q = get(src, Part::Q)?;
+                let k = get(src, Part::K)?;
+                let v = get(src, Part::V)?;
+                if q.out_features() != expect_q
+                    || k.out_features() != expect_kv
+                    || v.out_features() != expect_kv
+                {
+                    return Err(anyhow!(
+                        "layer {i}: q/k/v sizes {}/{}/{} do not match the config ({expect_q}/{expect_kv})",
+                        q.out_features(),
+                        k.out_features(),
+                        v.out_features()
+                    ));
+                }
+                Stacked::new(vec![q, k, v])?
+            };
             let mut biases = Vec::new();
-            for p in [Part::Q, Part::K, Part::V] {
-                let n = format!("{}.bias", src.name(i, p));
-                biases.extend(load_f32(src, &n)?);
+            if !cfg.fused {
+                for p in [Part::Q, Part::K, Part::V] {
+                    let n = format!("{}.bias", src.name(i, p));
+                    biases.extend(load_f32(src, &n)?);
+                }
             }
             let qkv_bias = match biases.len() {
                 0 => None,
@@ -608,33 +864,46 @@ impl Llama {
                 _ => return Err(anyhow!("layer {i}: some of q/k/v have a bias and some do not")),
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
-                let (qn, kn) = (src.name(i, Part::QNorm), src.name(i, Part::KNorm));
-                (Some(load_norm(src, &qn)?), Some(load_norm(src, &kn)?))
+                (Some(norm(src, Part::QNorm)?), Some(norm(src, Part::KNorm)?))
             } else {
                 (None, None)
             };
-            let gate = get(src, Part::Gate)?;
-            let ffn = gate.out_features();
-            let up = get(src, Part::Up)?;
-            let attn_norm_name = src.name(i, Part::AttnNorm);
-            let ffn_norm_name = src.name(i, Part::FfnNorm);
+            let (gate_up, ffn) = if cfg.fused {
+                let gu = get(src, Part::GateUp)?;
+                let n = gu.out_features();
+                if n % 2 != 0 {
+                    return Err(anyhow!("layer {i}: gate_up_proj has an odd number of outputs ({n})"));
+                }
+                (Stacked::Fused(gu), n / 2)
+            } else {
+                let gate = get(src, Part::Gate)?;
+                let ffn = gate.out_features();
+                (Stacked::new(vec![gate, get(src, Part::Up)?])?, ffn)
+            };
+            let sandwich = cfg.sandwich_norms;
+            let window = cfg.windows.get(i).copied().flatten().map(|w| w as i32);
             let layer = Layer {
-                attn_norm: load_norm(src, &attn_norm_name)?,
-                qkv: Stacked::new(vec![q, k, v])?,
+                attn_norm: norm(src, Part::AttnNorm)?,
+                qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
                 o: get(src, Part::O)?,
-                ffn_norm: load_norm(src, &ffn_norm_name)?,
-                gate_up: Stacked::new(vec![gate, up])?,
+                post_attn_norm: if sandwich { Some(norm(src, Part::PostAttnNorm)?) } else { None },
+                ffn_norm: norm(src, if sandwich { Part::PreFfnNorm } else { Part::FfnNorm })?,
+                gate_up,
                 down: get(src, Part::Down)?,
+                post_ffn_norm: if sandwich { Some(norm(src, Part::PostFfnNorm)?) } else { None },
                 ffn,
+                window,
+                rope: usize::from(window.is_some() && cfg.local_rope.is_some()),
             };
             eval_all(layer_arrays(&layer))?;
             layers.push(layer);
         }
-        let freqs = cfg.rope_freqs.as_ref().map(|f| Array::from_slice(f, &[f.len() as i32]));
-        Ok(Llama { cfg, embed, output, layers, norm, freqs })
+        let mut ropes = vec![Rope::new(&cfg.rope, cfg.rope_dims, hd)];
+        ropes.extend(cfg.local_rope.iter().map(|r| Rope::new(r, cfg.rope_dims, hd)));
+        Ok(Llama { cfg, embed, output, layers, norm, ropes })
     }
 
     /// Every array the model holds (for the byte count).
@@ -650,11 +919,41 @@ impl Llama {
         v
     }
 
-    fn rope(&self, x: &Array, offset: i32) -> Res<Array> {
+    /// RoPE of layer `l` on q and k heads `[.., heads, t, hd]` at positions `offset..`.
+    fn rope(&self, l: &Layer, x: &Array, offset: i32) -> Res<Array> {
+        let r = &self.ropes[l.rope];
+        let scaled;
+        let x = match &r.mscale {
+            Some(m) => {
+                scaled = x.multiply(m).context("rope mscale")?;
+                &scaled
+            }
+            None => x,
+        };
         let cfg = &self.cfg;
-        let base = if self.freqs.is_some() { None } else { Some(cfg.rope_base) };
-        fast::rope(x, cfg.rope_dims, cfg.rope_traditional, base, cfg.rope_scale, offset, self.freqs.as_ref())
+        fast::rope(x, cfg.rope_dims, cfg.rope_traditional, r.base, r.scale, offset, r.freqs.as_ref())
             .context("rope")
+    }
+
+    /// The token embeddings of `ids` (times Gemma's scale), shape `[n, hidden]`.
+    fn embed(&self, ids: &[u32]) -> Res<Array> {
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let x = self.embed.rows(&Array::from_slice(&ids, &[ids.len() as i32]))?;
+        match self.cfg.embed_scale {
+            Some(s) => x.multiply(Array::from_f32(s)).context("embedding scale"),
+            None => Ok(x),
+        }
+    }
+
+    /// Final norm, output layer and Gemma 2's soft-capping, on `[.., hidden]`.
+    fn logits(&self, x: &Array) -> Res<Array> {
+        let x = fast::rms_norm(x, Some(&self.norm), self.cfg.eps).context("rms_norm")?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let logits = head.forward(&x)?;
+        match self.cfg.final_softcap {
+            Some(c) => softcap(&logits, c),
+            None => Ok(logits),
+        }
     }
 
     /// Runs `ids` (one sequence) at positions `cache.len()..`, appends their keys and values to
@@ -662,13 +961,11 @@ impl Llama {
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Res<Array> {
         let t = ids.len() as i32;
         let offset = cache.len as i32;
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let ids = Array::from_slice(&ids, &[t]);
         let cfg = &self.cfg;
-        let mut x = self.embed.rows(&ids)?.reshape(&[1, t, cfg.hidden]).context("reshape")?;
+        let mut x = self.embed(ids)?.reshape(&[1, t, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
         cache.reserve(offset + t, cfg)?;
+        let mut masks = Masks::default();
         for (li, l) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
             let mut qkv = l.qkv.forward(&h)?;
@@ -683,29 +980,137 @@ impl Llama {
             let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
             let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
             let v = pop(&mut parts)?;
-            let qk = self.rope(&pop(&mut parts)?, offset)?;
+            let qk = self.rope(l, &pop(&mut parts)?, offset)?;
             let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
             let (keys, values) = cache.update(li, &k, &v, offset, t)?;
-            let mask = (t > 1).then_some(ScaledDotProductAttentionMask::Causal);
-            let attn = fast::scaled_dot_product_attention(&q, &keys, &values, scale, mask, None)
-                .context("attention")?
+            let attn = self
+                .attend(l, (&q, &keys, &values), offset, t, &mut masks)?
                 .transpose_axes(&[0, 2, 1, 3])
                 .context("transpose")?
                 .reshape(&[1, t, nh * hd])
                 .context("reshape")?;
-            x = self.mlp(l, x.add(l.o.forward(&attn)?).context("residual")?)?;
+            x = self.mlp(l, self.attn_residual(l, x, &attn)?)?;
         }
         cache.len += t as usize;
         let last = x.try_index((.., t - 1, ..)).context("last position")?;
-        let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).context("rms_norm")?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
-        head.forward(&last)?.reshape(&[cfg.vocab as i32]).context("reshape logits")
+        self.logits(&last)?.reshape(&[cfg.vocab as i32]).context("reshape logits")
     }
 }
 
+/// `tanh(x / c) * c` (Gemma 2's soft-capping).
+fn softcap(x: &Array, c: f32) -> Res<Array> {
+    let c = Array::from_f32(c);
+    ops::tanh(x.divide(&c).context("softcap")?).context("softcap")?.multiply(&c).context("softcap")
+}
+
+/// The attention masks of one forward pass, built once per distinct window (a chunk's mask is
+/// the same for every layer with that window).
+#[derive(Default)]
+struct Masks(Vec<(Option<i32>, Array)>);
+
+impl Masks {
+    /// [`window_mask`] for these arguments; `start` must be the one `window` implies.
+    fn get(&mut self, offset: i32, t: i32, start: i32, window: Option<i32>) -> &Array {
+        let i = match self.0.iter().position(|(w, _)| *w == window) {
+            Some(i) => i,
+            None => {
+                self.0.push((window, window_mask(offset, t, start, window)));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
+    }
+}
+
+/// The attention mask of `t` queries at positions `offset..offset + t` over the keys at
+/// positions `start..offset + t`: causal, and with a window `w` also `key > query - w`
+/// (each query sees itself and the `w - 1` positions before it, mlx-lm's
+/// `create_causal_mask(window_size=w)`). `[t, keys]` booleans, true where attended.
+fn window_mask(offset: i32, t: i32, start: i32, window: Option<i32>) -> Array {
+    let n = offset + t - start;
+    let mut m = Vec::with_capacity((t * n) as usize);
+    for i in 0..t {
+        let q = offset + i;
+        for j in 0..n {
+            let k = start + j;
+            m.push(k <= q && window.is_none_or(|w| k > q - w));
+        }
+    }
+    Array::from_slice(&m, &[t, n])
+}
+
 impl Llama {
+    /// Attention of `q` (`[1, nh, t, hd]`, positions `offset..offset + t`) over all cached
+    /// `keys`/`values` (`[1, nkv, offset + t, hd]`): causal, and for a sliding-window layer only
+    /// over the last `window` positions up to each query (the keys before the first one any
+    /// query sees are sliced off; a multi-token chunk gets a windowed causal mask). Gemma 2's
+    /// soft-capped scores take the explicit path (`scores -> tanh -> mask -> softmax`, as
+    /// mlx-lm's gemma2.py); every other layer runs `fast::scaled_dot_product_attention`.
+    fn attend(
+        &self,
+        l: &Layer,
+        (q, keys, values): (&Array, &Array, &Array),
+        offset: i32,
+        t: i32,
+        masks: &mut Masks,
+    ) -> Res<Array> {
+        let end = offset + t;
+        let start = l.window.map_or(0, |w| (offset + 1 - w).max(0));
+        let (sliced_k, sliced_v);
+        let (keys, values) = if start > 0 {
+            sliced_k = keys.try_index((.., .., start..end, ..)).context("window keys")?;
+            sliced_v = values.try_index((.., .., start..end, ..)).context("window values")?;
+            (&sliced_k, &sliced_v)
+        } else {
+            (keys, values)
+        };
+        // Plain causal suffices when no query is more than `w - 1` past the first key kept.
+        let windowed = l.window.is_some_and(|w| end - start > w);
+        let scale = self.cfg.attn_scale;
+        let Some(cap) = self.cfg.attn_softcap else {
+            let mask = if t == 1 {
+                None
+            } else if windowed {
+                Some(ScaledDotProductAttentionMask::Array(masks.get(offset, t, start, l.window)))
+            } else {
+                Some(ScaledDotProductAttentionMask::Causal)
+            };
+            return fast::scaled_dot_product_attention(q, keys, values, scale, mask, None)
+                .context("attention");
+        };
+        // mlx-lm's gemma2 Attention: q * scale, grouped heads, scores soft-capped, then the
+        // boolean mask as the dtype's minimum, a precise softmax, and the values.
+        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
+        let q = q
+            .multiply(Array::from_f32(scale))
+            .context("scale q")?
+            .reshape(&[1, nkv, rep, t, hd])
+            .context("reshape")?;
+        let k = ops::expand_dims(keys, 2).context("expand")?;
+        let v = ops::expand_dims(values, 2).context("expand")?;
+        let scores = q.matmul(k.swap_axes(-1, -2).context("swap")?).context("scores")?;
+        let mut scores = softcap(&scores, cap)?;
+        if t > 1 {
+            let mask = masks.get(offset, t, start, l.window);
+            scores = ops::select(mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
+        }
+        let probs = ops::softmax_axis(&scores, -1, true).context("softmax")?;
+        probs.matmul(&v).context("attention")?.reshape(&[1, nh, t, hd]).context("reshape")
+    }
+
+    /// The attention output (Gemma: normed) added to the residual stream.
+    fn attn_residual(&self, l: &Layer, x: Array, attn: &Array) -> Res<Array> {
+        let out = l.o.forward(attn)?;
+        let out = match &l.post_attn_norm {
+            Some(n) => fast::rms_norm(&out, Some(n), self.cfg.eps).context("post-attention norm")?,
+            None => out,
+        };
+        x.add(out).context("residual")
+    }
+
     /// Per-head RMSNorm of q and k (Qwen3), on `[.., .., heads, hd]` with q, k, v heads in order.
     fn qk_norm(&self, l: &Layer, heads: Array) -> Res<Array> {
         let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) else { return Ok(heads) };
@@ -717,35 +1122,49 @@ impl Llama {
         ops::concatenate(&[q, k, v], 2).context("join q/k/v")
     }
 
-    /// The feed-forward block with its residual: `x + down(silu(gate(n(x))) * up(n(x)))`.
+    /// The feed-forward block with its residual: `x + post(down(act(gate(n(x))) * up(n(x))))`,
+    /// `post` being Gemma's post-feed-forward norm (else nothing).
     fn mlp(&self, l: &Layer, x: Array) -> Res<Array> {
         let h = fast::rms_norm(&x, Some(&l.ffn_norm), self.cfg.eps).context("rms_norm")?;
         let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).context("split gate/up")?;
         let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
-        // silu(g) * u with plain ops: mlx-rs's nn::silu goes through `compile` on every call,
-        // which costs more to build than the three ops it fuses.
-        let act = g
-            .multiply(ops::sigmoid(&g).context("sigmoid")?)
-            .context("silu")?
-            .multiply(&u)
-            .context("swiglu")?;
-        x.add(l.down.forward(&act)?).context("residual")
+        // With plain ops: mlx-rs's nn::silu / gelu go through `compile` on every call, which
+        // costs more to build than the few ops they fuse.
+        let act = match self.cfg.activation {
+            Activation::Silu => g.multiply(ops::sigmoid(&g).context("sigmoid")?).context("silu")?,
+            Activation::GeluApprox => {
+                // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), mlx's nn.gelu_approx.
+                let f = |v: f32| Array::from_f32(v);
+                let cube = g.multiply(&g).context("gelu")?.multiply(&g).context("gelu")?;
+                let inner = g.add(cube.multiply(f(0.044715)).context("gelu")?).context("gelu")?;
+                let t = ops::tanh(inner.multiply(f((2.0 / std::f32::consts::PI).sqrt())).context("gelu")?)
+                    .context("gelu")?;
+                g.multiply(f(0.5))
+                    .context("gelu")?
+                    .multiply(t.add(f(1.0)).context("gelu")?)
+                    .context("gelu")?
+            }
+        };
+        let out = l.down.forward(&act.multiply(&u).context("gated mlp")?)?;
+        let out = match &l.post_ffn_norm {
+            Some(n) => fast::rms_norm(&out, Some(n), self.cfg.eps).context("post-feed-forward norm")?,
+            None => out,
+        };
+        x.add(out).context("residual")
     }
 
     /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
     /// whose cache is `caches[i]` (at position `caches[i].len()`). The linear layers, where the
     /// weights' bytes are read, run once as `[B, hidden]` products; RoPE, the cache writes and
-    /// attention run per sequence (each at its own position and length). Appends each token's
-    /// keys and values to its cache and returns the logits, shape `[B, vocab]`, not evaluated.
+    /// attention run per sequence (each at its own position and length, within its layer's
+    /// window). Appends each token's keys and values to its cache and returns the logits, shape
+    /// `[B, vocab]`, not evaluated.
     pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Res<Array> {
         anyhow::ensure!(!ids.is_empty() && ids.len() == caches.len(), "one cache per token");
         let b = ids.len() as i32;
         let cfg = &self.cfg;
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let ids = Array::from_slice(&ids, &[b]);
-        let mut x = self.embed.rows(&ids)?.reshape(&[b, 1, cfg.hidden]).context("reshape")?;
+        let mut x = self.embed(ids)?.reshape(&[b, 1, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
         let offsets: Vec<i32> = caches.iter().map(|c| c.len as i32).collect();
         for (c, &o) in caches.iter_mut().zip(&offsets) {
             c.reserve(o + 1, cfg)?;
@@ -762,19 +1181,17 @@ impl Llama {
             let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
             let mut outs = Vec::with_capacity(caches.len());
             for (i, cache) in caches.iter_mut().enumerate() {
+                let offset = offsets[i];
                 let i = i as i32;
                 let one = heads.try_index((i..i + 1, .., .., ..)).context("sequence")?;
                 let mut parts = ops::split_at_indices(&one, &[nh + nkv], 1).context("split v")?;
                 let v = pop(&mut parts)?;
-                let qk = self.rope(&pop(&mut parts)?, offsets[i as usize])?;
+                let qk = self.rope(l, &pop(&mut parts)?, offset)?;
                 let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
                 let k = pop(&mut parts)?;
                 let q = pop(&mut parts)?;
-                let (keys, values) = cache.update(li, &k, &v, offsets[i as usize], 1)?;
-                outs.push(
-                    fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)
-                        .context("attention")?,
-                );
+                let (keys, values) = cache.update(li, &k, &v, offset, 1)?;
+                outs.push(self.attend(l, (&q, &keys, &values), offset, 1, &mut Masks::default())?);
             }
             let attn = ops::concatenate(&outs, 0)
                 .context("join sequences")?
@@ -782,15 +1199,13 @@ impl Llama {
                 .context("transpose")?
                 .reshape(&[b, 1, nh * hd])
                 .context("reshape")?;
-            x = self.mlp(l, x.add(l.o.forward(&attn)?).context("residual")?)?;
+            x = self.mlp(l, self.attn_residual(l, x, &attn)?)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
         }
         let last = x.reshape(&[b, cfg.hidden]).context("reshape")?;
-        let last = fast::rms_norm(&last, Some(&self.norm), cfg.eps).context("rms_norm")?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
-        head.forward(&last)?.reshape(&[b, cfg.vocab as i32]).context("reshape logits")
+        self.logits(&last)?.reshape(&[b, cfg.vocab as i32]).context("reshape logits")
     }
 }
 
@@ -801,6 +1216,7 @@ fn pop(v: &mut Vec<Array>) -> Res<Array> {
 fn layer_arrays(l: &Layer) -> Vec<&Array> {
     let mut v = vec![&l.attn_norm, &l.ffn_norm];
     v.extend(l.qkv_bias.iter().chain(&l.q_norm).chain(&l.k_norm));
+    v.extend(l.post_attn_norm.iter().chain(&l.post_ffn_norm));
     v.extend(l.qkv.arrays());
     v.extend(l.o.arrays());
     v.extend(l.gate_up.arrays());
@@ -867,5 +1283,97 @@ impl KvCache {
         let v = out.pop().expect("two");
         let k = out.pop().expect("two");
         Ok((k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sliding_layers_follow_layer_types_else_the_family_rule() {
+        let w = |c: serde_json::Value, t: &str, n| windows_of(&c, t, n).unwrap();
+        let types = json!({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]});
+        assert_eq!(w(types, "mistral", 2), [Some(8), None]);
+        assert_eq!(w(json!({"sliding_window": 16}), "gemma2", 3), [Some(16), None, Some(16)]);
+        let g3 = json!({"sliding_window": 8, "sliding_window_pattern": 3});
+        assert_eq!(w(g3, "gemma3_text", 4), [Some(8), Some(8), None, Some(8)]);
+        assert_eq!(w(json!({"sliding_window": 4096}), "mistral", 2), [Some(4096), Some(4096)]);
+        assert_eq!(w(json!({"sliding_window": null}), "mistral", 2), [None, None]);
+        let qwen = json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 1});
+        assert_eq!(w(qwen, "qwen2", 2), [None, Some(64)]);
+        let unused = json!({"sliding_window": 64, "use_sliding_window": false});
+        assert_eq!(w(unused, "qwen2", 2), [None, None]);
+        assert_eq!(w(json!({"sliding_window": 64}), "llama", 1), [None]);
+        let bad = json!({"layer_types": ["sliding_attention"]});
+        assert!(windows_of(&bad, "llama", 1).unwrap_err().to_string().contains("no sliding_window"));
+        let short = json!({"sliding_window": 8, "layer_types": ["full_attention"]});
+        assert!(windows_of(&short, "llama", 2).unwrap_err().to_string().contains("1 entries for 2 layers"));
+    }
+
+    #[test]
+    fn window_mask_is_causal_and_windowed_at_an_offset() {
+        // Queries at positions 5..8 over keys 3..8 with window 3: each sees itself and 2 before.
+        let m = window_mask(5, 3, 3, Some(3)).as_dtype(Dtype::Int32).unwrap().to_vec_exact::<i32>().unwrap();
+        #[rustfmt::skip]
+        assert_eq!(m, [
+            1, 1, 1, 0, 0,
+            0, 1, 1, 1, 0,
+            0, 0, 1, 1, 1,
+        ]);
+        let causal =
+            window_mask(0, 3, 0, None).as_dtype(Dtype::Int32).unwrap().to_vec_exact::<i32>().unwrap();
+        assert_eq!(causal, [1, 0, 0, 1, 1, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn family_switches_from_config() {
+        let base =
+            json!({"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16});
+        let with = |extra: serde_json::Value| {
+            let mut c = base.clone();
+            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            LlamaConfig::from_hf(&c).unwrap()
+        };
+        let g3 = with(json!({"model_type": "gemma3_text", "query_pre_attn_scalar": 24}));
+        // sqrt(48) = 6.9282 in bf16, as mlx-lm's gemma3_text multiplies.
+        assert_eq!(g3.embed_scale, Some(6.9375));
+        assert!((g3.attn_scale - 24f32.powf(-0.5)).abs() < 1e-7);
+        assert_eq!(
+            (g3.head, g3.qk_norm, g3.norm_plus_one, g3.attn_softcap),
+            (Head::IfPresent, true, true, None)
+        );
+        let g2 = with(json!({"model_type": "gemma2"}));
+        assert_eq!((g2.attn_softcap, g2.final_softcap, g2.head), (Some(50.0), Some(30.0), Head::Tied));
+        assert_eq!(g2.embed_scale, Some(48f32.sqrt()));
+        let rope =
+            json!({"type": "longrope", "long_factor": [1.0, 2.0, 3.0], "short_factor": [1.0, 1.0, 1.0]});
+        let phi = with(json!({"model_type": "phi3", "partial_rotary_factor": 0.5, "rope_scaling": rope,
+            "max_position_embeddings": 4096, "original_max_position_embeddings": 64}));
+        assert_eq!((phi.head_dim, phi.rope_dims, phi.fused, phi.head), (12, 6, true, Head::Separate));
+        let err = LlamaConfig::from_hf(&{
+            let mut c = base.clone();
+            c["model_type"] = "phi3".into();
+            c["rope_scaling"] = json!({"type": "longrope", "long_factor": [1.0]});
+            c
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("long_factor has 1 entries, the 12 rotated features need 6"),
+            "{err}"
+        );
+        let yarn = json!({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        let err = LlamaConfig::from_hf(&{
+            let mut c = base.clone();
+            c.as_object_mut().unwrap().extend(yarn.as_object().unwrap().clone());
+            c
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("rope_scaling type 'yarn' is not supported"), "{err}");
+        assert_eq!(round_to_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: to the even one.
+        assert_eq!(round_to_bf16(f32::from_bits(0x3f80_8000)), 1.0, "a tie rounds to even");
+        assert_eq!(round_to_bf16(f32::from_bits(0x3f81_8000)).to_bits(), 0x3f82_0000, "a tie rounds to even");
     }
 }

@@ -1,9 +1,11 @@
 //! The MLX backend (feature `mlx`): real inference through `mlx-rs`.
 //!
 //! Served model kinds, chosen from the spec's path and type:
-//! - `text-gen` from a `.gguf` file (or a directory holding exactly one): a Llama-family decoder
-//!   ([`llama`]) with its byte-level BPE tokenizer and ChatML template read from the GGUF
-//!   metadata ([`text`]); streaming generation with greedy or seeded temperature/top-p sampling.
+//! - `text-gen` from a `.gguf` file (or a directory holding exactly one), or from a Hugging Face
+//!   / mlx-community safetensors directory (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`,
+//!   `gemma3_text`, `phi3`): one decoder with per-family configuration ([`llama`]), its
+//!   tokenizer and Jinja chat template from the GGUF metadata or the directory ([`text`],
+//!   [`chat`]); streaming generation with greedy or seeded temperature/top-p sampling.
 //! - `embeddings` from a Hugging Face BERT directory (`config.json`, `model.safetensors`,
 //!   `tokenizer.json`): mean-pooled, L2-normalised sentence embeddings ([`bert`]).
 //! - `vision`: not served (no vision-language weights ship in any registry package we can

@@ -146,7 +146,8 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
         }
     };
     mk("llama-3-8b", &[("config.json", r#"{"model_type": "llama"}"#), ("model.safetensors", "xxxx")]);
-    // Its own context (Mistral: capped by the sliding window) bounds max_tokens for it.
+    // Its own context (max_position_embeddings; a sliding window does not cap it) bounds
+    // max_tokens for it.
     mk(
         "mistral-7b",
         &[(
@@ -192,7 +193,7 @@ fn models_dir_scan_infers_types_and_keeps_org_prefixes() {
     assert_eq!(c.models[0].size_hint, Some(5 * GB));
     assert_eq!(
         c.contexts,
-        vec![("mistral-7b".to_string(), 4096)],
+        vec![("mistral-7b".to_string(), 32768)],
         "configs without one use --context-tokens"
     );
     let e = ServeConfig::merge(&args(&["--models-dir", "/no/such"]), FileConfig::default(), "").unwrap_err();
