@@ -76,7 +76,7 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert_eq!(c2.max_parallel, 1, "flag wins: one generation at a time");
     assert!(Cli::try_parse_from(["serve", "--max-parallel", "0"]).is_err(), "at least 1");
     assert_eq!(c.idle_ttl, Some(Duration::from_secs(600)));
-    assert_eq!(c.fake.token_delay, Duration::from_millis(5));
+    assert_eq!(c.fake.timing.decode_secs_per_token, 0.005);
     assert_eq!(c.preload, vec!["a".to_string()]);
     assert_eq!(c.models.len(), 2, "the file's catalogue replaces the built-in one");
     assert_eq!(c.models[0].size_hint, Some(1_500_000_000));
@@ -253,7 +253,7 @@ fn file_values_are_typed_when_read_and_errors_name_field_and_line() {
     assert_eq!(c.shutdown_grace, Duration::from_secs(5));
     assert_eq!(c.max_body, 1 << 20);
     assert_eq!(c.idle_ttl, None, "a zero ttl is off");
-    assert_eq!(c.fake.load_time, Duration::ZERO);
+    assert_eq!(c.fake.timing.load_latency_secs, 0.0);
     let c = ServeConfig::merge(&args(&["--max-body", "2MB", "--shutdown-grace", "1s"]), f, "x.toml").unwrap();
     assert_eq!((c.max_body, c.shutdown_grace), (2_000_000, Duration::from_secs(1)), "flags win");
 
