@@ -882,9 +882,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let e = &mut self.entries[slot as usize];
         debug_assert!(e.leases > 0, "release without a lease");
         debug_assert!(e.kv >= kv, "release of more KV than the model's requests hold");
-        let kv = kv.min(e.kv);
-        e.kv -= kv;
-        self.ledger.kv -= kv;
+        if kv > 0 {
+            // Skipped for none: the limit check below then reads no just-written ledger column.
+            let kv = kv.min(e.kv);
+            e.kv -= kv;
+            self.ledger.kv -= kv;
+        }
         e.leases = e.leases.saturating_sub(1);
         e.last_used = Some(now);
         if e.leases > 0 {
