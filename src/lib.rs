@@ -32,7 +32,7 @@ pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
     Admission, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
-    Stats, Ticket, Wake,
+    Served, Stats, Ticket, Wake,
 };
 pub use timing::TimingModel;
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

@@ -3,8 +3,10 @@
 //!
 //! Groups:
 //! - `replay/instant`: instant loads and service, a pure cache simulation (what libCacheSim
-//!   measures: 16-36 M requests/s for LRU on a trace like this), memory limit at 25% of the
-//!   catalogue, `max_models` unbounded. LRU, GDSF, LFU, and the two offline baselines.
+//!   measures; `scripts/libcachesim-compare.sh` runs both on a 10 M-request trace), memory
+//!   limit at 25% of the catalogue, `max_models` unbounded. LRU, GDSF, LFU, and the two offline
+//!   baselines. Every request takes the engine's one-call instant path
+//!   (`PoolState::serve_instant`).
 //! - `replay/timed`: the default timings (0.5 s + 3.2 GB/s loads, token service times), so every
 //!   request also goes through the event heap (release) and loads take time (joins, 503s).
 //! - `parse/csv`: parsing the same trace written as CSV.

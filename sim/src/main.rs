@@ -47,6 +47,9 @@ enum Cmd {
     /// Move a trace's arrivals apart until no two events of different causes are closer than
     /// a margin, so a real server (with its jitter) decides exactly what the simulator predicts.
     Space(SpaceArgs),
+    /// Write a trace's requests in libCacheSim's binary `oracleGeneral` format (sizes in the
+    /// models' common unit, next uses for Belady); print what a comparison needs as JSON.
+    ExportLibcachesim(ExportArgs),
     /// Parse a trace, print its shape and the parse throughput.
     Check {
         /// Trace file (CSV or JSONL).
@@ -279,6 +282,18 @@ struct SpaceArgs {
 }
 
 #[derive(Args)]
+struct ExportArgs {
+    /// Trace file (CSV or JSONL), requests only, every model with a size.
+    trace: PathBuf,
+    /// Output file (`.oracleGeneral`).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Cache size to report, as a fraction of the working set (bytes of the distinct models).
+    #[arg(long, default_value_t = 0.25)]
+    cache_fraction: f64,
+}
+
+#[derive(Args)]
 struct GenArgs {
     /// Seed of the ChaCha8 stream.
     #[arg(long, default_value_t = 1)]
@@ -385,6 +400,7 @@ fn real_main() -> Result<()> {
         Cmd::Drive(a) => drive_cmd(a),
         Cmd::ServerConfig(a) => server_config_cmd(a),
         Cmd::Space(a) => space_cmd(a),
+        Cmd::ExportLibcachesim(a) => export_cmd(a),
         Cmd::Check { trace } => {
             let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
             let (t, secs) = load_trace(&trace)?;
@@ -703,6 +719,40 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         secs,
         reqs as f64 / secs.max(1e-9) / 1e6
     );
+    Ok(())
+}
+
+/// The JSON `export-libcachesim` prints: the export's numbers and the cache size both sides use.
+#[derive(serde::Serialize)]
+struct ExportSummary {
+    #[serde(flatten)]
+    export: modelpool_sim::trace::OracleExport,
+    /// The fraction of the working set asked for.
+    cache_fraction: f64,
+    /// Cache size for libCacheSim, in the file's size units.
+    cache_units: u64,
+    /// The same cache in bytes (`cache_units x unit_bytes`): modelpool's `--memory-limit`.
+    cache_bytes: u64,
+}
+
+fn export_cmd(a: ExportArgs) -> Result<()> {
+    if !(a.cache_fraction > 0.0 && a.cache_fraction <= 1.0) {
+        bail!("--cache-fraction {} is not in (0, 1]", a.cache_fraction);
+    }
+    let (trace, _) = load_trace(&a.trace)?;
+    let f = File::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+    let export = trace
+        .write_oracle_general(BufWriter::with_capacity(1 << 20, f))
+        .with_context(|| format!("{}", a.trace.display()))?;
+    let cache_units =
+        ((export.working_set_bytes / export.unit_bytes) as f64 * a.cache_fraction).floor() as u64;
+    let summary = ExportSummary {
+        export,
+        cache_fraction: a.cache_fraction,
+        cache_units,
+        cache_bytes: cache_units * export.unit_bytes,
+    };
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 

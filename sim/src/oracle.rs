@@ -11,7 +11,6 @@
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
 
 use modelpool::policy::PolicyInfo;
 use modelpool::{EvictionPolicy, Gdsf, Lfu, Lru, Nanos, Slot};
@@ -40,17 +39,28 @@ fn grow<T: Clone>(v: &mut Vec<T>, slot: Slot, fill: T) {
 }
 
 /// Belady's MIN: the resident model whose next request is farthest away goes first.
+///
+/// The order is a sorted `Vec` of the resident models, not a tree: every request moves its
+/// model's key, and for the tens of models a pool holds a short `memmove` beats a `BTreeSet`'s
+/// remove and insert (which also allocate and free nodes). O(resident models) per request.
 #[derive(Debug, Clone, Default)]
 pub struct Belady {
     next: Vec<u64>,
     tracked: Vec<bool>,
-    order: BTreeSet<(Reverse<u64>, Slot)>,
+    /// Tracked models by (farther next use first, lower slot first): the eviction order.
+    order: Vec<(Reverse<u64>, Slot)>,
 }
 
 impl Belady {
     /// An empty policy.
     pub fn new() -> Self {
         Belady::default()
+    }
+
+    /// Position of `key` in the order, or where it would go.
+    #[inline]
+    fn find(&self, key: (Reverse<u64>, Slot)) -> Result<usize, usize> {
+        self.order.binary_search(&key)
     }
 }
 
@@ -64,7 +74,9 @@ impl EvictionPolicy for Belady {
         grow(&mut self.tracked, slot, false);
         if !self.tracked[slot as usize] {
             self.tracked[slot as usize] = true;
-            self.order.insert((Reverse(self.next[slot as usize]), slot));
+            let key = (Reverse(self.next[slot as usize]), slot);
+            let at = self.find(key).unwrap_err();
+            self.order.insert(at, key);
         }
     }
 
@@ -73,7 +85,9 @@ impl EvictionPolicy for Belady {
     fn on_remove(&mut self, slot: Slot, _evicted: bool) {
         if self.tracked.get(slot as usize).copied().unwrap_or(false) {
             self.tracked[slot as usize] = false;
-            self.order.remove(&(Reverse(self.next[slot as usize]), slot));
+            let at =
+                self.find((Reverse(self.next[slot as usize]), slot)).expect("tracked slots are in the order");
+            self.order.remove(at);
         }
     }
 
@@ -103,8 +117,18 @@ impl SimPolicy for Belady {
         grow(&mut self.tracked, slot, false);
         let old = std::mem::replace(&mut self.next[slot as usize], next);
         if self.tracked[slot as usize] && old != next {
-            self.order.remove(&(Reverse(old), slot));
-            self.order.insert((Reverse(next), slot));
+            // Move the key within the order: rotate the run between its old and new places.
+            let from = self.find((Reverse(old), slot)).expect("tracked slots are in the order");
+            let key = (Reverse(next), slot);
+            let to = self.find(key).unwrap_err();
+            if to <= from {
+                self.order[to..=from].rotate_right(1);
+                self.order[to] = key;
+            } else {
+                // `to` counts the old key, which moves out from before it.
+                self.order[from..to].rotate_left(1);
+                self.order[to - 1] = key;
+            }
         }
     }
 }

@@ -37,6 +37,7 @@ impl Lru {
         Lru { links: Vec::new(), head: NIL, tail: NIL }
     }
 
+    #[inline]
     fn unlink(&mut self, s: u32) {
         let Link { prev, next, .. } = self.links[s as usize];
         if prev == NIL {
@@ -52,6 +53,7 @@ impl Lru {
         self.links[s as usize] = UNLINKED;
     }
 
+    #[inline]
     fn push_front(&mut self, s: u32) {
         self.links[s as usize] = Link { prev: NIL, next: self.head, linked: true };
         if self.head == NIL {
@@ -68,6 +70,7 @@ impl EvictionPolicy for Lru {
         "lru"
     }
 
+    #[inline]
     fn on_insert(&mut self, slot: Slot, _info: PolicyInfo, _now: Nanos) {
         if self.links.len() <= slot as usize {
             self.links.resize(slot as usize + 1, UNLINKED);
@@ -89,12 +92,14 @@ impl EvictionPolicy for Lru {
         }
     }
 
+    #[inline]
     fn on_remove(&mut self, slot: Slot, _evicted: bool) {
         if self.links.get(slot as usize).is_some_and(|l| l.linked) {
             self.unlink(slot);
         }
     }
 
+    #[inline]
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
         let mut s = self.tail;
         while s != NIL {

@@ -20,7 +20,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         owner
     }
 
-    fn reclaim_bytes(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
+    #[inline]
+    pub(super) fn reclaim_bytes(&mut self, slot: Slot, now: Nanos) -> Option<Slot> {
         let e = &mut self.entries[slot as usize];
         if e.phase != Phase::Draining {
             return None;
@@ -62,15 +63,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     fn finish_load(&mut self, slot: Slot, now: Nanos, result: Result<u64, &str>) -> LoadDone {
-        let e = &mut self.entries[slot as usize];
-        assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
-        self.ledger.reserved -= e.bytes - e.awaiting;
-        self.ledger.awaiting -= e.awaiting;
-        e.awaiting = 0;
-        e.pending_victims = 0;
-        let secs = now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64;
         match result {
+            Ok(measured) => {
+                let granted = self.land_load(slot, now, measured);
+                LoadDone { leases_granted: granted, evicted: self.evict_overcommit(now) }
+            }
             Err(error) => {
+                self.end_loading(slot, now);
+                let e = &mut self.entries[slot as usize];
                 e.phase = Phase::Absent;
                 e.bytes = 0;
                 e.waiters = 0;
@@ -89,46 +89,74 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 });
                 LoadDone::default()
             }
-            Ok(measured) => {
-                // The ledger's columns sum to at most u64::MAX bytes: admission keeps them under
-                // the limit, and a measurement (the one input that can exceed it) is clamped to
-                // what still fits. Over 16 EiB cannot be a real measurement anyway.
-                let headroom = u64::MAX - self.ledger.used() - e.load_kv;
-                let measured = measured.max(1).min(headroom);
-                e.phase = Phase::Resident;
-                e.bytes = measured;
-                e.measured = Some(measured);
-                e.load_secs = Some(secs);
-                e.leases = e.waiters;
-                e.waiters = 0;
-                // The starting request's KV leaves the reservation for the `kv` column.
-                let load_kv = std::mem::take(&mut e.load_kv);
-                e.kv += load_kv;
-                self.ledger.kv += load_kv;
-                e.busy_since = now;
-                e.last_used = Some(now);
-                let granted = e.leases;
-                let pin = std::mem::take(&mut e.pin_on_load);
-                let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
-                self.ledger.resident += measured;
-                self.stats.loaded += 1;
-                self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(measured);
-                self.stats.load_secs += secs;
-                self.policy.on_insert(slot, info, now);
-                let model = &self.entries[slot as usize].spec.id;
-                self.log.push_with(|| Event::Loaded { at: now, model: model.clone(), measured, secs });
-                if pin {
-                    self.pin_resident(slot, now);
-                }
-                self.track_peak();
-                let evicted = if self.over_limits() {
-                    self.evict_down(now, EvictReason::Overcommit, false).unload_now
-                } else {
-                    Victims::new()
-                };
-                LoadDone { leases_granted: granted, evicted }
-            }
         }
+    }
+
+    /// After [`Self::land_load`]: if the measured size pushed the pool over its limits, evict
+    /// unpinned idle models (returned, for the driver to unload).
+    #[inline]
+    pub(super) fn evict_overcommit(&mut self, now: Nanos) -> Victims {
+        if self.over_limits() {
+            self.evict_down(now, EvictReason::Overcommit, false).unload_now
+        } else {
+            Victims::new()
+        }
+    }
+
+    /// The load's reservation leaves the ledger; returns how long the load took, seconds.
+    ///
+    /// # Panics
+    /// If `slot` is not loading.
+    #[inline]
+    fn end_loading(&mut self, slot: Slot, now: Nanos) -> f64 {
+        let e = &mut self.entries[slot as usize];
+        assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
+        self.ledger.reserved -= e.bytes - e.awaiting;
+        self.ledger.awaiting -= e.awaiting;
+        e.awaiting = 0;
+        e.pending_victims = 0;
+        now.saturating_sub(e.load_started) as f64 / NANOS_PER_SEC as f64
+    }
+
+    /// A load of `slot` succeeded with `measured` bytes: it is resident, its waiters hold their
+    /// leases (returned: how many). The caller then evicts if the pool is over its limits
+    /// ([`PoolState::load_finished`]'s overcommit).
+    #[inline]
+    pub(super) fn land_load(&mut self, slot: Slot, now: Nanos, measured: u64) -> u32 {
+        let secs = self.end_loading(slot, now);
+        let e = &mut self.entries[slot as usize];
+        // The ledger's columns sum to at most u64::MAX bytes: admission keeps them under
+        // the limit, and a measurement (the one input that can exceed it) is clamped to
+        // what still fits. Over 16 EiB cannot be a real measurement anyway.
+        let headroom = u64::MAX - self.ledger.used() - e.load_kv;
+        let measured = measured.max(1).min(headroom);
+        e.phase = Phase::Resident;
+        e.bytes = measured;
+        e.measured = Some(measured);
+        e.load_secs = Some(secs);
+        e.leases = e.waiters;
+        e.waiters = 0;
+        // The starting request's KV leaves the reservation for the `kv` column.
+        let load_kv = std::mem::take(&mut e.load_kv);
+        e.kv += load_kv;
+        self.ledger.kv += load_kv;
+        e.busy_since = now;
+        e.last_used = Some(now);
+        let granted = e.leases;
+        let pin = std::mem::take(&mut e.pin_on_load);
+        let info = PolicyInfo { bytes: measured, load_cost: secs.max(1e-9) };
+        self.ledger.resident += measured;
+        self.stats.loaded += 1;
+        self.stats.bytes_loaded = self.stats.bytes_loaded.saturating_add(measured);
+        self.stats.load_secs += secs;
+        self.policy.on_insert(slot, info, now);
+        let model = &self.entries[slot as usize].spec.id;
+        self.log.push_with(|| Event::Loaded { at: now, model: model.clone(), measured, secs });
+        if pin {
+            self.pin_resident(slot, now);
+        }
+        self.track_peak();
+        granted
     }
 
     /// A request waiting on a load, admitted with `kv` bytes, went away before the load ended:

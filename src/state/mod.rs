@@ -24,12 +24,14 @@ use crate::policy::{EvictionPolicy, Slot};
 use crate::types::{ModelId, ModelSpec, Nanos};
 
 mod hints;
+mod instant;
 mod load;
 mod operator;
 mod queue;
 mod status;
 mod types;
 
+pub use instant::Served;
 pub use types::*;
 
 #[derive(Debug, Clone)]
@@ -359,6 +361,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.load_secs.unwrap_or(self.cfg.load_latency_secs + bytes as f64 / self.cfg.load_bandwidth)
     }
 
+    #[inline]
     fn track_peak(&mut self) {
         let used = self.ledger.used();
         if used > self.stats.peak_used {
@@ -415,7 +418,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.admit_kv(slot, now, Intent::Request, kv)
     }
 
-    #[inline]
+    // Always inlined: the hot path (a hit) is a few stores; the rest is `admit_cold`, a call.
+    #[inline(always)]
     fn admit_kv(&mut self, slot: Slot, now: Nanos, intent: Intent, kv: u64) -> Admission {
         let kv = if intent == Intent::Request { kv } else { 0 };
         let fits = self.kv_fits(kv);
@@ -597,20 +601,36 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     /// [`PoolState::plan_load`] for a new arrival: while the queue's oldest waiter starves, a
     /// request may not start a load before it and is told to wait (a refusal with a hint).
+    #[inline]
     fn plan_absent(&self, slot: Slot, now: Nanos, intent: Intent, kv: u64) -> Result<LoadPlan, Rejection> {
-        let plan = self.plan_load(slot, now, kv)?;
+        let mut victims = Victims::new();
+        self.plan_absent_into(slot, now, intent, kv, &mut victims)?;
+        Ok(LoadPlan { reserve: self.entries[slot as usize].need(), kv, victims })
+    }
+
+    /// [`Self::plan_absent`] with the victims pushed onto `victims`, as
+    /// [`Self::plan_load_into`].
+    #[inline]
+    fn plan_absent_into(
+        &self,
+        slot: Slot,
+        now: Nanos,
+        intent: Intent,
+        kv: u64,
+        victims: &mut Victims,
+    ) -> Result<(), Rejection> {
+        self.plan_load_into(slot, now, kv, victims)?;
         if intent == Intent::Request && self.queue_on() && self.head_starving(now) {
-            let need = plan.reserve.saturating_add(kv);
             return Err(Rejection {
                 kv,
                 code: RejectCode::InsufficientMemory,
-                need,
+                need: self.entries[slot as usize].need().saturating_add(kv),
                 available: 0,
                 retry_after_secs: Some(1),
                 waited: 0,
             });
         }
-        Ok(plan)
+        Ok(())
     }
 
     fn record_reject(&mut self, slot: Slot, now: Nanos, r: Rejection) {
@@ -630,7 +650,25 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     ///
     /// The arithmetic is done in `u128`: `used + need` can exceed `u64::MAX` for sizes near
     /// 2^64 bytes, and a saturated sum would understate the shortfall and overcommit.
+    #[inline]
     fn plan_load(&self, slot: Slot, now: Nanos, kv: u64) -> Result<LoadPlan, Rejection> {
+        let mut victims = Victims::new();
+        self.plan_load_into(slot, now, kv, &mut victims)?;
+        Ok(LoadPlan { reserve: self.entries[slot as usize].need(), kv, victims })
+    }
+
+    /// [`Self::plan_load`] with the victims pushed onto `victims` (empty on entry; left as
+    /// pushed on a refusal, which the caller then ignores): the plan is `reserve` = the model's
+    /// `need()`, `kv`, `victims`. For callers that keep the plan in place rather than move it.
+    #[inline]
+    fn plan_load_into(
+        &self,
+        slot: Slot,
+        now: Nanos,
+        kv: u64,
+        victims: &mut Victims,
+    ) -> Result<(), Rejection> {
+        debug_assert!(victims.is_empty());
         let weights = self.entries[slot as usize].need();
         let need = weights.saturating_add(kv);
         let l = self.ledger;
@@ -660,9 +698,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let used = u128::from(l.used());
         let bytes_short = (used + u128::from(need)).saturating_sub(u128::from(l.limit));
         let count_short = (l.models + 1).saturating_sub(l.max_models);
-        let mut victims = Victims::new();
         if bytes_short == 0 && count_short == 0 {
-            return Ok(LoadPlan { reserve: weights, kv, victims });
+            return Ok(());
         }
         let mut freed = 0u128;
         self.policy.visit_victims(&mut |s| {
@@ -673,7 +710,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             freed < bytes_short || victims.len() < count_short
         });
         if freed >= bytes_short && victims.len() >= count_short {
-            return Ok(LoadPlan { reserve: weights, kv, victims });
+            return Ok(());
         }
         // Not enough even with every evictable model gone: evict nothing. `freed <= used`, and
         // the result is at most `limit`, so it fits in u64.
@@ -694,14 +731,29 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         })
     }
 
+    #[inline]
     fn commit_load(&mut self, slot: Slot, now: Nanos, intent: Intent, plan: &LoadPlan) {
+        self.commit_load_parts(slot, now, intent, plan.reserve, plan.kv, &plan.victims);
+    }
+
+    /// [`Self::commit_load`] of the plan (`reserve`, `kv`, `victims`).
+    #[inline]
+    fn commit_load_parts(
+        &mut self,
+        slot: Slot,
+        now: Nanos,
+        intent: Intent,
+        reserve: u64,
+        kv: u64,
+        victims: &[Slot],
+    ) {
         let generation = {
             let e = &mut self.entries[slot as usize];
             e.load_gen = e.load_gen.wrapping_add(1);
             e.load_gen
         };
         // The reservation holds the weights and the starting request's KV until the load lands.
-        let reserve = plan.reserve.saturating_add(plan.kv);
+        let reserve = reserve.saturating_add(kv);
         // Victims freed bytes if memory was short, otherwise they only made a model slot free.
         let reason = if self.ledger.used().saturating_add(reserve) > self.ledger.limit {
             EvictReason::Capacity
@@ -709,16 +761,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             EvictReason::MaxModels
         };
         let mut victim_bytes = 0;
-        for &v in &plan.victims {
+        for &v in victims {
             victim_bytes += self.entries[v as usize].bytes;
             self.evict(v, now, reason, Some((slot, generation)));
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
         e.bytes = reserve;
-        e.load_kv = plan.kv;
+        e.load_kv = kv;
         e.awaiting = reserve.min(victim_bytes);
-        e.pending_victims = plan.victims.len() as u32;
+        e.pending_victims = victims.len() as u32;
         e.waiters = u32::from(intent == Intent::Request);
         e.pin_on_load = intent == Intent::Preload;
         e.load_started = now;
@@ -743,11 +795,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     /// Move a resident model to draining. `owner` is the load it makes room for.
+    #[inline]
     fn evict(&mut self, slot: Slot, now: Nanos, reason: EvictReason, owner: Option<(Slot, u32)>) {
         self.evict_for(slot, now, reason, owner, owner.map(|(o, _)| o));
     }
 
     /// [`Self::evict`], logging `for_slot` as the model it made room for.
+    #[inline]
     fn evict_for(
         &mut self,
         slot: Slot,
@@ -828,9 +882,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let e = &mut self.entries[slot as usize];
         debug_assert!(e.leases > 0, "release without a lease");
         debug_assert!(e.kv >= kv, "release of more KV than the model's requests hold");
-        let kv = kv.min(e.kv);
-        e.kv -= kv;
-        self.ledger.kv -= kv;
+        if kv > 0 {
+            // Skipped for none: the limit check below then reads no just-written ledger column.
+            let kv = kv.min(e.kv);
+            e.kv -= kv;
+            self.ledger.kv -= kv;
+        }
         e.leases = e.leases.saturating_sub(1);
         e.last_used = Some(now);
         if e.leases > 0 {

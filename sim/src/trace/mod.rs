@@ -1,5 +1,6 @@
 //! Trace files: the documented CSV and JSONL formats (`csv.rs`, `jsonl.rs`, sharing the record
-//! checks of `build.rs`), and the CSV writer (`write.rs`).
+//! checks of `build.rs`), the CSV writer (`write.rs`) and the writer of libCacheSim's binary
+//! `oracleGeneral` format (`libcachesim.rs`).
 //!
 //! A trace is a time-ordered list of operations (requests and admin events) over a catalogue of
 //! models. Parsing interns model ids into dense indices, so the replay loop works on plain
@@ -29,10 +30,12 @@ use modelpool::{ModelId, ModelType, Nanos};
 mod build;
 mod csv;
 mod jsonl;
+mod libcachesim;
 mod write;
 
 pub use csv::parse_csv;
 pub use jsonl::parse_jsonl;
+pub use libcachesim::{ExportError, OracleExport};
 
 /// Nanoseconds per second.
 pub const NS: u64 = 1_000_000_000;

@@ -107,3 +107,49 @@ fn generator_reproduces_committed_traces() {
         assert!(String::from_utf8(out).unwrap() == body, "{file}: the generator's output changed");
     }
 }
+
+/// Instant mode serves each request in one core call (`PoolState::serve_instant`); a recorded
+/// replay takes the generic path (admit, reclaimed, load_finished, release). Both must decide
+/// the same, event for event: committed traces (with admin operations) and a generated one, every
+/// policy, limits from too small for the largest model to roomy, model-slot evictions, and names
+/// only (measured sizes above the estimate: overcommit evictions).
+#[test]
+fn instant_fast_path_equals_the_generic_path() {
+    use modelpool_sim::{Trace, run_recorded};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/");
+    let mut traces: Vec<(String, Trace)> = ["chat-zipf.csv", "admin-ops.jsonl", "bursty-onoff.csv"]
+        .iter()
+        .map(|f| (f.to_string(), Trace::from_path(std::path::Path::new(&format!("{dir}{f}"))).unwrap()))
+        .collect();
+    let synthetic =
+        generate(&GenConfig { seed: 3, requests: 4000, models: 30, rate: 20.0, ..GenConfig::default() });
+    let synthetic = synthetic.unwrap();
+    // Sizes above what the names say: with names only, loads measure more than they reserved.
+    let mut heavier = synthetic.clone();
+    for m in &mut heavier.models {
+        m.size = m.size.map(|b| b / 2 * 3);
+    }
+    traces.push(("generated".into(), synthetic));
+    traces.push(("generated, sizes x1.5".into(), heavier));
+    let mut overcommits = 0;
+    for (name, t) in &traces {
+        for p in PolicyChoice::ALL {
+            for (limit, max_models, names) in
+                [(3 * GB, 1000, false), (20 * GB, 1000, false), (60 * GB, 3, false), (24 * GB, 6, true)]
+            {
+                let cfg = SimConfig {
+                    log: LogMode::Full,
+                    estimate_from_names: names,
+                    ..SimConfig::instant(limit, max_models, p)
+                };
+                let fast = replay(t, &cfg);
+                let (generic, _) = run_recorded(t, &cfg).unwrap();
+                let what = format!("{name}, {p}, {limit} bytes, {max_models} models, names {names}");
+                assert_eq!(fast.report, generic.report, "{what}");
+                assert_eq!(fast.events, generic.events, "{what}");
+                overcommits += fast.report.evictions.get("overcommit").copied().unwrap_or(0);
+            }
+        }
+    }
+    assert!(overcommits > 0, "the overcommit path must be exercised");
+}
