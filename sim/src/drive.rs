@@ -169,6 +169,13 @@ fn id_path(id: &str) -> String {
     utf8_percent_encode(id, NON_ALPHANUMERIC).to_string()
 }
 
+const NOT_RUNNING: &str = "reading the server's state (is it running?)";
+
+/// The server's `/admin/pool` (its configuration, counters and models), as [`drive`] reads it.
+pub async fn server_state(o: &DriveOptions) -> Result<Value> {
+    Client::new(o)?.get_json("/admin/pool").await.context(NOT_RUNNING)
+}
+
 /// Run `trace` against the server. The server should have nothing loaded and hold the trace's
 /// models with their sizes (see `modelpool-sim server-config`) for a comparison to be exact.
 pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
@@ -176,8 +183,7 @@ pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
         bail!("--speed must be > 0");
     }
     let client = Arc::new(Client::new(o)?);
-    let before =
-        client.get_json("/admin/pool").await.context("reading the server's state (is it running?)")?;
+    let before = client.get_json("/admin/pool").await.context(NOT_RUNNING)?;
     let total0 = client.get_json("/admin/events?limit=1").await?["total"].as_u64().unwrap_or(0);
     let decode = before["timing"]["decode_secs_per_token"].as_f64().unwrap_or(0.02);
     let sem = Arc::new(Semaphore::new(o.max_in_flight.max(1)));

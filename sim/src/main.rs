@@ -424,6 +424,17 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// Write `items` to `path`, one JSON object a line.
+fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> Result<()> {
+    let mut w = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    for item in items {
+        serde_json::to_writer(&mut w, item)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 fn drive_cmd(a: DriveArgs) -> Result<()> {
     use modelpool_sim::drive::{self, DriveOptions};
     let (trace, _) = load_trace(&a.trace)?;
@@ -437,21 +448,7 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    let pool = rt.block_on(async {
-        let c = reqwest::Client::new();
-        let mut r = c.get(format!("{}/admin/pool", a.url.trim_end_matches('/')));
-        if let Some(k) = &a.admin_key {
-            r = r.bearer_auth(k);
-        }
-        let resp =
-            r.send().await.with_context(|| format!("cannot reach {} (is the server running?)", a.url))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.context("/admin/pool: not JSON")?;
-        if !status.is_success() {
-            bail!("/admin/pool: {status}: {v}");
-        }
-        Ok::<_, anyhow::Error>(v)
-    })?;
+    let pool = rt.block_on(drive::server_state(&opts))?;
     let problems = drive::preconditions(&trace, &pool);
     if a.compare {
         for p in &problems {
@@ -460,13 +457,7 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
     }
     let obs = rt.block_on(drive::drive(&trace, &opts))?;
     if let Some(path) = &a.records {
-        let mut w =
-            BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
-        for r in &obs.records {
-            serde_json::to_writer(&mut w, r)?;
-            w.write_all(b"\n")?;
-        }
-        w.flush()?;
+        write_jsonl(path, &obs.records)?;
     }
     if let Some(path) = &a.calibrate_out {
         let t = drive::calibrate(&trace, &obs)?;
@@ -600,13 +591,7 @@ fn replay(a: ReplayArgs) -> Result<()> {
     }
     let out = out.expect("at least one replay");
     if let Some(path) = &a.events {
-        let mut w =
-            BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
-        for e in &out.events {
-            serde_json::to_writer(&mut w, e)?;
-            w.write_all(b"\n")?;
-        }
-        w.flush()?;
+        write_jsonl(path, &out.events)?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out.report)?);

@@ -613,15 +613,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let core = self.inner.lock();
         let now = self.inner.now();
         let st = &core.state;
-        let cfg = st.config();
         let ledger = st.ledger();
         let models = (0..st.len() as Slot)
             .map(|slot| {
                 let m = st.model_status(slot);
-                let load_secs = m.load_secs.unwrap_or_else(|| {
-                    let bw = if cfg.load_bandwidth > 0.0 { cfg.load_bandwidth } else { f64::INFINITY };
-                    cfg.load_latency_secs + st.need(slot) as f64 / bw
-                });
+                let load_secs = st.expected_load_secs(slot);
                 let (decision, evict_bytes, wait) = match st.preview(slot, now) {
                     Admission::Hit => ("hit", 0, Some(0.0)),
                     Admission::Join => ("join", 0, Some(load_secs)),

@@ -276,6 +276,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.entries[slot as usize].need()
     }
 
+    /// Seconds a load of `slot` is expected to take: its last measured load time, else the
+    /// configured prior for the bytes it needs (the cost policies and retry hints use).
+    pub fn expected_load_secs(&self, slot: Slot) -> f64 {
+        let e = &self.entries[slot as usize];
+        self.load_cost(e, e.need())
+    }
+
     /// KV cache bytes per token of context for `slot`: what [`PoolState::set_kv_bytes_per_token`]
     /// last set (the backend's figure), else the spec's, else the documented rule's.
     pub fn kv_bytes_per_token(&self, slot: Slot) -> u64 {
