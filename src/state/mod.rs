@@ -32,6 +32,7 @@ mod status;
 mod types;
 
 pub use instant::Served;
+pub use status::{AdmissionView, Decision};
 pub use types::*;
 
 #[derive(Debug, Clone)]

@@ -316,6 +316,18 @@ pub struct ModelStatus {
 }
 
 impl Rejection {
+    /// Whether retrying the same request on this node can never succeed: `model_too_large`, and
+    /// `max_models_reached` without a retry hint (every slot held by a pinned model). The
+    /// server marks such replies `x-should-retry: false` with no `Retry-After`; the fleet
+    /// simulator's clients and routers read the same rule.
+    pub fn never_succeeds(&self) -> bool {
+        match self.code {
+            RejectCode::ModelTooLarge => true,
+            RejectCode::MaxModels => self.retry_after_secs.is_none(),
+            _ => false,
+        }
+    }
+
     /// The engine error for this rejection of `model`.
     pub fn into_error(self, model: ModelId, max_models: usize) -> PoolError {
         let retry = self.retry_after_secs.unwrap_or(1);

@@ -7,5 +7,6 @@ mod common;
 mod crosscheck;
 mod determinism;
 mod drive;
+mod fleet;
 mod fuzz;
 mod snapshots;
