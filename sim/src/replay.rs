@@ -327,6 +327,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             load_bandwidth: cfg.load_bandwidth,
             queue_timeout: secs_to_ns(cfg.queue_timeout_secs),
             max_queue: cfg.max_queue,
+            service_ns_per_token: cfg.timing().service_prior_ns_per_token(),
         };
         let mut core = PoolState::new(pcfg, policy, NameEstimator);
         let mut true_size = Vec::with_capacity(trace.models.len());

@@ -33,6 +33,10 @@ pub struct PoolConfig {
     pub queue_timeout: Nanos,
     /// Requests waiting at once; one more is refused with `queue_full`.
     pub max_queue: usize,
+    /// Prior service nanoseconds per token of a request's context (prompt plus maximum new
+    /// tokens), for retry hints until a model's own rate has been measured: a backend's modelled
+    /// decode time per token, or `None` (then hints fall back to the typical request time).
+    pub service_ns_per_token: Option<f64>,
 }
 
 impl PoolConfig {
@@ -47,6 +51,7 @@ impl PoolConfig {
             load_bandwidth: 1e9,
             queue_timeout: 0,
             max_queue: 1024,
+            service_ns_per_token: None,
         }
     }
 
