@@ -13,7 +13,7 @@ use modelpool::log::LogMode;
 use modelpool::{MemoryLimit, ModelSpec, NameEstimator, SizeEstimator};
 use modelpool_sim::fleet::{
     ClientModel, FleetConfig, FleetReport, NodeSpec, PooledBound, RouterKind, litellm_config, place,
-    pooled_bound, run_fleet,
+    pooled_bound, run_fleet, search_placement,
 };
 use modelpool_sim::generate::{Arrivals, GenConfig, generate};
 use modelpool_sim::sweep::{Target, auto_limits, parse_limits, sweep};
@@ -301,6 +301,10 @@ struct FleetArgs {
     router: String,
     #[command(flatten)]
     common: FleetCommon,
+    /// Rounds of local search that improve the trace's placement with the simulator (0: the
+    /// greedy placement alone).
+    #[arg(long, default_value_t = 2)]
+    search_passes: u32,
     /// Write the LiteLLM proxy config of the computed placement here (YAML).
     #[arg(long)]
     emit_litellm_config: Option<PathBuf>,
@@ -937,7 +941,13 @@ fn fleet_cmd(a: FleetArgs) -> Result<()> {
     };
     let nodes = fleet_nodes(&sizes, a.common.sim.max_models);
     let (trace, _) = load_trace(&a.trace)?;
-    let placement = place(&trace, &nodes);
+    let placement = search_placement(
+        &trace,
+        &fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?,
+        place(&trace, &nodes),
+        a.search_passes,
+    )
+    .map_err(anyhow::Error::msg)?;
     if let Some(path) = &a.emit_litellm_config {
         let urls: Vec<String> = if a.node_urls.is_empty() {
             (0..nodes.len()).map(|k| format!("http://node-{k}:8080")).collect()

@@ -1028,6 +1028,20 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         &self.core
     }
 
+    /// Whether this node could admit trace request `idx` at `now` without waiting: its dry run
+    /// ([`PoolState::admission_view`]) says hit, join or load, and the request's KV cache fits
+    /// beside the model within the limit less pinned models.
+    pub(crate) fn could_admit(&self, idx: usize, now: Nanos) -> bool {
+        let slot = self.trace.ops[idx].model;
+        let view = self.core.admission_view(slot, now);
+        let l = self.core.ledger();
+        let need = self.core.need(slot).saturating_add(self.kv_of(idx, slot));
+        matches!(
+            view.decision,
+            modelpool::Decision::Hit | modelpool::Decision::Join | modelpool::Decision::Load
+        ) && need <= l.limit.saturating_sub(l.pinned)
+    }
+
     /// The node's measured size of trace model `slot`.
     pub(crate) fn true_size(&self, slot: Slot) -> u64 {
         self.true_size[slot as usize]

@@ -2,8 +2,8 @@
 
 use modelpool::Decision;
 use modelpool_sim::fleet::{
-    Candidate, ClientModel, FleetConfig, NO_VIEW, NodeSpec, RouterKind, choose, class_of, litellm_config,
-    place, pooled_bound, run_fleet,
+    Candidate, ClientModel, FleetConfig, NO_VIEW, NodeSpec, Placement, RouterKind, choose, class_of,
+    home_order, litellm_config, place, pooled_bound, run_fleet, search_placement,
 };
 use modelpool_sim::{SimConfig, Trace};
 
@@ -60,6 +60,7 @@ fn the_residency_rule_ranks_by_class_then_cost() {
     assert_eq!(class_of(Decision::Reject, 0), 5);
     let c = |class, evict_bytes, wait: Option<f64>, in_flight| Candidate {
         class,
+        home_rank: 0,
         evict_bytes,
         expected_wait_secs: wait,
         in_flight,
@@ -74,6 +75,21 @@ fn the_residency_rule_ranks_by_class_then_cost() {
     // Ties go to the first; a node without a view comes last.
     assert_eq!(choose(&[c(1, 0, Some(2.0), 1), c(1, 0, Some(2.0), 1)]), Some(0));
     assert_eq!(choose(&[c(NO_VIEW, 0, None, 0), c(5, 0, Some(3.0), 4)]), Some(1));
+    // A load goes home first (before fewer bytes evicted); held models ignore the home order.
+    let ranked =
+        |class, home_rank, evict_bytes| Candidate { home_rank, ..c(class, evict_bytes, Some(1.0), 0) };
+    assert_eq!(choose(&[ranked(3, 1, 0), ranked(3, 0, 9)]), Some(1));
+    assert_eq!(choose(&[ranked(2, 2, 0), ranked(3, 0, 0)]), Some(0), "free memory first");
+    assert_eq!(choose(&[ranked(0, 1, 0), ranked(0, 0, 0)]), Some(0));
+    // The home order is a fixed permutation per model, and models spread over nodes.
+    let order = home_order("llama-3.2-3b-instruct-4bit", 5);
+    assert_eq!(order, home_order("llama-3.2-3b-instruct-4bit", 5));
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+    let homes: std::collections::BTreeSet<usize> =
+        (0..40).map(|i| home_order(&format!("model-{i}"), 3)[0]).collect();
+    assert_eq!(homes.len(), 3);
 }
 
 #[test]
@@ -210,15 +226,15 @@ fn fleet_runs_are_deterministic_and_validated() {
 }
 
 #[test]
-fn on_a_committed_trace_residency_routing_is_near_the_pooled_bound() {
+fn on_a_committed_trace_residency_routing_and_a_searched_placement_approach_the_pooled_bound() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/chat-zipf.csv");
     let trace = Trace::from_path(std::path::Path::new(path)).unwrap();
-    let nodes: Vec<NodeSpec> = (0..3).map(|k| node(&format!("n{k}"), 16 * GB)).collect();
+    let nodes: Vec<NodeSpec> = (0..3).map(|k| node(&format!("n{k}"), 12 * GB)).collect();
     let sim = SimConfig::default();
-    let random = run_fleet(&trace, &fleet(nodes.clone(), RouterKind::Random, sim.clone()), None).unwrap();
-    let residency =
-        run_fleet(&trace, &fleet(nodes.clone(), RouterKind::Residency, sim.clone()), None).unwrap();
-    let pooled = pooled_bound(&trace, &fleet(nodes, RouterKind::Residency, sim)).unwrap();
+    let run = |r| run_fleet(&trace, &fleet(nodes.clone(), r, sim.clone()), None).unwrap();
+    let (random, hash, residency) =
+        (run(RouterKind::Random), run(RouterKind::Hash), run(RouterKind::Residency));
+    let pooled = pooled_bound(&trace, &fleet(nodes.clone(), RouterKind::Residency, sim.clone())).unwrap();
     assert!(
         residency.miss_ratio <= 1.5 * pooled.miss_ratio,
         "{} vs {}",
@@ -226,10 +242,20 @@ fn on_a_committed_trace_residency_routing_is_near_the_pooled_bound() {
         pooled.miss_ratio
     );
     assert!(
-        residency.miss_ratio * 5.0 <= random.miss_ratio,
+        residency.miss_ratio * 4.0 <= random.miss_ratio,
         "{} vs {}",
         residency.miss_ratio,
         random.miss_ratio
     );
+    assert!(residency.miss_ratio < hash.miss_ratio);
     assert_eq!(residency.avoidable_failures, 0);
+    // The local search only keeps improvements over the greedy placement.
+    let cfg = fleet(nodes.clone(), RouterKind::Placement, sim);
+    let greedy = place(&trace, &nodes);
+    let searched = search_placement(&trace, &cfg, greedy.clone(), 1).unwrap();
+    let score = |p: &Placement| {
+        let r = run_fleet(&trace, &cfg, Some(p)).unwrap();
+        r.requests - r.hits + 2 * r.client_failed
+    };
+    assert!(score(&searched) < score(&greedy), "the search finds a better placement on this trace");
 }
