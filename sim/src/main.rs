@@ -282,6 +282,10 @@ struct FleetCommon {
     /// Nodes answer busy refusals with 429 (`modelpool serve --busy-status 429`).
     #[arg(long)]
     busy_429: bool,
+    /// Rounds of local search that improve the trace's placement with the simulator (0: the
+    /// greedy placement alone).
+    #[arg(long, default_value_t = 2)]
+    search_passes: u32,
     #[command(flatten)]
     sim: SimArgs,
 }
@@ -301,10 +305,6 @@ struct FleetArgs {
     router: String,
     #[command(flatten)]
     common: FleetCommon,
-    /// Rounds of local search that improve the trace's placement with the simulator (0: the
-    /// greedy placement alone).
-    #[arg(long, default_value_t = 2)]
-    search_passes: u32,
     /// Write the LiteLLM proxy config of the computed placement here (YAML).
     #[arg(long)]
     emit_litellm_config: Option<PathBuf>,
@@ -945,7 +945,7 @@ fn fleet_cmd(a: FleetArgs) -> Result<()> {
         &trace,
         &fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?,
         place(&trace, &nodes),
-        a.search_passes,
+        a.common.search_passes,
     )
     .map_err(anyhow::Error::msg)?;
     if let Some(path) = &a.emit_litellm_config {
@@ -1064,7 +1064,13 @@ fn fleet_sweep_cmd(a: FleetSweepArgs) -> Result<()> {
     for &n in &a.nodes {
         for &b in &sizes {
             let nodes = fleet_nodes(&vec![b; n], a.common.sim.max_models);
-            let placement = place(&trace, &nodes);
+            let greedy = place(&trace, &nodes);
+            let placement = if a.routers.contains(&RouterKind::Placement) {
+                let cfg = fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?;
+                search_placement(&trace, &cfg, greedy, a.common.search_passes).map_err(anyhow::Error::msg)?
+            } else {
+                greedy
+            };
             for &r in &a.routers {
                 let cfg = fleet_config(&a.common, nodes.clone(), r)?;
                 let rep = run_fleet(&trace, &cfg, Some(&placement)).map_err(anyhow::Error::msg)?;
