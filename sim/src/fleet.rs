@@ -333,7 +333,8 @@ pub const NO_VIEW: u8 = 6;
 pub struct Candidate {
     /// [`class_of`] its view (or [`NO_VIEW`]).
     pub class: u8,
-    /// Its place in the model's rendezvous order of nodes ([`home_order`]; 0: the model's home).
+    /// Its place in the model's home order ([`home_order`] over the positions of the model's
+    /// deployments in config order; 0: the model's home).
     pub home_rank: u32,
     /// Bytes a load there would evict.
     pub evict_bytes: u64,
@@ -570,6 +571,9 @@ struct Fleet<'t, P: SimPolicy> {
     views: Vec<View>,
     /// Rendezvous order of nodes per model (hash router).
     hash_order: Vec<Vec<usize>>,
+    /// Per model and node: the node's rank in the model's home order over its group (the
+    /// deployments of the model, in config order: every node, or the placement's).
+    home_rank: Vec<Vec<u32>>,
     rng: ChaCha8Rng,
     events: Vec<NodeEvent>,
     cand: Vec<usize>,
@@ -614,6 +618,20 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         let n_models = trace.models.len();
         let nodes = node_cfgs.iter().map(|c| Runner::node(trace, c, policy())).collect();
         let hash_order = trace.models.iter().map(|m| home_order(&m.id, n_nodes)).collect();
+        let home_rank = trace
+            .models
+            .iter()
+            .enumerate()
+            .map(|(m, def)| {
+                let all: Vec<usize> = (0..n_nodes).collect();
+                let group = if cfg.router == RouterKind::Placement { &placement.nodes_of[m] } else { &all };
+                let mut rank = vec![u32::MAX; n_nodes];
+                for (r, pos) in home_order(&def.id, group.len()).into_iter().enumerate() {
+                    rank[group[pos]] = r as u32;
+                }
+                rank
+            })
+            .collect();
         Fleet {
             trace,
             cfg,
@@ -626,6 +644,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             deployments: vec![Deployment::default(); n_models * n_nodes],
             views: vec![View::default(); n_nodes],
             hash_order,
+            home_rank,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             events: Vec::new(),
             cand: Vec::with_capacity(n_nodes),
@@ -747,7 +766,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
                     self.poll(k, now);
                     let (class, evict_bytes, expected_wait_secs) =
                         self.views[k].entries.get(model).copied().unwrap_or((NO_VIEW, 0, None));
-                    let home_rank = self.hash_order[model].iter().position(|&x| x == k).unwrap_or(0) as u32;
+                    let home_rank = self.home_rank[model][k];
                     let in_flight = self.in_flight[k];
                     let c = Candidate { class, home_rank, evict_bytes, expected_wait_secs, in_flight };
                     best = match best {
