@@ -19,21 +19,28 @@
 # client saw a 503 although some node could have served the request (every trace model fits a
 # node; the failover model fits node 4), or when a key appears in a log.
 #
-#   scripts/fleet-e2e.sh                 # builds the binaries (cargo build --release --bins)
-#   MODELPOOL_BIN_DIR=/path/to/release scripts/fleet-e2e.sh   # prebuilt binaries, no build
+#   scripts/fleet-e2e.sh                 # builds the debug binaries first (as fidelity.sh does)
+#   MODELPOOL_BIN_DIR=target/release scripts/fleet-e2e.sh     # prebuilt binaries, no build
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 # shellcheck source=scripts/lib.sh
 source "$repo/scripts/lib.sh"
 
+# The debug binaries, built as scripts/fidelity.sh builds them (they reuse what `cargo test`
+# compiled; a cold release build takes many minutes on 2 cores), unless MODELPOOL_BIN_DIR names
+# a directory holding prebuilt `modelpool` and `modelpool-sim`.
 if [[ -n "${MODELPOOL_BIN_DIR:-}" ]]; then
     bin="$MODELPOOL_BIN_DIR"
 else
-    cargo build -q --release --bins
-    bin="${CARGO_TARGET_DIR:-$repo/target}/release"
+    cargo build -q -p modelpool-sim --bin modelpool-sim
+    cargo build -q --bin modelpool
+    bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 fi
-scripts/setup-fleet.sh
+for b in modelpool modelpool-sim; do
+    [[ -x "$bin/$b" ]] || { echo "fleet-e2e: $bin/$b is missing" >&2; exit 1; }
+done
+scripts/setup-fleet.sh >/dev/null
 venv="${MODELPOOL_FLEET_VENV:-$repo/target/fleet-venv}"
 py="$venv/bin/python"
 helper="$repo/tools/litellm/fleet_e2e.py"
@@ -41,6 +48,10 @@ trace="$repo/traces/fleet-e2e.csv"
 out="$repo/target/fleet-e2e"
 rm -rf "$out"
 mkdir -p "$out"
+# The routing rule and the strategy's bookkeeping first (no nodes needed).
+"$py" tests/fleet/test_routing.py >"$out/routing-tests.txt" 2>&1 ||
+    { cat "$out/routing-tests.txt" >&2; echo "fleet-e2e: tests/fleet/test_routing.py failed" >&2; exit 1; }
+tail -1 "$out/routing-tests.txt"
 
 # Node settings: the simulator's server-config gives the models and sizes; the fake timings are
 # the same numbers as flags (loads 0.1 s + 20 GB/s, 2 ms a token).
