@@ -9,15 +9,18 @@
 #      `modelpool-sim drive` against nodes 1-3 (7 GB each: they must evict), and meanwhile
 #   2. the failover experiment of ../shared/FLEET.md: 124 requests (one every 0.25 s) for a
 #      model on node 4 (healthy) and node 5 (its only slot pinned by another model: a 503 for
-#      every request), counting the 503s that reach the client. LiteLLM's cooldown is 1 s here
+#      every request; listed first, so that only residency keeps requests away from it),
+#      counting the 503s that reach the client and the requests node 5 refused. LiteLLM's cooldown is 1 s here
 #      (FLEET.md's case: the node said `Retry-After: 1`, so LiteLLM re-probed it every second).
 # Afterwards it reads every node's /admin/pool and writes target/fleet-e2e/<routing>/observed.json
 # (per node and total: hits, loads, evictions, 503s the nodes sent; the client-visible statuses;
 # the failover counts) and target/fleet-e2e/observed.json (both). About a minute.
 #
-# Fails when a node or a proxy fails, when drive fails, or, with the modelpool routing, when a
-# client saw a 503 although some node could have served the request (every trace model fits a
-# node; the failover model fits node 4), or when a key appears in a log.
+# Fails when a node or a proxy fails, when drive fails, when a key appears in a log, or, with
+# the modelpool routing: when a client saw a 503 although some node could have served the
+# request (every trace request fits a node; the failover model fits node 4), when node 5 got a
+# failover request at all (its residency says `reject`), or when it did not load less often than
+# LiteLLM's default.
 #
 #   scripts/fleet-e2e.sh                 # builds the debug binaries first (as fidelity.sh does)
 #   MODELPOOL_BIN_DIR=target/release scripts/fleet-e2e.sh     # prebuilt binaries, no build
@@ -124,7 +127,7 @@ run() {
     port="$(free_port)"
     proxy="http://127.0.0.1:$port"
     "$py" "$helper" config "$dir/litellm.yaml" --trace "$trace" --nodes "$n1,$n2,$n3" \
-        --failover-model failover-model --failover-nodes "$n4,$n5" --strategy "$routing" \
+        --failover-model failover-model --failover-nodes "$n5,$n4" --strategy "$routing" \
         --pool-for-drive "$n1" --cooldown-time 1
     local t0=$SECONDS
     MODELPOOL_ROUTING_STATS="$dir/router.json" PYTHONPATH="$repo/tools/litellm" \
@@ -151,7 +154,7 @@ run() {
     kill -0 "$proxy_pid" 2>/dev/null || { echo "fleet-e2e[$routing]: the proxy died" >&2; return 1; }
     "$py" "$helper" summary --records "$dir/records.jsonl" --nodes "$n1,$n2,$n3" --trace "$trace" \
         --limit "$limit_bytes" --strategy "$routing" --failover "$dir/failover.json" \
-        --routing-stats "$dir/router.json" --out "$dir/observed.json"
+        --routing-stats "$dir/router.json" --failover-bad-node "$n5" --out "$dir/observed.json"
 }
 
 start=$SECONDS
@@ -185,7 +188,10 @@ for name, r in runs.items():
           f"{json.dumps(r['client_statuses'], sort_keys=True):>22} "
           f"{r['failover']['statuses'].get('503', 0):>5} of {r['failover']['requests']}")
 print(f"fleet-e2e: {wall} s; {out}/observed.json")
-failures = runs["modelpool"]["failures"]
+failures = list(runs["modelpool"]["failures"])
+ours, theirs = runs["modelpool"]["total"], runs["simple-shuffle"]["total"]
+if ours["loads"] >= theirs["loads"]:
+    failures.append(f"residency-aware routing loaded {ours['loads']} times, LiteLLM's default {theirs['loads']}")
 for f in failures:
     print(f"fleet-e2e: FAIL (modelpool routing): {f}", file=sys.stderr)
 sys.exit(1 if failures else 0)

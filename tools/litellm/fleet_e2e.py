@@ -177,7 +177,12 @@ def summary(args: argparse.Namespace) -> int:
         out["router"] = json.load(open(args.routing_stats))
     if args.failover:
         fo = json.load(open(args.failover))
+        if args.failover_bad_node:
+            rej = get_json(f"{args.failover_bad_node}/admin/pool")["stats"]["rejections_by_code"]
+            fo["refused_by_bad_node"] = sum(rej.values())
         out["failover"] = fo
+        if args.strategy == "modelpool" and fo.get("refused_by_bad_node", 0):
+            failures.append(f"failover: node 5 (residency: reject) was sent {fo['refused_by_bad_node']} requests")
         if args.strategy == "modelpool" and fo["statuses"].get("503", 0):
             failures.append(f"failover: {fo['statuses']['503']} client-visible 503s with a healthy node")
     out["failures"] = failures
@@ -214,6 +219,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("--strategy", default="modelpool")
     s.add_argument("--failover")
     s.add_argument("--routing-stats")
+    s.add_argument("--failover-bad-node")
     ad = sub.add_parser("admin", help="POST {} to each PATH of the node (admin key from the environment)")
     ad.add_argument("node")
     ad.add_argument("paths", nargs="+")
