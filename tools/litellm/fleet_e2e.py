@@ -173,8 +173,14 @@ def summary(args: argparse.Namespace) -> int:
             if n > 1
         ),
     }
-    if args.routing_stats and os.path.exists(args.routing_stats):
-        out["router"] = json.load(open(args.routing_stats))
+    if args.strategy == "modelpool":
+        if not (args.routing_stats and os.path.exists(args.routing_stats)):
+            failures.append("the routing strategy wrote no counters (was it loaded?)")
+        else:
+            out["router"] = json.load(open(args.routing_stats))
+            # Every request has ended: the strategy's in-flight counts must be back to zero.
+            if any(out["router"]["in_flight"].values()):
+                failures.append(f"the strategy's in-flight counts did not return to 0: {out['router']['in_flight']}")
     if args.failover:
         fo = json.load(open(args.failover))
         if args.failover_bad_node:
