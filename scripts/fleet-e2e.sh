@@ -91,11 +91,16 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
 
 pids="$out/pids"
 : >"$pids"
+runs=()
 cleanup() {
     local pid
+    # The two runs first (so that they start nothing more), then what they started.
+    for pid in "${runs[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${runs[@]}"; do wait "$pid" 2>/dev/null || true; done
     while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$pids"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -162,6 +167,7 @@ run modelpool >"$out/modelpool.txt" 2>&1 &
 ours=$!
 run simple-shuffle >"$out/simple-shuffle.txt" 2>&1 &
 theirs=$!
+runs=("$ours" "$theirs")
 status=0
 wait "$ours" || status=1
 wait "$theirs" || status=1

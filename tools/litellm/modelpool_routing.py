@@ -42,6 +42,8 @@ with this directory on PYTHONPATH (or the module next to the config file). The h
 the strategy on the proxy's router on the first request and tracks in-flight counts. With the
 Python `Router`: `install(router)`.
 
+Each proxy worker process (`--num_workers`) keeps its own views and in-flight counts.
+
 Settings (environment): MODELPOOL_ADMIN_KEY (sent as `Authorization: Bearer`),
 MODELPOOL_ROUTING_TTL (seconds, default 1), MODELPOOL_ROUTING_TIMEOUT (seconds, default 0.5),
 MODELPOOL_ROUTING_STATS (a file where the strategy keeps its counters as JSON, for tests).
