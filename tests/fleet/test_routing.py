@@ -150,6 +150,23 @@ class Strategy(unittest.TestCase):
         self.assertEqual(asyncio.run(s2.pick(deps, retry=True))["model_info"]["id"], "dep-1")
 
 
+class Install(unittest.TestCase):
+    def test_install_on_a_router(self) -> None:
+        import litellm
+        from litellm.router import CustomRoutingStrategyBase
+
+        router = litellm.Router(model_list=[deployment(0), deployment(1)])
+        handler = mr.install(router)
+        try:
+            self.assertIsInstance(handler.strategy, CustomRoutingStrategyBase)
+            self.assertIs(router._modelpool_routing, handler.strategy)
+            self.assertEqual(router.async_get_available_deployment, handler.strategy.async_get_available_deployment)
+            handler.install(router)  # a second install changes nothing
+            self.assertIs(router._modelpool_routing, handler.strategy)
+        finally:
+            litellm.callbacks.remove(handler)
+
+
 class Handler(BaseHTTPRequestHandler):
     seen_auth: list[str | None] = []
     body = b"{}"

@@ -365,13 +365,17 @@ def _call_ref(kwargs: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 def _make_handler() -> Any:
     from litellm.integrations.custom_logger import CustomLogger
+    from litellm.router import CustomRoutingStrategyBase
+
+    class Strategy(ModelpoolRouting, CustomRoutingStrategyBase):  # type: ignore[misc]
+        """ModelpoolRouting as LiteLLM's CustomRoutingStrategyBase."""
 
     class ModelpoolRoutingHandler(CustomLogger):  # type: ignore[misc]
         """Installs the strategy on the proxy's router and ends in-flight calls."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.strategy = ModelpoolRouting()
+            self.strategy = Strategy()
 
         def install(self, router: Any) -> None:
             if getattr(router, "_modelpool_routing", None) is self.strategy:
