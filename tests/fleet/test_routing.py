@@ -46,7 +46,7 @@ class Rule(unittest.TestCase):
     def test_fixture(self) -> None:
         for case in FIXTURE["cases"]:
             with self.subTest(case["name"]):
-                got = mr.choose(case["views"], case["model"], case["in_flight"])
+                got = mr.choose(case["views"], case["model"], case["in_flight"], case["home_rank"])
                 self.assertEqual(got, case["expected"], case["name"])
 
     def test_fixture_covers_every_class(self) -> None:
@@ -54,6 +54,18 @@ class Rule(unittest.TestCase):
         self.assertEqual(seen, set(range(7)))
         chosen = {mr.classify(mr.entry_for(c["views"][c["expected"]], c["model"])) for c in FIXTURE["cases"]}
         self.assertEqual(chosen, set(range(7)), "every class is the winner of some case")
+
+    def test_home_orders(self) -> None:
+        # FNV-1a 64's published value for "a", then the fixture's orders (the simulator's too).
+        self.assertEqual(mr.fnv1a("a"), 0xAF63DC4C8601EC8C)
+        for case in FIXTURE["home_orders"]:
+            with self.subTest(f"{case['model']!r} over {case['nodes']}"):
+                self.assertEqual(mr.home_order(case["model"], case["nodes"]), case["order"])
+                ranks = mr.home_ranks(case["model"], case["nodes"])
+                self.assertEqual([ranks[p] for p in case["order"]], list(range(case["nodes"])))
+        # Homes spread over the nodes (40 models over 3 nodes: each node is home to some).
+        homes = {mr.home_order(f"model-{i}", 3)[0] for i in range(40)}
+        self.assertEqual(homes, {0, 1, 2})
 
     def test_classes(self) -> None:
         self.assertEqual(mr.classify(entry("hit")), 0)
@@ -93,18 +105,24 @@ def strategy_with(views: list[dict[str, Any] | None]) -> mr.ModelpoolRouting:
 
 class Strategy(unittest.TestCase):
     def test_optimistic_join_spreads_nothing_and_counts_in_flight(self) -> None:
+        # The model's home among two positions is position 1 (tests/fleet/choices.json).
+        self.assertEqual(mr.home_order(MODEL, 2), [1, 0])
         s = strategy_with([view("n0", entry("load", wait=0.2)), view("n1", entry("load", wait=0.3))])
         deps = [deployment(0), deployment(1)]
         first = asyncio.run(s.pick(deps, call_id="a"))
-        self.assertEqual(first["model_info"]["id"], "dep-0")
-        self.assertEqual(mr.entry_for(s.cache.view("http://node-0:8080"), MODEL)["decision"], "join")
-        # The next request joins the load on node 0 instead of loading a second copy on node 1.
+        self.assertEqual(first["model_info"]["id"], "dep-1", "a load goes to the model's home")
+        self.assertEqual(mr.entry_for(s.cache.view("http://node-1:8080"), MODEL)["decision"], "join")
+        # The next request joins the load on node 1 instead of loading a second copy on node 0.
         second = asyncio.run(s.pick(deps, call_id="b"))
-        self.assertEqual(second["model_info"]["id"], "dep-0")
-        self.assertEqual(s.in_flight, {"http://node-0:8080": 2})
-        s.call_ended("a", "dep-0", failed=False)
-        s.call_ended("b", "dep-0", failed=False)
-        self.assertEqual(s.in_flight, {"http://node-0:8080": 0})
+        self.assertEqual(second["model_info"]["id"], "dep-1")
+        self.assertEqual(s.in_flight, {"http://node-1:8080": 2})
+        s.call_ended("a", "dep-1", failed=False)
+        s.call_ended("b", "dep-1", failed=False)
+        self.assertEqual(s.in_flight, {"http://node-1:8080": 0})
+        # Home ranks come from the whole group: with node 1 cooling down (not a candidate), the
+        # load goes to node 0 and node 0 is not mistaken for the home of a one-node group.
+        s2 = strategy_with([view("n0", entry("load", wait=0.2)), view("n1", entry("load", wait=0.3))])
+        self.assertEqual(asyncio.run(s2.pick([deps[0]], group=deps))["model_info"]["id"], "dep-0")
         self.assertEqual(s.choices_by_class[mr.LOAD_FREE], 1)
         self.assertEqual(s.choices_by_class[mr.JOIN], 1)
 
@@ -122,6 +140,32 @@ class Strategy(unittest.TestCase):
         # An end event for a request that is not open changes nothing.
         s.call_ended("unknown", "dep-1", failed=True)
         self.assertEqual(s.in_flight["http://node-1:8080"], 0)
+        self.assertEqual(s.open, [])
+
+    def test_refusal_headers_set_the_learnt_entry(self) -> None:
+        # Per-attempt failure events (the Python Router) carry the reply's headers.
+        s = strategy_with([view("n0", entry("hit")), view("n1", entry("hit"))])
+        deps = [deployment(0), deployment(1)]
+        asyncio.run(s.pick(deps))
+        s.call_ended("attempt-1", "dep-0", failed=True, retry_after=7.0, never=False)
+        got = mr.entry_for(s.cache.view("http://node-0:8080"), MODEL)
+        self.assertEqual((got["decision"], got["evict_bytes"], got["expected_wait_secs"]), ("reject", 0, 7.0))
+        self.assertEqual(s.in_flight["http://node-0:8080"], 0)
+        # A late event for an attempt a retry's pick already ended changes nothing.
+        asyncio.run(s.pick(deps, call_id="c"))  # node 1 (node 0 now refuses)
+        asyncio.run(s.pick(deps, retry=True, call_id="c"))  # node 1 refused too: back to node 0
+        self.assertEqual(s.in_flight, {"http://node-0:8080": 1, "http://node-1:8080": 0})
+        s.call_ended("c", "dep-1", failed=True)
+        self.assertEqual(s.in_flight, {"http://node-0:8080": 1, "http://node-1:8080": 0})
+        s.call_ended("c", "dep-0", failed=False)
+        self.assertEqual(s.in_flight["http://node-0:8080"], 0)
+
+    def test_refusal_from_headers(self) -> None:
+        class Reply(Exception):
+            litellm_response_headers = {"retry-after": "3", "x-should-retry": "false"}
+
+        self.assertEqual(mr._refusal({"exception": Reply()}), (3.0, True))
+        self.assertEqual(mr._refusal({"exception": ValueError()}), (None, False))
 
     def test_without_call_ids_calls_end_by_deployment(self) -> None:
         s = strategy_with([view("n0", entry("hit")), None])
@@ -148,6 +192,19 @@ class Strategy(unittest.TestCase):
         # A refusal with a retry hint is worth another node: no local refusal then.
         s2 = strategy_with([view("n0", entry("reject", wait=None)), view("n1", entry("reject", wait=2.0))])
         self.assertEqual(asyncio.run(s2.pick(deps, retry=True))["model_info"]["id"], "dep-1")
+        # A node that refused a request it could admit later (no x-should-retry: false) is not a
+        # reason to give up: the learnt entry has no hint but is not "never".
+        s3 = strategy_with([view("n0", entry("hit")), view("n1", entry("reject", wait=None))])
+        self.assertEqual(asyncio.run(s3.pick(deps, call_id="u"))["model_info"]["id"], "dep-0")
+        # (both are now class 5 without a hint: the tie goes to node 0, as in the simulator)
+        self.assertEqual(asyncio.run(s3.pick(deps, retry=True, call_id="u"))["model_info"]["id"], "dep-0")
+        self.assertEqual(s3.refused_locally, 0)
+        # With x-should-retry: false from the reply, it is.
+        s4 = strategy_with([view("n0", entry("hit")), view("n1", entry("reject", wait=None))])
+        asyncio.run(s4.pick(deps))
+        s4.call_ended(None, "dep-0", failed=True, never=True)
+        with self.assertRaises(litellm.ServiceUnavailableError):
+            asyncio.run(s4.pick(deps, retry=True))
 
 
 class Install(unittest.TestCase):

@@ -14,24 +14,34 @@ is the shared fixture):
 - Class, from that node's view entry for the model id: `hit` = 0, `join` = 1, `load` with
   `evict_bytes == 0` = 2, `load` with eviction or `await_unload` = 3, `queue` = 4, `reject` = 5;
   node unreachable, no view, or the model absent from the view = 6.
+- Home order: a model's rendezvous order over the deployments of its group (all of them, in
+  model_list order, cooling down or not): with `key` = FNV-1a 64 of the model id, position p
+  ranks by `mix64(key ^ mix64(p))` descending (ties by p; mix64 = SplitMix64's finalizer). A
+  candidate's home_rank is its position's place in that order (0: the model's home).
 - Choose the candidate with the smallest tuple
-  (class, evict_bytes, expected_wait_secs (null = +inf), router_in_flight[node], index).
-  For class 6 evict_bytes and expected_wait_secs count as 0 and +inf.
+  (class, home_rank if class is 2 or 3 else 0, evict_bytes, expected_wait_secs (null = +inf),
+  router_in_flight[node], index). For class 6 evict_bytes and expected_wait_secs count as 0 and
+  +inf. So a model held somewhere goes there (the least busy copy), and a model held nowhere
+  is loaded at the first node of its home order that can load it (free memory first): reloads
+  land on the same node instead of spreading copies.
 - Right after choosing: if the class was 2, 3 or 4, that node's cached entry for the model
   becomes `join` (evict_bytes 0, expected_wait_secs kept); the router's in-flight count for the
   node goes up by one. It goes down when the call ends (success or failure). A call that fails
-  turns that node's cached entry for the model into `reject` (expected_wait_secs kept) until the
-  next refresh, so a retry does not go back to the node that just refused (unless every other
-  candidate is worse still).
+  turns that node's cached entry for the model into `reject` with evict_bytes 0 and
+  expected_wait_secs = the refusal's `Retry-After` (null without one, or when LiteLLM does not
+  say) until the next refresh, so a retry does not go back to the node that just refused
+  (unless every other candidate is worse still).
 - Views older than the TTL (default 1 s) are fetched again when a request needs them,
   concurrently across nodes, with a short timeout (default 0.5 s); a failed fetch leaves no view
   (class 6) until the next refresh.
 
-Beyond the rule, one guard: on a retry (LiteLLM's `attempted_retries` > 0), when every candidate
-is class 5 with `expected_wait_secs` null (a refusal waiting cannot cure, e.g. `model_too_large`
-on every node), the strategy raises a 503 itself instead of sending the request again: LiteLLM
-retries every 5xx and ignores `x-should-retry: false`, so without this a never-succeeding refusal
-costs the nodes `num_retries + 1` requests; with it, one.
+Beyond the rule (the simulator has no counterpart), one guard: on a retry (LiteLLM's
+`attempted_retries` > 0), when every candidate is class 5 with `expected_wait_secs` null and
+each of those entries says waiting cannot help (the node's own view, or a refusal that came with
+`x-should-retry: false`; e.g. `model_too_large` on every node), the strategy raises a 503 itself
+instead of sending the request again: LiteLLM retries every 5xx and reads neither
+`x-should-retry` nor `error.code`, so without this a never-succeeding refusal costs the nodes
+`num_retries + 1` requests; with it, one.
 
 Use with the proxy (see `tools/litellm/config.example.yaml`):
 
@@ -94,27 +104,71 @@ def classify(entry: Mapping[str, Any] | None) -> int:
     return UNKNOWN
 
 
-def sort_key(view: View | None, model_id: str, in_flight: int, index: int) -> tuple[int, int, float, int, int]:
+_MASK = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's finalizer (64-bit wrapping arithmetic)."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def fnv1a(s: str) -> int:
+    """FNV-1a 64 of the UTF-8 bytes of `s`."""
+    h = 0xCBF29CE484222325
+    for b in s.encode():
+        h = ((h ^ b) * 0x100000001B3) & _MASK
+    return h
+
+
+def home_order(model_id: str, n: int) -> list[int]:
+    """The model's rendezvous order of positions 0..n-1 (the first is its home)."""
+    key = fnv1a(model_id)
+    return sorted(range(n), key=lambda p: (-mix64(key ^ mix64(p)), p))
+
+
+def home_ranks(model_id: str, n: int) -> list[int]:
+    """home_ranks[p]: position p's place in the model's home order."""
+    ranks = [0] * n
+    for r, p in enumerate(home_order(model_id, n)):
+        ranks[p] = r
+    return ranks
+
+
+def sort_key(
+    view: View | None, model_id: str, in_flight: int, index: int, home_rank: int = 0
+) -> tuple[int, int, int, float, int, int]:
     """The tuple the rule minimises for one candidate."""
     entry = entry_for(view, model_id)
     cls = classify(entry)
     if entry is None or cls == UNKNOWN:
-        return (cls, 0, math.inf, in_flight, index)
+        return (cls, 0, 0, math.inf, in_flight, index)
     wait = entry.get("expected_wait_secs")
-    return (cls, int(entry.get("evict_bytes") or 0), math.inf if wait is None else float(wait), in_flight, index)
+    rank = home_rank if cls in (LOAD_FREE, LOAD_EVICT) else 0
+    evict = int(entry.get("evict_bytes") or 0)
+    return (cls, rank, evict, math.inf if wait is None else float(wait), in_flight, index)
 
 
-def choose(views: Sequence[View | None], model_id: str, in_flight: Sequence[int]) -> int:
+def choose(
+    views: Sequence[View | None],
+    model_id: str,
+    in_flight: Sequence[int],
+    home_rank: Sequence[int] | None = None,
+) -> int:
     """Index of the candidate to send a request for `model_id` to (the rule in the module doc).
 
     `views[i]` is candidate i's residency view (`GET /admin/residency` JSON) or None;
-    `in_flight[i]` the router's open calls to that node.
+    `in_flight[i]` the router's open calls to that node; `home_rank[i]` its place in the model's
+    home order (all 0 when omitted).
     """
     if not views:
         raise ValueError("choose: no candidates")
-    if len(views) != len(in_flight):
-        raise ValueError("choose: views and in_flight differ in length")
-    return min(range(len(views)), key=lambda i: sort_key(views[i], model_id, in_flight[i], i))
+    ranks = [0] * len(views) if home_rank is None else list(home_rank)
+    if not (len(views) == len(in_flight) == len(ranks)):
+        raise ValueError("choose: views, in_flight and home_rank differ in length")
+    return min(range(len(views)), key=lambda i: sort_key(views[i], model_id, in_flight[i], i, ranks[i]))
 
 
 def node_base(api_base: str) -> str:
@@ -198,6 +252,15 @@ class ResidencyCache:
             entry.update(fields)
 
 
+class Attempt:
+    """One call the strategy sent: to which deployment and node, for which request."""
+
+    __slots__ = ("call_id", "dep_id", "base", "model_id")
+
+    def __init__(self, call_id: str | None, dep_id: str, base: str, model_id: str) -> None:
+        self.call_id, self.dep_id, self.base, self.model_id = call_id, dep_id, base, model_id
+
+
 class ModelpoolRouting:
     """The strategy's state: views, in-flight counts per node, counters. Methods are LiteLLM's."""
 
@@ -211,10 +274,7 @@ class ModelpoolRouting:
         self.in_flight: dict[str, int] = {}
         self.choices_by_class = [0] * 7
         self.refused_locally = 0
-        # The open attempt of each request (by litellm_call_id), and of calls without one (by
-        # deployment id): node base and model id.
-        self._calls: dict[str, tuple[str, str]] = {}
-        self._open: dict[str, list[tuple[str, str]]] = {}
+        self.open: list[Attempt] = []
         self.stats_file = os.environ.get("MODELPOOL_ROUTING_STATS") or None
 
     # LiteLLM's CustomRoutingStrategyBase interface.
@@ -243,6 +303,7 @@ class ModelpoolRouting:
         call_id = kwargs.get("litellm_call_id")
         return await self.pick(
             healthy,
+            group=self._group(healthy),
             retry=_attempted_retries(kwargs) > 0,
             last_error=_last_error(kwargs),
             call_id=call_id if isinstance(call_id, str) else None,
@@ -251,34 +312,42 @@ class ModelpoolRouting:
     def get_available_deployment(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("modelpool_routing is async only (the proxy and Router.acompletion are)")
 
+    def _group(self, healthy: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """Every deployment of the candidates' model group, in model_list order (home order's base)."""
+        getter = getattr(self.router, "get_model_list", None)
+        group = getter(model_name=healthy[0].get("model_name")) if getter is not None else None
+        return group if group else healthy
+
     async def pick(
         self,
         deployments: Sequence[dict[str, Any]],
+        group: Sequence[dict[str, Any]] | None = None,
         retry: bool = False,
         last_error: str = "",
         call_id: str | None = None,
     ) -> dict[str, Any]:
-        """Chooses among `deployments` (one model group, model_list order) and books the choice.
+        """Chooses among `deployments` (candidates of one model group, model_list order; `group`:
+        all of the group's deployments, default the candidates) and books the choice.
 
-        `call_id` (the proxy's `litellm_call_id`) ties a retry to its request: a second pick for
-        the same call means the previous attempt failed (LiteLLM logs one success or failure per
-        request, not per attempt), so it ends that attempt first.
+        `call_id` (the proxy's `litellm_call_id`) ties a retry to its request: a new pick for a
+        request whose attempt is still open means that attempt failed without its failure event
+        having arrived (the proxy logs a request's failure once), so it ends that attempt first.
         """
-        if call_id is not None and call_id in self._calls:
-            self._end(*self._calls.pop(call_id), failed=True)
+        for a in [a for a in self.open if call_id is not None and a.call_id == call_id]:
+            self._end(a, failed=True, retry_after=None, never=False)
         bases = [node_base(str((d.get("litellm_params") or {}).get("api_base", ""))) for d in deployments]
         await self.cache.refresh(bases)
         model_id = deployment_model_id(deployments[0])
+        positions = {deployment_id(d): p for p, d in enumerate(group or deployments)}
+        ranks_by_position = home_ranks(model_id, len(positions))
+        ranks = [ranks_by_position[positions[deployment_id(d)]] if deployment_id(d) in positions else len(positions)
+                 for d in deployments]
         views = [self.cache.view(b) for b in bases]
         flights = [self.in_flight.get(b, 0) for b in bases]
-        index = choose(views, model_id, flights)
+        index = choose(views, model_id, flights, ranks)
         base = bases[index]
-        entry = entry_for(views[index], model_id)
-        cls = classify(entry)
-        if retry and cls == REJECT and all(
-            classify(entry_for(v, model_id)) == REJECT and entry_for(v, model_id).get("expected_wait_secs") is None  # type: ignore[union-attr]
-            for v in views
-        ):
+        cls = classify(entry_for(views[index], model_id))
+        if retry and all(_never_succeeds(entry_for(v, model_id)) for v in views):
             self.refused_locally += 1
             self._write_stats()
             import litellm
@@ -293,35 +362,45 @@ class ModelpoolRouting:
             self.cache.set_entry(base, model_id, decision="join", evict_bytes=0)
         self.choices_by_class[cls] += 1
         self.in_flight[base] = self.in_flight.get(base, 0) + 1
-        if call_id is not None:
-            self._calls[call_id] = (base, model_id)
-        else:
-            self._open.setdefault(deployment_id(deployments[index]), []).append((base, model_id))
+        self.open.append(Attempt(call_id, deployment_id(deployments[index]), base, model_id))
         return deployments[index]
 
-    def _end(self, base: str, model_id: str, failed: bool) -> None:
-        if self.in_flight.get(base, 0) > 0:
-            self.in_flight[base] -= 1
+    def _end(self, a: Attempt, failed: bool, retry_after: float | None, never: bool) -> None:
+        self.open.remove(a)
+        if self.in_flight.get(a.base, 0) > 0:
+            self.in_flight[a.base] -= 1
         if failed:
-            self.cache.set_entry(base, model_id, decision="reject")
-
-    def call_ended(self, call_id: str | None, dep_id: str | None, failed: bool) -> None:
-        """A request (or, without a call id, one call to a deployment) ended: one in flight less
-        on its node; after a failure that node's entry for the model is `reject` until refreshed."""
-        if call_id is not None and call_id in self._calls:
-            self._end(*self._calls.pop(call_id), failed=failed)
-        else:
-            open_calls = self._open.get(dep_id or "")
-            if not open_calls:
-                return
-            self._end(*open_calls.pop(0), failed=failed)
+            # What the router learnt from the refusal, until the node's next view. A node whose
+            # own view already said that waiting cannot help keeps saying so.
+            entry = entry_for(self.cache.view(a.base), a.model_id)
+            from_view = _never_succeeds(entry) and not (entry or {}).get("learned")
+            self.cache.set_entry(a.base, a.model_id, decision="reject", evict_bytes=0,
+                                 expected_wait_secs=retry_after, learned=not from_view, never=never)
         self._write_stats()
+
+    def call_ended(
+        self,
+        call_id: str | None,
+        dep_id: str | None,
+        failed: bool,
+        retry_after: float | None = None,
+        never: bool = False,
+    ) -> None:
+        """LiteLLM says a call to deployment `dep_id` ended: one in flight less on its node; after
+        a failure that node's entry for the model is `reject` (`retry_after` as its wait; `never`:
+        the reply said `x-should-retry: false`) until the next view. An end that matches no open
+        attempt (already ended by a retry's pick) changes nothing."""
+        match = [a for a in self.open if a.dep_id == dep_id and call_id is not None and a.call_id == call_id]
+        match = match or [a for a in self.open if a.dep_id == dep_id and a.call_id is None]
+        if match:
+            self._end(match[0], failed, retry_after, never)
 
     def stats(self) -> dict[str, Any]:
         return {
             "choices_by_class": dict(zip(("hit", "join", "load", "load_evict", "queue", "reject", "unknown"),
                                          self.choices_by_class)),
             "in_flight": dict(self.in_flight),
+            "open_attempts": len(self.open),
             "refused_locally": self.refused_locally,
             "residency_fetches": self.cache.fetches,
             "residency_fetch_failures": self.cache.fetch_failures,
@@ -334,6 +413,36 @@ class ModelpoolRouting:
         with open(tmp, "w") as f:
             json.dump(self.stats(), f)
         os.replace(tmp, self.stats_file)
+
+
+def _never_succeeds(entry: Mapping[str, Any] | None) -> bool:
+    """A `reject` without a retry hint that waiting cannot cure: the node's own view says so, or
+    the refusal the router learnt it from carried `x-should-retry: false`."""
+    return (
+        entry is not None
+        and classify(entry) == REJECT
+        and entry.get("expected_wait_secs") is None
+        and (not entry.get("learned") or bool(entry.get("never")))
+    )
+
+
+def _refusal(kwargs: Mapping[str, Any]) -> tuple[float | None, bool]:
+    """(Retry-After seconds, x-should-retry: false) of a failed call's reply, when LiteLLM kept it."""
+    error = kwargs.get("exception")
+    headers = getattr(error, "litellm_response_headers", None) or getattr(
+        getattr(error, "response", None), "headers", None
+    )
+    if headers is None:
+        return None, False
+    get = headers.get
+    retry_after: float | None = None
+    try:
+        value = get("retry-after") or get("llm_provider-retry-after")
+        retry_after = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        retry_after = None
+    never = str(get("x-should-retry") or get("llm_provider-x-should-retry") or "").lower() == "false"
+    return retry_after, never
 
 
 def _attempted_retries(kwargs: Mapping[str, Any]) -> int:
@@ -395,7 +504,8 @@ def _make_handler() -> Any:
             self.strategy.call_ended(*_call_ref(kwargs), failed=False)
 
         async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any) -> None:
-            self.strategy.call_ended(*_call_ref(kwargs), failed=True)
+            retry_after, never = _refusal(kwargs)
+            self.strategy.call_ended(*_call_ref(kwargs), failed=True, retry_after=retry_after, never=never)
 
     return ModelpoolRoutingHandler()
 
