@@ -160,6 +160,15 @@ run() {
     "$py" "$helper" summary --records "$dir/records.jsonl" --nodes "$n1,$n2,$n3" --trace "$trace" \
         --limit "$limit_bytes" --strategy "$routing" --failover "$dir/failover.json" \
         --routing-stats "$dir/router.json" --failover-bad-node "$n5" --out "$dir/observed.json"
+    # The fleet simulator's prediction for the same trace, nodes and router (reported, not yet
+    # required to agree; needs a modelpool-sim with `fleet`).
+    local sim_router=residency
+    [[ "$routing" == modelpool ]] || sim_router=random
+    if "$bin/modelpool-sim" fleet --help >/dev/null 2>&1; then
+        "$bin/modelpool-sim" fleet "$trace" --nodes 3 --node-memory "${limit_bytes}B" --max-models 4 \
+            "${timing[@]}" --queue-timeout 30 --router "$sim_router" --client-retries 2 \
+            --allowed-fails 3 --cooldown 1 --view-ttl 1 --json >"$dir/predicted.json"
+    fi
 }
 
 start=$SECONDS
@@ -187,12 +196,21 @@ import json, sys
 out, wall = sys.argv[1], int(sys.argv[2])
 runs = {r: json.load(open(f"{out}/{r}/observed.json")) for r in ("modelpool", "simple-shuffle")}
 json.dump({"wall_secs": wall, **runs}, open(f"{out}/observed.json", "w"), indent=1)
-print(f"{'routing':16} {'hits':>5} {'loads':>5} {'evict':>5} {'node 503':>8} {'client':>22} {'failover 503':>12}")
+print(f"{'routing':28} {'hits':>5} {'loads':>5} {'evict':>5} {'node 503':>8} {'client':>22} {'failover 503':>12}")
 for name, r in runs.items():
     t = r["total"]
-    print(f"{name:16} {t['hits']:>5} {t['loads']:>5} {t['evictions']:>5} {t['rejections_503']:>8} "
+    print(f"{name:28} {t['hits']:>5} {t['loads']:>5} {t['evictions']:>5} {t['rejections_503']:>8} "
           f"{json.dumps(r['client_statuses'], sort_keys=True):>22} "
           f"{r['failover']['statuses'].get('503', 0):>5} of {r['failover']['requests']}")
+for name in runs:
+    try:
+        p = json.load(open(f"{out}/{name}/predicted.json"))["routers"][0]
+    except (OSError, KeyError, IndexError, ValueError):
+        continue
+    runs[name]["predicted"] = {k: p.get(k) for k in ("router", "hits", "loads", "node_refusals", "client_failed")}
+    print(f"{name + ' (sim ' + p['router'] + ')':28} {p['hits']:>5} {p['loads']:>5} {'':>5} {p['node_refusals']:>8} "
+          f"{'failed: ' + str(p['client_failed']):>22}")
+json.dump({"wall_secs": wall, **runs}, open(f"{out}/observed.json", "w"), indent=1)
 print(f"fleet-e2e: {wall} s; {out}/observed.json")
 failures = list(runs["modelpool"]["failures"])
 ours, theirs = runs["modelpool"]["total"], runs["simple-shuffle"]["total"]
