@@ -152,8 +152,10 @@ run() {
     "$py" "$helper" failover --url "$proxy" --model failover-model --requests 124 \
         --out "$dir/failover.json" >"$dir/failover.log" 2>&1 &
     local fo=$!
-    "$bin/modelpool-sim" drive "$trace" --url "$proxy" --api-key "$LITELLM_MASTER_KEY" \
-        --admin-key "$LITELLM_MASTER_KEY" --records "$dir/records.jsonl" >"$dir/drive.txt" 2>&1 ||
+    # drive's keys (--api-key, --admin-key) through its environment, not its command line.
+    MODELPOOL_API_KEY="$LITELLM_MASTER_KEY" MODELPOOL_ADMIN_KEY="$LITELLM_MASTER_KEY" \
+        "$bin/modelpool-sim" drive "$trace" --url "$proxy" --records "$dir/records.jsonl" \
+        >"$dir/drive.txt" 2>&1 ||
         { echo "fleet-e2e[$routing]: drive failed:" >&2; cat "$dir/drive.txt" >&2; return 1; }
     wait "$fo" || { echo "fleet-e2e[$routing]: the failover probe failed:" >&2; cat "$dir/failover.log" >&2; return 1; }
     kill -0 "$proxy_pid" 2>/dev/null || { echo "fleet-e2e[$routing]: the proxy died" >&2; return 1; }

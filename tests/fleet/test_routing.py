@@ -286,5 +286,5 @@ if __name__ == "__main__":
     os.environ.pop("MODELPOOL_ROUTING_STATS", None)
     result = unittest.main(exit=False, verbosity=1).result
     failed = len(result.failures) + len(result.errors)
-    print(f"fleet routing: {result.testsRun - failed} passed, {failed} failed")
+    print(f"routing: {result.testsRun - failed} passed, {failed} failed")
     sys.exit(1 if failed or not result.wasSuccessful() else 0)
