@@ -133,7 +133,7 @@ run() {
     proxy="http://127.0.0.1:$port"
     "$py" "$helper" config "$dir/litellm.yaml" --trace "$trace" --nodes "$n1,$n2,$n3" \
         --failover-model failover-model --failover-nodes "$n5,$n4" --strategy "$routing" \
-        --pool-for-drive "$n1" --cooldown-time 1
+        --cooldown-time 1
     local t0=$SECONDS
     MODELPOOL_ROUTING_STATS="$dir/router.json" PYTHONPATH="$repo/tools/litellm" \
         "$venv/bin/litellm" --config "$dir/litellm.yaml" --host 127.0.0.1 --port "$port" \
@@ -152,9 +152,10 @@ run() {
     "$py" "$helper" failover --url "$proxy" --model failover-model --requests 124 \
         --out "$dir/failover.json" >"$dir/failover.log" 2>&1 &
     local fo=$!
-    # drive's keys (--api-key, --admin-key) through its environment, not its command line.
-    MODELPOOL_API_KEY="$LITELLM_MASTER_KEY" MODELPOOL_ADMIN_KEY="$LITELLM_MASTER_KEY" \
-        "$bin/modelpool-sim" drive "$trace" --url "$proxy" --records "$dir/records.jsonl" \
+    # drive's key through its environment, not its command line; --no-admin: the proxy has no
+    # admin API (the nodes' counters are read from the nodes by the summary).
+    MODELPOOL_API_KEY="$LITELLM_MASTER_KEY" \
+        "$bin/modelpool-sim" drive "$trace" --url "$proxy" --no-admin --records "$dir/records.jsonl" \
         >"$dir/drive.txt" 2>&1 ||
         { echo "fleet-e2e[$routing]: drive failed:" >&2; cat "$dir/drive.txt" >&2; return 1; }
     wait "$fo" || { echo "fleet-e2e[$routing]: the failover probe failed:" >&2; cat "$dir/failover.log" >&2; return 1; }
