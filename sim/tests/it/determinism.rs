@@ -96,6 +96,24 @@ fn generator_reproduces_committed_traces() {
                 ..GenConfig::default()
             },
         ),
+        (
+            "multi-tenant.csv",
+            GenConfig {
+                seed: 15,
+                requests: 20_000,
+                models: 30,
+                zipf: 1.1,
+                rate: 5.5,
+                arrivals: Arrivals::Gamma(0.5),
+                diurnal: 0.6,
+                period: 3600.0,
+                sessions: 40.0,
+                think: 5.0,
+                jobs: 12,
+                phase: true,
+                ..GenConfig::default()
+            },
+        ),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../traces");
     for (file, cfg) in cases {
