@@ -339,7 +339,7 @@ pub struct ServeArgs {
     /// Most models loaded at once [default: 4].
     #[arg(long, env = "MODELPOOL_MAX_MODELS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_models: Option<u32>,
-    /// Eviction policy: lru, gdsf or lfu [default: lru].
+    /// Eviction policy: lru, gdsf, lfu or predictive [default: lru].
     #[arg(long, env = "MODELPOOL_POLICY", value_name = "POLICY")]
     pub policy: Option<PolicyKind>,
     /// Models to load and pin at start, comma-separated.

@@ -117,7 +117,7 @@ struct OneRunArgs {
     /// Memory limit (`24GB`, `16GiB`, `512MB`).
     #[arg(long, env = "MODELPOOL_SIM_MEMORY_LIMIT", default_value = "24GB")]
     memory_limit: String,
-    /// Eviction policy: lru, gdsf, lfu, belady (offline), belady-cost (offline).
+    /// Eviction policy: lru, gdsf, lfu, predictive, belady (offline), belady-cost (offline).
     #[arg(long, env = "MODELPOOL_SIM_POLICY", default_value = "lru")]
     policy: PolicyChoice,
 }
@@ -546,7 +546,7 @@ fn server_config_cmd(a: ServerConfigArgs) -> Result<()> {
     let limit = parse_bytes(&a.one.memory_limit, "--memory-limit")?;
     let cfg = sim_config(&a.sim, limit, a.one.policy, LogMode::Off)?;
     if cfg.policy.is_offline() {
-        bail!("--policy {}: a server runs online policies only (lru, gdsf, lfu)", cfg.policy);
+        bail!("--policy {}: a server runs online policies only (lru, gdsf, lfu, predictive)", cfg.policy);
     }
     let (trace, _) = load_trace(&a.trace)?;
     let text = modelpool_sim::drive::server_config(&trace, &cfg, a.event_log);

@@ -28,7 +28,7 @@ use std::collections::{BinaryHeap, HashMap};
 use hdrhistogram::Histogram;
 use modelpool::{
     Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PolicyKind,
-    PoolConfig, PoolState, RejectCode, Served, Slot, Ticket, Wake,
+    PoolConfig, PoolState, Predictive, RejectCode, Served, Slot, Ticket, Wake,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -94,6 +94,9 @@ fn dispatch(trace: &Trace, cfg: &SimConfig, record: bool) -> (Outcome, Option<Re
         PolicyChoice::Online(PolicyKind::Lru) => Runner::new(trace, cfg, Lru::new(), record).run(),
         PolicyChoice::Online(PolicyKind::Gdsf) => Runner::new(trace, cfg, Gdsf::new(), record).run(),
         PolicyChoice::Online(PolicyKind::Lfu) => Runner::new(trace, cfg, Lfu::new(), record).run(),
+        PolicyChoice::Online(PolicyKind::Predictive) => {
+            Runner::new(trace, cfg, Predictive::new(), record).run()
+        }
         PolicyChoice::Belady => Runner::new(trace, cfg, Belady::new(), record).run(),
         PolicyChoice::BeladyCost => Runner::new(trace, cfg, BeladyCost::new(), record).run(),
     }

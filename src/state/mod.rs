@@ -422,6 +422,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// queued or refused with `insufficient_memory`, exactly like a load.
     #[inline]
     pub fn admit_request(&mut self, slot: Slot, now: Nanos, kv: u64) -> Admission {
+        self.policy.on_request(slot, now);
         self.admit_kv(slot, now, Intent::Request, kv)
     }
 
