@@ -109,6 +109,13 @@ struct SimArgs {
     /// in the ledger, as the server does (`false`: weights only).
     #[arg(long, env = "MODELPOOL_SIM_KV_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     kv_cache: bool,
+    /// Predictive preload: while nothing waits, load the model the policy expects soonest
+    /// (within --preload-horizon) into free memory and a free model slot (policy predictive).
+    #[arg(long)]
+    predictive_preload: bool,
+    /// How far ahead a predicted request may be for its model to be preloaded, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    preload_horizon: f64,
 }
 
 /// The limit and policy of a single-configuration run (replay, queue-sweep).
@@ -377,6 +384,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         queue_timeout_secs: a.queue_timeout,
         max_queue: a.max_queue,
         kv_cache: a.kv_cache,
+        preload_horizon_secs: a.predictive_preload.then_some(a.preload_horizon),
         log,
     };
     if a.instant {

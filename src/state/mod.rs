@@ -27,6 +27,7 @@ mod hints;
 mod instant;
 mod load;
 mod operator;
+mod prefetch;
 mod queue;
 mod status;
 mod types;
@@ -799,6 +800,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             } else {
                 e.estimate.source.clone()
             },
+            predicted_in_secs: None,
         });
     }
 

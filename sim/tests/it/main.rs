@@ -8,4 +8,5 @@ mod crosscheck;
 mod determinism;
 mod drive;
 mod fuzz;
+mod predictive;
 mod snapshots;
