@@ -120,6 +120,14 @@ impl Predictor {
     pub fn next_at(&self, now: Nanos) -> Option<Nanos> {
         self.expected_in(now).map(|s| now.saturating_add((s * 1e9) as u64))
     }
+
+    /// Whether the prediction at `now` comes from the learned gaps: three arrivals or more and a
+    /// silence the history explains. Otherwise [`Predictor::expected_in`] is LRU's fallback (the
+    /// silence itself), which orders victims but predicts nothing worth a preload.
+    pub fn learned(&self, now: Nanos) -> bool {
+        let e = now.saturating_sub(self.last) as f64 * 1e-9;
+        self.n >= 3 && e <= self.long + 2.0 * self.long_var.sqrt()
+    }
 }
 
 /// (value, predicted distance, bytes, slot): a victim candidate.
@@ -258,8 +266,10 @@ impl EvictionPolicy for Predictive {
         self.meta.get(slot as usize).filter(|m| m.tracked).map(|m| self.value(m).0)
     }
 
+    /// Only learned predictions ([`Predictor::learned`]): a model whose estimate is LRU's
+    /// fallback is not predicted (a preload of it would be a guess).
     fn predicted_next(&self, slot: Slot, now: Nanos) -> Option<Nanos> {
-        self.meta.get(slot as usize).and_then(|m| m.pred.next_at(now))
+        self.meta.get(slot as usize).filter(|m| m.pred.learned(now)).and_then(|m| m.pred.next_at(now))
     }
 }
 
@@ -352,6 +362,8 @@ mod tests {
         }
         p.on_request(0, 10 * S);
         assert_eq!(order(&p), vec![1, 2, 0]);
+        // LRU's fallback orders victims but is no prediction (nothing to preload on).
+        assert_eq!(p.predicted_next(1, 10 * S), None);
     }
 
     #[test]
