@@ -31,8 +31,8 @@ pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
 pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Predictive, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
-    Admission, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig, PoolState, Rejection,
-    Served, Stats, Ticket, Wake,
+    Admission, AdmissionView, Decision, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig,
+    PoolState, Rejection, Served, Stats, Ticket, Wake,
 };
 pub use timing::TimingModel;
 pub use types::{GB, ModelId, ModelSpec, ModelType, Nanos};

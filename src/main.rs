@@ -107,6 +107,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         // a simulation with the same timing model assumes.
         pc.load_latency_secs = cfg.fake.timing.load_latency_secs;
         pc.load_bandwidth = cfg.fake.timing.load_bandwidth.unwrap_or(f64::INFINITY);
+        pc.service_ns_per_token = cfg.fake.timing.service_prior_ns_per_token();
     }
     // The MLX backend holds GGUF weights dequantized (about 5.5x the file on CPU): size its
     // models from their tensor tables, not from file sizes.

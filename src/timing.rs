@@ -91,6 +91,14 @@ impl TimingModel {
         ns(self.decode_secs_per_token)
     }
 
+    /// The retry hints' prior service time per token of a request's context (prompt plus
+    /// maximum new tokens) until a model's own rate is measured: the decode time per token, an
+    /// upper bound (prompt tokens cost the smaller prefill time, and a request may stop before
+    /// its maximum). `None` when decoding is modelled as instant.
+    pub fn service_prior_ns_per_token(&self) -> Option<f64> {
+        (self.decode_secs_per_token > 0.0).then_some(self.decode_secs_per_token * 1e9)
+    }
+
     /// Nanoseconds an unload takes.
     pub fn unload_nanos(&self) -> u64 {
         ns(self.unload_secs)

@@ -17,6 +17,7 @@
 mod chart;
 pub mod config;
 pub mod drive;
+pub mod fleet;
 pub mod generate;
 pub mod oracle;
 pub mod replay;

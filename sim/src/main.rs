@@ -11,6 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use modelpool::log::LogMode;
 use modelpool::{MemoryLimit, ModelSpec, NameEstimator, SizeEstimator};
+use modelpool_sim::fleet::{
+    ClientModel, FleetConfig, FleetReport, NodeSpec, PooledBound, RouterKind, litellm_config, place,
+    pooled_bound, run_fleet, search_placement,
+};
 use modelpool_sim::generate::{Arrivals, GenConfig, generate};
 use modelpool_sim::sweep::{Target, auto_limits, parse_limits, sweep};
 use modelpool_sim::{PolicyChoice, SimConfig, Trace, run};
@@ -50,6 +54,13 @@ enum Cmd {
     /// Write a trace's requests in libCacheSim's binary `oracleGeneral` format (sizes in the
     /// models' common unit, next uses for Belady); print what a comparison needs as JSON.
     ExportLibcachesim(ExportArgs),
+    /// Replay a trace on a fleet of nodes behind a router (LiteLLM's, hashing, residency-aware,
+    /// a placement computed from the trace) with LiteLLM's client retries; compare the routers
+    /// with the pooled bound (one node with the fleet's memory).
+    Fleet(FleetArgs),
+    /// Replay a trace on fleets of several sizes and answer: how many nodes of what memory
+    /// meet a failure-rate and p99 target, for each router.
+    FleetSweep(FleetSweepArgs),
     /// Parse a trace, print its shape and the parse throughput.
     Check {
         /// Trace file (CSV or JSONL).
@@ -253,6 +264,91 @@ struct DriveArgs {
     json: bool,
 }
 
+/// What a fleet run shares with `replay` besides the trace: node settings and client model.
+#[derive(Args)]
+struct FleetCommon {
+    /// Eviction policy of every node: lru, gdsf, lfu.
+    #[arg(long, default_value = "lru")]
+    policy: PolicyChoice,
+    /// Seconds a residency-aware router keeps a node's polled view (`/admin/residency`).
+    #[arg(long, default_value_t = 1.0)]
+    view_ttl: f64,
+    /// Client retries after a failed attempt (LiteLLM `num_retries`).
+    #[arg(long, default_value_t = 2)]
+    client_retries: u32,
+    /// Failures of a deployment per minute before it cools down (LiteLLM `allowed_fails`).
+    #[arg(long, default_value_t = 3)]
+    allowed_fails: u32,
+    /// Cooldown of a failed deployment without Retry-After, seconds (LiteLLM `cooldown_time`).
+    #[arg(long, default_value_t = 5.0)]
+    cooldown: f64,
+    /// The client does not retry a refusal marked `x-should-retry: false` (the official OpenAI
+    /// clients; LiteLLM retries it).
+    #[arg(long)]
+    honour_should_retry: bool,
+    /// Nodes answer busy refusals with 429 (`modelpool serve --busy-status 429`).
+    #[arg(long)]
+    busy_429: bool,
+    /// Rounds of local search that improve the trace's placement with the simulator (0: the
+    /// greedy placement alone).
+    #[arg(long, default_value_t = 2)]
+    search_passes: u32,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    /// Number of nodes (when --node-memory gives one size).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Memory of each node (`64GB`), or one per node (`64GB,32GB,32GB`).
+    #[arg(long, default_value = "64GB", value_delimiter = ',')]
+    node_memory: Vec<String>,
+    /// Router: random (LiteLLM's default), least-busy, hash, residency, placement, or all.
+    #[arg(long, default_value = "all")]
+    router: String,
+    #[command(flatten)]
+    common: FleetCommon,
+    /// Write the LiteLLM proxy config of the computed placement here (YAML).
+    #[arg(long)]
+    emit_litellm_config: Option<PathBuf>,
+    /// Nodes' base URLs for --emit-litellm-config, in node order.
+    #[arg(long, value_delimiter = ',')]
+    node_urls: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FleetSweepArgs {
+    /// Trace file (CSV or JSONL).
+    trace: PathBuf,
+    /// Node counts to try.
+    #[arg(long, default_value = "1,2,3,4,6", value_delimiter = ',')]
+    nodes: Vec<usize>,
+    /// Node memory sizes to try.
+    #[arg(long, default_value = "16GB,24GB,32GB,64GB", value_delimiter = ',')]
+    node_memory: Vec<String>,
+    /// Routers to try.
+    #[arg(long, default_value = "random,hash,residency,placement", value_delimiter = ',')]
+    routers: Vec<modelpool_sim::fleet::RouterKind>,
+    /// Target: at most this share of requests failing at clients (0.01 = 1%).
+    #[arg(long, default_value_t = 0.01)]
+    max_failed: f64,
+    /// Target: p99 added latency at most this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    max_p99: f64,
+    #[command(flatten)]
+    common: FleetCommon,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct ServerConfigArgs {
     /// Trace file (CSV or JSONL).
@@ -422,6 +518,8 @@ fn real_main() -> Result<()> {
         Cmd::ServerConfig(a) => server_config_cmd(a),
         Cmd::Space(a) => space_cmd(a),
         Cmd::ExportLibcachesim(a) => export_cmd(a),
+        Cmd::Fleet(a) => fleet_cmd(a),
+        Cmd::FleetSweep(a) => fleet_sweep_cmd(a),
         Cmd::Check { trace } => {
             let bytes = std::fs::metadata(&trace).with_context(|| format!("{}", trace.display()))?.len();
             let (t, secs) = load_trace(&trace)?;
@@ -813,6 +911,254 @@ fn gen_cmd(a: GenArgs) -> Result<()> {
         None => {
             let out = std::io::stdout().lock();
             trace.write_csv(BufWriter::with_capacity(1 << 20, out), &comments)?;
+        }
+    }
+    Ok(())
+}
+
+/// A fleet of `n` nodes of `bytes` each (ids `node-0`...).
+fn fleet_nodes(sizes: &[u64], max_models: usize) -> Vec<NodeSpec> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &limit)| NodeSpec { id: format!("node-{k}"), limit, max_models })
+        .collect()
+}
+
+fn fleet_config(c: &FleetCommon, nodes: Vec<NodeSpec>, router: RouterKind) -> Result<FleetConfig> {
+    if c.sim.retries != 0 {
+        bail!("in fleet mode the client retries: use --client-retries, not --retries");
+    }
+    let node = sim_config(&c.sim, nodes[0].limit, c.policy, LogMode::Off)?;
+    let cfg = FleetConfig {
+        nodes,
+        router,
+        node,
+        client: ClientModel {
+            retries: c.client_retries,
+            allowed_fails: c.allowed_fails,
+            cooldown_secs: c.cooldown,
+            honour_should_retry: c.honour_should_retry,
+            busy_429: c.busy_429,
+        },
+        view_ttl_secs: c.view_ttl,
+        seed: c.sim.seed,
+    };
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+#[derive(serde::Serialize)]
+struct FleetOutput {
+    placement: Vec<(String, Vec<String>)>,
+    routers: Vec<FleetReport>,
+    pooled: PooledBound,
+}
+
+fn fleet_cmd(a: FleetArgs) -> Result<()> {
+    let sizes: Vec<u64> =
+        a.node_memory.iter().map(|s| parse_bytes(s, "--node-memory")).collect::<Result<_>>()?;
+    let sizes = match sizes.as_slice() {
+        [one] => vec![*one; a.nodes],
+        many => many.to_vec(),
+    };
+    if sizes.is_empty() || a.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let routers: Vec<RouterKind> = if a.router == "all" {
+        RouterKind::ALL.to_vec()
+    } else {
+        vec![a.router.parse().map_err(anyhow::Error::msg)?]
+    };
+    let nodes = fleet_nodes(&sizes, a.common.sim.max_models);
+    let (trace, _) = load_trace(&a.trace)?;
+    let placement = search_placement(
+        &trace,
+        &fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?,
+        place(&trace, &nodes),
+        a.common.search_passes,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(path) = &a.emit_litellm_config {
+        let urls: Vec<String> = if a.node_urls.is_empty() {
+            (0..nodes.len()).map(|k| format!("http://node-{k}:8080")).collect()
+        } else if a.node_urls.len() == nodes.len() {
+            a.node_urls.clone()
+        } else {
+            bail!("--node-urls gives {} URLs for {} nodes", a.node_urls.len(), nodes.len());
+        };
+        let cfg = fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?;
+        std::fs::write(path, litellm_config(&trace, &placement, &urls, &cfg.client))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut reports = Vec::new();
+    for &r in &routers {
+        let cfg = fleet_config(&a.common, nodes.clone(), r)?;
+        reports.push(run_fleet(&trace, &cfg, Some(&placement)).map_err(anyhow::Error::msg)?);
+    }
+    let pooled = pooled_bound(&trace, &fleet_config(&a.common, nodes.clone(), RouterKind::Residency)?)
+        .map_err(anyhow::Error::msg)?;
+    let named: Vec<(String, Vec<String>)> = trace
+        .models
+        .iter()
+        .zip(&placement.nodes_of)
+        .map(|(m, ks)| (m.id.to_string(), ks.iter().map(|&k| nodes[k].id.clone()).collect()))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&FleetOutput { placement: named, routers: reports, pooled })?
+        );
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    println!(
+        "modelpool-sim fleet {}: {} requests, {} models; {} nodes ({}), policy {}, client retries {}",
+        a.trace.display(),
+        trace.requests(),
+        trace.models.len(),
+        nodes.len(),
+        sizes.iter().map(|&b| format!("{:.0} GB", gb(b))).collect::<Vec<_>>().join(" + "),
+        a.common.policy,
+        a.common.client_retries
+    );
+    println!("{}", FleetReport::header());
+    for r in &reports {
+        println!("{}", r.row());
+    }
+    println!(
+        "{:<12} {:>7.2}% {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8.2} {:>8.2}",
+        "pooled",
+        pooled.miss_ratio * 100.0,
+        pooled.loads,
+        "-",
+        pooled.failed,
+        "-",
+        "-",
+        "-",
+        pooled.latency_p50,
+        pooled.latency_p99
+    );
+    println!(
+        "(miss: requests not served from a resident model; refusals: attempts nodes refused; failed: requests \
+         failing at clients after retries; avoidable: of those, some node could have admitted them; dup GB: \
+         mean bytes of extra copies; models: mean distinct models held; pooled: one node of {:.0} GB)",
+        gb(pooled.limit_bytes)
+    );
+    if routers.len() == 1 {
+        println!(
+            "\nper node:\n{:<10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>9}",
+            "node", "GB", "requests", "hits", "loads", "evictions", "refused", "mean GB"
+        );
+        for n in &reports[0].per_node {
+            println!(
+                "{:<10} {:>8.1} {:>8} {:>8} {:>7} {:>9} {:>8} {:>9.1}",
+                n.node,
+                gb(n.limit_bytes),
+                n.requests,
+                n.hits,
+                n.loads,
+                n.evictions,
+                n.refused,
+                gb(n.mean_used_bytes)
+            );
+        }
+    }
+    println!("\nplacement (router `placement`, --emit-litellm-config):");
+    for (m, ks) in &named {
+        println!("  {m}: {}", ks.join(", "));
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct FleetSweepRow {
+    nodes: usize,
+    node_bytes: u64,
+    total_bytes: u64,
+    router: RouterKind,
+    miss_ratio: f64,
+    failed_share: f64,
+    latency_p99: f64,
+    meets: bool,
+}
+
+fn fleet_sweep_cmd(a: FleetSweepArgs) -> Result<()> {
+    let sizes: Vec<u64> =
+        a.node_memory.iter().map(|s| parse_bytes(s, "--node-memory")).collect::<Result<_>>()?;
+    if a.nodes.contains(&0) {
+        bail!("--nodes: every count must be at least 1");
+    }
+    let (trace, _) = load_trace(&a.trace)?;
+    let requests = trace.requests().max(1) as f64;
+    let mut rows = Vec::new();
+    for &n in &a.nodes {
+        for &b in &sizes {
+            let nodes = fleet_nodes(&vec![b; n], a.common.sim.max_models);
+            let greedy = place(&trace, &nodes);
+            let placement = if a.routers.contains(&RouterKind::Placement) {
+                let cfg = fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?;
+                search_placement(&trace, &cfg, greedy, a.common.search_passes).map_err(anyhow::Error::msg)?
+            } else {
+                greedy
+            };
+            for &r in &a.routers {
+                let cfg = fleet_config(&a.common, nodes.clone(), r)?;
+                let rep = run_fleet(&trace, &cfg, Some(&placement)).map_err(anyhow::Error::msg)?;
+                let failed_share = rep.client_failed as f64 / requests;
+                rows.push(FleetSweepRow {
+                    nodes: n,
+                    node_bytes: b,
+                    total_bytes: b * n as u64,
+                    router: r,
+                    miss_ratio: rep.miss_ratio,
+                    failed_share,
+                    latency_p99: rep.latency_p99,
+                    meets: failed_share <= a.max_failed && rep.latency_p99 <= a.max_p99,
+                });
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "modelpool-sim fleet-sweep {}: target failed <= {:.2}%, p99 <= {} s",
+        a.trace.display(),
+        a.max_failed * 100.0,
+        a.max_p99
+    );
+    println!(
+        "{:>5} {:>8} {:>9} {:<11} {:>8} {:>8} {:>8} {:>5}",
+        "nodes", "node GB", "total GB", "router", "miss", "failed", "p99 s", "meets"
+    );
+    for r in &rows {
+        println!(
+            "{:>5} {:>8.0} {:>9.0} {:<11} {:>7.2}% {:>7.2}% {:>8.2} {:>5}",
+            r.nodes,
+            r.node_bytes as f64 / 1e9,
+            r.total_bytes as f64 / 1e9,
+            r.router.as_str(),
+            r.miss_ratio * 100.0,
+            r.failed_share * 100.0,
+            r.latency_p99,
+            if r.meets { "yes" } else { "no" }
+        );
+    }
+    println!();
+    for &router in &a.routers {
+        let best =
+            rows.iter().filter(|r| r.router == router && r.meets).min_by_key(|r| (r.total_bytes, r.nodes));
+        match best {
+            Some(r) => println!(
+                "{:<11} smallest fleet meeting the target: {} x {:.0} GB ({:.0} GB in all)",
+                router.as_str(),
+                r.nodes,
+                r.node_bytes as f64 / 1e9,
+                r.total_bytes as f64 / 1e9
+            ),
+            None => println!("{:<11} no fleet tried meets the target", router.as_str()),
         }
     }
     Ok(())

@@ -201,6 +201,8 @@ enum Ev {
         slot: Slot,
         acquired: Nanos,
         kv: u64,
+        /// Its trace operation.
+        op: u32,
     },
     Unloaded(Slot),
     Retry {
@@ -250,7 +252,7 @@ impl Ord for Timed {
     }
 }
 
-struct Runner<'t, P: SimPolicy> {
+pub(crate) struct Runner<'t, P: SimPolicy> {
     trace: &'t Trace,
     cfg: &'t SimConfig,
     /// The engine's decision core, driven as the async pool drives it.
@@ -295,10 +297,26 @@ struct Runner<'t, P: SimPolicy> {
     /// Whether requests of no service time may take [`Runner::request_instant`]: every load and
     /// unload is instant, no KV cache, no injected failures, no keep-alive, no recording.
     instant: bool,
+    /// As a node of the fleet simulator: where each request's start, end and refusal go.
+    node_out: Option<Vec<NodeEvent>>,
     /// Predictive preload horizon, if on.
     preload_horizon: Option<Nanos>,
     /// Per model: when its predictive preload started, while no request has used it yet.
     preloaded: Vec<Option<Nanos>>,
+}
+
+/// What happened to a request at a node of the fleet simulator ([`crate::fleet`]): what its
+/// router and client see.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum NodeEvent {
+    /// Its service began (it holds the model).
+    Started { op: u32, at: Nanos },
+    /// Its service ended (the response is complete).
+    Finished { op: u32, at: Nanos },
+    /// It was refused: the reply's code, `Retry-After` and whether a retry here never succeeds.
+    Refused { op: u32, at: Nanos, code: RejectCode, retry_after: Option<u32>, never: bool },
+    /// Its model's load failed.
+    Failed { op: u32, at: Nanos },
 }
 
 fn secs_to_ns(s: f64) -> u64 {
@@ -316,6 +334,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             load_bandwidth: cfg.load_bandwidth,
             queue_timeout: secs_to_ns(cfg.queue_timeout_secs),
             max_queue: cfg.max_queue,
+            service_ns_per_token: cfg.timing().service_prior_ns_per_token(),
         };
         let mut core = PoolState::new(pcfg, policy, NameEstimator);
         let mut true_size = Vec::with_capacity(trace.models.len());
@@ -374,6 +393,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             // The server's period: a quarter of the TTL, between 1 and 60 seconds.
             expire_every: cfg.idle_ttl_secs.map(|t| secs_to_ns(t / 4.0).clamp(NS, 60 * NS)),
             cur: 0,
+            node_out: None,
             rec: record.then(|| Recording {
                 outcomes: trace
                     .ops
@@ -668,7 +688,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 if kv > 0 {
                     self.mem_sync(now);
                 }
-                self.start_service(slot, now, service, kv);
+                self.start_service(slot, now, service, kv, idx as u32);
             }
             Admission::Join => {
                 if fresh {
@@ -711,6 +731,10 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.schedule_queue_tick(now);
             }
             Admission::Reject(r) => {
+                if let Some(out) = &mut self.node_out {
+                    let (code, retry_after, never) = (r.code, r.retry_after_secs, r.never_succeeds());
+                    out.push(NodeEvent::Refused { op: idx as u32, at: now, code, retry_after, never });
+                }
                 self.totals.rejections[code_index(r.code)] += 1;
                 if attempt == 0 {
                     self.totals.first_503 += 1;
@@ -731,18 +755,24 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     }
 
     #[inline]
-    fn start_service(&mut self, slot: Slot, now: Nanos, service: Nanos, kv: u64) {
+    fn start_service(&mut self, slot: Slot, now: Nanos, service: Nanos, kv: u64, op: u32) {
+        if let Some(out) = &mut self.node_out {
+            out.push(NodeEvent::Started { op, at: now });
+        }
         if service == 0 {
-            self.end_lease(slot, now, now, kv);
+            self.end_lease(slot, now, now, kv, op);
         } else {
-            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now, kv });
+            self.schedule(now.saturating_add(service), Ev::Release { slot, acquired: now, kv, op });
         }
     }
 
     /// End a lease; the engine says whether the model must now leave memory (it was draining,
     /// or the pool is over its limits and this model just became evictable).
     #[inline]
-    fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos, kv: u64) {
+    fn end_lease(&mut self, slot: Slot, now: Nanos, acquired: Nanos, kv: u64, op: u32) {
+        if let Some(out) = &mut self.node_out {
+            out.push(NodeEvent::Finished { op, at: now });
+        }
         if self.core.release_request(slot, now, acquired, kv) {
             self.mem_sync(now);
             self.unload(slot, now);
@@ -884,6 +914,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.per_model[slot as usize].failed += waiters.len() as u64;
             for w in &waiters {
                 self.outcome(w.op as usize, RequestOutcome::Failed);
+                if let Some(out) = &mut self.node_out {
+                    out.push(NodeEvent::Failed { op: w.op, at: now });
+                }
             }
         } else {
             let done = self.core.load_finished(slot, now, Ok(self.true_size[slot as usize]));
@@ -898,7 +931,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
                 self.totals.served += 1;
                 self.record_latency(now - w.first);
-                self.start_service(slot, now, w.service, w.kv);
+                self.start_service(slot, now, w.service, w.kv, w.op);
             }
         }
         waiters.clear();
@@ -912,7 +945,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     fn internal(&mut self, now: Nanos, ev: Ev) {
         match ev {
-            Ev::Release { slot, acquired, kv } => self.end_lease(slot, now, acquired, kv),
+            Ev::Release { slot, acquired, kv, op } => self.end_lease(slot, now, acquired, kv, op),
             Ev::LoadDone(slot) => self.finish_load(slot, now),
             Ev::Unloaded(slot) => self.reclaim(slot, now),
             Ev::Retry { op, attempt, first } => {
@@ -996,6 +1029,87 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 }
             }
         }
+    }
+
+    /// A node of the fleet simulator: this runner, fed arrivals by [`Runner::arrive`] and
+    /// stepped by [`Runner::step`] instead of replaying the trace itself; the trace supplies the
+    /// models and the requests' shapes.
+    pub(crate) fn node(trace: &'t Trace, cfg: &'t SimConfig, policy: P) -> Self {
+        let mut r = Runner::new(trace, cfg, policy, false);
+        r.instant = false;
+        r.node_out = Some(Vec::new());
+        if let Some(every) = r.expire_every {
+            r.schedule(every, Ev::Expire);
+        }
+        r
+    }
+
+    /// When the node's next internal event happens, if any.
+    pub(crate) fn next_at(&self) -> Option<Nanos> {
+        self.heap.peek().map(|Reverse(t)| t.at)
+    }
+
+    /// Handle the node's next internal event.
+    pub(crate) fn step(&mut self) {
+        if let Some(Reverse(Timed { at, ev, cause, .. })) = self.heap.pop() {
+            self.cur = cause;
+            self.internal(at, ev);
+        }
+    }
+
+    /// Trace request `idx` arrives at this node at `now` (`first`: its first attempt anywhere,
+    /// where its latency counts from).
+    pub(crate) fn arrive(&mut self, idx: usize, now: Nanos, first: Nanos) {
+        let op = self.trace.ops[idx];
+        self.cur = idx as u32;
+        self.next_op = self.next_op.max(idx + 1);
+        self.totals.requests += 1;
+        self.per_model[op.model as usize].requests += 1;
+        let service = self.service_ns(op.service());
+        self.request(idx, op.model, now, first, 0, service);
+    }
+
+    /// Trace admin operation `idx`, applied to this node at `now`.
+    pub(crate) fn admin_op(&mut self, idx: usize, now: Nanos) {
+        self.cur = idx as u32;
+        self.next_op = self.next_op.max(idx + 1);
+        self.admin(idx, now);
+    }
+
+    /// Move the node's request events since the last call into `into`.
+    pub(crate) fn drain_events(&mut self, into: &mut Vec<NodeEvent>) {
+        if let Some(out) = &mut self.node_out {
+            into.append(out);
+        }
+    }
+
+    /// The engine core, read-only (router views, residency).
+    pub(crate) fn core(&self) -> &PoolState<P, NameEstimator> {
+        &self.core
+    }
+
+    /// Whether this node could admit trace request `idx` at `now` without waiting: its dry run
+    /// ([`PoolState::admission_view`]) says hit, join or load, and the request's KV cache fits
+    /// beside the model within the limit less pinned models.
+    pub(crate) fn could_admit(&self, idx: usize, now: Nanos) -> bool {
+        let slot = self.trace.ops[idx].model;
+        let view = self.core.admission_view(slot, now);
+        let l = self.core.ledger();
+        let need = self.core.need(slot).saturating_add(self.kv_of(idx, slot));
+        matches!(
+            view.decision,
+            modelpool::Decision::Hit | modelpool::Decision::Join | modelpool::Decision::Load
+        ) && need <= l.limit.saturating_sub(l.pinned)
+    }
+
+    /// The node's measured size of trace model `slot`.
+    pub(crate) fn true_size(&self, slot: Slot) -> u64 {
+        self.true_size[slot as usize]
+    }
+
+    /// The node's report once the fleet has drained.
+    pub(crate) fn finish_node(self) -> Outcome {
+        self.finish().0
     }
 
     fn finish(mut self) -> (Outcome, Option<Recording>) {

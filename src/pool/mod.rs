@@ -635,26 +635,15 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
         let models = (0..st.len() as Slot)
             .map(|slot| {
                 let m = st.model_status(slot);
-                let load_secs = st.expected_load_secs(slot);
-                let (decision, evict_bytes, wait) = match st.preview(slot, now) {
-                    Admission::Hit => ("hit", 0, Some(0.0)),
-                    Admission::Join => ("join", 0, Some(load_secs)),
-                    Admission::AwaitUnload => ("await_unload", 0, Some(load_secs)),
-                    Admission::Queued(_) => ("queue", 0, None),
-                    Admission::Load(plan) => {
-                        let bytes = plan.victims.iter().map(|&v| st.model_status(v).ledger_bytes).sum();
-                        ("load", bytes, Some(load_secs))
-                    }
-                    Admission::Reject(r) => ("reject", 0, r.retry_after_secs.map(f64::from)),
-                };
+                let view = st.admission_view(slot, now);
                 ResidencyEntry {
                     id: m.id,
                     phase: m.phase,
                     leases: m.leases,
                     waiting: m.waiters + m.queued,
-                    decision,
-                    evict_bytes,
-                    expected_wait_secs: wait,
+                    decision: view.decision.as_str(),
+                    evict_bytes: view.evict_bytes,
+                    expected_wait_secs: view.expected_wait_secs,
                 }
             })
             .collect();

@@ -16,10 +16,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         secs_until(t, now)
     }
 
-    /// When a busy model's requests are expected to have ended: after the typical request time
-    /// if it has been busy for less than that; otherwise, as long again as it has been busy so
-    /// far (a request that has outlived the mean is likely a long one, e.g. a long stream).
+    /// When a busy model's requests are expected to have ended: at the expected end of their
+    /// work (each lease's context tokens at the model's measured service rate per token, else
+    /// the configured prior) while that is still ahead. Without a rate, or once the work has
+    /// overrun its estimate: after the typical request time if it has been busy for less than
+    /// that; otherwise, as long again as it has been busy so far (a request that has outlived
+    /// the mean is likely a long one).
     fn busy_until(&self, e: &Entry, now: Nanos) -> f64 {
+        if e.work_end > now {
+            return e.work_end as f64;
+        }
         let elapsed = now.saturating_sub(e.busy_since) as f64;
         let lease = self.lease_nanos();
         let remaining = if elapsed < lease { lease - elapsed } else { elapsed };

@@ -141,6 +141,13 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         e.kv += load_kv;
         self.ledger.kv += load_kv;
         e.busy_since = now;
+        // The waiters' leases start now; their KV (all of it: a bound for the longest) sets the
+        // expected end of work.
+        e.work_end = 0;
+        if e.kv > 0 && e.leases > 0 {
+            let kv = e.kv;
+            super::expect_work(e, now, kv, self.cfg.service_ns_per_token);
+        }
         e.last_used = Some(now);
         let granted = e.leases;
         let pin = std::mem::take(&mut e.pin_on_load);

@@ -33,6 +33,7 @@ mod status;
 mod types;
 
 pub use instant::Served;
+pub use status::{AdmissionView, Decision};
 pub use types::*;
 
 #[derive(Debug, Clone)]
@@ -66,6 +67,12 @@ struct Entry {
     load_kv: u64,
     last_used: Option<Nanos>,
     busy_since: Nanos,
+    /// Measured service nanoseconds per token of context of this model's requests (EWMA over
+    /// ended leases that held KV), for retry hints.
+    ns_per_token: Option<f64>,
+    /// When this model's current leases are expected to have ended (the latest of their starts
+    /// plus tokens x rate); 0 when unknown or idle.
+    work_end: Nanos,
     load_started: Nanos,
     load_secs: Option<f64>,
     hits: u64,
@@ -219,6 +226,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             load_kv: 0,
             last_used: None,
             busy_since: 0,
+            ns_per_token: None,
+            work_end: 0,
             load_started: 0,
             load_secs: None,
             hits: 0,
@@ -445,6 +454,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                     }
                     e.leases += 1;
                     if kv > 0 {
+                        expect_work(e, now, kv, self.cfg.service_ns_per_token);
                         e.kv += kv;
                         self.ledger.kv += kv;
                         self.stats.peak_kv = self.stats.peak_kv.max(self.ledger.kv);
@@ -867,6 +877,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             None => held,
             Some(m) => m + 0.125 * (held - m),
         });
+        let e = &mut self.entries[slot as usize];
+        if kv > 0 && e.kv_per_token > 0 {
+            let per_token = held / (kv / e.kv_per_token).max(1) as f64;
+            e.ns_per_token = Some(match e.ns_per_token {
+                None => per_token,
+                Some(m) => m + 0.25 * (per_token - m),
+            });
+        }
         self.end_lease(slot, now, kv)
     }
 
@@ -899,6 +917,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             self.ledger.kv -= kv;
         }
         e.leases = e.leases.saturating_sub(1);
+        if e.leases == 0 {
+            e.work_end = 0;
+        }
         e.last_used = Some(now);
         if e.leases > 0 {
             return false;
@@ -920,5 +941,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn over_limits(&self) -> bool {
         let l = &self.ledger;
         l.committed() > l.limit || l.models > l.max_models
+    }
+}
+
+/// A lease of `kv` bytes starts on `e` at `now`: move the model's expected end of work to
+/// cover it (its context tokens at the model's measured rate, else `prior`).
+#[inline]
+fn expect_work(e: &mut Entry, now: Nanos, kv: u64, prior: Option<f64>) {
+    if e.kv_per_token == 0 {
+        return;
+    }
+    if let Some(rate) = e.ns_per_token.or(prior) {
+        let tokens = (kv / e.kv_per_token).max(1) as f64;
+        let end = now.saturating_add((tokens * rate).min(u64::MAX as f64 / 2.0) as u64);
+        e.work_end = e.work_end.max(end);
     }
 }

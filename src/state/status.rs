@@ -1,11 +1,95 @@
 //! Read-only views of the core: status rows for the admin API, and the ledger recomputed from
 //! the entries (tests and debug assertions).
 
-use super::{Ledger, ModelStatus, Phase, PoolState};
+use super::{Admission, Intent, Ledger, ModelStatus, Phase, PoolState};
 use crate::estimate::SizeEstimator;
 use crate::policy::{EvictionPolicy, Slot};
+use crate::types::Nanos;
+
+/// What a request for a model would meet now, by the engine's dry run
+/// ([`PoolState::preview`]): the per-model entry of a node's residency view for routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Resident: served at once.
+    Hit,
+    /// A load is in progress: the request would wait for it.
+    Join,
+    /// Absent: it would be loaded (evicting `evict_bytes`).
+    Load,
+    /// Its own unload is under way: it would be loaded again after that.
+    AwaitUnload,
+    /// It would wait in the admission queue for in-flight work.
+    Queue,
+    /// It would be refused.
+    Reject,
+}
+
+impl Decision {
+    /// The name in the admin API (`hit`, `join`, `load`, `await_unload`, `queue`, `reject`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Hit => "hit",
+            Decision::Join => "join",
+            Decision::Load => "load",
+            Decision::AwaitUnload => "await_unload",
+            Decision::Queue => "queue",
+            Decision::Reject => "reject",
+        }
+    }
+}
+
+/// A dry run's cost of admitting a request for one model now ([`PoolState::admission_view`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionView {
+    /// What the request would meet.
+    pub decision: Decision,
+    /// Bytes a load now would evict (0 unless [`Decision::Load`]).
+    pub evict_bytes: u64,
+    /// Seconds it would wait for its model: 0 for a hit; the model's expected load time
+    /// ([`PoolState::expected_load_secs`]) for a load, a join or an awaited unload (at most that
+    /// long); the refusal's retry hint for a queued or refused one (`None`: waiting cannot help).
+    pub expected_wait_secs: Option<f64>,
+}
+
+impl AdmissionView {
+    fn of(decision: Decision, evict_bytes: u64, expected_wait_secs: Option<f64>) -> Self {
+        AdmissionView { decision, evict_bytes, expected_wait_secs }
+    }
+}
 
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
+    /// The dry-run cost of a request for `slot` at `now`, changing nothing: the one definition
+    /// behind the server's `GET /admin/residency` and the fleet simulator's router views.
+    pub fn admission_view(&self, slot: Slot, now: Nanos) -> AdmissionView {
+        let load = self.expected_load_secs(slot);
+        let e = &self.entries[slot as usize];
+        // The same cases as `preview`, keeping a refusal's retry hint when it would queue.
+        let refusal = match e.phase {
+            Phase::Resident => return AdmissionView::of(Decision::Hit, 0, Some(0.0)),
+            Phase::Loading => return AdmissionView::of(Decision::Join, 0, Some(load)),
+            Phase::Draining if e.leases == 0 => {
+                return AdmissionView::of(Decision::AwaitUnload, 0, Some(load));
+            }
+            Phase::Draining => self.draining_rejection(slot, now),
+            Phase::Absent => match self.plan_absent(slot, now, Intent::Request, 0) {
+                Ok(plan) => {
+                    let bytes = plan.victims.iter().map(|&v| self.entries[v as usize].bytes).sum();
+                    return AdmissionView::of(Decision::Load, bytes, Some(load));
+                }
+                Err(r) => r,
+            },
+        };
+        let hint = refusal.retry_after_secs;
+        let (decision, wait) = match self.queue_outcome(Intent::Request, refusal) {
+            Admission::Queued(_) => (Decision::Queue, hint.map(f64::from)),
+            Admission::Reject(r) => (Decision::Reject, r.retry_after_secs.map(f64::from)),
+            other => unreachable!("a refusal either queues or is refused, not {other:?}"),
+        };
+        let evict_bytes = 0;
+        AdmissionView { decision, evict_bytes, expected_wait_secs: wait }
+    }
+
     /// Status of one model.
     pub fn model_status(&self, slot: Slot) -> ModelStatus {
         let e = &self.entries[slot as usize];

@@ -33,6 +33,10 @@ pub struct PoolConfig {
     pub queue_timeout: Nanos,
     /// Requests waiting at once; one more is refused with `queue_full`.
     pub max_queue: usize,
+    /// Prior service nanoseconds per token of a request's context (prompt plus maximum new
+    /// tokens), for retry hints until a model's own rate has been measured: a backend's modelled
+    /// decode time per token, or `None` (then hints fall back to the typical request time).
+    pub service_ns_per_token: Option<f64>,
 }
 
 impl PoolConfig {
@@ -47,6 +51,7 @@ impl PoolConfig {
             load_bandwidth: 1e9,
             queue_timeout: 0,
             max_queue: 1024,
+            service_ns_per_token: None,
         }
     }
 
@@ -316,6 +321,18 @@ pub struct ModelStatus {
 }
 
 impl Rejection {
+    /// Whether retrying the same request on this node can never succeed: `model_too_large`, and
+    /// `max_models_reached` without a retry hint (every slot held by a pinned model). The
+    /// server marks such replies `x-should-retry: false` with no `Retry-After`; the fleet
+    /// simulator's clients and routers read the same rule.
+    pub fn never_succeeds(&self) -> bool {
+        match self.code {
+            RejectCode::ModelTooLarge => true,
+            RejectCode::MaxModels => self.retry_after_secs.is_none(),
+            _ => false,
+        }
+    }
+
     /// The engine error for this rejection of `model`.
     pub fn into_error(self, model: ModelId, max_models: usize) -> PoolError {
         let retry = self.retry_after_secs.unwrap_or(1);

@@ -5,6 +5,7 @@ mod common;
 mod engine;
 mod estimate;
 mod fuzz;
+mod hints;
 mod http;
 mod invariants;
 mod kv;

@@ -7,6 +7,7 @@ mod common;
 mod crosscheck;
 mod determinism;
 mod drive;
+mod fleet;
 mod fuzz;
 mod predictive;
 mod snapshots;
