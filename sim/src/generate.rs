@@ -481,6 +481,43 @@ mod tests {
     }
 
     #[test]
+    fn structured_mode_is_seeded_sorted_and_has_sessions_and_jobs() {
+        let cfg = GenConfig {
+            requests: 5000,
+            models: 30,
+            rate: 1.0,
+            sessions: 20.0,
+            think: 5.0,
+            jobs: 4,
+            phase: true,
+            diurnal: 0.5,
+            period: 3600.0,
+            ..GenConfig::default()
+        };
+        let a = generate(&cfg).unwrap();
+        assert_eq!(a, generate(&cfg).unwrap());
+        assert_ne!(a.ops, generate(&GenConfig { seed: 2, ..cfg.clone() }).unwrap().ops);
+        assert_eq!(a.requests(), 5000);
+        assert!(a.ops.windows(2).all(|w| w[0].at <= w[1].at));
+        // Sessions: most of a model's gaps are think times (seconds), far below the mean gap
+        // between requests of a model at a steady rate (30 models at 1 req/s: ~30 s or more).
+        let mut last = vec![None; 30];
+        let (mut short, mut all) = (0, 0);
+        for o in &a.ops {
+            if let Some(t) = last[o.model as usize] {
+                all += 1;
+                if o.at - t < 15 * NS {
+                    short += 1;
+                }
+            }
+            last[o.model as usize] = Some(o.at);
+        }
+        assert!(short * 10 > all * 7, "{short} of {all} gaps under 15 s");
+        let e = generate(&GenConfig { sticky: 0.3, ..cfg }).unwrap_err();
+        assert_eq!(e.field, "arrivals");
+    }
+
+    #[test]
     fn zipf_head_dominates() {
         let t =
             generate(&GenConfig { requests: 20_000, models: 20, zipf: 1.2, ..GenConfig::default() }).unwrap();
