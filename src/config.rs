@@ -339,7 +339,7 @@ pub struct ServeArgs {
     /// Most models loaded at once [default: 4].
     #[arg(long, env = "MODELPOOL_MAX_MODELS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_models: Option<u32>,
-    /// Eviction policy: lru, gdsf or lfu [default: lru].
+    /// Eviction policy: lru, gdsf, lfu or predictive [default: lru].
     #[arg(long, env = "MODELPOOL_POLICY", value_name = "POLICY")]
     pub policy: Option<PolicyKind>,
     /// Models to load and pin at start, comma-separated.
@@ -377,6 +377,14 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests at shutdown [default: 30s].
     #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Predictive preload: while nothing waits, load the model the policy expects to be
+    /// requested soonest (within --preload-horizon) into free memory and a free model slot
+    /// (policy predictive; with others it does nothing).
+    #[arg(long, env = "MODELPOOL_PREDICTIVE_PRELOAD")]
+    pub predictive_preload: bool,
+    /// How far ahead a predicted request may be for its model to be preloaded [default: 60s].
+    #[arg(long, env = "MODELPOOL_PRELOAD_HORIZON", value_name = "DURATION", value_parser = parse_duration)]
+    pub preload_horizon: Option<Duration>,
     /// Largest request body accepted (larger gets 413) [default: 4MiB].
     #[arg(long, env = "MODELPOOL_MAX_BODY", value_name = "SIZE")]
     pub max_body: Option<ByteSize>,
@@ -502,6 +510,11 @@ pub struct FileConfig {
     /// See [`ServeArgs::shutdown_grace`].
     #[serde(default, deserialize_with = "de::duration")]
     pub shutdown_grace: Option<Duration>,
+    /// See [`ServeArgs::predictive_preload`].
+    pub predictive_preload: Option<bool>,
+    /// See [`ServeArgs::preload_horizon`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub preload_horizon: Option<Duration>,
     /// See [`ServeArgs::queue_timeout`].
     #[serde(default, deserialize_with = "de::duration")]
     pub queue_timeout: Option<Duration>,
@@ -653,6 +666,8 @@ pub struct ServeConfig {
     /// `None`: idle models stay.
     pub idle_ttl: Option<Duration>,
     pub shutdown_grace: Duration,
+    /// Predictive preload's horizon; `None`: off.
+    pub predictive_preload: Option<Duration>,
     /// Zero: no queue.
     pub queue_timeout: Duration,
     pub max_queue: usize,
@@ -779,6 +794,8 @@ impl ServeConfig {
         }
         let idle_ttl = args.idle_ttl.or(file.idle_ttl).unwrap_or_default().0;
         let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let predictive_preload = (args.predictive_preload || file.predictive_preload.unwrap_or(false))
+            .then(|| args.preload_horizon.or(file.preload_horizon).unwrap_or(Duration::from_secs(60)));
         let queue_timeout = args.queue_timeout.or(file.queue_timeout).unwrap_or(DEFAULT_QUEUE_TIMEOUT);
         let max_queue = args.max_queue.or(file.max_queue).unwrap_or(DEFAULT_MAX_QUEUE);
         let max_parallel = match args.max_parallel.or(file.max_parallel) {
@@ -965,6 +982,7 @@ impl ServeConfig {
             log_level,
             idle_ttl,
             shutdown_grace,
+            predictive_preload,
             queue_timeout,
             max_queue,
             max_parallel,

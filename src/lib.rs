@@ -28,7 +28,7 @@ pub use error::PoolError;
 pub use estimate::{Estimate, EstimateSource, FileEstimator, Learned, NameEstimator, SizeEstimator};
 pub use limit::{ByteSize, FixedMemory, MemoryLimit, SysinfoMemory, SystemMemory};
 pub use log::{DecisionLog, Event, EvictReason, LogMode, RejectCode};
-pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Slot};
+pub use policy::{EvictionPolicy, Gdsf, Lfu, Lru, PolicyKind, Predictive, Slot};
 pub use pool::{Lease, ModelPool};
 pub use state::{
     Admission, AdmissionView, Decision, Evicted, Intent, Ledger, LoadPlan, ModelStatus, Phase, PoolConfig,

@@ -31,6 +31,11 @@ pub enum Event {
         estimate: u64,
         /// How the estimate was derived.
         source: EstimateSource,
+        /// `Some(s)`: a predictive preload no request asked for
+        /// ([`crate::PoolState::predictive_preload`]), because the policy expects the model's
+        /// next request in `s` seconds. Absent for loads a request or an operator asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predicted_in_secs: Option<f64>,
     },
     /// A load finished; the ledger now counts the measured size.
     Loaded {
@@ -203,6 +208,12 @@ impl DecisionLog {
     pub fn last(&self, n: usize) -> Vec<Event> {
         let skip = self.events.len().saturating_sub(n);
         self.events.iter().skip(skip).cloned().collect()
+    }
+
+    /// The newest kept event, to complete it in place (the engine adds detail a generic call
+    /// could not know).
+    pub(crate) fn newest_mut(&mut self) -> Option<&mut Event> {
+        self.events.back_mut()
     }
 
     /// Remove and return every kept event.

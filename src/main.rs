@@ -123,6 +123,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         None => Box::new(Learned::new(files)),
     };
     let pool: ModelPool = ModelPool::new(pc, cfg.policy.build(), estimator, backend);
+    pool.set_predictive_preload(cfg.predictive_preload);
     for spec in &cfg.models {
         pool.register(spec.clone());
     }

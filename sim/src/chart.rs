@@ -145,6 +145,7 @@ fn color(p: PolicyChoice) -> &'static str {
         PolicyChoice::Online(PolicyKind::Lru) => "#1f77b4",
         PolicyChoice::Online(PolicyKind::Gdsf) => "#ff7f0e",
         PolicyChoice::Online(PolicyKind::Lfu) => "#2ca02c",
+        PolicyChoice::Online(PolicyKind::Predictive) => "#9467bd",
         PolicyChoice::Belady => "#7f7f7f",
         PolicyChoice::BeladyCost => "#222222",
     }

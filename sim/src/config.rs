@@ -127,6 +127,12 @@ pub struct SimConfig {
     /// the name or half the model's size; 0 for embeddings models). Requests given as a duration
     /// hold none. Off in instant mode (a plain cache).
     pub kv_cache: bool,
+    /// Predictive preload: after each arrival, while nothing waits, load the absent model the
+    /// policy expects to be requested soonest, if within this many seconds
+    /// (`modelpool::PoolState::predictive_preload`); `None`: off. Only the `predictive` policy
+    /// predicts; with any other the setting does nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload_horizon_secs: Option<f64>,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -155,6 +161,7 @@ impl Default for SimConfig {
             queue_timeout_secs: DEFAULT_QUEUE_TIMEOUT_SECS,
             max_queue: 1024,
             kv_cache: true,
+            preload_horizon_secs: None,
             log: LogMode::Off,
         }
     }
@@ -214,6 +221,9 @@ impl SimConfig {
             }
         }
         nonneg(self.queue_timeout_secs, "queue timeout")?;
+        if let Some(h) = self.preload_horizon_secs {
+            nonneg(h, "preload horizon")?;
+        }
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
         }

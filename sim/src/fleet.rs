@@ -39,7 +39,7 @@ use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
-use modelpool::{Decision, Gdsf, Lfu, Lru, Nanos, Phase, PolicyKind, RejectCode, Slot};
+use modelpool::{Decision, Gdsf, Lfu, Lru, Nanos, Phase, PolicyKind, Predictive, RejectCode, Slot};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::Serialize;
@@ -518,6 +518,9 @@ pub fn run_fleet(
         }
         PolicyChoice::Online(PolicyKind::Lfu) => {
             Fleet::new(trace, cfg, &node_cfgs, placement, Lfu::new).run()
+        }
+        PolicyChoice::Online(PolicyKind::Predictive) => {
+            Fleet::new(trace, cfg, &node_cfgs, placement, Predictive::new).run()
         }
         PolicyChoice::Belady | PolicyChoice::BeladyCost => unreachable!("validated: online policies only"),
     })

@@ -12,6 +12,8 @@ use modelpool::{ModelSpec, ModelType, NameEstimator, SizeEstimator};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
+use modelpool::Nanos;
+
 use crate::trace::{ModelDef, NS, Op, OpKind, Service, Trace};
 
 /// A catalogue entry: name, type, and an explicit size where the name carries none.
@@ -60,6 +62,13 @@ const CATALOGUE: &[Entry] = &[
     text("deepseek-r1-distill-qwen-1.5b-8bit"),
     text("qwen2.5-coder-7b-instruct-4bit"),
     text("llama-3-8b"),
+    // Appended (issue 15): more text models, so a multi-tenant trace has 20+ of them.
+    text("qwen2.5-1.5b-instruct-4bit"),
+    text("qwen2.5-3b-instruct-4bit"),
+    text("gemma-2-2b-it-4bit"),
+    text("qwen2.5-coder-14b-instruct-4bit"),
+    text("deepseek-r1-distill-llama-8b-4bit"),
+    text("qwen2.5-72b-instruct-4bit"),
 ];
 
 /// How arrivals are spaced.
@@ -117,7 +126,7 @@ pub struct GenConfig {
     pub seed: u64,
     /// Requests to generate.
     pub requests: u64,
-    /// Distinct models (beyond the catalogue's 24, fine-tuned variants `-ftNN` are added).
+    /// Distinct models (beyond the catalogue's 30, fine-tuned variants `-ftNN` are added).
     pub models: usize,
     /// Zipf exponent of model popularity (0 = uniform).
     pub zipf: f64,
@@ -133,6 +142,19 @@ pub struct GenConfig {
     pub sticky: f64,
     /// Models preloaded and pinned at time 0.
     pub pin: Vec<String>,
+    /// Structured mode (with `jobs`): mean requests per user session (> 1; 0 = off). Sessions
+    /// start at the arrival process's times (Poisson or Gamma, diurnal rate), each on one
+    /// Zipf-chosen model, and go on with exponential think times (`think` seconds mean), so many
+    /// sessions overlap, each sticking to its model.
+    pub sessions: f64,
+    /// Structured mode: mean think time between a session's requests, seconds.
+    pub think: f64,
+    /// Structured mode: periodic jobs, each bound to a seeded model, firing every period
+    /// (log-uniform in 300..3600 s, jitter 1%) a burst of 1 to 4 requests 2 s apart.
+    pub jobs: usize,
+    /// Structured mode: each model gets its own seeded diurnal phase (tenants in other time
+    /// zones), instead of one phase for the pool.
+    pub phase: bool,
 }
 
 impl Default for GenConfig {
@@ -148,6 +170,10 @@ impl Default for GenConfig {
             period: 86_400.0,
             sticky: 0.0,
             pin: Vec::new(),
+            sessions: 0.0,
+            think: 30.0,
+            jobs: 0,
+            phase: false,
         }
     }
 }
@@ -299,6 +325,22 @@ pub fn generate(cfg: &GenConfig) -> Result<Trace, GenError> {
             .ok_or_else(|| bad("pin", format!("'{p}' is not among the generated models")))?;
         ops.push(Op { at: 0, arg: 0, model: m as u32, kind: OpKind::Preload });
     }
+    if cfg.sessions > 0.0 || cfg.jobs > 0 || cfg.phase {
+        if !(cfg.sessions == 0.0 || (cfg.sessions.is_finite() && cfg.sessions >= 1.0)) {
+            return Err(bad("sessions", "mean session length must be 0 (off) or >= 1".into()));
+        }
+        if !(cfg.think.is_finite() && cfg.think > 0.0) {
+            return Err(bad("think", "must be a positive number of seconds".into()));
+        }
+        if matches!(cfg.arrivals, Arrivals::OnOff { .. }) || cfg.sticky > 0.0 {
+            return Err(bad(
+                "arrivals",
+                "sessions, jobs and per-model phases take poisson or gamma arrivals and no --sticky".into(),
+            ));
+        }
+        structured(cfg, &models, &cdf, &mut s, &mut ops);
+        return Ok(Trace { models, ops });
+    }
     let mut t = 0.0f64;
     let mut on_until = match cfg.arrivals {
         Arrivals::OnOff { on, .. } => on * s.exp(),
@@ -327,22 +369,93 @@ pub fn generate(cfg: &GenConfig) -> Result<Trace, GenError> {
             s.pick(&cdf)
         };
         last_model = m;
-        let service = match models[m].model_type {
-            ModelType::TextGen => Service::Tokens {
-                input: s.lognormal(300.0, 1.0, 1, 32_768),
-                output: s.lognormal(150.0, 0.8, 1, 4096),
-            },
-            ModelType::Vision => Service::Tokens {
-                input: 576 + s.lognormal(120.0, 0.8, 1, 8192),
-                output: s.lognormal(120.0, 0.8, 1, 2048),
-            },
-            ModelType::Embeddings => Service::Tokens { input: s.lognormal(60.0, 1.0, 1, 8192), output: 0 },
-        };
-        // Microsecond resolution keeps the CSV short.
-        let at = ((t * 1e6).round() as u64).saturating_mul(NS / 1_000_000);
-        ops.push(Op::request(at, m as u32, service));
+        let service = tokens(&mut s, models[m].model_type);
+        ops.push(Op::request(micros(t), m as u32, service));
     }
     Ok(Trace { models, ops })
+}
+
+/// Token counts of one request for a model of this type.
+fn tokens(s: &mut Sampler, ty: ModelType) -> Service {
+    match ty {
+        ModelType::TextGen => Service::Tokens {
+            input: s.lognormal(300.0, 1.0, 1, 32_768),
+            output: s.lognormal(150.0, 0.8, 1, 4096),
+        },
+        ModelType::Vision => Service::Tokens {
+            input: 576 + s.lognormal(120.0, 0.8, 1, 8192),
+            output: s.lognormal(120.0, 0.8, 1, 2048),
+        },
+        ModelType::Embeddings => Service::Tokens { input: s.lognormal(60.0, 1.0, 1, 8192), output: 0 },
+    }
+}
+
+/// Seconds to nanoseconds at microsecond resolution (keeps the CSV short).
+fn micros(t: f64) -> Nanos {
+    ((t * 1e6).round() as u64).saturating_mul(NS / 1_000_000)
+}
+
+/// Structured arrivals (sessions, periodic jobs, per-model diurnal phase): every arrival is
+/// drawn over a horizon of twice the nominal duration, sorted by time (ties by model), cut to
+/// `cfg.requests`, then given token counts in time order.
+fn structured(cfg: &GenConfig, models: &[ModelDef], cdf: &[f64], s: &mut Sampler, ops: &mut Vec<Op>) {
+    use std::f64::consts::TAU;
+    let n = models.len();
+    let phase: Vec<f64> = (0..n).map(|_| if cfg.phase { TAU * s.uniform() } else { 0.0 }).collect();
+    // Jobs: model, period, first firing, burst size.
+    let jobs: Vec<(usize, f64, f64, u64)> = (0..cfg.jobs)
+        .map(|_| {
+            let m = s.below(n as u64) as usize;
+            let period = 300.0 * (12f64.ln() * s.uniform()).exp();
+            (m, period, period * s.uniform(), 1 + s.below(4))
+        })
+        .collect();
+    let horizon_reqs = cfg.requests as f64;
+    let job_rate: f64 = jobs.iter().map(|j| j.3 as f64 / j.1).sum();
+    let session_len = cfg.sessions.max(1.0);
+    // Session starts at a rate that leaves the jobs their share of `rate` (at least 10% sessions).
+    let start_rate = (cfg.rate - job_rate).max(0.1 * cfg.rate) / session_len;
+    let horizon = 2.0 * horizon_reqs / cfg.rate;
+    let mut arr: Vec<(f64, u32)> = Vec::with_capacity(2 * cfg.requests as usize);
+    for &(m, period, first, burst) in &jobs {
+        let mut t = first;
+        while t < horizon {
+            for b in 0..burst {
+                arr.push((t + 2.0 * b as f64, m as u32));
+            }
+            t += period * (1.0 + 0.01 * (2.0 * s.uniform() - 1.0));
+        }
+    }
+    let peak = 1.0 + cfg.diurnal;
+    let mut t = 0.0f64;
+    while t < horizon {
+        t += match cfg.arrivals {
+            Arrivals::Gamma(k) => s.gamma(k) / (k * start_rate * peak),
+            _ => s.exp() / (start_rate * peak),
+        };
+        let m = s.pick(cdf);
+        // Thinning: the session starts with the model's diurnal rate relative to the peak.
+        let rate = 1.0 + cfg.diurnal * (TAU * t / cfg.period + phase[m]).sin();
+        if s.uniform() * peak >= rate {
+            continue;
+        }
+        // Geometric length with mean `session_len`, think times exponential.
+        let p_more = 1.0 - 1.0 / session_len;
+        let mut at = t;
+        loop {
+            arr.push((at, m as u32));
+            if s.uniform() >= p_more {
+                break;
+            }
+            at += cfg.think * s.exp();
+        }
+    }
+    arr.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    arr.truncate(cfg.requests as usize);
+    for (t, m) in arr {
+        let service = tokens(s, models[m as usize].model_type);
+        ops.push(Op::request(micros(t), m, service));
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +478,43 @@ mod tests {
         assert_ne!(a.ops, b.ops);
         assert_eq!(a.requests(), 500);
         assert!(a.ops.windows(2).all(|w| w[0].at <= w[1].at));
+    }
+
+    #[test]
+    fn structured_mode_is_seeded_sorted_and_has_sessions_and_jobs() {
+        let cfg = GenConfig {
+            requests: 5000,
+            models: 30,
+            rate: 1.0,
+            sessions: 20.0,
+            think: 5.0,
+            jobs: 4,
+            phase: true,
+            diurnal: 0.5,
+            period: 3600.0,
+            ..GenConfig::default()
+        };
+        let a = generate(&cfg).unwrap();
+        assert_eq!(a, generate(&cfg).unwrap());
+        assert_ne!(a.ops, generate(&GenConfig { seed: 2, ..cfg.clone() }).unwrap().ops);
+        assert_eq!(a.requests(), 5000);
+        assert!(a.ops.windows(2).all(|w| w[0].at <= w[1].at));
+        // Sessions: most of a model's gaps are think times (seconds), far below the mean gap
+        // between requests of a model at a steady rate (30 models at 1 req/s: ~30 s or more).
+        let mut last = vec![None; 30];
+        let (mut short, mut all) = (0, 0);
+        for o in &a.ops {
+            if let Some(t) = last[o.model as usize] {
+                all += 1;
+                if o.at - t < 15 * NS {
+                    short += 1;
+                }
+            }
+            last[o.model as usize] = Some(o.at);
+        }
+        assert!(short * 10 > all * 7, "{short} of {all} gaps under 15 s");
+        let e = generate(&GenConfig { sticky: 0.3, ..cfg }).unwrap_err();
+        assert_eq!(e.field, "arrivals");
     }
 
     #[test]
@@ -396,13 +546,16 @@ mod tests {
 
     #[test]
     fn catalogue_sizes_are_realistic() {
-        let c = catalogue(30);
+        let c = catalogue(31);
         let size = |n: &str| c.iter().find(|m| &*m.id == n).unwrap().size.unwrap();
         assert_eq!(size("llama-3-8b"), 5_000_000_000);
         assert!(size("qwen2.5-0.5b-instruct-4bit") < 500_000_000);
         assert!(size("llama-3.3-70b-instruct-4bit") > 30_000_000_000);
         assert!(size("mixtral-8x7b-instruct-4bit") > 20_000_000_000);
-        assert_eq!(&*c[24].id, "qwen2.5-0.5b-instruct-4bit-ft01");
+        assert_eq!(&*c[29].id, "qwen2.5-72b-instruct-4bit");
+        assert_eq!(&*c[30].id, "qwen2.5-0.5b-instruct-4bit-ft01");
+        let text = CATALOGUE.iter().filter(|e| e.model_type == ModelType::TextGen).count();
+        assert!(text >= 20, "{text} text models");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 
 use modelpool::policy::PolicyInfo;
-use modelpool::{EvictionPolicy, Gdsf, Lfu, Lru, Nanos, Slot};
+use modelpool::{EvictionPolicy, Gdsf, Lfu, Lru, Nanos, Predictive, Slot};
 
 /// Next-use value of a model that is never requested again.
 pub const NEVER: u64 = u64::MAX;
@@ -31,6 +31,7 @@ pub trait SimPolicy: EvictionPolicy {
 impl SimPolicy for Lru {}
 impl SimPolicy for Gdsf {}
 impl SimPolicy for Lfu {}
+impl SimPolicy for Predictive {}
 
 fn grow<T: Clone>(v: &mut Vec<T>, slot: Slot, fill: T) {
     if v.len() <= slot as usize {

@@ -28,7 +28,7 @@ use std::collections::{BinaryHeap, HashMap};
 use hdrhistogram::Histogram;
 use modelpool::{
     Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PolicyKind,
-    PoolConfig, PoolState, RejectCode, Served, Slot, Ticket, Wake,
+    PoolConfig, PoolState, Predictive, RejectCode, Served, Slot, Ticket, Wake,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -94,6 +94,9 @@ fn dispatch(trace: &Trace, cfg: &SimConfig, record: bool) -> (Outcome, Option<Re
         PolicyChoice::Online(PolicyKind::Lru) => Runner::new(trace, cfg, Lru::new(), record).run(),
         PolicyChoice::Online(PolicyKind::Gdsf) => Runner::new(trace, cfg, Gdsf::new(), record).run(),
         PolicyChoice::Online(PolicyKind::Lfu) => Runner::new(trace, cfg, Lfu::new(), record).run(),
+        PolicyChoice::Online(PolicyKind::Predictive) => {
+            Runner::new(trace, cfg, Predictive::new(), record).run()
+        }
         PolicyChoice::Belady => Runner::new(trace, cfg, Belady::new(), record).run(),
         PolicyChoice::BeladyCost => Runner::new(trace, cfg, BeladyCost::new(), record).run(),
     }
@@ -296,6 +299,10 @@ pub(crate) struct Runner<'t, P: SimPolicy> {
     instant: bool,
     /// As a node of the fleet simulator: where each request's start, end and refusal go.
     node_out: Option<Vec<NodeEvent>>,
+    /// Predictive preload horizon, if on.
+    preload_horizon: Option<Nanos>,
+    /// Per model: when its predictive preload started, while no request has used it yet.
+    preloaded: Vec<Option<Nanos>>,
 }
 
 /// What happened to a request at a node of the fleet simulator ([`crate::fleet`]): what its
@@ -402,6 +409,43 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 marks: Vec::new(),
             }),
             instant,
+            preload_horizon: cfg.preload_horizon_secs.map(secs_to_ns),
+            preloaded: vec![None; n],
+        }
+    }
+
+    /// Start a predictive preload if the engine finds one (nothing waits, a model predicted
+    /// within the horizon fits in the free room and a free model slot).
+    #[inline]
+    fn try_preload(&mut self, now: Nanos) {
+        let Some(h) = self.preload_horizon else { return };
+        if !self.parked_any.is_empty() {
+            return;
+        }
+        let Some(slot) = self.core.predictive_preload(now, h) else { return };
+        self.totals.predicted.get_or_insert_with(Default::default).started += 1;
+        self.preloaded[slot as usize] = Some(now);
+        self.mem_sync(now);
+        self.begin_load(slot, now);
+    }
+
+    /// A first attempt found `slot` resident (`Hit`) or loading (`Join`): a preload pending on
+    /// it was useful; it saved the part of its load done by now.
+    #[inline]
+    fn preload_used(&mut self, slot: Slot, now: Nanos) {
+        if let Some(started) = self.preloaded[slot as usize].take() {
+            let saved = (now - started).min(self.load_ns[slot as usize]);
+            let p = self.totals.predicted.get_or_insert_with(Default::default);
+            p.useful += 1;
+            p.latency_saved_secs += saved as f64 / NS as f64;
+        }
+    }
+
+    /// `slot` left memory (or its load failed): a preload pending on it was wasted.
+    #[inline]
+    fn preload_lost(&mut self, slot: Slot) {
+        if self.preloaded[slot as usize].take().is_some() {
+            self.totals.predicted.get_or_insert_with(Default::default).wasted += 1;
         }
     }
 
@@ -497,6 +541,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     self.totals.requests += 1;
                     self.per_model[op.model as usize].requests += 1;
                     self.request_instant(i, op.model, op.at);
+                    self.try_preload(op.at);
                     i += 1;
                 }
                 self.next_op = i;
@@ -518,6 +563,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     self.per_model[op.model as usize].requests += 1;
                     let service = self.service_ns(op.service());
                     self.request(i, op.model, op.at, op.at, 0, service);
+                    self.try_preload(op.at);
                 } else {
                     self.admin(i, op.at);
                 }
@@ -563,10 +609,15 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             self.core.policy_mut().set_next_use(slot, next, idx as u64);
         }
         let per_model = &mut self.per_model;
+        let (preloaded, predicted) = (&mut self.preloaded, &mut self.totals.predicted);
         let mut unloads = 0u32;
         let served = self.core.serve_instant(slot, now, self.true_size[slot as usize], |v| {
             per_model[v as usize].unloads += 1;
             unloads += 1;
+            // `Runner::preload_lost`, inline (the closure cannot borrow the runner).
+            if let (Some(_), Some(p)) = (preloaded[v as usize].take(), predicted.as_mut()) {
+                p.wasted += 1;
+            }
         });
         // The ledger changed (a load, or an unload after a hit): account memory as the generic
         // path's syncs at this same instant add up to.
@@ -574,6 +625,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             Served::Hit => {
                 self.totals.hits += 1;
                 self.per_model[slot as usize].hits += 1;
+                if self.preload_horizon.is_some() {
+                    self.preload_used(slot, now);
+                }
                 unloads > 0
             }
             Served::Loaded => {
@@ -627,6 +681,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 if fresh {
                     self.totals.hits += 1;
                     self.per_model[slot as usize].hits += 1;
+                    self.preload_used(slot, now);
                 }
                 self.totals.served += 1;
                 self.record_latency(now - first);
@@ -636,6 +691,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.start_service(slot, now, service, kv, idx as u32);
             }
             Admission::Join => {
+                if fresh {
+                    self.preload_used(slot, now);
+                }
                 if kv > 0 {
                     self.mem_sync(now);
                 }
@@ -769,6 +827,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     fn reclaim(&mut self, slot: Slot, now: Nanos) {
         self.per_model[slot as usize].unloads += 1;
+        self.preload_lost(slot);
         let owner = self.core.reclaimed(slot, now);
         self.mem_sync(now);
         if let Some(o) = owner {
@@ -849,6 +908,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         let mut waiters = std::mem::take(&mut self.waiters[slot as usize]);
         if fail {
             self.core.load_finished(slot, now, Err("injected load failure"));
+            self.preload_lost(slot);
             self.mem_sync(now);
             self.totals.failed += waiters.len() as u64;
             self.per_model[slot as usize].failed += waiters.len() as u64;
@@ -1053,6 +1113,10 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     }
 
     fn finish(mut self) -> (Outcome, Option<Recording>) {
+        if self.preload_horizon.is_some() {
+            let unused = self.preloaded.iter().filter(|p| p.is_some()).count() as u64;
+            self.totals.predicted.get_or_insert_with(Default::default).unused_at_end = unused;
+        }
         let end = self.mem_t.max(self.trace.duration());
         self.mem_sync(end);
         self.totals.end = end;

@@ -54,6 +54,8 @@ pub(crate) struct Totals {
     /// Integral of the KV column over time (bytes x ns).
     pub kv_area: u128,
     pub end: Nanos,
+    /// Predictive preloads (`None` when off).
+    pub predicted: Option<PreloadSummary>,
 }
 
 /// Round to 6 decimals.
@@ -108,8 +110,28 @@ pub struct Report {
     pub memory: Memory,
     /// Admin operations in the trace and how many were refused.
     pub admin: Admin,
+    /// Predictive preloads, when enabled (`SimConfig::preload_horizon_secs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictive_preload: Option<PreloadSummary>,
     /// Per-model breakdown, in trace order.
     pub models: Vec<ModelRow>,
+}
+
+/// What predictive preloads did. A preload is useful when a request found its model resident
+/// (or loading) before it left memory, wasted when it left unused (evicted, or its load failed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PreloadSummary {
+    /// Preloads started.
+    pub started: u64,
+    /// Preloads a request then used.
+    pub useful: u64,
+    /// Preloads that left memory unused.
+    pub wasted: u64,
+    /// Preloads still resident and unused when the trace ended.
+    pub unused_at_end: u64,
+    /// Added latency the useful ones saved, seconds: per useful preload, the part of its load
+    /// done before its first request arrived (the whole modelled load time for a hit).
+    pub latency_saved_secs: f64,
 }
 
 /// The knobs that shaped a report.
@@ -365,6 +387,9 @@ pub(crate) fn build_report(
             kv_mean_bytes: if t.end == 0 { 0 } else { (t.kv_area / u128::from(t.end)) as u64 },
         },
         admin: Admin { ops: t.admin_ops, preloads: t.preloads, refused: t.admin_refused },
+        predictive_preload: t
+            .predicted
+            .map(|p| PreloadSummary { latency_saved_secs: r6(p.latency_saved_secs), ..p }),
         models,
     }
 }
@@ -529,6 +554,20 @@ impl Report {
                 format!(
                     "{} ({} preloads), {} refused",
                     self.admin.ops, self.admin.preloads, self.admin.refused
+                ),
+            );
+        }
+        if let Some(p) = &self.predictive_preload {
+            kv(
+                &mut o,
+                "preloads",
+                format!(
+                    "{} predicted: {} useful, {} wasted, {} unused at the end; {} of added latency saved",
+                    p.started,
+                    p.useful,
+                    p.wasted,
+                    p.unused_at_end,
+                    fmt_secs(p.latency_saved_secs)
                 ),
             );
         }

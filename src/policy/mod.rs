@@ -5,6 +5,10 @@
 //! - `on_insert(slot)` is called when a model becomes resident, and only if the slot is not
 //!   already tracked; `on_remove(slot)` when it stops being resident (evicted or unloaded),
 //!   only for a tracked slot; `on_access(slot)` on every hit of a tracked slot.
+//! - `on_request(slot)` on every request the engine admits through
+//!   [`crate::PoolState::admit_request`] or [`crate::PoolState::serve_instant`], before it
+//!   decides, for any registered slot (tracked or not: a miss is an arrival too). A request
+//!   woken from the admission queue is not announced again. Default: nothing.
 //! - `visit_victims` walks tracked slots from the best victim to the worst. The engine skips the
 //!   ones it may not evict (pinned, leased) and stops the walk once it has enough, so a policy
 //!   never causes a pinned, busy or loading model to be evicted.
@@ -13,10 +17,12 @@
 mod gdsf;
 mod lfu;
 mod lru;
+mod predictive;
 
 pub use gdsf::Gdsf;
 pub use lfu::Lfu;
 pub use lru::Lru;
+pub use predictive::{Predictive, Predictor};
 
 use crate::types::Nanos;
 
@@ -55,6 +61,17 @@ pub trait EvictionPolicy: Send + 'static {
     /// Precondition (engine): `slot` is tracked. Called on every hit, so it should be O(1).
     fn on_access(&mut self, slot: Slot, now: Nanos);
 
+    /// A request for `slot` arrived at `now`, resident or not: the engine calls it before it
+    /// decides, on every request admitted through [`crate::PoolState::admit_request`] or
+    /// [`crate::PoolState::serve_instant`] (hits, joins, loads and refusals alike; a hit also
+    /// gets [`EvictionPolicy::on_access`]). Not called again for a request woken from the
+    /// admission queue. For policies that learn from every arrival ([`Predictive`]).
+    ///
+    /// Precondition (engine): `slot` is registered; it may be untracked. Must be O(1) and must
+    /// not allocate once the policy has seen the slot. Default: nothing.
+    #[inline]
+    fn on_request(&mut self, _slot: Slot, _now: Nanos) {}
+
     /// `slot` stopped being resident; the policy must forget it. `evicted` is true when the
     /// engine chose it as a victim (capacity, max_models, overcommit, limits, expiry), false for
     /// an operator's explicit unload.
@@ -74,6 +91,13 @@ pub trait EvictionPolicy: Send + 'static {
     /// and the admin API; `None` when the policy has no numeric score (LRU) or the slot is not
     /// tracked. Never used to decide.
     fn score(&self, _slot: Slot) -> Option<f64> {
+        None
+    }
+
+    /// When the policy expects the next request for `slot` (tracked or not), from what it has
+    /// seen up to `now`; `None` when it makes no predictions (the default) or has seen nothing
+    /// of `slot`. Predictive preload ([`crate::PoolState::preload_candidate`]) asks it.
+    fn predicted_next(&self, _slot: Slot, _now: Nanos) -> Option<Nanos> {
         None
     }
 }
@@ -98,9 +122,17 @@ impl EvictionPolicy for Box<dyn EvictionPolicy> {
     fn score(&self, slot: Slot) -> Option<f64> {
         (**self).score(slot)
     }
+    #[inline]
+    fn on_request(&mut self, slot: Slot, now: Nanos) {
+        (**self).on_request(slot, now)
+    }
+    fn predicted_next(&self, slot: Slot, now: Nanos) -> Option<Nanos> {
+        (**self).predicted_next(slot, now)
+    }
 }
 
-/// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`; case-insensitive).
+/// The built-in online policies, selectable by name (`lru`, `gdsf`, `lfu`, `predictive`;
+/// case-insensitive).
 #[derive(
     Debug,
     Clone,
@@ -124,6 +156,8 @@ pub enum PolicyKind {
     Gdsf,
     /// Least frequently used, ties broken by recency.
     Lfu,
+    /// Farthest predicted next request per byte of reload cost first ([`Predictive`]).
+    Predictive,
 }
 
 impl PolicyKind {
@@ -133,6 +167,7 @@ impl PolicyKind {
             PolicyKind::Lru => Box::new(Lru::new()),
             PolicyKind::Gdsf => Box::new(Gdsf::new()),
             PolicyKind::Lfu => Box::new(Lfu::new()),
+            PolicyKind::Predictive => Box::new(Predictive::new()),
         }
     }
 }

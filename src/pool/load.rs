@@ -16,6 +16,16 @@ use crate::policy::{EvictionPolicy, Slot};
 use crate::state::Victims;
 
 impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
+    /// Start a predictive preload if it is on and the core finds one (see
+    /// [`crate::PoolState::predictive_preload`]); its outcome goes to whoever joins it.
+    pub(super) fn try_preload(&self, core: &mut Core<P, E>, now: crate::types::Nanos) {
+        let Some(horizon) = core.preload_horizon else { return };
+        if let Some(slot) = core.state.predictive_preload(now, horizon) {
+            tracing::info!(model = %core.state.spec(slot).id, "predictive preload");
+            drop(self.start_load(core, slot, Victims::new()));
+        }
+    }
+
     /// Start the load task for an admitted plan. Victim handles are taken now (they have no
     /// leases); the task unloads them, then loads, then publishes the outcome.
     pub(super) fn start_load(

@@ -50,6 +50,8 @@ struct Core<P: EvictionPolicy, E: SizeEstimator> {
     loads: HashMap<Slot, watch::Sender<LoadResult>>,
     /// Requests in the core's admission queue, by ticket: where their wake goes.
     queued: HashMap<Ticket, oneshot::Sender<Result<Woken, PoolError>>>,
+    /// Predictive preload's horizon, when on ([`ModelPool::set_predictive_preload`]).
+    preload_horizon: Option<Nanos>,
 }
 
 struct Inner<P: EvictionPolicy, E: SizeEstimator> {
@@ -196,6 +198,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 handles: Vec::new(),
                 loads: HashMap::new(),
                 queued: HashMap::new(),
+                preload_horizon: None,
             }),
             estimator,
             backend,
@@ -301,6 +304,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 let kv = *kv.get_or_insert_with(|| core.state.kv_for_tokens(slot, tokens));
                 let admission = core.state.admit_request(slot, now, kv);
                 self.inner.start_unloads(&mut core);
+                if let Admission::Load(plan) = &admission {
+                    // The request's own load first, then any predictive preload beside it.
+                    how = how.or(Admitted::Load);
+                    let rx = self.inner.start_load(&mut core, slot, plan.victims.clone());
+                    self.inner.try_preload(&mut core, now);
+                    break (slot, rx);
+                }
+                self.inner.try_preload(&mut core, now);
                 match admission {
                     Admission::Hit => {
                         let waited = Duration::from_nanos(now - since);
@@ -310,10 +321,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                         how = how.or(Admitted::Join);
                         break (slot, core.loads[&slot].subscribe());
                     }
-                    Admission::Load(plan) => {
-                        how = how.or(Admitted::Load);
-                        break (slot, self.inner.start_load(&mut core, slot, plan.victims));
-                    }
+                    Admission::Load(_) => unreachable!("started above"),
                     Admission::AwaitUnload => {
                         let until = *deadline.get_or_insert_with(|| Instant::now() + UNLOAD_WAIT_MAX);
                         (slot, Step::Unload(self.await_reclaim(&core, slot, until)?))
@@ -414,6 +422,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             kv,
             owner: self.inner.clone(),
         }
+    }
+
+    /// Turn predictive preload on (`Some(horizon)`) or off: after each request's admission, while
+    /// nothing waits, the pool loads the absent model its policy expects to be requested soonest
+    /// (within `horizon`) into free memory and a free model slot
+    /// ([`PoolState::predictive_preload`]: an ordinary load in the ledger and the decision log,
+    /// with its reason, never pinned, evicting nothing). Only the `predictive` policy predicts;
+    /// with any other this does nothing.
+    pub fn set_predictive_preload(&self, horizon: Option<Duration>) {
+        self.inner.lock().preload_horizon = horizon.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Load `model` if needed and pin it: it is never evicted until unpinned. The pin is set in

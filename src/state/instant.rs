@@ -25,7 +25,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     ///
     /// Exactly what this sequence of calls does, decision for decision (same ledger, counters,
     /// policy calls and log events, in the same order):
-    /// 1. [`PoolState::admit_request`]`(slot, now, 0)`;
+    /// 1. [`PoolState::admit_request`]`(slot, now, 0)` (which tells the policy of the request);
     /// 2. on `Load(plan)`: [`PoolState::reclaimed`]`(v, now)` for each victim in plan order, then
     ///    [`PoolState::load_finished`]`(slot, now, Ok(measured))`, then `reclaimed(v, now)` for
     ///    each model that load evicted;
@@ -43,6 +43,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         measured: u64,
         mut unloaded: impl FnMut(Slot),
     ) -> Served {
+        self.policy.on_request(slot, now);
         let quiet = self.queue.is_empty() && self.unloads.is_empty();
         if !quiet {
             return Served::Admitted(self.admit_kv(slot, now, Intent::Request, 0));

@@ -27,6 +27,7 @@ mod hints;
 mod instant;
 mod load;
 mod operator;
+mod prefetch;
 mod queue;
 mod status;
 mod types;
@@ -431,6 +432,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// queued or refused with `insufficient_memory`, exactly like a load.
     #[inline]
     pub fn admit_request(&mut self, slot: Slot, now: Nanos, kv: u64) -> Admission {
+        self.policy.on_request(slot, now);
         self.admit_kv(slot, now, Intent::Request, kv)
     }
 
@@ -811,6 +813,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             } else {
                 e.estimate.source.clone()
             },
+            predicted_in_secs: None,
         });
     }
 

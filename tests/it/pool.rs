@@ -717,3 +717,53 @@ async fn the_fake_backend_follows_the_timing_model_without_drift() {
     h.unload().await.unwrap();
     assert_eq!(u0.elapsed(), Duration::from_millis(100));
 }
+
+#[tokio::test(start_paused = true)]
+async fn predictive_preload_loads_a_periodic_model_before_its_request() {
+    let mut cfg = PoolConfig::with_limit(10 * GB);
+    cfg.log = LogMode::Full;
+    let pool = ModelPool::new(
+        cfg,
+        PolicyKind::Predictive.build(),
+        Box::new(NameEstimator) as Box<dyn SizeEstimator>,
+        slow_backend(1),
+    );
+    for m in ["job", "chat"] {
+        pool.register(ModelSpec::new(m).with_size(2 * GB));
+    }
+    pool.set_predictive_preload(Some(Duration::from_secs(60)));
+    // A job every 100 s; an operator unloads it after each run.
+    for k in 0..3u64 {
+        tokio::time::sleep_until(
+            tokio::time::Instant::now() + Duration::from_secs(if k == 0 { 0 } else { 100 }),
+        )
+        .await;
+        drop(pool.acquire("job").await.unwrap());
+        pool.unload("job", false).await.unwrap();
+    }
+    assert_eq!(phase(&pool, "job"), Phase::Absent);
+    // 80 s later a chat request: the job is due in about 20 s, so it is preloaded beside it.
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    drop(pool.acquire("chat").await.unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(phase(&pool, "job"), Phase::Resident);
+    let st = pool.status();
+    assert!(!st.models.iter().find(|m| m.id.as_ref() == "job").unwrap().pinned);
+    let predicted: Vec<f64> = pool
+        .events(usize::MAX)
+        .iter()
+        .filter_map(|e| match e {
+            modelpool::Event::Load { model, predicted_in_secs: Some(p), .. } if model.as_ref() == "job" => {
+                Some(*p)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(predicted.len(), 1, "one predictive preload");
+    assert!((15.0..25.0).contains(&predicted[0]), "{predicted:?}");
+    // The job's next run finds it resident: a hit, no load of its own.
+    let loads = pool.status().stats.loads;
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    drop(pool.acquire("job").await.unwrap());
+    assert_eq!(pool.status().stats.loads, loads);
+}

@@ -47,7 +47,7 @@ fn sweep_result_does_not_depend_on_threads() {
     let two = sweep(&t, &base, &limits, &PolicyChoice::ALL, Target::default(), 3, &|| {}).unwrap();
     assert_eq!(one.to_csv(), two.to_csv());
     assert_eq!(one.to_svg("t"), two.to_svg("t"));
-    assert_eq!(one.cells.len(), 15);
+    assert_eq!(one.cells.len(), 3 * PolicyChoice::ALL.len());
     // Offline baselines carry no gap; online ones do.
     for c in &one.cells {
         assert_eq!(c.gap_object.is_none(), c.policy.is_offline());
@@ -93,6 +93,24 @@ fn generator_reproduces_committed_traces() {
                 diurnal: 0.8,
                 period: 3600.0,
                 pin: vec!["qwen2.5-0.5b-instruct-4bit".into()],
+                ..GenConfig::default()
+            },
+        ),
+        (
+            "multi-tenant.csv",
+            GenConfig {
+                seed: 15,
+                requests: 20_000,
+                models: 30,
+                zipf: 1.1,
+                rate: 5.5,
+                arrivals: Arrivals::Gamma(0.5),
+                diurnal: 0.6,
+                period: 3600.0,
+                sessions: 40.0,
+                think: 5.0,
+                jobs: 12,
+                phase: true,
                 ..GenConfig::default()
             },
         ),

@@ -9,4 +9,5 @@ mod determinism;
 mod drive;
 mod fleet;
 mod fuzz;
+mod predictive;
 mod snapshots;
