@@ -18,8 +18,9 @@
 //!   becomes `reject` for it) until the next poll; `placement` routes by the same rule among
 //!   the nodes a [`Placement`] computed from the trace assigns to the model (the LiteLLM
 //!   `model_list` of `--emit-litellm-config`).
-//! - **Clients** ([`ClientModel`]): LiteLLM's retry layer (1.108, see `../shared/FLEET.md`):
-//!   `retries` re-selections after a failure, sleeping `Retry-After` when 0 < it <= 60 s, else an
+//! - **Clients** ([`ClientModel`]): LiteLLM's retry layer (1.108, see `../shared/FLEET.md` and
+//!   docs/server.md): `retries` re-selections after a failure, at once while another deployment
+//!   of the group is healthy, else after the reply's `Retry-After` when 0 < it <= 60 s, else an
 //!   exponential backoff (0.5 s doubling, at most 8 s); a failed deployment (model, node) cools
 //!   down for its `Retry-After` (else `cooldown`) when the reply was a 429 and the group has
 //!   other deployments, or when more than `allowed_fails` of its calls this minute failed, or
@@ -903,7 +904,18 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         let r = self.reqs[op];
         let c = &self.cfg.client;
         if r.attempts <= c.retries && !(never && c.honour_should_retry) {
+            // LiteLLM retries at once while another deployment of the group is healthy (not
+            // cooling down); only when none is does it sleep the reply's Retry-After, else back off.
+            let model = self.trace.ops[op].model as usize;
+            let failed = (code != NO_DEPLOYMENT).then_some(r.node as usize);
+            let n_nodes = self.cfg.nodes.len();
+            let healthy = |k: usize| Some(k) != failed && self.deployments[model * n_nodes + k].cooldown_until <= now;
+            let other_healthy = match self.group(model) {
+                [] => (0..n_nodes).any(healthy),
+                g => g.iter().any(|&k| healthy(k)),
+            };
             let sleep = match retry_after {
+                _ if other_healthy => 0,
                 Some(s) if (1..=60).contains(&s) => u64::from(s) * NS,
                 _ => (NS / 2).saturating_mul(1 << (r.attempts - 1).min(4)).min(8 * NS),
             };
