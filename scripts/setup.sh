@@ -24,3 +24,6 @@ scripts/setup-mlx-models.sh
 
 # Server: wrk (benchmark) and a venv with the official `openai` client (end-to-end test).
 scripts/setup-server.sh
+
+# Fleet: a venv with the LiteLLM proxy (pinned) for scripts/fleet-e2e.sh (several nodes behind it).
+scripts/setup-fleet.sh

@@ -3,7 +3,8 @@
 # x86_64 machine (idempotent), then runs formatting and lint checks, every Rust test in the
 # workspace, both binaries as each usual way of building them leaves them (check-binaries.sh),
 # the end-to-end test with the official OpenAI Python client, and the fidelity check (a trace
-# driven against a fake server decides exactly what the simulator predicts).
+# driven against a fake server decides exactly what the simulator predicts), and the fleet on
+# loopback (three nodes and a LiteLLM proxy with modelpool's routing strategy).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,3 +22,5 @@ echo "== end-to-end: official openai client against modelpool serve"
 scripts/e2e-openai.sh
 echo "== does the simulator predict the server? traces/fidelity.csv driven against modelpool serve (scripts/fidelity.sh)"
 scripts/fidelity.sh
+echo "== several nodes behind LiteLLM: traces/fleet-e2e.csv and the failover experiment (scripts/fleet-e2e.sh)"
+scripts/fleet-e2e.sh

@@ -56,6 +56,9 @@ pub struct DriveOptions {
     pub stream: bool,
     /// A request taking longer than this is abandoned (recorded as `timeout`).
     pub request_timeout: Duration,
+    /// The URL is a router (e.g. a LiteLLM proxy), not a node: read no admin API (no pool
+    /// counters or decision log in the result), and refuse traces with admin operations.
+    pub no_admin: bool,
 }
 
 /// What one trace operation got from the server.
@@ -82,6 +85,8 @@ pub struct RequestRecord {
     pub wait_ms: Option<u64>,
     /// Tokens generated, from the reply's `usage` (a non-streaming chat completion).
     pub completion_tokens: Option<u32>,
+    /// The node that answered (`x-modelpool-node`, or LiteLLM's `llm_provider-` copy of it).
+    pub node: Option<String>,
     /// Seconds to the first byte of the body (a stream's first chunk).
     pub ttfb_secs: f64,
     /// Seconds to the end of the response.
@@ -183,8 +188,15 @@ pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
         bail!("--speed must be > 0");
     }
     let client = Arc::new(Client::new(o)?);
-    let before = client.get_json("/admin/pool").await.context(NOT_RUNNING)?;
-    let total0 = client.get_json("/admin/events?limit=1").await?["total"].as_u64().unwrap_or(0);
+    if o.no_admin && trace.ops.iter().any(|op| op.kind != OpKind::Request) {
+        bail!("the trace has admin operations, which a router does not forward: drive them against a node");
+    }
+    let (before, total0) = if o.no_admin {
+        (Value::Null, 0)
+    } else {
+        let before = client.get_json("/admin/pool").await.context(NOT_RUNNING)?;
+        (before, client.get_json("/admin/events?limit=1").await?["total"].as_u64().unwrap_or(0))
+    };
     let decode = before["timing"]["decode_secs_per_token"].as_f64().unwrap_or(0.02);
     let sem = Arc::new(Semaphore::new(o.max_in_flight.max(1)));
     let start = Instant::now() + Duration::from_millis(50);
@@ -213,6 +225,16 @@ pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
     // Let background unloads of the last evictions finish before reading the counters.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let wall_secs = (Instant::now() - start).as_secs_f64();
+    if o.no_admin {
+        return Ok(Observed {
+            records,
+            before,
+            after: Value::Null,
+            events: Vec::new(),
+            events_lost: 0,
+            wall_secs,
+        });
+    }
     let after = client.get_json("/admin/pool").await?;
     let ev = client.get_json("/admin/events?limit=100000").await?;
     let total1 = ev["total"].as_u64().unwrap_or(0);
@@ -286,6 +308,7 @@ async fn send(
         retry_after: None,
         wait_ms: None,
         completion_tokens: None,
+        node: None,
         ttfb_secs: 0.0,
         total_secs: 0.0,
     };
@@ -299,7 +322,15 @@ async fn send(
         }
     };
     rec.status = resp.status().as_u16();
-    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // Behind LiteLLM's proxy the node's headers arrive prefixed with `llm_provider-`.
+    let header = |name: &str| {
+        let h = resp.headers();
+        h.get(name)
+            .or_else(|| h.get(format!("llm_provider-{name}").as_str()))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    rec.node = header("x-modelpool-node");
     let admission = header("x-modelpool-admission");
     rec.wait_ms = header("x-modelpool-wait-ms").and_then(|v| v.parse().ok());
     rec.retry_after = header("retry-after").and_then(|v| v.parse().ok());

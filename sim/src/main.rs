@@ -256,6 +256,10 @@ struct DriveArgs {
     /// service per token from each request's time minus its wait) and write it here (JSON).
     #[arg(long)]
     calibrate_out: Option<PathBuf>,
+    /// The URL is a router (a LiteLLM proxy): send requests only, read no admin API (the nodes'
+    /// counters are read from the nodes themselves).
+    #[arg(long)]
+    no_admin: bool,
     /// Write one JSON line per operation (status, outcome, code, Retry-After, waits, times).
     #[arg(long)]
     records: Option<PathBuf>,
@@ -565,10 +569,18 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         admin_key: a.admin_key.clone(),
         stream: a.stream,
         request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
+        no_admin: a.no_admin,
     };
+    if a.no_admin && (a.compare || a.calibrate_out.is_some()) {
+        bail!("--compare and --calibrate-out read the node's admin API: not with --no-admin");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    let pool = rt.block_on(drive::server_state(&opts))?;
-    let problems = drive::preconditions(&trace, &pool);
+    let problems = if a.compare {
+        let pool = rt.block_on(drive::server_state(&opts))?;
+        drive::preconditions(&trace, &pool)
+    } else {
+        Vec::new()
+    };
     if a.compare {
         for p in &problems {
             eprintln!("modelpool-sim drive: warning: {p}");

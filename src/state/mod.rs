@@ -549,13 +549,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn plan_kv_room(&self, slot: Slot, now: Nanos, kv: u64) -> Result<Victims, Rejection> {
         let l = self.ledger;
         let e = &self.entries[slot as usize];
-        let own = if e.pinned { 0 } else { e.bytes };
+        // The model's weights: a loading model's reservation also holds the KV of the request
+        // that started the load, which ends with that request (so it is no reason for "never").
+        let weights = e.bytes.saturating_sub(if e.phase == Phase::Loading { e.load_kv } else { 0 });
+        let own = if e.pinned { 0 } else { weights };
         let room = l.limit.saturating_sub(l.pinned).saturating_sub(own);
         if kv > room {
             return Err(Rejection {
                 kv,
                 code: RejectCode::ModelTooLarge,
-                need: e.bytes.saturating_add(kv),
+                need: weights.saturating_add(kv),
                 available: l.limit.saturating_sub(l.pinned),
                 retry_after_secs: None,
                 waited: 0,

@@ -113,6 +113,29 @@ fn kv_that_cannot_fit_beside_its_model_is_model_too_large_at_once() {
     assert_eq!(st.stats().total_evictions(), 0);
 }
 
+/// Found behind LiteLLM (fleet-e2e): a request joining a load in progress was refused as
+/// `model_too_large` because the loading model's reservation, which also holds the KV of the
+/// request that started the load, was counted as the model's weights.
+#[test]
+fn a_request_behind_a_load_is_judged_against_the_weights_not_the_starters_kv() {
+    let mut st = kv_state(7, 30);
+    let a = reg_sized(&mut st, "a", 5.175);
+    // The first request starts the load with 0.6 GB of KV; a second joins with 0.6 GB.
+    let Admission::Load(_) = st.admit_request(a, s(1), 600 * MB) else { panic!("load") };
+    assert_eq!(st.admit_request(a, s(1), 600 * MB), Admission::Join);
+    // 1.7 GB of KV fits beside the 5.175 GB of weights (6.875 <= 7) once the others end: it
+    // waits; it is not "too large".
+    match st.admit_request(a, s(1), 1_700 * MB) {
+        Admission::Queued(_) => {}
+        other => panic!("expected to wait in the queue, got {other:?}"),
+    }
+    // 1.9 GB cannot fit beside the weights ever: too large, and the message names the weights.
+    let Admission::Reject(r) = st.admit_request(a, s(1), 1_900 * MB) else { panic!("refused") };
+    assert_eq!(r.code, RejectCode::ModelTooLarge);
+    assert_eq!(r.need, 5_175 * MB + 1_900 * MB);
+    st.check_invariants().unwrap();
+}
+
 #[test]
 fn kv_short_beside_a_busy_pool_waits_and_is_served_when_a_lease_ends() {
     let mut st = kv_state(10, 30);

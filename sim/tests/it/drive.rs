@@ -150,6 +150,7 @@ fn a_spaced_trace_driven_against_the_server_decides_as_predicted() {
             admin_key: None,
             stream: false,
             request_timeout: Duration::from_secs(60),
+            no_admin: false,
         };
         let obs = drive::drive(&trace, &opts).await.unwrap();
         assert!(drive::preconditions(&trace, &obs.before).is_empty());

@@ -259,3 +259,65 @@ fn on_a_committed_trace_residency_routing_and_a_searched_placement_approach_the_
     };
     assert!(score(&searched) < score(&greedy), "the search finds a better placement on this trace");
 }
+
+/// The rule and the home order agree with the LiteLLM strategy's (tools/litellm/
+/// modelpool_routing.py) on their shared fixture.
+#[test]
+fn the_rule_matches_the_litellm_strategy_on_the_shared_fixture() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fleet/choices.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20, "the fixture covers every class and tie-break");
+    for case in cases {
+        let model = case["model"].as_str().unwrap();
+        let views = case["views"].as_array().unwrap();
+        let candidates: Vec<Candidate> = views
+            .iter()
+            .enumerate()
+            .map(|(i, view)| {
+                let in_flight = case["in_flight"][i].as_u64().unwrap() as u32;
+                let home_rank = case["home_rank"].get(i).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+                let entry = view["models"]
+                    .as_array()
+                    .and_then(|ms| ms.iter().find(|m| m["id"].as_str() == Some(model)));
+                match entry {
+                    None => Candidate {
+                        class: NO_VIEW,
+                        home_rank,
+                        evict_bytes: 0,
+                        expected_wait_secs: None,
+                        in_flight,
+                    },
+                    Some(e) => {
+                        // An unknown decision (a newer node) ranks as no view, as in Python.
+                        let decision: Option<Decision> = serde_json::from_value(e["decision"].clone()).ok();
+                        let evict_bytes = e["evict_bytes"].as_u64().unwrap_or(0);
+                        let Some(decision) = decision else {
+                            return Candidate {
+                                class: NO_VIEW,
+                                home_rank,
+                                evict_bytes: 0,
+                                expected_wait_secs: None,
+                                in_flight,
+                            };
+                        };
+                        Candidate {
+                            class: class_of(decision, evict_bytes),
+                            home_rank,
+                            evict_bytes,
+                            expected_wait_secs: e["expected_wait_secs"].as_f64(),
+                            in_flight,
+                        }
+                    }
+                }
+            })
+            .collect();
+        let expected = case["expected"].as_u64().unwrap() as usize;
+        assert_eq!(choose(&candidates), Some(expected), "case {}", case["name"]);
+    }
+    for h in fixture["home_orders"].as_array().unwrap() {
+        let order: Vec<usize> = serde_json::from_value(h["order"].clone()).unwrap();
+        let n = h["nodes"].as_u64().unwrap() as usize;
+        assert_eq!(home_order(h["model"].as_str().unwrap(), n), order, "{h}");
+    }
+}
