@@ -55,6 +55,28 @@ mkdir -p "$out"
 "$py" tests/fleet/test_routing.py >"$out/routing-tests.txt" 2>&1 ||
     { cat "$out/routing-tests.txt" >&2; echo "fleet-e2e: tests/fleet/test_routing.py failed" >&2; exit 1; }
 tail -1 "$out/routing-tests.txt"
+# The simulator's placement as a LiteLLM config (docs/fleet.md): LiteLLM must accept it, with the
+# strategy installed, one deployment per (model, node) the placement chose.
+"$bin/modelpool-sim" fleet "$trace" --nodes 3 --node-memory 7000000000B --max-models 4 --router placement \
+    --emit-litellm-config "$out/placement.yaml" --node-urls http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3 \
+    --json >"$out/placement.json"
+PYTHONPATH="$repo/tools/litellm" HF_HUB_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True MODELPOOL_API_KEY=unused \
+    "$py" - "$out/placement.yaml" "$out/placement.json" <<'PLACEMENT'
+import json, sys
+import yaml
+from litellm import Router
+import modelpool_routing
+cfg = yaml.safe_load(open(sys.argv[1]))
+placement = json.load(open(sys.argv[2]))["placement"]
+settings = {k: v for k, v in cfg["router_settings"].items() if k != "retry_after"}
+router = Router(model_list=cfg["model_list"], **settings)
+modelpool_routing.install(router)
+want = sum(len(nodes) for _, nodes in placement)
+assert len(router.model_list) == want, (len(router.model_list), want)
+assert cfg["litellm_settings"]["callbacks"] == ["modelpool_routing.proxy_handler"]
+assert cfg["general_settings"]["background_health_checks"] is False
+print(f"placement config: {want} deployments of {len(placement)} models accepted by LiteLLM")
+PLACEMENT
 
 # Node settings: the simulator's server-config gives the models and sizes; the fake timings are
 # the same numbers as flags (loads 0.1 s + 20 GB/s, 2 ms a token).
@@ -167,11 +189,15 @@ run() {
     # required to agree; needs a modelpool-sim with `fleet`).
     local sim_router=residency
     [[ "$routing" == modelpool ]] || sim_router=random
-    if "$bin/modelpool-sim" fleet --help >/dev/null 2>&1; then
+    # An ensemble over 5 seeds of up to 20 ms of arrival jitter (what the proxy adds): a fleet
+    # behind a residency router is sensitive to it (docs/fleet.md).
+    local seed
+    for seed in 1 2 3 4 5; do
         "$bin/modelpool-sim" fleet "$trace" --nodes 3 --node-memory "${limit_bytes}B" --max-models 4 \
             "${timing[@]}" --queue-timeout 30 --router "$sim_router" --client-retries 2 \
-            --allowed-fails 3 --cooldown 1 --view-ttl 1 --json >"$dir/predicted.json"
-    fi
+            --allowed-fails 3 --cooldown 1 --view-ttl 1 --arrival-jitter-ms 20 --seed "$seed" \
+            --search-passes 0 --json >"$dir/predicted-$seed.json"
+    done
 }
 
 start=$SECONDS
@@ -206,13 +232,22 @@ for name, r in runs.items():
           f"{json.dumps(r['client_statuses'], sort_keys=True):>22} "
           f"{r['failover']['statuses'].get('503', 0):>5} of {r['failover']['requests']}")
 for name in runs:
-    try:
-        p = json.load(open(f"{out}/{name}/predicted.json"))["routers"][0]
-    except (OSError, KeyError, IndexError, ValueError):
+    preds = []
+    for seed in range(1, 6):
+        try:
+            preds.append(json.load(open(f"{out}/{name}/predicted-{seed}.json"))["routers"][0])
+        except (OSError, KeyError, IndexError, ValueError):
+            pass
+    if not preds:
         continue
-    runs[name]["predicted"] = {k: p.get(k) for k in ("router", "hits", "loads", "node_refusals", "client_failed")}
-    print(f"{name + ' (sim ' + p['router'] + ')':28} {p['hits']:>5} {p['loads']:>5} {'':>5} {p['node_refusals']:>8} "
-          f"{'failed: ' + str(p['client_failed']):>22}")
+    # The nodes' hits are their engines' counters (stats.hits): the simulator's engine_hits.
+    keys = ("engine_hits", "loads", "node_refusals", "client_failed")
+    stats = {k: (sum(p[k] for p in preds) / len(preds), min(p[k] for p in preds), max(p[k] for p in preds)) for k in keys}
+    runs[name]["predicted"] = {"router": preds[0]["router"], "seeds": len(preds),
+                               **{k: {"mean": m, "min": lo, "max": hi} for k, (m, lo, hi) in stats.items()}}
+    rng = lambda k: f"{stats[k][0]:.0f} [{stats[k][1]}-{stats[k][2]}]"
+    print(f"{name + ' (sim ' + preds[0]['router'] + ')':28} hits {rng('engine_hits')}, loads {rng('loads')}, "
+          f"node 503 {rng('node_refusals')}, failed {rng('client_failed')} (mean [min-max], {len(preds)} seeds)")
 json.dump({"wall_secs": wall, **runs}, open(f"{out}/observed.json", "w"), indent=1)
 print(f"fleet-e2e: {wall} s; {out}/observed.json")
 failures = list(runs["modelpool"]["failures"])

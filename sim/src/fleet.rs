@@ -311,6 +311,23 @@ pub fn search_placement(
     Ok(best)
 }
 
+/// `trace` with every operation delayed by a seeded uniform amount in `[0, max_ns)`, re-sorted
+/// by time (stable): the small, random delays a real client and router add (LiteLLM's proxy adds
+/// milliseconds per request). Fleets behind a residency router are sensitive to them (a request
+/// that arrives just before or just after a poll can change where a model lives for the rest of
+/// the run), so a prediction for a real run is an ensemble over seeds, not one replay.
+pub fn jitter_arrivals(trace: &Trace, max_ns: u64, seed: u64) -> Trace {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut ops = trace.ops.clone();
+    if max_ns > 0 {
+        for op in &mut ops {
+            op.at = op.at.saturating_add(rng.next_u64() % max_ns);
+        }
+        ops.sort_by_key(|o| o.at);
+    }
+    Trace { models: trace.models.clone(), ops }
+}
+
 /// A node's view of one model as a residency router ranks it (lower is better): `hit` 0, `join`
 /// 1, `load` without eviction 2, `load` with eviction or `await_unload` 3, `queue` 4, `reject` 5;
 /// a node not polled, unreachable, or not knowing the model is 6. The same table as
@@ -390,6 +407,9 @@ pub struct NodeRow {
     pub requests: u64,
     /// Of which found the model resident.
     pub hits: u64,
+    /// Admissions that found the model resident, including requests admitted from the queue:
+    /// the engine's own counter, the server's `/admin/pool` `stats.hits`.
+    pub engine_hits: u64,
     /// Loads it made.
     pub loads: u64,
     /// Evictions.
@@ -415,6 +435,9 @@ pub struct FleetReport {
     pub served: u64,
     /// Served by a node that had the model resident at the attempt that served them.
     pub hits: u64,
+    /// The nodes' engine hit counters summed (`/admin/pool` `stats.hits` of each node: also
+    /// requests that found their model resident after waiting in the queue).
+    pub engine_hits: u64,
     /// 1 - hits / requests.
     pub miss_ratio: f64,
     /// Loads over all nodes.
@@ -909,7 +932,8 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             let model = self.trace.ops[op].model as usize;
             let failed = (code != NO_DEPLOYMENT).then_some(r.node as usize);
             let n_nodes = self.cfg.nodes.len();
-            let healthy = |k: usize| Some(k) != failed && self.deployments[model * n_nodes + k].cooldown_until <= now;
+            let healthy =
+                |k: usize| Some(k) != failed && self.deployments[model * n_nodes + k].cooldown_until <= now;
             let other_healthy = match self.group(model) {
                 [] => (0..n_nodes).any(healthy),
                 g => g.iter().any(|&k| healthy(k)),
@@ -961,12 +985,14 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             .into_iter()
             .zip(&cfg.nodes)
             .map(|(n, spec)| {
+                let engine_hits = n.core().stats().hits;
                 let r = n.finish_node().report;
                 NodeRow {
                     node: spec.id.clone(),
                     limit_bytes: spec.limit,
                     requests: r.requests,
                     hits: r.hits,
+                    engine_hits,
                     loads: r.loads,
                     evictions: r.evictions_total,
                     refused: r.rejections.values().sum(),
@@ -975,6 +1001,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             })
             .collect();
         let hits = per_node.iter().map(|n| n.hits).sum();
+        let engine_hits = per_node.iter().map(|n| n.engine_hits).sum();
         FleetReport {
             router,
             nodes: cfg.nodes.len(),
@@ -982,6 +1009,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             requests,
             served,
             hits,
+            engine_hits,
             miss_ratio: if requests == 0 { 0.0 } else { 1.0 - hits as f64 / requests as f64 },
             loads: per_node.iter().map(|n| n.loads).sum(),
             node_refusals: per_node.iter().map(|n| n.refused).sum(),
@@ -1021,10 +1049,17 @@ pub fn litellm_config(trace: &Trace, placement: &Placement, urls: &[String], cli
             let _ = writeln!(s, "      id: \"{}@node{}\"", m.id, k);
         }
     }
+    let _ = writeln!(s, "litellm_settings:");
+    let _ =
+        writeln!(s, "  # The residency-aware strategy (tools/litellm/modelpool_routing.py on PYTHONPATH).");
+    let _ = writeln!(s, "  callbacks: [\"modelpool_routing.proxy_handler\"]");
+    let _ = writeln!(s, "  request_timeout: 600");
     let _ = writeln!(s, "router_settings:");
+    let _ = writeln!(s, "  routing_strategy: simple-shuffle");
     let _ = writeln!(s, "  num_retries: {}", client.retries);
     let _ = writeln!(s, "  allowed_fails: {}", client.allowed_fails);
     let _ = writeln!(s, "  cooldown_time: {}", client.cooldown_secs);
+    let _ = writeln!(s, "  retry_after: 0");
     let _ = writeln!(s, "general_settings:");
     let _ = writeln!(s, "  master_key: os.environ/LITELLM_MASTER_KEY");
     let _ = writeln!(
@@ -1033,6 +1068,8 @@ pub fn litellm_config(trace: &Trace, placement: &Placement, urls: &[String], cli
     );
     let _ = writeln!(s, "  # model on every node. Keep them off.");
     let _ = writeln!(s, "  background_health_checks: false");
+    let _ = writeln!(s, "environment_variables:");
+    let _ = writeln!(s, "  HF_HUB_OFFLINE: \"1\"");
     s
 }
 

@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modelpool::log::LogMode;
 use modelpool::{MemoryLimit, ModelSpec, NameEstimator, SizeEstimator};
 use modelpool_sim::fleet::{
-    ClientModel, FleetConfig, FleetReport, NodeSpec, PooledBound, RouterKind, litellm_config, place,
-    pooled_bound, run_fleet, search_placement,
+    ClientModel, FleetConfig, FleetReport, NodeSpec, PooledBound, RouterKind, jitter_arrivals,
+    litellm_config, place, pooled_bound, run_fleet, search_placement,
 };
 use modelpool_sim::generate::{Arrivals, GenConfig, generate};
 use modelpool_sim::sweep::{Target, auto_limits, parse_limits, sweep};
@@ -316,6 +316,10 @@ struct FleetArgs {
     router: String,
     #[command(flatten)]
     common: FleetCommon,
+    /// Delay each arrival by a seeded random amount below this many milliseconds (--seed): the
+    /// latency a real client and router add; run several seeds for a prediction's spread.
+    #[arg(long, default_value_t = 0.0)]
+    arrival_jitter_ms: f64,
     /// Write the LiteLLM proxy config of the computed placement here (YAML).
     #[arg(long)]
     emit_litellm_config: Option<PathBuf>,
@@ -984,6 +988,10 @@ fn fleet_cmd(a: FleetArgs) -> Result<()> {
     };
     let nodes = fleet_nodes(&sizes, a.common.sim.max_models);
     let (trace, _) = load_trace(&a.trace)?;
+    if !(a.arrival_jitter_ms.is_finite() && a.arrival_jitter_ms >= 0.0) {
+        bail!("--arrival-jitter-ms must be a finite number >= 0");
+    }
+    let trace = jitter_arrivals(&trace, (a.arrival_jitter_ms * 1e6).round() as u64, a.common.sim.seed);
     let placement = search_placement(
         &trace,
         &fleet_config(&a.common, nodes.clone(), RouterKind::Placement)?,
