@@ -303,6 +303,21 @@ pub(crate) struct Runner<'t, P: SimPolicy> {
     preload_horizon: Option<Nanos>,
     /// Per model: when its predictive preload started, while no request has used it yet.
     preloaded: Vec<Option<Nanos>>,
+    /// Refusals with a retry hint whose actual wait is still being measured.
+    probes: Vec<Probe>,
+}
+
+/// Refusals whose wait is measured at once; more are counted in `with_hint` only.
+const MAX_PROBES: usize = 4096;
+
+/// A refusal's `Retry-After` against the time the same request would actually have been admitted
+/// ([`Runner::check_probes`]).
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    at: Nanos,
+    slot: Slot,
+    hint_secs: u32,
+    kv: u64,
 }
 
 /// What happened to a request at a node of the fleet simulator ([`crate::fleet`]): what its
@@ -394,6 +409,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             expire_every: cfg.idle_ttl_secs.map(|t| secs_to_ns(t / 4.0).clamp(NS, 60 * NS)),
             cur: 0,
             node_out: None,
+            probes: Vec::new(),
             rec: record.then(|| Recording {
                 outcomes: trace
                     .ops
@@ -567,6 +583,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 } else {
                     self.admin(i, op.at);
                 }
+                if !self.probes.is_empty() {
+                    self.check_probes(op.at);
+                }
                 i += 1;
                 self.next_op = i;
             } else {
@@ -580,6 +599,9 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                     r.marks.push(Mark { at, cause, arrival: false });
                 }
                 self.internal(at, ev);
+                if !self.probes.is_empty() {
+                    self.check_probes(at);
+                }
             }
         }
         self.finish()
@@ -731,6 +753,13 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 self.schedule_queue_tick(now);
             }
             Admission::Reject(r) => {
+                if let Some(hint_secs) = r.retry_after_secs {
+                    self.totals.hints.with_hint += 1;
+                    // Bounded: each pending probe is checked after every event.
+                    if self.probes.len() < MAX_PROBES {
+                        self.probes.push(Probe { at: now, slot, hint_secs, kv });
+                    }
+                }
                 if let Some(out) = &mut self.node_out {
                     let (code, retry_after, never) = (r.code, r.retry_after_secs, r.never_succeeds());
                     out.push(NodeEvent::Refused { op: idx as u32, at: now, code, retry_after, never });
@@ -1093,13 +1122,36 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     /// beside the model within the limit less pinned models.
     pub(crate) fn could_admit(&self, idx: usize, now: Nanos) -> bool {
         let slot = self.trace.ops[idx].model;
-        let view = self.core.admission_view(slot, now);
+        self.admissible(slot, self.kv_of(idx, slot), now)
+    }
+
+    /// Whether a request for `slot` holding `kv` bytes would be admitted at `now` without
+    /// waiting in the queue or being refused: the dry run says hit (and the KV fits in what is
+    /// free now), join or load (and weights plus KV fit beside the pinned models).
+    fn admissible(&self, slot: Slot, kv: u64, now: Nanos) -> bool {
         let l = self.core.ledger();
-        let need = self.core.need(slot).saturating_add(self.kv_of(idx, slot));
-        matches!(
-            view.decision,
-            modelpool::Decision::Hit | modelpool::Decision::Join | modelpool::Decision::Load
-        ) && need <= l.limit.saturating_sub(l.pinned)
+        match self.core.admission_view(slot, now).decision {
+            modelpool::Decision::Hit => l.used().saturating_add(kv) <= l.limit,
+            modelpool::Decision::Join | modelpool::Decision::Load => {
+                self.core.need(slot).saturating_add(kv) <= l.limit.saturating_sub(l.pinned)
+            }
+            _ => false,
+        }
+    }
+
+    /// Resolve the refusals whose request would now be admitted: their hint against the wait.
+    /// Runs after every event while some are pending; the state changes only at events, so the
+    /// first event after which a request is admissible is when its wait ended.
+    fn check_probes(&mut self, now: Nanos) {
+        let mut probes = std::mem::take(&mut self.probes);
+        probes.retain(|p| {
+            if !self.admissible(p.slot, p.kv, now) {
+                return true;
+            }
+            self.totals.hints.resolve(u64::from(p.hint_secs) * NS, now - p.at);
+            false
+        });
+        self.probes = probes;
     }
 
     /// The node's measured size of trace model `slot`.

@@ -56,6 +56,59 @@ pub(crate) struct Totals {
     pub end: Nanos,
     /// Predictive preloads (`None` when off).
     pub predicted: Option<PreloadSummary>,
+    /// Retry hints against actual waits.
+    pub hints: HintTotals,
+}
+
+/// Accumulates retry hints against the waits they predicted.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HintTotals {
+    pub with_hint: u64,
+    pub resolved: u64,
+    pub too_short: u64,
+    pub over_1s: u64,
+    pub err_sum: i128,
+    pub max_over: Nanos,
+    pub max_short: Nanos,
+}
+
+impl HintTotals {
+    /// A refusal with hint `hint` ns whose request became admissible after `waited` ns.
+    pub fn resolve(&mut self, hint: Nanos, waited: Nanos) {
+        self.resolved += 1;
+        self.err_sum += i128::from(hint) - i128::from(waited);
+        if waited > hint {
+            self.too_short += 1;
+            self.max_short = self.max_short.max(waited - hint);
+        } else {
+            self.max_over = self.max_over.max(hint - waited);
+            if hint - waited > NS {
+                self.over_1s += 1;
+            }
+        }
+    }
+}
+
+/// Retry hints (`Retry-After` of refusals) against the time the same request would actually
+/// have been admitted (the first event after which the engine's dry run admits it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryHints {
+    /// Refusals that carried a hint.
+    pub with_hint: u64,
+    /// Of which the request became admissible before the replay ended (at most 4096 are
+    /// followed at once).
+    pub resolved: u64,
+    /// Of those, a retry at the hint would have been early (the wait was longer).
+    pub too_short: u64,
+    /// Of those, the hint was more than a second longer than the wait (hints are whole
+    /// seconds, so up to one second over is rounding).
+    pub over_by_more_than_1s: u64,
+    /// Mean of hint minus wait, seconds.
+    pub mean_error_secs: f64,
+    /// Largest hint minus wait, seconds.
+    pub max_over_secs: f64,
+    /// Largest wait minus hint, seconds.
+    pub max_short_secs: f64,
 }
 
 /// Round to 6 decimals.
@@ -113,6 +166,8 @@ pub struct Report {
     /// Predictive preloads, when enabled (`SimConfig::preload_horizon_secs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predictive_preload: Option<PreloadSummary>,
+    /// Retry hints against actual waits.
+    pub retry_hints: RetryHints,
     /// Per-model breakdown, in trace order.
     pub models: Vec<ModelRow>,
 }
@@ -390,6 +445,23 @@ pub(crate) fn build_report(
         predictive_preload: t
             .predicted
             .map(|p| PreloadSummary { latency_saved_secs: r6(p.latency_saved_secs), ..p }),
+        retry_hints: {
+            let h = t.hints;
+            let secs = |ns: Nanos| r6(ns as f64 / NS as f64);
+            RetryHints {
+                with_hint: h.with_hint,
+                resolved: h.resolved,
+                too_short: h.too_short,
+                over_by_more_than_1s: h.over_1s,
+                mean_error_secs: if h.resolved == 0 {
+                    0.0
+                } else {
+                    r6(h.err_sum as f64 / h.resolved as f64 / NS as f64)
+                },
+                max_over_secs: secs(h.max_over),
+                max_short_secs: secs(h.max_short),
+            }
+        },
         models,
     }
 }
@@ -554,6 +626,23 @@ impl Report {
                 format!(
                     "{} ({} preloads), {} refused",
                     self.admin.ops, self.admin.preloads, self.admin.refused
+                ),
+            );
+        }
+        let h = &self.retry_hints;
+        if h.with_hint > 0 {
+            kv(
+                &mut o,
+                "retry hints",
+                format!(
+                    "{} refusals with Retry-After, {} resolved: {} too short (by up to {}), {} over by more than 1 s (by up to {}), mean hint - wait {}",
+                    h.with_hint,
+                    h.resolved,
+                    h.too_short,
+                    fmt_secs(h.max_short_secs),
+                    h.over_by_more_than_1s,
+                    fmt_secs(h.max_over_secs),
+                    fmt_secs(h.mean_error_secs)
                 ),
             );
         }

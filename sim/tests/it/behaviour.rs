@@ -335,3 +335,31 @@ fn a_request_during_its_models_unload_waits_for_it_and_loads_again() {
         assert!(o.events.iter().any(|e| matches!(e, Event::Pin { .. })), "the parked preload pinned it");
     }
 }
+
+/// The report's retry hints against the waits they predicted, on a scripted scenario: one
+/// 8-second request holds model a (6 GB of 10); requests for b (6 GB) every second are refused
+/// with a hint, and each one's hint is the time left of a's request rounded up to a second.
+#[test]
+fn retry_hints_are_the_time_left_of_the_blocking_request() {
+    let mut text =
+        String::from("time,model,size_bytes,input_tokens,output_tokens\n0,a-7b-4bit,6000000000,8,8\n");
+    for i in 1..8 {
+        let size = if i == 1 { "6000000000" } else { "" };
+        text += &format!("{i}.5,b-7b-4bit,{size},0,0\n");
+    }
+    let trace = crate::common::csv(&text);
+    let cfg = SimConfig {
+        limit: 10 * crate::common::GB,
+        load_latency_secs: 0.0,
+        load_bandwidth: f64::INFINITY,
+        prefill_secs_per_token: 0.5,
+        decode_secs_per_token: 0.5,
+        queue_timeout_secs: 0.0,
+        kv_cache: true,
+        ..SimConfig::default()
+    };
+    let h = crate::common::replay(&trace, &cfg).report.retry_hints;
+    assert_eq!((h.with_hint, h.resolved, h.too_short, h.over_by_more_than_1s), (7, 7, 0, 0), "{h:#?}");
+    // a's request ends at 8 s: the refusal at 1.5 s waits 6.5 s and is told 7 s.
+    assert!(h.max_over_secs <= 1.0 && h.mean_error_secs > 0.0, "{h:#?}");
+}
