@@ -189,13 +189,30 @@ run() {
     # required to agree; needs a modelpool-sim with `fleet`).
     local sim_router=residency
     [[ "$routing" == modelpool ]] || sim_router=random
-    # An ensemble over 5 seeds of up to 20 ms of arrival jitter (what the proxy adds): a fleet
-    # behind a residency router is sensitive to it (docs/fleet.md).
-    local seed
+    # An ensemble over 5 seeds of arrival jitter: a fleet behind a residency router is sensitive
+    # to when requests reach the nodes (docs/fleet.md). The jitter is calibrated on this run: the
+    # proxy's median added time per request (response time less the node's wait and the
+    # modelled service), as a uniform delay of twice that (the same mean).
+    local jitter seed
+    jitter="$("$py" - "$dir/records.jsonl" "$trace" <<'JITTER'
+import json, sys
+recs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+shape = []
+for line in open(sys.argv[2]):
+    if line.startswith("#") or line.startswith("time"):
+        continue
+    cells = line.rstrip("\n").split(",")
+    shape.append((int(cells[5] or 0), int(cells[6] or 0)))
+over = sorted(r["total_secs"] - (r["wait_ms"] or 0) / 1000 - (shape[r["op"]][0] * 0.0002 + shape[r["op"]][1] * 0.002)
+              for r in recs if r.get("status") == 200)
+print(f"{2000 * over[len(over) // 2]:.0f}" if over else "0")
+JITTER
+)"
+    echo "$jitter" >"$dir/jitter-ms"
     for seed in 1 2 3 4 5; do
         "$bin/modelpool-sim" fleet "$trace" --nodes 3 --node-memory "${limit_bytes}B" --max-models 4 \
             "${timing[@]}" --queue-timeout 30 --router "$sim_router" --client-retries 2 \
-            --allowed-fails 3 --cooldown 1 --view-ttl 1 --arrival-jitter-ms 20 --seed "$seed" \
+            --allowed-fails 3 --cooldown 1 --view-ttl 1 --arrival-jitter-ms "$jitter" --seed "$seed" \
             --search-passes 0 --json >"$dir/predicted-$seed.json"
     done
 }
@@ -247,7 +264,8 @@ for name in runs:
                                **{k: {"mean": m, "min": lo, "max": hi} for k, (m, lo, hi) in stats.items()}}
     rng = lambda k: f"{stats[k][0]:.0f} [{stats[k][1]}-{stats[k][2]}]"
     print(f"{name + ' (sim ' + preds[0]['router'] + ')':28} hits {rng('engine_hits')}, loads {rng('loads')}, "
-          f"node 503 {rng('node_refusals')}, failed {rng('client_failed')} (mean [min-max], {len(preds)} seeds)")
+          f"node 503 {rng('node_refusals')}, failed {rng('client_failed')} (mean [min-max], {len(preds)} seeds, "
+          f"jitter {open(f'{out}/{name}/jitter-ms').read().strip()} ms)")
 json.dump({"wall_secs": wall, **runs}, open(f"{out}/observed.json", "w"), indent=1)
 print(f"fleet-e2e: {wall} s; {out}/observed.json")
 failures = list(runs["modelpool"]["failures"])
