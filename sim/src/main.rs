@@ -184,7 +184,7 @@ struct SweepArgs {
     #[arg(long)]
     limits: Option<String>,
     /// Policies to compare (comma-separated).
-    #[arg(long, default_value = "lru,gdsf,lfu,belady,belady-cost", value_delimiter = ',')]
+    #[arg(long, default_value = "lru,gdsf,lfu,predictive,belady,belady-cost", value_delimiter = ',')]
     policies: Vec<PolicyChoice>,
     #[command(flatten)]
     sim: SimArgs,
