@@ -51,9 +51,11 @@ use crate::replay::{NodeEvent, Runner};
 use crate::report::Report;
 use crate::trace::{NS, OpKind, Trace};
 
-/// How the router picks a node for a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// How the router picks a node for a request. Names (CLI, reports, JSON) are kebab case.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray, strum::EnumCount,
+)]
+#[strum(serialize_all = "kebab-case")]
 pub enum RouterKind {
     /// LiteLLM's default `simple-shuffle`: uniform random over the group's deployments.
     Random,
@@ -67,43 +69,7 @@ pub enum RouterKind {
     Placement,
 }
 
-impl RouterKind {
-    /// Every router, in report order.
-    pub const ALL: [RouterKind; 5] = [
-        RouterKind::Random,
-        RouterKind::LeastBusy,
-        RouterKind::Hash,
-        RouterKind::Residency,
-        RouterKind::Placement,
-    ];
-
-    /// CLI and report name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouterKind::Random => "random",
-            RouterKind::LeastBusy => "least-busy",
-            RouterKind::Hash => "hash",
-            RouterKind::Residency => "residency",
-            RouterKind::Placement => "placement",
-        }
-    }
-}
-
-impl std::fmt::Display for RouterKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for RouterKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        RouterKind::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
-            let names: Vec<&str> = RouterKind::ALL.iter().map(|r| r.as_str()).collect();
-            format!("unknown router '{s}' (expected {})", names.join(", "))
-        })
-    }
-}
+modelpool::name_table!(RouterKind, ParseRouterError, "router");
 
 /// One node of the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -588,7 +554,6 @@ struct Retry {
 struct Fleet<'t, P: SimPolicy> {
     trace: &'t Trace,
     cfg: &'t FleetConfig,
-    placement: &'t Placement,
     nodes: Vec<Runner<'t, P>>,
     reqs: Vec<ReqState>,
     retries: BinaryHeap<Reverse<Retry>>,
@@ -596,14 +561,17 @@ struct Fleet<'t, P: SimPolicy> {
     in_flight: Vec<u32>,
     deployments: Vec<Deployment>,
     views: Vec<View>,
-    /// Rendezvous order of nodes per model (hash router).
-    hash_order: Vec<Vec<usize>>,
-    /// Per model and node: the node's rank in the model's home order over its group (the
-    /// deployments of the model, in config order: every node, or the placement's).
+    /// Per model: its group, the nodes the router may pick, in config order (the placement's
+    /// for the `placement` router, else every node).
+    groups: Vec<Vec<usize>>,
+    /// Per model and node: the node's rank in the model's home order over its group
+    /// ([`home_order`]; `u32::MAX` outside the group). For `hash`, the rendezvous order.
     home_rank: Vec<Vec<u32>>,
     rng: ChaCha8Rng,
     events: Vec<NodeEvent>,
     cand: Vec<usize>,
+    /// Reused buffer of the residency rule's candidates.
+    ranked: Vec<Candidate>,
     hist: Histogram<u64>,
     zero_latency: u64,
     served: u64,
@@ -644,14 +612,20 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         let n_nodes = cfg.nodes.len();
         let n_models = trace.models.len();
         let nodes = node_cfgs.iter().map(|c| Runner::node(trace, c, policy())).collect();
-        let hash_order = trace.models.iter().map(|m| home_order(&m.id, n_nodes)).collect();
+        let groups: Vec<Vec<usize>> = (0..n_models)
+            .map(|m| {
+                if cfg.router == RouterKind::Placement {
+                    placement.nodes_of[m].clone()
+                } else {
+                    (0..n_nodes).collect()
+                }
+            })
+            .collect();
         let home_rank = trace
             .models
             .iter()
-            .enumerate()
-            .map(|(m, def)| {
-                let all: Vec<usize> = (0..n_nodes).collect();
-                let group = if cfg.router == RouterKind::Placement { &placement.nodes_of[m] } else { &all };
+            .zip(&groups)
+            .map(|(def, group)| {
                 let mut rank = vec![u32::MAX; n_nodes];
                 for (r, pos) in home_order(&def.id, group.len()).into_iter().enumerate() {
                     rank[group[pos]] = r as u32;
@@ -662,7 +636,6 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         Fleet {
             trace,
             cfg,
-            placement,
             nodes,
             reqs: vec![ReqState::default(); trace.ops.len()],
             retries: BinaryHeap::new(),
@@ -670,11 +643,12 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             in_flight: vec![0; n_nodes],
             deployments: vec![Deployment::default(); n_models * n_nodes],
             views: vec![View::default(); n_nodes],
-            hash_order,
+            groups,
             home_rank,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             events: Vec::new(),
             cand: Vec::with_capacity(n_nodes),
+            ranked: Vec::with_capacity(n_nodes),
             hist: Histogram::new_with_bounds(1, 30 * 86_400 * 1_000_000, 3).expect("valid histogram bounds"),
             zero_latency: 0,
             served: 0,
@@ -759,7 +733,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
 
     /// The deployments of `model` the router may pick (placement: its nodes; else all).
     fn group(&self, model: usize) -> &[usize] {
-        if self.cfg.router == RouterKind::Placement { &self.placement.nodes_of[model] } else { &[] }
+        &self.groups[model]
     }
 
     fn deployment(&mut self, model: usize, node: usize) -> &mut Deployment {
@@ -774,33 +748,26 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         let n_nodes = self.cfg.nodes.len();
         let mut cand = std::mem::take(&mut self.cand);
         cand.clear();
-        let group = self.group(model);
-        if group.is_empty() {
-            cand.extend(0..n_nodes);
-        } else {
-            cand.extend_from_slice(group);
-        }
+        cand.extend_from_slice(self.group(model));
         let single = cand.len() == 1;
         cand.retain(|&k| single || self.deployments[model * n_nodes + k].cooldown_until <= now);
         let pick = match self.cfg.router {
             _ if cand.is_empty() => None,
             RouterKind::Random => Some(cand[(self.rng.next_u64() % cand.len() as u64) as usize]),
             RouterKind::LeastBusy => cand.iter().copied().min_by_key(|&k| (self.in_flight[k], k)),
-            RouterKind::Hash => self.hash_order[model].iter().copied().find(|k| cand.contains(k)),
+            RouterKind::Hash => cand.iter().copied().min_by_key(|&k| self.home_rank[model][k]),
             RouterKind::Residency | RouterKind::Placement => {
-                let mut best: Option<(usize, Candidate)> = None;
+                let mut ranked = std::mem::take(&mut self.ranked);
+                ranked.clear();
                 for &k in &cand {
                     self.poll(k, now);
                     let (class, evict_bytes, expected_wait_secs) =
                         self.views[k].entries.get(model).copied().unwrap_or((NO_VIEW, 0, None));
-                    let home_rank = self.home_rank[model][k];
-                    let in_flight = self.in_flight[k];
-                    let c = Candidate { class, home_rank, evict_bytes, expected_wait_secs, in_flight };
-                    best = match best {
-                        Some((bk, bc)) if choose(&[bc, c]) == Some(0) => Some((bk, bc)),
-                        _ => Some((k, c)),
-                    };
+                    let (home_rank, in_flight) = (self.home_rank[model][k], self.in_flight[k]);
+                    ranked.push(Candidate { class, home_rank, evict_bytes, expected_wait_secs, in_flight });
                 }
+                let best = choose(&ranked).map(|i| (cand[i], ranked[i]));
+                self.ranked = ranked;
                 if let Some((k, c)) = best
                     && (2..=4).contains(&c.class)
                 {
@@ -898,7 +865,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         let cooldown = retry_after
             .filter(|&s| s > 0)
             .map_or((self.cfg.client.cooldown_secs * NS as f64).round() as u64, |s| u64::from(s) * NS);
-        let alternatives = self.group_len(model) > 1;
+        let alternatives = self.group(model).len() > 1;
         let d = self.deployment(model, node);
         let minute = now / (60 * NS);
         if d.minute != minute {
@@ -915,13 +882,6 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
         }
     }
 
-    fn group_len(&self, model: usize) -> usize {
-        match self.group(model) {
-            [] => self.cfg.nodes.len(),
-            g => g.len(),
-        }
-    }
-
     /// An attempt of `op` failed at `now` (`code`: index in `failures`): retry it or give up.
     fn failed_attempt(&mut self, op: usize, now: Nanos, code: usize, retry_after: Option<u32>, never: bool) {
         let r = self.reqs[op];
@@ -934,10 +894,7 @@ impl<'t, P: SimPolicy> Fleet<'t, P> {
             let n_nodes = self.cfg.nodes.len();
             let healthy =
                 |k: usize| Some(k) != failed && self.deployments[model * n_nodes + k].cooldown_until <= now;
-            let other_healthy = match self.group(model) {
-                [] => (0..n_nodes).any(healthy),
-                g => g.iter().any(|&k| healthy(k)),
-            };
+            let other_healthy = self.group(model).iter().any(|&k| healthy(k));
             let sleep = match retry_after {
                 _ if other_healthy => 0,
                 Some(s) if (1..=60).contains(&s) => u64::from(s) * NS,

@@ -595,16 +595,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
     /// What [`PoolState::admit`] would decide for a request now, changing nothing (dry run).
     pub fn preview(&self, slot: Slot, now: Nanos) -> Admission {
+        self.preview_or_refusal(slot, now).unwrap_or_else(|r| self.queue_outcome(Intent::Request, r))
+    }
+
+    /// [`PoolState::preview`] before the admission queue's part: the admission, or the refusal
+    /// that the queue would then take (queue it, or refuse it).
+    pub(super) fn preview_or_refusal(&self, slot: Slot, now: Nanos) -> Result<Admission, Rejection> {
         let e = &self.entries[slot as usize];
         match e.phase {
-            Phase::Resident => Admission::Hit,
-            Phase::Loading => Admission::Join,
-            Phase::Draining if e.leases == 0 => Admission::AwaitUnload,
-            Phase::Draining => self.queue_outcome(Intent::Request, self.draining_rejection(slot, now)),
-            Phase::Absent => match self.plan_absent(slot, now, Intent::Request, 0) {
-                Ok(plan) => Admission::Load(plan),
-                Err(r) => self.queue_outcome(Intent::Request, r),
-            },
+            Phase::Resident => Ok(Admission::Hit),
+            Phase::Loading => Ok(Admission::Join),
+            Phase::Draining if e.leases == 0 => Ok(Admission::AwaitUnload),
+            Phase::Draining => Err(self.draining_rejection(slot, now)),
+            Phase::Absent => self.plan_absent(slot, now, Intent::Request, 0).map(Admission::Load),
         }
     }
 

@@ -52,41 +52,31 @@ pub struct AdmissionView {
     pub expected_wait_secs: Option<f64>,
 }
 
-impl AdmissionView {
-    fn of(decision: Decision, evict_bytes: u64, expected_wait_secs: Option<f64>) -> Self {
-        AdmissionView { decision, evict_bytes, expected_wait_secs }
-    }
-}
-
 impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// The dry-run cost of a request for `slot` at `now`, changing nothing: the one definition
     /// behind the server's `GET /admin/residency` and the fleet simulator's router views.
     pub fn admission_view(&self, slot: Slot, now: Nanos) -> AdmissionView {
         let load = self.expected_load_secs(slot);
-        let e = &self.entries[slot as usize];
-        // The same cases as `preview`, keeping a refusal's retry hint when it would queue.
-        let refusal = match e.phase {
-            Phase::Resident => return AdmissionView::of(Decision::Hit, 0, Some(0.0)),
-            Phase::Loading => return AdmissionView::of(Decision::Join, 0, Some(load)),
-            Phase::Draining if e.leases == 0 => {
-                return AdmissionView::of(Decision::AwaitUnload, 0, Some(load));
-            }
-            Phase::Draining => self.draining_rejection(slot, now),
-            Phase::Absent => match self.plan_absent(slot, now, Intent::Request, 0) {
-                Ok(plan) => {
-                    let bytes = plan.victims.iter().map(|&v| self.entries[v as usize].bytes).sum();
-                    return AdmissionView::of(Decision::Load, bytes, Some(load));
+        // The dry run, keeping a refusal's retry hint when the queue would take it.
+        let (decision, evict_bytes, wait) = match self.preview_or_refusal(slot, now) {
+            Ok(Admission::Hit) => (Decision::Hit, 0, Some(0.0)),
+            Ok(Admission::Join) => (Decision::Join, 0, Some(load)),
+            Ok(Admission::Load(plan)) => (
+                Decision::Load,
+                plan.victims.iter().map(|&v| self.entries[v as usize].bytes).sum(),
+                Some(load),
+            ),
+            Ok(Admission::AwaitUnload) => (Decision::AwaitUnload, 0, Some(load)),
+            Ok(other) => unreachable!("a dry run before the queue neither queues nor refuses: {other:?}"),
+            Err(r) => {
+                let hint = r.retry_after_secs.map(f64::from);
+                match self.queue_outcome(Intent::Request, r) {
+                    Admission::Queued(_) => (Decision::Queue, 0, hint),
+                    Admission::Reject(r) => (Decision::Reject, 0, r.retry_after_secs.map(f64::from)),
+                    other => unreachable!("a refusal queues or is refused, not {other:?}"),
                 }
-                Err(r) => r,
-            },
+            }
         };
-        let hint = refusal.retry_after_secs;
-        let (decision, wait) = match self.queue_outcome(Intent::Request, refusal) {
-            Admission::Queued(_) => (Decision::Queue, hint.map(f64::from)),
-            Admission::Reject(r) => (Decision::Reject, r.retry_after_secs.map(f64::from)),
-            other => unreachable!("a refusal either queues or is refused, not {other:?}"),
-        };
-        let evict_bytes = 0;
         AdmissionView { decision, evict_bytes, expected_wait_secs: wait }
     }
 
