@@ -1049,7 +1049,7 @@ impl FleetReport {
         )
     }
 
-    /// The table's header, aligned with [`FleetReport::row`].
+    /// The table's header, aligned with [`FleetReport::row`] and [`PooledBound::row`].
     pub fn header() -> String {
         format!(
             "{:<12} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
@@ -1063,6 +1063,26 @@ impl FleetReport {
             "models",
             "p50 s",
             "p99 s"
+        )
+    }
+}
+
+impl PooledBound {
+    /// Its row in the comparison table ([`FleetReport::header`]): what one node measures, `-`
+    /// for the fleet-only columns.
+    pub fn row(&self) -> String {
+        format!(
+            "{:<12} {:>7.2}% {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8.2} {:>8.2}",
+            "pooled",
+            self.miss_ratio * 100.0,
+            self.loads,
+            "-",
+            self.failed,
+            "-",
+            "-",
+            "-",
+            self.latency_p50,
+            self.latency_p99
         )
     }
 }

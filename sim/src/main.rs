@@ -1046,19 +1046,7 @@ fn fleet_cmd(a: FleetArgs) -> Result<()> {
     for r in &reports {
         println!("{}", r.row());
     }
-    println!(
-        "{:<12} {:>7.2}% {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8.2} {:>8.2}",
-        "pooled",
-        pooled.miss_ratio * 100.0,
-        pooled.loads,
-        "-",
-        pooled.failed,
-        "-",
-        "-",
-        "-",
-        pooled.latency_p50,
-        pooled.latency_p99
-    );
+    println!("{}", pooled.row());
     println!(
         "(miss: requests not served from a resident model; refusals: attempts nodes refused; failed: requests \
          failing at clients after retries; avoidable: of those, some node could have admitted them; dup GB: \
