@@ -201,6 +201,9 @@ async fn run() {
     if std::env::args().any(|a| a == "native") {
         return native().await;
     }
+    if std::env::args().any(|a| a == "concurrent") {
+        return concurrent().await;
+    }
     println!("# modelpool MLX backend benchmark\n");
     println!("host: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
     let gflops = sgemm_gflops(1024).unwrap();
@@ -268,26 +271,7 @@ async fn run() {
     f_h.unload().await.unwrap();
     q_h.unload().await.unwrap();
 
-    println!("\n## SmolLM2-135M-Instruct, concurrent streams (continuous batching, f32)\n");
-    println!(
-        "N chat requests of 32 new tokens started together through `generate`; aggregate tok/s = all tokens / wall time, last = when the last stream ended. Anchor: the same run with `max_batch: 1` (one generation at a time, the backend before batching), measured in this run.\n"
-    );
-    println!("| concurrent | max_batch 1: tok/s | last s | max_batch 8: tok/s | last s | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|");
-    let serial = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 1, ..MlxOptions::default() });
-    let batched = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 8, ..MlxOptions::default() });
-    let sm = spec("smollm2-135m-instruct");
-    let one: Arc<dyn ModelHandle> = serial.load_model(&sm).await.unwrap();
-    let many: Arc<dyn ModelHandle> = batched.load_model(&sm).await.unwrap();
-    let _ = concurrent_streams(&one, 1, 8).await; // warm-up
-    let _ = concurrent_streams(&many, 2, 8).await;
-    for n in [1usize, 4, 8] {
-        let (t1, l1) = concurrent_streams(&one, n, 32).await;
-        let (t8, l8) = concurrent_streams(&many, n, 32).await;
-        println!("| {n} | {t1:.1} | {l1:.2} | {t8:.1} | {l8:.2} | {:.2}x |", t8 / t1);
-    }
-    one.unload().await.unwrap();
-    many.unload().await.unwrap();
+    concurrent().await;
 
     println!("\n## all-MiniLM-L6-v2 embeddings\n");
     println!("| batch | sentences | seconds | sentences/s |");
@@ -306,6 +290,51 @@ async fn run() {
     }
     mini_h.unload().await.unwrap();
     native().await;
+}
+
+/// SmolLM2's aggregate decode rate of N concurrent streams, batched against one at a time
+/// (`cargo bench --features mlx --bench mlx_decode -- concurrent` runs only this section).
+async fn concurrent() {
+    const TOKENS: u32 = 128;
+    println!("\n## SmolLM2-135M-Instruct, concurrent streams (continuous batching, f32)\n");
+    println!(
+        "N chat requests of {TOKENS} new tokens started together through `generate`; aggregate tok/s = all tokens / wall time; inter-token gaps per stream (between its text events), p50 and p99 over all streams. Anchor: one stream on the same model with `max_batch: 1` (one generation at a time, the backend before batching), measured in this run; ratio = aggregate / the anchor's.\n"
+    );
+    println!(
+        "| concurrent | max_batch | tokens | aggregate tok/s | ratio | gap p50 ms | gap p99 ms | last s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let serial = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 1, ..MlxOptions::default() });
+    let batched = MlxBackend::new(MlxOptions { dequantize: true, max_batch: 16, ..MlxOptions::default() });
+    let sm = spec("smollm2-135m-instruct");
+    let one: Arc<dyn ModelHandle> = serial.load_model(&sm).await.unwrap();
+    let many: Arc<dyn ModelHandle> = batched.load_model(&sm).await.unwrap();
+    let _ = concurrent_streams(&one, 1, 8).await; // warm-up
+    let _ = concurrent_streams(&many, 2, 8).await;
+    let anchor = concurrent_streams(&one, 1, TOKENS).await;
+    let row = |n: usize, mb: usize, r: &Streams, base: f64| {
+        println!(
+            "| {n} | {mb} | {} | {:.1} | {:.2}x | {:.1} | {:.1} | {:.2} |",
+            r.tokens,
+            r.tps(),
+            r.tps() / base,
+            r.gap_ms(0.5),
+            r.gap_ms(0.99),
+            r.secs
+        )
+    };
+    row(1, 1, &anchor, anchor.tps());
+    // `MODELPOOL_BENCH_STREAMS=8,16` measures only those counts (e.g. under a profiler).
+    let counts: Vec<usize> = std::env::var("MODELPOOL_BENCH_STREAMS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 16]);
+    for n in counts {
+        let r = concurrent_streams(&many, n, TOKENS).await;
+        row(n, 16, &r, anchor.tps());
+    }
+    one.unload().await.unwrap();
+    many.unload().await.unwrap();
 }
 
 /// Best of `runs` decode probes of `words`-word prompts, alternating over `handles` so that
@@ -458,7 +487,33 @@ async fn native() {
 
 /// `n` greedy chat generations of `tokens` new tokens each, started together: aggregate
 /// tokens per second and seconds until the last one ended.
-async fn concurrent_streams(h: &Arc<dyn ModelHandle>, n: usize, tokens: u32) -> (f64, f64) {
+/// What [`concurrent_streams`] measured.
+struct Streams {
+    tokens: u64,
+    secs: f64,
+    /// Seconds between consecutive text events of one stream, over all streams.
+    gaps: Vec<f64>,
+}
+
+impl Streams {
+    fn tps(&self) -> f64 {
+        self.tokens as f64 / self.secs
+    }
+
+    /// The `q` quantile of the inter-token gaps, in milliseconds (nearest rank).
+    fn gap_ms(&self, q: f64) -> f64 {
+        let mut g = self.gaps.clone();
+        g.sort_by(f64::total_cmp);
+        if g.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((q * g.len() as f64).ceil() as usize).clamp(1, g.len()) - 1;
+        g[i] * 1e3
+    }
+}
+
+/// `n` chat generations of up to `tokens` tokens started together on `h`.
+async fn concurrent_streams(h: &Arc<dyn ModelHandle>, n: usize, tokens: u32) -> Streams {
     let t = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -466,27 +521,35 @@ async fn concurrent_streams(h: &Arc<dyn ModelHandle>, n: usize, tokens: u32) -> 
             tokio::spawn(async move {
                 let msgs = vec![modelpool::backend::ChatMessage {
                     role: "user".into(),
-                    content: format!("Tell me a short story about the number {i}."),
+                    content: format!("Tell me a long story about the number {i}."),
                 }];
                 let mut req = GenerateRequest::greedy(Prompt::Chat(msgs), tokens);
                 req.stop = Vec::new();
                 let mut s = h.generate(req).await.unwrap();
-                let mut n = 0u64;
+                let (mut n, mut gaps, mut last) = (0u64, Vec::new(), None::<Instant>);
                 while let Some(ev) = s.next().await {
-                    if let GenerateEvent::Done { usage, .. } = ev.unwrap() {
-                        n = u64::from(usage.completion_tokens);
+                    match ev.unwrap() {
+                        GenerateEvent::Delta(_) => {
+                            let now = Instant::now();
+                            if let Some(l) = last {
+                                gaps.push((now - l).as_secs_f64());
+                            }
+                            last = Some(now);
+                        }
+                        GenerateEvent::Done { usage, .. } => n = u64::from(usage.completion_tokens),
                     }
                 }
-                n
+                (n, gaps)
             })
         })
         .collect();
-    let mut total = 0;
+    let (mut tokens, mut gaps) = (0, Vec::new());
     for task in tasks {
-        total += task.await.unwrap();
+        let (n, g) = task.await.unwrap();
+        tokens += n;
+        gaps.extend(g);
     }
-    let secs = t.elapsed().as_secs_f64();
-    (total as f64 / secs, secs)
+    Streams { tokens, secs: t.elapsed().as_secs_f64(), gaps }
 }
 
 fn main() {

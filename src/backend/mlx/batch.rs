@@ -9,10 +9,17 @@
 //! 2. sample the next token of every sequence whose logits are ready, emit its text, and retire
 //!    the sequences that finished (stop, length, error) or whose client went away;
 //! 3. run one decode step for every sequence still going, all together
-//!    ([`llama::Llama::forward_batch`]: the linear layers as one `[B, hidden]` product, where the
-//!    weights' bytes are read once for the whole batch);
+//!    ([`llama::Llama::forward_shared`]: the linear layers as one `[B, hidden]` product, where
+//!    the weights' bytes are read once for the whole batch, and RoPE, the cache write and
+//!    attention once for the batch too, over the shared KV cache with a per-row mask);
 //! 4. run one chunk of at most [`PREFILL_CHUNK`] prompt tokens of the oldest sequence still
-//!    reading its prompt, so a long prompt delays the others' next token by one chunk at most.
+//!    reading its prompt (into its own cache), so a long prompt delays the others' next token
+//!    by one chunk at most; once its prompt is in, its keys and values move to the shared cache
+//!    ([`llama::SharedKv::adopt`]).
+//!
+//! Each decoding sequence owns cells of one [`llama::SharedKv`]: one per position, given back
+//! when it leaves (and the memory with them, by compaction), so the cache holds about the sum
+//! of the live sequences' lengths, which is what the pool's ledger counts for them.
 //!
 //! A reader slower than the decode fills its bounded event channel; its sequence then pauses (no
 //! sampling, no decode) until the channel has room, and never stalls the others. A sequence
@@ -41,7 +48,10 @@ type Events = mpsc::Sender<Result<GenerateEvent, BackendError>>;
 /// One generation in the active set.
 struct Seq {
     events: Events,
+    /// The prompt's keys and values while it is prefilled; empty once adopted.
     cache: llama::KvCache,
+    /// Its cells in the shared cache, in position order, once the prompt is in.
+    cells: Vec<i32>,
     sampler: sampling::Sampler,
     decoder: text::StreamDecoder,
     stops: text::StopMatcher,
@@ -100,6 +110,11 @@ impl Seq {
     fn paused(&self) -> bool {
         !self.backlog.is_empty()
     }
+
+    /// Positions in its cache (the prefill cache, or its cells once adopted).
+    fn len(&self) -> usize {
+        if self.cells.is_empty() { self.cache.len() } else { self.cells.len() }
+    }
 }
 
 /// Checks a generation's prompt and builds its sequence; answers `started` either way.
@@ -136,6 +151,7 @@ fn admit(
     let mut seq = Seq {
         events,
         cache: llama::KvCache::new(model.cfg.n_layers),
+        cells: Vec::new(),
         sampler: sampling::Sampler::new(req.temperature, req.top_p, req.seed),
         decoder: text::StreamDecoder::new(),
         stops: text::StopMatcher::new(&req.stop),
@@ -190,7 +206,7 @@ fn sample(
             return seq.finish(FinishReason::Stop);
         }
     }
-    if seq.usage.completion_tokens >= seq.max_tokens || seq.cache.len() + 1 >= model.cfg.context {
+    if seq.usage.completion_tokens >= seq.max_tokens || seq.len() + 1 >= model.cfg.context {
         return seq.finish(FinishReason::Length);
     }
     seq.next = Some(id);
@@ -207,6 +223,7 @@ pub(super) fn serve(
 ) -> Option<oneshot::Sender<u64>> {
     let max_batch = max_batch.max(1);
     let mut active: Vec<Seq> = Vec::new();
+    let mut kv = llama::SharedKv::new(&model.cfg);
     loop {
         // 1. Commands: block only when nothing is in flight.
         loop {
@@ -250,7 +267,7 @@ pub(super) fn serve(
             }
         }
         let progressed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(model, tok, &mut active, counters)
+            step(model, tok, &mut active, &mut kv, counters)
         }));
         match progressed {
             Ok(true) => {}
@@ -260,6 +277,7 @@ pub(super) fn serve(
                     let _ = s.events.try_send(Err(BackendError::Inference("panic during generation".into())));
                 }
                 active.clear();
+                kv = llama::SharedKv::new(&model.cfg);
             }
         }
     }
@@ -267,15 +285,36 @@ pub(super) fn serve(
 
 /// Steps 2-4 of the module docs. Returns whether anything was computed or delivered (when
 /// every sequence is paused on its reader, the caller sleeps a moment instead of spinning).
-fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, counters: &Counters) -> bool {
+fn step(
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    active: &mut Vec<Seq>,
+    kv: &mut llama::SharedKv,
+    counters: &Counters,
+) -> bool {
     let mut progressed = false;
-    // Deliver, drop the gone, retire the finished.
+    // Deliver, drop the gone, retire the finished; their cells go back.
+    let before = active.len();
     active.retain_mut(|s| {
         let had = s.backlog.len();
         let alive = s.flush();
         progressed |= s.backlog.len() != had;
-        alive && !(s.done && s.backlog.is_empty())
+        let stays = alive && !(s.done && s.backlog.is_empty());
+        if !stays {
+            kv.release(&s.cells);
+        }
+        stays
     });
+    if active.len() < before {
+        let mut cells: Vec<&mut Vec<i32>> =
+            active.iter_mut().map(|s| &mut s.cells).filter(|c| !c.is_empty()).collect();
+        if let Err(e) = kv.compact(&mut cells) {
+            let msg = message(&e);
+            for s in active.iter_mut() {
+                s.fail(anyhow!("{msg}"));
+            }
+        }
+    }
     // 2. Sample every ready sequence whose reader keeps up.
     let ready: Vec<usize> =
         (0..active.len()).filter(|&i| active[i].logits.is_some() && !active[i].paused()).collect();
@@ -295,19 +334,13 @@ fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, 
             }
         }
     }
-    // 3. One decode step for every sequence with a token to feed.
+    // 3. One decode step for every sequence with a token to feed, over the shared cache.
     let feeding: Vec<usize> = (0..active.len()).filter(|&i| active[i].next.is_some()).collect();
     if !feeding.is_empty() {
         progressed = true;
         let ids: Vec<u32> = feeding.iter().filter_map(|&i| active[i].next.take()).collect();
         counters.peak_batch.fetch_max(ids.len() as u64, Ordering::Relaxed);
-        let result = if let [i] = feeding[..] {
-            // One sequence: the single-sequence graph (no per-sequence slicing).
-            model.forward(&ids, &mut active[i].cache).map(|l| vec![l])
-        } else {
-            decode_together(model, active, &feeding, &ids)
-        };
-        match result {
+        match decode_together(model, active, kv, &feeding, &ids) {
             Ok(logits) => {
                 for (&i, l) in feeding.iter().zip(logits) {
                     active[i].logits = Some(l);
@@ -321,7 +354,8 @@ fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, 
             }
         }
     }
-    // 4. One prefill chunk of the oldest sequence still reading its prompt.
+    // 4. One prefill chunk of the oldest sequence still reading its prompt; a finished prompt
+    // moves to the shared cache.
     if let Some(s) = active.iter_mut().find(|s| !s.done && s.prefilled < s.prompt.len()) {
         progressed = true;
         let end = (s.prefilled + PREFILL_CHUNK).min(s.prompt.len());
@@ -330,7 +364,14 @@ fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, 
             Ok(l) => {
                 s.prefilled = end;
                 if end == s.prompt.len() {
-                    s.logits = Some(l);
+                    match kv.adopt(&s.cache) {
+                        Ok(cells) => {
+                            s.cells = cells;
+                            s.cache = llama::KvCache::new(model.cfg.n_layers);
+                            s.logits = Some(l);
+                        }
+                        Err(e) => s.fail(e),
+                    }
                 } else if let Err(e) = llama::eval_all([&l]) {
                     // Evaluate now so the next chunk builds on a materialized cache.
                     s.fail(e);
@@ -339,24 +380,28 @@ fn step(model: &llama::Llama, tok: &text::TextTokenizer, active: &mut Vec<Seq>, 
             Err(e) => s.fail(e),
         }
     }
+    let prefill: usize = active.iter().map(|s| s.cache.capacity()).sum();
+    let per_cell = model.kv_bytes_per_position();
+    counters.kv_bytes.store(((kv.capacity() + prefill) as u64) * per_cell, Ordering::Relaxed);
+    counters.active.store(active.len() as u64, Ordering::Relaxed);
     progressed
 }
 
-/// One batched decode step for the sequences at `idx` (ascending), fed `ids`: their logits,
-/// one `[vocab]` array each.
+/// One batched decode step for the sequences at `idx` (ascending), fed `ids`: a new cell each
+/// in the shared cache, then their logits, one `[vocab]` array each.
 fn decode_together(
     model: &llama::Llama,
     active: &mut [Seq],
+    kv: &mut llama::SharedKv,
     idx: &[usize],
     ids: &[u32],
 ) -> super::Res<Vec<Array>> {
-    let mut caches: Vec<&mut llama::KvCache> = active
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| idx.binary_search(i).is_ok())
-        .map(|(_, s)| &mut s.cache)
-        .collect();
-    let logits = model.forward_batch(ids, &mut caches)?;
+    for &i in idx {
+        let cell = kv.alloc(1)?;
+        active[i].cells.extend(cell);
+    }
+    let rows: Vec<&[i32]> = idx.iter().map(|&i| active[i].cells.as_slice()).collect();
+    let logits = model.forward_shared(ids, kv, &rows)?;
     (0..idx.len() as i32)
         .map(|r| logits.try_index((r, ..)).map_err(|e| anyhow!(e).context("row of the batch's logits")))
         .collect()

@@ -157,6 +157,11 @@ pub(super) struct Counters {
     pub tokens: AtomicU64,
     /// Most sequences decoded in one step.
     pub peak_batch: AtomicU64,
+    /// Bytes the decoder's KV caches hold now: the shared cache's cells (live or free) and the
+    /// prefill caches of sequences still reading their prompt.
+    pub kv_bytes: AtomicU64,
+    /// Sequences being prefilled or decoded now.
+    pub active: AtomicU64,
 }
 
 /// The async handle of a model living on its worker thread (what [`MlxBackend::load_model`]
@@ -185,6 +190,20 @@ impl MlxModel {
     /// overlapped, 0 before the first).
     pub fn peak_batch(&self) -> u64 {
         self.counters.peak_batch.load(Ordering::Relaxed)
+    }
+
+    /// Bytes this decoder's KV caches hold, as of its worker's last scheduler iteration: every
+    /// cell of the shared cache (live or free; freed cells are given back by compaction, and
+    /// all of them once no sequence is left) and the caches of prompts being prefilled. 0 for
+    /// an encoder.
+    pub fn kv_bytes(&self) -> u64 {
+        self.counters.kv_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Generations in the decoder's active set (prefilling or decoding) as of its worker's last
+    /// scheduler iteration.
+    pub fn active_sequences(&self) -> u64 {
+        self.counters.active.load(Ordering::Relaxed)
     }
 
     /// Runs `prompt` greedily for `steps` steps (not stopping at end-of-sequence) and reports

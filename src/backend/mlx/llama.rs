@@ -906,6 +906,13 @@ impl Llama {
         Ok(Llama { cfg, embed, output, layers, norm, ropes })
     }
 
+    /// Bytes one position of one sequence takes in the KV cache: f32 keys and values for every
+    /// layer and KV head ([`KvCache`], [`SharedKv`] cells).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        let c = &self.cfg;
+        c.n_layers as u64 * c.n_kv_heads.max(0) as u64 * c.head_dim.max(0) as u64 * 2 * 4
+    }
+
     /// Every array the model holds (for the byte count).
     pub fn arrays(&self) -> Vec<&Array> {
         let mut v = self.embed.arrays();
@@ -1153,22 +1160,33 @@ impl Llama {
         x.add(out).context("residual")
     }
 
-    /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
-    /// whose cache is `caches[i]` (at position `caches[i].len()`). The linear layers, where the
-    /// weights' bytes are read, run once as `[B, hidden]` products; RoPE, the cache writes and
-    /// attention run per sequence (each at its own position and length, within its layer's
-    /// window). Appends each token's keys and values to its cache and returns the logits, shape
-    /// `[B, vocab]`, not evaluated.
-    pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Res<Array> {
-        anyhow::ensure!(!ids.is_empty() && ids.len() == caches.len(), "one cache per token");
+    /// One decode step for several sequences at once, over the shared cache `kv`: `ids[r]` is
+    /// the next token of the sequence whose cells, in position order, are `rows[r]`, the last
+    /// of them the (already allocated) cell this token's keys and values go to, so its
+    /// position is `rows[r].len() - 1`. Everything runs once for the whole batch: the linear
+    /// layers as `[B, hidden]` products (where the weights' bytes are read), RoPE at per-row
+    /// positions, one scatter per layer writing the B new keys and values to their cells, and
+    /// one attention of the B queries over the cells in use with a mask that lets each row see
+    /// only its own sequence's cells (within its layer's window). Returns the logits `[B,
+    /// vocab]`, not evaluated.
+    pub fn forward_shared(&self, ids: &[u32], kv: &mut SharedKv, rows: &[&[i32]]) -> Res<Array> {
+        anyhow::ensure!(!ids.is_empty() && ids.len() == rows.len(), "one row of cells per token");
         let b = ids.len() as i32;
         let cfg = &self.cfg;
-        let mut x = self.embed(ids)?.reshape(&[b, 1, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let offsets: Vec<i32> = caches.iter().map(|c| c.len as i32).collect();
-        for (c, &o) in caches.iter_mut().zip(&offsets) {
-            c.reserve(o + 1, cfg)?;
+        let mut positions = Vec::with_capacity(rows.len());
+        let mut cells = Vec::with_capacity(rows.len());
+        for r in rows {
+            let &last = r.last().context("a row without its new cell")?;
+            anyhow::ensure!(kv.is_live(last), "cell {last} is not allocated");
+            positions.push(r.len() as i32 - 1);
+            cells.push(last);
         }
+        let offsets = Array::from_slice(&positions, &[b]);
+        let cells = Array::from_slice(&cells, &[b]);
+        let used = kv.high_water();
+        let mut masks: Vec<(Option<i32>, Array)> = Vec::new();
+        let mut x = self.embed(ids)?.reshape(&[b, 1, cfg.hidden]).context("reshape")?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&l.attn_norm), cfg.eps).context("rms_norm")?;
             let mut qkv = l.qkv.forward(&h)?;
@@ -1177,36 +1195,92 @@ impl Llama {
             }
             let heads = qkv.reshape(&[b, 1, nh + 2 * nkv, hd]).context("reshape")?;
             let heads = self.qk_norm(l, heads)?;
-            // [B, 1, heads, hd] -> [B, heads, 1, hd], then one sequence at a time.
+            // [B, 1, heads, hd] -> [B, heads, 1, hd]: RoPE rotates each row at its position.
             let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
-            let mut outs = Vec::with_capacity(caches.len());
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let offset = offsets[i];
-                let i = i as i32;
-                let one = heads.try_index((i..i + 1, .., .., ..)).context("sequence")?;
-                let mut parts = ops::split_at_indices(&one, &[nh + nkv], 1).context("split v")?;
-                let v = pop(&mut parts)?;
-                let qk = self.rope(l, &pop(&mut parts)?, offset)?;
-                let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
-                let k = pop(&mut parts)?;
-                let q = pop(&mut parts)?;
-                let (keys, values) = cache.update(li, &k, &v, offset, 1)?;
-                outs.push(self.attend(l, (&q, &keys, &values), offset, 1, &mut Masks::default())?);
-            }
-            let attn = ops::concatenate(&outs, 0)
-                .context("join sequences")?
-                .transpose_axes(&[0, 2, 1, 3])
+            let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
+            let v = pop(&mut parts)?;
+            let qk = self.rope_rows(l, &pop(&mut parts)?, &offsets)?;
+            let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
+            let k = pop(&mut parts)?;
+            let q = pop(&mut parts)?;
+            let (keys, values) = kv.write(li, &cells, &k, &v, used)?;
+            let mask = match masks.iter().position(|(w, _)| *w == l.window) {
+                Some(i) => &masks[i].1,
+                None => {
+                    masks.push((l.window, shared_mask(rows, used, l.window)));
+                    &masks.last().expect("pushed").1
+                }
+            };
+            // The B queries as one sequence of B positions: [1, nh, B, hd].
+            let q = q.transpose_axes(&[2, 1, 0, 3]).context("transpose")?;
+            let attn = self
+                .attend_masked(&q, &keys, &values, b, mask)?
+                .transpose_axes(&[2, 0, 1, 3])
                 .context("transpose")?
                 .reshape(&[b, 1, nh * hd])
                 .context("reshape")?;
             x = self.mlp(l, self.attn_residual(l, x, &attn)?)?;
         }
-        for c in caches.iter_mut() {
-            c.len += 1;
-        }
         let last = x.reshape(&[b, cfg.hidden]).context("reshape")?;
         self.logits(&last)?.reshape(&[b, cfg.vocab as i32]).context("reshape logits")
     }
+
+    /// RoPE of layer `l` on q and k heads `[B, heads, 1, hd]`, row `r` at position
+    /// `offsets[r]`.
+    fn rope_rows(&self, l: &Layer, x: &Array, offsets: &Array) -> Res<Array> {
+        let r = &self.ropes[l.rope];
+        let scaled;
+        let x = match &r.mscale {
+            Some(m) => {
+                scaled = x.multiply(m).context("rope mscale")?;
+                &scaled
+            }
+            None => x,
+        };
+        let cfg = &self.cfg;
+        fast::rope_dynamic(x, cfg.rope_dims, cfg.rope_traditional, r.base, r.scale, offsets, r.freqs.as_ref())
+            .context("rope")
+    }
+
+    /// Attention of `t` queries `q` (`[1, nh, t, hd]`) over `keys`/`values` (`[1, nkv, n,
+    /// hd]`) where `mask` (`[t, n]` booleans) is true; the same two paths as [`Self::attend`]
+    /// (Gemma 2's soft-capped scores explicitly, else `fast::scaled_dot_product_attention`).
+    fn attend_masked(&self, q: &Array, keys: &Array, values: &Array, t: i32, mask: &Array) -> Res<Array> {
+        let scale = self.cfg.attn_scale;
+        let Some(cap) = self.cfg.attn_softcap else {
+            let mask = ScaledDotProductAttentionMask::Array(mask);
+            return fast::scaled_dot_product_attention(q, keys, values, scale, Some(mask), None)
+                .context("attention");
+        };
+        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        let q = q
+            .multiply(Array::from_f32(scale))
+            .context("scale q")?
+            .reshape(&[1, nkv, nh / nkv, t, hd])
+            .context("reshape")?;
+        let k = ops::expand_dims(keys, 2).context("expand")?;
+        let v = ops::expand_dims(values, 2).context("expand")?;
+        let scores = softcap(&q.matmul(k.swap_axes(-1, -2).context("swap")?).context("scores")?, cap)?;
+        let scores = ops::select(mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
+        let probs = ops::softmax_axis(&scores, -1, true).context("softmax")?;
+        probs.matmul(&v).context("attention")?.reshape(&[1, nh, t, hd]).context("reshape")
+    }
+}
+
+/// The mask of one shared decode step: `[rows, used]` booleans, row `r` true on the cells of
+/// its own sequence (`rows[r]`, in position order, the last one the query's own) that its
+/// window lets it see (`position > query - w`; all of them without a window).
+fn shared_mask(rows: &[&[i32]], used: i32, window: Option<i32>) -> Array {
+    let n = used as usize;
+    let mut m = vec![false; rows.len() * n];
+    for (r, cells) in rows.iter().enumerate() {
+        let q = cells.len() as i32 - 1;
+        let first = window.map_or(0, |w| (q + 1 - w).max(0)) as usize;
+        for &c in &cells[first..] {
+            m[r * n + c as usize] = true;
+        }
+    }
+    Array::from_slice(&m, &[rows.len() as i32, used])
 }
 
 fn pop(v: &mut Vec<Array>) -> Res<Array> {
@@ -1249,6 +1323,11 @@ impl KvCache {
         self.len
     }
 
+    /// Positions the buffers have room for (allocated memory).
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
     fn reserve(&mut self, needed: i32, cfg: &LlamaConfig) -> Res<()> {
         if needed <= self.capacity {
             return Ok(());
@@ -1286,10 +1365,265 @@ impl KvCache {
     }
 }
 
+/// The keys and values of every sequence a decoder decodes together, in one buffer of `cap`
+/// cells per layer for keys and one for values (`[1, nkv, cap, hd]`); a cell holds one
+/// position of one sequence, and each sequence keeps the list of its cells in position order.
+/// Cells are handed out lowest first and taken back when a sequence leaves, so the buffers
+/// hold about the sum of the live sequences' lengths (no padding to the longest, unlike a
+/// `[B, nkv, longest, hd]` layout), growing by [`SharedKv::STEP`] cells; [`SharedKv::compact`]
+/// gives memory back once much of it is free. Attention reads the cells below
+/// [`SharedKv::high_water`] with a per-row mask.
+pub(super) struct SharedKv {
+    keys: Vec<Array>,
+    values: Vec<Array>,
+    cap: i32,
+    live: Vec<bool>,
+    /// Free cells, lowest first.
+    free: std::collections::BinaryHeap<std::cmp::Reverse<i32>>,
+    used: usize,
+    high: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+}
+
+impl SharedKv {
+    /// Cells added at a time when the free ones run out.
+    pub const STEP: i32 = 256;
+
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        Self::empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    }
+
+    /// No cells; each layer's buffers are placeholders until the first [`SharedKv::grow`].
+    fn empty(n_layers: usize, n_kv_heads: i32, head_dim: i32) -> Self {
+        SharedKv {
+            keys: vec![Array::from_f32(0.0); n_layers],
+            values: vec![Array::from_f32(0.0); n_layers],
+            cap: 0,
+            live: Vec::new(),
+            free: Default::default(),
+            used: 0,
+            high: 0,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Cells the buffers hold (allocated memory, live or free).
+    pub fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+
+    /// Cells in use by sequences.
+    #[cfg(test)]
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// One more than the highest live cell: attention reads the cells below it.
+    pub fn high_water(&self) -> i32 {
+        self.high
+    }
+
+    fn is_live(&self, cell: i32) -> bool {
+        self.live.get(cell as usize).copied().unwrap_or(false)
+    }
+
+    /// Grows the buffers to hold at least `cap` cells (zeros), keeping what they hold.
+    fn grow(&mut self, cap: i32) -> Res<()> {
+        if cap <= self.cap {
+            return Ok(());
+        }
+        let cap = (cap + Self::STEP - 1) / Self::STEP * Self::STEP;
+        let extra = cap - self.cap;
+        let zeros = Array::zeros::<f32>(&[1, self.n_kv_heads, extra, self.head_dim]).context("kv")?;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *buf = if self.cap == 0 {
+                zeros.clone()
+            } else {
+                ops::concatenate(&[&*buf, &zeros], 2).context("grow kv")?
+            };
+        }
+        self.free.extend((self.cap..cap).map(std::cmp::Reverse));
+        self.live.resize(cap as usize, false);
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// `n` free cells, lowest first (growing the buffers if needed), marked live.
+    pub fn alloc(&mut self, n: usize) -> Res<Vec<i32>> {
+        if self.free.len() < n {
+            self.grow(self.cap + (n - self.free.len()) as i32)?;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let std::cmp::Reverse(c) = self.free.pop().context("free cells counted")?;
+            self.live[c as usize] = true;
+            self.high = self.high.max(c + 1);
+            out.push(c);
+        }
+        self.used += n;
+        Ok(out)
+    }
+
+    /// Takes back a leaving sequence's cells (their contents are left as they are: no row
+    /// attends to a cell it does not own).
+    pub fn release(&mut self, cells: &[i32]) {
+        for &c in cells {
+            if let Some(l) = self.live.get_mut(c as usize).filter(|l| **l) {
+                *l = false;
+                self.free.push(std::cmp::Reverse(c));
+                self.used -= 1;
+            }
+        }
+        while self.high > 0 && !self.live[self.high as usize - 1] {
+            self.high -= 1;
+        }
+        if self.used == 0 {
+            // Nothing live: give all the memory back.
+            *self = Self::empty(self.keys.len(), self.n_kv_heads, self.head_dim);
+        }
+    }
+
+    /// Copies `solo`'s positions (a sequence's prefill) into newly allocated cells and returns
+    /// them in position order; `solo` can then be dropped.
+    pub fn adopt(&mut self, solo: &KvCache) -> Res<Vec<i32>> {
+        let n = solo.len as i32;
+        let cells = self.alloc(solo.len)?;
+        if n == 0 {
+            return Ok(cells);
+        }
+        let contiguous = cells.windows(2).all(|w| w[1] == w[0] + 1);
+        let idx = Array::from_slice(&cells, &[n]);
+        for (li, (k, v)) in solo.keys.iter().zip(&solo.values).enumerate() {
+            let (k, v) = (k.as_ref().context("prefill cache")?, v.as_ref().context("prefill cache")?);
+            for (buf, src) in [(&mut self.keys[li], k), (&mut self.values[li], v)] {
+                let src = src.try_index((.., .., 0..n, ..)).context("kv read")?;
+                if contiguous {
+                    buf.try_index_mut((.., .., cells[0]..cells[0] + n, ..), &src).context("kv adopt")?;
+                } else {
+                    // [1, nkv, n, hd] -> updates [n, 1, nkv, 1, hd] for a scatter on axis 2.
+                    let upd = src
+                        .transpose_axes(&[2, 0, 1, 3])
+                        .context("transpose")?
+                        .reshape(&[n, 1, self.n_kv_heads, 1, self.head_dim])
+                        .context("reshape")?;
+                    *buf = ops::indexing::scatter_single(&*buf, &idx, &upd, 2).context("kv adopt")?;
+                }
+            }
+        }
+        Ok(cells)
+    }
+
+    /// Writes layer `layer`'s new keys and values (`[B, nkv, 1, hd]`) to `cells` (`[B]`) and
+    /// returns both buffers' first `used` cells.
+    fn write(&mut self, layer: usize, cells: &Array, k: &Array, v: &Array, used: i32) -> Res<(Array, Array)> {
+        let b = cells.shape()[0];
+        let mut out = Vec::with_capacity(2);
+        for (buf, new) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
+            let upd = new.reshape(&[b, 1, self.n_kv_heads, 1, self.head_dim]).context("reshape")?;
+            *buf = ops::indexing::scatter_single(&*buf, cells, &upd, 2).context("kv write")?;
+            out.push(buf.try_index((.., .., 0..used, ..)).context("kv read")?);
+        }
+        let v = out.pop().expect("two");
+        let k = out.pop().expect("two");
+        Ok((k, v))
+    }
+
+    /// When at least two [`SharedKv::STEP`]s of cells are free, moves the live cells to the
+    /// front (each sequence's in position order) and shrinks the buffers to what they need
+    /// plus one step, rewriting `seqs` (every live sequence's cells) to the new places.
+    pub fn compact(&mut self, seqs: &mut [&mut Vec<i32>]) -> Res<bool> {
+        if self.cap - (self.used as i32) < 2 * Self::STEP || self.used == 0 {
+            return Ok(false);
+        }
+        let order: Vec<i32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        anyhow::ensure!(order.len() == self.used, "compact needs every live sequence's cells");
+        let n = order.len() as i32;
+        let cap = (n + Self::STEP + Self::STEP - 1) / Self::STEP * Self::STEP;
+        let idx = Array::from_slice(&order, &[n]);
+        let pad = Array::zeros::<f32>(&[1, self.n_kv_heads, cap - n, self.head_dim]).context("kv")?;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let kept = buf.take_axis(&idx, 2).context("compact kv")?;
+            *buf = ops::concatenate(&[&kept, &pad], 2).context("compact kv")?;
+        }
+        eval_all(self.keys.iter().chain(&self.values))?;
+        let mut next = 0;
+        for s in seqs.iter_mut() {
+            for c in s.iter_mut() {
+                *c = next;
+                next += 1;
+            }
+        }
+        self.cap = cap;
+        self.live = (0..cap).map(|c| c < n).collect();
+        self.free = (n..cap).map(std::cmp::Reverse).collect();
+        self.high = n;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Cells are handed out lowest first and reused; the mask lets each row see only its own
+    /// sequence's cells, within the window.
+    #[test]
+    fn shared_cells_and_masks() {
+        let mut kv = SharedKv::empty(2, 1, 2);
+        assert_eq!(kv.alloc(3).unwrap(), [0, 1, 2]);
+        assert_eq!(kv.alloc(2).unwrap(), [3, 4]);
+        assert_eq!((kv.capacity(), kv.used(), kv.high_water()), (256, 5, 5));
+        kv.release(&[1, 4]);
+        assert_eq!((kv.used(), kv.high_water()), (3, 4));
+        assert_eq!(kv.alloc(2).unwrap(), [1, 4], "freed cells come back lowest first");
+        let rows: [&[i32]; 2] = [&[0, 2, 5], &[1, 3]];
+        let m = shared_mask(&rows, 6, None);
+        assert_eq!(m.shape(), [2, 6]);
+        let want = [true, false, true, false, false, true, false, true, false, true, false, false];
+        assert_eq!(m.as_slice::<bool>(), want);
+        // Window 2: the query at position 2 sees positions 1 and 2 (cells 2 and 5).
+        let m = shared_mask(&rows, 6, Some(2));
+        let want = [false, false, true, false, false, true, false, true, false, true, false, false];
+        assert_eq!(m.as_slice::<bool>(), want);
+        kv.release(&[0, 1, 2, 3, 4]);
+        assert_eq!((kv.capacity(), kv.used(), kv.high_water()), (0, 0, 0), "all memory back");
+    }
+
+    /// Written keys and values stay with their sequence through a compaction, which gives the
+    /// free cells' memory back.
+    #[test]
+    fn shared_cache_compaction_keeps_each_sequence() {
+        let mut kv = SharedKv::empty(1, 1, 2);
+        let mut a = kv.alloc(2).unwrap();
+        let big = kv.alloc(600).unwrap();
+        let mut b = kv.alloc(1).unwrap();
+        assert_eq!(kv.capacity(), 768);
+        // One step writing a's second and b's first cell: key = [10 c, 1], value = [-c, 2].
+        let cells = [a[1], b[0]];
+        let k: Vec<f32> = cells.iter().flat_map(|&c| [10.0 * c as f32, 1.0]).collect();
+        let v: Vec<f32> = cells.iter().flat_map(|&c| [-(c as f32), 2.0]).collect();
+        let idx = Array::from_slice(&cells, &[2]);
+        let (k, v) = (Array::from_slice(&k, &[2, 1, 1, 2]), Array::from_slice(&v, &[2, 1, 1, 2]));
+        kv.write(0, &idx, &k, &v, kv.high_water()).unwrap();
+        let (old_a, old_b) = (a[1], b[0]);
+        kv.release(&big);
+        assert!(kv.compact(&mut [&mut a, &mut b]).unwrap());
+        assert_eq!((a.clone(), b.clone()), (vec![0, 1], vec![2]));
+        assert_eq!(
+            (kv.capacity(), kv.used(), kv.high_water()),
+            (512, 3, 3),
+            "what is live, rounded up, plus a step"
+        );
+        let keys = kv.keys[0].try_index((0, 0, .., ..)).unwrap();
+        let vals = kv.values[0].try_index((0, 0, .., ..)).unwrap();
+        let (keys, vals) = (keys.as_slice::<f32>(), vals.as_slice::<f32>());
+        assert_eq!(&keys[2..4], [10.0 * old_a as f32, 1.0]);
+        assert_eq!(&vals[4..6], [-(old_b as f32), 2.0]);
+        assert!(!kv.compact(&mut [&mut a, &mut b]).unwrap(), "nothing left to give back");
+    }
 
     #[test]
     fn sliding_layers_follow_layer_types_else_the_family_rule() {

@@ -61,10 +61,7 @@ impl Loaded {
     /// layer and KV head (see `llama::KvCache`); an encoder keeps none.
     fn kv_bytes_per_token(&self) -> u64 {
         match self {
-            Loaded::Llama { model, .. } => {
-                let c = &model.cfg;
-                c.n_layers as u64 * c.n_kv_heads.max(0) as u64 * c.head_dim.max(0) as u64 * 2 * 4
-            }
+            Loaded::Llama { model, .. } => model.kv_bytes_per_position(),
             Loaded::Bert(_) => 0,
         }
     }
