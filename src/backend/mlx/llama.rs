@@ -1385,8 +1385,8 @@ impl KvCache {
 }
 
 /// The keys and values of every sequence a decoder decodes together, in one buffer of `cap`
-/// cells per layer for keys and one for values (`[1, nkv, cap, hd]`); a cell holds one
-/// position of one sequence, and each sequence keeps the list of its cells in position order.
+/// cells per layer for keys and one for values (`[cap, nkv, hd]`, cell-major, so that a
+/// cell's values are contiguous for the gathers); a cell holds one position of one sequence, and each sequence keeps the list of its cells in position order.
 /// Cells are handed out lowest first and taken back when a sequence leaves, so the buffers
 /// hold about the sum of the live sequences' lengths (no padding to the longest, unlike a
 /// `[B, nkv, longest, hd]` layout), growing by [`SharedKv::STEP`] cells; [`SharedKv::compact`]
@@ -1456,12 +1456,12 @@ impl SharedKv {
         }
         let cap = (cap + Self::STEP - 1) / Self::STEP * Self::STEP;
         let extra = cap - self.cap;
-        let zeros = Array::zeros::<f32>(&[1, self.n_kv_heads, extra, self.head_dim]).context("kv")?;
+        let zeros = Array::zeros::<f32>(&[extra, self.n_kv_heads, self.head_dim]).context("kv")?;
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             *buf = if self.cap == 0 {
                 zeros.clone()
             } else {
-                ops::concatenate(&[&*buf, &zeros], 2).context("grow kv")?
+                ops::concatenate(&[&*buf, &zeros], 0).context("grow kv")?
             };
         }
         self.free.extend((self.cap..cap).map(std::cmp::Reverse));
@@ -1518,17 +1518,17 @@ impl SharedKv {
         for (li, (k, v)) in solo.keys.iter().zip(&solo.values).enumerate() {
             let (k, v) = (k.as_ref().context("prefill cache")?, v.as_ref().context("prefill cache")?);
             for (buf, src) in [(&mut self.keys[li], k), (&mut self.values[li], v)] {
-                let src = src.try_index((.., .., 0..n, ..)).context("kv read")?;
+                // [1, nkv, n, hd] -> [n, nkv, hd], the cells' layout.
+                let src = src
+                    .try_index((0, .., 0..n, ..))
+                    .context("kv read")?
+                    .transpose_axes(&[1, 0, 2])
+                    .context("transpose")?;
                 if contiguous {
-                    buf.try_index_mut((.., .., cells[0]..cells[0] + n, ..), &src).context("kv adopt")?;
+                    buf.try_index_mut(cells[0]..cells[0] + n, &src).context("kv adopt")?;
                 } else {
-                    // [1, nkv, n, hd] -> updates [n, 1, nkv, 1, hd] for a scatter on axis 2.
-                    let upd = src
-                        .transpose_axes(&[2, 0, 1, 3])
-                        .context("transpose")?
-                        .reshape(&[n, 1, self.n_kv_heads, 1, self.head_dim])
-                        .context("reshape")?;
-                    *buf = ops::indexing::scatter_single(&*buf, &idx, &upd, 2).context("kv adopt")?;
+                    let upd = src.reshape(&[n, 1, self.n_kv_heads, self.head_dim]).context("reshape")?;
+                    *buf = ops::indexing::scatter_single(&*buf, &idx, &upd, 0).context("kv adopt")?;
                 }
             }
         }
@@ -1539,8 +1539,8 @@ impl SharedKv {
     fn write(&mut self, layer: usize, cells: &Array, k: &Array, v: &Array) -> Res<()> {
         let b = cells.shape()[0];
         for (buf, new) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            let upd = new.reshape(&[b, 1, self.n_kv_heads, 1, self.head_dim]).context("reshape")?;
-            *buf = ops::indexing::scatter_single(&*buf, cells, &upd, 2).context("kv write")?;
+            let upd = new.reshape(&[b, 1, self.n_kv_heads, self.head_dim]).context("reshape")?;
+            *buf = ops::indexing::scatter_single(&*buf, cells, &upd, 0).context("kv write")?;
         }
         Ok(())
     }
@@ -1549,11 +1549,11 @@ impl SharedKv {
     fn gather(&self, layer: usize, g: &Gather) -> Res<(Array, Array)> {
         let (nkv, hd) = (self.n_kv_heads, self.head_dim);
         let one = |buf: &Array| -> Res<Array> {
-            buf.take_axis(&g.idx, 2)
+            buf.take_axis(&g.idx, 0)
                 .context("kv gather")?
-                .reshape(&[nkv, g.rows, g.len, hd])
+                .reshape(&[g.rows, g.len, nkv, hd])
                 .context("reshape")?
-                .transpose_axes(&[1, 0, 2, 3])
+                .transpose_axes(&[0, 2, 1, 3])
                 .context("transpose")
         };
         Ok((one(&self.keys[layer])?, one(&self.values[layer])?))
@@ -1571,10 +1571,10 @@ impl SharedKv {
         let n = order.len() as i32;
         let cap = (n + Self::STEP + Self::STEP - 1) / Self::STEP * Self::STEP;
         let idx = Array::from_slice(&order, &[n]);
-        let pad = Array::zeros::<f32>(&[1, self.n_kv_heads, cap - n, self.head_dim]).context("kv")?;
+        let pad = Array::zeros::<f32>(&[cap - n, self.n_kv_heads, self.head_dim]).context("kv")?;
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let kept = buf.take_axis(&idx, 2).context("compact kv")?;
-            *buf = ops::concatenate(&[&kept, &pad], 2).context("compact kv")?;
+            let kept = buf.take_axis(&idx, 0).context("compact kv")?;
+            *buf = ops::concatenate(&[&kept, &pad], 0).context("compact kv")?;
         }
         eval_all(self.keys.iter().chain(&self.values))?;
         let mut next = 0;
