@@ -359,47 +359,139 @@ async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
     }
 }
 
-/// Issue 9: concurrent generations on one model decode together (continuous batching) and each
-/// gets exactly what it would get alone: greedy text, finish reason and token counts, for
-/// prompts of different lengths and budgets joining at different times; a long prompt's chunked
-/// prefill and a sampled (seeded) request among them change nothing for the others.
+/// Issue 9: generations decoded together (one shared KV cache, batched linear layers, each
+/// row attending to its own cells) give exactly what each gives alone: six greedy prompts of
+/// different lengths (one of 330 tokens, prefilled in three chunks between the others' decode
+/// steps) with different budgets and a stop string, plus a seeded sampled request among them;
+/// then a seventh joins while the others are mid-stream and changes none of them. Compared:
+/// text, finish reason, prompt and completion tokens.
 #[tokio::test]
 async fn batched_generations_equal_their_solo_runs() {
     let model = backend().load_model(&spec(SMOLLM)).await.unwrap();
     let h: Arc<dyn ModelHandle> = model.clone();
     let long = "Tell me about the history of the printing press in Europe. ".repeat(30);
-    let prompts: Vec<(String, u32)> = vec![
-        ("What is the capital of France?".into(), 24),
-        ("Write one sentence about the sea.".into(), 16),
-        (long, 12),
-        ("Count from one to five.".into(), 20),
+    let prompts: Vec<(String, u32, Vec<String>)> = vec![
+        ("What is the capital of France?".into(), 24, vec![]),
+        ("Write one sentence about the sea.".into(), 16, vec![]),
+        (long, 12, vec![]),
+        ("Count from one to five.".into(), 20, vec![]),
+        ("Name three colours.".into(), 28, vec![",".into()]),
+        ("Describe a cat in a few words, please, for a small child who likes animals.".into(), 18, vec![]),
     ];
-    let req = |p: &str, n: u32| GenerateRequest::greedy(Prompt::Text(p.to_string()), n);
+    let req = |p: &str, n: u32, stop: &[String]| GenerateRequest {
+        stop: stop.to_vec(),
+        ..GenerateRequest::greedy(Prompt::Text(p.to_string()), n)
+    };
+    let joiner = ("Why is the sky blue?".to_string(), 20u32, Vec::<String>::new());
     let mut solo = Vec::new();
-    for (p, n) in &prompts {
-        solo.push(collect(&h, req(p, *n)).await);
+    for (p, n, stop) in prompts.iter().chain([&joiner]) {
+        solo.push(collect(&h, req(p, *n, stop)).await);
     }
     assert_eq!(model.peak_batch(), 1, "one at a time so far");
+    assert!(
+        solo[4].2 == FinishReason::Stop || !solo[4].0.contains(','),
+        "the stop string applies: {:?}",
+        solo[4]
+    );
     // All at once, plus a sampled request that must not disturb the greedy ones.
-    let sampled =
-        GenerateRequest { temperature: 0.8, top_p: 0.9, seed: Some(7), ..req("Say something.", 16) };
+    let sampled = GenerateRequest {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: Some(7),
+        ..GenerateRequest::greedy(Prompt::Text("Say something.".into()), 16)
+    };
     let mut tasks = Vec::new();
-    for (p, n) in &prompts {
-        let (h, r) = (h.clone(), req(p, *n));
+    for (p, n, stop) in &prompts {
+        let (h, r) = (h.clone(), req(p, *n, stop));
         tasks.push(tokio::spawn(async move { collect(&h, r).await }));
     }
     let s = {
         let h = h.clone();
         tokio::spawn(async move { collect(&h, sampled).await })
     };
+    // The joiner starts once the batch is decoding (some tokens out), before it ends.
+    let started = std::time::Instant::now();
+    while model.active_sequences() < 4 && started.elapsed() < std::time::Duration::from_secs(60) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let late = collect(&h, req(&joiner.0, joiner.1, &joiner.2)).await;
     for (t, want) in tasks.into_iter().zip(&solo) {
         let got = t.await.unwrap();
         assert_eq!((&got.0, got.2, got.3, got.4), (&want.0, want.2, want.3, want.4));
     }
+    assert_eq!(
+        (&late.0, late.2, late.3, late.4),
+        (&solo[6].0, solo[6].2, solo[6].3, solo[6].4),
+        "the joiner"
+    );
     let s = s.await.unwrap();
     assert!(s.4 >= 1 && s.4 <= 16, "the sampled request ran: {s:?}");
-    assert!(model.peak_batch() >= 3, "they decoded together: peak batch {}", model.peak_batch());
+    assert!(model.peak_batch() >= 4, "they decoded together: peak batch {}", model.peak_batch());
+    assert_eq!(model.kv_bytes(), 0, "every cell is given back once no sequence is left");
     assert!(h.unload().await.unwrap() > 400_000_000);
+}
+
+/// Issue 9: streams dropped mid-batch (the client went away) leave at once and give their KV
+/// memory back (measured: the decoder's cache bytes shrink while the others go on), and the
+/// streams left still give exactly their solo results.
+#[tokio::test]
+async fn cancelled_streams_leave_the_batch_and_free_their_kv() {
+    let model = backend().load_model(&spec(SMOLLM)).await.unwrap();
+    let h: Arc<dyn ModelHandle> = model.clone();
+    fn req(i: usize, n: u32) -> GenerateRequest {
+        let p = format!("Story {i}: {}", "Once upon a time there was a small town by a river. ".repeat(50));
+        GenerateRequest::greedy(Prompt::Text(p), n)
+    }
+    let keep_solo = [collect(&h, req(0, 48)).await, collect(&h, req(1, 48)).await];
+    let (p0, p1) = (keep_solo[0].3, keep_solo[1].3);
+    assert!(p0 > 500 && p1 > 500, "long prompts: {p0} {p1}");
+    // Two streams to drop and two to keep, all in one batch.
+    let mut drop_streams = Vec::new();
+    for i in 2..4 {
+        drop_streams.push(h.generate(req(i, 400)).await.unwrap());
+    }
+    let keep: Vec<_> = (0..2)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { collect(&h, req(i, 48)).await })
+        })
+        .collect();
+    for s in &mut drop_streams {
+        let mut deltas = 0;
+        while deltas < 3 {
+            if let Some(Ok(GenerateEvent::Delta(_))) = s.next().await {
+                deltas += 1;
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    while model.active_sequences() < 4 && started.elapsed() < std::time::Duration::from_secs(60) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before = model.kv_bytes();
+    let per_position = h.kv_bytes_per_token().unwrap();
+    assert!(before >= 4 * 500 * per_position, "four long sequences cached: {before}");
+    drop(drop_streams);
+    let started = std::time::Instant::now();
+    while model.active_sequences() > 2 && started.elapsed() < std::time::Duration::from_secs(60) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let after = model.kv_bytes();
+    // What is left: the two kept sequences' cells, rounded up to the cache's step of 256 cells,
+    // plus at most one step of room (compaction's hysteresis).
+    let left = u64::from(p0 + p1 + 2 * 48 + 2 * 256) * per_position;
+    assert!(
+        after < before && after <= left,
+        "the dropped streams' cells are given back: {before} -> {after} bytes (bound {left})"
+    );
+    for (t, want) in keep.into_iter().zip(&keep_solo) {
+        let got = t.await.unwrap();
+        assert_eq!((&got.0, got.2, got.3, got.4), (&want.0, want.2, want.3, want.4));
+    }
+    assert_eq!(model.kv_bytes(), 0);
+    h.unload().await.unwrap();
 }
 
 /// Issue 9: embedding requests that arrive while another is being served are embedded together
