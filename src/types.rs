@@ -196,3 +196,22 @@ impl ModelSpec {
         self
     }
 }
+
+/// What a backend's scheduler is doing for one loaded model, as the backend reports it (the
+/// admin API's `serving` field per model and the `modelpool_backend_*` gauges). A snapshot:
+/// each number is as of the scheduler's last iteration, not a promise about the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServingStatus {
+    /// Requests the model serves at once now (a decoder: sequences in its batch, prefilling or
+    /// decoding; an encoder: requests in the call it is running).
+    pub running: u64,
+    /// Requests waiting in the model's own bounded queue behind those (beyond `max_parallel`).
+    pub waiting: u64,
+    /// The most requests it serves at once (a decoder's batch size limit; an encoder gathers
+    /// what waits into one call).
+    pub max_parallel: u64,
+    /// The most requests it has served in one step so far.
+    pub peak_batch: u64,
+    /// Bytes its KV caches hold now (allocated, live or free; 0 for an encoder).
+    pub kv_cache_bytes: u64,
+}

@@ -350,6 +350,11 @@ async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
         }
         let smol = status.models.iter().find(|m| &*m.id == SMOLLM).unwrap();
         assert!(smol.ledger_bytes > 450_000_000, "{smol:?}");
+        // The backend's scheduler view (issue 9): idle now, batch limit 8, its cache given back.
+        let serving = smol.serving.expect("the MLX backend reports its scheduler");
+        assert_eq!((serving.running, serving.waiting, serving.max_parallel), (0, 0, 8), "{serving:?}");
+        assert_eq!(serving.kv_cache_bytes, 0, "{serving:?}");
+        assert!(serving.peak_batch >= 1, "{serving:?}");
         let r = pool.unload(SMOLLM, false).await.unwrap();
         assert!(r.unloaded_now);
         assert!(r.freed_bytes.unwrap() > 400_000_000, "{r:?}");

@@ -143,6 +143,12 @@ pub trait ModelHandle: Send + Sync + 'static {
         None
     }
 
+    /// What the model's scheduler is doing now (requests running and waiting in its own queue,
+    /// KV bytes). `None` (the default) for a backend without one.
+    fn serving(&self) -> Option<crate::types::ServingStatus> {
+        None
+    }
+
     /// Start a generation. Text-gen and vision models; others return `Unsupported`.
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError>;
 

@@ -276,6 +276,36 @@ impl Metrics {
             let _ = writeln!(o, "modelpool_model_kv_bytes{{model=\"{}\"}} {}", escape(&m.id), m.kv_bytes);
         }
 
+        let serving: Vec<_> =
+            status.models.iter().filter_map(|m| Some((escape(&m.id), m.serving?))).collect();
+        type Field = fn(&crate::types::ServingStatus) -> u64;
+        let per_model: [(&str, &str, Field); 4] = [
+            (
+                "modelpool_backend_running",
+                "Requests the backend serves at once on each model now (a decoder's batch).",
+                |s| s.running,
+            ),
+            (
+                "modelpool_backend_waiting",
+                "Requests waiting in each model's own bounded queue beyond its max_parallel.",
+                |s| s.waiting,
+            ),
+            ("modelpool_backend_max_parallel", "Most requests each model serves at once.", |s| {
+                s.max_parallel
+            }),
+            (
+                "modelpool_backend_kv_cache_bytes",
+                "Bytes each model's KV caches hold now (allocated, live or free).",
+                |s| s.kv_cache_bytes,
+            ),
+        ];
+        for (name, help, value) in per_model {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (id, s) in &serving {
+                let _ = writeln!(o, "{name}{{model=\"{id}\"}} {}", value(s));
+            }
+        }
+
         let _ = writeln!(
             o,
             "# HELP modelpool_load_seconds Backend load duration, successful loads.\n# TYPE modelpool_load_seconds histogram"

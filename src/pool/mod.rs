@@ -661,7 +661,14 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
             over_limit: ledger.used() > ledger.limit,
             stats: core.state.stats().clone(),
             shutting_down: self.inner.shutting_down.load(Ordering::SeqCst),
-            models: core.state.models_status(),
+            models: {
+                let mut models = core.state.models_status();
+                for m in &mut models {
+                    let handle = core.state.slot(&m.id).and_then(|s| core.handles.get(s as usize)?.as_ref());
+                    m.serving = handle.and_then(|h| h.serving());
+                }
+                models
+            },
             config: {
                 let c = core.state.config();
                 ConfigSummary {

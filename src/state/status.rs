@@ -101,6 +101,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             hits: e.hits,
             loads: e.loads,
             score: if e.phase == Phase::Resident { self.policy.score(slot) } else { None },
+            serving: None,
         }
     }
 

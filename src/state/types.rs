@@ -318,6 +318,10 @@ pub struct ModelStatus {
     pub loads: u64,
     /// The policy's score, when resident and the policy has one.
     pub score: Option<f64>,
+    /// What the backend serves on it now (the pool fills it from the loaded model's handle;
+    /// the engine alone, e.g. in the simulator, leaves it `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving: Option<crate::types::ServingStatus>,
 }
 
 impl Rejection {

@@ -361,6 +361,22 @@ async fn a_directory_model_is_served_over_the_openai_api() {
     assert_eq!(m["phase"], "resident");
     assert_eq!(m["kv_bytes_per_token"], 46_080);
     assert!(m["measured"].as_u64().unwrap() > 100_000_000, "{m}");
+    // The backend's scheduler (issue 9): idle, batch limit 8 (the default), nothing queued.
+    let serving = &m["serving"];
+    assert_eq!(
+        (&serving["running"], &serving["waiting"], &serving["max_parallel"]),
+        (&0.into(), &0.into(), &8.into())
+    );
+    let metrics = warp::test::request().path("/metrics").reply(&routes).await;
+    let metrics = String::from_utf8(metrics.body().to_vec()).unwrap();
+    for line in [
+        format!("modelpool_backend_running{{model=\"{id}\"}} 0"),
+        format!("modelpool_backend_waiting{{model=\"{id}\"}} 0"),
+        format!("modelpool_backend_max_parallel{{model=\"{id}\"}} 8"),
+        format!("modelpool_backend_kv_cache_bytes{{model=\"{id}\"}} 0"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     let models: Value =
         serde_json::from_slice(warp::test::request().path("/v1/models").reply(&routes).await.body()).unwrap();
     assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == id));

@@ -13,7 +13,7 @@ use super::worker::{self, Command, Probe, ProbeInput};
 use crate::backend::{
     Backend, BackendError, Embeddings, GenerateRequest, GenerateStream, ModelHandle, Prompt, check_type,
 };
-use crate::types::{ModelSpec, ModelType};
+use crate::types::{ModelSpec, ModelType, ServingStatus};
 
 /// Real inference through mlx-rs. Cheap to share behind an `Arc<dyn Backend>`.
 #[derive(Debug, Clone, Default)]
@@ -145,6 +145,10 @@ impl MlxBackend {
             kv_per_token,
             tx: Mutex::new(Some(tx)),
             stream_buffer: self.options.stream_buffer.max(1),
+            max_parallel: match spec.model_type {
+                ModelType::Embeddings => worker::EMBED_BATCH_INPUTS as u64,
+                _ => self.options.max_batch.max(1) as u64,
+            },
             counters,
         }))
     }
@@ -174,6 +178,8 @@ pub struct MlxModel {
     /// The worker's bounded command queue; `None` after unload.
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     stream_buffer: usize,
+    /// [`ServingStatus::max_parallel`].
+    max_parallel: u64,
     /// Tokens sampled by [`ModelHandle::generate`] calls so far.
     counters: Arc<Counters>,
 }
@@ -263,6 +269,19 @@ impl ModelHandle for MlxModel {
 
     fn kv_bytes_per_token(&self) -> Option<u64> {
         Some(self.kv_per_token)
+    }
+
+    fn serving(&self) -> Option<ServingStatus> {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = guard.as_ref().map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        drop(guard);
+        Some(ServingStatus {
+            running: self.active_sequences(),
+            waiting: waiting as u64,
+            max_parallel: self.max_parallel,
+            peak_batch: self.peak_batch(),
+            kv_cache_bytes: self.kv_bytes(),
+        })
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {

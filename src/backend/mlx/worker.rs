@@ -231,7 +231,9 @@ fn serve_in_order(
                     }
                 }
                 counters.peak_batch.fetch_max(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                counters.active.store(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 embed_group(b, group);
+                counters.active.store(0, std::sync::atomic::Ordering::Relaxed);
             }
             Command::Probe { reply, .. } => {
                 let _ = reply.send(Err(unsupported("probing")));
@@ -242,7 +244,7 @@ fn serve_in_order(
 }
 
 /// Most inputs one gathered embedding group holds (several requests' inputs together).
-const EMBED_BATCH_INPUTS: usize = 256;
+pub(super) const EMBED_BATCH_INPUTS: usize = 256;
 
 type EmbedReply = oneshot::Sender<Result<Embeddings, BackendError>>;
 
