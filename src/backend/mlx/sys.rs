@@ -319,10 +319,15 @@ mod few_rows {
     /// Products computed here so far (tests check that MLX's calls arrive).
     pub static CALLS: AtomicU64 = AtomicU64::new(0);
 
-    /// Whether this CPU has what the kernel uses.
+    /// Whether this CPU has what the kernel uses, and `MODELPOOL_GEMM` is not `blas` (which
+    /// sends every product to the BLAS, for comparisons; read once per process).
     pub fn available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *OK.get_or_init(|| {
+            std::env::var("MODELPOOL_GEMM").map_or(true, |v| v != "blas")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
     }
 
     /// The helper thread's mailbox. A caller that wins `busy` writes `job`, then publishes
