@@ -351,7 +351,17 @@ async fn pool_loads_generates_unloads_and_reloads_with_measured_sizes() {
         let smol = status.models.iter().find(|m| &*m.id == SMOLLM).unwrap();
         assert!(smol.ledger_bytes > 450_000_000, "{smol:?}");
         // The backend's scheduler view (issue 9): idle now, batch limit 8, its cache given back.
-        let serving = smol.serving.expect("the MLX backend reports its scheduler");
+        // A snapshot as of the scheduler's last iteration: wait for the one that retires the
+        // finished request.
+        let mut serving = smol.serving.expect("the MLX backend reports its scheduler");
+        for _ in 0..500 {
+            if serving.running == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let st = pool.status();
+            serving = st.models.iter().find(|m| &*m.id == SMOLLM).and_then(|m| m.serving).unwrap();
+        }
         assert_eq!((serving.running, serving.waiting, serving.max_parallel), (0, 0, 8), "{serving:?}");
         assert_eq!(serving.kv_cache_bytes, 0, "{serving:?}");
         assert!(serving.peak_batch >= 1, "{serving:?}");

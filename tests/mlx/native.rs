@@ -357,6 +357,19 @@ async fn a_directory_model_is_served_over_the_openai_api() {
     let pool_json: Value =
         serde_json::from_slice(warp::test::request().path("/admin/pool").reply(&routes).await.body())
             .unwrap();
+    // The serving numbers are the scheduler's snapshot as of its last iteration: wait for the
+    // iteration that retires the finished request.
+    let mut pool_json = pool_json;
+    for _ in 0..500 {
+        let m = pool_json["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap();
+        if m["serving"]["running"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        pool_json =
+            serde_json::from_slice(warp::test::request().path("/admin/pool").reply(&routes).await.body())
+                .unwrap();
+    }
     let m = pool_json["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap();
     assert_eq!(m["phase"], "resident");
     assert_eq!(m["kv_bytes_per_token"], 46_080);
