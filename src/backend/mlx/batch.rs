@@ -396,9 +396,8 @@ fn decode_together(
     idx: &[usize],
     ids: &[u32],
 ) -> super::Res<Vec<Array>> {
-    for &i in idx {
-        let cell = kv.alloc(1)?;
-        active[i].cells.extend(cell);
+    for (&i, cell) in idx.iter().zip(kv.alloc(idx.len())?) {
+        active[i].cells.push(cell);
     }
     let rows: Vec<&[i32]> = idx.iter().map(|&i| active[i].cells.as_slice()).collect();
     let logits = model.forward_shared(ids, kv, &rows)?;

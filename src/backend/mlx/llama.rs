@@ -1099,25 +1099,40 @@ impl Llama {
             return fast::scaled_dot_product_attention(q, keys, values, scale, mask, None)
                 .context("attention");
         };
-        // mlx-lm's gemma2 Attention: q * scale, grouped heads, scores soft-capped, then the
-        // boolean mask as the dtype's minimum, a precise softmax, and the values.
+        let mask = (t > 1).then(|| masks.get(offset, t, start, l.window).clone());
+        self.softcapped(q, keys, values, cap, mask.as_ref())
+    }
+
+    /// mlx-lm's gemma2 Attention, explicitly: q (`[B, nh, t, hd]`) times the scale, grouped
+    /// heads over `keys`/`values` (`[B, nkv, n, hd]`), scores soft-capped at `cap`, then the
+    /// boolean `mask` (broadcastable to `[B, t, n]`; none: every key) as the dtype's minimum, a
+    /// precise softmax, and the values. Returns `[B, nh, t, hd]`.
+    fn softcapped(
+        &self,
+        q: &Array,
+        keys: &Array,
+        values: &Array,
+        cap: f32,
+        mask: Option<&Array>,
+    ) -> Res<Array> {
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
-        let rep = nh / nkv;
+        let (b, t) = (q.shape()[0], q.shape()[2]);
         let q = q
-            .multiply(Array::from_f32(scale))
+            .multiply(Array::from_f32(self.cfg.attn_scale))
             .context("scale q")?
-            .reshape(&[1, nkv, rep, t, hd])
+            .reshape(&[b, nkv, nh / nkv, t, hd])
             .context("reshape")?;
         let k = ops::expand_dims(keys, 2).context("expand")?;
         let v = ops::expand_dims(values, 2).context("expand")?;
         let scores = q.matmul(k.swap_axes(-1, -2).context("swap")?).context("scores")?;
         let mut scores = softcap(&scores, cap)?;
-        if t > 1 {
-            let mask = masks.get(offset, t, start, l.window);
-            scores = ops::select(mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
+        if let Some(mask) = mask {
+            // [.., t, n] -> [.., 1, t, n]: the same mask for every head of a group.
+            let mask = ops::expand_dims(mask, -3).context("expand mask")?;
+            scores = ops::select(&mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
         }
         let probs = ops::softmax_axis(&scores, -1, true).context("softmax")?;
-        probs.matmul(&v).context("attention")?.reshape(&[1, nh, t, hd]).context("reshape")
+        probs.matmul(&v).context("attention")?.reshape(&[b, nh, t, hd]).context("reshape")
     }
 
     /// The attention output (Gemma: normed) added to the residual stream.
@@ -1243,26 +1258,14 @@ impl Llama {
     /// [`Self::attend`] (Gemma 2's soft-capped scores explicitly, else
     /// `fast::scaled_dot_product_attention`).
     fn attend_masked(&self, q: &Array, keys: &Array, values: &Array, mask: &Array) -> Res<Array> {
-        let b = q.shape()[0];
-        let scale = self.cfg.attn_scale;
-        let Some(cap) = self.cfg.attn_softcap else {
-            let mask = ScaledDotProductAttentionMask::Array(mask);
-            return fast::scaled_dot_product_attention(q, keys, values, scale, Some(mask), None)
-                .context("attention");
-        };
-        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
-        let q = q
-            .multiply(Array::from_f32(scale))
-            .context("scale q")?
-            .reshape(&[b, nkv, nh / nkv, 1, hd])
-            .context("reshape")?;
-        let k = ops::expand_dims(keys, 2).context("expand")?;
-        let v = ops::expand_dims(values, 2).context("expand")?;
-        let scores = softcap(&q.matmul(k.swap_axes(-1, -2).context("swap")?).context("scores")?, cap)?;
-        let mask = ops::expand_dims(mask, 1).context("expand mask")?; // [B, 1, 1, 1, L]
-        let scores = ops::select(&mask, &scores, Array::from_f32(f32::MIN)).context("mask")?;
-        let probs = ops::softmax_axis(&scores, -1, true).context("softmax")?;
-        probs.matmul(&v).context("attention")?.reshape(&[b, nh, 1, hd]).context("reshape")
+        match self.cfg.attn_softcap {
+            Some(cap) => self.softcapped(q, keys, values, cap, Some(mask)),
+            None => {
+                let mask = ScaledDotProductAttentionMask::Array(mask);
+                fast::scaled_dot_product_attention(q, keys, values, self.cfg.attn_scale, Some(mask), None)
+                    .context("attention")
+            }
+        }
     }
 }
 
