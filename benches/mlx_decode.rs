@@ -519,10 +519,10 @@ async fn concurrent_streams(h: &Arc<dyn ModelHandle>, n: usize, tokens: u32) -> 
         .map(|i| {
             let h = h.clone();
             tokio::spawn(async move {
-                let msgs = vec![modelpool::backend::ChatMessage {
-                    role: "user".into(),
-                    content: format!("Tell me a long story about the number {i}."),
-                }];
+                let msgs = vec![modelpool::backend::ChatMessage::text(
+                    "user",
+                    format!("Tell me a long story about the number {i}."),
+                )];
                 let mut req = GenerateRequest::greedy(Prompt::Chat(msgs), tokens);
                 req.stop = Vec::new();
                 let mut s = h.generate(req).await.unwrap();

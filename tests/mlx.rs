@@ -146,7 +146,7 @@ async fn text_generation_matches_reference() {
     for item in reference["items"].as_array().unwrap() {
         let prompt_text = item["prompt"].as_str().unwrap();
         let prompt = if item["kind"] == "chat" {
-            Prompt::Chat(vec![ChatMessage { role: "user".into(), content: prompt_text.into() }])
+            Prompt::Chat(vec![ChatMessage::text("user", prompt_text)])
         } else {
             Prompt::Text(prompt_text.into())
         };
@@ -230,10 +230,7 @@ fn pearson(a: &[f64], b: &[f64]) -> f64 {
 async fn sampling_stops_limits_and_cancellation() {
     let model = backend().load_model(&spec(SMOLLM)).await.unwrap();
     let h: Arc<dyn ModelHandle> = model.clone();
-    let chat = Prompt::Chat(vec![ChatMessage {
-        role: "user".into(),
-        content: "Tell me a long story about a dragon.".into(),
-    }]);
+    let chat = Prompt::Chat(vec![ChatMessage::text("user", "Tell me a long story about a dragon.")]);
 
     // Same seed, same text; a different seed differs; a max_tokens bound finishes with Length.
     let sampled = |seed| GenerateRequest {

@@ -40,13 +40,84 @@ pub enum BackendError {
     Gone,
 }
 
-/// One chat message (`role` is `system`, `user` or `assistant`).
+/// A decoded input image: 8-bit RGB, row-major, `width * height * 3` bytes, shared cheaply.
+///
+/// The HTTP layer makes these from the client's bytes (alpha composited over white, as the
+/// reference image processors do); a backend resizes and normalises them itself. Neither
+/// dimension is 0 and the buffer length is exact: [`Image::new`] guarantees both.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Image {
+    width: u32,
+    height: u32,
+    rgb: Arc<[u8]>,
+}
+
+impl Image {
+    /// An image of `width` x `height` RGB pixels; `None` when a dimension is 0 or `rgb` is not
+    /// exactly `width * height * 3` bytes.
+    pub fn new(width: u32, height: u32, rgb: Vec<u8>) -> Option<Self> {
+        let want = (width as usize).checked_mul(height as usize)?.checked_mul(3)?;
+        (width > 0 && height > 0 && rgb.len() == want).then(|| Self { width, height, rgb: rgb.into() })
+    }
+
+    /// Width in pixels (at least 1).
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    /// Height in pixels (at least 1).
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// The pixels, row-major, 3 bytes (R, G, B) each.
+    pub fn rgb(&self) -> &[u8] {
+        &self.rgb
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({}x{})", self.width, self.height)
+    }
+}
+
+/// One piece of a chat message's content, in the order the client sent them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentPiece {
+    /// A text part.
+    Text(String),
+    /// An image part.
+    Image(Image),
+}
+
+/// One chat message (`role` is `system`, `user`, `assistant` or `tool`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Speaker role.
     pub role: String,
-    /// Plain-text content.
+    /// The text of the message: its text parts joined by newlines. What a model that takes no
+    /// images sees.
     pub content: String,
+    /// The message's parts in order, when it has at least one image; empty otherwise (then
+    /// `content` is the whole message). Never serialised: images stay in memory.
+    #[serde(skip)]
+    pub pieces: Vec<ContentPiece>,
+}
+
+impl ChatMessage {
+    /// A text-only message.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), pieces: Vec::new() }
+    }
+
+    /// The message's images, in order.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.pieces.iter().filter_map(|p| match p {
+            ContentPiece::Image(i) => Some(i),
+            ContentPiece::Text(_) => None,
+        })
+    }
 }
 
 /// What to generate from: raw text, or chat messages that the backend renders with the model's

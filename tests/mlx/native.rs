@@ -43,10 +43,7 @@ fn prompt_of(item: &Value) -> Prompt {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| ChatMessage {
-                    role: m["role"].as_str().unwrap().into(),
-                    content: m["content"].as_str().unwrap().into(),
-                })
+                .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
                 .collect(),
         )
     } else {
@@ -227,7 +224,7 @@ async fn four_bit_directory_kept_quantized() {
 #[tokio::test]
 async fn eight_bit_directory_answers_the_chat_question() {
     let h = backend().load(&dir_spec("SmolLM2-135M-Instruct-8bit")).await.unwrap();
-    let q = vec![ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }];
+    let q = vec![ChatMessage::text("user", "What is the capital of France?")];
     let (text, _, finish, _, _) = collect(&h, GenerateRequest::greedy(Prompt::Chat(q), 32)).await;
     assert_eq!(text, "The capital of France is Paris.");
     assert_eq!(finish, FinishReason::Stop);
@@ -348,7 +345,7 @@ async fn a_directory_model_is_served_over_the_openai_api() {
     let v: Value = serde_json::from_slice(r.body()).unwrap();
     let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
     let lease = pool.acquire(id).await.unwrap();
-    let msgs = vec![ChatMessage { role: "user".into(), content: question.into() }];
+    let msgs = vec![ChatMessage::text("user", question)];
     let (want, _, _, _, completion) =
         collect(lease.handle(), GenerateRequest::greedy(Prompt::Chat(msgs), 12)).await;
     drop(lease);

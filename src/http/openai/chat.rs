@@ -61,7 +61,7 @@ fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiErro
             }
         };
         let role = if m.role == "developer" { "system".to_string() } else { m.role };
-        out.push(ChatMessage { role, content });
+        out.push(ChatMessage::text(role, content));
     }
     Ok(out)
 }
