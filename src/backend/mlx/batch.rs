@@ -36,8 +36,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Counters;
-use super::worker::{Command, probe, render_prompt, unsupported};
-use super::{llama, message, sampling, text};
+use super::worker::{Command, Prepared, prepare, probe, unsupported};
+use super::{idefics3, llama, message, sampling, text};
 use crate::backend::{BackendError, FinishReason, GenerateEvent, GenerateRequest, Usage};
 
 /// Prompt tokens processed per scheduler iteration for one sequence.
@@ -59,6 +59,9 @@ struct Seq {
     max_tokens: u32,
     /// Prompt ids; `prefilled` of them are in the cache.
     prompt: Vec<u32>,
+    /// A vision prompt's input embeddings (`[prompt.len(), hidden]`), prefilled instead of the
+    /// ids' embeddings; dropped once the prompt is in.
+    embeds: Option<Array>,
     prefilled: usize,
     /// Logits of the next position, once the prompt is in: sampled at the next iteration.
     logits: Option<Array>,
@@ -121,25 +124,26 @@ impl Seq {
 fn admit(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
+    vision: Option<&idefics3::Idefics3>,
     req: GenerateRequest,
     started: oneshot::Sender<Result<(), BackendError>>,
     events: Events,
 ) -> Option<Seq> {
-    let prepared = render_prompt(tok, &req.prompt).and_then(|ids| {
-        if ids.is_empty() {
+    let prepared = prepare(model, tok, vision, &req.prompt).and_then(|p| {
+        if p.ids.is_empty() {
             return Err(BackendError::InvalidRequest("the prompt is empty".into()));
         }
-        if ids.len() >= model.cfg.context {
+        if p.ids.len() >= model.cfg.context {
             return Err(BackendError::InvalidRequest(format!(
                 "the prompt has {} tokens; the context holds {}",
-                ids.len(),
+                p.ids.len(),
                 model.cfg.context
             )));
         }
-        Ok(ids)
+        Ok(p)
     });
-    let ids = match prepared {
-        Ok(ids) => ids,
+    let Prepared { ids, embeds } = match prepared {
+        Ok(p) => p,
         Err(e) => {
             let _ = started.send(Err(e));
             return None;
@@ -158,6 +162,7 @@ fn admit(
         usage: Usage { prompt_tokens: ids.len() as u32, completion_tokens: 0 },
         max_tokens: req.max_tokens,
         prompt: ids,
+        embeds,
         prefilled: 0,
         logits: None,
         next: None,
@@ -217,6 +222,7 @@ fn sample(
 pub(super) fn serve(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
+    vision: Option<&idefics3::Idefics3>,
     rx: &mut mpsc::Receiver<Command>,
     counters: &Counters,
     max_batch: usize,
@@ -246,14 +252,14 @@ pub(super) fn serve(
             };
             match cmd {
                 Command::Generate { req, started, events } => {
-                    active.extend(admit(model, tok, req, started, events));
+                    active.extend(admit(model, tok, vision, req, started, events));
                 }
                 Command::Embed { reply, .. } => {
                     let _ = reply.send(Err(unsupported("embedding", "a text-gen decoder")));
                 }
                 Command::Probe { input, steps, logit_ids, reply } => {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        probe(model, tok, &input, steps, &logit_ids)
+                        probe(model, tok, vision, &input, steps, &logit_ids)
                     }))
                     .unwrap_or_else(|_| Err(anyhow!("panic during probe")));
                     let _ = reply.send(r.map_err(|e| BackendError::Inference(message(&e))));
@@ -360,9 +366,19 @@ fn step(
         progressed = true;
         let end = (s.prefilled + PREFILL_CHUNK).min(s.prompt.len());
         let chunk = s.prompt[s.prefilled..end].to_vec();
-        match model.forward(&chunk, &mut s.cache) {
+        let out = match &s.embeds {
+            Some(e) => e
+                .try_index(s.prefilled as i32..end as i32)
+                .map_err(anyhow::Error::from)
+                .and_then(|rows| model.forward_embeds(&rows, &mut s.cache)),
+            None => model.forward(&chunk, &mut s.cache),
+        };
+        match out {
             Ok(l) => {
                 s.prefilled = end;
+                if end == s.prompt.len() {
+                    s.embeds = None;
+                }
                 if end == s.prompt.len() {
                     match kv.adopt(&s.cache) {
                         Ok(cells) => {

@@ -17,7 +17,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 use anyhow::Context;
 
 use super::Res;
-use crate::backend::ChatMessage;
+use crate::backend::{ChatMessage, ContentPiece};
 
 /// ChatML, used when a model ships no template (the format SmolLM2 and Qwen use).
 pub(super) const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -166,6 +166,41 @@ impl ChatTemplate {
                 ]))
             })
             .collect();
+        self.render_values(msgs, add_generation_prompt)
+    }
+
+    /// Renders `messages` with every message's content as a list of parts, the way
+    /// vision-language processors call their templates: `{"type": "text", "text": ...}` and
+    /// `{"type": "image"}` in the client's order (a text-only message is one text part).
+    pub fn render_parts(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Res<String> {
+        let text =
+            |t: &str| Value::from(BTreeMap::from([("type", Value::from("text")), ("text", Value::from(t))]));
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let parts: Vec<Value> = if m.pieces.is_empty() {
+                    vec![text(&m.content)]
+                } else {
+                    m.pieces
+                        .iter()
+                        .map(|p| match p {
+                            ContentPiece::Text(t) => text(t),
+                            ContentPiece::Image(_) => {
+                                Value::from(BTreeMap::from([("type", Value::from("image"))]))
+                            }
+                        })
+                        .collect()
+                };
+                Value::from(BTreeMap::from([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(parts)),
+                ]))
+            })
+            .collect();
+        self.render_values(msgs, add_generation_prompt)
+    }
+
+    fn render_values(&self, msgs: Vec<Value>, add_generation_prompt: bool) -> Res<String> {
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::from([
             ("messages", Value::from(msgs)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),

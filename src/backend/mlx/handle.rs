@@ -43,6 +43,9 @@ pub(super) enum Kind {
     /// A Hugging Face / MLX safetensors decoder directory (`config.json` of a text-gen
     /// architecture; the worker checks the `model_type`).
     HfDecoder(PathBuf),
+    /// A Hugging Face / mlx-vlm vision-language directory (`config.json` with a
+    /// `vision_config`; the worker checks the `model_type`).
+    HfVision(PathBuf),
 }
 
 fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
@@ -53,12 +56,6 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
             spec.id
         ));
     };
-    if spec.model_type == ModelType::Vision {
-        return fail(format!(
-            "model '{}' is a vision model: the MLX backend serves text-gen (GGUF and safetensors decoders) and embeddings (BERT) only; no vision-language weights are available",
-            spec.id
-        ));
-    }
     let kind = if path.is_file() {
         if !crate::catalog::is_gguf(path) {
             return fail(format!("{} is not a .gguf file", path.display()));
@@ -72,12 +69,7 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
             match parsed.as_ref().map(crate::catalog::model_type_of_config) {
                 Some(ModelType::Embeddings) => Kind::Bert(path.clone()),
                 Some(ModelType::TextGen) => Kind::HfDecoder(path.clone()),
-                Some(ModelType::Vision) => {
-                    return fail(format!(
-                        "{}: a vision-language model (vision_config); the MLX backend serves no vision models",
-                        config.display()
-                    ));
-                }
+                Some(ModelType::Vision) => Kind::HfVision(path.clone()),
                 None => return fail(format!("{} is not valid JSON", config.display())),
             }
         } else if let Some(g) = crate::catalog::single_gguf(path) {
@@ -89,9 +81,14 @@ fn detect_kind(spec: &ModelSpec) -> Result<Kind, BackendError> {
         return fail(format!("{} does not exist", path.display()));
     };
     match (&kind, spec.model_type) {
-        (Kind::Gguf(_) | Kind::HfDecoder(_), ModelType::TextGen) | (Kind::Bert(_), ModelType::Embeddings) => {
-            Ok(kind)
-        }
+        (Kind::Gguf(_) | Kind::HfDecoder(_), ModelType::TextGen)
+        | (Kind::Bert(_), ModelType::Embeddings)
+        | (Kind::HfVision(_), ModelType::Vision) => Ok(kind),
+        (Kind::HfVision(p), t) => fail(format!(
+            "model '{}' is declared {t} but {} is a vision-language directory (vision)",
+            spec.id,
+            p.display()
+        )),
         (Kind::HfDecoder(p), t) => fail(format!(
             "model '{}' is declared {t} but {} is a Hugging Face decoder directory (text-gen)",
             spec.id,
@@ -330,8 +327,19 @@ mod tests {
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("no path")));
         let spec = ModelSpec::new("x").with_path("/nonexistent/model.gguf");
         assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("does not exist")));
-        let spec = ModelSpec::new("v").with_type(ModelType::Vision).with_path("/tmp");
-        assert!(matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("vision")));
+    }
+
+    #[test]
+    fn a_directory_with_a_vision_config_is_a_vision_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_path_buf();
+        std::fs::write(d.join("config.json"), r#"{"model_type":"idefics3","vision_config":{}}"#).unwrap();
+        let spec = ModelSpec::new("v").with_type(ModelType::Vision).with_path(&d);
+        assert_eq!(detect_kind(&spec).unwrap(), Kind::HfVision(d.clone()));
+        let spec = ModelSpec::new("v").with_path(&d);
+        assert!(
+            matches!(detect_kind(&spec), Err(BackendError::Load(m)) if m.contains("vision-language directory"))
+        );
     }
 
     #[test]

@@ -443,7 +443,8 @@ impl Linear {
         Ok(Linear::Dense { w, wt })
     }
 
-    fn forward(&self, x: &Array) -> Res<Array> {
+    /// `x W^T` over the last axis of `x`.
+    pub(super) fn forward(&self, x: &Array) -> Res<Array> {
         match self {
             Linear::Dense { wt, .. } => x.matmul(wt).context("matmul"),
             Linear::Quant { w, scales, biases, group, bits } => {
@@ -465,14 +466,24 @@ impl Linear {
         }
     }
 
-    fn out_features(&self) -> i32 {
+    /// Rows of the weight: the size of the output.
+    pub(super) fn out_features(&self) -> i32 {
         match self {
             Linear::Dense { w, .. } => w.shape()[0],
             Linear::Quant { w, .. } => w.shape()[0],
         }
     }
 
-    fn arrays(&self) -> Vec<&Array> {
+    /// The size of the input (for a quantized weight: packed columns times 32 / bits).
+    pub(super) fn in_features(&self) -> i32 {
+        match self {
+            Linear::Dense { w, .. } => w.shape()[1],
+            Linear::Quant { w, bits, .. } => w.shape()[1] * 32 / *bits,
+        }
+    }
+
+    /// The arrays it holds (for byte counts and evaluation).
+    pub(super) fn arrays(&self) -> Vec<&Array> {
         match self {
             Linear::Dense { w, .. } => vec![w],
             Linear::Quant { w, scales, biases, .. } => vec![w, scales, biases],
@@ -748,7 +759,7 @@ impl Source<'_> {
 }
 
 /// Reads `<module>.weight` (+ `.scales`/`.biases` when quantized) in the requested format.
-fn load_linear(src: &mut Source, module: &str, format: WeightFormat) -> Res<Option<Linear>> {
+pub(super) fn load_linear(src: &mut Source, module: &str, format: WeightFormat) -> Res<Option<Linear>> {
     let Some(w) = src.take(&format!("{module}.weight"))? else {
         return Ok(None);
     };
@@ -784,7 +795,7 @@ fn require(lin: Option<Linear>, name: &str, what: &str) -> Res<Linear> {
     lin.with_context(|| format!("{what} has no tensor {name}.weight"))
 }
 
-fn load_f32(src: &mut Source, name: &str) -> Res<Option<Array>> {
+pub(super) fn load_f32(src: &mut Source, name: &str) -> Res<Option<Array>> {
     src.take(name)?.map(|a| a.as_dtype(Dtype::Float32).with_context(|| name.to_string())).transpose()
 }
 
@@ -955,7 +966,7 @@ impl Llama {
     }
 
     /// The token embeddings of `ids` (times Gemma's scale), shape `[n, hidden]`.
-    fn embed(&self, ids: &[u32]) -> Res<Array> {
+    pub(super) fn embed(&self, ids: &[u32]) -> Res<Array> {
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let x = self.embed.rows(&Array::from_slice(&ids, &[ids.len() as i32]))?;
         match self.cfg.embed_scale {
@@ -978,10 +989,16 @@ impl Llama {
     /// Runs `ids` (one sequence) at positions `cache.len()..`, appends their keys and values to
     /// `cache`, and returns the logits of the last position, shape `[vocab]`, not yet evaluated.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Res<Array> {
-        let t = ids.len() as i32;
+        self.forward_embeds(&self.embed(ids)?, cache)
+    }
+
+    /// As [`Llama::forward`], from input embeddings `[t, hidden]` instead of token ids (a
+    /// vision-language prompt: token embeddings with image features merged in).
+    pub fn forward_embeds(&self, embeds: &Array, cache: &mut KvCache) -> Res<Array> {
+        let t = embeds.shape()[0];
         let offset = cache.len as i32;
         let cfg = &self.cfg;
-        let mut x = self.embed(ids)?.reshape(&[1, t, cfg.hidden]).context("reshape")?;
+        let mut x = embeds.reshape(&[1, t, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         cache.reserve(offset + t, cfg)?;
         let mut masks = Masks::default();

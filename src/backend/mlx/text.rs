@@ -154,11 +154,21 @@ impl TextTokenizer {
 
     /// Reads a Hugging Face directory's `tokenizer.json` (required), `tokenizer_config.json`
     /// (`chat_template` as a string or a list of named templates, where `default` wins;
-    /// `bos_token` / `eos_token`), `chat_template.jinja` (used when the config has no
-    /// template), and the end-of-sequence ids: `generation_config.json`'s `eos_token_id` (an
+    /// `bos_token` / `eos_token`), `chat_template.jinja` or else `chat_template.json` (used
+    /// when the config has no template), and the end-of-sequence ids: `generation_config.json`'s `eos_token_id` (an
     /// integer or a list), else `config.json`'s, plus the id of `eos_token`. Without any
     /// template, ChatML.
     pub fn from_hf_dir(dir: &Path, config: &serde_json::Value) -> Res<Self> {
+        Self::from_dir(dir, config, false)
+    }
+
+    /// As [`TextTokenizer::from_hf_dir`] for a vision-language directory: the processor's
+    /// template (`chat_template.jinja` or `chat_template.json`) wins over the tokenizer's.
+    pub fn from_hf_vlm_dir(dir: &Path, config: &serde_json::Value) -> Res<Self> {
+        Self::from_dir(dir, config, true)
+    }
+
+    fn from_dir(dir: &Path, config: &serde_json::Value, processor: bool) -> Res<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
             return Err(anyhow!("{} is missing (the model's tokenizer)", tj.display()));
@@ -188,9 +198,19 @@ impl TextTokenizer {
             }
             _ => None,
         };
+        // A processor's template (vision-language directories) wins over the tokenizer's, as
+        // in transformers' processors: `chat_template.jinja`, then `chat_template.json`.
         let jinja = dir.join("chat_template.jinja");
-        if template.is_none() && jinja.is_file() {
+        let processor_json = dir.join("chat_template.json");
+        if (template.is_none() || processor) && jinja.is_file() {
             template = Some(std::fs::read_to_string(&jinja).with_context(|| jinja.display().to_string())?);
+        } else if (template.is_none() || processor) && processor_json.is_file() {
+            let v = read_json_opt(&processor_json)?.unwrap_or(serde_json::Value::Null);
+            let t = v
+                .get("chat_template")
+                .and_then(|t| t.as_str())
+                .with_context(|| format!("{}: no \"chat_template\" string", processor_json.display()))?;
+            template = Some(t.to_string());
         }
         let mut tokens = Vec::new();
         for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {

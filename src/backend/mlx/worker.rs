@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow};
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Kind;
-use super::{MlxOptions, Res, bert, llama, message, sampling, text};
+use super::{MlxOptions, Res, bert, idefics3, llama, message, sampling, text};
 use crate::backend::{BackendError, Embeddings, GenerateEvent, GenerateRequest, Prompt};
 use crate::catalog::read_config;
 
@@ -20,6 +20,8 @@ enum Loaded {
     Llama {
         model: Box<llama::Llama>,
         tok: Box<text::TextTokenizer>,
+        /// The vision side of a vision-language model (its decoder is `model`).
+        vision: Option<Box<idefics3::Idefics3>>,
     },
     Bert(Box<bert::Bert>),
 }
@@ -33,7 +35,7 @@ impl Loaded {
                 let tok = text::TextTokenizer::from_gguf(&f)?;
                 let cfg = llama::LlamaConfig::from_gguf(&f)?;
                 let model = llama::Llama::load(&mut llama::Source::Gguf(&f), cfg, format)?;
-                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok), vision: None })
             }
             Kind::HfDecoder(dir) => {
                 // Cheap checks first (config, tokenizer, headers), then the weights.
@@ -43,7 +45,32 @@ impl Loaded {
                 let mut src = llama::Source::hf(dir, &config)?;
                 let model =
                     llama::Llama::load(&mut src, cfg, format).with_context(|| dir.display().to_string())?;
-                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok) })
+                Ok(Loaded::Llama { model: Box::new(model), tok: Box::new(tok), vision: None })
+            }
+            Kind::HfVision(dir) => {
+                let config = read_config(dir).map_err(|e| anyhow!(e))?;
+                let at = || dir.display().to_string();
+                let cfg = idefics3::text_config(&config).with_context(at)?;
+                let tok = text::TextTokenizer::from_hf_vlm_dir(dir, &config).with_context(at)?;
+                let mut src = llama::Source::hf(dir, &config)?;
+                if let llama::Source::Hf { tensors, .. } = &mut src {
+                    *tensors = idefics3::rename_hf_vlm(std::mem::take(tensors));
+                }
+                let vision = idefics3::Idefics3::load(dir, &config, &mut src, format).with_context(at)?;
+                let model = llama::Llama::load(&mut src, cfg, format).with_context(at)?;
+                if vision.out_features() != model.cfg.hidden {
+                    return Err(anyhow!(
+                        "{}: the connector gives {} features, the text model takes {}",
+                        at(),
+                        vision.out_features(),
+                        model.cfg.hidden
+                    ));
+                }
+                Ok(Loaded::Llama {
+                    model: Box::new(model),
+                    tok: Box::new(tok),
+                    vision: Some(Box::new(vision)),
+                })
             }
             Kind::Bert(p) => Ok(Loaded::Bert(Box::new(bert::Bert::load(p)?))),
         }
@@ -51,7 +78,11 @@ impl Loaded {
 
     fn array_bytes(&self) -> u64 {
         let arrays = match self {
-            Loaded::Llama { model, .. } => model.arrays(),
+            Loaded::Llama { model, vision, .. } => {
+                let mut v = model.arrays();
+                v.extend(vision.iter().flat_map(|x| x.arrays()));
+                v
+            }
             Loaded::Bert(b) => b.arrays(),
         };
         arrays.iter().map(|a| a.nbytes() as u64).sum()
@@ -178,7 +209,9 @@ pub(super) fn run(
         return; // the load was abandoned; dropping the model frees it
     }
     let unload = match &model {
-        Loaded::Llama { model, tok } => super::batch::serve(model, tok, &mut rx, &counters, opts.max_batch),
+        Loaded::Llama { model, tok, vision } => {
+            super::batch::serve(model, tok, vision.as_deref(), &mut rx, &counters, opts.max_batch)
+        }
         Loaded::Bert(b) => serve_in_order(b, &mut rx, &counters),
     };
     if let Some(reply) = unload {
@@ -272,30 +305,82 @@ fn embed_group(b: &bert::Bert, group: Vec<(Vec<String>, EmbedReply)>) {
     }
 }
 
-pub(super) fn render_prompt(tok: &text::TextTokenizer, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
-    let (text, is_chat) = match prompt {
-        Prompt::Text(t) => (t.clone(), false),
+/// A prompt ready to prefill: its token ids and, for a prompt with images, the input
+/// embeddings (`[ids.len(), hidden]`, evaluated) with the image features merged in.
+pub(super) struct Prepared {
+    pub ids: Vec<u32>,
+    pub embeds: Option<mlx_rs::Array>,
+}
+
+/// Renders and tokenizes `prompt`; a vision model's chat (content as parts, images expanded
+/// into their tiles' tokens) also runs the images through the vision tower here.
+pub(super) fn prepare(
+    model: &llama::Llama,
+    tok: &text::TextTokenizer,
+    vision: Option<&idefics3::Idefics3>,
+    prompt: &Prompt,
+) -> Result<Prepared, BackendError> {
+    let invalid = |e: anyhow::Error| BackendError::InvalidRequest(message(&e));
+    let (text, is_chat, tiles) = match prompt {
+        Prompt::Text(t) => (t.clone(), false, Vec::new()),
         Prompt::Chat(m) => {
             if m.is_empty() {
                 return Err(BackendError::InvalidRequest("no chat messages".into()));
             }
-            let text = tok.chat.render(m, true).map_err(|e| BackendError::InvalidRequest(message(&e)))?;
-            (text, true)
+            let images: Vec<&crate::backend::Image> = m.iter().flat_map(|x| x.images()).collect();
+            match vision {
+                None if !images.is_empty() => {
+                    return Err(BackendError::InvalidRequest(
+                        "this model takes no images (it is not a vision-language model)".into(),
+                    ));
+                }
+                None => (tok.chat.render(m, true).map_err(invalid)?, true, Vec::new()),
+                Some(v) => {
+                    let rendered = tok.chat.render_parts(m, true).map_err(invalid)?;
+                    let tiles: Vec<idefics3::Tiles> =
+                        images.iter().map(|i| v.processor.preprocess(i)).collect();
+                    (v.expand(&rendered, &tiles).map_err(invalid)?, true, tiles)
+                }
+            }
         }
     };
-    tok.encode(&text, is_chat).map_err(|e| BackendError::InvalidRequest(message(&e)))
+    let ids = tok.encode(&text, is_chat).map_err(invalid)?;
+    if ids.len() >= model.cfg.context {
+        return Err(BackendError::InvalidRequest(format!(
+            "the prompt has {} tokens (image tokens included); the context holds {}",
+            ids.len(),
+            model.cfg.context
+        )));
+    }
+    let embeds = match vision {
+        Some(v) if !tiles.is_empty() => {
+            let run = || -> Res<mlx_rs::Array> {
+                let features = v.features(&tiles)?;
+                let e = idefics3::merge(&model.embed(&ids)?, &ids, v.image_token_id, &features)?;
+                e.eval().context("vision encoding")?;
+                Ok(e)
+            };
+            Some(run().map_err(|e| BackendError::Inference(message(&e)))?)
+        }
+        _ => None,
+    };
+    Ok(Prepared { ids, embeds })
 }
 
 pub(super) fn probe(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
+    vision: Option<&idefics3::Idefics3>,
     input: &ProbeInput,
     steps: usize,
     logit_ids: &[u32],
 ) -> Res<Probe> {
-    let input_ids = match input {
-        ProbeInput::Prompt(p) => render_prompt(tok, p).map_err(|e| anyhow!(e))?,
-        ProbeInput::Ids(ids) => ids.clone(),
+    let (input_ids, embeds) = match input {
+        ProbeInput::Prompt(p) => {
+            let p = prepare(model, tok, vision, p).map_err(|e| anyhow!(e))?;
+            (p.ids, p.embeds)
+        }
+        ProbeInput::Ids(ids) => (ids.clone(), None),
     };
     if input_ids.is_empty() {
         return Err(anyhow!("empty prompt"));
@@ -303,7 +388,10 @@ pub(super) fn probe(
     let mut cache = llama::KvCache::new(model.cfg.n_layers);
     let mut timings = ProbeTimings::default();
     let t = Instant::now();
-    let mut logits = model.forward(&input_ids, &mut cache)?;
+    let mut logits = match &embeds {
+        Some(e) => model.forward_embeds(e, &mut cache)?,
+        None => model.forward(&input_ids, &mut cache)?,
+    };
     let mut host = logits.to_vec_exact::<f32>().context("reading logits")?;
     timings.prefill = t.elapsed().as_secs_f64();
     let first_logits =
