@@ -397,7 +397,7 @@ async fn a_directory_model_is_served_over_the_openai_api() {
 /// `vision`; loading it through the pool fails with an error saying the MLX backend serves no
 /// vision models, and the ledger stays empty.
 #[tokio::test]
-async fn a_vision_directory_is_catalogued_as_vision_and_refused() {
+async fn a_vision_directory_of_an_unserved_family_is_catalogued_as_vision_and_refused() {
     let (tmp, d) = copy_of("tiny-gemma3_text", true);
     edit_config(&d, |v| {
         v["model_type"] = "gemma3".into();
@@ -410,6 +410,6 @@ async fn a_vision_directory_is_catalogued_as_vision_and_refused() {
     pool.register(specs[0].clone());
     let err =
         pool.acquire("m").await.err().unwrap_or_else(|| panic!("a vision model was loaded")).to_string();
-    assert!(err.contains("is a vision model: the MLX backend serves text-gen"), "{err}");
+    assert!(err.contains("vision-language model_type 'gemma3' is not served (served: idefics3"), "{err}");
     assert_eq!(pool.status().ledger.used(), 0);
 }
