@@ -3,7 +3,7 @@
 RGB image at several sizes and filters, so src/backend/mlx/resample.rs is checked byte for byte
 against Pillow without a Python stack in CI. Deterministic: rerunning gives the same file.
 
-    python3 -m venv /tmp/pilvenv && /tmp/pilvenv/bin/pip install pillow==11.3.0
+    python3 -m venv /tmp/pilvenv && /tmp/pilvenv/bin/pip install pillow==13.0.0
     /tmp/pilvenv/bin/python scripts/make-pil-resize-fixture.py
 """
 import base64
@@ -28,7 +28,7 @@ def main() -> None:
     img = source()
     cases = []
     for name, f in [("lanczos", Image.LANCZOS), ("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)]:
-        for w, h in [(11, 7), (64, 40), (5, 90), (37, 50), (80, 23), (1, 1), (300, 2)]:
+        for w, h in [(11, 7), (64, 40), (5, 90), (37, 50), (80, 23), (1, 1), (300, 2), (30, 3), (37, 4)]:
             out = img.resize((w, h), resample=f)
             cases.append({"filter": name, "width": w, "height": h, "rgb": base64.b64encode(out.tobytes()).decode()})
     import PIL

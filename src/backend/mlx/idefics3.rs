@@ -785,4 +785,138 @@ mod tests {
         }
         assert_eq!(checked, 64);
     }
+
+    /// The fixtures of `scripts/make-vlm-fixtures.py`: a tiny random Idefics3 checkpoint
+    /// checked stage by stage against mlx-vlm 0.7.10 (tests/fixtures/vlm/idefics3).
+    mod against_mlx_vlm {
+        use std::collections::HashMap;
+        use std::path::PathBuf;
+
+        use mlx_rs::Array;
+        use mlx_rs::ops::indexing::TryIndexOp;
+
+        use super::super::*;
+        use crate::backend::mlx::{text, worker};
+        use crate::backend::{ChatMessage, ContentPiece, Prompt};
+
+        fn root() -> PathBuf {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm")
+        }
+
+        fn png(name: &str) -> Image {
+            let img = image::open(root().join("images").join(name)).unwrap().to_rgb8();
+            Image::new(img.width(), img.height(), img.into_raw()).unwrap()
+        }
+
+        fn host(a: &Array) -> Vec<f32> {
+            a.as_dtype(Dtype::Float32).unwrap().to_vec_exact::<f32>().unwrap()
+        }
+
+        /// Largest absolute difference, after checking the element counts agree.
+        fn max_diff(what: &str, got: &Array, want: &Array) -> f32 {
+            let (g, w) = (host(got), host(want));
+            assert_eq!(g.len(), w.len(), "{what}: {:?} against {:?}", got.shape(), want.shape());
+            g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+        }
+
+        #[test]
+        fn every_stage_matches_mlx_vlm_for_every_image_size() {
+            let dir = root().join("idefics3/model");
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let cfg = text_config(&config).unwrap();
+            let tok = text::TextTokenizer::from_hf_vlm_dir(&dir, &config).unwrap();
+            let mut src = Source::hf(&dir, &config).unwrap();
+            if let Source::Hf { tensors, .. } = &mut src {
+                *tensors = rename_hf_vlm(std::mem::take(tensors));
+            }
+            let vision = Idefics3::load(&dir, &config, &mut src, WeightFormat::F32).unwrap();
+            let model = llama::Llama::load(&mut src, cfg, WeightFormat::F32).unwrap();
+            let cases: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(root().join("idefics3/cases.json")).unwrap())
+                    .unwrap();
+            let mut checked = 0;
+            for case in cases["cases"].as_array().unwrap() {
+                let name = case["name"].as_str().unwrap();
+                let r: HashMap<String, Array> =
+                    Array::load_safetensors(root().join("idefics3").join(case["ref"].as_str().unwrap()))
+                        .unwrap();
+                let images: Vec<Image> =
+                    case["images"].as_array().unwrap().iter().map(|f| png(f.as_str().unwrap())).collect();
+                // The client's order: images first, then the question (as the fixture's messages).
+                let mut pieces: Vec<ContentPiece> = images.iter().cloned().map(ContentPiece::Image).collect();
+                let question = case["messages"][0]["content"].as_array().unwrap().last().unwrap()["text"]
+                    .as_str()
+                    .unwrap();
+                pieces.push(ContentPiece::Text(question.into()));
+                let msg = ChatMessage {
+                    pieces: if images.is_empty() { Vec::new() } else { pieces },
+                    ..ChatMessage::text("user", question)
+                };
+                assert_eq!(
+                    tok.chat.render_parts(std::slice::from_ref(&msg), true).unwrap(),
+                    case["prompt"].as_str().unwrap(),
+                    "{name}: rendered prompt"
+                );
+
+                // Preprocessing: tile layout and pixel values.
+                let tiles: Vec<Tiles> = images.iter().map(|i| vision.processor.preprocess(i)).collect();
+                let layout: Vec<(u64, u64)> = tiles.iter().map(|t| (t.rows as u64, t.cols as u64)).collect();
+                let want_layout: Vec<(u64, u64)> = case["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(case["cols"].as_array().unwrap())
+                    .map(|(r, c)| (r.as_u64().unwrap(), c.as_u64().unwrap()))
+                    .collect();
+                assert_eq!(layout, want_layout, "{name}: tile layout");
+                if !images.is_empty() {
+                    let px: Vec<f32> = tiles.iter().flat_map(|t| t.pixels.iter().copied()).collect();
+                    let got = Array::from_slice(&px, &[px.len() as i32]);
+                    let d = max_diff("pixel_values", &got, &r["pixel_values"]);
+                    assert!(d <= 1e-6, "{name}: pixel values differ by {d}");
+                    let n: usize = tiles.iter().map(|t| t.n).sum();
+                    assert_eq!(n as u64, case["tiles"].as_u64().unwrap(), "{name}: tiles");
+                    let vis: Vec<Array> = tiles.iter().map(|t| vision.vision_features(t).unwrap()).collect();
+                    let vis = ops::concatenate(&vis, 0).unwrap();
+                    let d = max_diff("vision_embeddings", &vis, &r["vision_embeddings"]);
+                    assert!(d <= 1e-4, "{name}: vision embeddings differ by {d}");
+                    let d = max_diff(
+                        "connector_output",
+                        &vision.features(&tiles).unwrap(),
+                        &r["connector_output"],
+                    );
+                    assert!(d <= 1e-4, "{name}: connector output differs by {d}");
+                }
+
+                // The whole prompt path the server runs: ids, merged embeddings, logits, greedy.
+                let p = worker::prepare(&model, &tok, Some(&vision), &Prompt::Chat(vec![msg])).unwrap();
+                let want_ids: Vec<u32> = host(&r["input_ids"]).iter().map(|&v| v as u32).collect();
+                assert_eq!(p.ids, want_ids, "{name}: input ids");
+                let n_img = p.ids.iter().filter(|&&i| i == vision.image_token_id).count() as u64;
+                assert_eq!(n_img, case["n_image_tokens"].as_u64().unwrap(), "{name}: image tokens");
+                let embeds = p.embeds.clone().unwrap_or_else(|| model.embed(&p.ids).unwrap());
+                let d = max_diff("inputs_embeds", &embeds, &r["inputs_embeds"]);
+                assert!(d <= 1e-4, "{name}: merged input embeddings differ by {d}");
+                let mut cache = llama::KvCache::new(model.cfg.n_layers);
+                let mut logits = model.forward_embeds(&embeds, &mut cache).unwrap();
+                let t = p.ids.len() as i32;
+                let last_ref = r["logits"].reshape(&[t, -1]).unwrap().try_index(t - 1).unwrap();
+                let d = max_diff("logits", &logits, &last_ref);
+                assert!(d <= 1e-4, "{name}: last-position logits differ by {d}");
+                let want_greedy: Vec<u32> = host(&r["greedy_ids"]).iter().map(|&v| v as u32).collect();
+                let margins = host(&r["top2_margin"]);
+                for (step, (&want, &margin)) in want_greedy.iter().zip(&margins).enumerate() {
+                    if margin < 1e-3 {
+                        break; // ambiguous argmax: later steps may legitimately differ
+                    }
+                    let id = crate::backend::mlx::sampling::argmax(&host(&logits));
+                    assert_eq!(id, want, "{name}: greedy step {step}");
+                    logits = model.forward(&[id], &mut cache).unwrap();
+                }
+                checked += 1;
+            }
+            assert_eq!(checked, 9);
+        }
+    }
 }

@@ -199,10 +199,12 @@ impl TextTokenizer {
             _ => None,
         };
         // A processor's template (vision-language directories) wins over the tokenizer's, as
-        // in transformers' processors: `chat_template.jinja`, then `chat_template.json`.
+        // mlx-vlm's `load_chat_template` does: `chat_template.json`, then
+        // `chat_template.jinja`; for a text model, `chat_template.jinja` first.
         let jinja = dir.join("chat_template.jinja");
         let processor_json = dir.join("chat_template.json");
-        if (template.is_none() || processor) && jinja.is_file() {
+        let json_first = processor && processor_json.is_file();
+        if (template.is_none() || processor) && jinja.is_file() && !json_first {
             template = Some(std::fs::read_to_string(&jinja).with_context(|| jinja.display().to_string())?);
         } else if (template.is_none() || processor) && processor_json.is_file() {
             let v = read_json_opt(&processor_json)?.unwrap_or(serde_json::Value::Null);
