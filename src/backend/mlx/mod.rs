@@ -8,8 +8,9 @@
 //!   [`chat`]); streaming generation with greedy or seeded temperature/top-p sampling.
 //! - `embeddings` from a Hugging Face BERT directory (`config.json`, `model.safetensors`,
 //!   `tokenizer.json`): mean-pooled, L2-normalised sentence embeddings ([`bert`]).
-//! - `vision`: not served (no vision-language weights ship in any registry package we can
-//!   reach); loading one fails with a clear error.
+//! - `vision` from an Idefics3 / SmolVLM directory ([`idefics3`]: vision tower, connector, the
+//!   Llama decoder; images preprocessed as the reference processor does, with Pillow-exact
+//!   resampling, [`resample`]); other vision-language families are refused at load.
 //!
 //! Threading (the file names follow it): MLX arrays are `Send` but not `Sync`, and MLX keeps its
 //! default stream per thread. Each loaded model therefore lives on its own OS thread
