@@ -21,6 +21,8 @@ use serde_json::Value;
 
 #[path = "mlx/native.rs"]
 mod native;
+#[path = "mlx/vision.rs"]
+mod vision;
 
 const SMOLLM: &str = "smollm2-135m-instruct";
 const MINILM: &str = "all-minilm-l6-v2";

@@ -237,7 +237,7 @@ impl MlxModel {
         steps: usize,
         logit_ids: Vec<u32>,
     ) -> Result<Probe, BackendError> {
-        check_type(self.model_type, &[ModelType::TextGen], "probing")?;
+        check_type(self.model_type, &[ModelType::TextGen, ModelType::Vision], "probing")?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Probe { input, steps: steps.max(1), logit_ids, reply })?;
         rx.await.map_err(|_| BackendError::Gone)?
@@ -282,7 +282,7 @@ impl ModelHandle for MlxModel {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, BackendError> {
-        check_type(self.model_type, &[ModelType::TextGen], "generation")?;
+        check_type(self.model_type, &[ModelType::TextGen, ModelType::Vision], "generation")?;
         let valid = req.temperature >= 0.0 && req.top_p > 0.0 && req.top_p <= 1.0;
         if !valid {
             return Err(BackendError::InvalidRequest(format!(
