@@ -17,7 +17,7 @@
 //! max_queue = 1024            # requests waiting at once
 //! max_parallel = 8            # generations one MLX decoder runs together (continuous batching)
 //! shutdown_grace = "30s"
-//! max_body = "4MB"
+//! max_body = "32MiB"         # room for one image at max_image_bytes, in base64
 //! models_dir = "/models"      # every subdirectory with weights is a model
 //! sizes_file = "sizes.json"   # remember measured sizes across restarts
 //! log_level = "info"
@@ -36,6 +36,14 @@
 //! write_timeout = "30s"
 //! max_connections = 1024
 //! context_tokens = 32768      # max_tokens above a model's context is a 400
+//!
+//! # Images in chat requests (docs/server.md, "Images")
+//! max_images = 8              # image parts per request
+//! max_image_pixels = 16777216 # width x height per image, read from the header
+//! max_image_bytes = "20MiB"   # encoded bytes per image
+//! remote_images = false       # fetch http(s) image URLs
+//! remote_image_hosts = ["images.example.com"]  # exact hosts allowed (empty: none)
+//! remote_image_timeout = "10s"
 //!
 //! event_log = 1024            # decision-log events kept for /admin/events
 //! node_id = "node-1"          # x-modelpool-node on every response (default: host name)
@@ -94,9 +102,10 @@ pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// Generations one MLX decoder runs together when `--max-parallel` is not given: 8, where the
 /// batching benchmark's aggregate throughput was still rising (docs/mlx.md).
 pub const DEFAULT_MAX_PARALLEL: usize = 8;
-/// The request body cap when `--max-body` is not given: 4 MiB, room for long chat histories
-/// while a runaway client cannot make the server buffer much.
-pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+/// The request body cap when `--max-body` is not given: 32 MiB, room for one image at the
+/// default `--max-image-bytes` (20 MiB, 26.7 MiB in base64) beside a long chat history, while a
+/// runaway client still cannot make the server buffer without bound.
+pub const DEFAULT_MAX_BODY: u64 = 32 * 1024 * 1024;
 /// The smallest `--max-body` accepted: below this even a short chat request would get 413.
 pub const MIN_MAX_BODY: u64 = 1024;
 /// `--header-read-timeout`: a client must send a request's whole head within this.
@@ -113,6 +122,17 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// `--context-tokens`: the context length of a model whose `[[models]]` entry gives none;
 /// `max_tokens` (or `max_completion_tokens`) above it is a 400.
 pub const DEFAULT_CONTEXT_TOKENS: u32 = 32768;
+/// `--max-images`: image parts one chat request may carry; one more is a 400.
+pub const DEFAULT_MAX_IMAGES: usize = 8;
+/// `--max-image-pixels`: width x height of one image (4096 x 4096), read from the image's header
+/// before anything is decoded; more is a 400.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 16_777_216;
+/// `--max-image-bytes`: encoded bytes of one image (after base64 decoding, or as fetched):
+/// 20 MiB, OpenAI's own limit per image.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 20 * 1024 * 1024;
+/// `--remote-image-timeout`: a remote image must arrive whole within this.
+pub const DEFAULT_REMOTE_IMAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `--fake-load-time` when neither the flag nor the file sets it.
 pub const DEFAULT_FAKE_LOAD_TIME: Duration = Duration::from_millis(300);
 /// `--fake-load-bandwidth` when neither the flag nor the file sets it and the load time is not
@@ -250,6 +270,24 @@ fn parse_busy_status(s: &str) -> Result<u16, String> {
     }
 }
 
+/// A host name for `--remote-image-hosts`: trimmed, lower-cased, without scheme, port, path or
+/// spaces (the allow-list compares exact host names).
+fn parse_image_host(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty()
+        || t.len() > 253
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'))
+        || (t.contains(':') && !t.starts_with('['))
+    {
+        return Err(format!(
+            "remote image host '{s}' must be a bare host name (images.example.com), without scheme, port or path"
+        ));
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration '{s}': {e} (e.g. 30s, 10m, 250ms)"))
@@ -312,6 +350,13 @@ mod de {
 
     pub fn node_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         with(d, super::parse_node_id)
+    }
+
+    /// A list of host names, each checked by the flag's parser.
+    pub fn hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        Option::<Vec<String>>::deserialize(d)?
+            .map(|v| v.iter().map(|h| super::parse_image_host(h).map_err(serde::de::Error::custom)).collect())
+            .transpose()
     }
 
     /// An integer (`busy_status = 429`), checked by the flag's parser.
@@ -442,6 +487,28 @@ pub struct ServeArgs {
     /// 400 [default: 32768].
     #[arg(long, env = "MODELPOOL_CONTEXT_TOKENS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub context_tokens: Option<u32>,
+    /// Image parts one chat request may carry; more is a 400 [default: 8].
+    #[arg(long, env = "MODELPOOL_MAX_IMAGES", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_images: Option<u32>,
+    /// Pixels (width x height) of one image, read from its header before it is decoded; more
+    /// is a 400 [default: 16777216, 4096 x 4096].
+    #[arg(long, env = "MODELPOOL_MAX_IMAGE_PIXELS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_image_pixels: Option<u64>,
+    /// Encoded bytes of one image (after base64 decoding, or as fetched); more is a 400
+    /// [default: 20MiB].
+    #[arg(long, env = "MODELPOOL_MAX_IMAGE_BYTES", value_name = "SIZE")]
+    pub max_image_bytes: Option<ByteSize>,
+    /// Fetch `http(s)` image URLs in chat requests, from the hosts of --remote-image-hosts only
+    /// (off: such URLs are a 400; `file:` URLs are refused always).
+    #[arg(long, env = "MODELPOOL_REMOTE_IMAGES")]
+    pub remote_images: bool,
+    /// Hosts remote images may come from, exact names compared case-insensitively,
+    /// comma-separated (empty: every host refused, even with --remote-images).
+    #[arg(long, env = "MODELPOOL_REMOTE_IMAGE_HOSTS", value_name = "HOSTS", value_delimiter = ',', value_parser = parse_image_host)]
+    pub remote_image_hosts: Option<Vec<String>>,
+    /// A remote image must arrive whole within this [default: 10s].
+    #[arg(long, env = "MODELPOOL_REMOTE_IMAGE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub remote_image_timeout: Option<Duration>,
     /// Fake backend: time a load takes [default: 300ms].
     #[arg(long, env = "MODELPOOL_FAKE_LOAD_TIME", value_name = "DURATION", value_parser = parse_duration)]
     pub fake_load_time: Option<Duration>,
@@ -562,6 +629,20 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     /// See [`ServeArgs::context_tokens`].
     pub context_tokens: Option<u32>,
+    /// See [`ServeArgs::max_images`].
+    pub max_images: Option<u32>,
+    /// See [`ServeArgs::max_image_pixels`].
+    pub max_image_pixels: Option<u64>,
+    /// See [`ServeArgs::max_image_bytes`].
+    pub max_image_bytes: Option<ByteSize>,
+    /// See [`ServeArgs::remote_images`] (either one set turns it on).
+    pub remote_images: Option<bool>,
+    /// See [`ServeArgs::remote_image_hosts`]; a flag or variable replaces this list.
+    #[serde(default, deserialize_with = "de::hosts")]
+    pub remote_image_hosts: Option<Vec<String>>,
+    /// See [`ServeArgs::remote_image_timeout`].
+    #[serde(default, deserialize_with = "de::duration")]
+    pub remote_image_timeout: Option<Duration>,
     /// The `[fake]` section: fake backend settings.
     #[serde(default)]
     pub fake: FakeFileConfig,
@@ -695,6 +776,40 @@ pub struct ServeConfig {
     pub limits: ServerLimitsConfig,
     /// Per-model context lengths from `[[models]]` entries (others: `limits.context_tokens`).
     pub contexts: Vec<(String, u32)>,
+    /// Images in chat requests: limits and remote fetching.
+    pub images: ImageConfig,
+}
+
+/// How chat requests may carry images: each field is the flag of the same name in
+/// [`ServeArgs`], defaulted (`DEFAULT_*`). Every limit is at least 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `--max-images`: image parts per request.
+    pub max_images: usize,
+    /// `--max-image-pixels`: width x height per image.
+    pub max_image_pixels: u64,
+    /// `--max-image-bytes`: encoded bytes per image.
+    pub max_image_bytes: u64,
+    /// `--remote-images`: whether `http(s)` URLs are fetched at all.
+    pub remote_images: bool,
+    /// `--remote-image-hosts`: lower-case host names remote images may come from (empty: none).
+    pub remote_image_hosts: Vec<String>,
+    /// `--remote-image-timeout`: more than 0.
+    pub remote_image_timeout: Duration,
+}
+
+impl Default for ImageConfig {
+    /// The defaults: 8 images, 16777216 pixels and 20 MiB each, remote URLs off.
+    fn default() -> Self {
+        ImageConfig {
+            max_images: DEFAULT_MAX_IMAGES,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            remote_images: false,
+            remote_image_hosts: Vec::new(),
+            remote_image_timeout: DEFAULT_REMOTE_IMAGE_TIMEOUT,
+        }
+    }
 }
 
 /// The connection and request limits, each a flag with a documented default (`DEFAULT_*`).
@@ -850,6 +965,40 @@ impl ServeConfig {
             }
         }
 
+        let images = ImageConfig {
+            max_images: args.max_images.or(file.max_images).map_or(DEFAULT_MAX_IMAGES, |n| n as usize),
+            max_image_pixels: args
+                .max_image_pixels
+                .or(file.max_image_pixels)
+                .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS),
+            max_image_bytes: args
+                .max_image_bytes
+                .or(file.max_image_bytes)
+                .map_or(DEFAULT_MAX_IMAGE_BYTES, u64::from),
+            remote_images: args.remote_images || file.remote_images.unwrap_or(false),
+            remote_image_hosts: args
+                .remote_image_hosts
+                .clone()
+                .or(file.remote_image_hosts)
+                .unwrap_or_default(),
+            remote_image_timeout: positive(
+                "remote-image-timeout",
+                args.remote_image_timeout
+                    .or(file.remote_image_timeout)
+                    .unwrap_or(DEFAULT_REMOTE_IMAGE_TIMEOUT),
+            )?,
+        };
+        // Only the file can give 0: clap refuses it for the flags.
+        for (name, v) in [
+            ("max_images", images.max_images as u64),
+            ("max_image_pixels", images.max_image_pixels),
+            ("max_image_bytes", images.max_image_bytes),
+        ] {
+            if v == 0 {
+                return Err(field(name, "must be at least 1".into()));
+            }
+        }
+
         // Keys: a flag or variable replaces the file's list; a keys file adds to either.
         let mut api_keys = args.api_keys.clone().or(file.api_keys).unwrap_or_default();
         if let Some(f) = args.api_keys_file.as_ref().or(file.api_keys_file.as_ref()) {
@@ -999,6 +1148,7 @@ impl ServeConfig {
             insecure_no_auth,
             limits,
             contexts,
+            images,
         })
     }
 }

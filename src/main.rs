@@ -189,6 +189,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .with_max_body(cfg.max_body)
         .with_auth(auth)
         .with_limits(cfg.limits)
+        .with_images(cfg.images.clone())
         .with_contexts(cfg.contexts.iter().cloned())
         .with_stream_wait_notice(cfg.stream_wait_notice)
         .with_node_id(&cfg.node_id)

@@ -158,6 +158,12 @@ pub struct ModelSpec {
     /// rule of [`crate::estimate::kv_bytes_per_token`] applies until the backend says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_bytes_per_token: Option<u64>,
+    /// Most prompt tokens one image can become in this (vision) model, from its processor
+    /// settings ([`crate::catalog::image_tokens_of_dir`]); the HTTP layer counts this many per
+    /// image in a request's KV reservation before the exact count is known. `None`: unknown
+    /// (the HTTP layer's documented default applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tokens: Option<u32>,
 }
 
 impl ModelSpec {
@@ -169,6 +175,7 @@ impl ModelSpec {
             path: None,
             size_hint: None,
             kv_bytes_per_token: None,
+            image_tokens: None,
         }
     }
 

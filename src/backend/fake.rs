@@ -298,6 +298,11 @@ fn fnv1a(data: &[u8], seed: u64) -> u64 {
     h
 }
 
+/// Prompt tokens the fake backend counts for each image of a chat request to a vision model
+/// (on top of the words of the text), so tests see images arrive in `usage.prompt_tokens`.
+/// Other model types count no image tokens.
+pub const FAKE_IMAGE_TOKENS: u32 = 100;
+
 const WORDS: [&str; 16] = [
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
     "lima", "mike", "november", "oscar", "papa",
@@ -330,7 +335,13 @@ impl ModelHandle for FakeModel {
         check_type(self.model_type, &[ModelType::TextGen, ModelType::Vision], "generation")?;
         self.check_loaded()?;
         let text = prompt_text(&req.prompt);
-        let prompt_tokens = text.split_whitespace().count().max(1) as u32;
+        let images = match &req.prompt {
+            Prompt::Chat(msgs) if self.model_type == ModelType::Vision => {
+                msgs.iter().map(|m| m.images().count() as u32).sum::<u32>()
+            }
+            _ => 0,
+        };
+        let prompt_tokens = text.split_whitespace().count().max(1) as u32 + FAKE_IMAGE_TOKENS * images;
         let seed = fnv1a(self.id.as_bytes(), req.seed.unwrap_or(0));
         let mut h = fnv1a(text.as_bytes(), seed);
         // The fake "model" emits words chosen by a hash chain; it stops on its own after

@@ -167,6 +167,9 @@ fn models_in_dir(p: &Path, id: &str) -> Result<Vec<ModelSpec>, CatalogError> {
         if t != ModelType::Embeddings {
             spec.kv_bytes_per_token = value.as_ref().and_then(kv_bytes_per_token_of_config);
         }
+        if t == ModelType::Vision {
+            spec.image_tokens = value.as_ref().and_then(|c| image_tokens_of_dir(p, c));
+        }
         return Ok(vec![spec]);
     }
     let ggufs: Vec<&PathBuf> = entries.iter().filter(|e| is_gguf(e)).collect();
@@ -203,6 +206,31 @@ pub fn kv_bytes_per_token_of_config(config: &serde_json::Value) -> Option<u64> {
     let kv_heads = int("num_key_value_heads").unwrap_or(heads);
     let head_dim = int("head_dim").or_else(|| Some(int("hidden_size")? / heads))?;
     layers.checked_mul(kv_heads)?.checked_mul(head_dim)?.checked_mul(2 * 4)
+}
+
+/// The most prompt tokens one image can become in an Idefics3 / SmolVLM directory (`config`
+/// its `config.json`): with image splitting, `(ceil(size / tile))^2` tiles plus the global view,
+/// else one; `image_seq_len` image tokens per tile (from the vision config: `(image_size /
+/// patch_size / scale_factor)^2`) plus the markers around each tile (3) and the image (4). An
+/// upper bound: the longest edge always reaches `size.longest_edge`, the other one at most.
+/// `None` for other families or when the settings are missing or invalid.
+pub fn image_tokens_of_dir(dir: &Path, config: &serde_json::Value) -> Option<u32> {
+    if config.get("model_type")?.as_str()? != "idefics3" {
+        return None;
+    }
+    let pp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("preprocessor_config.json")).ok()?).ok()?;
+    let edge =
+        |k: &str, d: u64| pp.get(k).map_or(Some(d), |v| v.get("longest_edge")?.as_u64()).filter(|&e| e > 0);
+    let (size, tile) = (edge("size", 4 * 364)?, edge("max_image_size", 364)?);
+    let v = config.get("vision_config")?;
+    let patch = v.get("patch_size")?.as_u64().filter(|&p| p > 0)?;
+    let side = v.get("image_size").and_then(|x| x.as_u64()).unwrap_or(224) / patch;
+    let scale = config.get("scale_factor").and_then(|x| x.as_u64()).unwrap_or(2).max(1);
+    let seq = (side / scale).pow(2);
+    let split = pp.get("do_image_splitting").and_then(|x| x.as_bool()).unwrap_or(true);
+    let tiles = if split { size.div_ceil(tile).pow(2) + 1 } else { 1 };
+    u32::try_from(tiles * (seq + 3) + 4).ok()
 }
 
 /// The longest sequence a decoder's `config.json` allows, as the MLX backend serves it:
@@ -579,5 +607,19 @@ mod tests {
         std::fs::write(d.join("m/config.json"), b"{not json").unwrap();
         let err = scan_models_dir(&d).unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    /// The committed tiny Idefics3 checkpoint (tests/fixtures/vlm): tile 32, longest edge 96,
+    /// 4 image tokens per tile, so at most 3 x 3 + 1 tiles: 10 x (4 + 3) + 4 = 74 tokens, which
+    /// bounds every fixture case (at most 40 image tokens per image there).
+    #[test]
+    fn an_idefics3_directory_is_vision_with_an_image_token_bound() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/idefics3");
+        let specs = scan_models_dir(&dir).unwrap();
+        let spec = specs.iter().find(|s| &*s.id == "model").expect("the checkpoint is catalogued");
+        assert_eq!(spec.model_type, ModelType::Vision);
+        assert_eq!(spec.image_tokens, Some(74));
+        let text_only = serde_json::json!({"model_type": "llama"});
+        assert_eq!(image_tokens_of_dir(&dir.join("model"), &text_only), None);
     }
 }

@@ -77,10 +77,11 @@ pub enum ContentPart {
     /// `{"type": "text", "text": ...}`; the text parts of a message are joined by newlines.
     #[allow(missing_docs)]
     Text { text: String },
-    /// An image (vision models). Accepted by the parser, refused by validation until a backend
-    /// takes images.
+    /// An image, for vision models only (see `http::images`): a `data:` URL, or `http(s)`
+    /// with `--remote-images`.
     ImageUrl {
-        /// `{ "url": ... }`.
+        /// `{"url": ..., "detail": ...}` (`detail` is accepted and ignored), or the URL as a
+        /// string.
         image_url: serde_json::Value,
     },
     /// Anything else (`input_audio`, `file`, ...): refused by validation.
@@ -94,7 +95,7 @@ pub enum ContentPart {
 pub enum MessageContent {
     /// A string.
     Text(String),
-    /// A list of parts (only text parts are served).
+    /// A list of parts: text, and images for vision models.
     Parts(Vec<ContentPart>),
 }
 

@@ -11,7 +11,7 @@ use warp::http::StatusCode;
 use super::auth::Auth;
 use super::error::ApiError;
 use super::metrics::Metrics;
-use crate::config::ServerLimitsConfig;
+use crate::config::{ImageConfig, ServerLimitsConfig};
 use crate::limit::SystemMemory;
 use crate::pool::ModelPool;
 
@@ -47,6 +47,9 @@ pub struct AppState {
     /// The status of a refusal that waiting cures (503, or 429 for routers that cool a node
     /// down on 429).
     pub busy_status: warp::http::StatusCode,
+    /// Limits on images in chat requests, and whether remote ones are fetched (default:
+    /// [`ImageConfig::default`]).
+    pub images: Arc<ImageConfig>,
 }
 
 impl AppState {
@@ -67,6 +70,7 @@ impl AppState {
             contexts: Arc::default(),
             node_id: Arc::from(default_node_id()),
             busy_status: warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            images: Arc::new(ImageConfig::default()),
         }
     }
 
@@ -79,6 +83,12 @@ impl AppState {
     /// Builder: answer refusals that waiting cures with `status` (503 or 429).
     pub fn with_busy_status(mut self, status: warp::http::StatusCode) -> Self {
         self.busy_status = status;
+        self
+    }
+
+    /// Builder: the image limits and remote-image settings (see [`super::images`]).
+    pub fn with_images(mut self, images: ImageConfig) -> Self {
+        self.images = Arc::new(images);
         self
     }
 

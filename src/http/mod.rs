@@ -31,6 +31,7 @@ mod app;
 pub mod auth;
 pub mod conn;
 pub mod error;
+pub mod images;
 pub mod metrics;
 mod openai;
 mod reply;

@@ -8,10 +8,11 @@ use warp::reply::Response;
 use warp::sse::Event;
 
 use super::{acquire, collect, context_tokens, new_id, ready_future, stream_when_ready, unix_now};
-use crate::backend::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
+use crate::backend::{ChatMessage, ContentPiece, FinishReason, GenerateRequest, Prompt, Usage};
 use crate::http::api::*;
 use crate::http::app::AppState;
 use crate::http::error::ApiError;
+use crate::http::images::{self, ImageRef};
 use crate::http::reply::ok_json;
 use crate::http::stream::{ChunkFormat, json_event};
 use crate::http::timer::{ReqTimer, respond};
@@ -21,13 +22,26 @@ use crate::types::ModelType;
 /// Tokens generated when a chat request sets neither `max_completion_tokens` nor `max_tokens`.
 pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 512;
 
-/// The backend's conversation from the request's messages: roles checked (`developer` becomes
-/// `system`), text parts joined by newlines; images and other part types are refused.
-fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+/// One message as validated, its images not yet read: the text parts joined by newlines, and
+/// the parts in order when it has an image (an image is an index into the request's
+/// [`ImageRef`]s).
+struct Draft {
+    role: String,
+    content: String,
+    parts: Vec<Result<String, usize>>,
+    has_image: bool,
+}
+
+/// The backend's conversation from the request's messages, images not yet read: roles checked
+/// (`developer` becomes `system`), text parts joined by newlines, image parts' URLs collected in
+/// order (`image_url` is `{"url": ..., "detail": ...}`, `detail` ignored, or the URL as a
+/// string); other part types are refused.
+fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<(Vec<Draft>, Vec<ImageRef>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages", "messages must contain at least one message"));
     }
     let mut out = Vec::with_capacity(messages.len());
+    let mut images = Vec::new();
     for (i, m) in messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
             return Err(ApiError::bad_request(
@@ -35,24 +49,39 @@ fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiErro
                 format!("unknown role '{}': expected system, developer, user, assistant or tool", m.role),
             ));
         }
+        let mut parts = Vec::new();
+        let mut has_image = false;
         let content = match m.content {
             None => String::new(),
             Some(MessageContent::Text(t)) => t,
-            Some(MessageContent::Parts(parts)) => {
-                let mut texts = Vec::with_capacity(parts.len());
-                for (j, p) in parts.into_iter().enumerate() {
+            Some(MessageContent::Parts(ps)) => {
+                let mut texts = Vec::with_capacity(ps.len());
+                for (j, p) in ps.into_iter().enumerate() {
                     match p {
-                        ContentPart::Text { text } => texts.push(text),
-                        ContentPart::ImageUrl { .. } => {
-                            return Err(ApiError::bad_request(
-                                format!("messages[{i}].content[{j}]"),
-                                "image inputs are not supported by this server's backends yet",
-                            ));
+                        ContentPart::Text { text } => {
+                            texts.push(text.clone());
+                            parts.push(Ok(text));
+                        }
+                        ContentPart::ImageUrl { image_url } => {
+                            let param = format!("messages[{i}].content[{j}].image_url");
+                            let url = match &image_url {
+                                serde_json::Value::String(u) => Some(u.clone()),
+                                v => v.get("url").and_then(|u| u.as_str()).map(str::to_string),
+                            };
+                            let Some(url) = url else {
+                                return Err(ApiError::bad_request(
+                                    param,
+                                    "image_url must be an object with a string url ({\"url\": \"data:image/png;base64,...\"})",
+                                ));
+                            };
+                            has_image = true;
+                            parts.push(Err(images.len()));
+                            images.push(ImageRef { param, url });
                         }
                         ContentPart::Unsupported => {
                             return Err(ApiError::bad_request(
                                 format!("messages[{i}].content[{j}].type"),
-                                "unsupported content part type: only text is accepted",
+                                "unsupported content part type: only text and image_url are accepted",
                             ));
                         }
                     }
@@ -61,9 +90,59 @@ fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiErro
             }
         };
         let role = if m.role == "developer" { "system".to_string() } else { m.role };
-        out.push(ChatMessage::text(role, content));
+        out.push(Draft { role, content, parts, has_image });
     }
-    Ok(out)
+    Ok((out, images))
+}
+
+/// Read the request's images (see [`crate::http::images`]) before the pool is asked for the
+/// model: refused unless `model` is a registered vision model and there are at most
+/// `--max-images`; then fetched or decoded, all at once. The messages come back with their
+/// images in place.
+async fn with_images(
+    state: &AppState,
+    model: &str,
+    drafts: Vec<Draft>,
+    refs: Vec<ImageRef>,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut decoded = Vec::new();
+    if let Some(first) = refs.first() {
+        let spec = state.pool.spec(model)?;
+        if spec.model_type != ModelType::Vision {
+            return Err(ApiError::bad_request(
+                &first.param,
+                format!(
+                    "model '{model}' is not a vision model (its type is {}): it takes no images",
+                    spec.model_type
+                ),
+            ));
+        }
+        let cfg = &state.images;
+        if let Some(extra) = refs.get(cfg.max_images) {
+            return Err(ApiError::bad_request(
+                &extra.param,
+                format!("the request has {} images, more than --max-images {}", refs.len(), cfg.max_images),
+            ));
+        }
+        decoded = futures::future::try_join_all(refs.iter().map(|r| images::load(cfg, r))).await?;
+    }
+    Ok(drafts
+        .into_iter()
+        .map(|d| {
+            let pieces = if d.has_image {
+                d.parts
+                    .into_iter()
+                    .map(|p| match p {
+                        Ok(t) => ContentPiece::Text(t),
+                        Err(k) => ContentPiece::Image(decoded[k].clone()),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            ChatMessage { role: d.role, content: d.content, pieces }
+        })
+        .collect())
 }
 
 /// The chunks of one streamed chat completion: a role chunk, one chunk per text piece, a
@@ -152,7 +231,8 @@ async fn chat_inner(
             "only response_format {\"type\": \"text\"} is supported",
         ));
     }
-    let messages = chat_prompt(req.messages)?;
+    let (drafts, refs) = chat_prompt(req.messages)?;
+    let messages = with_images(state, &req.model, drafts, refs).await?;
     let prompt_bytes = messages.iter().map(|m| m.content.len()).sum();
     let tokens = context_tokens(prompt_bytes, messages.len(), max_tokens);
     let greq = GenerateRequest {

@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod concurrency;
 mod config;
+mod images;
 mod limits;
 mod openai_types;
 mod routes;

@@ -335,7 +335,7 @@ async fn malformed_json_and_bad_fields_name_the_field() {
         (json!({"messages": [{"role": "user", "content": 7}]}), "messages[0].content"),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
-            "messages[0].content[0]",
+            "messages[0].content[0].image_url",
         ),
     ];
     for (patch, param) in cases {
