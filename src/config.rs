@@ -41,6 +41,7 @@
 //! max_images = 8              # image parts per request
 //! max_image_pixels = 16777216 # width x height per image, read from the header
 //! max_image_bytes = "20MiB"   # encoded bytes per image
+//! max_image_memory = "1GiB"   # decoded pixels held at once, all requests together
 //! remote_images = false       # fetch http(s) image URLs
 //! remote_image_hosts = ["images.example.com"]  # exact hosts allowed (empty: none)
 //! remote_image_timeout = "10s"
@@ -130,6 +131,12 @@ pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 16_777_216;
 /// `--max-image-bytes`: encoded bytes of one image (after base64 decoding, or as fetched):
 /// 20 MiB, OpenAI's own limit per image.
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 20 * 1024 * 1024;
+/// `--max-image-memory`: decoded image bytes all requests together may hold at once (the
+/// decoder's output and the RGB pixels, from each image's header, until the backend has turned
+/// them into its own input): 1 GiB, about 20 images at the default `--max-image-pixels`. A
+/// request whose images need more than this on their own is a 400; one that needs what others
+/// hold waits for it.
+pub const DEFAULT_MAX_IMAGE_MEMORY: u64 = 1 << 30;
 /// `--remote-image-timeout`: a remote image must arrive whole within this.
 pub const DEFAULT_REMOTE_IMAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -498,6 +505,10 @@ pub struct ServeArgs {
     /// [default: 20MiB].
     #[arg(long, env = "MODELPOOL_MAX_IMAGE_BYTES", value_name = "SIZE")]
     pub max_image_bytes: Option<ByteSize>,
+    /// Decoded image bytes all requests together may hold at once; a request needing more on its
+    /// own is a 400, one needing what others hold waits [default: 1GiB].
+    #[arg(long, env = "MODELPOOL_MAX_IMAGE_MEMORY", value_name = "SIZE")]
+    pub max_image_memory: Option<ByteSize>,
     /// Fetch `http(s)` image URLs in chat requests, from the hosts of --remote-image-hosts only
     /// (off: such URLs are a 400; `file:` URLs are refused always).
     #[arg(long, env = "MODELPOOL_REMOTE_IMAGES")]
@@ -635,6 +646,8 @@ pub struct FileConfig {
     pub max_image_pixels: Option<u64>,
     /// See [`ServeArgs::max_image_bytes`].
     pub max_image_bytes: Option<ByteSize>,
+    /// See [`ServeArgs::max_image_memory`].
+    pub max_image_memory: Option<ByteSize>,
     /// See [`ServeArgs::remote_images`] (either one set turns it on).
     pub remote_images: Option<bool>,
     /// See [`ServeArgs::remote_image_hosts`]; a flag or variable replaces this list.
@@ -790,6 +803,8 @@ pub struct ImageConfig {
     pub max_image_pixels: u64,
     /// `--max-image-bytes`: encoded bytes per image.
     pub max_image_bytes: u64,
+    /// `--max-image-memory`: decoded image bytes held at once, all requests together.
+    pub max_image_memory: u64,
     /// `--remote-images`: whether `http(s)` URLs are fetched at all.
     pub remote_images: bool,
     /// `--remote-image-hosts`: lower-case host names remote images may come from (empty: none).
@@ -799,12 +814,14 @@ pub struct ImageConfig {
 }
 
 impl Default for ImageConfig {
-    /// The defaults: 8 images, 16777216 pixels and 20 MiB each, remote URLs off.
+    /// The defaults: 8 images, 16777216 pixels and 20 MiB each, 1 GiB decoded at once, remote
+    /// URLs off.
     fn default() -> Self {
         ImageConfig {
             max_images: DEFAULT_MAX_IMAGES,
             max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            max_image_memory: DEFAULT_MAX_IMAGE_MEMORY,
             remote_images: false,
             remote_image_hosts: Vec::new(),
             remote_image_timeout: DEFAULT_REMOTE_IMAGE_TIMEOUT,
@@ -975,6 +992,10 @@ impl ServeConfig {
                 .max_image_bytes
                 .or(file.max_image_bytes)
                 .map_or(DEFAULT_MAX_IMAGE_BYTES, u64::from),
+            max_image_memory: args
+                .max_image_memory
+                .or(file.max_image_memory)
+                .map_or(DEFAULT_MAX_IMAGE_MEMORY, u64::from),
             remote_images: args.remote_images || file.remote_images.unwrap_or(false),
             remote_image_hosts: args
                 .remote_image_hosts
@@ -993,6 +1014,7 @@ impl ServeConfig {
             ("max_images", images.max_images as u64),
             ("max_image_pixels", images.max_image_pixels),
             ("max_image_bytes", images.max_image_bytes),
+            ("max_image_memory", images.max_image_memory),
         ] {
             if v == 0 {
                 return Err(field(name, "must be at least 1".into()));

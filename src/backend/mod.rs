@@ -42,22 +42,47 @@ pub enum BackendError {
 
 /// A decoded input image: 8-bit RGB, row-major, `width * height * 3` bytes, shared cheaply.
 ///
-/// The HTTP layer makes these from the client's bytes (alpha composited over white, as the
-/// reference image processors do); a backend resizes and normalises them itself. Neither
+/// The HTTP layer makes these from the client's bytes (as mlx-vlm's `load_image` does: EXIF
+/// orientation applied, alpha dropped); a backend resizes and normalises them itself. Neither
 /// dimension is 0 and the buffer length is exact: [`Image::new`] guarantees both.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// An image may carry a guard ([`Image::with_guard`]): it is dropped with the last clone of the
+/// image, so whoever accounts for decoded pixels (the HTTP layer's `--max-image-memory`) keeps
+/// them counted for exactly as long as any backend queue or worker holds them. Equality compares
+/// the pixels only.
+#[derive(Clone)]
 pub struct Image {
     width: u32,
     height: u32,
     rgb: Arc<[u8]>,
+    guard: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
+
+impl PartialEq for Image {
+    fn eq(&self, other: &Self) -> bool {
+        (self.width, self.height) == (other.width, other.height) && self.rgb == other.rgb
+    }
+}
+
+impl Eq for Image {}
 
 impl Image {
     /// An image of `width` x `height` RGB pixels; `None` when a dimension is 0 or `rgb` is not
     /// exactly `width * height * 3` bytes.
     pub fn new(width: u32, height: u32, rgb: Vec<u8>) -> Option<Self> {
         let want = (width as usize).checked_mul(height as usize)?.checked_mul(3)?;
-        (width > 0 && height > 0 && rgb.len() == want).then(|| Self { width, height, rgb: rgb.into() })
+        (width > 0 && height > 0 && rgb.len() == want).then(|| Self {
+            width,
+            height,
+            rgb: rgb.into(),
+            guard: None,
+        })
+    }
+
+    /// This image holding `guard` until its last clone is dropped (replacing any earlier guard).
+    pub fn with_guard(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self.guard = Some(Arc::new(guard));
+        self
     }
 
     /// Width in pixels (at least 1).

@@ -50,6 +50,9 @@ pub struct AppState {
     /// Limits on images in chat requests, and whether remote ones are fetched (default:
     /// [`ImageConfig::default`]).
     pub images: Arc<ImageConfig>,
+    /// The decoded-image budget of `images.max_image_memory`, in KiB permits, shared by every
+    /// request (see [`super::images::load_all`]).
+    pub image_memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
             node_id: Arc::from(default_node_id()),
             busy_status: warp::http::StatusCode::SERVICE_UNAVAILABLE,
             images: Arc::new(ImageConfig::default()),
+            image_memory: super::images::memory_semaphore(&ImageConfig::default()),
         }
     }
 
@@ -88,6 +92,7 @@ impl AppState {
 
     /// Builder: the image limits and remote-image settings (see [`super::images`]).
     pub fn with_images(mut self, images: ImageConfig) -> Self {
+        self.image_memory = super::images::memory_semaphore(&images);
         self.images = Arc::new(images);
         self
     }

@@ -14,22 +14,32 @@
 //! 5. at most `--max-image-pixels` (width x height) from the header, before any pixel is decoded;
 //!    the decoder also runs under [`image::Limits`] of those dimensions, so a decompression bomb
 //!    costs a header read;
-//! 6. the whole image decodes (a truncated or corrupt file is a 400), off the async reactor
-//!    ([`tokio::task::spawn_blocking`]).
+//! 6. the decoded bytes the request's images need together (from their headers) at most
+//!    `--max-image-memory`; if other requests hold part of that budget, this one waits for it
+//!    (first come, first served) before decoding;
+//! 7. the whole image decodes (a truncated or corrupt file is a 400), off the async reactor
+//!    ([`tokio::task::spawn_blocking`]). Each image then holds its RGB bytes of the budget until
+//!    the backend drops it (after its vision encoding).
 //!
-//! Pixels become 8-bit RGB as transformers' `convert_to_rgb` does with Pillow: an RGB image is
-//! kept; anything else is expanded to RGBA (grayscale replicated, palettes looked up, 16-bit
-//! samples scaled to 8 bits by the `image` crate's rounding, `round(v * 255 / 65535)`) and
-//! alpha-composited over opaque white with Pillow's integer arithmetic ([`over_white`]).
+//! Pixels become 8-bit RGB as mlx-vlm 0.7.10's `load_image` makes them (the reference this
+//! project's vision models are checked against): the EXIF orientation applied (Pillow's
+//! `ImageOps.exif_transpose`), then Pillow's `convert("RGB")`: alpha dropped, not composited
+//! over white (transformers' `convert_to_rgb` would composite, but mlx-vlm converts first);
+//! grayscale replicated; palettes looked up; 16-bit samples as Pillow reduces them
+//! ([`pillow_rgb`]). PNG and WebP (lossless and lossy) give Pillow's bytes exactly; JPEG is
+//! decoded by zune-jpeg, not Pillow's libjpeg-turbo, within 2 levels per sample on the test
+//! files (`tests/it/http/images.rs`, `decoding_matches_mlx_vlms_load_image`).
 //!
 //! The `detail` field of an `image_url` part is accepted and ignored.
 
 use std::io::Cursor;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
-use image::{DynamicImage, ImageFormat, ImageReader};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use tokio::sync::Semaphore;
 
 use super::error::ApiError;
 use crate::backend::Image;
@@ -44,19 +54,94 @@ pub(crate) struct ImageRef {
     pub url: String,
 }
 
-/// The image of `r`: fetched or base64-decoded, checked against `cfg` and decoded to RGB. See
-/// the module documentation for the checks and their order.
-pub(crate) async fn load(cfg: &ImageConfig, r: &ImageRef) -> Result<Image, ApiError> {
-    let bytes = encoded_bytes(cfg, r).await?;
-    let (param, max_pixels) = (r.param.clone(), cfg.max_image_pixels);
-    tokio::task::spawn_blocking(move || decode(&bytes, &param, max_pixels)).await.map_err(|e| {
+/// The images of one request, in order: each fetched or base64-decoded and its header checked
+/// (see the module documentation for the checks and their order), then all decoded to RGB once
+/// the decoded bytes they need together are free in `memory`.
+///
+/// `memory` counts KiB of decoded image data across every request (`--max-image-memory`). A
+/// request needs its images' decoder output plus their RGB copy (from the headers), all of it
+/// before any is decoded; it waits for that in arrival order (tokio's fair semaphore: the
+/// request at the head gathers what is freed and no later one overtakes it), so two requests
+/// cannot each hold part of what the other waits for. After decoding, each image keeps only its RGB bytes' worth, as its
+/// [`Image::with_guard`] guard, returned when the backend drops the image; the rest is returned
+/// at once. A request whose images need more than the whole budget is a 400 naming the flag.
+pub(crate) async fn load_all(
+    cfg: &ImageConfig,
+    memory: &Arc<Semaphore>,
+    refs: &[ImageRef],
+) -> Result<Vec<Image>, ApiError> {
+    let files = futures::future::try_join_all(refs.iter().map(|r| encoded_bytes(cfg, r))).await?;
+    let mut probes = Vec::with_capacity(files.len());
+    for (r, bytes) in refs.iter().zip(&files) {
+        probes.push(probe(bytes, &r.param, cfg.max_image_pixels)?);
+    }
+    let need: u64 = probes.iter().map(|p| kib(p.decoded_bytes + p.rgb_bytes())).sum();
+    let budget = kib(cfg.max_image_memory);
+    if need > budget {
+        return Err(ApiError::bad_request(
+            &refs[0].param,
+            format!(
+                "the request's images need {} KiB decoded, more than --max-image-memory {} ({} KiB)",
+                need, cfg.max_image_memory, budget
+            ),
+        ));
+    }
+    // `need` fits in u32: the budget was checked to (see `permits`).
+    let mut permit = memory.clone().acquire_many_owned(permits(need)).await.map_err(|_| {
+        ApiError::new(
+            warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting_down",
+            "the server is shutting down",
+        )
+    })?;
+    let params: Vec<String> = refs.iter().map(|r| r.param.clone()).collect();
+    let images = tokio::task::spawn_blocking(move || {
+        files
+            .iter()
+            .zip(&probes)
+            .zip(&params)
+            .map(|((b, p), param)| decode_probed(b, param, p))
+            .collect::<Result<Vec<Image>, ApiError>>()
+    })
+    .await
+    .map_err(|e| {
         ApiError::new(
             warp::http::StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             "image_decode_failed",
             format!("the image decoder stopped: {e}"),
         )
-    })?
+    })?;
+    let images: Vec<Image> = images?;
+    Ok(images
+        .into_iter()
+        .map(|img| {
+            let keep = permits(kib(img.rgb().len() as u64));
+            match permit.split(keep as usize) {
+                Some(p) => img.with_guard(p),
+                None => img,
+            }
+        })
+        .collect())
+}
+
+/// `bytes` in KiB, rounded up.
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
+
+/// Semaphore permits for `n` KiB: tokio counts permits in `u32` and holds at most
+/// [`Semaphore::MAX_PERMITS`]; [`memory_semaphore`] caps the budget so every need that passed
+/// the budget check fits.
+fn permits(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The decoded-image budget of `cfg.max_image_memory`, in KiB permits (at most `u32::MAX` KiB,
+/// 4 TiB, far above any machine's memory).
+pub fn memory_semaphore(cfg: &ImageConfig) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(kib(cfg.max_image_memory).min(u64::from(u32::MAX)) as usize))
 }
 
 /// The bytes of the image file `r` names, at most `cfg.max_image_bytes` of them.
@@ -202,9 +287,29 @@ fn secs(d: Duration) -> String {
 /// The formats accepted, as error messages name them.
 const ACCEPTED: &str = "PNG, JPEG and WebP are accepted";
 
-/// Decode `bytes` (an image file) to RGB: format sniffed, pixels checked against `max_pixels`
-/// from the header first, then decoded under matching [`image::Limits`].
-pub fn decode(bytes: &[u8], param: &str, max_pixels: u64) -> Result<Image, ApiError> {
+/// What an image file's header says: its format, size and the bytes its decoder will produce.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    /// The decoder's output buffer (its colour type at its sample depth).
+    decoded_bytes: u64,
+}
+
+impl Probe {
+    fn rgb_bytes(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * 3
+    }
+}
+
+fn corrupt(param: &str, format: ImageFormat, e: image::ImageError) -> ApiError {
+    ApiError::bad_request(param, format!("cannot decode the {format:?} image (truncated or corrupt?): {e}"))
+}
+
+/// The format sniffed from `bytes` (PNG, JPEG or WebP; the declared media type is ignored) and
+/// the header read, its pixels at most `max_pixels`; nothing is decoded.
+fn probe(bytes: &[u8], param: &str, max_pixels: u64) -> Result<Probe, ApiError> {
     let format = match image::guess_format(bytes) {
         Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
         Ok(other) => {
@@ -220,73 +325,116 @@ pub fn decode(bytes: &[u8], param: &str, max_pixels: u64) -> Result<Image, ApiEr
             ));
         }
     };
-    let corrupt = |e: image::ImageError| {
-        ApiError::bad_request(
-            param,
-            format!("cannot decode the {format:?} image (truncated or corrupt?): {e}"),
-        )
-    };
-    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
-    let pixels = u64::from(w) * u64::from(h);
+    let decoder = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
+        .map_err(|e| corrupt(param, format, e))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(ApiError::bad_request(
             param,
-            format!("the image is {w}x{h} = {pixels} pixels, more than --max-image-pixels {max_pixels}"),
+            format!(
+                "the image is {width}x{height} = {pixels} pixels, more than --max-image-pixels {max_pixels}"
+            ),
         ));
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    // The output at the widest sample type a decoder of these formats produces (RGBA, 16-bit),
-    // plus as much again for its working buffers.
-    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_mul(2).max(1 << 20));
-    reader.limits(limits);
-    let img = reader.decode().map_err(corrupt)?;
-    let (w, h) = (img.width(), img.height());
-    let rgb = match img {
-        DynamicImage::ImageRgb8(b) => b.into_raw(),
-        other => other.to_rgba8().pixels().flat_map(|p| over_white(p.0)).collect(),
-    };
-    Image::new(w, h, rgb).ok_or_else(|| ApiError::bad_request(param, "the image has no pixels"))
+    Ok(Probe { format, width, height, decoded_bytes: decoder.total_bytes() })
 }
 
-/// One RGBA pixel composited over opaque white, exactly as Pillow's
-/// `Image.alpha_composite(white, image)` computes it (its integer path, 7 extra bits of
-/// precision and its shift-based division by 255), which transformers' `convert_to_rgb` runs.
-/// The result is `round(c * a / 255 + 255 * (255 - a) / 255)` for every channel `c` and alpha
-/// `a` (checked exhaustively in the tests); alpha 255 keeps the colour, alpha 0 gives white.
-pub fn over_white([r, g, b, a]: [u8; 4]) -> [u8; 3] {
-    if a == 0 {
-        return [255; 3];
+/// Decode a file whose header `p` passed [`probe`]: under [`image::Limits`] of its size (so a
+/// file whose data disagrees with its header cannot allocate more), EXIF orientation applied,
+/// converted to RGB.
+fn decode_probed(bytes: &[u8], param: &str, p: &Probe) -> Result<Image, ApiError> {
+    let err = |e| corrupt(param, p.format, e);
+    let mut decoder = ImageReader::with_format(Cursor::new(bytes), p.format).into_decoder().map_err(err)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(p.width);
+    limits.max_image_height = Some(p.height);
+    // The output buffer plus as much again for a decoder's working buffers.
+    limits.max_alloc = Some(p.decoded_bytes.saturating_mul(2).max(1 << 20));
+    decoder.set_limits(limits).map_err(err)?;
+    // Unreadable EXIF leaves the image as stored, as Pillow's exif_transpose does.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(err)?;
+    img.apply_orientation(orientation);
+    let (w, h) = (img.width(), img.height());
+    Image::new(w, h, pillow_rgb(img)).ok_or_else(|| ApiError::bad_request(param, "the image has no pixels"))
+}
+
+/// Decode `bytes` (an image file) to RGB as mlx-vlm's `load_image` reads it, outside any memory
+/// budget: [`probe`] (format and pixel limit) then the decode. For tests and tools; requests go
+/// through [`load_all`].
+pub fn decode(bytes: &[u8], param: &str, max_pixels: u64) -> Result<Image, ApiError> {
+    decode_probed(bytes, param, &probe(bytes, param, max_pixels)?)
+}
+
+/// The RGB bytes of `img` as Pillow's `convert("RGB")` gives them for the mode Pillow opens the
+/// same file in: alpha dropped, grayscale replicated; 16-bit RGB and RGBA (and 16-bit gray with
+/// alpha, which Pillow opens as RGBA) keep each sample's high byte; 16-bit grayscale (Pillow's
+/// `I;16`) is clamped to 255. The `image` crate's own conversions round 16-bit samples instead,
+/// so those paths are spelled out.
+fn pillow_rgb(img: DynamicImage) -> Vec<u8> {
+    match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageLuma16(b) => {
+            b.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect()
+        }
+        DynamicImage::ImageRgb16(b) => b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(b) => {
+            b.pixels().flat_map(|p| [p.0[0], p.0[1], p.0[2]].map(|v| (v >> 8) as u8)).collect()
+        }
+        DynamicImage::ImageLumaA16(b) => b.pixels().flat_map(|p| [(p.0[0] >> 8) as u8; 3]).collect(),
+        // 8-bit gray, gray + alpha, RGBA: the crate's conversion replicates gray and drops alpha.
+        other => other.to_rgb8().into_raw(),
     }
-    const PRECISION_BITS: u32 = 7;
-    let shift_div_255 = |v: u32| ((v >> 8) + v) >> 8;
-    let a = u32::from(a);
-    let blend = 255 * (255 - a);
-    let outa255 = a * 255 + blend;
-    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
-    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
-    let ch = |c: u8| {
-        (shift_div_255(u32::from(c) * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
-    };
-    [ch(r), ch(g), ch(b)]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn over_white_is_pillows_rounding() {
-        for a in 0..=255u32 {
-            for c in 0..=255u32 {
-                let want = ((c * a) as f64 / 255.0 + (255 * (255 - a)) as f64 / 255.0).round() as u8;
-                let got = over_white([c as u8, 0, 255, a as u8]);
-                assert_eq!(got[0], want, "c={c} a={a}");
-            }
-        }
-        assert_eq!(over_white([10, 20, 30, 255]), [10, 20, 30]);
-        assert_eq!(over_white([10, 20, 30, 0]), [255, 255, 255]);
+    /// A data URL of a `w` x `h` RGB PNG (decoded: `w * h * 3` bytes, plus as much RGB).
+    fn png_ref(w: u32, h: u32) -> ImageRef {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(out.get_ref());
+        ImageRef { param: "p".into(), url: format!("data:image/png;base64,{b64}") }
+    }
+
+    /// Decoded images hold their RGB bytes of the budget until the last clone is dropped; a
+    /// request needing more than is free waits (it is not refused) in arrival order and goes
+    /// on once the holder's images are gone.
+    #[tokio::test]
+    async fn decoded_images_hold_their_bytes_of_the_budget_until_dropped() {
+        let cfg = ImageConfig { max_image_memory: 100 * 1024, ..ImageConfig::default() };
+        let memory = memory_semaphore(&cfg);
+        assert_eq!(memory.available_permits(), 100);
+        // 100 x 100: 30000 bytes decoded + 30000 RGB -> 59 KiB while decoding, 30 KiB after.
+        let held = load_all(&cfg, &memory, &[png_ref(100, 100), png_ref(100, 100)]).await;
+        assert!(held.is_err(), "two need 118 KiB, more than the budget of 100");
+        let held = load_all(&cfg, &memory, &[png_ref(100, 100)]).await.unwrap();
+        assert_eq!(memory.available_permits(), 70);
+        let copy = held[0].clone();
+        drop(held);
+        assert_eq!(memory.available_permits(), 70, "a clone still holds the pixels");
+        let second = load_all(&cfg, &memory, &[png_ref(100, 100)]).await.unwrap();
+        assert_eq!(memory.available_permits(), 40);
+        // 59 KiB needed, 40 free: the third waits at the head of the queue, gathering what is
+        // freed; a smaller request behind it waits too (first come, first served).
+        let refs = [png_ref(100, 100)];
+        let mut third = Box::pin(load_all(&cfg, &memory, &refs));
+        assert!(futures::poll!(&mut third).is_pending());
+        let small = [png_ref(10, 10)];
+        let mut fourth = Box::pin(load_all(&cfg, &memory, &small));
+        assert!(futures::poll!(&mut fourth).is_pending(), "no overtaking the waiting request");
+        drop((copy, second));
+        let fourth = fourth.await.unwrap();
+        drop(fourth);
+        let third = third.await.unwrap();
+        assert_eq!(memory.available_permits(), 70);
+        assert_eq!((third[0].width(), third[0].height()), (100, 100));
+        drop(third);
+        assert_eq!(memory.available_permits(), 100);
     }
 }

@@ -52,7 +52,7 @@ pub use app::{AppState, DEFAULT_STREAM_WAIT_NOTICE, default_node_id};
 pub use auth::Auth;
 pub use error::ApiError;
 pub use metrics::{Metrics, TimedBackend};
-pub use openai::chat::DEFAULT_CHAT_MAX_TOKENS;
+pub use openai::chat::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_IMAGE_TOKENS};
 pub use openai::completions::DEFAULT_COMPLETION_MAX_TOKENS;
 pub use openai::embeddings::MAX_EMBEDDING_INPUTS;
 pub use stream::DONE_FRAME;

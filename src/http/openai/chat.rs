@@ -95,17 +95,25 @@ fn chat_prompt(messages: Vec<ChatMessageIn>) -> Result<(Vec<Draft>, Vec<ImageRef
     Ok((out, images))
 }
 
+/// Prompt tokens reserved per image, before the backend counts them, for a vision model whose
+/// catalog entry gives no bound ([`crate::types::ModelSpec::image_tokens`]): 1536, above the
+/// Idefics3 bound of SmolVLM-Instruct's default processor (17 tiles x (81 + 3) + 4 = 1432) and
+/// SmolVLM-256M's (1143).
+pub const DEFAULT_IMAGE_TOKENS: u32 = 1536;
+
 /// Read the request's images (see [`crate::http::images`]) before the pool is asked for the
 /// model: refused unless `model` is a registered vision model and there are at most
 /// `--max-images`; then fetched or decoded, all at once. The messages come back with their
-/// images in place.
+/// images in place, and the prompt tokens the images may become (each image its model's
+/// bound, else [`DEFAULT_IMAGE_TOKENS`]) for the request's KV reservation.
 async fn with_images(
     state: &AppState,
     model: &str,
     drafts: Vec<Draft>,
     refs: Vec<ImageRef>,
-) -> Result<Vec<ChatMessage>, ApiError> {
+) -> Result<(Vec<ChatMessage>, u64), ApiError> {
     let mut decoded = Vec::new();
+    let mut image_tokens = 0;
     if let Some(first) = refs.first() {
         let spec = state.pool.spec(model)?;
         if spec.model_type != ModelType::Vision {
@@ -124,9 +132,10 @@ async fn with_images(
                 format!("the request has {} images, more than --max-images {}", refs.len(), cfg.max_images),
             ));
         }
-        decoded = futures::future::try_join_all(refs.iter().map(|r| images::load(cfg, r))).await?;
+        decoded = images::load_all(cfg, &state.image_memory, &refs).await?;
+        image_tokens = refs.len() as u64 * u64::from(spec.image_tokens.unwrap_or(DEFAULT_IMAGE_TOKENS));
     }
-    Ok(drafts
+    let messages = drafts
         .into_iter()
         .map(|d| {
             let pieces = if d.has_image {
@@ -142,7 +151,8 @@ async fn with_images(
             };
             ChatMessage { role: d.role, content: d.content, pieces }
         })
-        .collect())
+        .collect();
+    Ok((messages, image_tokens))
 }
 
 /// The chunks of one streamed chat completion: a role chunk, one chunk per text piece, a
@@ -232,9 +242,9 @@ async fn chat_inner(
         ));
     }
     let (drafts, refs) = chat_prompt(req.messages)?;
-    let messages = with_images(state, &req.model, drafts, refs).await?;
+    let (messages, image_tokens) = with_images(state, &req.model, drafts, refs).await?;
     let prompt_bytes = messages.iter().map(|m| m.content.len()).sum();
-    let tokens = context_tokens(prompt_bytes, messages.len(), max_tokens);
+    let tokens = context_tokens(prompt_bytes, messages.len(), max_tokens) + image_tokens;
     let greq = GenerateRequest {
         prompt: Prompt::Chat(messages),
         max_tokens,

@@ -5,7 +5,7 @@
 use std::io::Cursor;
 
 use base64::Engine as _;
-use image::{ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{ImageFormat, Rgb, RgbImage};
 use modelpool::backend::fake::FAKE_IMAGE_TOKENS;
 use modelpool::config::ImageConfig;
 use modelpool::{GB, Phase};
@@ -328,25 +328,42 @@ async fn remote_images_are_fetched_from_allowed_hosts_without_redirects() {
     assert_eq!(json(&r)["usage"]["prompt_tokens"], prompt_tokens(1));
 }
 
+/// Every file of tests/fixtures/images (scripts/make-image-decode-fixture.py: each PNG colour
+/// type and depth, palettes with transparency, EXIF orientations 3, 6 and 8 in JPEG and PNG,
+/// baseline, 4:4:4 and progressive JPEG, lossless and lossy WebP) decodes to the RGB bytes
+/// mlx-vlm's `load_image` gets from Pillow 13: exactly for PNG and WebP (lossy too), within
+/// `JPEG_LEVELS` per sample for JPEG (zune-jpeg against Pillow's libjpeg-turbo; measured: at
+/// most 2 levels on these files).
 #[test]
-fn pixels_become_rgb_as_transformers_convert_to_rgb_does() {
+fn decoding_matches_mlx_vlms_load_image() {
     use modelpool::http::images::decode;
-    // RGBA over white (Pillow's alpha_composite), grayscale expanded, RGB kept.
-    let rgba =
-        RgbaImage::from_fn(2, 1, |x, _| if x == 0 { Rgba([200, 100, 0, 128]) } else { Rgba([1, 2, 3, 0]) });
-    let mut png = Cursor::new(Vec::new());
-    rgba.write_to(&mut png, ImageFormat::Png).unwrap();
-    let img = decode(png.get_ref(), "p", 100).unwrap();
-    assert_eq!((img.width(), img.height()), (2, 1));
-    // round(200*128/255 + 255*127/255) = round(100.39 + 127) = 227; 100 -> 177; 0 -> 127.
-    assert_eq!(img.rgb(), &[227, 177, 127, 255, 255, 255]);
-    let gray = image::GrayImage::from_fn(3, 1, |x, _| image::Luma([x as u8 * 100]));
-    let mut png = Cursor::new(Vec::new());
-    gray.write_to(&mut png, ImageFormat::Png).unwrap();
-    assert_eq!(decode(png.get_ref(), "p", 100).unwrap().rgb(), &[0, 0, 0, 100, 100, 100, 200, 200, 200]);
-    let rgb = encoded(ImageFormat::Png, 4, 3);
-    let img = decode(&rgb, "p", 100).unwrap();
-    assert_eq!(&img.rgb()[..6], &[0, 0, 128, 7, 0, 128]);
+    const JPEG_LEVELS: i32 = 2;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 20);
+    let mut report = Vec::new();
+    for c in cases {
+        let file = c["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let img = decode(&bytes, "p", 1 << 20).unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        let want: Vec<u8> = c["rgb"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        assert_eq!(
+            (u64::from(img.width()), u64::from(img.height())),
+            (c["width"].as_u64().unwrap(), c["height"].as_u64().unwrap()),
+            "{file}: size (EXIF orientation)"
+        );
+        let worst =
+            img.rgb().iter().zip(&want).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).max().unwrap();
+        report.push(format!("{file}: max |diff| {worst}"));
+        if file.ends_with(".jpg") {
+            assert!(worst <= JPEG_LEVELS, "{file}: {worst} levels from Pillow's pixels");
+        } else {
+            assert_eq!(img.rgb(), &want[..], "{file}: Pillow's bytes");
+        }
+    }
+    println!("{}", report.join("\n"));
 }
 
 /// A PNG of pseudo-random pixels (incompressible: about `w * h * 3` bytes).
@@ -393,4 +410,64 @@ fn crc32(data: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+/// A request's images count in its KV reservation before the backend sees them: each image at
+/// the model's catalogued bound (`ModelSpec::image_tokens`), else `DEFAULT_IMAGE_TOKENS`.
+/// With 1000 bytes of KV per token and 1 MB beside the weights, a text request fits, an image
+/// bounded at 400 tokens fits, and one at 2000 tokens (2 MB of KV) is refused as never fitting.
+#[tokio::test]
+async fn image_tokens_count_in_the_kv_reservation() {
+    use modelpool::http::DEFAULT_IMAGE_TOKENS;
+    let setup = |image_tokens: Option<u32>| {
+        let mut spec = modelpool::ModelSpec::new("vis").with_type(modelpool::ModelType::Vision).with_size(GB);
+        spec.kv_bytes_per_token = Some(1000);
+        spec.image_tokens = image_tokens;
+        big_body(Harness::with_backend(
+            GB + 1_000_000,
+            4,
+            FakeBackend::new().with_kv_per_token(1000),
+            vec![spec],
+        ))
+    };
+    let text =
+        json!({"model": "vis", "max_tokens": 16, "messages": [{"role": "user", "content": "describe this"}]});
+    let mut with_image = image_chat("vis", &[png_url()], false);
+    with_image["max_tokens"] = json!(16);
+
+    let h = setup(Some(400));
+    let r = h.post("/v1/chat/completions", text.clone()).await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+    let r = h.post("/v1/chat/completions", with_image.clone()).await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+
+    // The default bound alone needs over 1 MB here.
+    const { assert!(DEFAULT_IMAGE_TOKENS >= 1000) };
+    for bound in [Some(2000), None] {
+        let h = setup(bound);
+        let r = h.post("/v1/chat/completions", text.clone()).await;
+        assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+        let r = h.post("/v1/chat/completions", with_image.clone()).await;
+        assert_eq!(r.status(), 503, "{bound:?}: {}", String::from_utf8_lossy(r.body()));
+        let msg = json(&r)["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("KV cache for this request's context"), "{msg}");
+    }
+}
+
+/// `--max-image-memory`: a request whose images need more decoded bytes than the whole budget
+/// is a 400 naming the flag, and loads nothing.
+#[tokio::test]
+async fn images_beyond_the_decoded_memory_budget_are_refused() {
+    // 100 x 100 RGB: 30000 bytes decoded + 30000 of RGB = 59 KiB; two need 118 KiB.
+    let url = data_url("image/png", &encoded(ImageFormat::Png, 100, 100));
+    let h = big_body(Harness::new(10 * GB, 4)).with_state(|s| {
+        s.with_images(ImageConfig { max_image_memory: 100 * 1024, ..ImageConfig::default() })
+    });
+    let r = h.post("/v1/chat/completions", image_chat("vis", std::slice::from_ref(&url), false)).await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
+    let h = big_body(Harness::new(10 * GB, 4)).with_state(|s| {
+        s.with_images(ImageConfig { max_image_memory: 100 * 1024, ..ImageConfig::default() })
+    });
+    let r = h.post("/v1/chat/completions", image_chat("vis", &[url.clone(), url], false)).await;
+    assert_refused(&h, &r, "messages[0].content[1].image_url", "--max-image-memory 102400");
 }
