@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end test over a real socket with the official `openai` Python client.
 # Builds `modelpool`, starts `modelpool serve` (fake backend) on a free port, runs
-# tests/e2e/test_openai.py against it, stops the server with SIGTERM, and exits non-zero if any
-# check failed or the server did not shut down cleanly. Needs scripts/setup-server.sh first.
+# tests/e2e/test_openai.py against it, stops the server with SIGTERM, then does the same with
+# `--backend mlx` serving the tiny vision fixture for tests/e2e/test_vision.py (images in chat),
+# and exits non-zero if any check failed or a server did not shut down cleanly. Needs scripts/setup-server.sh first.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${MODELPOOL_E2E_VENV:-$repo/target/e2e-venv}"
@@ -43,6 +44,28 @@ if ! wait "$pid"; then
     echo "server did not exit cleanly after SIGTERM"; status=1
 fi
 trap - EXIT
+
+# Images in chat through the MLX backend: the tiny Idefics3 checkpoint of tests/fixtures/vlm
+# (random weights, mlx-vlm's own classes) served as `smolvlm-tiny` (tests/e2e/test_vision.py).
+vdir="$(mktemp -d -t modelpool-vlm.XXXXXX)"
+ln -s "$repo/tests/fixtures/vlm/idefics3/model" "$vdir/smolvlm-tiny"
+vport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+"$bin" serve --backend mlx --models-dir "$vdir" --listen "127.0.0.1:$vport" --log-level info \
+    >"$log.vout" 2>"$log.v" &
+vpid=$!
+trap 'kill "$vpid" 2>/dev/null || true' EXIT
+wait_listening "$vpid" "$log.vout" "$log.v"
+MODELPOOL_URL="http://127.0.0.1:$vport" "$venv/bin/python" tests/e2e/test_vision.py || status=$?
+kill -TERM "$vpid"
+if ! wait "$vpid"; then
+    echo "vision server did not exit cleanly after SIGTERM"; status=1
+fi
+trap - EXIT
+if [ "$status" -ne 0 ]; then
+    echo "--- vision server log ($log.v) ---"; tail -n 30 "$log.v"
+fi
+rm -rf "$vdir" "$log.vout"
+[ "$status" -eq 0 ] && rm -f "$log.v"
 if [ "$status" -ne 0 ]; then
     echo "--- server log ($log) ---"; tail -n 50 "$log"
 fi
