@@ -9,9 +9,11 @@ fixture's cases.json. Exits non-zero if any check fails.
 import base64
 import json
 import os
+import struct
 import sys
 import traceback
 import urllib.request
+import zlib
 from pathlib import Path
 
 import openai
@@ -27,6 +29,17 @@ CASES = {c["name"]: c for c in json.loads((FIX / "idefics3" / "cases.json").read
 
 def data_url(path):
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def huge_png(w, h):
+    """A PNG whose header says `w` x `h` and whose data is one empty row: refused from the header."""
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * (3 * w + 1))) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def image_message(url, text="What is in the picture?"):
@@ -62,6 +75,10 @@ def test_bad_images_are_400s_that_load_nothing():
         "invalid base64": ("data:image/png;base64,@@not base64@@", "invalid base64"),
         "remote URL while disabled": ("https://example.com/cat.png", "--remote-images"),
         "file URL": ("file:///etc/passwd", "file: URLs are never accepted"),
+        "100-megapixel image": (
+            "data:image/png;base64," + base64.b64encode(huge_png(10_000, 10_000)).decode(),
+            "more than --max-image-pixels 16777216",
+        ),
         "unsupported format": ("data:image/gif;base64," + base64.b64encode(b"GIF89a" + bytes(20)).decode(), "accepted"),
     }
     for what, (url, needle) in bad.items():
