@@ -9,11 +9,11 @@ import sys
 import threading
 import re
 import time
-import traceback
 import urllib.error
 import urllib.request
 
 import openai
+from runner import run
 from openai import OpenAI
 
 BASE = os.environ["MODELPOOL_URL"].rstrip("/") + "/v1"
@@ -214,20 +214,5 @@ def test_api_keys():
     assert get("/health") == 200
 
 
-def main():
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
-    failed = 0
-    for name, f in tests:
-        try:
-            f()
-            print(f"ok      {name}")
-        except Exception:  # noqa: BLE001
-            failed += 1
-            print(f"FAILED  {name}")
-            traceback.print_exc()
-    print(f"{len(tests) - failed} passed, {failed} failed (openai {openai.__version__})")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(globals()))

@@ -11,12 +11,12 @@ import json
 import os
 import struct
 import sys
-import traceback
 import urllib.request
 import zlib
 from pathlib import Path
 
 import openai
+from runner import run
 from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,20 +128,5 @@ def test_image_chat_plain_and_streaming():
     assert phases()[MODEL] == "resident", phases()
 
 
-def main():
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
-    failed = 0
-    for name, f in tests:
-        try:
-            f()
-            print(f"ok      {name}")
-        except Exception:  # noqa: BLE001
-            failed += 1
-            print(f"FAILED  {name}")
-            traceback.print_exc()
-    print(f"{len(tests) - failed} passed, {failed} failed (openai {openai.__version__})")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(globals()))
