@@ -1,8 +1,8 @@
 //! 503 behaviour and outcome accounting of replays: each scenario is a small trace whose
 //! decisions are known, replayed through the engine's `PoolState`.
 
-use modelpool::Event;
 use modelpool::log::LogMode;
+use modelpool::{Event, PolicyKind};
 use modelpool_sim::generate::{GenConfig, Sampler, generate};
 use modelpool_sim::trace::{Op, OpKind};
 use modelpool_sim::{PolicyChoice, SimConfig};
@@ -227,6 +227,21 @@ fn malformed_in_memory_traces_are_errors_not_panics() {
     let mut unsorted = t.clone();
     unsorted.ops.swap(0, 1);
     assert!(run(&unsorted, &cfg()).unwrap_err().contains("sorted"));
+    // The same errors from the instant replay (which checks each operation as it reaches it,
+    // here the last ones, after requests it served) and from an offline policy (which checks
+    // before it reads the trace's next uses).
+    let long =
+        csv(&(0..50).fold("time,model,duration\n".to_string(), |s, i| s + &format!("{i},m{},0\n", i % 3)));
+    for policy in [PolicyChoice::Online(PolicyKind::Lru), PolicyChoice::Belady] {
+        let c = SimConfig::instant(100 * GB, 2, policy);
+        assert!(run(&long, &c).is_ok());
+        let mut bad = long.clone();
+        bad.ops[49].model = 9;
+        assert!(run(&bad, &c).unwrap_err().contains("beyond the trace's models"), "{policy:?}");
+        let mut late = long.clone();
+        late.ops[48].at = 100;
+        assert!(run(&late, &c).unwrap_err().contains("sorted"), "{policy:?}");
+    }
     // Times and durations near the end of u64 saturate instead of overflowing.
     let far = csv("time,model,size_bytes,duration\n18000000000,a,1000,9000000000\n18000000001,a,,1\n");
     let o = replay(&far, &cfg());
