@@ -3,6 +3,11 @@
 classes and processors: a tiny random-weight Idefics3 (SmolVLM) checkpoint, synthetic PNG
 images, and per-stage reference tensors (pixel values, vision embeddings, connector output,
 merged input embeddings, logits, greedy ids) that the Rust implementation is checked against.
+Greedy ids: an argmax loop over `model.language_model` with mlx-vlm's KVCache (8 steps, past the
+end-of-utterance token), asserted equal to mlx-vlm's `stream_generate` at temperature 0 up to
+where that stops. cases.json also records, per case, the expanded prompt (the processor's input
+ids decoded; re-encoding is checked to give the same ids) and every resize of every image.
+See tests/fixtures/vlm/README.md.
 
 Run through scripts/setup-vlm-fixtures.sh (pinned venv: mlx 0.32.4, mlx-cpu 0.32.4,
 mlx-vlm 0.7.10, transformers 5.24.0). Offline (HF_HUB_OFFLINE=1). Deterministic: a rerun
@@ -109,6 +114,29 @@ def make_tokenizer(d: pathlib.Path) -> int:
         + "\n"
     )
     return tok.get_vocab_size()
+
+
+def resize_log(ip, im) -> dict:
+    """Every resize the image processor makes for one image, as [width, height] pairs:
+    `longest_edge` (to size.longest_edge), `encoder` (up to a multiple of the tile), `global`
+    (the whole image at one tile); `steps` lists them all in order."""
+    steps = []
+    orig = ip.resize
+
+    def rec(image, size, *a, **k):
+        out = orig(image, size, *a, **k)
+        steps.append([[int(image.shape[-1]), int(image.shape[-2])], [int(out.shape[-1]), int(out.shape[-2])]])
+        return out
+
+    ip.resize = rec
+    try:
+        ip([[im]])
+    finally:
+        del ip.resize
+    res = {"steps": steps}
+    for key, step in zip(["longest_edge", "encoder", "global"], steps):
+        res[key] = step[1]
+    return res
 
 
 def idefics3(d: pathlib.Path) -> None:
@@ -263,6 +291,15 @@ def idefics3(d: pathlib.Path) -> None:
             greedy.append(nxt)
             step = model.language_model(mx.array([[nxt]]), cache=cache).logits
             last = step[0, -1]
+        # Cross-check: mlx-vlm's own stream_generate (temperature 0, from the image files) gives
+        # the same ids, up to its stop at the end-of-utterance token.
+        from mlx_vlm.generate import stream_generate
+
+        gen = [int(r.token) for r in stream_generate(
+            model, processor, prompt, image=[str(images_dir / f) for f in files] or None, max_tokens=8, temperature=0.0
+        )][:8]
+        stop = greedy.index(eos_id) + 1 if eos_id in greedy else 8
+        assert gen[:stop] == greedy[:stop], (name, gen, greedy)
         tensors["greedy_ids"] = mx.array(greedy, dtype=mx.int32)
         tensors["top2_margin"] = mx.array(margins, dtype=mx.float32)
         mx.eval(tensors)
@@ -271,6 +308,10 @@ def idefics3(d: pathlib.Path) -> None:
         if imgs:
             info = processor.image_processor([imgs], return_row_col_info=True)
             rows, cols = [int(r) for r in info["rows"][0]], [int(c) for c in info["cols"][0]]
+        # The expanded prompt: what the processor tokenized (decoding round-trips, checked).
+        expanded = processor.tokenizer.decode(np.asarray(ids)[0].tolist(), skip_special_tokens=False)
+        assert processor.tokenizer(expanded, add_special_tokens=False)["input_ids"] == np.asarray(ids)[0].tolist()
+        resized = [resize_log(processor.image_processor, im) for im in imgs]
         listing.append(
             {
                 "name": name,
@@ -281,6 +322,9 @@ def idefics3(d: pathlib.Path) -> None:
                 "tiles": int(tensors["pixel_values"].shape[1]) if imgs else 0,
                 "rows": rows,
                 "cols": cols,
+                "image_sizes": [list(im.size) for im in imgs],
+                "resized": resized,
+                "expanded_prompt": expanded,
                 "greedy_ids": greedy,
                 "ref": f"ref/{name}.safetensors",
             }
