@@ -331,10 +331,216 @@ def idefics3(d: pathlib.Path) -> None:
         )
     (d / "cases.json").write_text(json.dumps({"image_token_id": image_id, "cases": listing}, indent=1) + "\n")
 
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL-Instruct's chat template (images and text parts; videos left out).
+QWEN_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_vl(d: pathlib.Path) -> None:
+    from mlx_vlm.models import qwen2_vl as m
+
+    if d.exists():
+        shutil.rmtree(d)
+    model_dir = d / "model"
+    model_dir.mkdir(parents=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.save(str(model_dir / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    sid = {t: tok.token_to_id(t) for t in QWEN_SPECIAL}
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 2048}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+    (model_dir / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n"
+    )
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}, indent=2) + "\n")
+    text = {
+        "model_type": "qwen2_vl",
+        "hidden_size": 48,
+        "intermediate_size": 88,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 100000.0,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 2]},
+    }
+    vision = {
+        "model_type": "qwen2_vl",
+        "depth": 2,
+        "embed_dim": 40,
+        "hidden_size": 48,
+        "num_heads": 5,
+        "mlp_ratio": 2,
+        "patch_size": 8,
+        "spatial_patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "image_token_id": sid["<|image_pad|>"],
+        "video_token_id": sid["<|video_pad|>"],
+        "vision_start_token_id": sid["<|vision_start|>"],
+        "vision_end_token_id": sid["<|vision_end|>"],
+        "eos_token_id": sid["<|im_end|>"],
+        "text_config": text,
+        "vision_config": vision,
+    }
+    config.update({k: v for k, v in text.items() if k != "model_type"})
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": sid["<|im_end|>"]}, indent=2) + "\n")
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen2VLProcessor",
+                "do_resize": True,
+                "min_pixels": 16 * 16 * 4,
+                "max_pixels": 16 * 16 * 16,
+                "patch_size": 8,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "do_convert_rgb": True,
+                "resample": 3,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+    mx.random.seed(20)
+    cfg = m.ModelConfig.from_dict(config)
+    cfg.text_config = m.TextConfig.from_dict(text)
+    cfg.vision_config = m.VisionConfig.from_dict(vision)
+    params = dict(tree_flatten(m.Model(cfg).parameters()))
+    rng = np.random.default_rng(20)
+    weights = {}
+    for k in sorted(params):
+        shape = params[k].shape
+        if k.endswith(".weight") and ("norm" in k or "ln_q" in k):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif k.endswith(".bias"):
+            a = 0.05 * rng.standard_normal(shape)
+        else:
+            a = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
+            if "embed_tokens" in k:
+                a = 0.5 * rng.standard_normal(shape)
+        weights[k] = mx.array(a.astype(np.float32))
+    mx.save_safetensors(str(model_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+    from mlx_vlm.generate import stream_generate
+    from mlx_vlm.utils import load
+
+    model, processor = load(str(model_dir))
+    model.eval()
+    images_dir = OUT / "images"
+    question = "What is in the picture?"
+    names = ["50x40", "1000x30", "30x1000", "333x77", "64x64", "17x301", "160x120"]
+    cases = [(n, [f"{n}.png"]) for n in names] + [("two_images", ["50x40.png", "333x77.png"]), ("text_only", [])]
+    ref = d / "ref"
+    ref.mkdir()
+    listing = []
+    for name, files in cases:
+        content = [{"type": "image"} for _ in files] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        imgs = [Image.open(images_dir / f).convert("RGB") for f in files]
+        inputs = processor(text=prompt, images=imgs if imgs else None, return_tensors="np")
+        ids = mx.array(np.asarray(inputs["input_ids"]))
+        tensors = {"input_ids": ids.astype(mx.int32)}
+        kw = {}
+
+        def reset():
+            # mlx-vlm's Qwen2-VL language model keeps the last image's M-RoPE positions between
+            # calls (reset only when pixel values come in): clear them before every pass.
+            model.language_model._rope_deltas = None
+            model.language_model._position_ids = None
+
+        reset()
+        if imgs:
+            pv = mx.array(np.asarray(inputs["pixel_values"])).astype(mx.float32)
+            thw = mx.array(np.asarray(inputs["image_grid_thw"]))
+            tensors["pixel_values"] = pv
+            tensors["image_grid_thw"] = thw.astype(mx.int32)
+            tensors["vision_embeddings"] = model.vision_tower(pv, thw, output_hidden_states=False)
+            kw = {"pixel_values": pv, "image_grid_thw": thw}
+            feats = model.get_input_embeddings(ids, pv, image_grid_thw=thw)
+        else:
+            feats = model.get_input_embeddings(ids)
+        tensors["inputs_embeds"] = feats.inputs_embeds[0]
+        tensors["position_ids"] = feats.position_ids.astype(mx.int32)
+        reset()
+        logits = model(ids, **kw).logits[0]
+        tensors["logits"] = logits if logits.nbytes < 200_000 else logits[-1:]
+        reset()
+        # Greedy ids: mlx-vlm's own stream_generate at temperature 0. Margins (and a check of each
+        # id) from full forward passes over prompt + the ids so far.
+        gen = [int(r.token) for r in stream_generate(
+            model, processor, prompt, image=[str(images_dir / f) for f in files] or None, max_tokens=8, temperature=0.0
+        )][:8]
+        margins = []
+        seq = np.asarray(ids)[0].tolist()
+        for t in gen:
+            reset()
+            last = np.asarray(model(mx.array([seq]), **kw).logits[0, -1])
+            top = np.sort(last)[::-1]
+            assert int(np.argmax(last)) == t, (name, gen)
+            margins.append(float(top[0] - top[1]))
+            seq.append(t)
+        tensors["greedy_ids"] = mx.array(gen, dtype=mx.int32)
+        tensors["top2_margin"] = mx.array(margins, dtype=mx.float32)
+        mx.eval(tensors)
+        mx.save_safetensors(str(ref / f"{name}.safetensors"), dict(sorted(tensors.items())))
+        expanded = processor.tokenizer.decode(np.asarray(ids)[0].tolist(), skip_special_tokens=False)
+        grids = np.asarray(inputs["image_grid_thw"]).tolist() if imgs else []
+        listing.append(
+            {
+                "name": name,
+                "images": files,
+                "messages": messages,
+                "prompt": prompt,
+                "expanded_prompt": expanded,
+                "n_image_tokens": int((np.asarray(ids) == sid["<|image_pad|>"]).sum()),
+                "image_sizes": [list(im.size) for im in imgs],
+                "grid_thw": grids,
+                "resized": [[int(g[2]) * 8, int(g[1]) * 8] for g in grids],
+                "greedy_ids": gen,
+                "ref": f"ref/{name}.safetensors",
+            }
+        )
+    (d / "cases.json").write_text(json.dumps({"image_token_id": sid["<|image_pad|>"], "cases": listing}, indent=1) + "\n")
+
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     idefics3(OUT / "idefics3")
+    if "--qwen2-vl" in sys.argv:  # opt-in, not committed: 2.5 MB, over the fixtures' size budget
+        qwen2_vl(OUT / "qwen2_vl")
     print(f"make-vlm-fixtures: wrote {OUT}", file=sys.stderr)
 
 
