@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Builds the vision-language test fixtures under tests/fixtures/vlm/ with mlx-vlm's own model
-classes and processors: a tiny random-weight Idefics3 (SmolVLM) checkpoint, synthetic PNG
-images, and per-stage reference tensors (pixel values, vision embeddings, connector output,
-merged input embeddings, logits, greedy ids) that the Rust implementation is checked against.
+classes and processors: tiny random-weight Idefics3 (SmolVLM), Qwen2-VL and Qwen2.5-VL
+checkpoints, synthetic PNG images, and per-stage reference tensors (pixel values, vision
+embeddings, connector / merger output, merged input embeddings, Qwen's 3-axis M-RoPE position
+ids, logits, greedy ids) that the Rust implementation is checked against. Flags `--idefics3`,
+`--qwen2-vl`, `--qwen2-5-vl` build only those families (default: all).
 Greedy ids: an argmax loop over `model.language_model` with mlx-vlm's KVCache (8 steps, past the
 end-of-utterance token), asserted equal to mlx-vlm's `stream_generate` at temperature 0 up to
 where that stops. cases.json also records, per case, the expanded prompt (the processor's input
@@ -345,8 +347,71 @@ QWEN_TEMPLATE = (
 )
 
 
-def qwen2_vl(d: pathlib.Path) -> None:
-    from mlx_vlm.models import qwen2_vl as m
+# Per family: text and vision configs, all dimensions different from each other and from the
+# other families' (so a wrong transpose shows), patch 4 so the committed refs stay small.
+QWEN_FAMILIES = {
+    "qwen2_vl": {
+        "architecture": "Qwen2VLForConditionalGeneration",
+        "seed": 20,
+        "text": {
+            "hidden_size": 48,
+            "intermediate_size": 88,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+            "rope_theta": 100000.0,
+            "tie_word_embeddings": True,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 2, 3]},
+        },
+        "vision": {
+            "depth": 2,
+            "embed_dim": 40,
+            "hidden_size": 48,
+            "num_heads": 5,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "spatial_patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+    },
+    "qwen2_5_vl": {
+        "architecture": "Qwen2_5_VLForConditionalGeneration",
+        "seed": 25,
+        "text": {
+            "hidden_size": 40,
+            "intermediate_size": 72,
+            "num_attention_heads": 5,
+            "num_key_value_heads": 1,
+            "num_hidden_layers": 2,
+            "rope_theta": 50000.0,
+            "tie_word_embeddings": False,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+        },
+        "vision": {
+            "depth": 3,
+            "hidden_size": 24,
+            "intermediate_size": 56,
+            "out_hidden_size": 40,
+            "num_heads": 3,
+            "patch_size": 4,
+            "spatial_patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+        },
+    },
+}
+
+
+def qwen_vl(d: pathlib.Path, family: str) -> None:
+    import importlib
+
+    m = importlib.import_module(f"mlx_vlm.models.{family}")
+    fam = QWEN_FAMILIES[family]
 
     if d.exists():
         shutil.rmtree(d)
@@ -369,35 +434,16 @@ def qwen2_vl(d: pathlib.Path) -> None:
     )
     (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}, indent=2) + "\n")
     text = {
-        "model_type": "qwen2_vl",
-        "hidden_size": 48,
-        "intermediate_size": 88,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_hidden_layers": 2,
+        "model_type": family,
+        **fam["text"],
         "rms_norm_eps": 1e-6,
-        "rope_theta": 100000.0,
         "vocab_size": vocab,
         "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 2]},
     }
-    vision = {
-        "model_type": "qwen2_vl",
-        "depth": 2,
-        "embed_dim": 40,
-        "hidden_size": 48,
-        "num_heads": 5,
-        "mlp_ratio": 2,
-        "patch_size": 8,
-        "spatial_patch_size": 8,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
-    }
+    vision = {"model_type": family, **fam["vision"]}
     config = {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+        "architectures": [fam["architecture"]],
+        "model_type": family,
         "image_token_id": sid["<|image_pad|>"],
         "video_token_id": sid["<|video_pad|>"],
         "vision_start_token_id": sid["<|vision_start|>"],
@@ -409,15 +455,16 @@ def qwen2_vl(d: pathlib.Path) -> None:
     config.update({k: v for k, v in text.items() if k != "model_type"})
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": sid["<|im_end|>"]}, indent=2) + "\n")
+    patch = fam["vision"]["patch_size"]
     (model_dir / "preprocessor_config.json").write_text(
         json.dumps(
             {
                 "image_processor_type": "Qwen2VLImageProcessor",
-                "processor_class": "Qwen2VLProcessor",
+                "processor_class": "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor",
                 "do_resize": True,
-                "min_pixels": 16 * 16 * 4,
-                "max_pixels": 16 * 16 * 16,
-                "patch_size": 8,
+                "min_pixels": (patch * 2) ** 2 * 4,
+                "max_pixels": (patch * 2) ** 2 * 16,
+                "patch_size": patch,
                 "temporal_patch_size": 2,
                 "merge_size": 2,
                 "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -433,12 +480,12 @@ def qwen2_vl(d: pathlib.Path) -> None:
         + "\n"
     )
 
-    mx.random.seed(20)
-    cfg = m.ModelConfig.from_dict(config)
+    mx.random.seed(fam["seed"])
+    cfg = m.ModelConfig.from_dict(dict(config))
     cfg.text_config = m.TextConfig.from_dict(text)
     cfg.vision_config = m.VisionConfig.from_dict(vision)
     params = dict(tree_flatten(m.Model(cfg).parameters()))
-    rng = np.random.default_rng(20)
+    rng = np.random.default_rng(fam["seed"])
     weights = {}
     for k in sorted(params):
         shape = params[k].shape
@@ -449,7 +496,8 @@ def qwen2_vl(d: pathlib.Path) -> None:
         else:
             a = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
             if "embed_tokens" in k:
-                a = 0.5 * rng.standard_normal(shape)
+                # Tied embeddings: smaller, or every token predicts itself and greedy repeats.
+                a = (0.1 if fam["text"]["tie_word_embeddings"] else 0.5) * rng.standard_normal(shape)
         weights[k] = mx.array(a.astype(np.float32))
     mx.save_safetensors(str(model_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
 
@@ -458,6 +506,8 @@ def qwen2_vl(d: pathlib.Path) -> None:
 
     model, processor = load(str(model_dir))
     model.eval()
+    vt = model.vision_tower
+    width = fam["vision"].get("embed_dim", fam["vision"]["hidden_size"])
     images_dir = OUT / "images"
     question = "What is in the picture?"
     names = ["50x40", "1000x30", "30x1000", "333x77", "64x64", "17x301", "160x120"]
@@ -487,7 +537,15 @@ def qwen2_vl(d: pathlib.Path) -> None:
             thw = mx.array(np.asarray(inputs["image_grid_thw"]))
             tensors["pixel_values"] = pv
             tensors["image_grid_thw"] = thw.astype(mx.int32)
-            tensors["vision_embeddings"] = model.vision_tower(pv, thw, output_hidden_states=False)
+            # The blocks' output before the merger, in patch order: the tower run with its merger
+            # replaced by the merger's reshape alone (Qwen2.5-VL then undoes its window order).
+            merger = vt.merger
+            vt.merger = lambda x: x.reshape(-1, 4 * width)
+            try:
+                tensors["vision_embeddings"] = vt(pv, thw, output_hidden_states=False).reshape(-1, width)
+            finally:
+                vt.merger = merger
+            tensors["merger_output"] = vt(pv, thw, output_hidden_states=False)
             kw = {"pixel_values": pv, "image_grid_thw": thw}
             feats = model.get_input_embeddings(ids, pv, image_grid_thw=thw)
         else:
@@ -495,8 +553,9 @@ def qwen2_vl(d: pathlib.Path) -> None:
         tensors["inputs_embeds"] = feats.inputs_embeds[0]
         tensors["position_ids"] = feats.position_ids.astype(mx.int32)
         reset()
-        logits = model(ids, **kw).logits[0]
-        tensors["logits"] = logits if logits.nbytes < 200_000 else logits[-1:]
+        # Last-position logits only (the stage test runs the whole prompt; all positions would
+        # take the fixture past its size budget).
+        tensors["logits"] = model(ids, **kw).logits[0, -1:]
         reset()
         # Greedy ids: mlx-vlm's own stream_generate at temperature 0. Margins (and a check of each
         # id) from full forward passes over prompt + the ids so far.
@@ -528,7 +587,7 @@ def qwen2_vl(d: pathlib.Path) -> None:
                 "n_image_tokens": int((np.asarray(ids) == sid["<|image_pad|>"]).sum()),
                 "image_sizes": [list(im.size) for im in imgs],
                 "grid_thw": grids,
-                "resized": [[int(g[2]) * 8, int(g[1]) * 8] for g in grids],
+                "resized": [[int(g[2]) * patch, int(g[1]) * patch] for g in grids],
                 "greedy_ids": gen,
                 "ref": f"ref/{name}.safetensors",
             }
@@ -538,9 +597,14 @@ def qwen2_vl(d: pathlib.Path) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    idefics3(OUT / "idefics3")
-    if "--qwen2-vl" in sys.argv:  # opt-in, not committed: 2.5 MB, over the fixtures' size budget
-        qwen2_vl(OUT / "qwen2_vl")
+    only = [a[2:] for a in sys.argv[1:] if a.startswith("--")]
+    for family in ["idefics3", *QWEN_FAMILIES]:
+        if only and family.replace("_", "-") not in only:
+            continue
+        if family == "idefics3":
+            idefics3(OUT / "idefics3")
+        else:
+            qwen_vl(OUT / family, family)
     print(f"make-vlm-fixtures: wrote {OUT}", file=sys.stderr)
 
 
