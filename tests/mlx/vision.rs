@@ -110,3 +110,60 @@ async fn a_qwen2_vl_checkpoint_serves_images_in_the_batch() {
 async fn a_qwen2_5_vl_checkpoint_serves_images_in_the_batch() {
     serves_images_in_the_batch("qwen2_5_vl").await;
 }
+
+/// A vision prompt longer than one 128-token prefill chunk, its images on both sides of the
+/// chunk boundary: generated through the batch (chunked prefill at each chunk's slice of the
+/// M-RoPE positions) it writes the text of the probe's one-pass greedy ids, for both Qwen
+/// families. An image the processor refuses (aspect ratio over 200) is an invalid request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen_vision_prompts_prefill_in_chunks_at_their_positions() {
+    for family in ["qwen2_vl", "qwen2_5_vl"] {
+        let dir = vlm_root().join(family).join("model");
+        let spec = ModelSpec::new(format!("tiny-{family}")).with_type(ModelType::Vision).with_path(&dir);
+        let model = backend().load_model(&spec).await.unwrap();
+        let h: Arc<dyn ModelHandle> = model.clone();
+        let cases: Value = serde_json::from_str(
+            &std::fs::read_to_string(vlm_root().join(family).join("cases.json")).unwrap(),
+        )
+        .unwrap();
+        let image_token = cases["image_token_id"].as_u64().unwrap() as u32;
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(5);
+        let pieces = vec![
+            ContentPiece::Text(text.clone()),
+            ContentPiece::Image(png("1000x30.png")),
+            ContentPiece::Image(png("30x1000.png")),
+            ContentPiece::Text(text.clone()),
+            ContentPiece::Image(png("17x301.png")),
+            ContentPiece::Text("What is in the picture?".into()),
+        ];
+        let prompt = Prompt::Chat(vec![ChatMessage { pieces, ..ChatMessage::text("user", "") }]);
+        let probe = model.probe(prompt.clone(), 8, vec![]).await.unwrap();
+        let at: Vec<usize> =
+            probe.input_ids.iter().enumerate().filter(|(_, i)| **i == image_token).map(|(p, _)| p).collect();
+        assert_eq!(at.len(), 23 + 23 + 16, "{family}: image tokens");
+        assert!(
+            at[0] < 128 && *at.last().unwrap() >= 128,
+            "{family}: images on both sides of the chunk ({at:?})"
+        );
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let want = tokenizer.decode(&probe.greedy_ids, true).unwrap();
+        let got = collect(&h, GenerateRequest::greedy(prompt, 8)).await;
+        assert_eq!(got.3 as usize, probe.input_ids.len(), "{family}: prompt tokens");
+        assert_eq!(
+            got.0.trim_end_matches('\u{fffd}'),
+            want.trim_end_matches('\u{fffd}'),
+            "{family}: chunked prefill gives the one-pass greedy text"
+        );
+        let thin = Image::new(1, 300, vec![128; 900]).unwrap();
+        let bad = Prompt::Chat(vec![ChatMessage {
+            pieces: vec![ContentPiece::Image(thin), ContentPiece::Text("What is in the picture?".into())],
+            ..ChatMessage::text("user", "")
+        }]);
+        match h.generate(GenerateRequest::greedy(bad, 4)).await {
+            Err(BackendError::InvalidRequest(m)) => assert!(m.contains("aspect ratio"), "{family}: {m}"),
+            Err(e) => panic!("{family}: {e}"),
+            Ok(_) => panic!("{family}: an image of aspect ratio 300 was accepted"),
+        }
+        h.unload().await.unwrap();
+    }
+}

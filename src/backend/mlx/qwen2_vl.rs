@@ -812,6 +812,61 @@ mod tests {
     }
 
     #[test]
+    fn malformed_settings_are_errors_naming_the_field() {
+        let text = |rope: serde_json::Value| {
+            let c = serde_json::json!({"model_type": "qwen2_vl", "hidden_size": 48, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "rope_scaling": rope});
+            text_config(&c).map(|c| c.mrope).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            text(serde_json::json!({"type": "mrope", "mrope_section": [1, 2, 3]})),
+            Ok(Some([1, 2, 3]))
+        );
+        assert!(text(serde_json::json!({"mrope_section": [2, 2]})).unwrap_err().contains("has 2 entries"));
+        assert!(text(serde_json::json!({"mrope_section": [4, 4, 4]})).unwrap_err().contains("rotates more"));
+        assert!(text(serde_json::json!({"mrope_section": "x"})).unwrap_err().contains("mrope_section"));
+        let pp = |v: serde_json::Value| Processor::from_config(&v).map_err(|e| format!("{e:#}"));
+        assert!(
+            pp(serde_json::json!({"min_pixels": 10, "max_pixels": 5})).unwrap_err().contains("min_pixels")
+        );
+        assert!(pp(serde_json::json!({"patch_size": 0})).unwrap_err().contains("patch_size"));
+        assert!(pp(serde_json::json!({"image_std": [1, 0, 1]})).unwrap_err().contains("image_std"));
+        let p = pp(serde_json::json!({"size": {"shortest_edge": 100, "longest_edge": 1000}})).unwrap();
+        assert_eq!((p.patch, p.min_pixels, p.max_pixels), (14, 100, 1000));
+        let v = |v: serde_json::Value| {
+            VisionConfig::from_json(Family::Qwen25Vl, &v).map_err(|e| format!("{e:#}"))
+        };
+        assert!(v(serde_json::json!({"hidden_size": 30, "num_heads": 4})).unwrap_err().contains("head size"));
+        assert!(v(serde_json::json!({"window_size": 8})).unwrap_err().contains("window_size"));
+        assert!(
+            v(serde_json::json!({"fullatt_block_indexes": "all"}))
+                .unwrap_err()
+                .contains("fullatt_block_indexes")
+        );
+    }
+
+    #[test]
+    fn hugging_face_names_map_onto_mlx_vlm_names() {
+        let names = [
+            ("visual.blocks.0.attn.qkv.weight", "vision_tower.blocks.0.attn.qkv.weight"),
+            ("model.visual.merger.mlp.0.weight", "vision_tower.merger.mlp.0.weight"),
+            ("vision_tower.patch_embed.proj.weight", "vision_tower.patch_embed.proj.weight"),
+            ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.q_proj.bias"),
+            ("model.language_model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+            ("language_model.model.embed_tokens.weight", "model.embed_tokens.weight"),
+            ("language_model.lm_head.weight", "lm_head.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+        ];
+        let tensors = names.iter().map(|(k, _)| (k.to_string(), Array::from_f32(0.0))).collect();
+        let mut got: Vec<String> = rename(tensors).into_keys().collect();
+        got.sort();
+        let mut want: Vec<String> = names.iter().map(|(_, v)| v.to_string()).collect();
+        want.sort();
+        want.dedup();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn the_catalogue_bound_holds_for_every_size() {
         let p = Processor {
             patch: 14,
@@ -969,6 +1024,71 @@ mod tests {
             }
             assert_eq!(checked, 9, "{family}");
             worst
+        }
+
+        /// The fixture's checkpoint rewritten in Hugging Face's layout (transformers 4 names for
+        /// Qwen2-VL, transformers 5 names for Qwen2.5-VL; patch kernel `[out, in, t, kh, kw]`)
+        /// gives mlx-vlm's logits and merger output too.
+        #[test]
+        fn hugging_face_layout_gives_the_same_model() {
+            for (family, vis, text) in
+                [("qwen2_vl", "visual.", "model."), ("qwen2_5_vl", "model.visual.", "model.language_model.")]
+            {
+                let src = root().join(family).join("model");
+                let dir = std::env::temp_dir().join(format!("modelpool-hf-{family}-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                for e in std::fs::read_dir(&src).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.extension().is_none_or(|x| x != "safetensors") {
+                        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+                    }
+                }
+                let tensors = Array::load_safetensors(src.join("model.safetensors")).unwrap();
+                let hf: Vec<(String, Array)> = tensors
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = if k.ends_with("patch_embed.proj.weight") {
+                            v.transpose_axes(&[0, 4, 1, 2, 3]).unwrap()
+                        } else {
+                            v
+                        };
+                        let k = if let Some(r) = k.strip_prefix("vision_tower.") {
+                            format!("{vis}{r}")
+                        } else if let Some(r) = k.strip_prefix("language_model.model.") {
+                            format!("{text}{r}")
+                        } else {
+                            k.strip_prefix("language_model.").unwrap_or(&k).to_string()
+                        };
+                        (k, v)
+                    })
+                    .collect();
+                Array::save_safetensors(hf, None, dir.join("model.safetensors")).unwrap();
+                let config: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+                let (model, tok, wrapped) = vision::load_dir(&dir, &config, WeightFormat::F32).unwrap();
+                let vision::Vision::Qwen(vision) = &wrapped else { panic!("{family} loads as Qwen") };
+                let cases = load_cases(family);
+                let case =
+                    cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == "two_images").unwrap();
+                let (r, images, msg) = load_case(family, case);
+                let grids: Vec<Grid> =
+                    images.iter().map(|i| vision.processor.preprocess(i).unwrap()).collect();
+                let (_, merged) = vision.encode(&grids).unwrap();
+                let d = max_diff("merger_output", &merged, &r["merger_output"]);
+                assert!(d <= 1e-4, "{family}: merger output differs by {d}");
+                let p = worker::prepare(&model, &tok, Some(&wrapped), &Prompt::Chat(vec![msg])).unwrap();
+                let mut cache = llama::KvCache::new(model.cfg.n_layers);
+                let logits = worker::prefill_embeds(
+                    &model,
+                    p.embeds.as_ref().unwrap(),
+                    p.positions.as_ref(),
+                    &mut cache,
+                )
+                .unwrap();
+                let d = max_diff("logits", &logits, &r["logits"]);
+                assert!(d <= 1e-4, "{family}: logits differ by {d}");
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
         }
 
         #[test]
