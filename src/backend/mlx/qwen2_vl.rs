@@ -1026,6 +1026,19 @@ mod tests {
             worst
         }
 
+        /// A temporary directory holding every file of `src` but its safetensors.
+        fn copy_but_weights(src: &std::path::Path, tag: &str) -> std::path::PathBuf {
+            let dir = std::env::temp_dir().join(format!("modelpool-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            for e in std::fs::read_dir(src).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_none_or(|x| x != "safetensors") {
+                    std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+                }
+            }
+            dir
+        }
+
         /// The fixture's checkpoint rewritten in Hugging Face's layout (transformers 4 names for
         /// Qwen2-VL, transformers 5 names for Qwen2.5-VL; patch kernel `[out, in, t, kh, kw]`)
         /// gives mlx-vlm's logits and merger output too.
@@ -1035,14 +1048,7 @@ mod tests {
                 [("qwen2_vl", "visual.", "model."), ("qwen2_5_vl", "model.visual.", "model.language_model.")]
             {
                 let src = root().join(family).join("model");
-                let dir = std::env::temp_dir().join(format!("modelpool-hf-{family}-{}", std::process::id()));
-                std::fs::create_dir_all(&dir).unwrap();
-                for e in std::fs::read_dir(&src).unwrap() {
-                    let p = e.unwrap().path();
-                    if p.extension().is_none_or(|x| x != "safetensors") {
-                        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-                    }
-                }
+                let dir = copy_but_weights(&src, &format!("hf-{family}"));
                 let tensors = Array::load_safetensors(src.join("model.safetensors")).unwrap();
                 let hf: Vec<(String, Array)> = tensors
                     .into_iter()
@@ -1089,6 +1095,45 @@ mod tests {
                 assert!(d <= 1e-4, "{family}: logits differ by {d}");
                 std::fs::remove_dir_all(&dir).unwrap();
             }
+        }
+
+        /// The Qwen2-VL checkpoint with its merger's linear layers MLX-quantized (8 bits, groups
+        /// of 32: the only layers whose inputs, 160, are a multiple of a group) loads with the
+        /// weights kept packed and dequantized; both give the same merger output, close to
+        /// mlx-vlm's float one.
+        #[test]
+        fn a_quantized_merger_loads_packed_and_dequantized() {
+            let src = root().join("qwen2_vl/model");
+            let dir = copy_but_weights(&src, "q8-qwen2_vl");
+            let mut tensors = Array::load_safetensors(src.join("model.safetensors")).unwrap();
+            for m in ["vision_tower.merger.mlp.0", "vision_tower.merger.mlp.2"] {
+                let w = tensors.remove(&format!("{m}.weight")).unwrap();
+                let (q, scales, biases) = ops::quantize(&w, 32, 8).unwrap();
+                tensors.insert(format!("{m}.weight"), q);
+                tensors.insert(format!("{m}.scales"), scales);
+                tensors.insert(format!("{m}.biases"), biases);
+            }
+            Array::save_safetensors(tensors, None, dir.join("model.safetensors")).unwrap();
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            config["quantization"] = serde_json::json!({"group_size": 32, "bits": 8});
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            let cases = load_cases("qwen2_vl");
+            let case = cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == "two_images").unwrap();
+            let (r, images, _) = load_case("qwen2_vl", case);
+            let mut outs = Vec::new();
+            for format in [WeightFormat::Quantized, WeightFormat::F32] {
+                let (_, _, wrapped) = vision::load_dir(&dir, &config, format).unwrap();
+                let vision::Vision::Qwen(vision) = &wrapped else { panic!("loads as Qwen") };
+                let grids: Vec<Grid> =
+                    images.iter().map(|i| vision.processor.preprocess(i).unwrap()).collect();
+                outs.push(vision.encode(&grids).unwrap().1);
+            }
+            let d = max_diff("packed against dequantized", &outs[0], &outs[1]);
+            assert!(d <= 1e-4, "packed and dequantized mergers differ by {d}");
+            let d = max_diff("8-bit against float", &outs[0], &r["merger_output"]);
+            assert!(d > 0.0 && d <= 0.05, "the 8-bit merger differs from mlx-vlm's float one by {d}");
+            std::fs::remove_dir_all(&dir).unwrap();
         }
 
         #[test]
