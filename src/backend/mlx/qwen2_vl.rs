@@ -434,6 +434,17 @@ impl Tower {
                 mlp,
             });
         }
+        for (i, b) in blocks.iter().enumerate() {
+            if b.qkv.in_features() != d || b.qkv.out_features() != 3 * d || b.proj.out_features() != d {
+                return Err(anyhow!(
+                    "vision_tower.blocks.{i}: qkv is {} -> {}, proj gives {}; the config's width {d} needs {d} -> {} and {d}",
+                    b.qkv.in_features(),
+                    b.qkv.out_features(),
+                    b.proj.out_features(),
+                    3 * d
+                ));
+            }
+        }
         let ln_q = VNorm::load(src, "vision_tower.merger.ln_q", family)?;
         let mlp0 = Affine::load(src, "vision_tower.merger.mlp.0", format)?;
         let mlp2 = Affine::load(src, "vision_tower.merger.mlp.2", format)?;
@@ -610,12 +621,19 @@ pub(super) const IMAGE_TOKEN: &str = "<|image_pad|>";
 /// The text model's configuration, read as mlx-vlm reads it: the top-level keys of
 /// `config.json` (mlx-vlm's `ModelConfig.from_dict` copies them over `text_config`), a Qwen2
 /// decoder with head size `hidden_size / num_attention_heads`, RoPE base `rope_theta` (1e6 when
-/// absent), M-RoPE sections from `rope_scaling.mrope_section` ([24, 20, 20] when absent), no
-/// sliding window, and `lm_head` unless `tie_word_embeddings`.
+/// absent), M-RoPE sections from `rope_scaling.mrope_section` (else transformers 5's
+/// `rope_parameters.mrope_section`, which mlx-vlm does not read; [24, 20, 20] when absent), no
+/// sliding window, and `lm_head` unless `tie_word_embeddings`. A config without top-level
+/// `hidden_size` (transformers 5 writes the text model only in `text_config`, which mlx-vlm
+/// 0.7.10 cannot load) is read from `text_config` instead.
 pub(super) fn text_config(config: &serde_json::Value) -> Res<llama::LlamaConfig> {
-    let mut tc = config.clone();
-    let obj = tc.as_object_mut().context("config.json is not an object")?;
-    let sections = match obj.get("rope_scaling").and_then(|r| r.get("mrope_section")) {
+    let mut tc = match (config.get("hidden_size"), config.get("text_config")) {
+        (None, Some(t)) => t.clone(),
+        _ => config.clone(),
+    };
+    let obj = tc.as_object_mut().context("config.json (the text model's keys) is not an object")?;
+    let section = |k: &str| obj.get(k).and_then(|r| r.get("mrope_section"));
+    let sections = match section("rope_scaling").or_else(|| section("rope_parameters")) {
         None => [24, 20, 20],
         Some(s) => {
             let v: Vec<usize> = s
@@ -822,9 +840,16 @@ mod tests {
             text(serde_json::json!({"type": "mrope", "mrope_section": [1, 2, 3]})),
             Ok(Some([1, 2, 3]))
         );
+        let params = serde_json::json!({"model_type": "qwen2_vl", "hidden_size": 48, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "rope_parameters": {"rope_type": "default", "mrope_section": [3, 2, 1]}});
+        assert_eq!(text_config(&params).unwrap().mrope, Some([3, 2, 1]));
         assert!(text(serde_json::json!({"mrope_section": [2, 2]})).unwrap_err().contains("has 2 entries"));
         assert!(text(serde_json::json!({"mrope_section": [4, 4, 4]})).unwrap_err().contains("rotates more"));
         assert!(text(serde_json::json!({"mrope_section": "x"})).unwrap_err().contains("mrope_section"));
+        let nested = serde_json::json!({"model_type": "qwen2_vl", "text_config": {"hidden_size": 40,
+            "num_attention_heads": 5, "num_hidden_layers": 1, "rope_scaling": {"mrope_section": [2, 1, 1]}}});
+        let c = text_config(&nested).unwrap();
+        assert_eq!((c.hidden, c.head_dim, c.mrope), (40, 8, Some([2, 1, 1])));
         let pp = |v: serde_json::Value| Processor::from_config(&v).map_err(|e| format!("{e:#}"));
         assert!(
             pp(serde_json::json!({"min_pixels": 10, "max_pixels": 5})).unwrap_err().contains("min_pixels")
