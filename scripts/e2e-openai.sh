@@ -45,10 +45,12 @@ if ! wait "$pid"; then
 fi
 trap - EXIT
 
-# Images in chat through the MLX backend: the tiny Idefics3 checkpoint of tests/fixtures/vlm
-# (random weights, mlx-vlm's own classes) served as `smolvlm-tiny` (tests/e2e/test_vision.py).
+# Images in chat through the MLX backend: the tiny Idefics3 and Qwen2-VL checkpoints of
+# tests/fixtures/vlm (random weights, mlx-vlm's own classes) served as `smolvlm-tiny` and
+# `qwen2-vl-tiny` (tests/e2e/test_vision.py).
 vdir="$(mktemp -d -t modelpool-vlm.XXXXXX)"
 ln -s "$repo/tests/fixtures/vlm/idefics3/model" "$vdir/smolvlm-tiny"
+ln -s "$repo/tests/fixtures/vlm/qwen2_vl/model" "$vdir/qwen2-vl-tiny"
 vport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 "$bin" serve --backend mlx --models-dir "$vdir" --listen "127.0.0.1:$vport" --log-level info \
     >"$log.vout" 2>"$log.v" &

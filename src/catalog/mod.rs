@@ -208,18 +208,41 @@ pub fn kv_bytes_per_token_of_config(config: &serde_json::Value) -> Option<u64> {
     layers.checked_mul(kv_heads)?.checked_mul(head_dim)?.checked_mul(2 * 4)
 }
 
-/// The most prompt tokens one image can become in an Idefics3 / SmolVLM directory (`config`
-/// its `config.json`): with image splitting, `(ceil(size / tile))^2` tiles plus the global view,
-/// else one; `image_seq_len` image tokens per tile (from the vision config: `(image_size /
-/// patch_size / scale_factor)^2`) plus the markers around each tile (3) and the image (4). An
+/// The most prompt tokens one image can become in a vision-language directory (`config` its
+/// `config.json`), for the families the MLX backend serves. `None` for other families or when
+/// the settings are missing or invalid.
+///
+/// Idefics3 / SmolVLM: with image splitting, `(ceil(size / tile))^2` tiles plus the global
+/// view, else one; `image_seq_len` image tokens per tile (from the vision config: `(image_size
+/// / patch_size / scale_factor)^2`) plus the markers around each tile (3) and the image (4). An
 /// upper bound: the longest edge always reaches `size.longest_edge`, the other one at most.
-/// `None` for other families or when the settings are missing or invalid.
+///
+/// Qwen2-VL / Qwen2.5-VL: `smart_resize` to multiples of `f = patch_size * merge_size` gives
+/// at most `max_pixels / f^2` tokens, except where an edge is held at `f` (then the other is at
+/// most `sqrt(200 * max_pixels)`, the aspect ratio being at most 200) or `min_pixels` rounds
+/// up (at most `min / f^2 + 14.2 sqrt(min) / f + 1`); plus `<|vision_start|>` and
+/// `<|vision_end|>`. Settings as mlx-vlm reads them (`min_pixels` / `max_pixels`, else
+/// `size.shortest_edge` / `size.longest_edge`, else 56 * 56 and 14 * 14 * 4 * 1280).
 pub fn image_tokens_of_dir(dir: &Path, config: &serde_json::Value) -> Option<u32> {
-    if config.get("model_type")?.as_str()? != "idefics3" {
+    let mt = config.get("model_type")?.as_str()?;
+    if mt != "idefics3" && mt != "qwen2_vl" && mt != "qwen2_5_vl" {
         return None;
     }
     let pp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("preprocessor_config.json")).ok()?).ok()?;
+    if mt != "idefics3" {
+        let int = |k: &str| pp.get(k).and_then(|v| v.as_u64());
+        let size = |k: &str| pp.get("size").and_then(|s| s.get(k)?.as_u64());
+        let min = int("min_pixels").or_else(|| size("shortest_edge")).unwrap_or(56 * 56) as f64;
+        let max = int("max_pixels").or_else(|| size("longest_edge")).unwrap_or(14 * 14 * 4 * 1280) as f64;
+        let f = (int("patch_size").unwrap_or(14) * int("merge_size").unwrap_or(2)) as f64;
+        if f <= 0.0 {
+            return None;
+        }
+        let tokens =
+            (max / (f * f)).max((200.0 * max).sqrt() / f).max(min / (f * f) + 14.2 * min.sqrt() / f + 1.0);
+        return u32::try_from(tokens.ceil() as u64 + 2).ok();
+    }
     let edge =
         |k: &str, d: u64| pp.get(k).map_or(Some(d), |v| v.get("longest_edge")?.as_u64()).filter(|&e| e > 0);
     let (size, tile) = (edge("size", 4 * 364)?, edge("max_image_size", 364)?);
@@ -621,5 +644,19 @@ mod tests {
         assert_eq!(spec.image_tokens, Some(74));
         let text_only = serde_json::json!({"model_type": "llama"});
         assert_eq!(image_tokens_of_dir(&dir.join("model"), &text_only), None);
+    }
+
+    /// The committed tiny Qwen2-VL / Qwen2.5-VL checkpoints: patch 4, merge 2, max_pixels
+    /// 8 * 8 * 16, so 16 tokens at most except along an edge held at 8 pixels: sqrt(200 * 1024)
+    /// / 8 = 56.6, hence 57 + 2 (the fixtures' 1000x30 image takes 23).
+    #[test]
+    fn a_qwen2_vl_directory_is_vision_with_an_image_token_bound() {
+        for family in ["qwen2_vl", "qwen2_5_vl"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm").join(family);
+            let specs = scan_models_dir(&dir).unwrap();
+            let spec = specs.iter().find(|s| &*s.id == "model").expect("the checkpoint is catalogued");
+            assert_eq!(spec.model_type, ModelType::Vision, "{family}");
+            assert_eq!(spec.image_tokens, Some(59), "{family}");
+        }
     }
 }

@@ -1,9 +1,10 @@
 """End-to-end: images in chat through the official `openai` Python client and the MLX backend.
 
-Run by scripts/e2e-openai.sh, which serves the tiny Idefics3 checkpoint of tests/fixtures/vlm
-(random weights built with mlx-vlm's own classes) as `smolvlm-tiny` with `--backend mlx` and
-passes the URL in MODELPOOL_URL. The expected prompt-token count is mlx-vlm's, from the
-fixture's cases.json. Exits non-zero if any check fails.
+Run by scripts/e2e-openai.sh, which serves the tiny Idefics3 and Qwen2-VL checkpoints of
+tests/fixtures/vlm (random weights built with mlx-vlm's own classes) as `smolvlm-tiny` and
+`qwen2-vl-tiny` with `--backend mlx` and passes the URL in MODELPOOL_URL. The expected
+prompt-token counts are mlx-vlm's, from the fixtures' cases.json. Exits non-zero if any check
+fails.
 """
 
 import base64
@@ -25,6 +26,8 @@ URL = os.environ["MODELPOOL_URL"].rstrip("/")
 client = OpenAI(base_url=URL + "/v1", api_key="unused", max_retries=0, timeout=60)
 MODEL = "smolvlm-tiny"
 CASES = {c["name"]: c for c in json.loads((FIX / "idefics3" / "cases.json").read_text())["cases"]}
+QWEN = "qwen2-vl-tiny"
+QWEN_CASES = {c["name"]: c for c in json.loads((FIX / "qwen2_vl" / "cases.json").read_text())["cases"]}
 
 
 def data_url(path):
@@ -51,10 +54,10 @@ def image_message(url, text="What is in the picture?"):
     ]
 
 
-def text_only_prompt_tokens():
+def text_only_prompt_tokens(model=MODEL):
     """Prompt tokens of the same chat without the image, as the server counts them."""
     r = client.chat.completions.create(
-        model=MODEL,
+        model=model,
         messages=[{"role": "user", "content": "What is in the picture?"}],
         max_tokens=1,
         temperature=0,
@@ -126,6 +129,47 @@ def test_image_chat_plain_and_streaming():
     usage = chunks[-1].usage
     assert usage is not None and usage.prompt_tokens == r.usage.prompt_tokens, usage
     assert phases()[MODEL] == "resident", phases()
+
+
+def test_qwen2_vl_image_chat_plain_and_streaming():
+    """Qwen2-VL: the image becomes exactly mlx-vlm's <|image_pad|> count between
+    <|vision_start|> and <|vision_end|>; plain and streaming agree; an image the processor
+    refuses (aspect ratio over 200) is a 400."""
+    for name in ["1000x30", "17x301"]:
+        case = QWEN_CASES[name]
+        msgs = image_message(data_url(FIX / "images" / f"{name}.png"), case["messages"][0]["content"][1]["text"])
+        r = client.chat.completions.create(model=QWEN, messages=msgs, max_tokens=8, temperature=0)
+        assert r.choices[0].finish_reason == "length", r
+        assert r.usage.completion_tokens == 8, r.usage
+        want = text_only_prompt_tokens(QWEN) + case["n_image_tokens"] + 2
+        assert r.usage.prompt_tokens == want, (name, r.usage, want)
+        chunks = list(
+            client.chat.completions.create(
+                model=QWEN, messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == r.choices[0].message.content, (streamed, r.choices[0].message.content)
+        assert chunks[-1].usage.prompt_tokens == want, chunks[-1].usage
+    try:
+        client.chat.completions.create(
+            model=QWEN, messages=image_message("data:image/png;base64," + base64.b64encode(thin_png(1, 300)).decode()), max_tokens=4
+        )
+    except openai.BadRequestError as e:
+        assert "aspect ratio is over 200" in (e.body or {}).get("message", ""), e.body
+    else:
+        raise AssertionError("an image of aspect ratio 300 was accepted")
+
+
+def thin_png(w, h):
+    """A real `w` x `h` grey PNG."""
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + b"\x80" * (3 * w) for _ in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 if __name__ == "__main__":

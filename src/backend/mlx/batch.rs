@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Counters;
 use super::worker::{Command, Prepared, prepare, probe, unsupported};
-use super::{idefics3, llama, message, sampling, text};
+use super::{llama, message, sampling, text, vision};
 use crate::backend::{BackendError, FinishReason, GenerateEvent, GenerateRequest, Usage};
 
 /// Prompt tokens processed per scheduler iteration for one sequence.
@@ -62,6 +62,10 @@ struct Seq {
     /// A vision prompt's input embeddings (`[prompt.len(), hidden]`), prefilled instead of the
     /// ids' embeddings; dropped once the prompt is in.
     embeds: Option<Array>,
+    /// A Qwen2-VL prompt's M-RoPE positions, for its prefill chunks; dropped once it is in.
+    positions: Option<llama::MropePositions>,
+    /// What its decode steps add to their rotary positions (`MropePositions::delta`; else 0).
+    rope_delta: i32,
     prefilled: usize,
     /// Logits of the next position, once the prompt is in: sampled at the next iteration.
     logits: Option<Array>,
@@ -124,7 +128,7 @@ impl Seq {
 fn admit(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
-    vision: Option<&idefics3::Idefics3>,
+    vision: Option<&vision::Vision>,
     req: GenerateRequest,
     started: oneshot::Sender<Result<(), BackendError>>,
     events: Events,
@@ -142,7 +146,7 @@ fn admit(
         }
         Ok(p)
     });
-    let Prepared { ids, embeds } = match prepared {
+    let Prepared { ids, embeds, positions } = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -163,6 +167,8 @@ fn admit(
         max_tokens: req.max_tokens,
         prompt: ids,
         embeds,
+        rope_delta: positions.as_ref().map_or(0, |p| p.delta),
+        positions,
         prefilled: 0,
         logits: None,
         next: None,
@@ -222,7 +228,7 @@ fn sample(
 pub(super) fn serve(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
-    vision: Option<&idefics3::Idefics3>,
+    vision: Option<&vision::Vision>,
     rx: &mut mpsc::Receiver<Command>,
     counters: &Counters,
     max_batch: usize,
@@ -366,11 +372,17 @@ fn step(
         progressed = true;
         let end = (s.prefilled + PREFILL_CHUNK).min(s.prompt.len());
         let chunk = s.prompt[s.prefilled..end].to_vec();
+        let (start, stop) = (s.prefilled, end);
+        let at = s.positions.as_ref().map(|p| {
+            let [t, h, w] = &p.axes;
+            [&t[start..stop], &h[start..stop], &w[start..stop]]
+        });
+        s.cache.rope_delta = s.rope_delta;
         let out = match &s.embeds {
             Some(e) => e
-                .try_index(s.prefilled as i32..end as i32)
+                .try_index(start as i32..stop as i32)
                 .map_err(anyhow::Error::from)
-                .and_then(|rows| model.forward_embeds(&rows, &mut s.cache)),
+                .and_then(|rows| model.forward_embeds_at(&rows, &mut s.cache, at)),
             None => model.forward(&chunk, &mut s.cache),
         };
         match out {
@@ -378,6 +390,7 @@ fn step(
                 s.prefilled = end;
                 if end == s.prompt.len() {
                     s.embeds = None;
+                    s.positions = None;
                 }
                 if end == s.prompt.len() {
                     match kv.adopt(&s.cache) {
@@ -416,7 +429,8 @@ fn decode_together(
         active[i].cells.push(cell);
     }
     let rows: Vec<&[i32]> = idx.iter().map(|&i| active[i].cells.as_slice()).collect();
-    let logits = model.forward_shared(ids, kv, &rows)?;
+    let deltas: Vec<i32> = idx.iter().map(|&i| active[i].rope_delta).collect();
+    let logits = model.forward_shared(ids, kv, &rows, &deltas)?;
     (0..idx.len() as i32)
         .map(|r| logits.try_index((r, ..)).map_err(|e| anyhow!(e).context("row of the batch's logits")))
         .collect()

@@ -28,9 +28,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, anyhow};
+use mlx_rs::Array;
 use mlx_rs::fast;
 use mlx_rs::ops;
-use mlx_rs::{Array, Dtype};
 
 use super::Res;
 use super::llama::{self, Linear, Source, WeightFormat};
@@ -120,7 +120,9 @@ fn json_u32(v: Option<&serde_json::Value>) -> Option<u32> {
     v.and_then(|x| x.as_u64()).map(|x| x as u32)
 }
 
-fn triple(v: Option<&serde_json::Value>, default: f32, what: &str) -> Res<[f32; 3]> {
+/// Three per-channel numbers (`image_mean`, `image_std`): a list of 3, one number for all, or
+/// `default` when absent.
+pub(super) fn triple(v: Option<&serde_json::Value>, default: f32, what: &str) -> Res<[f32; 3]> {
     match v {
         None => Ok([default; 3]),
         Some(serde_json::Value::Number(n)) => Ok([n.as_f64().unwrap_or(default as f64) as f32; 3]),
@@ -268,20 +270,21 @@ pub(super) fn rename_hf_vlm(tensors: HashMap<String, Array>) -> HashMap<String, 
 }
 
 /// A linear layer with an optional bias.
-struct Affine {
+pub(super) struct Affine {
     lin: Linear,
     bias: Option<Array>,
 }
 
 impl Affine {
-    fn load(src: &mut Source, module: &str, format: WeightFormat) -> Res<Affine> {
+    /// `module.weight` (required, dense or quantized) and `module.bias` (optional).
+    pub(super) fn load(src: &mut Source, module: &str, format: WeightFormat) -> Res<Affine> {
         let lin = llama::load_linear(src, module, format)?
             .with_context(|| format!("safetensors has no tensor {module}.weight"))?;
         let bias = llama::load_f32(src, &format!("{module}.bias"))?;
         Ok(Affine { lin, bias })
     }
 
-    fn forward(&self, x: &Array) -> Res<Array> {
+    pub(super) fn forward(&self, x: &Array) -> Res<Array> {
         let y = self.lin.forward(x)?;
         match &self.bias {
             Some(b) => y.add(b).context("bias"),
@@ -289,21 +292,31 @@ impl Affine {
         }
     }
 
-    fn arrays(&self) -> Vec<&Array> {
+    pub(super) fn arrays(&self) -> Vec<&Array> {
         let mut v = self.lin.arrays();
         v.extend(self.bias.iter());
         v
     }
+
+    pub(super) fn in_features(&self) -> i32 {
+        self.lin.in_features()
+    }
+
+    pub(super) fn out_features(&self) -> i32 {
+        self.lin.out_features()
+    }
 }
 
-struct Norm {
+/// A LayerNorm with weight and bias.
+pub(super) struct Norm {
     w: Array,
     b: Array,
     eps: f32,
 }
 
 impl Norm {
-    fn load(src: &mut Source, module: &str, eps: f32) -> Res<Norm> {
+    /// `module.weight` and `module.bias`, both required.
+    pub(super) fn load(src: &mut Source, module: &str, eps: f32) -> Res<Norm> {
         let get = |src: &mut Source, p: &str| {
             llama::load_f32(src, &format!("{module}.{p}"))?
                 .with_context(|| format!("safetensors has no tensor {module}.{p}"))
@@ -311,9 +324,23 @@ impl Norm {
         Ok(Norm { w: get(src, "weight")?, b: get(src, "bias")?, eps })
     }
 
-    fn forward(&self, x: &Array) -> Res<Array> {
+    pub(super) fn forward(&self, x: &Array) -> Res<Array> {
         fast::layer_norm(x, Some(&self.w), Some(&self.b), self.eps).context("layer_norm")
     }
+
+    pub(super) fn arrays(&self) -> Vec<&Array> {
+        vec![&self.w, &self.b]
+    }
+}
+
+/// `dir/file` parsed as JSON, `None` when there is no such file; errors name the path.
+pub(super) fn read_json_file(dir: &Path, file: &str) -> Res<Option<serde_json::Value>> {
+    let p = dir.join(file);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+    Ok(Some(serde_json::from_str(&t).with_context(|| p.display().to_string())?))
 }
 
 struct EncoderLayer {
@@ -583,14 +610,7 @@ impl Idefics3 {
         src: &mut Source,
         format: WeightFormat,
     ) -> Res<Idefics3> {
-        let read = |f: &str| -> Res<Option<serde_json::Value>> {
-            let p = dir.join(f);
-            if !p.is_file() {
-                return Ok(None);
-            }
-            let t = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
-            Ok(Some(serde_json::from_str(&t).with_context(|| p.display().to_string())?))
-        };
+        let read = |f: &str| read_json_file(dir, f);
         let pp = read("preprocessor_config.json")?.with_context(|| {
             format!("{}/preprocessor_config.json is missing (the image processor)", dir.display())
         })?;
@@ -717,35 +737,6 @@ impl Idefics3 {
     }
 }
 
-/// `text` (`[t, hidden]`, the prompt's token embeddings) with the rows at the image token's
-/// positions in `ids` replaced, in order, by the rows of `features`. Errors when the counts
-/// differ.
-pub(super) fn merge(text: &Array, ids: &[u32], image_token: u32, features: &Array) -> Res<Array> {
-    let t = ids.len() as i32;
-    let n_img = ids.iter().filter(|&&i| i == image_token).count() as i32;
-    if features.shape()[0] != n_img {
-        return Err(anyhow!(
-            "image features and image tokens do not match: {} features, {n_img} tokens",
-            features.shape()[0]
-        ));
-    }
-    let mut k = 0;
-    let idx: Vec<i32> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            if id == image_token {
-                k += 1;
-                t + k - 1
-            } else {
-                i as i32
-            }
-        })
-        .collect();
-    let all = ops::concatenate(&[text.as_dtype(Dtype::Float32)?, features.as_dtype(Dtype::Float32)?], 0)?;
-    Ok(all.take_axis(Array::from_slice(&idx, &[t]), 0)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,70 +780,27 @@ mod tests {
     /// The fixtures of `scripts/make-vlm-fixtures.py`: a tiny random Idefics3 checkpoint
     /// checked stage by stage against mlx-vlm 0.7.10 (tests/fixtures/vlm/idefics3).
     mod against_mlx_vlm {
-        use std::collections::HashMap;
-        use std::path::PathBuf;
-
-        use mlx_rs::Array;
         use mlx_rs::ops::indexing::TryIndexOp;
 
         use super::super::*;
-        use crate::backend::mlx::{text, worker};
-        use crate::backend::{ChatMessage, ContentPiece, Prompt};
-
-        fn root() -> PathBuf {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm")
-        }
-
-        fn png(name: &str) -> Image {
-            let img = image::open(root().join("images").join(name)).unwrap().to_rgb8();
-            Image::new(img.width(), img.height(), img.into_raw()).unwrap()
-        }
-
-        fn host(a: &Array) -> Vec<f32> {
-            a.as_dtype(Dtype::Float32).unwrap().to_vec_exact::<f32>().unwrap()
-        }
-
-        /// Largest absolute difference, after checking the element counts agree.
-        fn max_diff(what: &str, got: &Array, want: &Array) -> f32 {
-            let (g, w) = (host(got), host(want));
-            assert_eq!(g.len(), w.len(), "{what}: {:?} against {:?}", got.shape(), want.shape());
-            g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
-        }
+        use crate::backend::Prompt;
+        use crate::backend::mlx::vision::fixtures::{
+            case as load_case, cases as load_cases, host, max_diff, root,
+        };
+        use crate::backend::mlx::{vision, worker};
 
         #[test]
         fn every_stage_matches_mlx_vlm_for_every_image_size() {
             let dir = root().join("idefics3/model");
             let config: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-            let cfg = text_config(&config).unwrap();
-            let tok = text::TextTokenizer::from_hf_vlm_dir(&dir, &config).unwrap();
-            let mut src = Source::hf(&dir, &config).unwrap();
-            if let Source::Hf { tensors, .. } = &mut src {
-                *tensors = rename_hf_vlm(std::mem::take(tensors));
-            }
-            let vision = Idefics3::load(&dir, &config, &mut src, WeightFormat::F32).unwrap();
-            let model = llama::Llama::load(&mut src, cfg, WeightFormat::F32).unwrap();
-            let cases: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(root().join("idefics3/cases.json")).unwrap())
-                    .unwrap();
+            let (model, tok, wrapped) = vision::load_dir(&dir, &config, WeightFormat::F32).unwrap();
+            let vision::Vision::Idefics3(vision) = &wrapped else { panic!("idefics3 loads as Idefics3") };
+            let cases = load_cases("idefics3");
             let mut checked = 0;
             for case in cases["cases"].as_array().unwrap() {
                 let name = case["name"].as_str().unwrap();
-                let r: HashMap<String, Array> =
-                    Array::load_safetensors(root().join("idefics3").join(case["ref"].as_str().unwrap()))
-                        .unwrap();
-                let images: Vec<Image> =
-                    case["images"].as_array().unwrap().iter().map(|f| png(f.as_str().unwrap())).collect();
-                // The client's order: images first, then the question (as the fixture's messages).
-                let mut pieces: Vec<ContentPiece> = images.iter().cloned().map(ContentPiece::Image).collect();
-                let question = case["messages"][0]["content"].as_array().unwrap().last().unwrap()["text"]
-                    .as_str()
-                    .unwrap();
-                pieces.push(ContentPiece::Text(question.into()));
-                let msg = ChatMessage {
-                    pieces: if images.is_empty() { Vec::new() } else { pieces },
-                    ..ChatMessage::text("user", question)
-                };
+                let (r, images, msg) = load_case("idefics3", case);
                 assert_eq!(
                     tok.chat.render_parts(std::slice::from_ref(&msg), true).unwrap(),
                     case["prompt"].as_str().unwrap(),
@@ -890,7 +838,7 @@ mod tests {
                 }
 
                 // The whole prompt path the server runs: ids, merged embeddings, logits, greedy.
-                let p = worker::prepare(&model, &tok, Some(&vision), &Prompt::Chat(vec![msg])).unwrap();
+                let p = worker::prepare(&model, &tok, Some(&wrapped), &Prompt::Chat(vec![msg])).unwrap();
                 let want_ids: Vec<u32> = host(&r["input_ids"]).iter().map(|&v| v as u32).collect();
                 assert_eq!(p.ids, want_ids, "{name}: input ids");
                 let n_img = p.ids.iter().filter(|&&i| i == vision.image_token_id).count() as u64;

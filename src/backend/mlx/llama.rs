@@ -107,6 +107,11 @@ pub(super) struct LlamaConfig {
     pub rope: RopeSpec,
     /// RoPE of sliding-window layers when it differs (Gemma 3's `rope_local_base_freq`).
     pub local_rope: Option<RopeSpec>,
+    /// Qwen2-VL's multimodal RoPE: the `mrope_section` sizes (frequency pairs rotated by the
+    /// temporal, height and width position, in that order; pairs past their sum take the
+    /// temporal one, as mlx-vlm's chunked selector does). Positions then come in three axes
+    /// ([`Llama::forward_embeds_at`]); the rotation is the half-split one at `rope.base`.
+    pub mrope: Option<[usize; 3]>,
     /// Per layer: the sliding window (the keys a query sees: itself and the `w - 1` before it),
     /// or `None` for full causal attention.
     pub windows: Vec<Option<usize>>,
@@ -322,6 +327,7 @@ impl LlamaConfig {
             rope_traditional: true,
             rope: RopeSpec::plain(meta_f64(f, &k("rope.freq_base"))?.unwrap_or(10000.0) as f32),
             local_rope: None,
+            mrope: None,
             windows: vec![None; n_layers],
             qk_norm: false,
             norm_plus_one: false,
@@ -398,6 +404,7 @@ impl LlamaConfig {
             rope_traditional: c.get("rope_traditional").and_then(|v| v.as_bool()).unwrap_or(false),
             rope,
             local_rope,
+            mrope: None,
             windows: windows_of(c, model_type, n_layers)?,
             qk_norm: matches!(model_type, "qwen3" | "gemma3_text"),
             norm_plus_one: gemma,
@@ -616,6 +623,68 @@ enum Positions<'a> {
     From(i32),
     /// One position per row of the batch axis (`[B]` int32): a decode step of B sequences.
     Rows(&'a Array),
+    /// M-RoPE: the cosines and sines of every rotated feature ([`Mrope::angles`]).
+    Angles(&'a (Array, Array)),
+}
+
+/// A sequence's M-RoPE positions (mlx-vlm's `get_rope_index`): per axis (temporal, height,
+/// width) one position per prompt token, and the shift of every later position (`delta`:
+/// a token after the prompt at cache position `p` is at `p + delta` on all three axes).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct MropePositions {
+    pub axes: [Vec<i32>; 3],
+    pub delta: i32,
+}
+
+/// M-RoPE ready to use: the inverse frequencies and which axis each frequency pair reads.
+struct Mrope {
+    inv_freq: Array,
+    /// Per frequency pair, the position axis (0 temporal, 1 height, 2 width).
+    axis: Vec<usize>,
+}
+
+impl Mrope {
+    fn new(sections: [usize; 3], base: f32, head_dim: i32) -> Res<Mrope> {
+        let half = (head_dim / 2) as usize;
+        let mut axis = vec![0; half];
+        let mut at = sections[0];
+        for (a, &n) in sections.iter().enumerate().skip(1) {
+            for slot in axis.iter_mut().skip(at).take(n) {
+                *slot = a;
+            }
+            at += n;
+        }
+        // mlx-vlm's compute_inv_freq: 1 / base ** (arange(0, d, 2) / d), in f32.
+        let exps = Array::from_iter((0..half).map(|i| (2 * i) as f32), &[half as i32])
+            .divide(Array::from_f32(head_dim as f32))?;
+        let inv_freq = Array::from_f32(base).power(&exps)?.reciprocal()?;
+        Ok(Mrope { inv_freq, axis })
+    }
+
+    /// `(cos, sin)` of shape `[rows, 1, t, head_dim]` for positions `axes[a][r * t + j]`
+    /// (row `r`, token `j`).
+    fn angles(&self, axes: [&[i32]; 3], rows: i32, t: i32) -> Res<(Array, Array)> {
+        let n = (rows * t) as usize;
+        let half = self.axis.len();
+        anyhow::ensure!(axes.iter().all(|a| a.len() == n), "M-RoPE positions for {n} tokens");
+        let pos: Vec<f32> = (0..n).flat_map(|j| self.axis.iter().map(move |&a| axes[a][j] as f32)).collect();
+        let freqs = Array::from_slice(&pos, &[rows, 1, t, half as i32]).multiply(&self.inv_freq)?;
+        let emb = ops::concatenate(&[&freqs, &freqs], -1)?;
+        Ok((emb.cos()?, emb.sin()?))
+    }
+
+    fn apply(&self, x: &Array, (cos, sin): &(Array, Array)) -> Res<Array> {
+        rotate_half(x, cos, sin)
+    }
+}
+
+/// The half-split rotary rotation `x * cos + rotate_half(x) * sin` over the last axis, where
+/// `rotate_half` of `[x1, x2]` is `[-x2, x1]` (transformers' and mlx-vlm's).
+pub(super) fn rotate_half(x: &Array, cos: &Array, sin: &Array) -> Res<Array> {
+    let h = x.shape()[x.ndim() - 1] / 2;
+    let parts = ops::split_at_indices(x, &[h], -1)?;
+    let rotated = ops::concatenate(&[&parts[1].negative()?, &parts[0]], -1)?;
+    Ok(x.multiply(cos)?.add(rotated.multiply(sin)?)?)
 }
 
 /// The loaded decoder. Holds only MLX arrays; lives on its model's worker thread.
@@ -627,6 +696,8 @@ pub(super) struct Llama {
     norm: Array,
     /// RoPE of full-attention layers, then (if different) of sliding-window layers.
     ropes: Vec<Rope>,
+    /// M-RoPE (Qwen2-VL), in place of `ropes`.
+    mrope: Option<Mrope>,
 }
 
 /// The parts of a decoder, named per source.
@@ -922,7 +993,11 @@ impl Llama {
         }
         let mut ropes = vec![Rope::new(&cfg.rope, cfg.rope_dims, hd)];
         ropes.extend(cfg.local_rope.iter().map(|r| Rope::new(r, cfg.rope_dims, hd)));
-        Ok(Llama { cfg, embed, output, layers, norm, ropes })
+        let mrope = cfg.mrope.map(|s| Mrope::new(s, cfg.rope.base, hd)).transpose()?;
+        if let Some(m) = &mrope {
+            eval_all([&m.inv_freq])?;
+        }
+        Ok(Llama { cfg, embed, output, layers, norm, ropes, mrope })
     }
 
     /// Bytes one position of one sequence takes in the KV cache: f32 keys and values for every
@@ -948,6 +1023,9 @@ impl Llama {
     /// RoPE of layer `l` on q and k heads `[B, heads, t, hd]`: at positions `p..p + t` for
     /// [`Positions::From`]`(p)`, or row `r` at position `offsets[r]` for [`Positions::Rows`].
     fn rope(&self, l: &Layer, x: &Array, at: Positions) -> Res<Array> {
+        if let (Positions::Angles(a), Some(m)) = (&at, &self.mrope) {
+            return m.apply(x, a).context("m-rope");
+        }
         let r = &self.ropes[l.rope];
         let scaled;
         let x = match &r.mscale {
@@ -961,6 +1039,7 @@ impl Llama {
         match at {
             Positions::From(p) => fast::rope(x, dims, trad, r.base, r.scale, p, freqs),
             Positions::Rows(offsets) => fast::rope_dynamic(x, dims, trad, r.base, r.scale, offsets, freqs),
+            Positions::Angles(_) => return Err(anyhow!("M-RoPE positions for a model without M-RoPE")),
         }
         .context("rope")
     }
@@ -995,9 +1074,36 @@ impl Llama {
     /// As [`Llama::forward`], from input embeddings `[t, hidden]` instead of token ids (a
     /// vision-language prompt: token embeddings with image features merged in).
     pub fn forward_embeds(&self, embeds: &Array, cache: &mut KvCache) -> Res<Array> {
+        self.forward_embeds_at(embeds, cache, None)
+    }
+
+    /// As [`Llama::forward_embeds`], with the M-RoPE positions of these `t` tokens (each axis
+    /// `t` long; an M-RoPE model only). Without them the tokens are at `cache.len() +
+    /// cache.rope_delta ..` on every axis (a model without M-RoPE: `cache.len() ..`).
+    pub fn forward_embeds_at(
+        &self,
+        embeds: &Array,
+        cache: &mut KvCache,
+        at: Option<[&[i32]; 3]>,
+    ) -> Res<Array> {
         let t = embeds.shape()[0];
         let offset = cache.len as i32;
         let cfg = &self.cfg;
+        let angles = match (&self.mrope, at) {
+            (Some(m), Some(axes)) => {
+                anyhow::ensure!(
+                    axes.iter().all(|a| a.len() == t as usize),
+                    "M-RoPE positions for {t} tokens"
+                );
+                Some(m.angles(axes, 1, t)?)
+            }
+            (Some(m), None) => {
+                let p: Vec<i32> = (0..t).map(|j| offset + cache.rope_delta + j).collect();
+                Some(m.angles([&p, &p, &p], 1, t)?)
+            }
+            (None, Some(_)) => return Err(anyhow!("M-RoPE positions for a model without M-RoPE")),
+            (None, None) => None,
+        };
         let mut x = embeds.reshape(&[1, t, cfg.hidden]).context("reshape")?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         cache.reserve(offset + t, cfg)?;
@@ -1016,7 +1122,8 @@ impl Llama {
             let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
             let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
             let v = pop(&mut parts)?;
-            let qk = self.rope(l, &pop(&mut parts)?, Positions::From(offset))?;
+            let at = angles.as_ref().map_or(Positions::From(offset), Positions::Angles);
+            let qk = self.rope(l, &pop(&mut parts)?, at)?;
             let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
@@ -1213,10 +1320,18 @@ impl Llama {
     /// gather of each row's own cells (within its layer's window) into a `[B, nkv, L, hd]`
     /// batch padded to the longest row `L`, and one attention over it with a mask hiding the
     /// padding. (Attending over all the cells in use with a mask instead costs B times the
-    /// exps: measured 369 ms against 41 for one row at 16 rows.) Returns the logits `[B,
-    /// vocab]`, not evaluated.
-    pub fn forward_shared(&self, ids: &[u32], kv: &mut SharedKv, rows: &[&[i32]]) -> Res<Array> {
+    /// exps: measured 369 ms against 41 for one row at 16 rows.) `deltas[r]` shifts row `r`'s
+    /// rotary position (M-RoPE's `MropePositions::delta` of a prompt with images; 0 otherwise).
+    /// Returns the logits `[B, vocab]`, not evaluated.
+    pub fn forward_shared(
+        &self,
+        ids: &[u32],
+        kv: &mut SharedKv,
+        rows: &[&[i32]],
+        deltas: &[i32],
+    ) -> Res<Array> {
         anyhow::ensure!(!ids.is_empty() && ids.len() == rows.len(), "one row of cells per token");
+        anyhow::ensure!(deltas.len() == rows.len(), "one rotary shift per row");
         let b = ids.len() as i32;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -1228,6 +1343,13 @@ impl Llama {
             positions.push(r.len() as i32 - 1);
             cells.push(last);
         }
+        for (p, d) in positions.iter_mut().zip(deltas) {
+            *p += d;
+        }
+        let angles = match &self.mrope {
+            Some(m) => Some(m.angles([&positions, &positions, &positions], b, 1)?),
+            None => None,
+        };
         let offsets = Array::from_slice(&positions, &[b]);
         let cells = Array::from_slice(&cells, &[b]);
         let mut gathers: Vec<(Option<i32>, Gather)> = Vec::new();
@@ -1244,7 +1366,8 @@ impl Llama {
             let heads = heads.transpose_axes(&[0, 2, 1, 3]).context("transpose")?;
             let mut parts = ops::split_at_indices(&heads, &[nh + nkv], 1).context("split v")?;
             let v = pop(&mut parts)?;
-            let qk = self.rope(l, &pop(&mut parts)?, Positions::Rows(&offsets))?;
+            let at = angles.as_ref().map_or(Positions::Rows(&offsets), Positions::Angles);
+            let qk = self.rope(l, &pop(&mut parts)?, at)?;
             let mut parts = ops::split_at_indices(&qk, &[nh], 1).context("split q/k")?;
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
@@ -1348,13 +1471,22 @@ pub(super) struct KvCache {
     values: Vec<Option<Array>>,
     capacity: i32,
     len: usize,
+    /// M-RoPE: what the rotary position of a token without explicit positions adds to its
+    /// cache position (the prompt's `MropePositions::delta`; 0 otherwise).
+    pub rope_delta: i32,
 }
 
 impl KvCache {
     const STEP: i32 = 256;
 
     pub fn new(n_layers: usize) -> Self {
-        KvCache { keys: vec![None; n_layers], values: vec![None; n_layers], capacity: 0, len: 0 }
+        KvCache {
+            keys: vec![None; n_layers],
+            values: vec![None; n_layers],
+            capacity: 0,
+            len: 0,
+            rope_delta: 0,
+        }
     }
 
     /// Positions cached so far.

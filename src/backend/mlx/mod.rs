@@ -9,8 +9,10 @@
 //! - `embeddings` from a Hugging Face BERT directory (`config.json`, `model.safetensors`,
 //!   `tokenizer.json`): mean-pooled, L2-normalised sentence embeddings ([`bert`]).
 //! - `vision` from an Idefics3 / SmolVLM directory ([`idefics3`]: vision tower, connector, the
-//!   Llama decoder; images preprocessed as the reference processor does, with Pillow-exact
-//!   resampling, [`resample`]); other vision-language families are refused at load.
+//!   Llama decoder) or a Qwen2-VL / Qwen2.5-VL one ([`qwen2_vl`]: patch-grid vision tower,
+//!   merger, the Qwen2 decoder with M-RoPE), behind one type ([`vision`]); images preprocessed
+//!   as the reference processor does, with Pillow-exact resampling ([`resample`]); other
+//!   vision-language families are refused at load.
 //!
 //! Threading (the file names follow it): MLX arrays are `Send` but not `Sync`, and MLX keeps its
 //! default stream per thread. Each loaded model therefore lives on its own OS thread
@@ -33,10 +35,12 @@ mod chat;
 mod handle;
 mod idefics3;
 mod llama;
+mod qwen2_vl;
 mod resample;
 mod sampling;
 mod sys;
 mod text;
+mod vision;
 mod worker;
 
 use std::time::Instant;

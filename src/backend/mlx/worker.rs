@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow};
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Kind;
-use super::{MlxOptions, Res, bert, idefics3, llama, message, sampling, text};
+use super::{MlxOptions, Res, bert, llama, message, sampling, text, vision};
 use crate::backend::{BackendError, Embeddings, GenerateEvent, GenerateRequest, Prompt};
 use crate::catalog::read_config;
 
@@ -21,7 +21,7 @@ enum Loaded {
         model: Box<llama::Llama>,
         tok: Box<text::TextTokenizer>,
         /// The vision side of a vision-language model (its decoder is `model`).
-        vision: Option<Box<idefics3::Idefics3>>,
+        vision: Option<Box<vision::Vision>>,
     },
     Bert(Box<bert::Bert>),
 }
@@ -49,23 +49,7 @@ impl Loaded {
             }
             Kind::HfVision(dir) => {
                 let config = read_config(dir).map_err(|e| anyhow!(e))?;
-                let at = || dir.display().to_string();
-                let cfg = idefics3::text_config(&config).with_context(at)?;
-                let tok = text::TextTokenizer::from_hf_vlm_dir(dir, &config).with_context(at)?;
-                let mut src = llama::Source::hf(dir, &config)?;
-                if let llama::Source::Hf { tensors, .. } = &mut src {
-                    *tensors = idefics3::rename_hf_vlm(std::mem::take(tensors));
-                }
-                let vision = idefics3::Idefics3::load(dir, &config, &mut src, format).with_context(at)?;
-                let model = llama::Llama::load(&mut src, cfg, format).with_context(at)?;
-                if vision.out_features() != model.cfg.hidden {
-                    return Err(anyhow!(
-                        "{}: the connector gives {} features, the text model takes {}",
-                        at(),
-                        vision.out_features(),
-                        model.cfg.hidden
-                    ));
-                }
+                let (model, tok, vision) = vision::load_dir(dir, &config, format)?;
                 Ok(Loaded::Llama {
                     model: Box::new(model),
                     tok: Box::new(tok),
@@ -306,10 +290,12 @@ fn embed_group(b: &bert::Bert, group: Vec<(Vec<String>, EmbedReply)>) {
 }
 
 /// A prompt ready to prefill: its token ids and, for a prompt with images, the input
-/// embeddings (`[ids.len(), hidden]`, evaluated) with the image features merged in.
+/// embeddings (`[ids.len(), hidden]`, evaluated) with the image features merged in, and the
+/// M-RoPE positions of a model that has them (Qwen2-VL).
 pub(super) struct Prepared {
     pub ids: Vec<u32>,
     pub embeds: Option<mlx_rs::Array>,
+    pub positions: Option<llama::MropePositions>,
 }
 
 /// Renders and tokenizes `prompt`; a vision model's chat (content as parts, images expanded
@@ -317,12 +303,12 @@ pub(super) struct Prepared {
 pub(super) fn prepare(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
-    vision: Option<&idefics3::Idefics3>,
+    vision: Option<&vision::Vision>,
     prompt: &Prompt,
 ) -> Result<Prepared, BackendError> {
     let invalid = |e: anyhow::Error| BackendError::InvalidRequest(message(&e));
-    let (text, is_chat, tiles) = match prompt {
-        Prompt::Text(t) => (t.clone(), false, Vec::new()),
+    let (text, is_chat, pending) = match prompt {
+        Prompt::Text(t) => (t.clone(), false, None),
         Prompt::Chat(m) => {
             if m.is_empty() {
                 return Err(BackendError::InvalidRequest("no chat messages".into()));
@@ -334,12 +320,11 @@ pub(super) fn prepare(
                         "this model takes no images (it is not a vision-language model)".into(),
                     ));
                 }
-                None => (tok.chat.render(m, true).map_err(invalid)?, true, Vec::new()),
+                None => (tok.chat.render(m, true).map_err(invalid)?, true, None),
                 Some(v) => {
                     let rendered = tok.chat.render_parts(m, true).map_err(invalid)?;
-                    let tiles: Vec<idefics3::Tiles> =
-                        images.iter().map(|i| v.processor.preprocess(i)).collect();
-                    (v.expand(&rendered, &tiles).map_err(invalid)?, true, tiles)
+                    let (text, pending) = v.prompt(&rendered, &images).map_err(invalid)?;
+                    (text, true, Some(pending))
                 }
             }
         }
@@ -352,35 +337,56 @@ pub(super) fn prepare(
             model.cfg.context
         )));
     }
-    let embeds = match vision {
-        Some(v) if !tiles.is_empty() => {
-            let run = || -> Res<mlx_rs::Array> {
-                let features = v.features(&tiles)?;
-                let e = idefics3::merge(&model.embed(&ids)?, &ids, v.image_token_id, &features)?;
-                e.eval().context("vision encoding")?;
-                Ok(e)
+    let (embeds, positions) = match (vision, &pending) {
+        (Some(v), Some(p)) => {
+            // Positions first: a prompt whose image tokens do not line up is the client's
+            // error (for example the image token written in a text part).
+            let run = || -> Res<(Option<mlx_rs::Array>, Option<llama::MropePositions>)> {
+                let (e, pos) = v.embed(model, &ids, p)?;
+                if let Some(e) = &e {
+                    e.eval().context("vision encoding")?;
+                }
+                Ok((e, pos))
             };
-            Some(run().map_err(|e| BackendError::Inference(message(&e)))?)
+            run().map_err(|e| BackendError::Inference(message(&e)))?
         }
-        _ => None,
+        _ => (None, None),
     };
-    Ok(Prepared { ids, embeds })
+    Ok(Prepared { ids, embeds, positions })
+}
+
+/// Prefills a vision prompt's embeddings into `cache` in one pass, at its M-RoPE positions
+/// when it has them (the later tokens then follow at the positions' shift); the last logits.
+pub(super) fn prefill_embeds(
+    model: &llama::Llama,
+    embeds: &mlx_rs::Array,
+    positions: Option<&llama::MropePositions>,
+    cache: &mut llama::KvCache,
+) -> Res<mlx_rs::Array> {
+    match positions {
+        Some(p) => {
+            cache.rope_delta = p.delta;
+            let [t, h, w] = &p.axes;
+            model.forward_embeds_at(embeds, cache, Some([t, h, w]))
+        }
+        None => model.forward_embeds(embeds, cache),
+    }
 }
 
 pub(super) fn probe(
     model: &llama::Llama,
     tok: &text::TextTokenizer,
-    vision: Option<&idefics3::Idefics3>,
+    vision: Option<&vision::Vision>,
     input: &ProbeInput,
     steps: usize,
     logit_ids: &[u32],
 ) -> Res<Probe> {
-    let (input_ids, embeds) = match input {
+    let (input_ids, embeds, positions) = match input {
         ProbeInput::Prompt(p) => {
             let p = prepare(model, tok, vision, p).map_err(|e| anyhow!(e))?;
-            (p.ids, p.embeds)
+            (p.ids, p.embeds, p.positions)
         }
-        ProbeInput::Ids(ids) => (ids.clone(), None),
+        ProbeInput::Ids(ids) => (ids.clone(), None, None),
     };
     if input_ids.is_empty() {
         return Err(anyhow!("empty prompt"));
@@ -389,7 +395,7 @@ pub(super) fn probe(
     let mut timings = ProbeTimings::default();
     let t = Instant::now();
     let mut logits = match &embeds {
-        Some(e) => model.forward_embeds(e, &mut cache)?,
+        Some(e) => prefill_embeds(model, e, positions.as_ref(), &mut cache)?,
         None => model.forward(&input_ids, &mut cache)?,
     };
     let mut host = logits.to_vec_exact::<f32>().context("reading logits")?;
