@@ -137,6 +137,24 @@ pub(super) fn triple(v: Option<&serde_json::Value>, default: f32, what: &str) ->
     }
 }
 
+/// Per-channel mean and standard deviation of the normalisation.
+pub(super) type MeanStd = ([f32; 3], [f32; 3]);
+
+/// The rescale and normalisation settings of `preprocessor_config.json` (`pp`), as both served
+/// image processors read them: `do_rescale` with `rescale_factor` (default 1/255), and
+/// `do_normalize` with `image_mean` / `image_std` (default 0.5 each); each flag defaults to on.
+/// Errors name the field at fault (a zero in `image_std` too).
+pub(super) fn rescale_normalize(pp: &serde_json::Value) -> Res<(Option<f64>, Option<MeanStd>)> {
+    let flag = |k: &str| pp.get(k).and_then(|v| v.as_bool()).unwrap_or(true);
+    let factor = pp.get("rescale_factor").and_then(|v| v.as_f64()).unwrap_or(1.0 / 255.0);
+    let mean = triple(pp.get("image_mean"), 0.5, "image_mean")?;
+    let std = triple(pp.get("image_std"), 0.5, "image_std")?;
+    if std.contains(&0.0) {
+        return Err(anyhow!("preprocessor_config.json: image_std has a 0"));
+    }
+    Ok((flag("do_rescale").then_some(factor), flag("do_normalize").then_some((mean, std))))
+}
+
 impl Processor {
     /// From `preprocessor_config.json` (`pp`), with transformers' Idefics3 defaults for what it
     /// leaves out. Errors name the field at fault.
@@ -156,19 +174,14 @@ impl Processor {
         let filter = Filter::from_pil(resample).with_context(|| {
             format!("preprocessor_config.json: resample {resample} is not supported (1 LANCZOS, 2 BILINEAR, 3 BICUBIC)")
         })?;
-        let factor = pp.get("rescale_factor").and_then(|v| v.as_f64()).unwrap_or(1.0 / 255.0);
-        let mean = triple(pp.get("image_mean"), 0.5, "image_mean")?;
-        let std = triple(pp.get("image_std"), 0.5, "image_std")?;
-        if std.contains(&0.0) {
-            return Err(anyhow!("preprocessor_config.json: image_std has a 0"));
-        }
+        let (rescale, normalize) = rescale_normalize(pp)?;
         Ok(Processor {
             longest_edge: flag("do_resize").then_some(longest),
             tile,
             splitting: flag("do_image_splitting"),
             filter,
-            rescale: flag("do_rescale").then_some(factor),
-            normalize: flag("do_normalize").then_some((mean, std)),
+            rescale,
+            normalize,
         })
     }
 

@@ -41,7 +41,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, fast, ops};
 
 use super::Res;
-use super::idefics3::{Affine, Norm, read_json_file, triple};
+use super::idefics3::{Affine, Norm, read_json_file, rescale_normalize};
 use super::llama::{self, Source, WeightFormat};
 use super::resample::{self, Filter};
 use crate::backend::Image;
@@ -147,21 +147,16 @@ impl Processor {
         let size = pp.get("size");
         let min_d = size.and_then(|s| s.get("shortest_edge")?.as_u64()).unwrap_or(56 * 56);
         let max_d = size.and_then(|s| s.get("longest_edge")?.as_u64()).unwrap_or(14 * 14 * 4 * 1280);
-        let flag = |k: &str| pp.get(k).and_then(|v| v.as_bool()).unwrap_or(true);
-        let factor = pp.get("rescale_factor").and_then(|v| v.as_f64()).unwrap_or(1.0 / 255.0) as f32;
-        let mean = triple(pp.get("image_mean"), 0.5, "image_mean")?;
-        let std = triple(pp.get("image_std"), 0.5, "image_std")?;
-        if std.contains(&0.0) {
-            return Err(anyhow!("preprocessor_config.json: image_std has a 0"));
-        }
+        let (rescale, normalize) = rescale_normalize(pp)?;
         let p = Processor {
             patch: int("patch_size", 14)? as u32,
             temporal: int("temporal_patch_size", 2)? as u32,
             merge: int("merge_size", 2)? as u32,
             min_pixels: int("min_pixels", min_d)?,
             max_pixels: int("max_pixels", max_d)?,
-            rescale: flag("do_rescale").then_some(factor),
-            normalize: flag("do_normalize").then_some((mean, std)),
+            // The processor's arithmetic is f32.
+            rescale: rescale.map(|f| f as f32),
+            normalize,
         };
         if p.min_pixels > p.max_pixels {
             return Err(anyhow!(
