@@ -66,6 +66,16 @@ pub enum Event {
         /// The model whose load needed the room, if any.
         for_model: Option<ModelId>,
     },
+    /// A predictive preload still loading was cancelled because a real request needed its
+    /// room (nobody waited on it); its reservation returns with its `unload` event.
+    PreloadCancelled {
+        at: Nanos,
+        model: ModelId,
+        /// Bytes its reservation held.
+        bytes: u64,
+        /// The model whose request needed the room.
+        for_model: ModelId,
+    },
     /// An admission was refused; nothing was evicted for it.
     Reject {
         at: Nanos,
@@ -119,6 +129,7 @@ impl Event {
             | Event::Loaded { model, .. }
             | Event::LoadFailed { model, .. }
             | Event::Evict { model, .. }
+            | Event::PreloadCancelled { model, .. }
             | Event::Reject { model, .. }
             | Event::Unload { model, .. }
             | Event::Pin { model, .. }

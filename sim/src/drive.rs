@@ -586,6 +586,7 @@ pub fn decisions(events: &[Event]) -> BTreeMap<String, Vec<String>> {
                 Some(m) => format!("evict {reason} for {m}"),
                 None => format!("evict {reason}"),
             },
+            Event::PreloadCancelled { for_model, .. } => format!("preload_cancelled for {for_model}"),
             Event::Reject { code, .. } => format!("reject {code}"),
             Event::Queued { .. } => "queued".to_string(),
             Event::Unload { .. } => "unload".to_string(),

@@ -224,7 +224,8 @@ struct Waiter {
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
-    LoadDone(Slot),
+    /// A load ends, unless its epoch is stale (the load was a preload, cancelled since).
+    LoadDone(Slot, u32),
     Release {
         slot: Slot,
         acquired: Nanos,
@@ -331,6 +332,9 @@ pub(crate) struct Runner<'t, P: SimPolicy> {
     preload_horizon: Option<Nanos>,
     /// Per model: when its predictive preload started, while no request has used it yet.
     preloaded: Vec<Option<Nanos>>,
+    /// Per model: the epoch of its load in progress (bumped when a preload is cancelled, so
+    /// its scheduled end is ignored).
+    load_epoch: Vec<u32>,
     /// Refusals with a retry hint whose actual wait is still being measured.
     probes: Vec<Probe>,
 }
@@ -455,6 +459,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             instant,
             preload_horizon: cfg.preload_horizon_secs.map(secs_to_ns),
             preloaded: vec![None; n],
+            load_epoch: vec![0; n],
         }
     }
 
@@ -878,6 +883,15 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     }
 
     fn unload(&mut self, slot: Slot, now: Nanos) {
+        if self.core.is_cancelled_load(slot) {
+            // A predictive preload cancelled mid-load for a request's room: as the fake
+            // backend does, the load stops at once and held nothing, so its memory is back now
+            // (no unload time). Its pending `LoadDone` goes stale.
+            self.load_epoch[slot as usize] = self.load_epoch[slot as usize].wrapping_add(1);
+            self.totals.predicted.get_or_insert_with(Default::default).cancelled += 1;
+            self.memory_back(slot, now);
+            return;
+        }
         if self.unload_ns == 0 {
             self.reclaim(slot, now);
         } else {
@@ -887,6 +901,12 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
 
     fn reclaim(&mut self, slot: Slot, now: Nanos) {
         self.per_model[slot as usize].unloads += 1;
+        self.memory_back(slot, now);
+    }
+
+    /// `slot`'s memory came back (an unload, or a cancelled preload's load stopped): report it
+    /// and carry on with whatever waited for it.
+    fn memory_back(&mut self, slot: Slot, now: Nanos) {
         self.preload_lost(slot);
         let owner = self.core.reclaimed(slot, now);
         self.mem_sync(now);
@@ -958,7 +978,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         if t == 0 {
             self.finish_load(slot, now);
         } else {
-            self.schedule(now.saturating_add(t), Ev::LoadDone(slot));
+            let epoch = self.load_epoch[slot as usize];
+            self.schedule(now.saturating_add(t), Ev::LoadDone(slot, epoch));
         }
     }
 
@@ -1006,7 +1027,11 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
     fn internal(&mut self, now: Nanos, ev: Ev) {
         match ev {
             Ev::Release { slot, acquired, kv, op } => self.end_lease(slot, now, acquired, kv, op),
-            Ev::LoadDone(slot) => self.finish_load(slot, now),
+            Ev::LoadDone(slot, epoch) => {
+                if epoch == self.load_epoch[slot as usize] {
+                    self.finish_load(slot, now);
+                }
+            }
             Ev::Unloaded(slot) => self.reclaim(slot, now),
             Ev::Retry { op, attempt, first } => {
                 let o = self.trace.ops[op as usize];

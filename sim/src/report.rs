@@ -173,7 +173,8 @@ pub struct Report {
 }
 
 /// What predictive preloads did. A preload is useful when a request found its model resident
-/// (or loading) before it left memory, wasted when it left unused (evicted, or its load failed).
+/// (or loading) before it left memory, wasted when it left unused (evicted, its load failed, or
+/// it was cancelled mid-load for a real request's room).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PreloadSummary {
     /// Preloads started.
@@ -182,6 +183,9 @@ pub struct PreloadSummary {
     pub useful: u64,
     /// Preloads that left memory unused.
     pub wasted: u64,
+    /// Of the wasted, those cancelled while still loading because a real request needed the
+    /// room (the request did not wait for them).
+    pub cancelled: u64,
     /// Preloads still resident and unused when the trace ended.
     pub unused_at_end: u64,
     /// Added latency the useful ones saved, seconds: per useful preload, the part of its load
@@ -651,10 +655,11 @@ impl Report {
                 &mut o,
                 "preloads",
                 format!(
-                    "{} predicted: {} useful, {} wasted, {} unused at the end; {} of added latency saved",
+                    "{} predicted: {} useful, {} wasted ({} cancelled mid-load), {} unused at the end; {} of added latency saved",
                     p.started,
                     p.useful,
                     p.wasted,
+                    p.cancelled,
                     p.unused_at_end,
                     fmt_secs(p.latency_saved_secs)
                 ),

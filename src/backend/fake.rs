@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::{
-    Backend, BackendError, Embeddings, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
-    ModelHandle, Prompt, Usage, check_type,
+    Backend, BackendError, CancellationToken, Embeddings, FinishReason, GenerateEvent, GenerateRequest,
+    GenerateStream, ModelHandle, Prompt, Usage, check_type,
 };
 use crate::estimate::{NameEstimator, SizeEstimator};
 use crate::timing::TimingModel;
@@ -222,6 +222,16 @@ impl Backend for FakeBackend {
     }
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        self.load_cancellable(spec, CancellationToken::new()).await
+    }
+
+    /// Stops at once when `cancel` fires during the modelled load time (a fake load holds
+    /// nothing until it returns), with [`BackendError::Cancelled`].
+    async fn load_cancellable(
+        &self,
+        spec: &ModelSpec,
+        cancel: CancellationToken,
+    ) -> Result<Arc<dyn ModelHandle>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         let (load_time, fail, measured, kv) = {
             let mut models = self.models.lock().unwrap();
@@ -240,7 +250,10 @@ impl Backend for FakeBackend {
             (cfg.load_time.unwrap_or(default_time), fail, measured, kv)
         };
         if !load_time.is_zero() {
-            tokio::time::sleep(load_time).await;
+            tokio::select! {
+                _ = tokio::time::sleep(load_time) => {}
+                _ = cancel.cancelled() => return Err(BackendError::Cancelled),
+            }
         }
         if fail {
             return Err(BackendError::Load(format!("injected failure loading '{}'", spec.id)));

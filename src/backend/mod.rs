@@ -14,6 +14,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
+/// The cancellation signal of [`Backend::load_cancellable`] (re-exported so backends outside
+/// this crate name the same type).
+pub use tokio_util::sync::CancellationToken;
 
 use crate::types::{ModelSpec, ModelType};
 
@@ -38,6 +41,10 @@ pub enum BackendError {
     /// The model was unloaded (or its worker stopped) while the call was running.
     #[error("model is no longer loaded")]
     Gone,
+    /// A load was abandoned because its cancellation token fired
+    /// ([`Backend::load_cancellable`]); nothing it allocated is still held.
+    #[error("load cancelled")]
+    Cancelled,
 }
 
 /// A decoded input image: 8-bit RGB, row-major, `width * height * 3` bytes, shared cheaply.
@@ -264,6 +271,22 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Load `spec`. The returned handle's `measured_bytes` replaces the estimate in the ledger.
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError>;
+
+    /// [`Backend::load`], which the pool may give up on by firing `cancel` (it does so for a
+    /// predictive preload whose room a real request needs). The contract: when this returns,
+    /// whatever the attempt allocated is either in the returned handle (the pool then unloads
+    /// it) or freed, so the pool can count the memory as back. A backend that can stop early
+    /// returns [`BackendError::Cancelled`] as soon as it has freed what it held; the default
+    /// ignores `cancel` and loads to the end, which keeps the contract at the cost of time (the
+    /// MLX backend does this: its worker thread reads the weights in one piece).
+    async fn load_cancellable(
+        &self,
+        spec: &ModelSpec,
+        cancel: CancellationToken,
+    ) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        let _ = cancel;
+        self.load(spec).await
+    }
 
     /// The timing model this backend follows by construction, if it has one (the fake backend
     /// with [`with_timing`](fake::FakeBackend::with_timing)); a real backend has none (its

@@ -238,8 +238,9 @@ impl From<PoolError> for ApiError {
                         retry_after: Some(1),
                     };
                 }
-                BackendError::Gone => {
-                    // The model went away under the call; a retry loads it again.
+                BackendError::Gone | BackendError::Cancelled => {
+                    // The model went away under the call (or its load was given up: nobody
+                    // waits on a cancelled load, so this is defensive); a retry loads it again.
                     return ApiError {
                         status: S::SERVICE_UNAVAILABLE,
                         message,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::backend::{Backend, BackendError, ModelHandle};
+use crate::backend::{Backend, BackendError, CancellationToken, ModelHandle};
 use crate::log::{EvictReason, RejectCode};
 use crate::pool::PoolStatus;
 use crate::state::Phase;
@@ -419,10 +419,20 @@ impl Backend for TimedBackend {
     }
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn ModelHandle>, BackendError> {
+        self.load_cancellable(spec, CancellationToken::new()).await
+    }
+
+    /// The inner backend's, timed; a cancelled load is neither a load time nor a failure.
+    async fn load_cancellable(
+        &self,
+        spec: &ModelSpec,
+        cancel: CancellationToken,
+    ) -> Result<Arc<dyn ModelHandle>, BackendError> {
         let t = Instant::now();
-        let r = self.inner.load(spec).await;
+        let r = self.inner.load_cancellable(spec, cancel).await;
         match &r {
             Ok(_) => self.metrics.load_seconds.observe(t.elapsed()),
+            Err(BackendError::Cancelled) => {}
             Err(_) => {
                 self.metrics.load_failures.fetch_add(1, Ordering::Relaxed);
             }

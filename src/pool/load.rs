@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 
 use super::{Core, Inner, LoadResult, take_handles};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, CancellationToken};
 use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::policy::{EvictionPolicy, Slot};
@@ -22,8 +22,35 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
         let Some(horizon) = core.preload_horizon else { return };
         if let Some(slot) = core.state.predictive_preload(now, horizon) {
             tracing::info!(model = %core.state.spec(slot).id, "predictive preload");
-            drop(self.start_load(core, slot, Victims::new()));
+            let cancel = CancellationToken::new();
+            let (rx, task) = self.spawn_load(core, slot, Victims::new(), Some(cancel.clone()));
+            drop(rx);
+            core.preloads.insert(slot, (cancel, task));
         }
+    }
+
+    /// Under the lock: fire the cancellation of every predictive preload among `victims` that
+    /// the core cancelled ([`crate::PoolState::is_cancelled_load`]) and return their tasks; each
+    /// ends after its load has stopped (or ended and been unloaded) and its memory has been
+    /// reported back with `reclaimed`.
+    pub(super) fn cancel_preloads(
+        &self,
+        core: &mut Core<P, E>,
+        victims: &[Slot],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for &v in victims {
+            if core.state.is_cancelled_load(v)
+                && let Some((cancel, task)) = core.preloads.remove(&v)
+            {
+                tracing::info!(model = %core.state.spec(v).id, "predictive preload cancelled for a request's room");
+                cancel.cancel();
+                // Nobody waits on a cancelled preload; a later load of the model gets a new one.
+                core.loads.remove(&v);
+                tasks.push(task);
+            }
+        }
+        tasks
     }
 
     /// Start the load task for an admitted plan. Victim handles are taken now (they have no
@@ -34,17 +61,36 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
         slot: Slot,
         victims: Victims,
     ) -> watch::Receiver<LoadResult> {
+        self.spawn_load(core, slot, victims, None).0
+    }
+
+    /// [`Inner::start_load`], returning the task too; a predictive preload passes the token
+    /// that cancels it (see [`Inner::cancel_preloads`]). Victims that are cancelled preloads
+    /// are waited for (their tasks report their memory back), the others unloaded here.
+    fn spawn_load(
+        &self,
+        core: &mut Core<P, E>,
+        slot: Slot,
+        victims: Victims,
+        cancel: Option<CancellationToken>,
+    ) -> (watch::Receiver<LoadResult>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(None);
         core.loads.insert(slot, tx);
+        let aborted = self.cancel_preloads(core, &victims);
         let victims = take_handles(core, &victims);
         let spec = core.state.spec(slot).clone();
         let inner = self.self_arc();
-        tracing::info!(model = %spec.id, victims = victims.len(), reserve = core.state.need(slot), "load admitted");
-        self.runtime.spawn(async move {
+        tracing::info!(model = %spec.id, victims = victims.len() + aborted.len(), reserve = core.state.need(slot), "load admitted");
+        let task = self.runtime.spawn(async move {
+            for task in aborted {
+                // A JoinError is a panic already turned into a reclaim, or the runtime ending.
+                let _ = task.await;
+            }
             inner.unload_all(victims).await;
             // A backend that panics must not leave the model loading forever with its
             // reservation held: the panic becomes a load failure every waiter sees.
-            let result = AssertUnwindSafe(inner.backend.load(&spec))
+            let token = cancel.clone().unwrap_or_default();
+            let result = AssertUnwindSafe(inner.backend.load_cancellable(&spec, token))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| Err(BackendError::Load("the backend panicked while loading".into())));
@@ -52,6 +98,21 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
             let measured = result.as_ref().ok().map(|h| h.measured_bytes());
             let (evicted, outcome) = {
                 let mut core = inner.lock();
+                if let Some(cancel) = &cancel {
+                    // Cancelled under the lock by a plan that took this preload's room: the core
+                    // holds its memory as draining. Free what the load made, then report it.
+                    if cancel.is_cancelled() {
+                        drop(core);
+                        if let Ok(handle) = result
+                            && let Err(e) = super::guarded_unload(&handle).await
+                        {
+                            tracing::warn!(model = %spec.id, error = %e, "unload of a cancelled preload failed");
+                        }
+                        inner.reclaim(slot);
+                        return;
+                    }
+                    core.preloads.remove(&slot);
+                }
                 let (done, outcome) = match result {
                     Ok(handle) => {
                         if let Some(kv) = handle.kv_bytes_per_token() {
@@ -91,6 +152,6 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
             }
             inner.unload_all(evicted).await;
         });
-        rx
+        (rx, task)
     }
 }

@@ -15,7 +15,7 @@ use futures::FutureExt;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{Backend, BackendError, ModelHandle};
+use crate::backend::{Backend, BackendError, CancellationToken, ModelHandle};
 use crate::error::PoolError;
 use crate::estimate::SizeEstimator;
 use crate::log::Event;
@@ -52,6 +52,9 @@ struct Core<P: EvictionPolicy, E: SizeEstimator> {
     queued: HashMap<Ticket, oneshot::Sender<Result<Woken, PoolError>>>,
     /// Predictive preload's horizon, when on ([`ModelPool::set_predictive_preload`]).
     preload_horizon: Option<Nanos>,
+    /// Predictive preloads loading now: the token that cancels each, and its task (which ends
+    /// after the cancelled load's memory is reported back).
+    preloads: HashMap<Slot, (CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 struct Inner<P: EvictionPolicy, E: SizeEstimator> {
@@ -198,6 +201,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> ModelPool<P, E> {
                 handles: Vec::new(),
                 loads: HashMap::new(),
                 queued: HashMap::new(),
+                preloads: HashMap::new(),
                 preload_horizon: None,
             }),
             estimator,

@@ -58,6 +58,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> Inner<P, E> {
             return;
         }
         let victims = core.state.take_unloads();
+        // A cancelled preload's own task reports its memory back; nobody needs to wait for it.
+        drop(self.cancel_preloads(core, &victims));
         for (slot, handle) in super::take_handles(core, &victims) {
             let inner = self.self_arc();
             self.runtime.spawn(async move { inner.unload_handle(slot, handle).await });

@@ -31,6 +31,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let owner = e.owner.take();
         e.phase = Phase::Absent;
         e.bytes = 0;
+        e.cancelled = false;
         self.ledger.draining -= bytes;
         let model = &e.spec.id;
         self.log.push_with(|| Event::Unload { at: now, model: model.clone(), bytes });
@@ -111,6 +112,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn end_loading(&mut self, slot: Slot, now: Nanos) -> f64 {
         let e = &mut self.entries[slot as usize];
         assert_eq!(e.phase, Phase::Loading, "load_finished on a model that is not loading");
+        if std::mem::take(&mut e.predictive) {
+            self.preloading -= 1;
+        }
         self.ledger.reserved -= e.bytes - e.awaiting;
         self.ledger.awaiting -= e.awaiting;
         e.awaiting = 0;

@@ -22,6 +22,7 @@ use crate::estimate::{Estimate, SizeEstimator};
 use crate::log::{DecisionLog, Event, EvictReason, RejectCode};
 use crate::policy::{EvictionPolicy, Slot};
 use crate::types::{ModelId, ModelSpec, Nanos};
+use smallvec::SmallVec;
 
 mod hints;
 mod instant;
@@ -54,6 +55,12 @@ struct Entry {
     owner: Option<(Slot, u32)>,
     pinned: bool,
     pin_on_load: bool,
+    /// Loading: a predictive preload ([`PoolState::predictive_preload`]), which a real request
+    /// may cancel while nobody waits on it ([`PoolState::is_cancelled_load`]).
+    predictive: bool,
+    /// Draining: its predictive preload was cancelled mid-load; the driver stops that load
+    /// instead of unloading a handle.
+    cancelled: bool,
     leases: u32,
     waiters: u32,
     /// Requests for this model waiting in the admission queue.
@@ -145,6 +152,9 @@ pub struct PoolState<P: EvictionPolicy, E: SizeEstimator> {
     /// Idle models the core evicted by itself (to make room for a request's KV cache), for the
     /// driver to unload.
     unloads: Victims,
+    /// Predictive preloads loading now (so plans skip looking for one to cancel when there is
+    /// none).
+    preloading: u32,
     /// Scratch space of the retry hints (kept so that refusals allocate nothing).
     hint_buf: std::cell::Cell<Vec<(f64, u64, usize)>>,
 }
@@ -170,6 +180,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             wakes: Vec::new(),
             next_ticket: 1,
             unloads: Victims::new(),
+            preloading: 0,
             hint_buf: std::cell::Cell::new(Vec::new()),
         }
     }
@@ -218,6 +229,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             owner: None,
             pinned: false,
             pin_on_load: false,
+            predictive: false,
+            cancelled: false,
             leases: 0,
             waiters: 0,
             queued: 0,
@@ -372,6 +385,60 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn evictable(&self, slot: Slot) -> bool {
         let e = &self.entries[slot as usize];
         e.phase == Phase::Resident && !e.pinned && e.leases == 0 && e.queued == 0
+    }
+
+    /// A predictive preload still loading that a real request may cancel for its room: nobody
+    /// waits on it (no joined request, no queued one, no operator preload asking to pin it) and
+    /// it has no victims of its own still draining.
+    fn cancellable(&self, slot: Slot) -> bool {
+        let e = &self.entries[slot as usize];
+        e.phase == Phase::Loading
+            && e.predictive
+            && e.waiters == 0
+            && e.queued == 0
+            && !e.pin_on_load
+            && e.pending_victims == 0
+    }
+
+    /// Victims of last resort, after every evictable resident model: push cancellable
+    /// predictive preloads ([`Self::cancellable`]) onto `victims`, the one predicted to be
+    /// requested latest first, adding their reservations to `freed`, until `more(freed,
+    /// victims.len())` says enough. `except` is never pushed (the model being planned for).
+    #[cold]
+    fn push_cancellable(
+        &self,
+        now: Nanos,
+        except: Slot,
+        victims: &mut Victims,
+        freed: &mut u128,
+        more: impl Fn(u128, usize) -> bool,
+    ) {
+        let mut found: SmallVec<[(Nanos, Slot); 8]> = SmallVec::new();
+        for (i, _) in self.entries.iter().enumerate() {
+            let s = i as Slot;
+            if s != except && self.cancellable(s) {
+                found.push((self.policy.predicted_next(s, now).unwrap_or(Nanos::MAX), s));
+            }
+        }
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, s) in found {
+            if !more(*freed, victims.len()) {
+                break;
+            }
+            victims.push(s);
+            *freed += u128::from(self.entries[s as usize].bytes);
+        }
+    }
+
+    /// `slot` is draining because the predictive preload loading it was cancelled for a real
+    /// request's room (it was among that request's plan victims, or left in
+    /// [`PoolState::take_unloads`]). The driver stops that load instead of unloading a handle,
+    /// never reports [`PoolState::load_finished`] for it, and reports [`PoolState::reclaimed`]
+    /// once whatever the load had allocated is freed (at once, if the backend can abort it; else
+    /// after the load ends and the model is unloaded).
+    pub fn is_cancelled_load(&self, slot: Slot) -> bool {
+        let e = &self.entries[slot as usize];
+        e.phase == Phase::Draining && e.cancelled
     }
 
     fn load_cost(&self, e: &Entry, bytes: u64) -> f64 {
@@ -577,6 +644,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             }
             freed < short
         });
+        if freed < short && self.preloading > 0 {
+            self.push_cancellable(now, slot, &mut victims, &mut freed, |f, _| f < short);
+        }
         if freed >= short {
             Ok(victims)
         } else {
@@ -588,7 +658,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     /// Evict idle `victims` to make room for a request's KV on `slot`; the driver unloads them.
     fn evict_for_kv(&mut self, slot: Slot, now: Nanos, victims: &Victims) {
         for &v in victims {
-            self.evict_for(v, now, EvictReason::Capacity, None, Some(slot));
+            if self.entries[v as usize].phase == Phase::Loading {
+                self.cancel_preload(v, now, None, slot);
+            } else {
+                self.evict_for(v, now, EvictReason::Capacity, None, Some(slot));
+            }
             self.unloads.push(v);
         }
     }
@@ -734,6 +808,10 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             }
             freed < bytes_short || victims.len() < count_short
         });
+        if (freed < bytes_short || victims.len() < count_short) && self.preloading > 0 {
+            let more = |f: u128, n: usize| f < bytes_short || n < count_short;
+            self.push_cancellable(now, slot, victims, &mut freed, more);
+        }
         if freed >= bytes_short && victims.len() >= count_short {
             return Ok(());
         }
@@ -788,7 +866,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let mut victim_bytes = 0;
         for &v in victims {
             victim_bytes += self.entries[v as usize].bytes;
-            self.evict(v, now, reason, Some((slot, generation)));
+            if self.entries[v as usize].phase == Phase::Loading {
+                self.cancel_preload(v, now, Some((slot, generation)), slot);
+            } else {
+                self.evict(v, now, reason, Some((slot, generation)));
+            }
         }
         let e = &mut self.entries[slot as usize];
         e.phase = Phase::Loading;
@@ -817,6 +899,33 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
                 e.estimate.source.clone()
             },
             predicted_in_secs: None,
+        });
+    }
+
+    /// Cancel the predictive preload loading `slot` ([`Self::cancellable`]) for `for_slot`'s
+    /// room: its reservation becomes draining memory (returned by [`PoolState::reclaimed`] once
+    /// the driver has stopped the load), owned by `owner`'s load as an evicted victim's is.
+    #[cold]
+    fn cancel_preload(&mut self, slot: Slot, now: Nanos, owner: Option<(Slot, u32)>, for_slot: Slot) {
+        let e = &mut self.entries[slot as usize];
+        // Cancellable: a preload with no victims (so nothing awaited) and no request's KV.
+        debug_assert!(e.phase == Phase::Loading && e.predictive && e.waiters == 0 && e.awaiting == 0);
+        self.ledger.reserved -= e.bytes;
+        self.ledger.draining += e.bytes;
+        e.predictive = false;
+        e.cancelled = true;
+        e.phase = Phase::Draining;
+        e.owner = owner;
+        self.preloading -= 1;
+        self.ledger.models -= 1;
+        self.stats.preloads_cancelled += 1;
+        let bytes = e.bytes;
+        let entries = &self.entries;
+        self.log.push_with(|| Event::PreloadCancelled {
+            at: now,
+            model: entries[slot as usize].spec.id.clone(),
+            bytes,
+            for_model: entries[for_slot as usize].spec.id.clone(),
         });
     }
 

@@ -49,8 +49,12 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         let (slot, at) = self.preload_candidate(now, horizon)?;
         let reserve = self.entries[slot as usize].need();
         self.commit_load_parts(slot, now, Intent::Preload, reserve, 0, &[]);
-        // A predictive preload does not pin (an operator's preload does).
-        self.entries[slot as usize].pin_on_load = false;
+        // A predictive preload does not pin (an operator's preload does), and a real request
+        // may cancel it while nobody waits on it.
+        let e = &mut self.entries[slot as usize];
+        e.pin_on_load = false;
+        e.predictive = true;
+        self.preloading += 1;
         if let Some(Event::Load { predicted_in_secs, .. }) = self.log.newest_mut() {
             *predicted_in_secs = Some(at.saturating_sub(now) as f64 / 1e9);
         }

@@ -258,6 +258,8 @@ pub struct Stats {
     pub dequeued: u64,
     /// Longest the queue has been.
     pub peak_queue: u64,
+    /// Predictive preloads cancelled mid-load because a real request needed their room.
+    pub preloads_cancelled: u64,
 }
 
 impl Stats {

@@ -10,6 +10,7 @@ mod http;
 mod invariants;
 mod kv;
 mod pool;
+mod preload;
 mod queue;
 mod snapshots;
 mod soak;

@@ -146,3 +146,56 @@ fn without_structure_predictive_is_no_worse_than_lru() {
     let (lru, pred) = (miss(PolicyChoice::LRU), miss(PREDICTIVE));
     assert!(pred <= lru * 1.02, "predictive {pred}, lru {lru}");
 }
+
+/// A job every 100 s (expiring 30 s after each run), a chat request at 390 s that stays busy
+/// for 9 s, and one 7 GB request at 391 s, in 10 GB: the chat request's admission preloads the
+/// job (due at 405 s), and at 391 s only cancelling that preload mid-load makes room.
+fn cancel_trace() -> Trace {
+    let mut t = String::from("time,model,op,type,size_bytes,input_tokens,output_tokens,duration\n");
+    for k in 0..4u64 {
+        let size = if k == 0 { (2 * GB).to_string() } else { String::new() };
+        t.push_str(&format!("{},job,,,{size},,,1\n", k * 100 + 5));
+    }
+    t.push_str(&format!("390,chat,,,{},,,9\n", 2 * GB));
+    t.push_str(&format!("391,big,,,{},,,1\n", 7 * GB));
+    t.push_str("405,job,,,,,,1\n");
+    csv(&t)
+}
+
+#[test]
+fn a_request_needing_a_loading_preloads_room_cancels_it_instead_of_waiting() {
+    let t = cancel_trace();
+    let c = SimConfig { limit: 10 * GB, preload_horizon_secs: Some(20.0), ..cfg(true) };
+    let (out, rec) = modelpool_sim::run_recorded(&t, &c).unwrap();
+    assert_accounted(&out);
+    let p = out.report.predictive_preload.unwrap();
+    assert_eq!(p.cancelled, 1, "{p:?}");
+    assert!(p.wasted >= p.cancelled);
+    assert_eq!(p.useful + p.wasted + p.unused_at_end, p.started);
+    let cancels: Vec<(u64, String, String)> = out
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PreloadCancelled { at, model, for_model, .. } => {
+                Some((*at / 1_000_000_000, model.to_string(), for_model.to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancels, [(391, "job".to_string(), "big".to_string())]);
+    // The big request started its own load at once and waited only for it.
+    let big = t.ops.iter().position(|o| o.at == 391_000_000_000).unwrap();
+    assert_eq!(rec.outcomes[big], modelpool_sim::RequestOutcome::Load);
+    let loaded_at = out.events.iter().find_map(|e| match e {
+        Event::Loaded { at, model, .. } if model.as_ref() == "big" => Some(*at),
+        _ => None,
+    });
+    let own_load = (c.load_latency_secs + 7.0 * GB as f64 / c.load_bandwidth) * 1e9;
+    assert_eq!(loaded_at, Some(391_000_000_000 + own_load.round() as u64));
+    // The job's next run loads it again (the cancelled load left nothing behind).
+    let job = t.ops.iter().position(|o| o.at == 405_000_000_000).unwrap();
+    assert!(matches!(
+        rec.outcomes[job],
+        modelpool_sim::RequestOutcome::Load | modelpool_sim::RequestOutcome::Queued
+    ));
+}

@@ -65,6 +65,10 @@ fn summarize(events: &[Event]) -> Decisions {
                 let why = for_model.as_ref().map_or(String::new(), |m| format!(" for {m}"));
                 ("evict", Some(format!("{} evict {model} ({}){why}", secs(*at), reason.as_str())))
             }
+            Event::PreloadCancelled { at, model, for_model, .. } => (
+                "preload_cancelled",
+                Some(format!("{} preload of {model} cancelled for {for_model}", secs(*at))),
+            ),
             Event::Reject { at, model, code, need, available, retry_after_secs } => {
                 *per_model
                     .entry(model.to_string())
