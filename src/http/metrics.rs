@@ -163,6 +163,12 @@ impl Metrics {
         counter(&mut o, "modelpool_load_failures_total", "Loads that failed.", s.load_failures);
         counter(
             &mut o,
+            "modelpool_preloads_cancelled_total",
+            "Predictive preloads cancelled mid-load because a request needed their room.",
+            s.preloads_cancelled,
+        );
+        counter(
+            &mut o,
             "modelpool_bytes_loaded_total",
             "Bytes measured over successful loads.",
             s.bytes_loaded,

@@ -87,6 +87,16 @@ pub trait EvictionPolicy: Send + 'static {
     /// slot is visited. The order may change only through the hooks above.
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool);
 
+    /// [`EvictionPolicy::visit_victims`] as of `now` (never before the latest hook's time): the
+    /// engine's plans call this, so a dry run at `now` walks the same order as the admission at
+    /// `now` that follows it, even when no hook has told the policy the time yet. For policies
+    /// whose order depends on the time (`predictive`: distances to predicted arrivals); the
+    /// default ignores `now`.
+    fn visit_victims_at(&self, now: Nanos, visit: &mut dyn FnMut(Slot) -> bool) {
+        let _ = now;
+        self.visit_victims(visit);
+    }
+
     /// The policy's score for a tracked `slot` (lower is evicted first), for the decision log
     /// and the admin API; `None` when the policy has no numeric score (LRU) or the slot is not
     /// tracked. Never used to decide.
@@ -118,6 +128,9 @@ impl EvictionPolicy for Box<dyn EvictionPolicy> {
     }
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
         (**self).visit_victims(visit)
+    }
+    fn visit_victims_at(&self, now: Nanos, visit: &mut dyn FnMut(Slot) -> bool) {
+        (**self).visit_victims_at(now, visit)
     }
     fn score(&self, slot: Slot) -> Option<f64> {
         (**self).score(slot)

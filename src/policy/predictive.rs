@@ -182,10 +182,16 @@ impl Predictive {
             + self.scratch.borrow().capacity() * std::mem::size_of::<Cand>()
     }
 
-    /// (value, distance) of a tracked model at the walk's time.
+    /// (value, distance) of a tracked model at the latest hook's time.
     #[inline]
     fn value(&self, m: &Meta) -> (f64, f64) {
-        let d = m.pred.expected_in(self.now).unwrap_or(MIN_SECS);
+        self.value_at(m, self.now)
+    }
+
+    /// (value, distance) of a tracked model at `now`.
+    #[inline]
+    fn value_at(&self, m: &Meta, now: Nanos) -> (f64, f64) {
+        let d = m.pred.expected_in(now).unwrap_or(MIN_SECS);
         (m.cost / (m.bytes.max(1) as f64 * 1e-9).sqrt() / d, d)
     }
 }
@@ -236,11 +242,18 @@ impl EvictionPolicy for Predictive {
     }
 
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
+        self.visit_victims_at(self.now, visit);
+    }
+
+    /// The walk at `now` (or the latest hook's time, if later): a dry run between hooks orders
+    /// models as the admission at the same `now` will.
+    fn visit_victims_at(&self, now: Nanos, visit: &mut dyn FnMut(Slot) -> bool) {
+        let now = now.max(self.now);
         let mut cands = self.scratch.borrow_mut();
         cands.clear();
         for &s in &self.tracked {
             let m = &self.meta[s as usize];
-            let (v, d) = self.value(m);
+            let (v, d) = self.value_at(m, now);
             cands.push((v, d, m.bytes, s));
         }
         // The engine usually stops after one or two victims: select the next best lazily

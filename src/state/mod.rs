@@ -637,7 +637,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             return Ok(victims);
         }
         let mut freed = 0u128;
-        self.policy.visit_victims(&mut |s| {
+        self.policy.visit_victims_at(now, &mut |s| {
             if s != slot && self.evictable(s) {
                 victims.push(s);
                 freed += u128::from(self.entries[s as usize].bytes);
@@ -801,7 +801,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             return Ok(());
         }
         let mut freed = 0u128;
-        self.policy.visit_victims(&mut |s| {
+        self.policy.visit_victims_at(now, &mut |s| {
             if self.evictable(s) {
                 victims.push(s);
                 freed += u128::from(self.entries[s as usize].bytes);

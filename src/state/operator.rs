@@ -132,7 +132,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             }
             while excess_bytes > 0 || excess_count > 0 {
                 let mut pick = None;
-                self.policy.visit_victims(&mut |s| {
+                self.policy.visit_victims_at(now, &mut |s| {
                     let e = &self.entries[s as usize];
                     let ok = e.phase == Phase::Resident && !e.pinned && (busy_pass || e.leases == 0);
                     if ok {

@@ -73,7 +73,8 @@ impl Scale {
     }
 }
 
-fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
+/// One randomized run; returns how many predictive preloads it cancelled.
+fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) -> u64 {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let first_limit = if scale == Scale::Extreme { scale.limit(&mut rng) } else { 16 * GB };
     let mut cfg = PoolConfig::with_limit(first_limit);
@@ -183,11 +184,21 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
                     }
                 }
             }
-            // A preload.
+            // An operator's preload, or (with a predicting policy) a predictive one.
             40..=42 => {
                 let slot = rng.random_range(0..n_models);
-                if let Admission::Load(plan) = st.admit(slot, now, Intent::Preload) {
-                    pending.push(PendingLoad { slot, victims: plan.victims.to_vec(), waiters: Vec::new() });
+                if rng.random_bool(0.5) {
+                    if let Admission::Load(plan) = st.admit(slot, now, Intent::Preload) {
+                        pending.push(PendingLoad {
+                            slot,
+                            victims: plan.victims.to_vec(),
+                            waiters: Vec::new(),
+                        });
+                    }
+                } else if let Some(p) = st.predictive_preload(now, 120_000_000_000) {
+                    assert_eq!(st.ledger().used(), before.used() + st.need(p), "{ctx}: a preload evicted");
+                    assert!(st.ledger().used() <= st.ledger().limit, "{ctx}: a preload over-committed");
+                    pending.push(PendingLoad { slot: p, victims: Vec::new(), waiters: Vec::new() });
                 }
             }
             // A victim's memory comes back.
@@ -308,6 +319,13 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
         assert_eq!(st.queue_len(), queued.len(), "{ctx}: every queued request is accounted for");
         // Idle models the core evicted for a request's KV: the driver unloads them.
         to_reclaim.extend(st.take_unloads());
+        // Predictive preloads a plan cancelled: their loads stop (never finished); their memory
+        // comes back as the plan's (or the unload list's) victim.
+        pending.retain(|p| {
+            let cancelled = st.is_cancelled_load(p.slot);
+            assert!(!cancelled || p.waiters.is_empty(), "{ctx}: cancelled a preload a request waits on");
+            !cancelled
+        });
         st.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
         // Victims of loads, overcommit and expiry were neither pinned nor leased.
         let new_events: Vec<&Event> = st.log().events().skip(log_before as usize).collect();
@@ -387,14 +405,15 @@ fn run(seed: u64, kind: PolicyKind, steps: usize, scale: Scale) {
         out.hits > 0 && out.rejected > 0 && out.granted > 0,
         "seed {seed} {kind}: the run exercised too little"
     );
+    st.stats().preloads_cancelled
 }
 
 #[test]
 fn randomized_invariants_hold_for_every_policy() {
     for kind in PolicyKind::ALL {
-        for seed in 0..12 {
-            run(seed, kind, 3000, Scale::Gigabytes);
-        }
+        let cancelled: u64 = (0..12).map(|seed| run(seed, kind, 3000, Scale::Gigabytes)).sum();
+        // Only `predictive` predicts, so only it preloads (and has preloads to cancel).
+        assert_eq!(cancelled > 0, kind == PolicyKind::Predictive, "{kind}: {cancelled} preloads cancelled");
     }
 }
 
@@ -402,7 +421,7 @@ fn randomized_invariants_hold_for_every_policy() {
 fn randomized_invariants_hold_at_extreme_sizes() {
     for kind in PolicyKind::ALL {
         for seed in 0..12 {
-            run(1000 + seed, kind, 3000, Scale::Extreme);
+            let _ = run(1000 + seed, kind, 3000, Scale::Extreme);
         }
     }
 }

@@ -600,6 +600,7 @@ async fn health_metrics_and_routing_errors() {
     assert_eq!(metric("modelpool_rejections_total{code=\"model_too_large\"}"), 1.0);
     assert_eq!(metric("modelpool_rejections_total{code=\"insufficient_memory\"}"), 1.0);
     assert_eq!(metric("modelpool_load_seconds_count"), 2.0);
+    assert_eq!(metric("modelpool_preloads_cancelled_total"), 0.0, "no predictive preload here");
     assert_eq!(metric("modelpool_resident_bytes"), (5 * GB) as f64);
     assert_eq!(metric("modelpool_reserved_bytes"), 0.0);
     assert_eq!(metric("modelpool_pinned_bytes"), 0.0);
