@@ -388,16 +388,11 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     }
 
     /// A predictive preload still loading that a real request may cancel for its room: nobody
-    /// waits on it (no joined request, no queued one, no operator preload asking to pin it) and
-    /// it has no victims of its own still draining.
+    /// waits on it (no joined request, no queued one, no operator preload asking to pin it).
+    /// It has no victims of its own: a predictive preload loads into free room only.
     fn cancellable(&self, slot: Slot) -> bool {
         let e = &self.entries[slot as usize];
-        e.phase == Phase::Loading
-            && e.predictive
-            && e.waiters == 0
-            && e.queued == 0
-            && !e.pin_on_load
-            && e.pending_victims == 0
+        e.phase == Phase::Loading && e.predictive && e.waiters == 0 && e.queued == 0 && !e.pin_on_load
     }
 
     /// Victims of last resort, after every evictable resident model: push cancellable
@@ -414,8 +409,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         more: impl Fn(u128, usize) -> bool,
     ) {
         let mut found: SmallVec<[(Nanos, Slot); 8]> = SmallVec::new();
-        for (i, _) in self.entries.iter().enumerate() {
-            let s = i as Slot;
+        for s in 0..self.entries.len() as Slot {
             if s != except && self.cancellable(s) {
                 found.push((self.policy.predicted_next(s, now).unwrap_or(Nanos::MAX), s));
             }
@@ -909,7 +903,8 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     fn cancel_preload(&mut self, slot: Slot, now: Nanos, owner: Option<(Slot, u32)>, for_slot: Slot) {
         let e = &mut self.entries[slot as usize];
         // Cancellable: a preload with no victims (so nothing awaited) and no request's KV.
-        debug_assert!(e.phase == Phase::Loading && e.predictive && e.waiters == 0 && e.awaiting == 0);
+        debug_assert!(e.phase == Phase::Loading && e.predictive && e.waiters == 0);
+        debug_assert!(e.awaiting == 0 && e.pending_victims == 0 && e.load_kv == 0);
         self.ledger.reserved -= e.bytes;
         self.ledger.draining += e.bytes;
         e.predictive = false;
