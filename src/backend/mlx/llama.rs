@@ -33,7 +33,7 @@ use mlx_rs::{Array, Dtype};
 
 use anyhow::{Context, anyhow};
 
-use super::Res;
+use super::{Res, attend};
 use crate::catalog::MlxQuantization;
 
 /// How linear weights are held after load.
@@ -1372,25 +1372,65 @@ impl Llama {
             let k = pop(&mut parts)?;
             let q = pop(&mut parts)?;
             kv.write(li, &cells, &k, &v)?;
-            let g = match gathers.iter().position(|(w, _)| *w == l.window) {
-                Some(i) => &gathers[i].1,
-                None => {
-                    gathers.push((l.window, Gather::new(rows, l.window)));
-                    &gathers.last().expect("pushed").1
-                }
-            };
-            let (keys, values) = kv.gather(li, g)?;
-            // q [B, nh, 1, hd] over each row's keys [B, nkv, L, hd].
-            let attn = self
-                .attend_masked(&q, &keys, &values, &g.mask)?
-                .transpose_axes(&[0, 2, 1, 3])
-                .context("transpose")?
-                .reshape(&[b, 1, nh * hd])
-                .context("reshape")?;
+            let attn =
+                if host_attention() && q.dtype() == Dtype::Float32 && kv.keys[li].dtype() == Dtype::Float32 {
+                    self.attend_cells(&q, kv, li, rows, l.window)?
+                } else {
+                    let g = match gathers.iter().position(|(w, _)| *w == l.window) {
+                        Some(i) => &gathers[i].1,
+                        None => {
+                            gathers.push((l.window, Gather::new(rows, l.window)));
+                            &gathers.last().expect("pushed").1
+                        }
+                    };
+                    let (keys, values) = kv.gather(li, g)?;
+                    // q [B, nh, 1, hd] over each row's keys [B, nkv, L, hd].
+                    self.attend_masked(&q, &keys, &values, &g.mask)?
+                        .transpose_axes(&[0, 2, 1, 3])
+                        .context("transpose")?
+                        .reshape(&[b, 1, nh * hd])
+                        .context("reshape")?
+                };
             x = self.mlp(l, self.attn_residual(l, x, &attn)?)?;
         }
         let last = x.reshape(&[b, cfg.hidden]).context("reshape")?;
         self.logits(&last)?.reshape(&[b, cfg.vocab as i32]).context("reshape logits")
+    }
+
+    /// [`attend::decode`] of one query per row `q` (`[B, nh, 1, hd]`) over layer `li`'s cells
+    /// of `kv` (each row's own, the last `window` of them when given), `[B, 1, nh * hd]`: the
+    /// graph so far is evaluated, the cells are read in place (f32 only).
+    fn attend_cells(
+        &self,
+        q: &Array,
+        kv: &SharedKv,
+        li: usize,
+        rows: &[&[i32]],
+        window: Option<i32>,
+    ) -> Res<Array> {
+        let cfg = &self.cfg;
+        let (b, nh, hd) = (rows.len() as i32, cfg.n_heads, cfg.head_dim);
+        let q = q.reshape(&[b, nh, hd]).context("reshape")?.contiguous().context("contiguous q")?;
+        let (keys, values) = (&kv.keys[li], &kv.values[li]);
+        eval_all([&q, keys, values])?;
+        let heads = attend::Heads {
+            heads: nh as usize,
+            kv_heads: cfg.n_kv_heads as usize,
+            head_dim: hd as usize,
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
+        };
+        let mut out = vec![0f32; q.size()];
+        attend::decode(
+            heads,
+            q.try_as_slice::<f32>().context("queries")?,
+            keys.try_as_slice::<f32>().context("keys")?,
+            values.try_as_slice::<f32>().context("values")?,
+            rows,
+            window,
+            &mut out,
+        )?;
+        Ok(Array::from_slice(&out, &[b, 1, nh * hd]))
     }
 
     /// Attention of one query per row `q` (`[B, nh, 1, hd]`) over `keys`/`values` (`[B, nkv, L,
@@ -1443,6 +1483,14 @@ impl Gather {
             len: l,
         }
     }
+}
+
+/// Whether decode steps attend on the host ([`attend::decode`]); `MODELPOOL_ATTENTION=mlx`
+/// sends them through MLX's gather and masked attention instead, for comparisons (read once
+/// per process).
+fn host_attention() -> bool {
+    static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOST.get_or_init(|| std::env::var("MODELPOOL_ATTENTION").map_or(true, |v| v != "mlx"))
 }
 
 fn pop(v: &mut Vec<Array>) -> Res<Array> {

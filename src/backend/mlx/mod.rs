@@ -29,6 +29,7 @@
 //! loads. Unload drops every array, returns MLX's buffer cache to the system and reports the
 //! bytes dropped.
 
+mod attend;
 mod batch;
 mod bert;
 mod chat;

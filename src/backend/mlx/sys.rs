@@ -589,14 +589,41 @@ mod few_rows {
         }
     }
 
-    /// [`block_256`] with 16 lanes (AVX-512), the tail of k as one masked load.
+    /// [`block_256`] with 16 lanes (AVX-512), the tail of k as one masked load (after the
+    /// unmasked loop: masked loads in the loop itself made a one-row product 1.5x slower).
     #[target_feature(enable = "avx512f")]
     unsafe fn block_512<const MR: usize, const NR: usize>(g: &Gemm, m0: usize, n0: usize) {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         let mut kk = 0;
-        while kk < g.k {
-            let left = g.k - kk;
-            let mask: __mmask16 = if left >= 16 { 0xffff } else { (1u16 << left) - 1 };
+        // With two rows or more the block computes long enough for the memory to fall behind:
+        // its first pass fetches the next block's weight rows (same columns, NR rows on).
+        // Measured on AMD Zen 5, 30 layers of SmolLM2-135M's shapes: 8 rows 1.45x faster
+        // (38 -> 26 ms), 4 rows 1.3x; one row 1.2x slower (the hardware prefetcher already
+        // keeps up with a single stream), hence not for one row.
+        let fetch = g.m >= 2 && m0 == 0 && n0 + 2 * NR <= g.n;
+        while kk + 16 <= g.k {
+            let mut w = [_mm512_setzero_ps(); NR];
+            for (r, w) in w.iter_mut().enumerate() {
+                let p = unsafe { g.w.add((n0 + r) * g.ldw + kk) };
+                if fetch && kk % 32 == 0 {
+                    // A prefetch is a hint: it reads nothing and never faults (the rows are
+                    // within W, checked above; the second line may be past W's last row).
+                    let next = p.wrapping_add(NR * g.ldw);
+                    _mm_prefetch::<_MM_HINT_T0>(next.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(16).cast());
+                }
+                *w = unsafe { _mm512_loadu_ps(p) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = unsafe { _mm512_loadu_ps(g.a.add((m0 + i) * g.lda + kk)) };
+                for (a, w) in acc.iter_mut().zip(&w) {
+                    *a = _mm512_fmadd_ps(x, *w, *a);
+                }
+            }
+            kk += 16;
+        }
+        if kk < g.k {
+            let mask: __mmask16 = (1u16 << (g.k - kk)) - 1;
             let mut w = [_mm512_setzero_ps(); NR];
             for (r, w) in w.iter_mut().enumerate() {
                 *w = unsafe { _mm512_maskz_loadu_ps(mask, g.w.add((n0 + r) * g.ldw + kk)) };
@@ -607,7 +634,6 @@ mod few_rows {
                     *a = _mm512_fmadd_ps(x, *w, *a);
                 }
             }
-            kk += 16;
         }
         for (i, acc) in acc.iter().enumerate() {
             for (r, a) in acc.iter().enumerate() {
