@@ -63,11 +63,52 @@ pub(super) fn decode(
             "a cell outside the cache ({cells} cells)"
         );
     }
-    let group = nh / nkv;
     let longest = rows.iter().map(|r| seen(r)).max().unwrap_or(0);
     let mut scores = vec![0f32; longest];
-    for (b, r) in rows.iter().enumerate() {
-        let r = &r[r.len() - seen(r)..];
+    let rows: Vec<&[i32]> = rows.iter().map(|r| &r[r.len() - seen(r)..]).collect();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { decode_avx512(h, q, keys, values, &rows, &mut scores, out) };
+        return Ok(());
+    }
+    decode_rows(h, q, keys, values, &rows, &mut scores, out);
+    Ok(())
+}
+
+/// [`decode_rows`] compiled for AVX-512 (the same operations in the same order: the lanes of
+/// [`dot`] are independent, so the result is the same bit for bit, only wider).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_avx512(
+    h: Heads,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    rows: &[&[i32]],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    decode_rows(h, q, keys, values, rows, scores, out)
+}
+
+/// The body of [`decode`], once its arguments are checked and each row cut to its window.
+#[inline(always)]
+fn decode_rows(
+    h: Heads,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    rows: &[&[i32]],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (nh, nkv, hd) = (h.heads, h.kv_heads, h.head_dim);
+    let group = nh / nkv;
+    for (b, &r) in rows.iter().enumerate() {
         for head in 0..nh {
             let g = head / group;
             let qh = &q[(b * nh + head) * hd..][..hd];
@@ -95,10 +136,10 @@ pub(super) fn decode(
             o.iter_mut().for_each(|v| *v *= inv);
         }
     }
-    Ok(())
 }
 
 /// `a . b` in 16 partial sums (lanes the compiler vectorises), then their sum.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -112,6 +153,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `o += p v`.
+#[inline(always)]
 fn axpy(p: f32, v: &[f32], o: &mut [f32]) {
     for (o, v) in o.iter_mut().zip(v) {
         *o += p * v;
@@ -208,6 +250,21 @@ mod tests {
         decode(h, &q, &k, &v, &[mine, &[0, 1, 3, 4, 5, 6, 7, 8, 10, 12, 13], &[29]], None, &mut batch)
             .unwrap();
         assert_eq!(alone, batch[..64], "bit for bit");
+    }
+
+    /// The AVX-512 build gives the portable build's result bit for bit (where the CPU has
+    /// AVX-512; elsewhere `decode` is the portable build).
+    #[test]
+    fn the_wide_build_equals_the_portable_one() {
+        let h = Heads { heads: 6, kv_heads: 2, head_dim: 72, scale: 0.12, softcap: None };
+        let rows: [&[i32]; 2] = [&[0, 5, 9, 2], &[7, 1, 3, 4, 6, 8]];
+        let (k, v) = (fill(10 * 2 * 72, 8), fill(10 * 2 * 72, 9));
+        let q = fill(2 * 6 * 72, 10);
+        let mut wide = vec![0f32; q.len()];
+        decode(h, &q, &k, &v, &rows, None, &mut wide).unwrap();
+        let mut portable = vec![0f32; q.len()];
+        decode_rows(h, &q, &k, &v, &rows, &mut [0f32; 6], &mut portable);
+        assert_eq!(wide, portable);
     }
 
     #[test]
