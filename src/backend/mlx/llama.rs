@@ -1590,8 +1590,8 @@ impl KvCache {
 /// Cells are handed out lowest first and taken back when a sequence leaves, so the buffers
 /// hold about the sum of the live sequences' lengths (no padding to the longest, unlike a
 /// `[B, nkv, longest, hd]` layout), growing by [`SharedKv::STEP`] cells; [`SharedKv::compact`]
-/// gives memory back once much of it is free. Attention reads the cells below
-/// [`SharedKv::high_water`] with a per-row mask.
+/// gives memory back once much of it is free. Decode attention reads each row's own cells in
+/// place ([`attend::decode`]; through MLX, a gather of them padded with a mask).
 pub(super) struct SharedKv {
     keys: Vec<Array>,
     values: Vec<Array>,
@@ -1820,6 +1820,52 @@ mod tests {
         assert_eq!(g.mask.as_slice::<bool>(), [true; 4]);
         kv.release(&[0, 1, 2, 3, 4]);
         assert_eq!((kv.capacity(), kv.used(), kv.high_water()), (0, 0, 0), "all memory back");
+    }
+
+    /// The host attention over the cells equals MLX's attention over the same cells gathered
+    /// into a padded batch with a mask (the other path, `MODELPOOL_ATTENTION=mlx`): grouped
+    /// heads, rows of different lengths over interleaved cells, with and without a window.
+    #[test]
+    fn host_attention_equals_the_gathered_mlx_attention() {
+        let (nh, nkv, hd) = (4, 2, 8);
+        let mut kv = SharedKv::empty(1, nkv, hd);
+        let mut a = kv.alloc(3).unwrap();
+        let b = kv.alloc(4).unwrap();
+        a.extend(kv.alloc(2).unwrap());
+        let cells: Vec<i32> = a.iter().chain(&b).copied().collect();
+        let n = cells.len() as i32;
+        let val = |i: i32, m: i32| ((i * m % 23) as f32 - 11.0) / 7.0;
+        let k: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 37)).collect();
+        let v: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 53)).collect();
+        let shape = [n, nkv, 1, hd];
+        let idx = Array::from_slice(&cells, &[n]);
+        kv.write(0, &idx, &Array::from_slice(&k, &shape), &Array::from_slice(&v, &shape)).unwrap();
+        let rows: [&[i32]; 2] = [&a, &b];
+        let q: Vec<f32> = (0..2 * nh * hd).map(|i| val(i, 29)).collect();
+        let qa = Array::from_slice(&q, &[2, nh, 1, hd]);
+        let scale = 0.35;
+        for window in [None, Some(3)] {
+            let g = Gather::new(&rows, window);
+            let (keys, values) = kv.gather(0, &g).unwrap();
+            let mask = ScaledDotProductAttentionMask::Array(&g.mask);
+            let want = fast::scaled_dot_product_attention(&qa, &keys, &values, scale, Some(mask), None)
+                .unwrap()
+                .to_vec_exact::<f32>()
+                .unwrap();
+            eval_all([&kv.keys[0], &kv.values[0]]).unwrap();
+            let heads = attend::Heads {
+                heads: nh as usize,
+                kv_heads: nkv as usize,
+                head_dim: hd as usize,
+                scale,
+                softcap: None,
+            };
+            let mut got = vec![0f32; q.len()];
+            let (ks, vs) = (kv.keys[0].as_slice::<f32>(), kv.values[0].as_slice::<f32>());
+            attend::decode(heads, &q, ks, vs, &rows, window, &mut got).unwrap();
+            let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-5, "window {window:?}: max difference {err}");
+        }
     }
 
     /// Written keys and values stay with their sequence through a compaction, which gives the
