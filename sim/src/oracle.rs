@@ -93,6 +93,11 @@ impl EvictionPolicy for Belady {
     }
 
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
+        self.walk_victims_at(0, visit);
+    }
+
+    #[inline]
+    fn walk_victims_at<F: FnMut(Slot) -> bool>(&self, _now: Nanos, mut visit: F) {
         for &(_, s) in &self.order {
             if !visit(s) {
                 return;

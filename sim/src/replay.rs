@@ -580,14 +580,17 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             if self.instant {
                 // Nothing is in flight between operations: requests of no service time are
                 // served in one call each, until one leaves work for the heap.
-                while let Some(&op) = ops.get(i) {
+                // `op` stays a reference into the trace: a copy on the stack, live across the
+                // calls below, had its fields read back through a store just made (perf: a
+                // store-forwarding stall on every request).
+                while let Some(op) = ops.get(i) {
                     if !(self.heap.is_empty() && self.parked_any.is_empty())
                         || op.kind != OpKind::Request
                         || self.service_ns(op.service()) != 0
                     {
                         break;
                     }
-                    ok.check(&op)?;
+                    ok.check(op)?;
                     self.cur = i as u32;
                     self.totals.requests += 1;
                     self.per_model[op.model as usize].requests += 1;

@@ -53,6 +53,19 @@ impl Lru {
         self.links[s as usize] = UNLINKED;
     }
 
+    /// The walk of [`EvictionPolicy::visit_victims`]: from the tail (least recently used) on.
+    #[inline]
+    fn walk(&self, mut visit: impl FnMut(Slot) -> bool) {
+        let mut s = self.tail;
+        while s != NIL {
+            let prev = self.links[s as usize].prev;
+            if !visit(s) {
+                return;
+            }
+            s = prev;
+        }
+    }
+
     #[inline]
     fn push_front(&mut self, s: u32) {
         self.links[s as usize] = Link { prev: NIL, next: self.head, linked: true };
@@ -101,14 +114,12 @@ impl EvictionPolicy for Lru {
 
     #[inline]
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
-        let mut s = self.tail;
-        while s != NIL {
-            let prev = self.links[s as usize].prev;
-            if !visit(s) {
-                return;
-            }
-            s = prev;
-        }
+        self.walk(visit);
+    }
+
+    #[inline]
+    fn walk_victims_at<F: FnMut(Slot) -> bool>(&self, _now: Nanos, visit: F) {
+        self.walk(visit);
     }
 }
 

@@ -631,7 +631,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             return Ok(victims);
         }
         let mut freed = 0u128;
-        self.policy.visit_victims_at(now, &mut |s| {
+        self.policy.walk_victims_at(now, |s| {
             if s != slot && self.evictable(s) {
                 victims.push(s);
                 freed += u128::from(self.entries[s as usize].bytes);
@@ -794,14 +794,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if bytes_short == 0 && count_short == 0 {
             return Ok(());
         }
-        let mut freed = 0u128;
-        self.policy.visit_victims_at(now, &mut |s| {
-            if self.evictable(s) {
-                victims.push(s);
-                freed += u128::from(self.entries[s as usize].bytes);
-            }
-            freed < bytes_short || victims.len() < count_short
-        });
+        let mut freed = self.push_evictable(now, bytes_short, count_short, victims);
         if (freed < bytes_short || victims.len() < count_short) && self.preloading > 0 {
             let more = |f: u128, n: usize| f < bytes_short || n < count_short;
             self.push_cancellable(now, slot, victims, &mut freed, more);
@@ -826,6 +819,28 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             retry_after_secs: Some(self.retry_hint(now, short_bytes, short_count)),
             waited: 0,
         })
+    }
+
+    /// A load plan's walk: push evictable models onto `victims` in the policy's order (as of
+    /// `now`) until they free `bytes_short` bytes and number `count_short`, or the walk ends;
+    /// returns the bytes they free.
+    #[inline]
+    fn push_evictable(
+        &self,
+        now: Nanos,
+        bytes_short: u128,
+        count_short: usize,
+        victims: &mut Victims,
+    ) -> u128 {
+        let mut freed = 0u128;
+        self.policy.walk_victims_at(now, |s| {
+            if self.evictable(s) {
+                victims.push(s);
+                freed += u128::from(self.entries[s as usize].bytes);
+            }
+            freed < bytes_short || victims.len() < count_short
+        });
+        freed
     }
 
     #[inline]
@@ -882,11 +897,19 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.models += 1;
         self.stats.loads += 1;
         self.track_peak();
+        let estimate = reserve - self.entries[slot as usize].load_kv;
+        self.log_load(slot, now, estimate);
+    }
+
+    /// The decision log's `Load` event of `slot`, reserving `estimate` bytes for its weights:
+    /// counted, and built only if the log keeps it.
+    #[inline]
+    fn log_load(&mut self, slot: Slot, now: Nanos, estimate: u64) {
         let e = &self.entries[slot as usize];
         self.log.push_with(|| Event::Load {
             at: now,
             model: e.spec.id.clone(),
-            estimate: reserve - e.load_kv,
+            estimate,
             source: if e.measured.is_some() {
                 crate::estimate::EstimateSource::Measured
             } else {
@@ -956,6 +979,21 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.ledger.models -= 1;
         self.stats.evictions[reason as usize] += 1;
         let bytes = e.bytes;
+        self.log_evict(slot, now, reason, bytes, score, for_slot);
+    }
+
+    /// The decision log's `Evict` event of `slot` (holding `bytes`, the policy's `score`), made
+    /// room for `for_slot`'s load: counted, and built only if the log keeps it.
+    #[inline]
+    fn log_evict(
+        &mut self,
+        slot: Slot,
+        now: Nanos,
+        reason: EvictReason,
+        bytes: u64,
+        score: Option<f64>,
+        for_slot: Option<Slot>,
+    ) {
         let entries = &self.entries;
         self.log.push_with(|| Event::Evict {
             at: now,

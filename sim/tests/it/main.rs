@@ -9,5 +9,6 @@ mod determinism;
 mod drive;
 mod fleet;
 mod fuzz;
+mod instant;
 mod predictive;
 mod snapshots;
