@@ -33,7 +33,7 @@ use mlx_rs::{Array, Dtype};
 
 use anyhow::{Context, anyhow};
 
-use super::{Res, attend};
+use super::{Res, attend, swiglu};
 use crate::catalog::MlxQuantization;
 
 /// How linear weights are held after load.
@@ -1284,7 +1284,11 @@ impl Llama {
     /// `post` being Gemma's post-feed-forward norm (else nothing).
     fn mlp(&self, l: &Layer, x: Array) -> Res<Array> {
         let h = fast::rms_norm(&x, Some(&l.ffn_norm), self.cfg.eps).context("rms_norm")?;
-        let mut gu = ops::split_at_indices(l.gate_up.forward(&h)?, &[l.ffn], -1).context("split gate/up")?;
+        let gate_up = l.gate_up.forward(&h)?;
+        if self.cfg.activation == Activation::Silu && host_kernels() && gate_up.dtype() == Dtype::Float32 {
+            return self.mlp_out(l, x, self.swiglu_host(&gate_up, l.ffn)?);
+        }
+        let mut gu = ops::split_at_indices(gate_up, &[l.ffn], -1).context("split gate/up")?;
         let (u, g) = (pop(&mut gu)?, pop(&mut gu)?);
         // With plain ops: mlx-rs's nn::silu / gelu go through `compile` on every call, which
         // costs more to build than the few ops they fuse.
@@ -1303,7 +1307,12 @@ impl Llama {
                     .context("gelu")?
             }
         };
-        let out = l.down.forward(&act.multiply(&u).context("gated mlp")?)?;
+        self.mlp_out(l, x, act.multiply(&u).context("gated mlp")?)
+    }
+
+    /// The feed-forward block from its gated activation `act` on: `x + post(down(act))`.
+    fn mlp_out(&self, l: &Layer, x: Array, act: Array) -> Res<Array> {
+        let out = l.down.forward(&act)?;
         let out = match &l.post_ffn_norm {
             Some(n) => fast::rms_norm(&out, Some(n), self.cfg.eps).context("post-feed-forward norm")?,
             None => out,
@@ -1311,16 +1320,28 @@ impl Llama {
         x.add(out).context("residual")
     }
 
+    /// `silu(gate) * up` of a gate/up product (`[.., 2 ffn]`, f32) on the host
+    /// ([`swiglu::silu_mul`]): the graph so far is evaluated; `[.., ffn]`.
+    fn swiglu_host(&self, gate_up: &Array, ffn: i32) -> Res<Array> {
+        let gate_up = gate_up.contiguous().context("contiguous gate/up")?;
+        eval_all([&gate_up])?;
+        let mut out = vec![0f32; gate_up.size() / 2];
+        swiglu::silu_mul(gate_up.try_as_slice::<f32>().context("gate/up")?, ffn as usize, &mut out)?;
+        let mut shape = gate_up.shape().to_vec();
+        *shape.last_mut().context("a gate/up product without dimensions")? = ffn;
+        Ok(Array::from_slice(&out, &shape))
+    }
+
     /// One decode step for several sequences at once, over the shared cache `kv`: `ids[r]` is
     /// the next token of the sequence whose cells, in position order, are `rows[r]`, the last
     /// of them the (already allocated) cell this token's keys and values go to, so its
     /// position is `rows[r].len() - 1`. Everything runs once for the whole batch: the linear
     /// layers as `[B, hidden]` products (where the weights' bytes are read), RoPE at per-row
-    /// positions, one scatter per layer writing the B new keys and values to their cells, one
-    /// gather of each row's own cells (within its layer's window) into a `[B, nkv, L, hd]`
-    /// batch padded to the longest row `L`, and one attention over it with a mask hiding the
-    /// padding. (Attending over all the cells in use with a mask instead costs B times the
-    /// exps: measured 369 ms against 41 for one row at 16 rows.) `deltas[r]` shifts row `r`'s
+    /// positions, one scatter per layer writing the B new keys and values to their cells, and
+    /// the attention of each row over its own cells (within its layer's window) on the host
+    /// ([`attend::decode`], reading the cells in place; through MLX, or for a non-f32 cache, a
+    /// gather of them into a `[B, nkv, L, hd]` batch padded to the longest row `L` and one
+    /// attention with a mask hiding the padding). `deltas[r]` shifts row `r`'s
     /// rotary position (M-RoPE's `MropePositions::delta` of a prompt with images; 0 otherwise).
     /// Returns the logits `[B, vocab]`, not evaluated.
     pub fn forward_shared(
@@ -1491,6 +1512,13 @@ impl Gather {
 fn host_attention() -> bool {
     static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HOST.get_or_init(|| std::env::var("MODELPOOL_ATTENTION").map_or(true, |v| v != "mlx"))
+}
+
+/// Whether SwiGLU's gate runs on the host ([`swiglu::silu_mul`]); `MODELPOOL_SWIGLU=mlx` keeps
+/// MLX's `sigmoid` and products, for comparisons (read once per process).
+fn host_kernels() -> bool {
+    static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOST.get_or_init(|| std::env::var("MODELPOOL_SWIGLU").map_or(true, |v| v != "mlx"))
 }
 
 fn pop(v: &mut Vec<Array>) -> Res<Array> {

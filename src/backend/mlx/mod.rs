@@ -39,6 +39,7 @@ mod llama;
 mod qwen2_vl;
 mod resample;
 mod sampling;
+mod swiglu;
 mod sys;
 mod text;
 mod vision;
