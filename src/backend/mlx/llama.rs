@@ -1285,7 +1285,7 @@ impl Llama {
     fn mlp(&self, l: &Layer, x: Array) -> Res<Array> {
         let h = fast::rms_norm(&x, Some(&l.ffn_norm), self.cfg.eps).context("rms_norm")?;
         let gate_up = l.gate_up.forward(&h)?;
-        if self.cfg.activation == Activation::Silu && host_kernels() && gate_up.dtype() == Dtype::Float32 {
+        if self.cfg.activation == Activation::Silu && host_swiglu() && gate_up.dtype() == Dtype::Float32 {
             return self.mlp_out(l, x, self.swiglu_host(&gate_up, l.ffn)?);
         }
         let mut gu = ops::split_at_indices(gate_up, &[l.ffn], -1).context("split gate/up")?;
@@ -1516,7 +1516,7 @@ fn host_attention() -> bool {
 
 /// Whether SwiGLU's gate runs on the host ([`swiglu::silu_mul`]); `MODELPOOL_SWIGLU=mlx` keeps
 /// MLX's `sigmoid` and products, for comparisons (read once per process).
-fn host_kernels() -> bool {
+fn host_swiglu() -> bool {
     static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HOST.get_or_init(|| std::env::var("MODELPOOL_SWIGLU").map_or(true, |v| v != "mlx"))
 }
