@@ -1,8 +1,70 @@
 //! What a replay is configured with: the policy choice (the engine's online policies and the
 //! offline baselines) and [`SimConfig`], its timing model and limits.
 
+use std::collections::BTreeMap;
+
 use modelpool::log::LogMode;
 use modelpool::{PolicyKind, TimingModel};
+use serde::{Deserialize, Serialize};
+
+/// One model's measured timings, each replacing the global one when given (see
+/// [`SimConfig::model_timing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTiming {
+    /// Seconds a load of this model takes, all included (instead of latency + bytes /
+    /// bandwidth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_secs: Option<f64>,
+    /// Service seconds per prompt token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_secs_per_token: Option<f64>,
+    /// Service seconds per generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_secs_per_token: Option<f64>,
+}
+
+impl ModelTiming {
+    /// Check every given field is a finite number >= 0; the message names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        for (v, name) in [
+            (self.load_secs, "load time"),
+            (self.prefill_secs_per_token, "prefill time per token"),
+            (self.decode_secs_per_token, "decode time per token"),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("{name} must be a finite number >= 0 (got {v})"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A timing model as `modelpool-sim drive --calibrate-out` writes it: the global
+/// [`TimingModel`] (its fields at the top level, so a plain timing model file reads as one with
+/// no per-model entries) and the models measured well enough to have their own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The timings of every model not in `models`.
+    #[serde(flatten)]
+    pub timing: TimingModel,
+    /// Per-model timings, by model id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelTiming>,
+}
+
+impl Calibration {
+    /// Check the global and every per-model timing; the message names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        self.timing.validate()?;
+        for (id, t) in &self.models {
+            t.validate().map_err(|e| format!("timing of model '{id}': {e}"))?;
+        }
+        Ok(())
+    }
+}
 
 /// Which eviction policy a replay uses: the engine's online ones or the simulator's offline
 /// baselines.
@@ -133,6 +195,12 @@ pub struct SimConfig {
     /// predicts; with any other the setting does nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preload_horizon_secs: Option<f64>,
+    /// Per-model timings that replace the global ones for that model (by model id), as
+    /// `modelpool-sim drive --calibrate-out` measures them on a real backend, where an
+    /// embeddings model and a text generator (or a 4-bit and an f32 one) serve at different
+    /// rates. A model not named here, or a field left out, follows the global timings.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_timing: BTreeMap<String, ModelTiming>,
     /// Decision log mode (`Off` is fastest; `Decisions` keeps every non-hit event).
     #[serde(skip)]
     pub log: LogMode,
@@ -162,6 +230,7 @@ impl Default for SimConfig {
             max_queue: 1024,
             kv_cache: true,
             preload_horizon_secs: None,
+            model_timing: BTreeMap::new(),
             log: LogMode::Off,
         }
     }
@@ -185,6 +254,7 @@ impl SimConfig {
             prefill_secs_per_token: 0.0,
             decode_secs_per_token: 0.0,
             kv_cache: false,
+            model_timing: BTreeMap::new(),
             ..self
         }
     }
@@ -227,6 +297,9 @@ impl SimConfig {
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
         }
+        for (id, t) in &self.model_timing {
+            t.validate().map_err(|e| format!("timing of model '{id}': {e}"))?;
+        }
         Ok(())
     }
 
@@ -252,6 +325,12 @@ impl SimConfig {
             decode_secs_per_token: t.decode_secs_per_token,
             ..self
         }
+    }
+
+    /// These settings with a calibration's timings: its global timing model and its per-model
+    /// timings (replacing any given before).
+    pub fn with_calibration(self, c: &Calibration) -> Self {
+        SimConfig { model_timing: c.models.clone(), ..self.with_timing(&c.timing) }
     }
 
     /// Modelled seconds to load `bytes` ([`TimingModel::load_secs`]).

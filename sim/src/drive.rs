@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::SimConfig;
+use crate::config::{Calibration, ModelTiming, SimConfig};
 use crate::replay::{Recording, RequestOutcome, run_recorded};
 use crate::report::Report;
 use crate::trace::{NS, OpKind, Service, Trace};
@@ -59,6 +59,10 @@ pub struct DriveOptions {
     /// The URL is a router (e.g. a LiteLLM proxy), not a node: read no admin API (no pool
     /// counters or decision log in the result), and refuse traces with admin operations.
     pub no_admin: bool,
+    /// Before the run, unload every model the server holds (through the admin API) and wait
+    /// until none is left, so that the server starts as the simulation does: empty. A pinned
+    /// model is an error (unpin it first: the simulation would not hold it).
+    pub unload_first: bool,
 }
 
 /// What one trace operation got from the server.
@@ -181,6 +185,44 @@ pub async fn server_state(o: &DriveOptions) -> Result<Value> {
     Client::new(o)?.get_json("/admin/pool").await.context(NOT_RUNNING)
 }
 
+/// Unload every model the server at `o.url` holds and wait (at most a minute) until all are
+/// absent. A pinned model is an error.
+pub async fn unload_all(o: &DriveOptions) -> Result<()> {
+    unload_all_with(&Client::new(o)?).await
+}
+
+async fn unload_all_with(client: &Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pool = client.get_json("/admin/pool").await.context(NOT_RUNNING)?;
+        let held: Vec<&Value> = pool["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["phase"].as_str().is_some_and(|p| p != "absent"))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        if let Some(m) = held.iter().find(|m| m["pinned"].as_bool() == Some(true)) {
+            bail!(
+                "--unload-first: model '{}' is pinned on the server (unpin it first)",
+                m["id"].as_str().unwrap_or("?")
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!("--unload-first: models still held after 60 s: {}", held.len());
+        }
+        for m in held.iter().filter(|m| m["phase"].as_str() == Some("resident")) {
+            let id = m["id"].as_str().unwrap_or_default();
+            // A model still busy is refused (409): the next round asks again.
+            let path = format!("/admin/models/{}/unload", id_path(id));
+            client.req(reqwest::Method::POST, &path).send().await.with_context(|| format!("POST {path}"))?;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Run `trace` against the server. The server should have nothing loaded and hold the trace's
 /// models with their sizes (see `modelpool-sim server-config`) for a comparison to be exact.
 pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
@@ -190,6 +232,9 @@ pub async fn drive(trace: &Trace, o: &DriveOptions) -> Result<Observed> {
     let client = Arc::new(Client::new(o)?);
     if o.no_admin && trace.ops.iter().any(|op| op.kind != OpKind::Request) {
         bail!("the trace has admin operations, which a router does not forward: drive them against a node");
+    }
+    if o.unload_first {
+        unload_all_with(&client).await?;
     }
     let (before, total0) = if o.no_admin {
         (Value::Null, 0)
@@ -881,13 +926,24 @@ fn fit_two(pts: &[(f64, f64, f64)]) -> (f64, f64) {
     }
 }
 
-/// The timing model a drive measured, for predicting a real backend: loads fitted as
-/// `latency + bytes / bandwidth` over the models' last measured loads (`/admin/pool`
-/// `models[].load_secs` and `measured` after the run), service as `prefill x prompt tokens +
-/// decode x generated tokens` fitted over the served requests (each one's total time minus the
-/// pool's wait, `x-modelpool-wait-ms`, against its prompt tokens and the tokens it really
-/// generated), unloads instant. The fit needs at least one load and one served request.
-pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<modelpool::TimingModel> {
+/// Fewest requests served at once (admission `hit`) for a model to get its own service rates
+/// in a [`Calibration`]; models with fewer follow the global fit.
+const MIN_OWN_FIT: usize = 3;
+
+/// The timings a drive measured, for predicting a real backend.
+///
+/// Loads: fitted as `latency + bytes / bandwidth` over the models' last measured loads
+/// (`/admin/pool` `models[].load_secs` and `measured` after the run), and each model that
+/// loaded during the run gets its own load time, the mean of its `loaded` events' durations
+/// (a 4-bit directory dequantized at load takes longer than a GGUF of the same size, which no
+/// line over bytes says). Service: `prefill x prompt tokens + decode x generated tokens`,
+/// fitted over the requests served at once (admission `hit`: a request that waited for a load
+/// or in the queue ran while the load or the other work shared the cores, and its time says
+/// more about them than about its own service), against each one's prompt tokens and the
+/// tokens it really generated; globally, and per model for each model with at least three such
+/// requests (an embeddings model's prompt tokens cost far less than a generator's). Unloads
+/// instant. The fit needs at least one load and one request served at once.
+pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<Calibration> {
     let mut loads = Vec::new();
     for m in obs.after["models"].as_array().into_iter().flatten() {
         if let (Some(b), Some(s)) = (m["measured"].as_u64(), m["load_secs"].as_f64()) {
@@ -901,27 +957,54 @@ pub fn calibrate(trace: &Trace, obs: &Observed) -> Result<modelpool::TimingModel
         Some((a, b)) if a >= 0.0 && b > 0.0 => (a, b),
         _ => (loads.iter().map(|l| l.1).sum::<f64>() / loads.len() as f64, 0.0),
     };
-    let mut service = Vec::new();
-    for r in obs.records.iter().filter(|r| r.kind == "request" && (200..300).contains(&r.status)) {
+    let mut models: BTreeMap<String, ModelTiming> = BTreeMap::new();
+    let mut load_secs: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
+    for e in &obs.events {
+        if let Event::Loaded { model, secs, .. } = e {
+            let s = load_secs.entry(&**model).or_default();
+            s.0 += secs;
+            s.1 += 1;
+        }
+    }
+    for (id, (sum, n)) in load_secs {
+        models.entry(id.to_string()).or_default().load_secs = Some(sum / f64::from(n));
+    }
+    let mut service: Vec<(u32, (f64, f64, f64))> = Vec::new();
+    for r in obs.records.iter().filter(|r| r.kind == "request" && r.outcome == "hit") {
         let op = trace.ops[r.op as usize];
         if let Service::Tokens { input, output } = op.service() {
             let secs = (r.total_secs - r.wait_ms.unwrap_or(0) as f64 / 1e3).max(0.0);
             let embeddings = trace.models[op.model as usize].model_type == ModelType::Embeddings;
             // The tokens really generated (a model may stop before max_tokens).
             let out = if embeddings { 0 } else { r.completion_tokens.unwrap_or(output) };
-            service.push((f64::from(input), f64::from(out), secs));
+            service.push((op.model, (f64::from(input), f64::from(out), secs)));
         }
     }
     if service.is_empty() {
-        bail!("calibration: no request was served");
+        bail!("calibration: no request was served at once (admission hit)");
     }
-    let (prefill, decode) = fit_two(&service);
-    Ok(modelpool::TimingModel {
-        load_latency_secs: latency,
-        load_bandwidth: (per_byte > 0.0).then(|| 1.0 / per_byte),
-        unload_secs: 0.0,
-        prefill_secs_per_token: prefill,
-        decode_secs_per_token: decode,
+    let all: Vec<_> = service.iter().map(|s| s.1).collect();
+    let (prefill, decode) = fit_two(&all);
+    for (slot, def) in trace.models.iter().enumerate() {
+        let own: Vec<_> = service.iter().filter(|s| s.0 as usize == slot).map(|s| s.1).collect();
+        if own.len() < MIN_OWN_FIT {
+            continue;
+        }
+        let (p, d) = fit_two(&own);
+        let t = models.entry(def.id.to_string()).or_default();
+        t.prefill_secs_per_token = Some(p);
+        // An embeddings model generates nothing: its decode rate cannot be told.
+        t.decode_secs_per_token = (def.model_type != ModelType::Embeddings).then_some(d);
+    }
+    Ok(Calibration {
+        timing: modelpool::TimingModel {
+            load_latency_secs: latency,
+            load_bandwidth: (per_byte > 0.0).then(|| 1.0 / per_byte),
+            unload_secs: 0.0,
+            prefill_secs_per_token: prefill,
+            decode_secs_per_token: decode,
+        },
+        models,
     })
 }
 

@@ -26,7 +26,7 @@ pub mod space;
 pub mod sweep;
 pub mod trace;
 
-pub use config::{PolicyChoice, SimConfig};
+pub use config::{Calibration, ModelTiming, PolicyChoice, SimConfig};
 pub use replay::{Mark, Outcome, Recording, RequestOutcome, run, run_recorded};
 pub use report::Report;
 pub use trace::{Trace, TraceError};

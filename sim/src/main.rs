@@ -263,6 +263,9 @@ struct DriveArgs {
     /// Write one JSON line per operation (status, outcome, code, Retry-After, waits, times).
     #[arg(long)]
     records: Option<PathBuf>,
+    /// Unload every model the server holds before the run (the simulation starts empty).
+    #[arg(long)]
+    unload_first: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -489,6 +492,7 @@ fn sim_config(a: &SimArgs, limit: u64, policy: PolicyChoice, log: LogMode) -> Re
         max_queue: a.max_queue,
         kv_cache: a.kv_cache,
         preload_horizon_secs: a.predictive_preload.then_some(a.preload_horizon),
+        model_timing: Default::default(),
         log,
     };
     if a.instant {
@@ -574,11 +578,15 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         stream: a.stream,
         request_timeout: std::time::Duration::from_secs_f64(a.request_timeout.max(0.001)),
         no_admin: a.no_admin,
+        unload_first: a.unload_first,
     };
     if a.no_admin && (a.compare || a.calibrate_out.is_some()) {
         bail!("--compare and --calibrate-out read the node's admin API: not with --no-admin");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    if a.unload_first {
+        rt.block_on(drive::unload_all(&opts))?;
+    }
     let problems = if a.compare {
         let pool = rt.block_on(drive::server_state(&opts))?;
         drive::preconditions(&trace, &pool)
@@ -595,15 +603,17 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
         write_jsonl(path, &obs.records)?;
     }
     if let Some(path) = &a.calibrate_out {
-        let t = drive::calibrate(&trace, &obs)?;
-        std::fs::write(path, serde_json::to_string_pretty(&t)? + "\n")
+        let c = drive::calibrate(&trace, &obs)?;
+        std::fs::write(path, serde_json::to_string_pretty(&c)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
+        let t = &c.timing;
         eprintln!(
-            "modelpool-sim drive: calibrated: loads {:.3} s + bytes at {}, prefill {:.3} ms/token, decode {:.2} ms/token -> {}",
+            "modelpool-sim drive: calibrated: loads {:.3} s + bytes at {}, prefill {:.3} ms/token, decode {:.2} ms/token, {} models with their own timings -> {}",
             t.load_latency_secs,
             t.load_bandwidth.map(|b| format!("{:.2} GB/s", b / 1e9)).unwrap_or_else(|| "inf".into()),
             t.prefill_secs_per_token * 1e3,
             t.decode_secs_per_token * 1e3,
+            c.models.len(),
             path.display()
         );
     }
@@ -623,10 +633,10 @@ fn drive_cmd(a: DriveArgs) -> Result<()> {
     let mut cfg = drive::sim_config_for(&obs.before, &base)?;
     if let Some(path) = &a.timing {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let t: modelpool::TimingModel =
+        let c: modelpool_sim::Calibration =
             serde_json::from_str(&text).with_context(|| format!("{}: not a timing model", path.display()))?;
-        t.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        cfg = cfg.with_timing(&t);
+        c.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg = cfg.with_calibration(&c);
     }
     let trace = drive::with_server_sizes(&trace, &obs.after);
     let cmp = drive::compare(&trace, a.speed, &cfg, &obs)?;

@@ -28,7 +28,7 @@ use std::collections::{BinaryHeap, HashMap};
 use hdrhistogram::Histogram;
 use modelpool::{
     Admission, Event, Gdsf, Intent, Lfu, LoadPlan, Lru, ModelSpec, NameEstimator, Nanos, PolicyKind,
-    PoolConfig, PoolState, Predictive, RejectCode, Served, Slot, Ticket, Wake,
+    PoolConfig, PoolState, Predictive, RejectCode, Served, Slot, Ticket, TimingModel, Wake,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -304,8 +304,11 @@ pub(crate) struct Runner<'t, P: SimPolicy> {
     true_size: Vec<u64>,
     load_ns: Vec<u64>,
     unload_ns: u64,
-    prefill_ns: u64,
-    decode_ns: u64,
+    /// Per slot: nanoseconds per prompt token and per generated token (the global timings, or
+    /// the model's own from [`SimConfig::model_timing`]).
+    service_rates: Vec<(Nanos, Nanos)>,
+    /// Every slot's rates are zero: a request given in tokens takes no time.
+    tokens_free: bool,
     per_model: Vec<ModelCounters>,
     totals: Totals,
     hist: Histogram<u64>,
@@ -399,7 +402,24 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             true_size.push(size);
         }
         let timing = cfg.timing();
-        let load_ns: Vec<u64> = true_size.iter().map(|&b| timing.load_nanos(b)).collect();
+        let mut load_ns = Vec::with_capacity(trace.models.len());
+        let mut service_rates = Vec::with_capacity(trace.models.len());
+        for (m, &bytes) in trace.models.iter().zip(&true_size) {
+            let own = cfg.model_timing.get(&*m.id).copied().unwrap_or_default();
+            let t = TimingModel {
+                prefill_secs_per_token: own.prefill_secs_per_token.unwrap_or(timing.prefill_secs_per_token),
+                decode_secs_per_token: own.decode_secs_per_token.unwrap_or(timing.decode_secs_per_token),
+                ..timing
+            };
+            load_ns.push(match own.load_secs {
+                Some(s) => {
+                    TimingModel { load_latency_secs: s, load_bandwidth: None, ..timing }.load_nanos(bytes)
+                }
+                None => timing.load_nanos(bytes),
+            });
+            service_rates.push((t.prefill_nanos(), t.decode_nanos()));
+        }
+        let tokens_free = service_rates.iter().all(|&r| r == (0, 0));
         let n = trace.models.len();
         let instant = load_ns.iter().all(|&t| t == 0)
             && timing.unload_nanos() == 0
@@ -424,8 +444,8 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             true_size,
             load_ns,
             unload_ns: timing.unload_nanos(),
-            prefill_ns: timing.prefill_nanos(),
-            decode_ns: timing.decode_nanos(),
+            service_rates,
+            tokens_free,
             per_model: vec![ModelCounters::default(); n],
             totals: Totals::default(),
             // Microseconds, up to 30 days, 3 significant digits.
@@ -548,13 +568,18 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         }
     }
 
+    /// Service time of a request for `slot`.
     #[inline]
-    fn service_ns(&self, s: Service) -> Nanos {
+    fn service_ns(&self, slot: Slot, s: Service) -> Nanos {
         match s {
             Service::Duration(d) => d,
-            Service::Tokens { input, output } => u64::from(input)
-                .saturating_mul(self.prefill_ns)
-                .saturating_add(u64::from(output).saturating_mul(self.decode_ns)),
+            Service::Tokens { .. } if self.tokens_free => 0,
+            Service::Tokens { input, output } => {
+                let (prefill, decode) = self.service_rates[slot as usize];
+                u64::from(input)
+                    .saturating_mul(prefill)
+                    .saturating_add(u64::from(output).saturating_mul(decode))
+            }
         }
     }
 
@@ -586,7 +611,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 while let Some(op) = ops.get(i) {
                     if !(self.heap.is_empty() && self.parked_any.is_empty())
                         || op.kind != OpKind::Request
-                        || self.service_ns(op.service()) != 0
+                        || self.service_ns(op.model, op.service()) != 0
                     {
                         break;
                     }
@@ -616,7 +641,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
                 if op.kind == OpKind::Request {
                     self.totals.requests += 1;
                     self.per_model[op.model as usize].requests += 1;
-                    let service = self.service_ns(op.service());
+                    let service = self.service_ns(op.model, op.service());
                     self.request(i, op.model, op.at, op.at, 0, service);
                     self.try_preload(op.at);
                 } else {
@@ -1038,7 +1063,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
             Ev::Unloaded(slot) => self.reclaim(slot, now),
             Ev::Retry { op, attempt, first } => {
                 let o = self.trace.ops[op as usize];
-                let service = self.service_ns(o.service());
+                let service = self.service_ns(o.model, o.service());
                 self.request(op as usize, o.model, now, first, attempt, service);
             }
             Ev::QueueTick => {
@@ -1153,7 +1178,7 @@ impl<'t, P: SimPolicy> Runner<'t, P> {
         self.next_op = self.next_op.max(idx + 1);
         self.totals.requests += 1;
         self.per_model[op.model as usize].requests += 1;
-        let service = self.service_ns(op.service());
+        let service = self.service_ns(op.model, op.service());
         self.request(idx, op.model, now, first, 0, service);
     }
 

@@ -151,6 +151,7 @@ fn a_spaced_trace_driven_against_the_server_decides_as_predicted() {
             stream: false,
             request_timeout: Duration::from_secs(60),
             no_admin: false,
+            unload_first: false,
         };
         let obs = drive::drive(&trace, &opts).await.unwrap();
         assert!(drive::preconditions(&trace, &obs.before).is_empty());
@@ -168,6 +169,88 @@ fn a_spaced_trace_driven_against_the_server_decides_as_predicted() {
             (&p.outcomes, p.loads, &p.evictions, &p.models),
             (&o.outcomes, o.loads, &o.evictions, &o.models)
         );
+        let _ = stop.send(());
+    });
+}
+
+#[test]
+fn calibration_recovers_the_fake_backends_timings_and_unload_first_empties_the_server() {
+    let cfg = config();
+    // Sessions on three 6 GB models (two fit): loads, evictions and many hits; no pin, so the
+    // models stay resident afterwards.
+    let mut text = String::from("time,model,size_bytes,input_tokens,output_tokens\n");
+    let sessions = [("m1", 6), ("m2", 6), ("m1", 4), ("m3", 6), ("m2", 4)];
+    let mut i = 0;
+    for (m, n) in sessions {
+        for _ in 0..n {
+            let size = if i < 12 { "6000000000" } else { "" };
+            text += &format!("{:.3},{m},{size},{},{}\n", 0.05 + i as f64 * 0.15, 30 + i * 11, 3 + i % 5);
+            i += 1;
+        }
+    }
+    let trace = csv(&text);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (url, stop) = start_server(&trace, &cfg).await;
+        let mut opts = DriveOptions {
+            url,
+            speed: 1.0,
+            max_in_flight: 64,
+            api_key: None,
+            admin_key: None,
+            stream: false,
+            request_timeout: Duration::from_secs(60),
+            no_admin: false,
+            unload_first: false,
+        };
+        let obs = drive::drive(&trace, &opts).await.unwrap();
+        let hits = obs.records.iter().filter(|r| r.outcome == "hit").count();
+        assert!(hits >= 9, "enough requests served at once to fit: {hits}");
+        let c = drive::calibrate(&trace, &obs).unwrap();
+        let t = &c.timing;
+        // The fake backend sleeps exactly the model's times; HTTP adds a millisecond or two.
+        let close = |got: f64, want: f64, tol: f64| (got - want).abs() <= tol * want;
+        assert!(close(t.decode_secs_per_token, 0.01, 0.15), "decode {}", t.decode_secs_per_token);
+        for m in ["m1", "m2", "m3"] {
+            let own = c.models.get(m).unwrap_or_else(|| panic!("{m} loaded: {:?}", c.models));
+            // 0.1 s + 6 GB at 60 GB/s.
+            let load = own.load_secs.unwrap();
+            assert!(close(load, 0.2, 0.1), "{m} load {load}");
+            if let Some(d) = own.decode_secs_per_token {
+                assert!(close(d, 0.01, 0.2), "{m} decode {d}");
+            }
+        }
+        // The calibration round-trips through its file form, and a plain timing model reads
+        // as a calibration without per-model entries.
+        let back: modelpool_sim::Calibration =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        let near = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * b.abs(),
+            (a, b) => a == b,
+        };
+        assert!(near(Some(back.timing.decode_secs_per_token), Some(t.decode_secs_per_token)));
+        assert_eq!(back.models.keys().collect::<Vec<_>>(), c.models.keys().collect::<Vec<_>>());
+        for (a, b) in back.models.values().zip(c.models.values()) {
+            assert!(near(a.load_secs, b.load_secs) && near(a.decode_secs_per_token, b.decode_secs_per_token));
+        }
+        let plain: modelpool_sim::Calibration =
+            serde_json::from_str(&serde_json::to_string(&cfg.timing()).unwrap()).unwrap();
+        assert!(plain.models.is_empty() && plain.timing == cfg.timing());
+
+        // The models stayed: a second run would start from them, unlike the simulation...
+        let pool = drive::server_state(&opts).await.unwrap();
+        assert!(!drive::preconditions(&trace, &pool).is_empty(), "models are resident after the run");
+        // ... unless it unloads them first.
+        opts.unload_first = true;
+        let obs = drive::drive(&trace, &opts).await.unwrap();
+        assert!(
+            drive::preconditions(&trace, &obs.before).is_empty(),
+            "{:?}",
+            drive::preconditions(&trace, &obs.before)
+        );
+        let server_cfg = drive::sim_config_for(&obs.before, &SimConfig::default()).unwrap();
+        let cmp = drive::compare(&trace, 1.0, &server_cfg, &obs).unwrap();
+        assert_eq!(cmp.predicted.loads, cmp.observed.loads, "{}", drive::render_comparison(&cmp));
         let _ = stop.send(());
     });
 }
