@@ -378,3 +378,36 @@ fn retry_hints_are_the_time_left_of_the_blocking_request() {
     // a's request ends at 8 s: the refusal at 1.5 s waits 6.5 s and is told 7 s.
     assert!(h.max_over_secs <= 1.0 && h.mean_error_secs > 0.0, "{h:#?}");
 }
+
+#[test]
+fn a_models_own_timings_replace_the_global_ones_for_it_alone() {
+    use modelpool_sim::ModelTiming;
+    // One 10 GB slot of room: `slow` is served, then `other` needs its memory. With the global
+    // rates `slow` is done (10 tokens x 20 ms) before `other` arrives; with its own decode
+    // time of 1 s per token it is still busy, so `other` waits for it in the queue.
+    let t = csv("time,model,size_bytes,input_tokens,output_tokens\n\
+                 0,slow,10000000000,10,10\n\
+                 2,other,10000000000,10,10\n");
+    let base = SimConfig {
+        limit: 12 * GB,
+        load_latency_secs: 1.0,
+        load_bandwidth: f64::INFINITY,
+        queue_timeout_secs: 60.0,
+        ..SimConfig::default()
+    };
+    let plain = replay(&t, &base);
+    assert_eq!(plain.report.queue.queued, 0);
+    let own = ModelTiming { decode_secs_per_token: Some(1.0), load_secs: Some(0.5), ..Default::default() };
+    let cfg = SimConfig { model_timing: [("slow".to_string(), own)].into(), ..base.clone() };
+    let o = replay(&t, &cfg);
+    assert_accounted(&o);
+    assert_eq!(o.report.queue.queued, 1, "other waits for slow's 10 s of decoding");
+    // slow loads in its own 0.5 s and is served until 10.502 s (10 prompt tokens at the global
+    // 0.2 ms, 10 generated at its own 1 s); other waits 8.502 s, then loads (1 s, the global
+    // time): 9.502 s added.
+    assert!((o.report.added_latency.max - 9.502).abs() < 1e-3, "{:?}", o.report.added_latency);
+    // A bad per-model timing is refused, naming the model.
+    let bad = ModelTiming { load_secs: Some(-1.0), ..Default::default() };
+    let err = SimConfig { model_timing: [("slow".to_string(), bad)].into(), ..base }.validate().unwrap_err();
+    assert!(err.contains("slow") && err.contains("load time"), "{err}");
+}
