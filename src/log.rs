@@ -183,13 +183,20 @@ impl DecisionLog {
 
     /// Record the event `make` builds, building it only if the mode keeps events (so a pool
     /// running with [`LogMode::Off`] pays nothing for its log). Counts it either way.
-    #[inline]
+    #[inline(always)]
     pub fn push_with(&mut self, make: impl FnOnce() -> Event) {
         if self.mode == LogMode::Off {
             self.total += 1;
         } else {
-            self.push(make());
+            self.push_made(make);
         }
+    }
+
+    /// [`DecisionLog::push_with`]'s branch for a mode that keeps events, out of line so that
+    /// the check alone is inlined into the engine's hot paths (building the event clones ids).
+    #[inline(never)]
+    fn push_made(&mut self, make: impl FnOnce() -> Event) {
+        self.push(make());
     }
 
     /// Record `e` according to the mode.

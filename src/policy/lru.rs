@@ -37,7 +37,7 @@ impl Lru {
         Lru { links: Vec::new(), head: NIL, tail: NIL }
     }
 
-    #[inline]
+    #[inline(always)]
     fn unlink(&mut self, s: u32) {
         let Link { prev, next, .. } = self.links[s as usize];
         if prev == NIL {
@@ -54,7 +54,7 @@ impl Lru {
     }
 
     /// The walk of [`EvictionPolicy::visit_victims`]: from the tail (least recently used) on.
-    #[inline]
+    #[inline(always)]
     fn walk(&self, mut visit: impl FnMut(Slot) -> bool) {
         let mut s = self.tail;
         while s != NIL {
@@ -66,7 +66,7 @@ impl Lru {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn push_front(&mut self, s: u32) {
         self.links[s as usize] = Link { prev: NIL, next: self.head, linked: true };
         if self.head == NIL {
@@ -83,7 +83,7 @@ impl EvictionPolicy for Lru {
         "lru"
     }
 
-    #[inline]
+    #[inline(always)]
     fn on_insert(&mut self, slot: Slot, _info: PolicyInfo, _now: Nanos) {
         if self.links.len() <= slot as usize {
             self.links.resize(slot as usize + 1, UNLINKED);
@@ -94,7 +94,7 @@ impl EvictionPolicy for Lru {
         self.push_front(slot);
     }
 
-    #[inline]
+    #[inline(always)]
     fn on_access(&mut self, slot: Slot, _now: Nanos) {
         if self.head == slot {
             return;
@@ -105,19 +105,19 @@ impl EvictionPolicy for Lru {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn on_remove(&mut self, slot: Slot, _evicted: bool) {
         if self.links.get(slot as usize).is_some_and(|l| l.linked) {
             self.unlink(slot);
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn visit_victims(&self, visit: &mut dyn FnMut(Slot) -> bool) {
         self.walk(visit);
     }
 
-    #[inline]
+    #[inline(always)]
     fn walk_victims_at<F: FnMut(Slot) -> bool>(&self, _now: Nanos, visit: F) {
         self.walk(visit);
     }
