@@ -49,6 +49,9 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         if !quiet {
             return Served::Admitted(self.admit_kv(slot, now, Intent::Request, 0));
         }
+        if self.hit_instant(slot, now) {
+            return Served::Hit;
+        }
         let served = if self.entries[slot as usize].phase == Phase::Absent {
             if self.load_instant(slot, now, measured, &mut unloaded) {
                 return Served::Loaded;
@@ -86,6 +89,38 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             unloaded(slot);
         }
         served
+    }
+
+    /// [`PoolState::serve_instant`] for a resident, idle `slot` in the common case: the hit of
+    /// `admit_request(slot, now, 0)` and the `release(slot, now, now)` after it, fused, leaving
+    /// exactly the state, counters and policy calls (in order) that the pair leaves. Taken only
+    /// when the pair has no branch this one leaves out: the model holds no lease, hits are not
+    /// logged, and the pool is within its limits (so the lease's end evicts nothing). Returns
+    /// `false`, having changed nothing, when not taken.
+    ///
+    /// Precondition (caller): `serve_instant`'s quiet case (empty queue, no pending unloads);
+    /// `policy.on_request` already called.
+    #[inline(always)]
+    fn hit_instant(&mut self, slot: Slot, now: Nanos) -> bool {
+        let e = &self.entries[slot as usize];
+        if e.phase != Phase::Resident || e.leases != 0 || self.log.wants_hits() || self.over_limits() {
+            return false;
+        }
+        // `admit_kv`'s hit (no KV): the lease starts now.
+        let e = &mut self.entries[slot as usize];
+        e.last_used = Some(now);
+        e.hits += 1;
+        e.busy_since = now;
+        self.stats.hits += 1;
+        self.policy.on_access(slot, now);
+        // `release_request(slot, now, now, 0)`: the lease held no time and was the only one.
+        let held = 0.0f64;
+        self.ewma_lease = Some(match self.ewma_lease {
+            None => held,
+            Some(m) => m + 0.125 * (held - m),
+        });
+        self.entries[slot as usize].work_end = 0;
+        true
     }
 
     /// [`PoolState::serve_instant`] for an absent `slot` in the common case, with the ledger in
