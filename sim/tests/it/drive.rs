@@ -251,6 +251,17 @@ fn calibration_recovers_the_fake_backends_timings_and_unload_first_empties_the_s
         let server_cfg = drive::sim_config_for(&obs.before, &SimConfig::default()).unwrap();
         let cmp = drive::compare(&trace, 1.0, &server_cfg, &obs).unwrap();
         assert_eq!(cmp.predicted.loads, cmp.observed.loads, "{}", drive::render_comparison(&cmp));
+
+        // A pinned model is not unloaded behind the operator's back: the run is refused,
+        // naming it, and the model stays.
+        let http = reqwest::Client::new();
+        let pin = http.post(format!("{}/admin/models/m2/preload", opts.url)).send().await.unwrap();
+        assert!(pin.status().is_success(), "{}", pin.text().await.unwrap());
+        let err = drive::unload_all(&opts).await.unwrap_err().to_string();
+        assert!(err.contains("'m2' is pinned"), "{err}");
+        let pool = drive::server_state(&opts).await.unwrap();
+        let m2 = pool["models"].as_array().unwrap().iter().find(|m| m["id"] == "m2").unwrap();
+        assert_eq!((m2["phase"].as_str(), m2["pinned"].as_bool()), (Some("resident"), Some(true)));
         let _ = stop.send(());
     });
 }
