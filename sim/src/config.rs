@@ -59,11 +59,16 @@ impl Calibration {
     /// Check the global and every per-model timing; the message names the bad one.
     pub fn validate(&self) -> Result<(), String> {
         self.timing.validate()?;
-        for (id, t) in &self.models {
-            t.validate().map_err(|e| format!("timing of model '{id}': {e}"))?;
-        }
-        Ok(())
+        validate_model_timings(&self.models)
     }
+}
+
+/// Check every model's own timings; the message names the model and the field.
+fn validate_model_timings(models: &BTreeMap<String, ModelTiming>) -> Result<(), String> {
+    for (id, t) in models {
+        t.validate().map_err(|e| format!("timing of model '{id}': {e}"))?;
+    }
+    Ok(())
 }
 
 /// Which eviction policy a replay uses: the engine's online ones or the simulator's offline
@@ -297,10 +302,7 @@ impl SimConfig {
         if !(0.0..=1.0).contains(&self.load_failure_rate) {
             return Err("load failure rate must be in [0, 1]".into());
         }
-        for (id, t) in &self.model_timing {
-            t.validate().map_err(|e| format!("timing of model '{id}': {e}"))?;
-        }
-        Ok(())
+        validate_model_timings(&self.model_timing)
     }
 
     /// The engine's [`TimingModel`] of these settings: the one definition of load, service and

@@ -114,11 +114,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
         self.stats.hits += 1;
         self.policy.on_access(slot, now);
         // `release_request(slot, now, now, 0)`: the lease held no time and was the only one.
-        let held = 0.0f64;
-        self.ewma_lease = Some(match self.ewma_lease {
-            None => held,
-            Some(m) => m + 0.125 * (held - m),
-        });
+        self.note_lease(0.0);
         self.entries[slot as usize].work_end = 0;
         true
     }
@@ -249,11 +245,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
 
         // `release_request(slot, now, now, 0)`: the lease held no time; within the limits, the
         // model stays.
-        let held = 0.0f64;
-        self.ewma_lease = Some(match self.ewma_lease {
-            None => held,
-            Some(m) => m + 0.125 * (held - m),
-        });
+        self.note_lease(0.0);
         let e = &mut self.entries[slot as usize];
         e.leases = 0;
         e.work_end = 0;

@@ -1021,10 +1021,7 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
     #[inline]
     pub fn release_request(&mut self, slot: Slot, now: Nanos, acquired_at: Nanos, kv: u64) -> bool {
         let held = now.saturating_sub(acquired_at) as f64;
-        self.ewma_lease = Some(match self.ewma_lease {
-            None => held,
-            Some(m) => m + 0.125 * (held - m),
-        });
+        self.note_lease(held);
         let e = &mut self.entries[slot as usize];
         if kv > 0 && e.kv_per_token > 0 {
             let per_token = held / (kv / e.kv_per_token).max(1) as f64;
@@ -1034,6 +1031,16 @@ impl<P: EvictionPolicy, E: SizeEstimator> PoolState<P, E> {
             });
         }
         self.end_lease(slot, now, kv)
+    }
+
+    /// Fold a request's lease duration (`held` nanoseconds) into the average the retry hints
+    /// use (weight 1/8 once started).
+    #[inline(always)]
+    fn note_lease(&mut self, held: f64) {
+        self.ewma_lease = Some(match self.ewma_lease {
+            None => held,
+            Some(m) => m + 0.125 * (held - m),
+        });
     }
 
     /// End a lease that a finished load (or a queue turn) granted to a request which went away

@@ -135,6 +135,21 @@ async fn start_server(trace: &Trace, cfg: &SimConfig) -> (String, tokio::sync::o
     (url, tx)
 }
 
+/// Driver options for the in-process server at `url`: real speed, no keys, no unloading first.
+fn options(url: String) -> DriveOptions {
+    DriveOptions {
+        url,
+        speed: 1.0,
+        max_in_flight: 64,
+        api_key: None,
+        admin_key: None,
+        stream: false,
+        request_timeout: Duration::from_secs(60),
+        no_admin: false,
+        unload_first: false,
+    }
+}
+
 #[test]
 fn a_spaced_trace_driven_against_the_server_decides_as_predicted() {
     let cfg = config();
@@ -142,17 +157,7 @@ fn a_spaced_trace_driven_against_the_server_decides_as_predicted() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let (url, stop) = start_server(&trace, &cfg).await;
-        let opts = DriveOptions {
-            url,
-            speed: 1.0,
-            max_in_flight: 64,
-            api_key: None,
-            admin_key: None,
-            stream: false,
-            request_timeout: Duration::from_secs(60),
-            no_admin: false,
-            unload_first: false,
-        };
+        let opts = options(url);
         let obs = drive::drive(&trace, &opts).await.unwrap();
         assert!(drive::preconditions(&trace, &obs.before).is_empty());
         let server_cfg = drive::sim_config_for(&obs.before, &SimConfig::default()).unwrap();
@@ -192,17 +197,7 @@ fn calibration_recovers_the_fake_backends_timings_and_unload_first_empties_the_s
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let (url, stop) = start_server(&trace, &cfg).await;
-        let mut opts = DriveOptions {
-            url,
-            speed: 1.0,
-            max_in_flight: 64,
-            api_key: None,
-            admin_key: None,
-            stream: false,
-            request_timeout: Duration::from_secs(60),
-            no_admin: false,
-            unload_first: false,
-        };
+        let mut opts = options(url);
         let obs = drive::drive(&trace, &opts).await.unwrap();
         let hits = obs.records.iter().filter(|r| r.outcome == "hit").count();
         assert!(hits >= 9, "enough requests served at once to fit: {hits}");
